@@ -1,0 +1,171 @@
+"""Signed envelopes: the unit the store keeps, the ledger logs and auditors verify.
+
+The signed bytes are the RFC 8785 canonical JSON of the envelope below. The sealed bytes, which the store keeps
+as the event's state and the ledger uses as leaf bytes, are the canonical JSON of
+``{"envelope": <envelope>, "signature": <base64 Ed25519 signature>}``; because "envelope" sorts before
+"signature" they are built by concatenation, never by encoding twice.
+
+``prev`` is the SHA-256 (hex) of the sealed bytes of the stream's previous event, ``GENESIS`` for version 1.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import re
+from datetime import datetime, timezone
+from typing import Any
+from uuid import UUID
+
+from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict
+from sle_events.signing.keys import Signer, b64, unb64
+
+GENESIS = "0" * 64
+
+ENVELOPE_FIELDS = (
+    "study", "stream", "version", "type", "schema", "payload",
+    "occurred_at", "recorded_at", "actor", "role", "key", "reason", "prev",
+)  # fmt: skip
+
+_PREFIX = b'{"envelope":'
+_SIG_MARK = b',"signature":"'
+_HEX64 = re.compile(r"[0-9a-f]{64}")
+
+
+class MalformedEnvelope(ValueError):
+    """The bytes or fields do not form a well-formed signed envelope."""
+
+
+def utc_now() -> datetime:
+    return datetime.now(timezone.utc)
+
+
+def format_time(value: datetime) -> str:
+    if value.tzinfo is None or value.utcoffset() is None:
+        raise MalformedEnvelope(f"time {value.isoformat()} has no UTC offset")
+    return value.isoformat()
+
+
+def parse_time(field: str, text: Any) -> datetime:
+    if not isinstance(text, str):
+        raise MalformedEnvelope(f"{field} must be an ISO 8601 string, got {type(text).__name__}")
+    try:
+        value = datetime.fromisoformat(text)
+    except ValueError:
+        raise MalformedEnvelope(f"{field} {text!r} is not an ISO 8601 date-time") from None
+    if value.tzinfo is None:
+        raise MalformedEnvelope(f"{field} {text!r} has no UTC offset")
+    return value
+
+
+def check_envelope(env: Any) -> dict[str, Any]:
+    """Check the envelope's shape and field types; return it."""
+    if not isinstance(env, dict):
+        raise MalformedEnvelope("envelope must be a JSON object")
+    missing = [f for f in ENVELOPE_FIELDS if f not in env]
+    extra = sorted(set(env) - set(ENVELOPE_FIELDS))
+    if missing or extra:
+        raise MalformedEnvelope(f"envelope fields missing {missing} / unexpected {extra}")
+    for f in ("study", "stream"):
+        try:
+            if str(UUID(env[f])) != env[f]:
+                raise ValueError
+        except (ValueError, TypeError, AttributeError):
+            raise MalformedEnvelope(f"{f} must be a lowercase UUID string, got {env[f]!r}") from None
+    for f in ("version", "schema"):
+        if type(env[f]) is not int or env[f] < 1:
+            raise MalformedEnvelope(f"{f} must be a positive integer, got {env[f]!r}")
+    for f in ("type", "actor", "role", "key"):
+        if not isinstance(env[f], str) or not env[f]:
+            raise MalformedEnvelope(f"{f} must be a non-empty string, got {env[f]!r}")
+    if not isinstance(env["payload"], dict):
+        raise MalformedEnvelope("payload must be a JSON object")
+    if env["reason"] is not None and (not isinstance(env["reason"], str) or not env["reason"].strip()):
+        raise MalformedEnvelope("reason must be null or a non-empty string")
+    if not isinstance(env["prev"], str) or not _HEX64.fullmatch(env["prev"]):
+        raise MalformedEnvelope(f"prev must be 64 lowercase hex digits, got {env['prev']!r}")
+    if env["version"] == 1 and env["prev"] != GENESIS:
+        raise MalformedEnvelope("version 1 must have the genesis prev")
+    parse_time("occurred_at", env["occurred_at"])
+    parse_time("recorded_at", env["recorded_at"])
+    return env
+
+
+class SealedEvent:
+    """An envelope with its signature; `sealed` are the exact bytes stored and logged."""
+
+    __slots__ = ("envelope", "signed", "signature", "sealed", "_hash")
+
+    def __init__(self, envelope: dict[str, Any], signed: bytes, signature: bytes, sealed: bytes):
+        self.envelope = envelope
+        self.signed = signed
+        self.signature = signature
+        self.sealed = sealed
+        self._hash: str | None = None
+
+    @classmethod
+    def build(cls, envelope: dict[str, Any], signed: bytes, signature: bytes) -> "SealedEvent":
+        sealed = _PREFIX + signed + _SIG_MARK + b64(signature).encode("ascii") + b'"}'
+        return cls(envelope, signed, signature, sealed)
+
+    @property
+    def hash(self) -> str:
+        """SHA-256 of the sealed bytes: what the next event's `prev` must name."""
+        if self._hash is None:
+            self._hash = hashlib.sha256(self.sealed).hexdigest()
+        return self._hash
+
+    @property
+    def stream(self) -> UUID:
+        return UUID(self.envelope["stream"])
+
+    @property
+    def version(self) -> int:
+        return self.envelope["version"]
+
+    @property
+    def topic(self) -> str:
+        return self.envelope["type"]
+
+    @property
+    def key(self) -> str:
+        return self.envelope["key"]
+
+    def __repr__(self) -> str:
+        e = self.envelope
+        return f"SealedEvent({e['type']} stream={e['stream']} v{e['version']} by {e['actor']})"
+
+
+def seal(envelope: dict[str, Any], signer: Signer) -> SealedEvent:
+    """Sign an envelope with the caller's key (client side)."""
+    envelope = dict(envelope, actor=signer.actor, role=signer.role, key=signer.key_id)
+    check_envelope(envelope)
+    try:
+        signed = canonical_json(envelope)
+    except NotCanonicalisable as e:
+        raise MalformedEnvelope(f"envelope cannot be canonicalised at {e}") from e
+    return SealedEvent.build(envelope, signed, signer.sign(signed))
+
+
+def open_sealed(data: bytes) -> SealedEvent:
+    """Parse sealed bytes as sent by a client or read from the store; check form, not trust."""
+    try:
+        outer = loads_strict(data)
+    except (ValueError, NotCanonicalisable) as e:
+        raise MalformedEnvelope(f"not valid JSON without floats: {e}") from None
+    if not isinstance(outer, dict) or set(outer) != {"envelope", "signature"}:
+        raise MalformedEnvelope('sealed event must be {"envelope": ..., "signature": ...}')
+    env = check_envelope(outer["envelope"])
+    try:
+        signature = unb64(outer["signature"])
+    except (ValueError, TypeError, AttributeError):
+        raise MalformedEnvelope("signature is not base64") from None
+    if len(signature) != 64:
+        raise MalformedEnvelope(f"an Ed25519 signature has 64 bytes, got {len(signature)}")
+    try:
+        signed = canonical_json(env)
+    except NotCanonicalisable as e:
+        raise MalformedEnvelope(f"envelope cannot be canonicalised at {e}") from e
+    event = SealedEvent.build(env, signed, signature)
+    if event.sealed != bytes(data):
+        raise MalformedEnvelope("bytes are not in RFC 8785 canonical form")
+    return event

@@ -1,0 +1,91 @@
+"""Ed25519 keys of the people and services who record facts.
+
+A `Signer` holds a private key in the caller's process; the store only ever sees public keys and signatures.
+Keys are files with 0600 permissions; an HSM/KMS signer can replace `Signer` behind the same `sign()` method.
+"""
+
+from __future__ import annotations
+
+import base64
+import hashlib
+import os
+from dataclasses import dataclass, field
+from pathlib import Path
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives import serialization
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey, Ed25519PublicKey
+
+
+def b64(data: bytes) -> str:
+    return base64.b64encode(data).decode("ascii")
+
+
+def unb64(text: str) -> bytes:
+    return base64.b64decode(text.encode("ascii"), validate=True)
+
+
+def key_id(public_key: bytes) -> str:
+    """Short, stable id of a public key: the first 8 bytes of its SHA-256, hex."""
+    return hashlib.sha256(public_key).hexdigest()[:16]
+
+
+def public_key_from_b64(text: str) -> Ed25519PublicKey:
+    raw = unb64(text)
+    if len(raw) != 32:
+        raise ValueError(f"an Ed25519 public key has 32 bytes, got {len(raw)}")
+    return Ed25519PublicKey.from_public_bytes(raw)
+
+
+def verify_signature(public_key: Ed25519PublicKey, signature: bytes, message: bytes) -> bool:
+    try:
+        public_key.verify(signature, message)
+        return True
+    except InvalidSignature:
+        return False
+
+
+@dataclass(frozen=True)
+class Signer:
+    """The acting user's or service's signing key, with who they are and the role they act in."""
+
+    actor: str
+    role: str
+    _private_key: Ed25519PrivateKey = field(repr=False)
+    public_key: bytes = field(init=False, repr=False)
+    key_id: str = field(init=False)
+
+    def __post_init__(self) -> None:
+        raw = self._private_key.public_key().public_bytes(
+            serialization.Encoding.Raw, serialization.PublicFormat.Raw
+        )
+        object.__setattr__(self, "public_key", raw)
+        object.__setattr__(self, "key_id", key_id(raw))
+
+    @classmethod
+    def generate(cls, actor: str, role: str) -> "Signer":
+        return cls(actor, role, Ed25519PrivateKey.generate())
+
+    @classmethod
+    def from_file(cls, path: str | os.PathLike[str], actor: str, role: str) -> "Signer":
+        data = Path(path).read_bytes()
+        key = serialization.load_pem_private_key(data, password=None)
+        if not isinstance(key, Ed25519PrivateKey):
+            raise ValueError(f"{path} does not hold an Ed25519 private key")
+        return cls(actor, role, key)
+
+    def save(self, path: str | os.PathLike[str]) -> None:
+        """Write the private key as PEM, readable by the owner only."""
+        pem = self._private_key.private_bytes(
+            serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
+        )
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        with os.fdopen(fd, "wb") as f:
+            f.write(pem)
+
+    @property
+    def public_key_b64(self) -> str:
+        return b64(self.public_key)
+
+    def sign(self, message: bytes) -> bytes:
+        return self._private_key.sign(message)

@@ -1,0 +1,53 @@
+"""Why an append was refused. Every refusal stores nothing."""
+
+from __future__ import annotations
+
+
+class AppendRejected(ValueError):
+    """Base class: the batch was refused and nothing was stored."""
+
+    kind = "rejected"
+
+    def __init__(self, message: str, *, stream: str | None = None, version: int | None = None):
+        self.stream = stream
+        self.version = version
+        where = f" (stream {stream} v{version})" if stream else ""
+        super().__init__(message + where)
+
+
+class MalformedEvent(AppendRejected):
+    kind = "malformed"
+
+
+class UnknownEventType(AppendRejected):
+    kind = "unknown_event_type"
+
+
+class UnknownStudy(AppendRejected):
+    kind = "unknown_study"
+
+
+class UntrustedKey(AppendRejected):
+    """Unknown, revoked or rotated key, or a role that may not record this event type."""
+
+    kind = "untrusted_key"
+
+
+class BadSignature(AppendRejected):
+    kind = "bad_signature"
+
+
+class ChainBroken(AppendRejected):
+    kind = "chain_broken"
+
+
+class VersionConflict(AppendRejected):
+    """Someone else appended this version of the stream first: reload and retry."""
+
+    kind = "version_conflict"
+
+
+class ClockSkew(AppendRejected):
+    """recorded_at is not the store's now, or occurred_at lies in the future."""
+
+    kind = "clock_skew"
