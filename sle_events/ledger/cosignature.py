@@ -1,0 +1,283 @@
+"""Ed25519 checkpoint cosignatures (c2sp.org/tlog-cosignature, ``cosignature/v1``) and a witness.
+
+A cosignature is a note signature line on a checkpoint whose blob is
+``key_id(4) || timestamp(8, big-endian, <= 2**63-1) || Ed25519 signature(64)``; the
+Ed25519 signature covers::
+
+    cosignature/v1\\n
+    time <timestamp, decimal>\\n
+    <the whole checkpoint body, including its final newline>
+
+Key ID = ``SHA-256(name || 0x0A || 0x04 || public key)[:4]`` (type byte 0x04).
+
+:class:`Witness` keeps the last checkpoint it cosigned for one log and only cosigns a
+new checkpoint that is signed by the log and provably consistent with it.
+"""
+
+from __future__ import annotations
+
+import time
+from collections.abc import Callable, Sequence
+from dataclasses import dataclass
+
+from cryptography.exceptions import InvalidSignature
+from cryptography.hazmat.primitives.asymmetric.ed25519 import (
+    Ed25519PrivateKey,
+    Ed25519PublicKey,
+)
+
+from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .merkle import HASH_SIZE, ProofError, verify_consistency
+from .note import (
+    ALG_ED25519,
+    KeyFormatError,
+    NoteError,
+    NoteVerifier,
+    Signature,
+    Signer,
+    _raw_public_key,
+    is_valid_key_name,
+    key_id,
+    parse_note,
+    parse_vkey,
+    sign_note,
+    vkey_for,
+)
+
+__all__ = [
+    "ALG_COSIGNATURE_V1",
+    "MAX_TIMESTAMP",
+    "cosignature_message",
+    "cosignature_timestamp",
+    "cosignature_vkey",
+    "CosignatureSigner",
+    "CosignatureVerifier",
+    "WitnessError",
+    "WitnessState",
+    "Witness",
+]
+
+ALG_COSIGNATURE_V1 = 0x04
+MAX_TIMESTAMP = (1 << 63) - 1
+_HEADER = "cosignature/v1\n"
+
+
+def cosignature_message(timestamp: int, checkpoint_text: str | bytes) -> bytes:
+    """The message an Ed25519 cosignature/v1 signs for ``checkpoint_text`` at ``timestamp``."""
+    if not isinstance(timestamp, int) or not 0 <= timestamp <= MAX_TIMESTAMP:
+        raise ValueError(f"cosignature timestamp {timestamp!r} out of range")
+    body = checkpoint_text.encode("utf-8") if isinstance(checkpoint_text, str) else bytes(checkpoint_text)
+    if body.count(b"\n") < 3 or not body.endswith(b"\n"):
+        raise ValueError("cosigned message must be a checkpoint body (>= 3 newline-terminated lines)")
+    return f"{_HEADER}time {timestamp}\n".encode("ascii") + body
+
+
+def cosignature_timestamp(sig: Signature | bytes) -> int:
+    """Timestamp embedded in a cosignature (a :class:`Signature` or the blob after the key ID)."""
+    raw = sig.raw if isinstance(sig, Signature) else bytes(sig)
+    if len(raw) != 8 + 64:
+        raise ValueError(f"cosignature has {len(raw)} bytes after the key id, want 72")
+    return int.from_bytes(raw[:8], "big")
+
+
+def cosignature_vkey(name: str, public_key: bytes | Ed25519PublicKey) -> str:
+    """Verifier key with type 0x04 for an Ed25519 cosigner."""
+    return vkey_for(name, public_key, ALG_COSIGNATURE_V1)
+
+
+class CosignatureVerifier:
+    """Verifies Ed25519 cosignature/v1 note signatures (key ID type byte 0x04)."""
+
+    __slots__ = ("_name", "_key_id", "_raw", "_public_key")
+
+    def __init__(self, name: str, public_key: bytes | Ed25519PublicKey) -> None:
+        if not is_valid_key_name(name):
+            raise KeyFormatError(f"invalid key name {name!r}")
+        self._raw = _raw_public_key(public_key)
+        self._name = name
+        self._key_id = key_id(name, bytes([ALG_COSIGNATURE_V1]) + self._raw)
+        self._public_key = Ed25519PublicKey.from_public_bytes(self._raw)
+
+    @classmethod
+    def from_vkey(cls, vkey: str) -> CosignatureVerifier:
+        """Accept a type 0x04 vkey, or a plain Ed25519 (0x01) vkey of the same key."""
+        name, _kid, alg, raw = parse_vkey(vkey)
+        if alg not in (ALG_COSIGNATURE_V1, ALG_ED25519):
+            raise KeyFormatError(f"unsupported cosigner key type 0x{alg:02x}")
+        if len(raw) != 32:
+            raise KeyFormatError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
+        return cls(name, raw)
+
+    @property
+    def name(self) -> str:
+        return self._name
+
+    @property
+    def key_id(self) -> int:
+        return self._key_id
+
+    @property
+    def public_key(self) -> bytes:
+        return self._raw
+
+    @property
+    def vkey(self) -> str:
+        return cosignature_vkey(self._name, self._raw)
+
+    def verify(self, msg: bytes, sig: bytes) -> bool:
+        if len(sig) != 8 + 64:
+            return False
+        ts = int.from_bytes(sig[:8], "big")
+        try:
+            m = cosignature_message(ts, msg)
+            self._public_key.verify(bytes(sig[8:]), m)
+        except (ValueError, InvalidSignature):
+            return False
+        return True
+
+    def __repr__(self) -> str:
+        return f"CosignatureVerifier({self.vkey!r})"
+
+
+class CosignatureSigner:
+    """Produces Ed25519 cosignature/v1 signatures.  The private key never appears in repr."""
+
+    __slots__ = ("_signer", "_key_id", "_clock")
+
+    def __init__(
+        self,
+        name: str,
+        private_key: Ed25519PrivateKey,
+        clock: Callable[[], int] | None = None,
+    ) -> None:
+        self._signer = Signer(name, private_key)
+        self._key_id = key_id(name, bytes([ALG_COSIGNATURE_V1]) + self._signer.public_key)
+        self._clock = clock or (lambda: int(time.time()))
+
+    @classmethod
+    def generate(cls, name: str, clock: Callable[[], int] | None = None) -> CosignatureSigner:
+        return cls(name, Ed25519PrivateKey.generate(), clock)
+
+    @property
+    def name(self) -> str:
+        return self._signer.name
+
+    @property
+    def key_id(self) -> int:
+        return self._key_id
+
+    @property
+    def public_key(self) -> bytes:
+        return self._signer.public_key
+
+    @property
+    def vkey(self) -> str:
+        return cosignature_vkey(self.name, self.public_key)
+
+    def verifier(self) -> CosignatureVerifier:
+        return CosignatureVerifier(self.name, self.public_key)
+
+    def sign(self, msg: bytes) -> bytes:
+        ts = int(self._clock())
+        return ts.to_bytes(8, "big") + self._signer.sign(cosignature_message(ts, msg))
+
+    def __repr__(self) -> str:
+        return f"CosignatureSigner(name={self.name!r}, key_id={self._key_id:08x})"
+
+    __str__ = __repr__
+
+    def __reduce__(self) -> object:
+        raise TypeError("CosignatureSigner objects cannot be pickled")
+
+
+# --------------------------------------------------------------------------- witness
+
+
+class WitnessError(ValueError):
+    """The witness refuses to cosign (bad log signature, wrong origin, inconsistency...)."""
+
+
+@dataclass(frozen=True, slots=True)
+class WitnessState:
+    """Last checkpoint a witness cosigned for a log (persist this)."""
+
+    size: int
+    root_hash: bytes
+
+    def __post_init__(self) -> None:
+        if self.size < 0 or len(self.root_hash) != HASH_SIZE:
+            raise ValueError("invalid witness state")
+
+
+class Witness:
+    """Cosigns checkpoints of one log, only ever moving forward consistently.
+
+    ``state`` is the last cosigned (size, root); ``None`` means nothing seen yet, in
+    which case the first checkpoint is accepted on its log signature alone (trust on
+    first use, like a tlog-witness whose recorded size is 0).
+    """
+
+    def __init__(
+        self,
+        signer: CosignatureSigner,
+        log_verifier: NoteVerifier,
+        origin: str,
+        state: WitnessState | None = None,
+    ) -> None:
+        self._signer = signer
+        self._log_verifier = log_verifier
+        self._origin = origin
+        self._state = state
+
+    @property
+    def origin(self) -> str:
+        return self._origin
+
+    @property
+    def state(self) -> WitnessState | None:
+        return self._state
+
+    @property
+    def verifier(self) -> CosignatureVerifier:
+        return self._signer.verifier()
+
+    def cosign(self, new_note: str | bytes, consistency_proof: Sequence[bytes]) -> str:
+        """Verify ``new_note`` and its consistency with the last state, then cosign it.
+
+        Returns the note with the witness's cosignature appended (other signatures are
+        kept).  The state is only advanced after a successful cosignature.
+        """
+        try:
+            cp = open_checkpoint(new_note, self._log_verifier, self._origin)
+        except (NoteError, CheckpointError) as e:
+            raise WitnessError(f"refusing to cosign: log checkpoint not acceptable: {e}") from e
+        proof = [bytes(h) for h in consistency_proof]
+        self._check_consistency(cp, proof)
+        text, sigs = parse_note(new_note)
+        out = sign_note(text, [self._signer], existing=sigs)
+        self._state = WitnessState(cp.size, cp.root_hash)
+        return out
+
+    def _check_consistency(self, cp: Checkpoint, proof: list[bytes]) -> None:
+        old = self._state
+        if old is None or old.size == 0:
+            if proof:
+                raise WitnessError("refusing to cosign: expected an empty proof from the empty tree")
+            return
+        if cp.size < old.size:
+            raise WitnessError(
+                f"refusing to cosign: checkpoint size {cp.size} is smaller than the "
+                f"last cosigned size {old.size} (rollback)"
+            )
+        if cp.size == old.size and cp.root_hash != old.root_hash:
+            raise WitnessError(
+                f"refusing to cosign: conflicting root for size {cp.size} (split view)"
+            )
+        try:
+            verify_consistency(old.size, cp.size, proof, old.root_hash, cp.root_hash)
+        except ProofError as e:
+            raise WitnessError(
+                f"refusing to cosign: checkpoint of size {cp.size} is not proven consistent "
+                f"with the last cosigned size {old.size}: {e}"
+            ) from e
+

@@ -1,0 +1,113 @@
+"""Shared fixtures. Every storage test runs on SQLite and on PostgreSQL.
+
+PostgreSQL: $SLE_TEST_POSTGRES_URL (default the local server's `test` database). If it is unreachable the
+PostgreSQL cases are skipped, unless SLE_REQUIRE_POSTGRES=1 (CI), where they fail.
+"""
+
+from __future__ import annotations
+
+import os
+from dataclasses import dataclass
+from datetime import datetime, timezone
+from typing import Iterator
+
+import pytest
+import sqlalchemy as sa
+
+from sle_events.domain.study import Study
+from sle_events.signing.keys import Signer
+from sle_events.store.record import StudyRecord
+
+PG_URL = os.environ.get("SLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REQUIRE_PG = os.environ.get("SLE_REQUIRE_POSTGRES") == "1"
+_pg_state: dict[str, str | None] = {}
+
+
+def _pg_problem() -> str | None:
+    if "problem" not in _pg_state:
+        try:
+            engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+            with engine.connect() as conn:
+                conn.execute(sa.text("select 1"))
+            engine.dispose()
+            _pg_state["problem"] = None
+        except Exception as e:  # noqa: BLE001 - any failure means unreachable
+            _pg_state["problem"] = f"{type(e).__name__}: {e}"
+    return _pg_state["problem"]
+
+
+def reset_postgres(url: str = PG_URL) -> None:
+    """Empty the test database: end other sessions, drop and recreate the public schema."""
+    engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
+    with engine.connect() as conn:
+        conn.execute(sa.text(
+            "select pg_terminate_backend(pid) from pg_stat_activity "
+            "where datname = current_database() and pid <> pg_backend_pid()"
+        ))  # fmt: skip
+        conn.execute(sa.text("drop schema if exists public cascade"))
+        conn.execute(sa.text("create schema public"))
+    engine.dispose()
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    problem = _pg_problem()
+    if problem:
+        if REQUIRE_PG:
+            pytest.fail(f"PostgreSQL is required (SLE_REQUIRE_POSTGRES=1) but unreachable at {PG_URL}: {problem}")
+        pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {problem}")
+    reset_postgres()
+    return PG_URL
+
+
+def count_rows(url: str, table: str = "study_events") -> int:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return conn.execute(sa.text(f"select count(*) from {table}")).scalar_one()
+    finally:
+        engine.dispose()
+
+
+def execute_sql(url: str, sql: str, **params: object) -> None:
+    """Tamper with the real table, as a DBA with SQL access could."""
+    engine = sa.create_engine(url)
+    try:
+        with engine.begin() as conn:
+            conn.execute(sa.text(sql), params)
+    finally:
+        engine.dispose()
+
+
+@dataclass
+class Trial:
+    url: str
+    record: StudyRecord
+    study: Study
+    admin: Signer
+    coordinator: Signer
+    investigator: Signer
+    lab: Signer
+
+    def rows(self) -> int:
+        return count_rows(self.url)
+
+
+@pytest.fixture
+def trial(db_url: str) -> Iterator[Trial]:
+    """A study with an admin (trust root), a coordinator, an investigator and a lab service key."""
+    record = StudyRecord(db_url)
+    now = datetime.now(timezone.utc)
+    admin = Signer.generate("admin@site", "admin")
+    coordinator = Signer.generate("nurse.li", "coordinator")
+    investigator = Signer.generate("dr.wang", "investigator")
+    lab = Signer.generate("lab.service", "lab")
+    study = Study.create("ALLOMSC-SLE", "AlloMSC", admin.actor, admin.public_key_b64, now)
+    for s in (coordinator, investigator, lab):
+        study.register_key(s.actor, s.role, s.public_key_b64, now)
+    record.record(study, signer=admin)
+    yield Trial(db_url, record, study, admin, coordinator, investigator, lab)
+    record.close()
+    record.recorder.datastore.engine.dispose()

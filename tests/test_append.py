@@ -1,0 +1,275 @@
+"""Appending: every refusal is specific and stores nothing; what is accepted reads back intact."""
+
+from __future__ import annotations
+
+import threading
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+
+from sle_events.domain.subject import Subject
+from sle_events.signing.canonical import FloatNotAllowed
+from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed, seal
+from sle_events.signing.keys import Signer
+from sle_events.signing.payload import envelope_for
+from sle_events.store.errors import (
+    BadSignature,
+    ChainBroken,
+    ClockSkew,
+    MalformedEvent,
+    UnknownEventType,
+    UnknownStudy,
+    UntrustedKey,
+    VersionConflict,
+)
+from sle_events.store.record import StudyRecord
+
+pytestmark = pytest.mark.storage
+NOW = datetime.now(timezone.utc)
+
+
+def screened(trial, number: str = "SCR-001") -> Subject:
+    return Subject(trial.study.id, "NJ01", number, NOW - timedelta(days=1))
+
+
+def sealed_screening(trial, signer=None, **changes) -> SealedEvent:
+    subject = screened(trial)
+    event = subject.collect_events()[0]
+    env = envelope_for(event, study=trial.study.id, prev=GENESIS, reason=None)
+    env.update(changes)
+    return seal(env, signer or trial.coordinator)
+
+
+def test_recorded_events_read_back_as_the_domain_made_them(trial):
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20))
+    trial.record.record(subject, signer=trial.investigator)
+    subject.record_lab_result("CREAT", Decimal("1.23"), "mg/dL", NOW - timedelta(hours=10))
+    trial.record.record(subject, signer=trial.lab)
+
+    copy = trial.record.get(subject.id)
+    assert copy.status == "CONSENTED"
+    assert copy.labs[0]["value"] == Decimal("1.23")
+    assert copy.labs[0]["occurred_at"] == subject.labs[0]["occurred_at"]
+    stream = trial.record.stream(subject.id)
+    assert [e.version for e in stream] == [1, 2, 3]
+    assert stream[1].envelope["prev"] == stream[0].hash
+    assert stream[2].envelope["actor"] == "lab.service" and stream[2].envelope["role"] == "lab"
+
+
+def test_the_signed_bytes_bind_ids_version_topic_times_actor_and_prev(trial):
+    e = sealed_screening(trial)
+    env = e.envelope
+    for name in ("study", "stream", "version", "type", "schema", "payload", "occurred_at", "recorded_at",
+                 "actor", "role", "key", "reason", "prev"):  # fmt: skip
+        assert f'"{name}":'.encode() in e.signed
+    assert env["stream"] in e.signed.decode() and env["prev"] == GENESIS
+
+
+def _refused(trial, error, events):
+    before = trial.rows()
+    with pytest.raises(error) as info:
+        trial.record.append(events)
+    assert trial.rows() == before, "a refused append must store nothing"
+    return info.value
+
+
+def test_bad_signature_is_refused(trial):
+    good = sealed_screening(trial)
+    forged = SealedEvent.build(good.envelope, good.signed, bytes(64))
+    err = _refused(trial, BadSignature, [forged])
+    assert err.stream == good.envelope["stream"] and err.version == 1
+
+
+def test_unregistered_key_is_refused(trial):
+    stranger = Signer.generate("nurse.li", "coordinator")
+    err = _refused(trial, UntrustedKey, [sealed_screening(trial, stranger)])
+    assert "not registered" in str(err)
+
+
+def test_role_not_allowed_for_event_type(trial):
+    # A lab service may not screen subjects.
+    err = _refused(trial, UntrustedKey, [sealed_screening(trial, trial.lab)])
+    assert "may not record Subject.Screened" in str(err)
+
+
+def test_actor_claiming_another_role_is_refused(trial):
+    impostor = Signer(trial.coordinator.actor, "investigator", trial.coordinator._private_key)
+    err = _refused(trial, UntrustedKey, [sealed_screening(trial, impostor)])
+    assert "not nurse.li as investigator" in str(err)
+
+
+def test_revoked_key_refused_after_revocation_but_earlier_events_stay_valid(trial):
+    from sle_events.store.verification import verify_record
+
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    trial.study.revoke_key(trial.coordinator.key_id, "left the site", NOW)
+    trial.record.record(trial.study, signer=trial.admin)
+    err = _refused(trial, UntrustedKey, [sealed_screening(trial)])
+    assert "revoked" in str(err)
+    assert verify_record(trial.url, workers=1).ok
+
+
+def test_rotated_key_is_refused_and_new_key_works(trial):
+    new = Signer.generate(trial.coordinator.actor, "coordinator")
+    trial.study.rotate_key(trial.coordinator.key_id, new.public_key_b64, NOW)
+    trial.record.record(trial.study, signer=trial.admin)
+    _refused(trial, UntrustedKey, [sealed_screening(trial)])
+    trial.record.append([sealed_screening(trial, new)])
+
+
+def test_only_admin_changes_the_registry(trial):
+    other = Signer.generate("mallory", "investigator")
+    trial.study.register_key(other.actor, other.role, other.public_key_b64, NOW)
+    before = trial.rows()
+    with pytest.raises(UntrustedKey):
+        trial.record.record(trial.study, signer=trial.investigator)
+    assert trial.rows() == before
+
+
+def test_chain_must_name_the_previous_event(trial):
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    subject.obtain_consent("ICF v1.0", NOW)
+    event = subject.collect_events()[0]
+    env = envelope_for(event, study=trial.study.id, prev="ab" * 32, reason=None)
+    err = _refused(trial, ChainBroken, [seal(env, trial.investigator)])
+    assert "does not match the hash of v1" in str(err)
+
+
+def test_version_gap_is_refused(trial):
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    head = trial.record.stream(subject.id)[-1]
+    subject.obtain_consent("ICF v1.0", NOW)
+    event = subject.collect_events()[0]
+    env = envelope_for(event, study=trial.study.id, prev=head.hash, reason=None)
+    env["version"] = 3
+    _refused(trial, ChainBroken, [seal(env, trial.investigator)])
+
+
+def test_replayed_event_is_a_version_conflict(trial):
+    e = sealed_screening(trial)
+    trial.record.append([e])
+    _refused(trial, VersionConflict, [e])
+
+
+def test_one_bad_event_refuses_the_whole_batch(trial):
+    good = [sealed_screening(trial) for _ in range(30)]
+    bad = SealedEvent.build(good[7].envelope, good[7].signed, bytes(64))
+    _refused(trial, BadSignature, good[:7] + [bad] + good[8:])
+
+
+def test_float_in_payload_is_refused_before_signing(trial):
+    subject = screened(trial)
+    subject.record_lab_result  # noqa: B018
+    event = subject.collect_events()[0]
+    env = envelope_for(event, study=trial.study.id, prev=GENESIS, reason=None)
+    env["payload"]["weight"] = 61.5
+    with pytest.raises(MalformedEnvelope, match="float 61.5 is not allowed"):
+        seal(env, trial.coordinator)
+
+
+def test_float_in_sent_bytes_is_refused():
+    with pytest.raises(MalformedEnvelope, match="float"):
+        open_sealed(b'{"envelope":{"payload":{"x":1.5}},"signature":""}')
+
+
+def test_decimal_attribute_travels_as_string(trial):
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    subject.obtain_consent("ICF v1.0", NOW)
+    trial.record.record(subject, signer=trial.investigator)
+    subject.record_lab_result("C3", Decimal("85.50"), "mg/dL", NOW)
+    [e] = trial.record.record(subject, signer=trial.lab)
+    assert e.envelope["payload"]["value"] == "85.50"
+
+
+def test_float_attribute_is_refused_by_the_codec(trial):
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    subject.obtain_consent("ICF v1.0", NOW)
+    trial.record.record(subject, signer=trial.investigator)
+    subject.record_lab_result("C3", 85.5, "mg/dL", NOW)  # type: ignore[arg-type]
+    before = trial.rows()
+    with pytest.raises(FloatNotAllowed):
+        trial.record.record(subject, signer=trial.lab)
+    assert trial.rows() == before
+
+
+def test_unknown_event_type_is_refused(trial):
+    e = sealed_screening(trial, type="sle_events.domain.subject:Subject.Teleported")
+    _refused(trial, UnknownEventType, [e])
+
+
+def test_unknown_study_is_refused(trial):
+    import uuid
+
+    e = sealed_screening(trial, study=str(uuid.uuid4()))
+    _refused(trial, UnknownStudy, [e])
+
+
+def test_recorded_at_far_from_the_store_clock_is_refused(trial):
+    e = sealed_screening(trial, recorded_at=(NOW - timedelta(hours=2)).isoformat())
+    _refused(trial, ClockSkew, [e])
+
+
+def test_occurred_at_in_the_future_is_refused(trial):
+    e = sealed_screening(trial, occurred_at=(NOW + timedelta(hours=1)).isoformat())
+    _refused(trial, ClockSkew, [e])
+
+
+def test_late_entry_in_the_past_is_accepted(trial):
+    e = sealed_screening(trial, occurred_at=(NOW - timedelta(days=40)).isoformat())
+    trial.record.append([e])
+
+
+def test_time_without_offset_is_refused(trial):
+    with pytest.raises(MalformedEnvelope, match="no UTC offset"):
+        sealed_screening(trial, occurred_at="2026-01-01T10:00:00")
+
+
+def test_envelope_whose_dict_differs_from_signed_bytes_is_refused(trial):
+    e = sealed_screening(trial)
+    tampered = SealedEvent(dict(e.envelope, site="XX"), e.signed, e.signature, e.sealed)
+    _refused(trial, MalformedEvent, [tampered])
+
+
+def test_concurrent_appends_to_one_stream_one_wins(trial):
+    """Two writers (separate connections) race for the same version: one stores, the other conflicts."""
+    subject = screened(trial)
+    trial.record.record(subject, signer=trial.coordinator)
+    head = trial.record.stream(subject.id)[-1]
+    contenders = []
+    for icf in ("ICF v1.0", "ICF v1.1"):
+        twin = trial.record.get(subject.id)
+        twin.obtain_consent(icf, NOW)
+        [event] = twin.collect_events()
+        contenders.append(seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None),
+                               trial.investigator))  # fmt: skip
+    records = [StudyRecord(trial.url), StudyRecord(trial.url)]
+    results: list[object] = [None, None]
+    barrier = threading.Barrier(2)
+
+    def race(i: int) -> None:
+        barrier.wait()
+        try:
+            results[i] = records[i].append([contenders[i]])
+        except Exception as e:  # noqa: BLE001 - the loser's error is asserted below
+            results[i] = e
+
+    threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]
+    for t in threads:
+        t.start()
+    for t in threads:
+        t.join()
+    for r in records:
+        r.close()
+    conflicts = [r for r in results if isinstance(r, VersionConflict)]
+    wins = [r for r in results if isinstance(r, list)]
+    assert len(conflicts) == 1 and len(wins) == 1, results
+    stream = trial.record.stream(subject.id)
+    assert [e.version for e in stream] == [1, 2]
