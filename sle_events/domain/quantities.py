@@ -55,11 +55,11 @@ CONTEXT = Context(
     traps=[InvalidOperation, DivisionByZero, Overflow],
 )
 
-#: Inputs may carry at most this many significant digits. With 28-digit arithmetic this
-#: guarantees that a unit conversion to the canonical unit and back recovers the reported
-#: digits exactly (the conversion error is < 1e-27 relative, far below half a unit in the
-#: 20th digit).
-MAX_SIGNIFICANT_DIGITS = 20
+#: A quantity may carry at most as many significant digits as the context holds, so a stored
+#: full-precision derived value (28 digits) can be read back. A unit conversion and its inverse
+#: each round once (relative error <= 5e-28), so converting a reported value of up to 26
+#: significant digits to the canonical unit and back recovers the reported digits exactly.
+MAX_SIGNIFICANT_DIGITS = CONTEXT.prec
 #: |adjusted exponent| limit (1e-30 … 9.99e30): keeps garbage like "1e999999" out.
 MAX_ADJUSTED_EXPONENT = 30
 

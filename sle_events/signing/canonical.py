@@ -76,7 +76,7 @@ def canonical_json(value: Any) -> bytes:
             raise NotCanonicalisable("$", f"string is not valid Unicode: {e}") from e
     try:
         return rfc8785.dumps(value)
-    except rfc8785.CanonicalizationError as e:
+    except (rfc8785.CanonicalizationError, UnicodeEncodeError) as e:  # lone surrogate in a key
         raise NotCanonicalisable("$", str(e)) from e
 
 

@@ -29,6 +29,7 @@ ENVELOPE_FIELDS = (
 _PREFIX = b'{"envelope":'
 _SIG_MARK = b',"signature":"'
 _HEX64 = re.compile(r"[0-9a-f]{64}")
+_UUID = re.compile(r"[0-9a-f]{8}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{4}-[0-9a-f]{12}")
 
 
 class MalformedEnvelope(ValueError):
@@ -66,11 +67,8 @@ def check_envelope(env: Any) -> dict[str, Any]:
     if missing or extra:
         raise MalformedEnvelope(f"envelope fields missing {missing} / unexpected {extra}")
     for f in ("study", "stream"):
-        try:
-            if str(UUID(env[f])) != env[f]:
-                raise ValueError
-        except (ValueError, TypeError, AttributeError):
-            raise MalformedEnvelope(f"{f} must be a lowercase UUID string, got {env[f]!r}") from None
+        if not isinstance(env[f], str) or not _UUID.fullmatch(env[f]):
+            raise MalformedEnvelope(f"{f} must be a lowercase UUID string, got {env[f]!r}")
     for f in ("version", "schema"):
         if type(env[f]) is not int or env[f] < 1:
             raise MalformedEnvelope(f"{f} must be a positive integer, got {env[f]!r}")
@@ -93,7 +91,7 @@ def check_envelope(env: Any) -> dict[str, Any]:
 class SealedEvent:
     """An envelope with its signature; `sealed` are the exact bytes stored and logged."""
 
-    __slots__ = ("envelope", "signed", "signature", "sealed", "_hash")
+    __slots__ = ("envelope", "signed", "signature", "sealed", "_hash", "_stream")
 
     def __init__(self, envelope: dict[str, Any], signed: bytes, signature: bytes, sealed: bytes):
         self.envelope = envelope
@@ -101,6 +99,7 @@ class SealedEvent:
         self.signature = signature
         self.sealed = sealed
         self._hash: str | None = None
+        self._stream: UUID | None = None
 
     @classmethod
     def build(cls, envelope: dict[str, Any], signed: bytes, signature: bytes) -> "SealedEvent":
@@ -116,7 +115,9 @@ class SealedEvent:
 
     @property
     def stream(self) -> UUID:
-        return UUID(self.envelope["stream"])
+        if self._stream is None:
+            self._stream = UUID(self.envelope["stream"])
+        return self._stream
 
     @property
     def version(self) -> int:

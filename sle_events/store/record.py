@@ -53,8 +53,10 @@ from sle_events.store.errors import (
 
 STUDY_CREATED = "Study.Created"
 DEFAULT_DB_FILE = "sle-study.db"
-# Below this batch size threads cost more than they save.
-PARALLEL_VERIFY_MIN = 16
+# Signatures are verified on a thread pool while the batch is checked and written, before commit. Over a
+# network (PostgreSQL) even one event gains; with SQLite the write is CPU work under the GIL, so small
+# batches are verified inline.
+PARALLEL_VERIFY_MIN = {"postgresql": 1, "sqlite": 16}
 
 
 def database_url(url: str | None = None) -> str:
@@ -129,11 +131,14 @@ class StudyRecord(Application[UUID]):
         self.clock_skew = clock_skew
         self.table = self.recorder.events_record_cls.__table__
         self._heads: dict[UUID, tuple[int, str]] = {}
-        self._studies: dict[UUID, Study] = {}
+        self._studies: dict[str, Study] = {}
+        # Every event at or below this log position is reflected in the cached studies.
+        self._valid_through: int | None = None
         self._lock = threading.RLock()
         threads = verify_threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._threads = threads
+        self._parallel_min = PARALLEL_VERIFY_MIN.get(self.recorder.datastore.engine.dialect.name, 16)
 
     def construct_mapper(self) -> Mapper:
         return EnvelopeMapper()
@@ -181,13 +186,17 @@ class StudyRecord(Application[UUID]):
     def get(self, stream: UUID, version: int | None = None) -> Any:
         return self.repository.get(stream, version=version)
 
-    def study(self, study_id: UUID) -> Study:
+    def study(self, study_id: UUID | str) -> Study:
         """The study as it stands now (trust root, keys, permissions)."""
+        study_id = str(study_id)
         with self._lock:
             study = self._studies.get(study_id)
             if study is None:
+                position = self.recorder.max_notification_id() or 0
+                if self._valid_through is None or not self._studies:
+                    self._valid_through = position
                 try:
-                    study = self.repository.get(study_id)
+                    study = self.repository.get(UUID(study_id))
                 except Exception as e:
                     raise UnknownStudy(f"study {study_id} is not in this record") from e
                 if not isinstance(study, Study):
@@ -202,16 +211,18 @@ class StudyRecord(Application[UUID]):
             return []
         for attempt in range(3):
             with self._lock:
-                studies, heads = self._check(events)
+                early = self._start_verifying(events)
+                studies, heads, keys = self._check(events)
                 try:
-                    return self._write(events, studies, heads)
+                    return self._write(events, studies, heads, lambda: self._finish_verifying(events, keys, early))
                 except _RegistryMoved:
-                    self._studies.clear()  # someone else changed a key registry: check again
+                    self._forget_studies()  # someone else changed a key registry: check again
         raise VersionConflict("the key registry kept changing during the append; retry")
 
-    def _check(self, events: Sequence[SealedEvent]) -> tuple[dict[UUID, Study], dict[UUID, tuple[int, str]]]:
+    def _check(self, events: Sequence[SealedEvent]) -> tuple[dict[str, Study], dict[UUID, tuple[int, str]], list[Any]]:
+        """Everything but the signatures, which `_start_verifying` checks meanwhile on other cores."""
         now = self.clock()
-        studies: dict[UUID, Study] = {}
+        studies: dict[str, Study] = {}
         heads: dict[UUID, tuple[int, str]] = {}
         keys: list[Ed25519PublicKey] = []
         for e in events:
@@ -226,7 +237,7 @@ class StudyRecord(Application[UUID]):
             self._check_clock(env, now, where)
             if not _resolvable(env["type"]):
                 raise UnknownEventType(f"unknown event type {env['type']!r}", **where)
-            study_id = UUID(env["study"])
+            study_id = env["study"]
             study = studies.get(study_id)
             if study is None:
                 study = self._study_for(e, study_id, where)
@@ -236,14 +247,48 @@ class StudyRecord(Application[UUID]):
             except KeyProblem as exc:
                 raise UntrustedKey(str(exc), **where) from exc
             keys.append(_public_key(study.public_key(entry["key"])))
-            if _type_name(env["type"]).startswith("Study.") and env["stream"] == env["study"]:
-                if env["version"] > 1:
-                    # Registry changes take effect for the rest of the batch.
-                    studies[study_id] = study = copy.deepcopy(study)
-                    domain_event_from(e).mutate(study)
+            if env["stream"] == study_id and env["version"] > 1:
+                # Registry changes take effect for the rest of the batch.
+                studies[study_id] = study = copy.deepcopy(study)
+                domain_event_from(e).mutate(study)
             heads[e.stream] = self._check_chain(e, heads, where)
-        self._verify_signatures(events, keys)
-        return studies, heads
+        return studies, heads, keys
+
+    def _start_verifying(self, events: Sequence[SealedEvent]) -> tuple[list[Any], list[Any]] | None:
+        """Verify against the keys the cached registry names; `_finish_verifying` re-checks any other key."""
+        n = len(events)
+        if self._pool is None or n < self._parallel_min:
+            return None
+        guesses: list[Any] = []
+        for e in events:
+            study = self._studies.get(e.envelope.get("study"))  # type: ignore[arg-type]
+            entry = study.keys.get(e.envelope.get("key")) if study is not None else None
+            guesses.append(_public_key(study.public_key(entry["key"])) if entry else None)
+
+        def bad_in(lo: int, hi: int) -> list[int]:
+            return [i for i in range(lo, hi)
+                    if guesses[i] is not None and not verify_signature(guesses[i], events[i].signature, events[i].signed)]  # fmt: skip
+
+        step = -(-n // self._threads)
+        return guesses, [self._pool.submit(bad_in, lo, min(lo + step, n)) for lo in range(0, n, step)]
+
+    def _finish_verifying(self, events: Sequence[SealedEvent], keys: list[Ed25519PublicKey], early: Any) -> None:
+        if early is None:
+            guesses, bad = [None] * len(events), []
+        else:
+            guesses, futures = early
+            bad = [i for f in futures for i in f.result()]
+        for i, key in enumerate(keys):
+            if guesses[i] is not key and not verify_signature(key, events[i].signature, events[i].signed):
+                bad.append(i)
+        if bad:
+            bad.sort()
+            env = events[bad[0]].envelope
+            raise BadSignature(
+                f"signature does not verify with key {env['key']} of {env['actor']} ({len(bad)} bad in batch)",
+                stream=env["stream"],
+                version=env["version"],
+            )
 
     def _check_clock(self, env: dict[str, Any], now: datetime, where: dict[str, Any]) -> None:
         recorded = parse_time("recorded_at", env["recorded_at"])
@@ -257,7 +302,7 @@ class StudyRecord(Application[UUID]):
         if occurred > now + self.clock_skew:
             raise ClockSkew(f"occurred_at {env['occurred_at']} lies in the future", **where)
 
-    def _study_for(self, e: SealedEvent, study_id: UUID, where: dict[str, Any]) -> Study:
+    def _study_for(self, e: SealedEvent, study_id: str, where: dict[str, Any]) -> Study:
         env = e.envelope
         if _type_name(env["type"]) == STUDY_CREATED and env["stream"] == env["study"] and env["version"] == 1:
             # The trust root vouches for itself: the study as created authorises its own creation.
@@ -289,39 +334,26 @@ class StudyRecord(Application[UUID]):
             return 0, GENESIS
         return last[0].originator_version, hashlib.sha256(last[0].state).hexdigest()
 
-    def _verify_signatures(self, events: Sequence[SealedEvent], keys: list[Ed25519PublicKey]) -> None:
-        def bad_in(lo: int, hi: int) -> list[int]:
-            return [i for i in range(lo, hi) if not verify_signature(keys[i], events[i].signature, events[i].signed)]
-
-        n = len(events)
-        if self._pool is None or n < PARALLEL_VERIFY_MIN:
-            bad = bad_in(0, n)
-        else:
-            step = -(-n // self._threads)
-            futures = [self._pool.submit(bad_in, lo, min(lo + step, n)) for lo in range(0, n, step)]
-            bad = [i for f in futures for i in f.result()]
-        if bad:
-            env = events[bad[0]].envelope
-            raise BadSignature(
-                f"signature does not verify with key {env['key']} of {env['actor']} "
-                f"({len(bad)} bad in batch)",
-                stream=env["stream"],
-                version=env["version"],
-            )
-
-    def _write(self, events: Sequence[SealedEvent], studies: dict[UUID, Study], heads: dict[UUID, tuple[int, str]]) -> list[int]:
+    def _write(self, events: Sequence[SealedEvent], studies: dict[str, Study], heads: dict[UUID, tuple[int, str]],
+               signatures_hold: Callable[[], None]) -> list[int]:  # fmt: skip
         stored = [StoredEvent(e.stream, e.version, e.topic, e.sealed) for e in events]
         expected = {sid: self._registry_version(sid, s, events) for sid, s in studies.items()}
         try:
             with self.recorder.transaction(commit=True) as session:
-                ids = self.recorder.insert_events(stored, session=session)
-                # Authoritative re-check under the write lock: the registry we trusted is still the latest.
-                for sid, version in expected.items():
-                    current = session.execute(
-                        select(func.max(self.table.c.originator_version)).where(self.table.c.originator_id == sid)
-                    ).scalar()
-                    if current != version:
-                        raise _RegistryMoved()
+                ids = list(self.recorder.insert_events(stored, session=session) or [])
+                # Ids are handed out under the write lock in commit order. If ours follow straight on from the
+                # last position the cache reflects, nobody else wrote in between: the registry we trusted is
+                # the latest. Otherwise ask the database, still under the lock.
+                fast = self._valid_through is not None and ids and ids[0] == self._valid_through + 1
+                if not fast:
+                    for sid, version in expected.items():
+                        current = session.execute(
+                            select(func.max(self.table.c.originator_version)).where(self.table.c.originator_id == UUID(sid))
+                        ).scalar()
+                        if current != version:
+                            raise _RegistryMoved()
+                # The rows are written but not committed: a bad signature rolls them back.
+                signatures_hold()
         except (IntegrityError, sqlalchemy.exc.IntegrityError) as exc:
             for e in events:
                 self._heads.pop(e.stream, None)
@@ -332,14 +364,21 @@ class StudyRecord(Application[UUID]):
                 version=first["version"],
             ) from exc
         self._heads.update(heads)
+        if not fast:
+            # Only the studies just checked are known to be current.
+            self._studies = {sid: s for sid, s in self._studies.items() if sid in expected}
         for sid, study in studies.items():
-            if sid in self._studies or any(e.envelope["stream"] == str(sid) for e in events):
-                self._studies[sid] = study
-        return list(ids or [])
+            self._studies[sid] = study
+        if ids:
+            self._valid_through = ids[-1]
+        return ids
 
-    def _registry_version(self, study_id: UUID, study: Study, events: Iterable[SealedEvent]) -> int:
+    def _forget_studies(self) -> None:
+        self._studies.clear()
+        self._valid_through = None
+
+    def _registry_version(self, sid: str, study: Study, events: Iterable[SealedEvent]) -> int:
         """The registry stream's version once this batch is stored."""
-        sid = str(study_id)
         in_batch = [e.version for e in events if e.envelope["stream"] == sid]
         return max(in_batch) if in_batch else study.version
 
