@@ -8,6 +8,7 @@ rate per core). Also reports the client-side signing rate per core.
 from __future__ import annotations
 
 import time
+from statistics import median
 from datetime import datetime, timezone
 from typing import Any
 
@@ -72,14 +73,19 @@ def signed_rates(url: str, single_n: int, batch_n: int) -> tuple[float, float, f
     return s, b, sign_rate
 
 
-def run(sizes: dict[str, tuple[int, int]] | None = None) -> list[dict[str, Any]]:
+def run(sizes: dict[str, tuple[int, int]] | None = None, rounds: int = 3) -> list[dict[str, Any]]:
+    """Bare and signed runs alternate `rounds` times on fresh databases; medians are compared."""
     sizes = sizes or {"sqlite": (2000, 20000), "postgresql": (1000, 10000)}
     v = ed25519_verify_rate()
     rows = []
-    for engine, _ in [("sqlite", None), ("postgresql", None)]:
+    for engine in ("sqlite", "postgresql"):
         single_n, batch_n = sizes[engine]
-        bare_s, bare_b = bare_rates(fresh(engine), single_n, batch_n)
-        sig_s, sig_b, sign_rate = signed_rates(fresh(engine), single_n, batch_n)
+        bare, signed = [], []
+        for _ in range(rounds):
+            bare.append(bare_rates(fresh(engine), single_n, batch_n))
+            signed.append(signed_rates(fresh(engine), single_n, batch_n))
+        bare_s, bare_b = (median(r[i] for r in bare) for i in range(2))
+        sig_s, sig_b, sign_rate = (median(r[i] for r in signed) for i in range(3))
         limit = 1 / (1 / bare_b + 1 / (CORES * v))
         rows.append({
             "engine": engine, "bare_single": bare_s, "signed_single": sig_s, "single_ratio": sig_s / bare_s,

@@ -85,6 +85,15 @@ def reference_canonical_json(value: Any) -> bytes:
     return rfc8785.dumps(value)
 
 
+def canonical_json_of_parsed(value: Any) -> bytes:
+    """Canonical bytes of a value that came from `loads_strict` (so no floats, no NaN): skips the type walk
+    when the fast path's output can be trusted, which is when every key is ASCII."""
+    fast = _fast_dumps(value).encode("utf-8")
+    if fast.isascii() or _check(value, "$"):
+        return fast
+    return canonical_json(value)
+
+
 def _refuse_float(text: str) -> Any:
     raise NotCanonicalisable("$", f"float {text} found in JSON; decimals must be strings")
 
@@ -93,6 +102,11 @@ def _refuse_constant(text: str) -> Any:
     raise NotCanonicalisable("$", f"{text} is not valid JSON")
 
 
+_strict_decoder = json.JSONDecoder(parse_float=_refuse_float, parse_constant=_refuse_constant)
+
+
 def loads_strict(data: bytes | str) -> Any:
     """Parse JSON refusing floats, NaN and Infinity (they could never have been signed)."""
-    return json.loads(data, parse_float=_refuse_float, parse_constant=_refuse_constant)
+    if isinstance(data, (bytes, bytearray, memoryview)):
+        data = bytes(data).decode("utf-8")
+    return _strict_decoder.decode(data)

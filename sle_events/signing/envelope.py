@@ -16,7 +16,7 @@ from datetime import datetime, timezone
 from typing import Any
 from uuid import UUID
 
-from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict
+from sle_events.signing.canonical import NotCanonicalisable, canonical_json, canonical_json_of_parsed, loads_strict
 from sle_events.signing.keys import Signer, b64, unb64
 
 GENESIS = "0" * 64
@@ -151,7 +151,7 @@ def open_sealed(data: bytes) -> SealedEvent:
     """Parse sealed bytes as sent by a client or read from the store; check form, not trust."""
     try:
         outer = loads_strict(data)
-    except (ValueError, NotCanonicalisable) as e:
+    except (ValueError, NotCanonicalisable, UnicodeDecodeError) as e:
         raise MalformedEnvelope(f"not valid JSON without floats: {e}") from None
     if not isinstance(outer, dict) or set(outer) != {"envelope", "signature"}:
         raise MalformedEnvelope('sealed event must be {"envelope": ..., "signature": ...}')
@@ -163,7 +163,7 @@ def open_sealed(data: bytes) -> SealedEvent:
     if len(signature) != 64:
         raise MalformedEnvelope(f"an Ed25519 signature has 64 bytes, got {len(signature)}")
     try:
-        signed = canonical_json(env)
+        signed = canonical_json_of_parsed(env)
     except NotCanonicalisable as e:
         raise MalformedEnvelope(f"envelope cannot be canonicalised at {e}") from e
     event = SealedEvent.build(env, signed, signature)

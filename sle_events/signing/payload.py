@@ -98,9 +98,12 @@ def event_payload(domain_event: Any) -> dict[str, Any]:
     return {k: to_json_value(v, f"$.{k}") for k, v in state.items() if k not in OUTSIDE_PAYLOAD}
 
 
-def envelope_for(domain_event: Any, *, study: UUID, prev: str, reason: str | None) -> dict[str, Any]:
-    """The unsigned envelope of a domain event (actor, role and key are filled in by the signer)."""
+def envelope_for(domain_event: Any, *, study: UUID, prev: str, reason: str | None = None) -> dict[str, Any]:
+    """The unsigned envelope of a domain event (actor, role and key are filled in by the signer).
+
+    An event with a `reason` field (a correction, a withdrawal...) carries it into the envelope too."""
     cls = type(domain_event)
+    reason = reason or getattr(domain_event, "reason", None)
     occurred_at = getattr(domain_event, "occurred_at", None) or domain_event.timestamp
     return {
         "study": str(study),

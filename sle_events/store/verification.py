@@ -79,6 +79,7 @@ class _StreamChecker:
         self.version = 0
         self.hash = GENESIS
         self.events = 0
+        self._keys: dict[tuple[int, str], Any] = {}
 
     def _found(self, stream: str, version: int | None, kind: str, detail: str, position: int) -> None:
         self.findings.append(Finding(stream, version, kind, detail, position))
@@ -133,7 +134,10 @@ class _StreamChecker:
             found(stream, version, _KEY_KINDS.get(type(exc), "key_problem"),
                   f"{exc} at log position {position}", position)  # fmt: skip
             return e
-        if not verify_signature(_public_key(registry, entry["key"]), e.signature, e.signed):
+        public_key = self._keys.get((id(registry), entry["key"]))
+        if public_key is None:
+            public_key = self._keys[(id(registry), entry["key"])] = _public_key(registry, entry["key"])
+        if not verify_signature(public_key, e.signature, e.signed):
             found(stream, version, "bad_signature",
                   f"signature by {env['actor']} (key {env['key']}) does not verify: the signed envelope "
                   "(payload, type, times, ids or prev) was altered after signing", position)  # fmt: skip

@@ -10,7 +10,7 @@ from hypothesis import strategies as st
 from ledger_vectors import b64, load
 
 from sle_events.ledger.checkpoint import Checkpoint, CheckpointError, sign_checkpoint
-from sle_events.ledger.merkle import MemoryTree, ProofError, leaf_hash
+from sle_events.ledger.merkle import MemoryTree, ProofError
 from sle_events.ledger.note import NoteError, Signer, UnverifiedNoteError
 from sle_events.ledger.proof_file import (
     ProofFileError,

@@ -1,0 +1,187 @@
+"""The `sle` command as installed (.venv/bin/sle), run in a subprocess: exit codes, JSON output, key files."""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import stat
+import subprocess
+import sys
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from cryptography.hazmat.primitives import serialization
+
+from conftest import execute_sql
+from sle_events.domain.subject import Subject
+from sle_events.signing.keys import Signer
+from sle_events.store.verification import verify_record
+
+SLE = str(Path(sys.executable).with_name("sle"))
+NOW = datetime.now(timezone.utc)
+FINDING_KEYS = {"stream", "version", "kind", "detail"}
+
+
+def sle(*args: str, cwd: Path | None = None, umask: int | None = None) -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    env.pop("SLE_DATABASE_URL", None)
+    preexec = (lambda: os.umask(umask)) if umask is not None else None  # noqa: E731
+    return subprocess.run([SLE, *args], capture_output=True, text=True, timeout=120, cwd=cwd, env=env,
+                          preexec_fn=preexec)  # fmt: skip
+
+
+def subject_with_labs(trial) -> Subject:
+    subject = Subject(trial.study.id, "NJ01", "SCR-001", NOW - timedelta(days=3))
+    trial.record.record(subject, signer=trial.coordinator)
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(days=2))
+    trial.record.record(subject, signer=trial.investigator)
+    subject.record_lab_result("CREAT", Decimal("1.23"), "mg/dL", NOW - timedelta(days=1))
+    subject.record_lab_result("C3", Decimal("85.50"), "mg/dL", NOW - timedelta(days=1))
+    trial.record.record(subject, signer=trial.lab)
+    return subject
+
+
+def position_of(trial, stream, version: int) -> int:
+    t = trial.record.table
+    with trial.record.recorder.datastore.engine.connect() as conn:
+        return conn.execute(
+            sa.select(t.c.id).where(t.c.originator_id == stream, t.c.originator_version == version)
+        ).scalar_one()
+
+
+# --- verify ---------------------------------------------------------------------------------------------------
+@pytest.mark.storage
+def test_verify_json_on_an_intact_record_is_ok_and_exits_0(trial):
+    subject_with_labs(trial)
+    for workers in ("1", "2"):
+        done = sle("verify", "--db", trial.url, "--json", "--workers", workers)
+        assert done.returncode == 0, done.stderr
+        doc = json.loads(done.stdout)  # one JSON document and nothing else
+        assert doc["ok"] is True and doc["findings"] == []
+        assert doc["events"] == trial.rows() == 8 and doc["studies"] == 1 and doc["streams"] == 2
+
+
+@pytest.mark.storage
+def test_verify_json_after_tampering_lists_the_finding_and_exits_1(trial):
+    subject = subject_with_labs(trial)
+    pos = position_of(trial, subject.id, 3)
+    if trial.url.startswith("sqlite"):
+        sql = "update study_events set state = cast(replace(cast(state as text), :old, :new) as blob) where id = :id"
+    else:
+        sql = ("update study_events set state = convert_to(replace(convert_from(state, 'UTF8'), :old, :new), "
+               "'UTF8') where id = :id")  # fmt: skip
+    execute_sql(trial.url, sql, old='"value":"1.23"', new='"value":"1.32"', id=pos)
+
+    done = sle("verify", "--db", trial.url, "--json")
+    assert done.returncode == 1, done.stderr
+    doc = json.loads(done.stdout)
+    assert doc["ok"] is False and doc["events"] == 8
+    assert doc["findings"] and all(FINDING_KEYS <= set(f) for f in doc["findings"])
+    located = {(f["stream"], f["version"], f["kind"]) for f in doc["findings"]}
+    assert located == {(str(subject.id), 3, "bad_signature"), (str(subject.id), 4, "chain_broken")}
+    [bad] = [f for f in doc["findings"] if f["kind"] == "bad_signature"]
+    assert bad["position"] == pos and trial.lab.key_id in bad["detail"]
+
+    human = sle("verify", "--db", trial.url, "--workers", "1")
+    assert human.returncode == 1
+    assert "2 findings" in human.stdout and "bad_signature" in human.stdout and "chain_broken" in human.stdout
+
+
+@pytest.mark.parametrize("args", [["verify", "--no-such-option"], ["verify", "--workers", "many"], ["frobnicate"]])
+def test_usage_errors_exit_2(args, tmp_path):
+    done = sle(*args, "--db", f"sqlite:///{tmp_path / 'never.db'}", cwd=tmp_path)
+    assert done.returncode == 2, (done.stdout, done.stderr)
+    assert "Usage: sle" in done.stderr
+    assert not (tmp_path / "never.db").exists() and not (tmp_path / "sle-study.db").exists()
+
+
+# --- demo -----------------------------------------------------------------------------------------------------
+def _private_material(key_dir: Path) -> list[bytes]:
+    """Every form in which a key file's private key could leak: PEM, its base64 body, raw bytes as-is/b64/hex."""
+    forms: list[bytes] = []
+    for pem_file in sorted(key_dir.glob("*.pem")):
+        pem = pem_file.read_bytes()
+        key = serialization.load_pem_private_key(pem, password=None)
+        raw = key.private_bytes(serialization.Encoding.Raw, serialization.PrivateFormat.Raw,
+                                serialization.NoEncryption())  # fmt: skip
+        body = b"".join(line for line in pem.splitlines() if line and not line.startswith(b"-----"))
+        forms += [pem, body, raw, base64.b64encode(raw), base64.urlsafe_b64encode(raw).rstrip(b"="),
+                  raw.hex().encode()]  # fmt: skip
+    return forms
+
+
+def _database_bytes(url: str) -> bytes:
+    """All that the database holds: the SQLite file(s), or every value of every PostgreSQL table."""
+    if url.startswith("sqlite"):
+        path = Path(url.removeprefix("sqlite:///"))
+        files = [path, *path.parent.glob(path.name + "-*")]  # -wal, -journal
+        return b"".join(f.read_bytes() for f in files if f.exists())
+    engine = sa.create_engine(url)
+    chunks: list[bytes] = []
+    try:
+        with engine.connect() as conn:
+            tables = conn.execute(sa.text(
+                "select table_name from information_schema.tables where table_schema = 'public'")).scalars().all()  # fmt: skip
+            assert "study_events" in tables
+            for table in tables:
+                for row in conn.execute(sa.text(f'select * from "{table}"')):
+                    for v in row:
+                        chunks.append(bytes(v) if isinstance(v, (bytes, memoryview)) else str(v).encode())
+    finally:
+        engine.dispose()
+    return b"\n".join(chunks)
+
+
+@pytest.mark.storage
+def test_demo_records_a_trial_that_verifies_and_no_private_key_leaves_the_key_files(db_url, tmp_path):
+    keys = tmp_path / "keys"
+    done = sle("demo", "--db", db_url, "--keys", str(keys), "--subjects", "3", cwd=tmp_path)
+    assert done.returncode == 0, done.stdout + done.stderr
+    assert "verified" in done.stdout
+
+    pems = sorted(p.name for p in keys.glob("*.pem"))
+    assert pems == ["admin.pem", "coordinator.pem", "investigator.pem", "lab.pem"]
+    for p in keys.glob("*.pem"):
+        assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
+
+    report = verify_record(db_url, workers=2)
+    assert report.ok, report.findings
+    assert report.events == 4 + 3 * 10  # the study and its keys; per subject 1 + 3 + 6 lab results
+    again = sle("verify", "--db", db_url, "--json")
+    assert again.returncode == 0 and json.loads(again.stdout)["events"] == report.events
+
+    stored = _database_bytes(db_url)
+    assert b"Subject.LabResultRecorded" in stored  # the dump really holds the events
+    printed = (done.stdout + done.stderr + again.stdout + again.stderr).encode()
+    for secret in _private_material(keys):
+        assert secret not in stored
+        assert secret not in printed
+
+
+# --- keys generate --------------------------------------------------------------------------------------------
+def test_keys_generate_writes_a_0600_pem_prints_only_the_public_key_and_never_overwrites(tmp_path):
+    out = tmp_path / "nurse.pem"
+    done = sle("keys", "generate", "--out", str(out), "--actor", "nurse.li", "--role", "coordinator", umask=0)
+    assert done.returncode == 0, done.stderr
+    assert stat.S_IMODE(out.stat().st_mode) == 0o600  # even with a umask of 0
+    printed = json.loads(done.stdout)
+    signer = Signer.from_file(out, "nurse.li", "coordinator")
+    assert printed == {"actor": "nurse.li", "role": "coordinator", "key": signer.key_id,
+                       "public_key": signer.public_key_b64}  # fmt: skip
+    for secret in _private_material(tmp_path):
+        assert secret not in (done.stdout + done.stderr).encode()
+
+    pem = out.read_bytes()
+    refused = sle("keys", "generate", "--out", str(out), "--actor", "nurse.li", "--role", "coordinator")
+    assert refused.returncode == 2
+    assert "refusing to overwrite" in refused.stderr and refused.stdout == ""
+    assert out.read_bytes() == pem
+
+    other = tmp_path / "notes.txt"
+    other.write_text("not a key")
+    assert sle("keys", "generate", "--out", str(other), "--actor", "x", "--role", "lab").returncode == 2
+    assert other.read_text() == "not a key"
