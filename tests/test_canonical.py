@@ -299,3 +299,25 @@ def test_envelope_fields_of_the_wrong_form_are_refused(field, value, message):
     e = _valid()
     with pytest.raises(MalformedEnvelope, match=re.escape(message)):
         open_sealed(_bytes(dict(e.envelope, **{field: value}), b64(e.signature)))
+
+
+@pytest.mark.parametrize("n", [2**53, -(2**53), 10**30])
+def test_open_sealed_refuses_integers_outside_the_safe_range_even_if_signed(n):
+    """A signer that bypassed `seal` could sign such bytes; RFC 8785 (I-JSON) has no canonical form for them."""
+    env = dict(_valid().envelope, payload={"count": n})
+    signed = json.dumps(env, ensure_ascii=False, sort_keys=True, separators=(",", ":")).encode()
+    forged = SealedEvent.build(env, signed, SIGNER.sign(signed))
+    with pytest.raises(MalformedEnvelope, match="2\\^53"):
+        open_sealed(forged.sealed)
+
+
+@pytest.mark.parametrize("spelling", ['"\\ud800"', '"x\\udfff"', '"\\udc00\\ud800"'])
+@pytest.mark.parametrize("where", ["key", "value"])
+def test_open_sealed_refuses_unpaired_surrogates_in_keys_and_values(spelling, where):
+    """JSON can spell a lone surrogate; no signer could have signed it. It is malformed, not a crash."""
+    good = _valid().sealed
+    mark = b'"icf_version":"ICF v1.0"'
+    bad = good.replace(mark, spelling.encode() + b':"ICF v1.0"' if where == "key" else b'"icf_version":' + spelling.encode())
+    assert bad != good
+    with pytest.raises(MalformedEnvelope):
+        open_sealed(bad)

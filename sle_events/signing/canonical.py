@@ -9,6 +9,7 @@ Floats are refused everywhere: quantities travel as decimal strings or integers.
 from __future__ import annotations
 
 import json
+import re
 from typing import Any
 
 import rfc8785
@@ -85,10 +86,20 @@ def reference_canonical_json(value: Any) -> bytes:
     return rfc8785.dumps(value)
 
 
+# A number of 16 or more digits may lie outside the 2^53 range (this also matches some strings: then the
+# slow path decides).
+_LONG_NUMBER = re.compile(rb"[:,\[]-?\d{16}")
+
+
 def canonical_json_of_parsed(value: Any) -> bytes:
     """Canonical bytes of a value that came from `loads_strict` (so no floats, no NaN): skips the type walk
-    when the fast path's output can be trusted, which is when every key is ASCII."""
-    fast = _fast_dumps(value).encode("utf-8")
+    when the fast path's output can be trusted, which is when every key is ASCII and no integer is long."""
+    try:
+        fast = _fast_dumps(value).encode("utf-8")
+    except UnicodeEncodeError as e:  # a lone surrogate from a \ud800 escape
+        raise NotCanonicalisable("$", f"string is not valid Unicode: {e}") from e
+    if _LONG_NUMBER.search(fast):
+        return canonical_json(value)
     if fast.isascii() or _check(value, "$"):
         return fast
     return canonical_json(value)
