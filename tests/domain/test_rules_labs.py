@@ -17,7 +17,8 @@ from sle_events.domain.errors import (
 )
 from sle_events.domain.quantities import display
 
-SHARED = Path("/work/shared/protocol")
+# The shared folder sits beside the repository (as in CI: a copy of shared/ next to the clone).
+SHARED = Path(__file__).resolve().parents[3] / "shared" / "protocol"
 PACKAGE_DATA = Path(labs.__file__).parent / "data"
 
 
@@ -26,7 +27,7 @@ PACKAGE_DATA = Path(labs.__file__).parent / "data"
 def test_packaged_copy_equals_shared_protocol_file(name):
     shared = SHARED / name
     if not SHARED.is_dir():
-        pytest.skip("shared protocol folder /work/shared/protocol is not available")
+        pytest.skip("shared protocol folder beside the repository is not available")
     assert shared.is_file(), f"{shared} missing from the shared protocol folder"
     assert labs.read_data_file(name) == shared.read_bytes()
     assert (PACKAGE_DATA / name).read_bytes() == shared.read_bytes()

@@ -22,7 +22,7 @@ from sle_events.domain.sledai2k import DESCRIPTORS
 # per-test settings (a global profile would leak into other test folders)
 PROPS = settings(max_examples=150, deadline=None, suppress_health_check=[HealthCheck.too_slow])
 
-FORMULAS_MD = Path("/work/shared/protocol/formulas.md")
+FORMULAS_MD = Path(__file__).resolve().parents[3] / "shared" / "protocol" / "formulas.md"
 
 
 # --------------------------------------------------------------------------- appendix oracle
