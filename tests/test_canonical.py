@@ -9,6 +9,7 @@ from typing import Any
 
 import pytest
 import rfc8785
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from hypothesis import HealthCheck, assume, given, settings
 from hypothesis import strategies as st
 
@@ -157,8 +158,6 @@ def test_open_sealed_round_trips_what_seal_made(env, actor, role):
     assert (opened.signed, opened.signature, opened.sealed, opened.hash) == (
         sealed.signed, sealed.signature, sealed.sealed, sealed.hash)  # fmt: skip
     assert opened.signed == canonical_json(opened.envelope) == rfc8785.dumps(opened.envelope)
-    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
-
     assert verify_signature(Ed25519PublicKey.from_public_bytes(signer.public_key), opened.signature, opened.signed)
     assert open_sealed(bytearray(sealed.sealed)).sealed == sealed.sealed
 

@@ -185,3 +185,18 @@ def test_keys_generate_writes_a_0600_pem_prints_only_the_public_key_and_never_ov
     other.write_text("not a key")
     assert sle("keys", "generate", "--out", str(other), "--actor", "x", "--role", "lab").returncode == 2
     assert other.read_text() == "not a key"
+
+
+def test_keys_generate_refuses_unknown_role_and_dangling_links(tmp_path):
+    import subprocess
+
+    sle = str(Path(sys.executable).parent / "sle")
+    bad_role = subprocess.run([sle, "keys", "generate", "--out", str(tmp_path / "k.pem"), "--actor", "x",
+                               "--role", "notarole"], capture_output=True, text=True)  # fmt: skip
+    assert bad_role.returncode == 2 and "unknown role" in bad_role.stderr
+    assert not (tmp_path / "k.pem").exists()
+    target = tmp_path / "elsewhere.pem"
+    (tmp_path / "link.pem").symlink_to(target)
+    linked = subprocess.run([sle, "keys", "generate", "--out", str(tmp_path / "link.pem"), "--actor", "x",
+                             "--role", "lab"], capture_output=True, text=True)  # fmt: skip
+    assert linked.returncode == 2 and not target.exists()

@@ -101,13 +101,18 @@ def keys_generate(
     role: str = typer.Option(..., help="role the key acts in"),
 ) -> None:
     """Make a key pair; write the private key (0600) and print the public key."""
+    from sle_events.domain.roles import ROLES
     from sle_events.signing.keys import Signer
 
-    if out_file.exists():
-        err.print(f"[red]{out_file} exists; refusing to overwrite a key[/red]")
+    if role not in ROLES:
+        err.print(f"[red]unknown role {role!r}; roles are {', '.join(sorted(ROLES))}[/red]")
         raise typer.Exit(2)
     signer = Signer.generate(actor, role)
-    signer.save(out_file)
+    try:
+        signer.save(out_file)
+    except FileExistsError:
+        err.print(f"[red]{out_file} exists; refusing to overwrite a key[/red]")
+        raise typer.Exit(2) from None
     print(json.dumps({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64}))
 
 

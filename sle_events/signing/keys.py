@@ -75,11 +75,13 @@ class Signer:
         return cls(actor, role, key)
 
     def save(self, path: str | os.PathLike[str]) -> None:
-        """Write the private key as PEM, readable by the owner only."""
+        """Write the private key as PEM to a new file readable by the owner only.
+
+        Refuses (FileExistsError) an existing file or link: a key is never written over something else."""
         pem = self._private_key.private_bytes(
             serialization.Encoding.PEM, serialization.PrivateFormat.PKCS8, serialization.NoEncryption()
         )
-        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_TRUNC, 0o600)
+        fd = os.open(path, os.O_WRONLY | os.O_CREAT | os.O_EXCL | os.O_NOFOLLOW, 0o600)
         with os.fdopen(fd, "wb") as f:
             f.write(pem)
 

@@ -140,6 +140,17 @@ class StudyRecord(Application[UUID]):
         self._threads = threads
         self._parallel_min = PARALLEL_VERIFY_MIN.get(self.recorder.datastore.engine.dialect.name, 16)
 
+    @staticmethod
+    def events_table():  # type: ignore[no-untyped-def]
+        """The events table's definition, as `eventsourcing-sqlalchemy` builds it (for Alembic)."""
+        from eventsourcing_sqlalchemy.datastore import SQLAlchemyDatastore
+        from eventsourcing_sqlalchemy.models import StoredEventRecord
+
+        record_cls = SQLAlchemyDatastore.define_record_class(
+            cls_name="StudyEvent", table_name="study_events", schema_name=None, base_cls=StoredEventRecord
+        )
+        return record_cls.__table__
+
     def construct_mapper(self) -> Mapper:
         return EnvelopeMapper()
 

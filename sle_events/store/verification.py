@@ -23,7 +23,7 @@ from uuid import UUID
 from sqlalchemy import func, select
 
 from sle_events.domain.study import KeyProblem, KeyRevoked, KeyRotatedOut, RoleNotAllowed, Study, UnknownKey
-from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed
+from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed, open_stored
 from sle_events.signing.keys import verify_signature
 from sle_events.signing.payload import domain_event_from
 
@@ -100,7 +100,7 @@ class _StreamChecker:
             self.stream, self.version, self.hash = stream, 0, GENESIS
         found = self._found
         try:
-            e = open_sealed(state)
+            e = open_stored(state)
         except MalformedEnvelope as exc:
             found(stream, version, "malformed", f"stored bytes are not a valid sealed envelope: {exc}", position)
             self.version, self.hash = version, hashlib.sha256(state).hexdigest()
@@ -138,6 +138,11 @@ class _StreamChecker:
         if public_key is None:
             public_key = self._keys[(id(registry), entry["key"])] = _public_key(registry, entry["key"])
         if not verify_signature(public_key, e.signature, e.signed):
+            try:
+                open_sealed(state)
+            except MalformedEnvelope as exc:
+                found(stream, version, "malformed", f"stored bytes were rewritten: {exc}", position)
+                return e
             found(stream, version, "bad_signature",
                   f"signature by {env['actor']} (key {env['key']}) does not verify: the signed envelope "
                   "(payload, type, times, ids or prev) was altered after signing", position)  # fmt: skip
@@ -196,12 +201,16 @@ def build_registry_timelines(engine: Any, table: Any, checker_findings: list[Fin
         sealed[position] = e if ok else None
         if e is not None and ok:
             state_after = copy.deepcopy(registry)
-            event = domain_event_from(e)
-            if version == 1:
-                state_after = event.mutate(None)
-            else:
-                state_after.version = version - 1  # tolerate a gap: it is already a finding
-                event.mutate(state_after)
+            try:
+                event = domain_event_from(e)
+                if version == 1:
+                    state_after = event.mutate(None)
+                else:
+                    state_after.version = version - 1  # tolerate a gap: it is already a finding
+                    event.mutate(state_after)
+            except Exception as exc:  # noqa: BLE001 - a registry event that cannot apply grants nothing
+                checker._found(study_id, version, "malformed", f"registry event cannot be applied: {exc}", position)
+                continue
             current[study_id] = state_after
             positions, states = timelines.setdefault(study_id, ([], []))
             positions.append(position)

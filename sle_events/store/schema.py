@@ -1,0 +1,62 @@
+"""Every table the project owns, for Alembic (`migrations/`) and its model check.
+
+The events table is the one `eventsourcing-sqlalchemy` defines for `StudyRecord`; read models and ledger tables
+register their own metadata here.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+
+from sqlalchemy import MetaData
+
+MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+
+
+def target_metadata() -> MetaData:
+    from sle_events.store.record import StudyRecord
+
+    meta = MetaData()
+    StudyRecord.events_table().to_metadata(meta)
+    for extra in _extra_metadata():
+        for table in extra.tables.values():
+            table.to_metadata(meta)
+    return meta
+
+
+def _extra_metadata() -> list[MetaData]:
+    found = []
+    try:
+        from projections.schema import metadata as projection_metadata
+
+        found.append(projection_metadata)
+    except ImportError:  # pragma: no cover - projections are optional at import time
+        pass
+    return found
+
+
+def alembic_config(url: str):  # type: ignore[no-untyped-def]
+    from alembic.config import Config
+
+    config = Config()
+    config.set_main_option("script_location", str(MIGRATIONS))
+    config.set_main_option("sqlalchemy.url", url)
+    return config
+
+
+def upgrade(url: str, revision: str = "head") -> None:
+    from alembic import command
+
+    command.upgrade(alembic_config(url), revision)
+
+
+def current(url: str) -> str | None:
+    from alembic.migration import MigrationContext
+    from sqlalchemy import create_engine
+
+    engine = create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return MigrationContext.configure(conn).get_current_revision()
+    finally:
+        engine.dispose()
