@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from sle_events.store.schema import target_metadata
+from sle_events.store.schema import compare_type, target_metadata
 
 config = context.config
 
@@ -14,7 +14,8 @@ def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     engine = create_engine(url)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata(), render_as_batch=True)
+        context.configure(connection=connection, target_metadata=target_metadata(), render_as_batch=True,
+                          compare_type=compare_type)
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()

@@ -35,6 +35,7 @@ def _verify(url: str, as_json: bool, workers: Optional[int]) -> int:
     with _progress("verifying", not as_json and err.is_terminal) as bar:
         task = bar.add_task("verify", total=None)
         report = verify_record(url, workers=workers, on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+    _keep_result(url, report)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -49,6 +50,26 @@ def _verify(url: str, as_json: bool, workers: Optional[int]) -> int:
                 t.add_row(str(f.position), f.stream or "", str(f.version or ""), f.kind, f.detail)
             out.print(t)
     return 0 if report.ok else 1
+
+
+def _keep_result(url: str, report) -> None:  # type: ignore[no-untyped-def]
+    """Record the run for the audit trail; an auditor without write access still gets the result printed."""
+    from sqlalchemy import create_engine
+    from sqlalchemy.exc import SQLAlchemyError
+
+    from projections.audit_trail import save_verification
+    from projections.schema import verification_findings, verification_runs
+
+    engine = create_engine(url)
+    try:
+        verification_runs.create(engine, checkfirst=True)
+        verification_findings.create(engine, checkfirst=True)
+        with engine.begin() as conn:
+            save_verification(conn, report)
+    except SQLAlchemyError as e:
+        err.print(f"[yellow]result not saved in the database: {e.__class__.__name__}[/yellow]")
+    finally:
+        engine.dispose()
 
 
 @app.command()
@@ -114,6 +135,13 @@ def keys_generate(
         err.print(f"[red]{out_file} exists; refusing to overwrite a key[/red]")
         raise typer.Exit(2) from None
     print(json.dumps({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64}))
+
+
+from sle_events.cli.projections_cmd import audit_trail, db_app, projections_app  # noqa: E402
+
+app.add_typer(db_app, name="db")
+app.add_typer(projections_app, name="projections")
+app.command("audit-trail")(audit_trail)
 
 
 def main() -> None:  # pragma: no cover

@@ -282,3 +282,494 @@ class UnknownVisit(ProtocolViolation):
         scheduled = list(scheduled)
         hint = f"; scheduled: {', '.join(scheduled)}" if scheduled else ""
         super().__init__(f"{visit!r} is not a scheduled follow-up visit{hint}", visit=visit)
+
+
+# =========================================================================== the trial's verbs
+# Refusals raised by the aggregates (sle_events.domain.subject, .product, .study) before any event
+# exists: the state machine (PROTOCOL §3), the ordering rules R1–R11 and the record-keeping rules.
+def _listed(items: Iterable[Any]) -> str:
+    items = [str(i) for i in items]
+    return ", ".join(items) if items else "none"
+
+
+class InvalidTransition(ProtocolViolation):
+    """The subject's state does not allow this action (PROTOCOL §3)."""
+
+    code = "invalid_transition"
+
+    def __init__(self, action: str, status: str, allowed: Iterable[str], hint: str = "") -> None:
+        self.action = action
+        self.status = str(status)
+        self.allowed = tuple(str(a) for a in allowed)
+        tail = f"; {hint}" if hint else ""
+        super().__init__(
+            f"{action} is not allowed for a subject in state {self.status} "
+            f"(allowed from: {_listed(self.allowed)}){tail}",
+            action=action, status=self.status, allowed=list(self.allowed),
+        )
+
+
+class EnrollmentBeforeEligibility(InvalidTransition):
+    """R2: enrollment needs an investigator's eligibility confirmation first."""
+
+    code = "enrollment_before_eligibility"
+
+    def __init__(self, status: str) -> None:
+        super().__init__("enrollment", status, ["ELIGIBLE"],
+                         "no enrollment before eligibility is confirmed by an investigator (R2)")
+
+
+class NotAllowedAfterExit(ProtocolViolation):
+    """R8: after WITHDRAWN / LOST_TO_FOLLOW_UP / DIED only AEs, SAE follow-up, death, a return,
+    corrections and (when agreed) safety follow-up data may be recorded."""
+
+    code = "not_allowed_after_exit"
+
+    def __init__(self, action: str, status: str, exited_at: datetime, detail: str = "") -> None:
+        self.action = action
+        self.status = str(status)
+        self.exited_at = exited_at
+        tail = f" ({detail})" if detail else ""
+        super().__init__(
+            f"{action} on or after {exited_at.isoformat()} is not allowed: the subject is "
+            f"{self.status}{tail} (R8)",
+            action=action, status=self.status, exited_at=exited_at,
+        )
+
+
+class ConsentRequired(ProtocolViolation):
+    """R1: no study procedure or measurement before informed consent."""
+
+    code = "consent_required"
+
+    def __init__(self, action: str, occurred_at: datetime, consented_at: datetime | None) -> None:
+        self.action = action
+        self.occurred_at = occurred_at
+        self.consented_at = consented_at
+        when = ("the subject has not consented" if consented_at is None
+                else f"consent was obtained at {consented_at.isoformat()}")
+        super().__init__(
+            f"{action} at {occurred_at.isoformat()} is before informed consent: {when} (R1)",
+            action=action, occurred_at=occurred_at, consented_at=consented_at,
+        )
+
+
+class ReconsentRequired(ProtocolViolation):
+    """R1: a new ICF version took effect; the subject must re-consent before the next procedure."""
+
+    code = "reconsent_required"
+
+    def __init__(self, action: str, occurred_at: datetime, current_icf: str,
+                 consented: Iterable[str]) -> None:
+        self.action = action
+        self.occurred_at = occurred_at
+        self.current_icf = current_icf
+        self.consented = tuple(consented)
+        super().__init__(
+            f"{action} at {occurred_at.isoformat()}: ICF {current_icf} is in effect and the subject "
+            f"has consented only to {_listed(self.consented)}; re-consent first (R1)",
+            action=action, occurred_at=occurred_at, current_icf=current_icf,
+            consented=list(self.consented),
+        )
+
+
+class IcfNotApproved(ProtocolViolation):
+    """T2: the ICF version is not approved, or not the current one at the consent date."""
+
+    code = "icf_not_approved"
+
+    def __init__(self, icf_version: str, occurred_at: datetime, current: str | None) -> None:
+        self.icf_version = icf_version
+        self.occurred_at = occurred_at
+        self.current = current
+        now = f"the current version is {current}" if current else "no ICF version is in effect"
+        super().__init__(
+            f"ICF {icf_version!r} is not the approved, current version at {occurred_at.isoformat()}: "
+            f"{now} (T2)",
+            icf_version=icf_version, occurred_at=occurred_at, current=current,
+        )
+
+
+class AlreadyConsented(ProtocolViolation):
+    """The subject already consented to this ICF version."""
+
+    code = "already_consented"
+
+    def __init__(self, icf_version: str) -> None:
+        self.icf_version = icf_version
+        super().__init__(f"the subject already consented to ICF {icf_version!r}",
+                         icf_version=icf_version)
+
+
+class UnknownSite(ProtocolViolation):
+    code = "unknown_site"
+
+    def __init__(self, site: str, known: Iterable[str] = ()) -> None:
+        self.site = site
+        super().__init__(f"site {site!r} is not a site of this study (sites: {_listed(sorted(known))})",
+                         site=site)
+
+
+class SiteNotActive(ProtocolViolation):
+    """T1: screening needs an active site."""
+
+    code = "site_not_active"
+
+    def __init__(self, site: str) -> None:
+        self.site = site
+        super().__init__(f"site {site!r} is not active; it cannot screen subjects (T1)", site=site)
+
+
+class DuplicateScreeningNumber(ProtocolViolation):
+    """T1: the screening number is already used in this study."""
+
+    code = "duplicate_screening_number"
+
+    def __init__(self, screening_number: str) -> None:
+        self.screening_number = screening_number
+        super().__init__(f"screening number {screening_number!r} is already taken in this study (T1)",
+                         screening_number=screening_number)
+
+
+class RescreenNotAllowed(ProtocolViolation):
+    """§3: a screen failure may be re-screened once, as a new stream linked to the old one."""
+
+    code = "rescreen_not_allowed"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"re-screening refused: {detail}", detail=detail)
+
+
+class ReasonRequired(ProtocolViolation):
+    """A reason is mandatory (screen failure, withdrawal, return, correction, void...)."""
+
+    code = "reason_required"
+
+    def __init__(self, action: str) -> None:
+        self.action = action
+        super().__init__(f"{action} needs a non-empty reason", action=action)
+
+
+class MissingValue(ProtocolViolation):
+    """A value the protocol requires was not given."""
+
+    code = "missing_value"
+
+    def __init__(self, field: str, action: str) -> None:
+        self.field = field
+        self.action = action
+        super().__init__(f"{action} needs {field}", field=field, action=action)
+
+
+class InvalidChoice(ProtocolViolation):
+    """A coded value is not in its code list."""
+
+    code = "invalid_choice"
+
+    def __init__(self, field: str, value: Any, allowed: Iterable[Any]) -> None:
+        self.field = field
+        self.value = value
+        self.allowed = tuple(str(a) for a in allowed)
+        super().__init__(f"{field} {value!r} is not one of {_listed(self.allowed)}",
+                         field=field, value=repr(value), allowed=list(self.allowed))
+
+
+# --------------------------------------------------------------------------- eligibility (§4, T4–T6)
+class EligibilityIncomplete(ProtocolViolation):
+    """T4: every inclusion and exclusion criterion must be answered."""
+
+    code = "eligibility_incomplete"
+
+    def __init__(self, missing: Iterable[str]) -> None:
+        self.missing = tuple(missing)
+        super().__init__(f"eligibility checklist is incomplete: no answer for {_listed(self.missing)} (T4)",
+                         missing=list(self.missing))
+
+
+class EligibilityNotMet(ProtocolViolation):
+    """T4: an inclusion criterion is not met or an exclusion criterion applies."""
+
+    code = "eligibility_not_met"
+
+    def __init__(self, failed: Iterable[str]) -> None:
+        self.failed = tuple(failed)
+        super().__init__(
+            f"eligibility cannot be confirmed: criteria failed {_listed(self.failed)}; record a screen "
+            f"failure listing them instead (T4/T5)",
+            failed=list(self.failed),
+        )
+
+
+class ChecklistContradictsRecord(ProtocolViolation):
+    """An eligibility answer contradicts data already recorded for the subject."""
+
+    code = "checklist_contradicts_record"
+
+    def __init__(self, criterion: str, detail: str) -> None:
+        self.criterion = criterion
+        self.detail = detail
+        super().__init__(f"eligibility criterion {criterion} answered as met, but {detail}",
+                         criterion=criterion, detail=detail)
+
+
+class ScreeningLabsTooOld(ProtocolViolation):
+    """T4: screening labs must be at most 28 days old at the confirmation (and after consent)."""
+
+    code = "screening_labs_too_old"
+
+    def __init__(self, collected_at: datetime, confirmed_at: datetime, max_days: int) -> None:
+        self.collected_at = collected_at
+        self.confirmed_at = confirmed_at
+        self.max_days = max_days
+        super().__init__(
+            f"screening labs collected {collected_at.isoformat()} are not within {max_days} d before "
+            f"the eligibility confirmation at {confirmed_at.isoformat()} (T4)",
+            collected_at=collected_at, confirmed_at=confirmed_at, max_days=max_days,
+        )
+
+
+class EligibilityExpired(ProtocolViolation):
+    """T6: enrollment within 28 days of the eligibility confirmation."""
+
+    code = "eligibility_expired"
+
+    def __init__(self, confirmed_at: datetime, enrolled_at: datetime, max_days: int) -> None:
+        self.confirmed_at = confirmed_at
+        self.enrolled_at = enrolled_at
+        self.max_days = max_days
+        super().__init__(
+            f"eligibility confirmed {confirmed_at.isoformat()} is more than {max_days} d before "
+            f"enrollment at {enrolled_at.isoformat()}; re-confirm eligibility (T6)",
+            confirmed_at=confirmed_at, enrolled_at=enrolled_at, max_days=max_days,
+        )
+
+
+# --------------------------------------------------------------------------- treatment (§5, R3–R6)
+class NotAdmitted(ProtocolViolation):
+    """R3/R6: the action needs an open in-patient stay (that began after enrollment)."""
+
+    code = "not_admitted"
+
+    def __init__(self, action: str, detail: str) -> None:
+        self.action = action
+        self.detail = detail
+        super().__init__(f"{action}: {detail}", action=action, detail=detail)
+
+
+class AlreadyAdmitted(ProtocolViolation):
+    code = "already_admitted"
+
+    def __init__(self, admitted_at: datetime) -> None:
+        self.admitted_at = admitted_at
+        super().__init__(f"the subject is already admitted (since {admitted_at.isoformat()})",
+                         admitted_at=admitted_at)
+
+
+class MeasurementMissing(ProtocolViolation):
+    """T7: e.g. height and weight must be measured at this admission before CYC."""
+
+    code = "measurement_missing"
+
+    def __init__(self, measurement: str, action: str, where: str) -> None:
+        self.measurement = measurement
+        self.action = action
+        super().__init__(f"{action} needs {measurement} measured {where}",
+                         measurement=measurement, action=action, where=where)
+
+
+class PregnancyTestRequired(ProtocolViolation):
+    """T7: a negative pregnancy test ≤ 72 h before CYC for a woman of child-bearing potential."""
+
+    code = "pregnancy_test_required"
+
+    def __init__(self, cyc_start: datetime, max_hours: int) -> None:
+        self.cyc_start = cyc_start
+        self.max_hours = max_hours
+        super().__init__(
+            f"cyclophosphamide at {cyc_start.isoformat()} needs a negative pregnancy test within "
+            f"{max_hours} h before it (subject of child-bearing potential, T7)",
+            cyc_start=cyc_start, max_hours=max_hours,
+        )
+
+
+class DuplicatePretreatment(ProtocolViolation):
+    """R4: one CYC pretreatment per subject."""
+
+    code = "duplicate_pretreatment"
+
+    def __init__(self, first_at: datetime) -> None:
+        self.first_at = first_at
+        super().__init__(f"cyclophosphamide was already given at {first_at.isoformat()}; "
+                         f"one pretreatment per subject (R4)", first_at=first_at)
+
+
+class LotNotReleased(ProtocolViolation):
+    """R5: the MSC lot fails release and no deviation naming it was recorded first."""
+
+    code = "lot_not_released"
+
+    def __init__(self, lot_id: str, failures: Iterable[str]) -> None:
+        self.lot_id = lot_id
+        self.failures = tuple(failures)
+        super().__init__(
+            f"MSC lot {lot_id!r} fails release ({'; '.join(self.failures)}) and no deviation naming "
+            f"this lot was recorded first (R5)",
+            lot_id=lot_id, failures=list(self.failures),
+        )
+
+
+class LotUnavailable(ProtocolViolation):
+    """The lot is unknown, meant for another subject, already infused, or already recorded."""
+
+    code = "lot_unavailable"
+
+    def __init__(self, lot_id: str, detail: str) -> None:
+        self.lot_id = lot_id
+        self.detail = detail
+        super().__init__(f"MSC lot {lot_id!r}: {detail}", lot_id=lot_id, detail=detail)
+
+
+class DischargeBeforeInfusionEnd(ProtocolViolation):
+    """R6/T9: discharge before the MSC infusion ends is refused unless T10 applies."""
+
+    code = "discharge_before_infusion_end"
+
+    def __init__(self, discharge_at: datetime, detail: str) -> None:
+        self.discharge_at = discharge_at
+        super().__init__(f"discharge at {discharge_at.isoformat()} refused: {detail} (R6)",
+                         discharge_at=discharge_at, detail=detail)
+
+
+# --------------------------------------------------------------------------- visits and disposition
+class VisitBeforeTransplant(ProtocolViolation):
+    """R7: follow-up visits (M1 onward, ET) exist only after TX (day 0)."""
+
+    code = "visit_before_transplant"
+
+    def __init__(self, visit: str, detail: str) -> None:
+        self.visit = visit
+        super().__init__(f"visit {visit}: {detail}; follow-up visits exist only after TX (R7)",
+                         visit=visit, detail=detail)
+
+
+class VisitAlreadyRecorded(ProtocolViolation):
+    code = "visit_already_recorded"
+
+    def __init__(self, visit: str, how: str) -> None:
+        self.visit = visit
+        super().__init__(f"visit {visit} is already recorded as {how}; correct that entry instead",
+                         visit=visit, how=how)
+
+
+class CompletionNotDue(ProtocolViolation):
+    """T11: the last scheduled visit must be done or recorded as missed."""
+
+    code = "completion_not_due"
+
+    def __init__(self, last_visit: str) -> None:
+        self.last_visit = last_visit
+        super().__init__(f"study completion needs the last scheduled visit {last_visit} done or "
+                         f"recorded as missed (T11)", last_visit=last_visit)
+
+
+class LostToFollowUpNotDue(ProtocolViolation):
+    """T13: ≥ 2 consecutive scheduled visits missed and ≥ 3 documented contact attempts."""
+
+    code = "ltfu_not_due"
+
+    def __init__(self, missed_in_a_row: int, attempts: int, need_missed: int, need_attempts: int) -> None:
+        self.missed_in_a_row = missed_in_a_row
+        self.attempts = attempts
+        super().__init__(
+            f"lost to follow-up needs ≥ {need_missed} consecutive missed scheduled visits and ≥ "
+            f"{need_attempts} documented contact attempts; found {missed_in_a_row} and {attempts} (T13)",
+            missed_in_a_row=missed_in_a_row, attempts=attempts,
+        )
+
+
+class DeathBeforeLastKnownAlive(ProtocolViolation):
+    """T15: the date of death is not before the last date the subject was known alive."""
+
+    code = "death_before_last_known_alive"
+
+    def __init__(self, died_at: datetime, last_known_alive: datetime) -> None:
+        self.died_at = died_at
+        self.last_known_alive = last_known_alive
+        super().__init__(f"date of death {died_at.isoformat()} is before the last known alive date "
+                         f"{last_known_alive.isoformat()} (T15)",
+                         died_at=died_at, last_known_alive=last_known_alive)
+
+
+# --------------------------------------------------------------------------- adverse events (§7)
+class UnknownAdverseEvent(ProtocolViolation):
+    code = "unknown_adverse_event"
+
+    def __init__(self, ae_id: str) -> None:
+        self.ae_id = ae_id
+        super().__init__(f"no adverse event {ae_id!r} is recorded for this subject", ae_id=ae_id)
+
+
+class AdverseEventBeforeConsent(ProtocolViolation):
+    """AEs are collected from consent on; an earlier onset is medical history."""
+
+    code = "adverse_event_before_consent"
+
+    def __init__(self, onset: Any, consented_at: datetime) -> None:
+        self.onset = onset
+        self.consented_at = consented_at
+        super().__init__(f"AE onset {_fmt(onset)} is before consent ({consented_at.isoformat()}); "
+                         f"record it as medical history", onset=onset, consented_at=consented_at)
+
+
+class InconsistentAssessment(ProtocolViolation):
+    """The parts of an AE assessment contradict each other (e.g. serious without a criterion)."""
+
+    code = "inconsistent_assessment"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"adverse event assessment is inconsistent: {detail}", detail=detail)
+
+
+# --------------------------------------------------------------------------- corrections (R11)
+class UnknownEventVersion(ProtocolViolation):
+    code = "unknown_event_version"
+
+    def __init__(self, version: int) -> None:
+        self.version = version
+        super().__init__(f"the subject's record has no event at version {version}", version=version)
+
+
+class NotCorrectable(ProtocolViolation):
+    """The named event cannot be corrected or voided this way."""
+
+    code = "not_correctable"
+
+    def __init__(self, version: int, event_type: str, detail: str) -> None:
+        self.version = version
+        self.event_type = event_type
+        self.detail = detail
+        super().__init__(f"event v{version} ({event_type}) cannot be changed: {detail}",
+                         version=version, event_type=event_type, detail=detail)
+
+
+class InvalidCorrection(ProtocolViolation):
+    code = "invalid_correction"
+
+    def __init__(self, detail: str) -> None:
+        self.detail = detail
+        super().__init__(f"correction refused: {detail}", detail=detail)
+
+
+class RoleMayNotCorrect(ProtocolViolation):
+    """R10/R11: a correction may be made only by a role that may record the original."""
+
+    code = "role_may_not_correct"
+
+    def __init__(self, role: str, event_type: str, allowed: Iterable[str]) -> None:
+        self.role = role
+        self.event_type = event_type
+        self.allowed = tuple(allowed)
+        super().__init__(f"role {role} may not correct {event_type} (recorded by: {_listed(self.allowed)})",
+                         role=role, event_type=event_type, allowed=list(self.allowed))

@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timezone
+from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
@@ -84,7 +84,8 @@ def check_envelope(env: Any) -> dict[str, Any]:
     if env["version"] == 1 and env["prev"] != GENESIS:
         raise MalformedEnvelope("version 1 must have the genesis prev")
     parse_time("occurred_at", env["occurred_at"])
-    parse_time("recorded_at", env["recorded_at"])
+    if parse_time("recorded_at", env["recorded_at"]).utcoffset() != timedelta(0):
+        raise MalformedEnvelope(f"recorded_at {env['recorded_at']} must be in UTC (offset +00:00)")
     return env
 
 

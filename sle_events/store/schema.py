@@ -60,3 +60,13 @@ def current(url: str) -> str | None:
             return MigrationContext.configure(conn).get_current_revision()
     finally:
         engine.dispose()
+
+
+def compare_type(context, inspected_column, metadata_column, inspected_type, metadata_type):  # type: ignore[no-untyped-def]
+    """Alembic type comparison that knows `UUIDType`: SQLite reflects its BINARY(16) as NUMERIC(16)."""
+    from sqlalchemy_utils.types.uuid import UUIDType
+
+    if isinstance(metadata_type, UUIDType):
+        reflected = str(inspected_type).upper()
+        return not ("UUID" in reflected or "BINARY" in reflected or reflected.startswith("NUMERIC(16"))
+    return None  # Alembic's own comparison

@@ -1,0 +1,126 @@
+"""What a projection is, and the facts it is fed.
+
+A projection turns facts (signed events, in log order) into rows. It never sees an event whose hash chain
+is broken: the reader checks each event's `prev` against the hash of its stream's previous event first.
+"""
+
+from __future__ import annotations
+
+import hashlib
+from abc import ABC, abstractmethod
+from dataclasses import dataclass, field
+from functools import cached_property
+from typing import Any, ClassVar, Sequence
+from uuid import UUID
+
+from sqlalchemy import Connection, Table, select
+
+from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
+from sle_events.signing.payload import domain_event_from
+
+
+class ProjectionHalted(RuntimeError):
+    """An event cannot be projected (broken chain, unreadable bytes): the projection stops here."""
+
+    def __init__(self, position: int, stream: str, version: int, detail: str):
+        self.position, self.stream, self.version = position, stream, version
+        super().__init__(f"projection stopped at log position {position} (stream {stream} v{version}): {detail}")
+
+
+@dataclass(frozen=True)
+class Fact:
+    """One stored event as projections see it."""
+
+    position: int
+    sealed: SealedEvent = field(repr=False)
+
+    @property
+    def envelope(self) -> dict[str, Any]:
+        return self.sealed.envelope
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.sealed.envelope["payload"]
+
+    @property
+    def type_name(self) -> str:
+        """`Subject.LabResultRecorded`."""
+        return self.sealed.envelope["type"].rsplit(":", 1)[-1]
+
+    @property
+    def stream(self) -> str:
+        return self.sealed.envelope["stream"]
+
+    @property
+    def version(self) -> int:
+        return self.sealed.envelope["version"]
+
+    @property
+    def event_id(self) -> str:
+        return f"{self.stream}:{self.version}"
+
+    @cached_property
+    def event(self) -> Any:
+        """The domain event, decoded (and upcast) as the aggregates see it."""
+        return domain_event_from(self.sealed)
+
+
+class Projection(ABC):
+    name: ClassVar[str]
+    tables: ClassVar[tuple[Table, ...]]
+
+    @abstractmethod
+    def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
+        """Project a batch of facts, in log order, inside the caller's transaction."""
+
+    def reset(self, conn: Connection) -> None:
+        for table in reversed(self.tables):
+            conn.execute(table.delete())
+
+
+class ChainCheckingReader:
+    """Reads stored events in log order and refuses to hand over one whose chain is broken."""
+
+    def __init__(self, events_table: Table) -> None:
+        self.table = events_table
+        self.heads: dict[str, tuple[int, str]] = {}
+
+    def read(self, conn: Connection, after: int, limit: int) -> list[Fact]:
+        t = self.table
+        rows = conn.execute(
+            select(t.c.id, t.c.originator_id, t.c.originator_version, t.c.state)
+            .where(t.c.id > after)
+            .order_by(t.c.id)
+            .limit(limit)
+        ).all()
+        return [self.check(conn, position, stream_id, version, state) for position, stream_id, version, state in rows]
+
+    def check(self, conn: Connection, position: int, stream_id: UUID, version: int, state: bytes) -> Fact:
+        stream = str(stream_id)
+        try:
+            sealed = open_stored(state)
+        except MalformedEnvelope as e:
+            raise ProjectionHalted(position, stream, version, f"stored bytes unreadable: {e}") from e
+        env = sealed.envelope
+        if env["stream"] != stream or env["version"] != version:
+            raise ProjectionHalted(position, stream, version, "row and signed envelope disagree on stream/version")
+        expected = self._hash_before(conn, stream_id, version)
+        if env["prev"] != expected:
+            raise ProjectionHalted(position, stream, version,
+                                   f"hash chain broken: prev {env['prev'][:16]}… ≠ hash of v{version - 1} {expected[:16]}…")  # fmt: skip
+        self.heads[stream] = (version, sealed.hash)
+        return Fact(position, sealed)
+
+    def _hash_before(self, conn: Connection, stream_id: UUID, version: int) -> str:
+        if version == 1:
+            return GENESIS
+        head = self.heads.get(str(stream_id))
+        if head and head[0] == version - 1:
+            return head[1]
+        t = self.table
+        state = conn.execute(
+            select(t.c.state).where(t.c.originator_id == stream_id, t.c.originator_version == version - 1)
+        ).scalar()
+        if state is None:
+            return "(missing)"
+        return hashlib.sha256(bytes(state)).hexdigest()

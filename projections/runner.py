@@ -1,0 +1,187 @@
+"""Running projections: catch up, follow, rebuild, report status.
+
+Each batch of rows and the projection's new position are written in one transaction, so a crash never loses
+or double-applies an event, and a restart carries on from the stored position. On PostgreSQL several workers
+may run against one database: a session advisory lock makes each projection processed by one worker at a time,
+and followers wake on the library's LISTEN/NOTIFY subscription; on SQLite the worker polls.
+"""
+
+from __future__ import annotations
+
+import threading
+import time
+import zlib
+from datetime import datetime, timezone
+from typing import Callable, Iterable, Sequence
+
+from sqlalchemy import Connection, func, select, text
+
+from projections.base import ChainCheckingReader, Projection
+from projections.schema import metadata, projection_tracking
+from sle_events.store.record import StudyRecord
+
+BATCH = 1000
+
+
+def all_projections() -> list[Projection]:
+    from projections.audit_trail import AuditTrail
+
+    found: list[Projection] = [AuditTrail()]
+    try:
+        from projections.patient_state import PatientState
+        from projections.dashboard import StudyDashboard
+
+        found += [PatientState(), StudyDashboard()]
+    except ImportError:
+        pass
+    return found
+
+
+class ProjectionRunner:
+    def __init__(self, url: str, projections: Sequence[Projection] | None = None, *, batch: int = BATCH) -> None:
+        self.record = StudyRecord(url)
+        self.engine = self.record.recorder.datastore.engine
+        self.events = self.record.table
+        self.projections = list(projections) if projections is not None else all_projections()
+        self.batch = batch
+        self.is_postgres = self.engine.dialect.name == "postgresql"
+        metadata.create_all(self.engine, checkfirst=True)
+        self._owner: Connection | None = None
+        self.stopping = threading.Event()
+
+    def close(self) -> None:
+        if self._owner is not None:
+            # The connection goes back to a pool, where its session (and locks) would live on.
+            self._owner.execute(text("select pg_advisory_unlock_all()"))
+            self._owner.commit()
+            self._owner.close()
+            self._owner = None
+        self.record.close()
+        self.engine.dispose()
+
+    # --- positions -------------------------------------------------------------------------------------
+    def position(self, name: str, conn: Connection | None = None) -> int:
+        q = select(projection_tracking.c.position).where(projection_tracking.c.name == name)
+        if conn is not None:
+            return conn.execute(q).scalar() or 0
+        with self.engine.connect() as c:
+            return c.execute(q).scalar() or 0
+
+    def head(self) -> int:
+        with self.engine.connect() as conn:
+            return conn.execute(select(func.max(self.events.c.id))).scalar() or 0
+
+    def status(self) -> list[dict[str, object]]:
+        head = self.head()
+        rows = []
+        with self.engine.connect() as conn:
+            for p in self.projections:
+                pos = self.position(p.name, conn)
+                behind = conn.execute(select(func.count()).where(self.events.c.id > pos)).scalar() or 0
+                updated = conn.execute(select(projection_tracking.c.updated_at)
+                                       .where(projection_tracking.c.name == p.name)).scalar()  # fmt: skip
+                rows.append({"projection": p.name, "position": pos, "head": head, "lag_events": behind,
+                             "updated_at": updated})  # fmt: skip
+        return rows
+
+    # --- processing ------------------------------------------------------------------------------------
+    def catch_up(self, on_progress: Callable[[int, int], None] | None = None) -> int:
+        """Project every event not yet projected; return how many (event, projection) pairs were applied."""
+        done = 0
+        for p in self.projections:
+            if not self._own(p):
+                continue
+            reader = ChainCheckingReader(self.events)
+            while True:
+                applied = self._step(p, reader)
+                if not applied:
+                    break
+                done += applied
+                if on_progress:
+                    on_progress(self.position(p.name), self.head())
+        return done
+
+    def _step(self, projection: Projection, reader: ChainCheckingReader) -> int:
+        with self.engine.begin() as conn:
+            position = self._lock_position(conn, projection.name)
+            facts = reader.read(conn, position, self.batch)
+            if not facts:
+                return 0
+            projection.apply(conn, facts)
+            self._save_position(conn, projection.name, facts[-1].position)
+        return len(facts)
+
+    def _lock_position(self, conn: Connection, name: str) -> int:
+        t = projection_tracking
+        if self.is_postgres:
+            row = conn.execute(select(t.c.position).where(t.c.name == name).with_for_update()).first()
+        else:
+            conn.exec_driver_sql("select 1")  # SQLite: serialised by its single writer
+            row = conn.execute(select(t.c.position).where(t.c.name == name)).first()
+        if row is None:
+            conn.execute(t.insert().values(name=name, position=0, updated_at=_now()))
+            return 0
+        return row[0]
+
+    def _save_position(self, conn: Connection, name: str, position: int) -> None:
+        t = projection_tracking
+        conn.execute(t.update().where(t.c.name == name).values(position=position, updated_at=_now()))
+
+    def _own(self, projection: Projection) -> bool:
+        """On PostgreSQL, hold a session advisory lock per projection: one worker processes it at a time."""
+        if not self.is_postgres:
+            return True
+        if self._owner is None:
+            self._owner = self.engine.connect()
+        key = zlib.crc32(f"sle-projection:{projection.name}".encode())
+        got = self._owner.execute(text("select pg_try_advisory_lock(:k)"), {"k": key}).scalar()
+        self._owner.commit()
+        return bool(got)
+
+    # --- rebuild ---------------------------------------------------------------------------------------
+    def rebuild(self, names: Iterable[str] | None = None, on_progress: Callable[[int, int], None] | None = None) -> None:
+        wanted = set(names) if names else None
+        chosen = [p for p in self.projections if wanted is None or p.name in wanted]
+        unknown = (wanted or set()) - {p.name for p in self.projections}
+        if unknown:
+            raise ValueError(f"unknown projections {sorted(unknown)}; known: {[p.name for p in self.projections]}")
+        for p in chosen:
+            with self.engine.begin() as conn:
+                self._lock_position(conn, p.name)
+                p.reset(conn)
+                self._save_position(conn, p.name, 0)
+            for attr in ("subjects", "printed_names", "cache"):
+                if hasattr(p, attr):
+                    getattr(p, attr).clear()
+        saved, self.projections = self.projections, chosen
+        try:
+            self.catch_up(on_progress)
+        finally:
+            self.projections = saved
+
+    # --- following -------------------------------------------------------------------------------------
+    def run_forever(self, poll_seconds: float = 0.5, on_batch: Callable[[int], None] | None = None) -> None:
+        """Catch up, then follow new events until `stop()`: LISTEN/NOTIFY on PostgreSQL, polling on SQLite."""
+        while not self.stopping.is_set():
+            applied = self.catch_up()
+            if on_batch and applied:
+                on_batch(applied)
+            if self.is_postgres:
+                self._wait_for_notification(poll_seconds)
+            else:
+                self.stopping.wait(poll_seconds)
+
+    def _wait_for_notification(self, timeout: float) -> None:
+        start = min(self.position(p.name) for p in self.projections) if self.projections else 0
+        subscription = self.record.recorder.subscribe(gt=start)
+        waiter = threading.Thread(target=lambda: next(iter(subscription), None), daemon=True)
+        waiter.start()
+        waiter.join(timeout)
+        subscription.stop()
+
+    def stop(self) -> None:
+        self.stopping.set()
+
+
+def _now() -> str:
+    return datetime.now(timezone.utc).isoformat()

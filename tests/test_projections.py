@@ -1,0 +1,135 @@
+"""Projections: tracked in the same transaction as their rows, rebuildable to identical tables, halted by a
+broken chain, followed live (LISTEN/NOTIFY on PostgreSQL, polling on SQLite)."""
+
+from __future__ import annotations
+
+import threading
+import time
+from datetime import datetime, timedelta, timezone
+from decimal import Decimal
+
+import pytest
+import sqlalchemy as sa
+
+from conftest import execute_sql
+from projections.audit_trail import AuditTrail, query
+from projections.base import ProjectionHalted
+from projections.runner import ProjectionRunner
+from projections.schema import audit_trail
+from sle_events.domain.subject import Subject
+
+pytestmark = pytest.mark.storage
+NOW = datetime.now(timezone.utc)
+
+
+def add_subject(trial, number: str, labs: int = 3) -> Subject:
+    s = Subject(trial.study.id, "NJ01", number, NOW - timedelta(days=10))
+    trial.record.record(s, signer=trial.coordinator)
+    s.obtain_consent("ICF v1.0", NOW - timedelta(days=9))
+    trial.record.record(s, signer=trial.investigator)
+    for i in range(labs):
+        s.record_lab_result("CREAT", Decimal("1.0") + Decimal(i) / 10, "mg/dL", NOW - timedelta(days=8 - i))
+    trial.record.record(s, signer=trial.lab)
+    return s
+
+
+def dump(runner: ProjectionRunner) -> list[tuple]:
+    cols = [c for c in audit_trail.c if c.name != "id"]
+    with runner.engine.connect() as conn:
+        return [tuple(r) for r in conn.execute(sa.select(*cols).order_by(audit_trail.c.position, audit_trail.c.field,
+                                                                          audit_trail.c.record_id))]  # fmt: skip
+
+
+def test_incremental_equals_rebuild(trial):
+    runner = ProjectionRunner(trial.url, [AuditTrail()], batch=7)
+    for n in range(3):
+        add_subject(trial, f"SCR-00{n}")
+        runner.catch_up()  # incrementally, in small batches, between appends
+    incremental = dump(runner)
+    assert incremental, "the audit trail has rows"
+    runner.rebuild()
+    assert dump(runner) == incremental
+    assert runner.status()[0]["lag_events"] == 0
+    runner.close()
+
+
+def test_audit_rows_say_who_when_why_and_both_times(trial):
+    s = add_subject(trial, "SCR-100", labs=1)
+    runner = ProjectionRunner(trial.url, [AuditTrail()])
+    runner.catch_up()
+    with runner.engine.connect() as conn:
+        rows = query(conn, subject="SCR-100", event_type="Subject.LabResultRecorded")
+        by_lab = query(conn, actor=trial.lab.actor)
+        none = query(conn, since=(NOW + timedelta(days=1)).isoformat())
+    runner.close()
+    value = [r for r in rows if r["field"] == "value"][0]
+    assert value["new_value"] == "1.0" and value["old_value"] is None and value["change"] == "recorded"
+    assert value["actor"] == "lab.service" and value["role"] == "lab" and value["key"] == trial.lab.key_id
+    assert value["occurred_at"] != value["recorded_at"] and value["recorded_at"].endswith("+00:00")
+    assert value["stream"] == str(s.id) and value["signature_status"] == "verified_at_append"
+    assert {r["event_type"] for r in by_lab} == {"Subject.LabResultRecorded"}
+    assert none == []
+
+
+def test_a_failing_batch_leaves_neither_rows_nor_position(trial):
+    add_subject(trial, "SCR-200")
+
+    class Flaky(AuditTrail):
+        def apply(self, conn, facts):  # type: ignore[no-untyped-def]
+            super().apply(conn, facts)
+            raise RuntimeError("power cut mid-batch")
+
+    runner = ProjectionRunner(trial.url, [Flaky()])
+    with pytest.raises(RuntimeError):
+        runner.catch_up()
+    assert runner.position("audit_trail") == 0
+    assert dump(runner) == []
+    runner.close()
+    healthy = ProjectionRunner(trial.url, [AuditTrail()])
+    healthy.catch_up()
+    after_restart = dump(healthy)
+    healthy.rebuild()
+    assert dump(healthy) == after_restart != []
+    healthy.close()
+
+
+def test_broken_chain_halts_the_projection_with_a_clear_error(trial):
+    s = add_subject(trial, "SCR-300", labs=3)
+    execute_sql(trial.url, "delete from study_events where originator_version = 4 and id = "
+                "(select max(id) from study_events where originator_version = 4)")  # a middle lab result
+    runner = ProjectionRunner(trial.url, [AuditTrail()], batch=2)
+    with pytest.raises(ProjectionHalted) as info:
+        runner.catch_up()
+    assert info.value.stream == str(s.id) and info.value.version == 5
+    assert "hash chain broken" in str(info.value)
+    position = runner.position("audit_trail")
+    assert position < info.value.position  # nothing at or after the break was projected
+    runner.close()
+
+
+def test_a_worker_follows_new_events(trial):
+    runner = ProjectionRunner(trial.url, [AuditTrail()])
+    worker = threading.Thread(target=runner.run_forever, kwargs={"poll_seconds": 0.1}, daemon=True)
+    worker.start()
+    add_subject(trial, "SCR-400", labs=1)
+    head = runner.head()
+    deadline = time.monotonic() + 10
+    while runner.position("audit_trail") < head and time.monotonic() < deadline:
+        time.sleep(0.05)
+    runner.stop()
+    worker.join(10)
+    assert runner.position("audit_trail") == head
+    runner.close()
+
+
+def test_one_worker_per_projection_on_postgres(trial):
+    if not trial.url.startswith("postgresql"):
+        pytest.skip("advisory locks: PostgreSQL only (SQLite is one machine, serialised by its writer)")
+    add_subject(trial, "SCR-500")
+    first, second = ProjectionRunner(trial.url, [AuditTrail()]), ProjectionRunner(trial.url, [AuditTrail()])
+    assert first.catch_up() > 0
+    add_subject(trial, "SCR-501")
+    assert second.catch_up() == 0, "the projection is owned by the first worker"
+    first.close()  # its session ends, the lock is released
+    assert second.catch_up() > 0
+    second.close()
