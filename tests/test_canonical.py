@@ -125,6 +125,7 @@ SIGNER = Signer.generate("nurse.li", "coordinator")
 hex64 = st.binary(min_size=32, max_size=32).map(bytes.hex)
 times = st.datetimes(timezones=st.sampled_from([timezone.utc, timezone(timedelta(hours=8)),
                                                 timezone(timedelta(hours=-5, minutes=-30))])).map(lambda t: t.isoformat())  # fmt: skip
+utc_times = st.datetimes(timezones=st.just(timezone.utc)).map(lambda t: t.isoformat())  # recorded_at is UTC
 names = st.text(chars, min_size=1, max_size=10)
 
 
@@ -139,7 +140,7 @@ def envelopes(draw) -> dict[str, Any]:
         "schema": draw(st.integers(1, 5)),
         "payload": draw(st.dictionaries(keys, json_values, max_size=5)),
         "occurred_at": draw(times),
-        "recorded_at": draw(times),
+        "recorded_at": draw(utc_times),
         "actor": "",
         "role": "",
         "key": "",
@@ -181,7 +182,7 @@ def _valid(**changes: Any) -> SealedEvent:
         "study": "6f1e3c58-8f0c-4c5f-9a47-3b2f1d6b8e11", "stream": "0c7d2a4e-5b61-4f7a-8d3e-9a1b2c3d4e5f",
         "version": 2, "type": "sle_events.domain.subject:Subject.ConsentObtained", "schema": 1,
         "payload": {"icf_version": "ICF v1.0"}, "occurred_at": "2025-01-02T03:04:05+00:00",
-        "recorded_at": "2025-01-02T03:04:06.123456+08:00", "actor": "", "role": "", "key": "", "reason": None,
+        "recorded_at": "2025-01-01T19:04:06.123456+00:00", "actor": "", "role": "", "key": "", "reason": None,
         "prev": "ab" * 32,
     }  # fmt: skip
     env.update(changes)
@@ -292,6 +293,7 @@ def test_version_1_must_name_the_genesis_prev(prev):
     ("payload", [], "payload must be a JSON object"),
     ("reason", " ", "reason must be null or a non-empty string"),
     ("recorded_at", "2025-01-02T03:04:05", "no UTC offset"),
+    ("recorded_at", "2025-01-02T03:04:05+08:00", "must be in UTC"),
     ("key", "", "key must be a non-empty string"),
 ])  # fmt: skip
 def test_envelope_fields_of_the_wrong_form_are_refused(field, value, message):

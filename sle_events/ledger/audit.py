@@ -25,7 +25,6 @@ from bisect import bisect_left
 from dataclasses import dataclass, field
 from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
-from uuid import UUID
 
 import sqlalchemy as sa
 
@@ -44,7 +43,14 @@ from .log import (
 from .merkle import EMPTY_ROOT, HASH_SIZE, range_nodes, root_at
 from .note import InvalidSignatureError, KeyFormatError, NoteError, UnverifiedNoteError, Verifier, parse_note
 
-__all__ = ["LedgerAuditError", "LedgerFindings", "verify_ledger", "load_vkey", "read_checkpoint_notes"]
+__all__ = [
+    "LedgerAuditError",
+    "LedgerFindings",
+    "verify_ledger",
+    "check_auditor_input",
+    "load_vkey",
+    "read_checkpoint_notes",
+]
 
 BATCH = 5000
 _H = HASH_SIZE
@@ -108,6 +114,25 @@ def read_checkpoint_notes(source: Any) -> list[tuple[str, str]]:
         except UnicodeDecodeError:
             raise LedgerAuditError(f"saved checkpoint {label} is not UTF-8 text") from None
     return out
+
+
+def check_auditor_input(checkpoints_from: Any, vkey: Any) -> list[tuple[str, Checkpoint]]:
+    """Check an auditor's vkey and saved checkpoints before any work; raise :class:`LedgerAuditError`.
+
+    Saved checkpoints without a vkey are left to :func:`verify_ledger` (which may use the ledger's own).
+    """
+    verifier = load_vkey(vkey) if vkey is not None else None
+    notes = read_checkpoint_notes(checkpoints_from)
+    if verifier is None:
+        return []
+    return [(label, _open_saved(label, note, verifier)) for label, note in notes]
+
+
+def _open_saved(label: str, note: str, verifier: Verifier) -> Checkpoint:
+    try:
+        return open_checkpoint(note, verifier, verifier.name)
+    except (NoteError, CheckpointError) as e:
+        raise LedgerAuditError(f"saved checkpoint {label} does not verify with {verifier.vkey}: {e}") from None
 
 
 # --------------------------------------------------------------------------- tree helpers
@@ -244,11 +269,7 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     if saved_notes:
         if verifier is None:
             raise LedgerAuditError("a saved checkpoint needs the log's vkey to be checked (--vkey)")
-        for label, note in saved_notes:
-            try:
-                saved.append((label, open_checkpoint(note, verifier, verifier.name)))
-            except (NoteError, CheckpointError) as e:
-                raise LedgerAuditError(f"saved checkpoint {label} does not verify with {verifier.vkey}: {e}") from None
+        saved = [(label, _open_saved(label, note, verifier)) for label, note in saved_notes]
 
     # --- every event, in log order: the tree the log should be ------------------------------------------
     with engine.connect() as conn:
@@ -545,7 +566,3 @@ def _check_checkpoints(audit: _Audit, verifier: Verifier | None, ev_pos: array, 
               f"among leaves {g}–{cp.size - 1} (today's log positions {lo}–{hi}) an event was altered, deleted, "
               f"inserted or moved after this checkpoint was signed"
               + (f" (checkpoints up to size {g} still match)" if g else ""), position=lo)  # fmt: skip
-
-
-def _unused(_: UUID) -> None:  # pragma: no cover - keeps the UUID import for type checkers
-    pass

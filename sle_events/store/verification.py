@@ -49,13 +49,14 @@ class Report:
     studies: int = 0
     seconds: float = 0.0
     findings: list[Finding] = field(default_factory=list)
+    ledger: dict[str, Any] | None = None  # what the ledger check covered (None: the record has no ledger)
 
     @property
     def ok(self) -> bool:
         return not self.findings
 
     def to_dict(self) -> dict[str, Any]:
-        return {
+        doc = {
             "ok": self.ok,
             "events": self.events,
             "streams": self.streams,
@@ -63,6 +64,9 @@ class Report:
             "seconds": round(self.seconds, 3),
             "findings": [asdict(f) for f in self.findings],
         }
+        if self.ledger is not None:
+            doc["ledger"] = self.ledger
+        return doc
 
 
 _KEY_KINDS = {UnknownKey: "key_unknown", KeyRevoked: "key_revoked", KeyRotatedOut: "key_rotated",
@@ -283,9 +287,20 @@ def verify_record(
     *,
     workers: int | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    checkpoint: Any = None,
+    vkey: Any = None,
 ) -> Report:
-    """Verify every event in the database at `url`. `on_progress(done, total)` is called as work advances."""
+    """Verify every event in the database at `url`. `on_progress(done, total)` is called as work advances.
+
+    If the record has a ledger, or `checkpoint` (a checkpoint an auditor saved: path, note text or a list) is
+    given, the ledger is checked too (`sle_events.ledger.audit.verify_ledger`, with the log's `vkey`); its
+    findings join the report's and `report.ledger` says what it covered. Bad auditor input raises ValueError.
+    """
     global _TIMELINES
+    if checkpoint is not None or vkey is not None:
+        from sle_events.ledger.audit import check_auditor_input
+
+        check_auditor_input(checkpoint, vkey)  # bad auditor input fails before any work
     started = time.perf_counter()
     report = Report()
     engine, table = _open(url)
@@ -323,9 +338,27 @@ def verify_record(
     report.streams += len(timelines)
     if on_progress:
         on_progress(report.events, total)
+    if checkpoint is not None or vkey is not None or _has_ledger(url):
+        from sle_events.ledger.audit import verify_ledger
+
+        ledger = verify_ledger(url, checkpoints_from=checkpoint, vkey=vkey)
+        report.findings.extend(ledger)
+        report.ledger = ledger.info
     report.findings.sort(key=lambda f: (f.position or 0, f.stream or "", f.version or 0))
     report.seconds = time.perf_counter() - started
     return report
+
+
+def _has_ledger(url: str) -> bool:
+    from sqlalchemy import create_engine
+
+    from sle_events.ledger.log import ledger_exists
+
+    engine = create_engine(url)
+    try:
+        return ledger_exists(engine)
+    finally:
+        engine.dispose()
 
 
 def iter_findings(report: Report) -> Iterator[Finding]:
