@@ -1,11 +1,13 @@
 """Shared fixtures. Every storage test runs on SQLite and on PostgreSQL.
 
-PostgreSQL: $SLE_TEST_POSTGRES_URL (default the local server's `test` database). If it is unreachable the
+PostgreSQL: the server of $SLE_TEST_POSTGRES_URL (default the local `test` database); each session works in a
+database of its own (`sle_test_<pid>`), dropped at exit. If the server is unreachable the
 PostgreSQL cases are skipped, unless SLE_REQUIRE_POSTGRES=1 (CI), where they fail.
 """
 
 from __future__ import annotations
 
+import atexit
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
@@ -18,26 +20,46 @@ from sle_events.domain.study import Study
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 
-PG_URL = os.environ.get("SLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BASE_PG_URL = os.environ.get("SLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REQUIRE_PG = os.environ.get("SLE_REQUIRE_POSTGRES") == "1"
+# Each test session works in a database of its own, made from the configured one's server, so that two
+# runs at once (two developers, a developer and CI) never reset each other's tables.
+PG_URL = str(sa.engine.make_url(BASE_PG_URL).set(database=f"sle_test_{os.getpid()}"))
 _pg_state: dict[str, str | None] = {}
+
+
+def _admin_engine() -> sa.Engine:
+    return sa.create_engine(BASE_PG_URL, isolation_level="AUTOCOMMIT", connect_args={"connect_timeout": 3})
 
 
 def _pg_problem() -> str | None:
     if "problem" not in _pg_state:
         try:
-            engine = sa.create_engine(PG_URL, connect_args={"connect_timeout": 3})
+            engine = _admin_engine()
             with engine.connect() as conn:
-                conn.execute(sa.text("select 1"))
+                name = sa.engine.make_url(PG_URL).database
+                conn.execute(sa.text(f'drop database if exists "{name}" with (force)'))
+                conn.execute(sa.text(f'create database "{name}"'))
             engine.dispose()
+            atexit.register(_drop_session_database)
             _pg_state["problem"] = None
         except Exception as e:  # noqa: BLE001 - any failure means unreachable
             _pg_state["problem"] = f"{type(e).__name__}: {e}"
     return _pg_state["problem"]
 
 
+def _drop_session_database() -> None:
+    try:
+        engine = _admin_engine()
+        with engine.connect() as conn:
+            conn.execute(sa.text(f'drop database if exists "{sa.engine.make_url(PG_URL).database}" with (force)'))
+        engine.dispose()
+    except Exception:  # noqa: BLE001 - best effort at exit
+        pass
+
+
 def reset_postgres(url: str = PG_URL) -> None:
-    """Empty the test database: end other sessions, drop and recreate the public schema."""
+    """Empty the session's database: end other sessions, drop and recreate the public schema."""
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
         conn.execute(sa.text(
@@ -56,8 +78,8 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-
     problem = _pg_problem()
     if problem:
         if REQUIRE_PG:
-            pytest.fail(f"PostgreSQL is required (SLE_REQUIRE_POSTGRES=1) but unreachable at {PG_URL}: {problem}")
-        pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {problem}")
+            pytest.fail(f"PostgreSQL is required (SLE_REQUIRE_POSTGRES=1) but unreachable at {BASE_PG_URL}: {problem}")
+        pytest.skip(f"PostgreSQL unreachable at {BASE_PG_URL}: {problem}")
     reset_postgres()
     return PG_URL
 

@@ -10,9 +10,11 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 from rich.table import Table
 
+from sle_events.cli.ledger_cmd import ledger_app
 from sle_events.store.record import database_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Signed, event-sourced study record.")
@@ -29,12 +31,21 @@ def _progress(label: str, enabled: bool) -> Progress:
     )  # fmt: skip
 
 
-def _verify(url: str, as_json: bool, workers: Optional[int]) -> int:
+def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optional[list[Path]] = None,
+            vkey: Optional[str] = None) -> int:  # fmt: skip
     from sle_events.store.verification import verify_record
 
-    with _progress("verifying", not as_json and err.is_terminal) as bar:
-        task = bar.add_task("verify", total=None)
-        report = verify_record(url, workers=workers, on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+    if checkpoint and vkey is None:
+        err.print("[red]error:[/red] --checkpoint needs the log's --vkey to check the saved checkpoint's signature")
+        return 2
+    try:
+        with _progress("verifying", not as_json and err.is_terminal) as bar:
+            task = bar.add_task("verify", total=None)
+            report = verify_record(url, workers=workers, on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+                                   checkpoint=checkpoint or None, vkey=vkey)  # fmt: skip
+    except ValueError as e:  # the auditor's vkey or saved checkpoint is unusable
+        err.print(f"[red]error:[/red] {escape(str(e))}")
+        return 2
     _keep_result(url, report)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -42,6 +53,8 @@ def _verify(url: str, as_json: bool, workers: Optional[int]) -> int:
         rate = report.events / report.seconds if report.seconds else 0
         out.print(f"{report.events} events in {report.streams} streams ({report.studies} studies) "
                   f"checked in {report.seconds:.2f} s ({rate:,.0f} events/s)")  # fmt: skip
+        if report.ledger is not None:
+            out.print(_ledger_line(report.ledger))
         if report.ok:
             out.print("[green]verified: every signature, key, role and chain holds[/green]")
         else:
@@ -72,15 +85,30 @@ def _keep_result(url: str, report) -> None:  # type: ignore[no-untyped-def]
         engine.dispose()
 
 
+def _ledger_line(info: dict) -> str:
+    if not info.get("ledger"):
+        return "ledger: none in this database (only the saved checkpoints were checked)"
+    parts = [f"ledger: {info.get('leaves', 0)} leaves, {info.get('checkpoints', 0)} checkpoints checked"]
+    if info.get("pending"):
+        parts.append(f"{info['pending']} events not integrated yet")
+    for saved in info.get("saved_checkpoints", []):
+        parts.append(f"saved checkpoint of size {saved['size']} " + ("consistent" if saved["consistent"] else "INCONSISTENT"))
+    return escape("; ".join(parts))
+
+
 @app.command()
 def verify(
     db: Optional[str] = DbOption,
     as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
     workers: Optional[int] = typer.Option(None, help="processes to use (default: all cores)"),
+    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="a ledger checkpoint you saved "
+                                                    "earlier: the log must still extend it (repeatable)"),  # fmt: skip
+    vkey: Optional[str] = typer.Option(None, "--vkey", help="the log's vkey (or a file holding it) to check "
+                                       "checkpoint signatures with"),  # fmt: skip
 ) -> None:
-    """Re-read every stream; check canonical bytes, hashes, chains, keys, roles and signatures."""
+    """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger."""
     url = database_url(db)
-    raise typer.Exit(_verify(url, as_json, workers))
+    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey))
 
 
 @app.command()
@@ -113,6 +141,7 @@ def demo(
 
 keys_app = typer.Typer(help="Ed25519 keys of users and services.")
 app.add_typer(keys_app, name="keys")
+app.add_typer(ledger_app, name="ledger")
 
 
 @keys_app.command("generate")

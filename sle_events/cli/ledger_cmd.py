@@ -1,0 +1,556 @@
+"""`sle ledger ...`: the verifiable ledger (Merkle log, signed checkpoints, proofs) from the command line.
+
+Exit codes: 0 done / verified, 1 the operation failed or a proof does not verify (with the reason), 2 bad
+usage or unusable input (nothing is written then). The log key is read from ``--log-key`` or $SLE_LOG_KEY and
+never printed.
+"""
+
+from __future__ import annotations
+
+import base64
+import json
+import os
+import sys
+from pathlib import Path
+from typing import Any, NoReturn, Optional
+
+import typer
+from rich.console import Console
+from rich.markup import escape
+from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+
+from sle_events.store.record import database_url
+
+ledger_app = typer.Typer(
+    no_args_is_help=True,
+    help="Verifiable ledger: one Merkle log over every event, signed checkpoints, offline-checkable proofs.",
+)
+err = Console(stderr=True)
+
+DbOption = typer.Option(None, "--db", help="SQLAlchemy URL (default: $SLE_DATABASE_URL or ./sle-study.db)")
+LogKeyOption = typer.Option(None, "--log-key", envvar="SLE_LOG_KEY", show_envvar=True,
+                            help="the log's Ed25519 signing key file (0600)")  # fmt: skip
+OriginOption = typer.Option(None, "--origin", envvar="SLE_LOG_ORIGIN", show_envvar=True,
+                            help="checkpoint origin line (default sle.local/<study code or database name>)")  # fmt: skip
+BatchOption = typer.Option(5000, "--batch", min=1, help="events integrated per transaction")
+
+
+def _fail(message: str, code: int = 1) -> NoReturn:
+    err.print(f"[red]error:[/red] {escape(message)}")
+    raise typer.Exit(code)
+
+
+def _progress(label: str) -> Progress:
+    return Progress(
+        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
+        console=err, disable=not err.is_terminal, transient=False,
+    )  # fmt: skip
+
+
+def _url(db: Optional[str]) -> str:
+    return database_url(db)
+
+
+def _ledger(db: Optional[str], *, create: bool) -> Any:
+    """Open the ledger; no database / no study record is bad input (2), no ledger yet a failure (1)."""
+    from sle_events.ledger.log import EVENTS_TABLE, Ledger, LedgerError
+
+    url = _url(db)
+    try:
+        return Ledger(url, create=create)
+    except LedgerError as e:
+        code = 1 if "no ledger yet" in str(e) else 2
+        _fail(f"{e} ({_safe_url(url)})" if code == 2 else str(e), code)
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URL...
+        _fail(f"cannot open the database {_safe_url(url)}: {type(e).__name__}: {e}; is it a study record "
+              f"(table {EVENTS_TABLE})?", 2)  # fmt: skip
+
+
+def _safe_url(url: str) -> str:
+    import sqlalchemy as sa
+
+    try:
+        return sa.engine.make_url(url).render_as_string(hide_password=True)
+    except Exception:  # noqa: BLE001
+        return "the given URL"
+
+
+def _signer(log_key: Optional[Path], origin: Optional[str]) -> Any:
+    from sle_events.ledger.log import LogKeyError, load_log_key
+
+    if log_key is None:
+        _fail("the log key is needed: --log-key FILE or $SLE_LOG_KEY (create one with `sle ledger init`)", 2)
+    try:
+        signer = load_log_key(log_key)
+    except LogKeyError as e:
+        _fail(str(e), 2)
+    if origin is not None and origin != signer.name:
+        _fail(f"origin {origin!r} differs from the log key's origin {signer.name!r} (the key is made for one origin)", 2)
+    return signer
+
+
+def _read_text(path: Path, what: str) -> str:
+    try:
+        return path.read_text(encoding="utf-8")
+    except FileNotFoundError:
+        _fail(f"{what} {path} does not exist", 2)
+    except UnicodeDecodeError:
+        _fail(f"{what} {path} is not UTF-8 text", 2)
+    except OSError as e:
+        _fail(f"cannot read {what} {path}: {e.strerror}", 2)
+
+
+def _write(path: Path, data: str | bytes) -> None:
+    try:
+        if isinstance(data, bytes):
+            path.write_bytes(data)
+        else:
+            path.write_text(data, encoding="utf-8")
+    except OSError as e:
+        _fail(f"cannot write {path}: {e.strerror}", 2)
+
+
+def _b64(h: bytes) -> str:
+    return base64.b64encode(h).decode("ascii")
+
+
+def _integrate(ledger: Any, batch: int) -> int:
+    with _progress("integrating") as bar:
+        task = bar.add_task("integrate", total=None)
+        return ledger.integrate(batch=batch, on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+
+
+# --------------------------------------------------------------------------- commands
+
+
+@ledger_app.command("init")
+def init(
+    log_key: Optional[Path] = LogKeyOption,
+    origin: Optional[str] = OriginOption,
+    db: Optional[str] = DbOption,
+) -> None:
+    """Create the log's signing key (a new 0600 file) and print its verifier key (vkey)."""
+    from sle_events.ledger.log import LogKeyError, create_log_key, default_origin
+
+    if log_key is None:
+        _fail("where to write the key: --log-key FILE or $SLE_LOG_KEY", 2)
+    if log_key.exists() or log_key.is_symlink():
+        _fail(f"{log_key} exists; refusing to overwrite a key", 2)
+    origin = origin or default_origin(_url(db))
+    try:
+        signer = create_log_key(log_key, origin)
+    except LogKeyError as e:
+        _fail(str(e), 2)
+    err.print(f"log key written to {escape(str(log_key))} (0600) for origin {escape(origin)}; "
+              "give auditors this vkey:")  # fmt: skip
+    print(signer.vkey)
+
+
+@ledger_app.command("vkey")
+def vkey(log_key: Optional[Path] = LogKeyOption, db: Optional[str] = DbOption) -> None:
+    """Print the log's verifier key (one line): from the log key, else the one the ledger recorded."""
+    if log_key is not None:
+        print(_signer(log_key, None).vkey)
+        return
+    ledger = _ledger(db, create=False)
+    try:
+        recorded = ledger.state().vkey
+    finally:
+        ledger.close()
+    if not recorded:
+        _fail("no checkpoint has been signed yet, so the ledger has no vkey; pass --log-key", 1)
+    print(recorded)
+
+
+@ledger_app.command("integrate")
+def integrate(
+    db: Optional[str] = DbOption,
+    batch: int = BatchOption,
+    limit: Optional[int] = typer.Option(None, min=0, help="integrate at most this many events"),
+) -> None:
+    """Give every new event the next leaf index (the single sequencer; safe to run concurrently)."""
+    ledger = _ledger(db, create=True)
+    try:
+        if limit is None:
+            added = _integrate(ledger, batch)
+        else:
+            added = ledger.integrate(limit, batch=batch)
+        state = ledger.state()
+    finally:
+        ledger.close()
+    print(f"integrated {added} events; tree size {state.size}, root {_b64(state.root)}")
+
+
+@ledger_app.command("checkpoint")
+def checkpoint(
+    db: Optional[str] = DbOption,
+    log_key: Optional[Path] = LogKeyOption,
+    origin: Optional[str] = OriginOption,
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the signed checkpoint to this file"),
+    integrate_first: bool = typer.Option(True, "--integrate/--no-integrate", help="integrate new events first"),
+    batch: int = BatchOption,
+) -> None:
+    """Sign a checkpoint (C2SP tlog-checkpoint in a signed note) for the integrated tree; print it."""
+    from sle_events.ledger.log import LedgerError
+
+    signer = _signer(log_key, origin)
+    ledger = _ledger(db, create=True)
+    try:
+        _same_log(ledger, signer)
+        if integrate_first:
+            _integrate(ledger, batch)
+        cp = ledger.checkpoint(signer, origin)
+    except LedgerError as e:
+        _fail(str(e), 1)
+    finally:
+        ledger.close()
+    if out is not None:
+        _write(out, cp.note)
+    sys.stdout.write(cp.note)
+
+
+def _same_log(ledger: Any, signer: Any) -> None:
+    """Refuse a key other than the one this ledger was signed with, before anything is written."""
+    state = ledger.state()
+    if state.vkey is not None and state.vkey != signer.vkey:
+        ledger.close()
+        _fail(f"this ledger is signed by {state.vkey}; the given log key is {signer.vkey}", 2)
+
+
+def _event(ledger: Any, event_id: str) -> int:
+    from sle_events.ledger.log import LedgerError, parse_event_id
+
+    try:
+        parsed = parse_event_id(event_id)
+    except ValueError as e:
+        _fail(f"EVENT_ID: {e}", 2)
+    if isinstance(parsed, int):
+        return parsed
+    try:
+        return int(ledger.position_of(*parsed))
+    except LedgerError as e:
+        _fail(str(e), 1)
+
+
+@ledger_app.command("prove")
+def prove(
+    event_id: Optional[str] = typer.Argument(None, help="<stream uuid>:<version>, or the event's log position"),
+    index: Optional[int] = typer.Option(None, "--index", min=0, help="leaf index instead of an event"),
+    out: Path = typer.Option(..., "--out", help="tlog-proof file to write; the leaf bytes go to FILE.leaf"),
+    against: Optional[Path] = typer.Option(None, "--checkpoint", help="prove against this saved checkpoint "
+                                           "(default: the latest one issued)"),  # fmt: skip
+    db: Optional[str] = DbOption,
+) -> None:
+    """Write an inclusion proof (c2sp.org/tlog-proof@v1) for one event, and its exact leaf bytes."""
+    from sle_events.ledger.log import LedgerError
+
+    if (event_id is None) == (index is None):
+        _fail("give exactly one of EVENT_ID or --index N", 2)
+    note = _read_text(against, "checkpoint") if against is not None else None
+    ledger = _ledger(db, create=False)
+    try:
+        position = _event(ledger, event_id) if event_id is not None else None
+        proof = ledger.inclusion_proof(position, index=index, checkpoint=note)
+    except LedgerError as e:
+        _fail(str(e), 1)
+    finally:
+        ledger.close()
+    leaf_file = out.with_name(out.name + ".leaf")
+    _write(out, proof.text)
+    _write(leaf_file, proof.leaf_bytes or b"")
+    leaf = proof.leaf
+    err.print(f"leaf {leaf.index} (log position {leaf.position}, {leaf.stream} v{leaf.version}) in the tree of "
+              f"{proof.size}: proof {escape(str(out))}, leaf bytes {escape(str(leaf_file))}")  # fmt: skip
+
+
+@ledger_app.command("consistency")
+def consistency(
+    old: Path = typer.Option(..., "--old", help="a checkpoint saved earlier"),
+    new: Optional[Path] = typer.Option(None, "--new", help="prove up to this checkpoint (default: the latest)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="write the proof here (and the new checkpoint to "
+                                       "FILE.checkpoint) instead of printing it"),  # fmt: skip
+    db: Optional[str] = DbOption,
+) -> None:
+    """Consistency proof (RFC 9162) from a saved checkpoint to the latest one: one base64 hash per line."""
+    from sle_events.ledger.log import LedgerError
+
+    old_note = _read_text(old, "checkpoint")
+    new_note = _read_text(new, "checkpoint") if new is not None else None
+    ledger = _ledger(db, create=False)
+    try:
+        proof = ledger.prove_consistency(old_note, new_note)
+    except LedgerError as e:
+        _fail(str(e), 1)
+    finally:
+        ledger.close()
+    if out is None:
+        sys.stdout.write(proof.text)
+        return
+    _write(out, proof.text)
+    _write(out.with_name(out.name + ".checkpoint"), proof.new.note)
+    err.print(f"consistency {proof.old_size} → {proof.new.size}: {len(proof.hashes)} hashes in {escape(str(out))}, "
+              f"the new checkpoint in {escape(str(out))}.checkpoint")  # fmt: skip
+
+
+@ledger_app.command("verify-proof")
+def verify_proof(
+    proof_file: Path = typer.Argument(..., help="a tlog-proof (from `prove`) or a signed checkpoint"),
+    vkey: str = typer.Option(..., "--vkey", help="the log's vkey, or a file holding it"),
+    leaf: Optional[Path] = typer.Option(None, "--leaf", help="the leaf bytes (default: PROOF_FILE.leaf)"),
+    old_checkpoint: Optional[Path] = typer.Option(None, "--old-checkpoint", help="a checkpoint saved earlier"),
+    consistency_file: Optional[Path] = typer.Option(None, "--consistency", help="consistency proof from the old "
+                                                    "checkpoint to the one in PROOF_FILE"),  # fmt: skip
+    origin: Optional[str] = typer.Option(None, "--origin", help="expected origin (default: the vkey's name)"),
+) -> None:
+    """Check a proof offline, with nothing but the log's vkey: no database needed."""
+    from sle_events.ledger.audit import LedgerAuditError, load_vkey
+    from sle_events.ledger.checkpoint import CheckpointError, open_checkpoint
+    from sle_events.ledger.merkle import ProofError, RootMismatchError, verify_consistency
+    from sle_events.ledger.note import InvalidSignatureError, NoteError, UnverifiedNoteError
+    from sle_events.ledger.proof_file import (
+        TLOG_PROOF_HEADER,
+        ProofFileError,
+        parse_consistency_proof,
+        verify_proof_file,
+    )
+
+    try:
+        verifier = load_vkey(vkey)
+    except LedgerAuditError as e:
+        _fail(f"--vkey: {e}", 2)
+    if (old_checkpoint is None) != (consistency_file is None):
+        _fail("--old-checkpoint and --consistency go together", 2)
+    origin = origin or verifier.name
+    text = _read_text(proof_file, "proof")
+
+    def failed(reason: str) -> NoReturn:
+        err.print(f"[red]FAILED:[/red] {escape(reason)}")
+        raise typer.Exit(1)
+
+    def why(e: Exception, what: str) -> str:
+        if isinstance(e, InvalidSignatureError):
+            return f"{what}'s signature does not verify with {verifier.vkey}"
+        if isinstance(e, UnverifiedNoteError):
+            return f"{what} is not signed by {verifier.vkey} (no signature from that key)"
+        if isinstance(e, RootMismatchError):
+            return f"{what}: the proof leads to root {_b64(e.calculated)}, but the checkpoint signs {_b64(e.expected)}"
+        return f"{what}: {e}"
+
+    lines: list[str] = []
+    if text.startswith(TLOG_PROOF_HEADER + "\n"):
+        leaf_path = leaf or proof_file.with_name(proof_file.name + ".leaf")
+        try:
+            leaf_bytes = leaf_path.read_bytes()
+        except OSError:
+            _fail(f"the leaf bytes are needed: {leaf_path} cannot be read (pass --leaf FILE)", 2)
+        try:
+            result = verify_proof_file(text, leaf_bytes, verifier, origin)
+        except (NoteError, CheckpointError) as e:
+            failed(why(e, "the proof's checkpoint"))
+        except RootMismatchError as e:
+            failed(why(e, "the leaf is not in the checkpoint's tree") + " (wrong leaf bytes or altered proof)")
+        except (ProofFileError, ProofError) as e:
+            failed(f"the inclusion proof is not valid: {e}")
+        cp = result.checkpoint
+        described = _describe_leaf(leaf_bytes)
+        lines.append(f"OK: leaf {result.index}{described} is in the tree of {cp.size} signed by {cp.origin}")
+    else:
+        try:
+            cp = open_checkpoint(text, verifier, origin)
+        except (NoteError, CheckpointError) as e:
+            failed(why(e, "the checkpoint"))
+        lines.append(f"OK: checkpoint of {cp.origin}, size {cp.size}, root {_b64(cp.root_hash)}, signature verified")
+    if old_checkpoint is not None and consistency_file is not None:
+        old_text = _read_text(old_checkpoint, "old checkpoint")
+        proof_text = _read_text(consistency_file, "consistency proof")
+        try:
+            old = open_checkpoint(old_text, verifier, origin)
+        except (NoteError, CheckpointError) as e:
+            failed(why(e, "the old checkpoint"))
+        try:
+            hashes = parse_consistency_proof(proof_text)
+        except ProofFileError as e:
+            failed(f"the consistency proof is malformed: {e}")
+        if old.size > cp.size:
+            failed(f"the new checkpoint (size {cp.size}) is smaller than the old one ({old.size}): the log was rolled back")
+        if old.size == 0:
+            if hashes:
+                failed("a consistency proof from the empty tree must be empty")
+        else:
+            try:
+                verify_consistency(old.size, cp.size, hashes, old.root_hash, cp.root_hash)
+            except RootMismatchError as e:
+                failed(f"the log of size {cp.size} is NOT an extension of the old checkpoint (size {old.size}): "
+                       f"the proof leads to root {_b64(e.calculated)}, expected {_b64(e.expected)}; "
+                       "history was rewritten, or the proof is not for these checkpoints")  # fmt: skip
+            except ProofError as e:
+                failed(f"the consistency proof from size {old.size} to {cp.size} does not verify: {e}")
+        lines.append(f"OK: the tree of {cp.size} extends the old checkpoint of {old.size} (append-only)")
+    print("\n".join(lines))
+
+
+def _describe_leaf(data: bytes) -> str:
+    """The event the leaf bytes claim to be (authenticated only as far as the inclusion proof goes)."""
+    try:
+        doc = json.loads(data)
+        env = doc["envelope"]
+        return f" ({env['stream']} v{env['version']} {str(env['type']).rsplit(':', 1)[-1]})"
+    except Exception:  # noqa: BLE001 - not an envelope: nothing to describe
+        return ""
+
+
+@ledger_app.command("run")
+def run(
+    db: Optional[str] = DbOption,
+    log_key: Optional[Path] = LogKeyOption,
+    origin: Optional[str] = OriginOption,
+    interval: float = typer.Option(5.0, "--interval", min=0.05, help="seconds between cycles"),
+    batch: int = BatchOption,
+) -> None:
+    """Integrate and checkpoint every --interval seconds until SIGINT/SIGTERM."""
+    from sle_events.ledger.log import LedgerError
+
+    signer = _signer(log_key, origin)
+    ledger = _ledger(db, create=True)
+    _same_log(ledger, signer)
+
+    def cycle(added: int, issued: Any) -> None:
+        if issued is not None:
+            err.print(f"integrated {added}; checkpoint #{issued.id} size {issued.size} root {_b64(issued.root)}")
+
+    def problem(e: Exception) -> None:
+        err.print(f"[yellow]database problem, retrying next cycle:[/yellow] {escape(type(e).__name__)}")
+
+    err.print(f"ledger running every {interval:g} s for {escape(signer.name)}; stop with Ctrl-C or SIGTERM")
+    try:
+        ledger.run(signer, interval, origin=origin, batch=batch, on_cycle=cycle, on_error=problem)
+    except LedgerError as e:
+        _fail(str(e), 1)
+    finally:
+        ledger.close()
+    err.print("stopped")
+
+
+@ledger_app.command("witness")
+def witness(
+    witness_key: Path = typer.Option(..., "--witness-key", help="the witness's key file (created 0600 if missing)"),
+    name: Optional[str] = typer.Option(None, "--name", help="witness name for a new key (default witness.local)"),
+    vkey: Optional[str] = typer.Option(None, "--vkey", help="the log's vkey or a file holding it "
+                                       "(default: the one the ledger recorded)"),  # fmt: skip
+    state_file: Path = typer.Option(..., "--state", help="JSON file: the last checkpoint this witness cosigned"),
+    checkpoint_file: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to cosign "
+                                                   "(default: the ledger's latest)"),  # fmt: skip
+    consistency_file: Optional[Path] = typer.Option(None, "--consistency", help="proof from the last cosigned "
+                                                    "checkpoint (default: asked from the ledger)"),  # fmt: skip
+    out: Optional[Path] = typer.Option(None, "--out", help="write the cosigned checkpoint here"),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Cosign a checkpoint (tlog-cosignature) only if it extends the last one this witness cosigned."""
+    from sle_events.ledger.audit import LedgerAuditError, load_vkey
+    from sle_events.ledger.checkpoint import Checkpoint
+    from sle_events.ledger.cosignature import Witness, WitnessError
+    from sle_events.ledger.log import LedgerError
+    from sle_events.ledger.note import parse_note
+    from sle_events.ledger.proof_file import ProofFileError, parse_consistency_proof
+
+    signer = _witness_signer(witness_key, name)
+    state, state_origin = _witness_state(state_file)
+    note = _read_text(checkpoint_file, "checkpoint") if checkpoint_file is not None else None
+    proof_text = _read_text(consistency_file, "consistency proof") if consistency_file is not None else None
+    ledger = None
+    if vkey is None or note is None or (proof_text is None and state is not None):
+        ledger = _ledger(db, create=False)
+    try:
+        if vkey is None:
+            vkey = ledger.state().vkey  # type: ignore[union-attr]
+            if not vkey:
+                _fail("the ledger has no vkey yet; pass --vkey", 2)
+        try:
+            log_verifier = load_vkey(vkey)
+        except LedgerAuditError as e:
+            _fail(f"--vkey: {e}", 2)
+        if state_origin is not None and state_origin != log_verifier.name:
+            _fail(f"the witness state {state_file} is for log {state_origin!r}, not {log_verifier.name!r}", 2)
+        if note is None:
+            latest = ledger.latest_checkpoint()  # type: ignore[union-attr]
+            if latest is None:
+                _fail("no checkpoint has been issued yet", 1)
+            note = latest.note
+        try:
+            new_size = Checkpoint.parse(parse_note(note)[0]).size
+        except ValueError as e:
+            _fail(f"not a checkpoint: {e}", 1)
+        if proof_text is not None:
+            try:
+                proof = parse_consistency_proof(proof_text)
+            except ProofFileError as e:
+                _fail(f"consistency proof: {e}", 1)
+        elif state is None or state.size == 0 or state.size > new_size:
+            proof = []
+        else:
+            try:
+                proof = ledger.consistency_proof(state.size, new_size)  # type: ignore[union-attr]
+            except LedgerError as e:
+                _fail(str(e), 1)
+    finally:
+        if ledger is not None:
+            ledger.close()
+    w = Witness(signer, log_verifier, log_verifier.name, state)
+    try:
+        cosigned = w.cosign(note, proof)
+    except WitnessError as e:
+        err.print(f"[red]REFUSED:[/red] {escape(str(e))}")
+        raise typer.Exit(1)
+    new_state = w.state
+    assert new_state is not None
+    _save_witness_state(state_file, log_verifier.name, new_state)
+    if out is not None:
+        _write(out, cosigned)
+    err.print(f"cosigned size {new_state.size} as {escape(signer.name)} ({escape(signer.vkey)})")
+    sys.stdout.write(cosigned)
+
+
+def _witness_signer(path: Path, name: Optional[str]) -> Any:
+    from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
+
+    from sle_events.ledger.cosignature import CosignatureSigner
+    from sle_events.ledger.log import LogKeyError, create_log_key, load_log_key
+    from sle_events.ledger.note import b64decode_strict
+
+    created = False
+    if not path.exists():
+        try:
+            create_log_key(path, name or "witness.local")
+        except LogKeyError as e:
+            _fail(str(e).replace("origin", "witness name"), 2)
+        created = True
+    try:
+        key = load_log_key(path)
+    except LogKeyError as e:
+        _fail(str(e).replace("log key", "witness key").replace("log signing key", "witness key"), 2)
+    if name is not None and name != key.name:
+        _fail(f"the witness key is for {key.name!r}, not {name!r}", 2)
+    seed = b64decode_strict(key.export_skey().rsplit("+", 1)[1])[1:]
+    signer = CosignatureSigner(key.name, Ed25519PrivateKey.from_private_bytes(seed))
+    if created:
+        err.print(f"new witness key {escape(str(path))} (0600); its cosigner vkey: {escape(signer.vkey)}")
+    return signer
+
+
+def _witness_state(path: Path) -> Any:
+    from sle_events.ledger.cosignature import WitnessState
+    from sle_events.ledger.note import b64decode_strict
+
+    if not path.exists():
+        return None, None
+    try:
+        doc = json.loads(path.read_text(encoding="utf-8"))
+        return WitnessState(int(doc["size"]), b64decode_strict(doc["root"])), doc.get("origin")
+    except (OSError, ValueError, KeyError, TypeError) as e:
+        _fail(f"witness state {path} is unreadable: {e}", 2)
+
+
+def _save_witness_state(path: Path, origin: str, state: Any) -> None:
+    tmp = path.with_name(path.name + ".tmp")
+    _write(tmp, json.dumps({"origin": origin, "size": state.size, "root": _b64(state.root_hash)}) + "\n")
+    os.replace(tmp, path)
