@@ -22,7 +22,7 @@ __all__ = [
     "RELATED_FOR_REPORTING", "codes",
     "Record", "LabResult", "VitalSigns", "Demographics", "MedicalHistoryItem", "ConcomitantMedication",
     "AdverseEventEntry", "SledaiAssessment", "TregPanel", "PregnancyTest", "VisitRecord", "Pretreatment",
-    "Infusion", "IdentityMarkers", "CriterionAnswer", "EligibilityChecklist",
+    "Infusion", "IdentityMarkers", "DerivedResult", "RenalResponse", "CriterionAnswer", "EligibilityChecklist",
 ]
 
 
@@ -262,6 +262,7 @@ class Pretreatment(Record):
     route: str
     lot: str
     measured_version: int  # the vital-signs event the height and weight come from
+    pregnancy_test_version: int | None = None  # the negative test it relies on (T7), if any
     bsa_formula: str
     dose_formula: str
     flags: tuple[str, ...] = ()
@@ -290,6 +291,31 @@ class Infusion(Record):
     premedication: str | None = None
     release_failures: tuple[str, ...] = ()
     authorised_by_deviation: int | None = None  # version of the deviation that names this lot
+
+
+class DerivedResult(Record):
+    """A derived value (eGFR, UPCR) citing the versions of its input events and the formula version.
+    ``value`` is None when it could not be computed (then ``not_computed_reason`` says why)."""
+
+    code: str
+    value: DecimalValue | None
+    unit: str
+    inputs: tuple[int, ...]
+    formula_version: str
+    not_computed_reason: str | None = None
+
+
+class RenalResponse(Record):
+    status: str
+    month: int
+    visit: str | None
+    baseline_upcr: DecimalValue | None
+    baseline_egfr: DecimalValue | None
+    upcr: DecimalValue | None
+    egfr: DecimalValue | None
+    upcr_specimen: str | None
+    inputs: tuple[int, ...]
+    formula_version: str
 
 
 class CriterionAnswer(BaseModel):
