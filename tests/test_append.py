@@ -151,10 +151,21 @@ def test_version_gap_is_refused(trial):
     _refused(trial, ChainBroken, [seal(env, trial.investigator)])
 
 
-def test_replayed_event_is_a_version_conflict(trial):
+def test_resent_batch_gets_the_same_answer_and_stores_nothing_new(trial):
+    """A client retrying after a lost answer (or a captured request replayed) records nothing twice."""
     e = sealed_screening(trial)
-    trial.record.append([e])
-    _refused(trial, VersionConflict, [e])
+    first = trial.record.append([e])
+    rows = trial.rows()
+    assert StudyRecord(trial.url).append([e]) == first
+    assert trial.rows() == rows
+
+
+def test_a_different_event_at_a_taken_version_is_a_version_conflict(trial):
+    first = sealed_screening(trial)
+    trial.record.append([first])
+    rival = sealed_screening(trial, stream=first.envelope["stream"],
+                             payload=dict(first.envelope["payload"], screening_number="SCR-999"))  # fmt: skip
+    _refused(trial, VersionConflict, [rival])
 
 
 def test_one_bad_event_refuses_the_whole_batch(trial):

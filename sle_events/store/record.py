@@ -222,13 +222,33 @@ class StudyRecord(Application[UUID]):
             return []
         for attempt in range(3):
             with self._lock:
-                early = self._start_verifying(events)
-                studies, heads, keys = self._check(events)
                 try:
+                    early = self._start_verifying(events)
+                    studies, heads, keys = self._check(events)
                     return self._write(events, studies, heads, lambda: self._finish_verifying(events, keys, early))
                 except _RegistryMoved:
                     self._forget_studies()  # someone else changed a key registry: check again
+                except VersionConflict:
+                    # A client retrying a batch that was stored (its answer lost) gets the same answer again.
+                    positions = self._already_stored(events)
+                    if positions is None:
+                        raise
+                    return positions
         raise VersionConflict("the key registry kept changing during the append; retry")
+
+    def _already_stored(self, events: Sequence[SealedEvent]) -> list[int] | None:
+        """The log positions of exactly these sealed events, if every one is stored byte for byte."""
+        t = self.table
+        positions = []
+        with self.recorder.datastore.engine.connect() as conn:
+            for e in events:
+                row = conn.execute(
+                    select(t.c.id, t.c.state).where(t.c.originator_id == e.stream, t.c.originator_version == e.version)
+                ).first()
+                if row is None or bytes(row.state) != e.sealed:
+                    return None
+                positions.append(row.id)
+        return positions
 
     def _check(self, events: Sequence[SealedEvent]) -> tuple[dict[str, Study], dict[UUID, tuple[int, str]], list[Any]]:
         """Everything but the signatures, which `_start_verifying` checks meanwhile on other cores."""
