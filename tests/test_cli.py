@@ -200,3 +200,36 @@ def test_keys_generate_refuses_unknown_role_and_dangling_links(tmp_path):
     linked = subprocess.run([sle, "keys", "generate", "--out", str(tmp_path / "link.pem"), "--actor", "x",
                              "--role", "lab"], capture_output=True, text=True)  # fmt: skip
     assert linked.returncode == 2 and not target.exists()
+
+
+def test_study_commands_manage_the_key_registry(tmp_path, db_url):
+    import subprocess
+
+    sle = str(Path(sys.executable).parent / "sle")
+
+    def run(*args: str) -> subprocess.CompletedProcess[str]:
+        return subprocess.run([sle, *args, "--db", db_url], capture_output=True, text=True, cwd=tmp_path)
+
+    def keygen(name: str, actor: str, role: str) -> dict:
+        done = subprocess.run([sle, "keys", "generate", "--out", str(tmp_path / name), "--actor", actor,
+                               "--role", role], capture_output=True, text=True, check=True)  # fmt: skip
+        return json.loads(done.stdout)
+
+    keygen("admin.pem", "admin", "admin")
+    lab = keygen("lab.pem", "lab1", "lab")
+    created = run("study", "create", "--code", "X", "--title", "T", "--admin-key", str(tmp_path / "admin.pem"),
+                  "--admin", "admin")  # fmt: skip
+    assert created.returncode == 0, created.stderr
+    study = json.loads(created.stdout)["study"]
+    admin_args = ("--admin-key", str(tmp_path / "admin.pem"), "--admin", "admin")
+    assert run("study", "register-key", "--study", study, "--actor", "lab1", "--role", "lab",
+               "--public-key", lab["public_key"], *admin_args).returncode == 0  # fmt: skip
+    assert run("study", "revoke-key", "--study", study, "--key", lab["key"], "--reason", "left", *admin_args).returncode == 0
+    again = run("study", "revoke-key", "--study", study, "--key", lab["key"], "--reason", "x", *admin_args)
+    assert again.returncode == 1 and "already revoked" in again.stderr
+    keys = json.loads(run("study", "keys", "--study", study, "--json").stdout)
+    assert {k["actor"]: k["status"] for k in keys} == {"admin": "active", "lab1": "revoked"}
+    impostor = run("study", "register-key", "--study", study, "--actor", "x", "--role", "lab",
+                   "--public-key", lab["public_key"], "--admin-key", str(tmp_path / "lab.pem"), "--admin", "lab1")  # fmt: skip
+    assert impostor.returncode == 1 and "UntrustedKey" in impostor.stderr
+    assert verify_record(db_url, workers=1).ok

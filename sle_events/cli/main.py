@@ -167,8 +167,10 @@ def keys_generate(
 
 
 from sle_events.cli.projections_cmd import audit_trail, db_app, projections_app  # noqa: E402
+from sle_events.cli.study_cmd import study_app  # noqa: E402
 
 app.add_typer(db_app, name="db")
+app.add_typer(study_app, name="study")
 app.add_typer(projections_app, name="projections")
 app.command("audit-trail")(audit_trail)
 
