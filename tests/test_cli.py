@@ -229,7 +229,8 @@ def test_study_commands_manage_the_key_registry(tmp_path, db_url):
     assert again.returncode == 1 and "already revoked" in again.stderr
     keys = json.loads(run("study", "keys", "--study", study, "--json").stdout)
     assert {k["actor"]: k["status"] for k in keys} == {"admin": "active", "lab1": "revoked"}
+    newcomer = keygen("new.pem", "x", "lab")
     impostor = run("study", "register-key", "--study", study, "--actor", "x", "--role", "lab",
-                   "--public-key", lab["public_key"], "--admin-key", str(tmp_path / "lab.pem"), "--admin", "lab1")  # fmt: skip
+                   "--public-key", newcomer["public_key"], "--admin-key", str(tmp_path / "lab.pem"), "--admin", "lab1")  # fmt: skip
     assert impostor.returncode == 1 and "UntrustedKey" in impostor.stderr
     assert verify_record(db_url, workers=1).ok
