@@ -12,6 +12,7 @@ from pathlib import Path
 from typing import Callable, Iterator
 
 from sle_events.domain.study import Study
+from sle_events.domain.study_config import IcfVersion, StudyConfig
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import SealedEvent, seal
 from sle_events.signing.keys import Signer
@@ -19,6 +20,9 @@ from sle_events.signing.payload import envelope_for
 
 PG_URL = os.environ.get("SLE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CORES = os.cpu_count() or 1
+#: the study configuration the workload's subjects consent under (ICF v1.0, approved long ago)
+STUDY_CONFIG = StudyConfig.build(icf_versions=[IcfVersion(version="ICF v1.0",
+                                                          effective_from=datetime(2000, 1, 1, tzinfo=timezone.utc))])
 
 
 def engines() -> Iterator[tuple[str, str]]:
@@ -87,7 +91,7 @@ class SignedWorkload:
         for i in range(subjects):
             subject = Subject(self.study.id, "NJ01", f"S{i:04d}", now - timedelta(days=30))
             record.record(subject, signer=self.coordinator)
-            subject.obtain_consent("ICF v1.0", now - timedelta(days=29))
+            subject.obtain_consent("ICF v1.0", now - timedelta(days=29), config=STUDY_CONFIG, taken_by="dr.wang")
             record.record(subject, signer=self.investigator)
             self.subjects.append(subject)
         self.heads = {s.id: record.stream(s.id)[-1].hash for s in self.subjects}

@@ -133,3 +133,13 @@ def trial(db_url: str) -> Iterator[Trial]:
     yield Trial(db_url, record, study, admin, coordinator, investigator, lab)
     record.close()
     record.recorder.datastore.engine.dispose()
+
+
+# A study configuration for tests that call Subject verbs directly (without sle_events.trial.Trial): site NJ01
+# and ICF "ICF v1.0" approved long ago. Consent verbs need a study's ICF versions (T2).
+from sle_events.domain.study_config import IcfVersion, Site, StudyConfig  # noqa: E402
+
+STUDY_CONFIG = StudyConfig.build(
+    sites=[Site(site_id="NJ01", name="Nanjing Drum Tower", timezone="Asia/Shanghai")],
+    icf_versions=[IcfVersion(version="ICF v1.0", effective_from=datetime(2000, 1, 1, tzinfo=timezone.utc))],
+)

@@ -21,6 +21,8 @@ from sle_events.domain.subject import Subject
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 
+from conftest import STUDY_CONFIG  # tests/ is on sys.path when this runs as a script
+
 SIGNERS = {
     "admin": ("admin@site", "admin"),
     "coordinator": ("nurse.li", "coordinator"),
@@ -66,7 +68,7 @@ def main(url: str, key_dir: Path) -> None:
         if step < 0.45 and pending:
             some = rng.sample(pending, min(len(pending), rng.randint(1, 3)))
             for s in some:
-                s.obtain_consent("ICF v1.0", now - timedelta(days=1))
+                s.obtain_consent("ICF v1.0", now - timedelta(days=1), config=STUDY_CONFIG, taken_by="dr.wang")
             ack(record.record(*some, signer=investigator))  # a batch over up to three streams
             continue
         consented = [s for s in subjects if s.consent_version is not None]

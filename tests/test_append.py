@@ -8,6 +8,8 @@ from decimal import Decimal
 
 import pytest
 
+from conftest import STUDY_CONFIG
+from sle_events.domain.errors import FloatNotAllowed as DomainFloatNotAllowed
 from sle_events.domain.subject import Subject
 from sle_events.signing.canonical import FloatNotAllowed
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed, seal
@@ -44,7 +46,7 @@ def sealed_screening(trial, signer=None, **changes) -> SealedEvent:
 def test_recorded_events_read_back_as_the_domain_made_them(trial):
     subject = screened(trial)
     trial.record.record(subject, signer=trial.coordinator)
-    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20))
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
     trial.record.record(subject, signer=trial.investigator)
     subject.record_lab_result("CREAT", Decimal("1.23"), "mg/dL", NOW - timedelta(hours=10))
     trial.record.record(subject, signer=trial.lab)
@@ -133,7 +135,7 @@ def test_only_admin_changes_the_registry(trial):
 def test_chain_must_name_the_previous_event(trial):
     subject = screened(trial)
     trial.record.record(subject, signer=trial.coordinator)
-    subject.obtain_consent("ICF v1.0", NOW)
+    subject.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by="dr.wang")
     event = subject.collect_events()[0]
     env = envelope_for(event, study=trial.study.id, prev="ab" * 32, reason=None)
     err = _refused(trial, ChainBroken, [seal(env, trial.investigator)])
@@ -144,7 +146,7 @@ def test_version_gap_is_refused(trial):
     subject = screened(trial)
     trial.record.record(subject, signer=trial.coordinator)
     head = trial.record.stream(subject.id)[-1]
-    subject.obtain_consent("ICF v1.0", NOW)
+    subject.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by="dr.wang")
     event = subject.collect_events()[0]
     env = envelope_for(event, study=trial.study.id, prev=head.hash, reason=None)
     env["version"] = 3
@@ -192,7 +194,7 @@ def test_float_in_sent_bytes_is_refused():
 def test_decimal_attribute_travels_as_string(trial):
     subject = screened(trial)
     trial.record.record(subject, signer=trial.coordinator)
-    subject.obtain_consent("ICF v1.0", NOW)
+    subject.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by="dr.wang")
     trial.record.record(subject, signer=trial.investigator)
     subject.record_lab_result("C3", Decimal("85.50"), "mg/dL", NOW)
     [e] = trial.record.record(subject, signer=trial.lab)
@@ -202,9 +204,13 @@ def test_decimal_attribute_travels_as_string(trial):
 def test_float_attribute_is_refused_by_the_codec(trial):
     subject = screened(trial)
     trial.record.record(subject, signer=trial.coordinator)
-    subject.obtain_consent("ICF v1.0", NOW)
+    subject.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by="dr.wang")
     trial.record.record(subject, signer=trial.investigator)
-    subject.record_lab_result("C3", 85.5, "mg/dL", NOW)  # type: ignore[arg-type]
+    with pytest.raises(DomainFloatNotAllowed):  # the verb refuses a float before any event exists
+        subject.record_lab_result("C3", 85.5, "mg/dL", NOW)  # type: ignore[arg-type]
+    assert subject.pending_events == []
+    # An event made without its verb still cannot carry a float into a signed payload.
+    subject._unscheduled_visit_recorded(visitnum=10.5, purpose="float smuggled past the verb", occurred_at=NOW)
     before = trial.rows()
     with pytest.raises(FloatNotAllowed):
         trial.record.record(subject, signer=trial.lab)
@@ -255,9 +261,9 @@ def test_concurrent_appends_to_one_stream_one_wins(trial):
     trial.record.record(subject, signer=trial.coordinator)
     head = trial.record.stream(subject.id)[-1]
     contenders = []
-    for icf in ("ICF v1.0", "ICF v1.1"):
+    for taken_by in ("dr.wang", "dr.li"):
         twin = trial.record.get(subject.id)
-        twin.obtain_consent(icf, NOW)
+        twin.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by=taken_by)
         [event] = twin.collect_events()
         contenders.append(seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None),
                                trial.investigator))  # fmt: skip

@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
-from conftest import execute_sql
+from conftest import STUDY_CONFIG, execute_sql
 from sle_events.domain.subject import Subject
 from sle_events.signing.keys import Signer
 from sle_events.store.verification import verify_record
@@ -37,7 +37,7 @@ def sle(*args: str, cwd: Path | None = None, umask: int | None = None) -> subpro
 def subject_with_labs(trial) -> Subject:
     subject = Subject(trial.study.id, "NJ01", "SCR-001", NOW - timedelta(days=3))
     trial.record.record(subject, signer=trial.coordinator)
-    subject.obtain_consent("ICF v1.0", NOW - timedelta(days=2))
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(days=2), config=STUDY_CONFIG, taken_by="dr.wang")
     trial.record.record(subject, signer=trial.investigator)
     subject.record_lab_result("CREAT", Decimal("1.23"), "mg/dL", NOW - timedelta(days=1))
     subject.record_lab_result("C3", Decimal("85.50"), "mg/dL", NOW - timedelta(days=1))
@@ -144,13 +144,14 @@ def test_demo_records_a_trial_that_verifies_and_no_private_key_leaves_the_key_fi
     assert "verified" in done.stdout
 
     pems = sorted(p.name for p in keys.glob("*.pem"))
-    assert pems == ["admin.pem", "coordinator.pem", "investigator.pem", "lab.pem"]
+    assert pems == ["admin.pem", "coordinator.pem", "data_manager.pem", "investigator.pem", "lab.pem", "sponsor.pem"]
     for p in keys.glob("*.pem"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
 
     report = verify_record(db_url, workers=2)
     assert report.ok, report.findings
-    assert report.events == 4 + 3 * 10  # the study and its keys; per subject 1 + 3 + 6 lab results
+    assert f"{report.events} signed events" in done.stdout
+    assert "3 enrolled" in done.stdout and "deliberately invalid commands refused: OutsideWindow 1" in done.stdout
     again = sle("verify", "--db", db_url, "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["events"] == report.events
 

@@ -23,7 +23,7 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from conftest import count_rows
+from conftest import STUDY_CONFIG, count_rows
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 from sle_events.store.verification import verify_record
@@ -158,7 +158,7 @@ def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url
             assert subject.version == head
             now = datetime.now(timezone.utc)
             if subject.status == "SCREENED":
-                subject.obtain_consent("ICF v1.1", now)
+                subject.obtain_consent("ICF v1.0", now, config=STUDY_CONFIG, taken_by="dr.wang")
                 signer = investigator
             else:
                 subject.record_lab_result("C3", Decimal("92"), "mg/dL", now)

@@ -11,7 +11,7 @@ from decimal import Decimal
 import pytest
 import sqlalchemy as sa
 
-from conftest import execute_sql
+from conftest import STUDY_CONFIG, execute_sql
 from projections.audit_trail import AuditTrail, query
 from projections.base import ProjectionHalted
 from projections.runner import ProjectionRunner
@@ -25,7 +25,7 @@ NOW = datetime.now(timezone.utc)
 def add_subject(trial, number: str, labs: int = 3) -> Subject:
     s = Subject(trial.study.id, "NJ01", number, NOW - timedelta(days=10))
     trial.record.record(s, signer=trial.coordinator)
-    s.obtain_consent("ICF v1.0", NOW - timedelta(days=9))
+    s.obtain_consent("ICF v1.0", NOW - timedelta(days=9), config=STUDY_CONFIG, taken_by="dr.wang")
     trial.record.record(s, signer=trial.investigator)
     for i in range(labs):
         s.record_lab_result("CREAT", Decimal("1.0") + Decimal(i) / 10, "mg/dL", NOW - timedelta(days=8 - i))

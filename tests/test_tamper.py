@@ -17,7 +17,8 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from conftest import execute_sql
+from conftest import STUDY_CONFIG, execute_sql
+from sle_events.domain.payloads import EligibilityChecklist
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import open_sealed, seal
 from sle_events.signing.keys import Signer
@@ -30,6 +31,7 @@ NOW = datetime.now(timezone.utc)
 T0 = NOW - timedelta(days=30)
 CREATININE = ("1.23", "1.34", "1.45")
 SUBJECT_TOPIC = "sle_events.domain.subject:Subject."
+ELIGIBLE = EligibilityChecklist.all_met(screening_labs_collected_at=T0 + timedelta(days=2))
 EVENTS_IN_RECORD = 4 + 3 * 7 + 1  # study + three full subjects + one screened only
 
 
@@ -52,10 +54,10 @@ def build(trial) -> Built:
     screened = Subject(trial.study.id, "NJ01", "SCR-004", T0 + timedelta(hours=5))
     rec.record(screened, signer=trial.coordinator)
     for s in subjects:
-        s.obtain_consent("ICF v1.0", T0 + timedelta(days=1))  # v2
+        s.obtain_consent("ICF v1.0", T0 + timedelta(days=1), config=STUDY_CONFIG, taken_by="dr.wang")  # v2
     rec.record(*subjects, signer=trial.investigator)  # one batch over three streams
     for s in subjects:
-        s.confirm_eligibility(T0 + timedelta(days=7))  # v3
+        s.confirm_eligibility(T0 + timedelta(days=7), checklist=ELIGIBLE)  # v3
         s.enroll(T0 + timedelta(days=8))  # v4
         rec.record(s, signer=trial.investigator)
     for s, creatinine in zip(subjects, CREATININE):
@@ -230,7 +232,7 @@ def test_event_inserted_by_sql_with_a_revoked_key_is_key_revoked(trial):
     d = built.screened.id
     head = trial.record.stream(d)[-1]
     twin = trial.record.get(d)
-    twin.obtain_consent("ICF v1.0", NOW - timedelta(hours=1))
+    twin.obtain_consent("ICF v1.0", NOW - timedelta(hours=1), config=STUDY_CONFIG, taken_by="dr.wang")
     [event] = twin.collect_events()
     forged = seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None), trial.coordinator)
     assert forged.version == 2 and forged.envelope["prev"] == head.hash  # chains correctly, signature valid

@@ -530,7 +530,7 @@ def _witness_signer(path: Path, name: Optional[str]) -> Any:
         _fail(str(e).replace("log key", "witness key").replace("log signing key", "witness key"), 2)
     if name is not None and name != key.name:
         _fail(f"the witness key is for {key.name!r}, not {name!r}", 2)
-    seed = b64decode_strict(key.export_skey().rsplit("+", 1)[1])[1:]
+    seed = b64decode_strict(key.export_skey().split("+", 4)[4])[1:]  # PRIVATE+KEY+name+id+base64
     signer = CosignatureSigner(key.name, Ed25519PrivateKey.from_private_bytes(seed))
     if created:
         err.print(f"new witness key {escape(str(path))} (0600); its cosigner vkey: {escape(signer.vkey)}")

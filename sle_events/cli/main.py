@@ -114,11 +114,11 @@ def verify(
 @app.command()
 def demo(
     db: Optional[str] = DbOption,
-    subjects: int = typer.Option(5, min=1, help="how many subjects"),
-    seed: int = typer.Option(1, help="random seed (same seed, same trial)"),
+    subjects: int = typer.Option(30, min=1, help="how many subjects to enroll (screen failures come on top)"),
+    seed: int = typer.Option(20070311, help="random seed (same seed, same trial)"),
     keys: Path = typer.Option(Path("demo-keys"), help="where the demo's private keys are kept (0600)"),
 ) -> None:
-    """Record a small synthetic trial with signed events, then verify it."""
+    """Record a synthetic trial (synthetic-cohort.md) through the trial's use cases, then verify it."""
     from sle_events.demo import run_demo
     from sle_events.store.record import StudyRecord
 
@@ -136,6 +136,9 @@ def demo(
         t.add_row(name, str(count))
     out.print(t)
     out.print(f"{result.events} signed events in {took:.2f} s → {url}")
+    refused = ", ".join(f"{k} {v}" for k, v in sorted(result.refused_as_expected.items())) or "none"
+    out.print(f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
+              f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}")
     raise typer.Exit(_verify(url, False, None))
 
 

@@ -36,8 +36,11 @@ def check_grade(field: str, grade: Any) -> int:
     return grade
 
 
+Assessment = tuple[int, tuple[Seriousness, ...], Relatedness | None, Relatedness | None]
+
+
 def check_assessment(grade: Any, serious: bool, seriousness: Iterable[Any], relatedness_cyc: Any,
-                     relatedness_msc: Any) -> tuple[int, tuple[Seriousness, ...], Relatedness | None, Relatedness | None]:
+                     relatedness_msc: Any) -> Assessment:
     """Grade 1–5; serious ⇔ at least one ICH E2A criterion; grade 5 (death related to the AE) ⇔ the
     'death' criterion. Relatedness may be left for later (None) but must come from the §7 scale."""
     g = check_grade("grade", grade)

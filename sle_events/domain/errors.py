@@ -773,3 +773,11 @@ class RoleMayNotCorrect(ProtocolViolation):
         self.allowed = tuple(allowed)
         super().__init__(f"role {role} may not correct {event_type} (recorded by: {_listed(self.allowed)})",
                          role=role, event_type=event_type, allowed=list(self.allowed))
+
+
+class UnknownSubject(ProtocolViolation):
+    code = "unknown_subject"
+
+    def __init__(self, subject: Any) -> None:
+        self.subject = str(subject)
+        super().__init__(f"subject {self.subject} is not in this study's record", subject=self.subject)

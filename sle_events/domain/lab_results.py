@@ -83,9 +83,9 @@ def validate_treg_panel(occurred_at: datetime, treg_pct: Any, cd4_per_ul: Any, *
         formulas.require_aware("reported_at", reported_at)
         if reported_at < occurred_at:
             raise InconsistentTimestamps("occurred_at (collection)", occurred_at, "reported_at", reported_at)
-    low, high = labs.reference_range("TREGPCT")
-    return TregPanel(occurred_at=occurred_at, treg_pct=treg, cd4_per_ul=cd4, treg_flag=labs.flag(treg, low, high),
-                     reported_at=reported_at)
+    return TregPanel(occurred_at=occurred_at, treg_pct=treg, cd4_per_ul=cd4,
+                     treg_flag=labs.flag(treg, *labs.reference_range("TREGPCT")),
+                     cd4_flag=labs.flag(cd4, *labs.reference_range("CD4")), reported_at=reported_at)
 
 
 def derive_egfr(creatinine: LabResult, demographics: Demographics | None,

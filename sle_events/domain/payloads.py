@@ -153,6 +153,13 @@ class Record(BaseModel):
     def json(self) -> dict[str, Any]:  # type: ignore[override]
         return self.model_dump(mode="json")
 
+    def __getitem__(self, name: str) -> Any:
+        """``record["value"]`` reads like ``record.value`` (records were dicts in the first Subject)."""
+        try:
+            return getattr(self, name)
+        except AttributeError:
+            raise KeyError(name) from None
+
 
 class LabResult(Record):
     """A lab result (labs.csv analyte) as reported, in canonical units, with its range and flag.
@@ -230,7 +237,8 @@ class SledaiAssessment(Record):
 class TregPanel(Record):
     treg_pct: DecimalValue
     cd4_per_ul: DecimalValue
-    treg_flag: Literal["L", "H", "N"] | None = None
+    treg_flag: Literal["L", "H", "N"] | None = None  # labs.csv has no consensus Treg range: usually None
+    cd4_flag: Literal["L", "H", "N"] | None = None
     reported_at: datetime | None = None
 
 

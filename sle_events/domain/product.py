@@ -146,7 +146,7 @@ class ProductLot(TrialAggregate):
         if self.subject_id != subject_id:
             raise LotUnavailable(self.lot_id, f"it was made for subject {self.subject_id}, not {subject_id}")
         if self.infused_into is not None:
-            raise LotUnavailable(self.lot_id, f"it was already infused at {self.infused_at.isoformat()}")  # type: ignore[union-attr]
+            raise LotUnavailable(self.lot_id, f"it was already infused at {self.infused_at.isoformat()}")
 
     @event("Infused")
     def _infused(self, subject_id: UUID, occurred_at: datetime) -> None:

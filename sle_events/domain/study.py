@@ -1,8 +1,11 @@
-"""The study aggregate: its trust root and key registry, as signed events.
+"""The study aggregate: its trust root and key registry, and its configuration, as signed events.
 
 The study is created with one admin public key (the trust root). Admins register the keys of users and
 services with a role, rotate and revoke them. Whether a signature counts is asked of the study *as it stood at
 the event's position in the log*: the verifier replays these events in log order.
+
+The data manager records the study's configuration as versioned events: sites, approved ICF versions, the
+visit schedule and the settings (PROTOCOL §2, §9). :attr:`Study.config` is the whole as the verbs read it.
 """
 
 from __future__ import annotations
@@ -10,10 +13,16 @@ from __future__ import annotations
 import base64
 from datetime import datetime
 from typing import Any
+from uuid import UUID
 
-from eventsourcing.domain import Aggregate, event
+from eventsourcing.domain import event
 
+from sle_events.domain import clock, formulas
+from sle_events.domain.base import TrialAggregate
+from sle_events.domain.errors import InvalidChoice, MissingValue, ReasonRequired, UnknownSite
 from sle_events.domain.roles import ADMIN, DEFAULT_PERMISSIONS, ROLES, event_type_name
+from sle_events.domain.settings import DEFAULT_SETTINGS, StudySettings
+from sle_events.domain.study_config import IcfVersion, Site, StudyConfig, VisitKind, VisitSchedule
 from sle_events.signing.keys import key_id as key_id_of
 
 
@@ -51,7 +60,7 @@ def _raw_public_key(public_key: str) -> bytes:
     return raw
 
 
-class Study(Aggregate):
+class Study(TrialAggregate):
     """A trial, its trust root, its key registry and its table of who may record what."""
 
     @event("Created")
@@ -69,15 +78,25 @@ class Study(Aggregate):
         self.keys: dict[str, dict[str, Any]] = {}
         self._add_key(admin_actor, ADMIN, admin_public_key)
         self.permissions = {k: list(v) for k, v in (permissions or DEFAULT_PERMISSIONS).items()}
+        self.sites: dict[str, Site] = {}
+        self.icf_versions: list[IcfVersion] = []
+        self.schedule: VisitSchedule | None = None
+        self.settings: StudySettings = DEFAULT_SETTINGS
+        self._config: StudyConfig | None = None
 
     @classmethod
     def create(cls, code: str, title: str, admin_actor: str, admin_public_key: str, occurred_at: datetime,
-               permissions: dict[str, list[str]] | None = None) -> "Study":  # fmt: skip
+               permissions: dict[str, list[str]] | None = None, *,
+               study_id: UUID | None = None) -> "Study":  # fmt: skip
+        """A new study; ``study_id`` fixes its stream id (a replayable demo), else a random one."""
         if not code.strip():
             raise RegistryError("a study needs a code")
         _raw_public_key(admin_public_key)
         for type_name, roles in (permissions or {}).items():
             cls._check_roles(type_name, roles)
+        if study_id is not None:
+            return cls._create(cls.Created, id=study_id, code=code, title=title, admin_actor=admin_actor,
+                               admin_public_key=admin_public_key, occurred_at=occurred_at, permissions=permissions)
         return cls(code, title, admin_actor, admin_public_key, occurred_at, permissions)
 
     # --- verbs -----------------------------------------------------------------------------------------
@@ -126,6 +145,96 @@ class Study(Aggregate):
     @event("PermissionsChanged")
     def _permissions_changed(self, event_type: str, roles: list[str], occurred_at: datetime) -> None:
         self.permissions[event_type] = list(roles)
+
+    # --- configuration (data manager) ------------------------------------------------------------------
+    def add_site(self, site_id: str, name: str, timezone: str, occurred_at: datetime) -> None:
+        """A site that may screen subjects (T1), with its IANA time zone."""
+        self._config_time(occurred_at)
+        for field, value in (("site_id", site_id), ("name", name)):
+            if not isinstance(value, str) or not value.strip():
+                raise MissingValue(field, "adding a site")
+        if site_id in self.sites:
+            raise InvalidChoice("site_id", site_id, ["a new site id"])
+        Site(site_id=site_id, name=name, timezone=timezone)  # validates the zone
+        self._site_added(site_id=site_id, name=name, timezone=timezone, occurred_at=occurred_at)
+
+    def close_site(self, site_id: str, reason: str, occurred_at: datetime) -> None:
+        self._config_time(occurred_at)
+        if site_id not in self.sites:
+            raise UnknownSite(site_id, self.sites)
+        if not isinstance(reason, str) or not reason.strip():
+            raise ReasonRequired("closing a site")
+        self._site_closed(site_id=site_id, reason=reason.strip(), occurred_at=occurred_at)
+
+    def approve_icf_version(self, version: str, effective_from: datetime, occurred_at: datetime) -> None:
+        """An approved ICF version; from ``effective_from`` on, consent is taken on it and active subjects
+        re-consent before their next procedure (T2, R1)."""
+        self._config_time(occurred_at)
+        if not isinstance(version, str) or not version.strip():
+            raise MissingValue("an ICF version", "ICF approval")
+        if any(i.version == version for i in self.icf_versions):
+            raise InvalidChoice("icf version", version, ["a version not yet approved"])
+        IcfVersion(version=version, effective_from=effective_from)
+        self._icf_version_approved(version=version, effective_from=effective_from, occurred_at=occurred_at)
+
+    def define_visit_schedule(self, schedule: VisitSchedule, occurred_at: datetime) -> None:
+        """A new version of the visit schedule (codes, VISITNUM, target days, windows)."""
+        self._config_time(occurred_at)
+        codes = [v.code for v in schedule.visits]
+        if len(set(codes)) != len(codes):
+            raise InvalidChoice("visit codes", codes, ["unique codes"])
+        for required in ("SCR", "ET"):
+            if required not in codes:
+                raise MissingValue(f"the {required} visit", "visit schedule")
+        follow = [v for v in schedule.visits if v.kind == VisitKind.FOLLOW_UP]
+        if not follow or any(v.month is None or v.target_day is None or v.window_days is None for v in follow):
+            raise MissingValue("follow-up visits with month, target day and window", "visit schedule")
+        self._visit_schedule_defined(schedule=schedule, occurred_at=occurred_at)
+
+    def adopt_settings(self, settings: StudySettings, occurred_at: datetime) -> None:
+        """A new version of the study settings (windows, doses, bounds...; PROTOCOL §9)."""
+        self._config_time(occurred_at)
+        if settings.version == self.settings.version:
+            raise InvalidChoice("settings version", settings.version, ["a new version label"])
+        self._settings_adopted(settings=settings, occurred_at=occurred_at)
+
+    def _config_time(self, occurred_at: datetime) -> None:
+        formulas.check_not_in_future("occurred_at", occurred_at, clock.now(), settings=self.settings)
+
+    @event("SiteAdded")
+    def _site_added(self, site_id: str, name: str, timezone: str, occurred_at: datetime) -> None:
+        self.sites[site_id] = Site(site_id=site_id, name=name, timezone=timezone)
+        self._config = None
+
+    @event("SiteClosed")
+    def _site_closed(self, site_id: str, reason: str, occurred_at: datetime) -> None:
+        self.sites[site_id] = self.sites[site_id].model_copy(update={"active": False})
+        self._config = None
+
+    @event("IcfVersionApproved")
+    def _icf_version_approved(self, version: str, effective_from: datetime, occurred_at: datetime) -> None:
+        self.icf_versions.append(IcfVersion(version=version, effective_from=effective_from))
+        self._config = None
+
+    @event("VisitScheduleDefined")
+    def _visit_schedule_defined(self, schedule: VisitSchedule, occurred_at: datetime) -> None:
+        self.schedule = schedule
+        self._config = None
+
+    @event("SettingsAdopted")
+    def _settings_adopted(self, settings: StudySettings, occurred_at: datetime) -> None:
+        self.settings = settings
+        self._config = None
+
+    @property
+    def config(self) -> StudyConfig:
+        """The study's configuration as it stands (cached until the next configuration event)."""
+        if getattr(self, "_config", None) is None:
+            self._config = StudyConfig.build(settings=getattr(self, "settings", DEFAULT_SETTINGS),
+                                             sites=getattr(self, "sites", {}).values(),
+                                             icf_versions=getattr(self, "icf_versions", ()),
+                                             schedule=getattr(self, "schedule", None))
+        return self._config
 
     # --- questions -------------------------------------------------------------------------------------
     def authorise(self, key: str, actor: str, role: str, topic: str) -> dict[str, Any]:

@@ -19,7 +19,7 @@ from sle_events.domain.lifecycle import Epoch
 from sle_events.domain.quantities import DecimalValue
 from sle_events.domain.settings import DEFAULT_SETTINGS, StudySettings
 
-__all__ = ["Site", "IcfVersion", "VisitKind", "VisitDefinition", "VisitSchedule", "StudyConfig",
+__all__ = ["Site", "IcfVersion", "VisitKind", "VisitDefinition", "VisitSchedule", "StudyConfig", "DEFAULT_CONFIG",
            "default_schedule"]
 
 
@@ -169,3 +169,8 @@ class StudyConfig(_Frozen):
             if icf.effective_from <= at and (current is None or icf.effective_from >= current.effective_from):
                 current = icf
         return current
+
+
+#: The protocol defaults with no sites and no ICF versions: what a verb reads when the caller passes no
+#: configuration. Screening and consent need a study's sites and ICF versions, so they always take one.
+DEFAULT_CONFIG = StudyConfig()

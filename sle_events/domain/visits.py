@@ -19,7 +19,8 @@ def _day(when: date | datetime) -> date:
     return when.date() if isinstance(when, datetime) else when
 
 
-def scheduled_window(defn: VisitDefinition, tx: date | datetime, visit_at: date | datetime) -> tuple[date, date, date, bool]:
+def scheduled_window(defn: VisitDefinition, tx: date | datetime,
+                     visit_at: date | datetime) -> tuple[date, date, date, bool]:
     """(target, earliest, latest, in window) of a follow-up visit: target = TX + target day, ± window
     (both ends inclusive; formulas.md §7)."""
     target = _day(tx) + timedelta(days=defn.target_day or 0)

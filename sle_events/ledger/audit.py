@@ -436,12 +436,23 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
             stream, version = rows.get(p, (None, None))
             found("event_not_in_ledger",
                   f"the event at log position {p} ({stream} v{version}) lies within the integrated part of the log "
-                  f"(up to position {logged_position}) but no leaf holds it: it was inserted behind the ledger's back",
+                  f"(up to position {logged_position}) but no leaf holds it: it was inserted behind the ledger's back "
+                  "or its leaf row was deleted",
                   position=p, stream=stream, version=version)  # fmt: skip
 
     # --- perfect subtrees against their children --------------------------------------------------------
-    levels = [lf_hash_b]
-    size = n
+    # Leaf hashes by index; a deleted leaf row leaves a hole of zeros, so only the subtrees above it differ.
+    size = lf_idx[-1] + 1 if n else 0
+    if size == n:
+        levels, pos_of = [lf_hash_b], lf_pos
+    else:
+        hole = bytearray(size * _H)
+        pos_of = array("q", [0] * size)
+        for k in range(n):
+            i = lf_idx[k]
+            hole[i * _H : (i + 1) * _H] = lf_hash_b[k * _H : (k + 1) * _H]
+            pos_of[i] = lf_pos[k]
+        levels = [bytes(hole)]
     stored_nodes: dict[int, dict[int, bytes]] = {}
     extra: list[tuple[int, int]] = []
     with engine.connect() as conn:
@@ -483,7 +494,7 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
                     ok = False
                     a, b = i << level, ((i + 1) << level) - 1
                     found("ledger_node_mismatch", f"ledger_nodes lacks the perfect subtree (level {level}, index {i}) "
-                          f"over leaves {a}–{b}: the ledger tables were altered", position=lf_pos[a])  # fmt: skip
+                          f"over leaves {a}–{b}: the ledger tables were altered", position=pos_of[a])  # fmt: skip
                     stored_list[i] = expected[i * _H : (i + 1) * _H]
             stored = b"".join(stored_list)
         if stored != expected:
@@ -491,10 +502,12 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
             for i in range(count):
                 if stored[i * _H : (i + 1) * _H] != expected[i * _H : (i + 1) * _H]:
                     a, b = i << level, ((i + 1) << level) - 1
+                    held = [p for p in pos_of[a : b + 1] if p] or [0]  # 0: a deleted leaf row
+                    lo, hi = min(held), max(held)
                     found("ledger_node_mismatch",
                           f"the perfect subtree (level {level}, index {i}) over leaves {a}–{b} (log positions "
-                          f"{lf_pos[a]}–{lf_pos[b]}) does not hash from its two children: a node or a leaf under it "
-                          "was altered", position=lf_pos[a])  # fmt: skip
+                          f"{lo}–{hi}) does not hash from its two children: a node or a leaf under it was altered",
+                          position=lo)  # fmt: skip
         levels.append(stored)
         level += 1
 
@@ -504,8 +517,8 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         found("ledger_state_mismatch", "ledger_state has no row: the ledger tables were emptied or altered")
     else:
         problems = []
-        if state["size"] != size:
-            problems.append(f"it says {state['size']} leaves, ledger_leaves holds {size}")
+        if state["size"] != n:
+            problems.append(f"it says {state['size']} leaves, ledger_leaves holds {n}")
         if n and state["position"] != lf_pos[-1]:
             problems.append(f"it says the last integrated position is {state['position']}, the last leaf holds "
                             f"{lf_pos[-1]}")  # fmt: skip

@@ -341,7 +341,9 @@ def verify_record(
     if checkpoint is not None or vkey is not None or _has_ledger(url):
         from sle_events.ledger.audit import verify_ledger
 
-        ledger = verify_ledger(url, checkpoints_from=checkpoint, vkey=vkey)
+        base = report.events
+        ledger = verify_ledger(url, checkpoints_from=checkpoint, vkey=vkey,
+                               on_progress=(lambda d, t: on_progress(base + d, base + t)) if on_progress else None)  # fmt: skip
         report.findings.extend(ledger)
         report.ledger = ledger.info
     report.findings.sort(key=lambda f: (f.position or 0, f.stream or "", f.version or 0))
