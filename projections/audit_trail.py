@@ -1,7 +1,8 @@
 """The audit trail: one row per recorded change of a field, with who, when (both times), why and the old value.
 
 A new fact records each of its fields (old value empty: nothing was there). A correction names the event it
-corrects (`corrected_version` on the same stream) and the new values (`changes`); a void names `voided_version`.
+corrects (`corrected_version` on the same stream) and the new values (`new_values`); a void names
+`voided_version`.
 For those the old value is the corrected record's latest value of that field, read from this table.
 """
 
@@ -17,8 +18,6 @@ from projections.base import Fact, Projection
 from projections.schema import audit_trail, verification_findings, verification_runs
 
 SIGNATURE_VERIFIED_AT_APPEND = "verified_at_append"
-# Fields that say which record a correction or void changes: they are not themselves changes.
-_TARGET_FIELDS = ("corrected_version", "voided_version", "changes", "reason")
 
 
 def _text(value: Any) -> str | None:
@@ -34,6 +33,10 @@ class AuditTrail(Projection):
     def __init__(self) -> None:
         self.subjects: dict[str, str] = {}  # stream -> screening number
         self.printed_names: dict[str, str] = {}  # actor -> printed name, from the key registry
+
+    def forget(self) -> None:
+        self.subjects.clear()
+        self.printed_names.clear()
 
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
         rows: list[dict[str, Any]] = []
@@ -58,7 +61,7 @@ class AuditTrail(Projection):
             }  # fmt: skip
             if isinstance(payload.get("corrected_version"), int):
                 record_id = f"{fact.stream}:{payload['corrected_version']}"
-                changes = payload.get("changes") or {}
+                changes = payload.get("new_values") or {}
                 for name, value in sorted(changes.items()):
                     old = self._current(conn, latest, record_id, name)
                     new = _text(value)

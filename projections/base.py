@@ -77,6 +77,12 @@ class Projection(ABC):
         for table in reversed(self.tables):
             conn.execute(table.delete())
 
+    def bind(self, record: Any) -> None:
+        """Given the study record, for projections that need to load aggregates or study configuration."""
+
+    def forget(self) -> None:
+        """Drop in-memory caches (before a rebuild)."""
+
 
 class ChainCheckingReader:
     """Reads stored events in log order and refuses to hand over one whose chain is broken."""

@@ -43,6 +43,8 @@ class ProjectionRunner:
         self.engine = self.record.recorder.datastore.engine
         self.events = self.record.table
         self.projections = list(projections) if projections is not None else all_projections()
+        for p in self.projections:
+            p.bind(self.record)
         self.batch = batch
         self.is_postgres = self.engine.dialect.name == "postgresql"
         metadata.create_all(self.engine, checkfirst=True)
@@ -150,9 +152,7 @@ class ProjectionRunner:
                 self._lock_position(conn, p.name)
                 p.reset(conn)
                 self._save_position(conn, p.name, 0)
-            for attr in ("subjects", "printed_names", "cache"):
-                if hasattr(p, attr):
-                    getattr(p, attr).clear()
+            p.forget()
         saved, self.projections = self.projections, chosen
         try:
             self.catch_up(on_progress)

@@ -74,3 +74,65 @@ verification_findings = Table(
     Column("detail", Text, nullable=False),
     Index("verification_findings_position", "position"),
 )
+
+# One row per subject: where they stand now (PROTOCOL §3–§8). Rebuilt rows come out identical.
+patient_state = Table(
+    "patient_state",
+    metadata,
+    Column("subject", String(36), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("screening_number", String(64), nullable=False),
+    Column("status", String(32), nullable=False),
+    Column("epoch", String(32), nullable=False),
+    Column("consent_version", String(32)),
+    Column("eligible_at", String(40)),
+    Column("enrolled_at", String(40)),
+    Column("cyc_started_at", String(40)),
+    Column("cyc_administered_mg", String(32)),
+    Column("msc_started_at", String(40)),
+    Column("msc_lot", String(64)),
+    Column("msc_dose_1e6_per_kg", String(32)),
+    Column("tx_date", String(10)),
+    Column("next_visit", String(16)),
+    Column("next_visit_target", String(10)),
+    Column("next_visit_earliest", String(10)),
+    Column("next_visit_latest", String(10)),
+    Column("sledai_total", Integer),
+    Column("renal_response", String(32)),
+    Column("open_adverse_events", Integer, nullable=False),
+    Column("open_serious_adverse_events", Integer, nullable=False),
+    Column("deviations", Integer, nullable=False),
+    Column("corrections", Integer, nullable=False),
+    Column("flags", Text, nullable=False),  # JSON list
+    Column("key_labs", Text, nullable=False),  # JSON: code -> latest value, unit, when, flag, previous, trend
+    Column("version", _ID, nullable=False),
+    Column("position", _ID, nullable=False),
+    Index("patient_state_screening", "study", "screening_number"),
+    Index("patient_state_status", "study", "status"),
+)
+
+# The study dashboard's grain: one row per subject visit and per adverse event; the dashboard is GROUP BYs.
+subject_visits = Table(
+    "subject_visits",
+    metadata,
+    Column("subject", String(36), primary_key=True),
+    Column("visit", String(16), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("outcome", String(16), nullable=False),  # done | out_of_window | missed
+    Column("labs_expected", Integer, nullable=False),
+    Column("labs_present", Integer, nullable=False),
+)
+
+subject_adverse_events = Table(
+    "subject_adverse_events",
+    metadata,
+    Column("subject", String(36), primary_key=True),
+    Column("ae_id", String(64), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("grade", Integer),
+    Column("serious", Integer, nullable=False),
+    Column("open", Integer, nullable=False),
+)

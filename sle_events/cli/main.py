@@ -169,13 +169,23 @@ def keys_generate(
     print(json.dumps({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64}))
 
 
-from sle_events.cli.projections_cmd import audit_trail, db_app, projections_app  # noqa: E402
+from sle_events.cli.projections_cmd import (  # noqa: E402
+    audit_trail,
+    dashboard_cmd,
+    db_app,
+    patients,
+    projections_app,
+    replay,
+)
 from sle_events.cli.study_cmd import study_app  # noqa: E402
 
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(projections_app, name="projections")
 app.command("audit-trail")(audit_trail)
+app.command("replay")(replay)
+app.command("patients")(patients)
+app.command("dashboard")(dashboard_cmd)
 
 
 def main() -> None:  # pragma: no cover

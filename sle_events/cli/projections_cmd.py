@@ -140,3 +140,125 @@ def audit_trail(
             t.add_row(r["recorded_at"], r["subject"] or "", r["form"], r["field"], r["old_value"] or "",
                       r["new_value"] or "", r["printed_name"], r["role"], r["reason"] or "")  # fmt: skip
         out.print(t)
+
+
+def _time(text: Optional[str], name: str):  # type: ignore[no-untyped-def]
+    from sle_events.signing.envelope import MalformedEnvelope, parse_time
+
+    if text is None:
+        return None
+    try:
+        return parse_time(name, text)
+    except MalformedEnvelope as e:
+        err.print(f"[red]{name}: {e} (give ISO 8601 with an offset, e.g. 2008-03-01T00:00:00+08:00)[/red]")
+        raise typer.Exit(2) from None
+
+
+def replay(
+    subject: str = typer.Option(..., help="screening number or subject (stream) id"),
+    as_of: Optional[str] = typer.Option(None, "--as-of", help="what the database said at this recorded time"),
+    occurred_as_of: Optional[str] = typer.Option(None, "--occurred-as-of",
+                                                 help="what was true in the clinic then, given today's knowledge"),
+    as_json: bool = typer.Option(False, "--json"),
+    db: Optional[str] = DbOption,
+) -> None:  # fmt: skip
+    """A subject's state as of a past moment, on either time axis (bitemporal)."""
+    from projections.patient_state import summarise
+    from projections.replay import SubjectNotFound, replay as replay_subject
+    from sle_events.store.record import StudyRecord
+
+    when, occurred = _time(as_of, "--as-of"), _time(occurred_as_of, "--occurred-as-of")
+    record = StudyRecord(database_url(db))
+    try:
+        subject_then = replay_subject(record, subject, as_of=when, occurred_as_of=occurred)
+        state = summarise(subject_then, record.study(subject_then.study_id).config.visits)
+    except SubjectNotFound as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    finally:
+        record.close()
+    state["key_labs"] = json.loads(state["key_labs"])
+    state["flags"] = json.loads(state["flags"])
+    if as_json:
+        print(json.dumps(state, indent=2))
+        return
+    t = Table("field", "value", title=f"subject {state['screening_number']} as of "
+              f"{'recorded ' + as_of if as_of else ''}{' / ' if as_of and occurred_as_of else ''}"
+              f"{'occurred ' + occurred_as_of if occurred_as_of else ''}{'now' if not (as_of or occurred_as_of) else ''}")  # fmt: skip
+    for k, v in state.items():
+        if k != "key_labs":
+            t.add_row(k, "" if v is None else str(v))
+    for code, lab in state["key_labs"].items():
+        t.add_row(code, f"{_display(lab['value'])} {lab['unit']} ({lab['trend'] or 'first'}) at {lab['at']}")
+    out.print(t)
+
+
+def _display(value: str) -> str:
+    from decimal import Decimal
+
+    from sle_events.domain.quantities import display
+
+    return display(Decimal(value))
+
+
+def patients(
+    status: Optional[str] = typer.Option(None, help="only subjects in this state, e.g. IN_FOLLOW_UP"),
+    as_json: bool = typer.Option(False, "--json"),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Current patient state of every subject (brings the projection up to date first)."""
+    from datetime import date
+
+    from sqlalchemy import select
+
+    from projections.schema import patient_state
+
+    runner = _runner(db)
+    runner.catch_up()
+    q = select(patient_state).order_by(patient_state.c.screening_number)
+    if status:
+        q = q.where(patient_state.c.status == status)
+    with runner.engine.connect() as conn:
+        rows = [dict(r._mapping) for r in conn.execute(q)]
+    runner.close()
+    today = date.today()
+    for r in rows:
+        r["key_labs"], r["flags"] = json.loads(r["key_labs"]), json.loads(r["flags"])
+        r["days_since_transplant"] = (today - date.fromisoformat(r["tx_date"])).days if r["tx_date"] else None
+    if as_json:
+        print(json.dumps(rows, indent=2))
+        return
+    t = Table("subject", "status", "epoch", "TX", "next visit (window)", "SLEDAI", "renal", "UPCR", "eGFR", "open AEs/SAEs")
+    for r in rows:
+        labs = r["key_labs"]
+        window = f"{r['next_visit']} ({r['next_visit_earliest']}…{r['next_visit_latest']})" if r["next_visit"] else ""
+        t.add_row(r["screening_number"], r["status"], r["epoch"], r["tx_date"] or "", window,
+                  str(r["sledai_total"] if r["sledai_total"] is not None else ""), r["renal_response"] or "",
+                  _display(labs["UPCR"]["value"]) if "UPCR" in labs else "",
+                  _display(labs["EGFR"]["value"]) if "EGFR" in labs else "",
+                  f"{r['open_adverse_events']}/{r['open_serious_adverse_events']}")  # fmt: skip
+    out.print(t)
+
+
+def dashboard_cmd(
+    as_json: bool = typer.Option(False, "--json"),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Enrollment by status and site, visit compliance, AEs by grade, lab completeness per visit."""
+    from projections.dashboard import dashboard
+
+    runner = _runner(db)
+    runner.catch_up()
+    with runner.engine.connect() as conn:
+        data = dashboard(conn)
+    runner.close()
+    if as_json:
+        print(json.dumps(data, indent=2, default=str))
+        return
+    for title, rows in data.items():
+        if not rows:
+            continue
+        t = Table(*rows[0].keys(), title=title.replace("_", " "))
+        for r in rows:
+            t.add_row(*("" if v is None else str(v) for v in r.values()))
+        out.print(t)

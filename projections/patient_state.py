@@ -1,0 +1,163 @@
+"""Patient state: one row per subject, folded from the subject's own events by the domain aggregate.
+
+The row is a pure function of the subject's events (`summarise`), so incremental and rebuilt tables are equal
+and as-of replay shows the same shape for any past moment. Nothing here depends on the wall clock: "days
+since transplant" is computed when read, from `tx_date`.
+"""
+
+from __future__ import annotations
+
+import json
+from datetime import date, timedelta
+from decimal import Decimal
+from typing import Any, Sequence
+
+from sqlalchemy import Connection, delete
+
+from projections.base import Fact, Projection
+from projections.schema import patient_state
+from sle_events.domain.study_config import VisitSchedule
+
+# The labs a monitor follows (PROTOCOL §8): analyte code -> the facts that carry it.
+KEY_LABS = ("DSDNA", "C3", "C4", "CREAT", "EGFR", "UPCR", "TREGPCT")
+
+
+class SubjectFolder:
+    """Keeps each subject's aggregate current as its facts arrive, loading it from the store when needed."""
+
+    def __init__(self) -> None:
+        self.subjects: dict[str, Any] = {}
+        self.record: Any = None  # set by the runner: a StudyRecord for loading
+
+    def apply(self, fact: Fact) -> Any | None:
+        if not fact.type_name.startswith("Subject."):
+            return None
+        subject = self.subjects.get(fact.stream)
+        if subject is None and fact.version > 1:
+            subject = self.record.get(fact.sealed.stream, version=fact.version - 1)
+        subject = fact.event.mutate(subject)
+        self.subjects[fact.stream] = subject
+        return subject
+
+    def clear(self) -> None:
+        self.subjects.clear()
+
+
+def _iso(value: Any) -> str | None:
+    if value is None:
+        return None
+    return value.isoformat() if hasattr(value, "isoformat") else str(value)
+
+
+def _num(value: Any) -> str | None:
+    return None if value is None else format(Decimal(value), "f")
+
+
+def lab_series(subject: Any) -> dict[str, list[tuple[Any, str, str, str | None]]]:
+    """code -> [(occurred_at, value, unit, flag)] of current results, in clinical time order."""
+    series: dict[str, list[tuple[Any, str, str, str | None]]] = {}
+    for _, r in subject.records("LabResultRecorded"):
+        series.setdefault(r.code, []).append((r.occurred_at, _num(r.canonical_value), r.canonical_unit, r.flag))
+    for _, r in subject.records("DerivedResultRecorded"):
+        if r.value is not None:
+            series.setdefault(r.code, []).append((r.occurred_at, _num(r.value), r.unit, None))
+    for _, r in subject.records("TregPanelRecorded"):
+        series.setdefault("TREGPCT", []).append((r.occurred_at, _num(r.treg_pct), "%", r.treg_flag))
+    for points in series.values():
+        points.sort(key=lambda p: p[0])
+    return series
+
+
+def key_labs(subject: Any) -> dict[str, dict[str, Any]]:
+    found = {}
+    series = lab_series(subject)
+    for code in KEY_LABS:
+        points = series.get(code)
+        if not points:
+            continue
+        at, value, unit, flag = points[-1]
+        previous = points[-2][1] if len(points) > 1 else None
+        trend = None
+        if previous is not None:
+            delta = Decimal(value) - Decimal(previous)
+            trend = "up" if delta > 0 else "down" if delta < 0 else "same"
+        found[code] = {"value": value, "unit": unit, "at": _iso(at), "flag": flag, "previous": previous,
+                       "trend": trend}  # fmt: skip
+    return found
+
+
+def next_visit(subject: Any, schedule: VisitSchedule) -> tuple[str, date, date, date] | None:
+    """The first scheduled follow-up visit neither done nor recorded missed, with its target and window."""
+    if subject.tx_date is None or subject.exited:
+        return None
+    for v in schedule.follow_up:
+        if v.code not in subject.visit_outcomes:
+            target = subject.tx_date + timedelta(days=v.target_day or 0)
+            window = timedelta(days=v.window_days or 0)
+            return v.code, target, target - window, target + window
+    return None
+
+
+def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
+    """The patient-state row of a subject aggregate (also what `sle replay` prints)."""
+    cyc, msc = subject.cyc, subject.msc
+    sledai = subject.records("SledaiAssessed")
+    renal = subject.records("RenalResponseAssessed")
+    aes = [ae for ae in subject.adverse_events.values() if not ae.voided]
+    due = next_visit(subject, schedule)
+    corrections = sum(1 for f in subject.facts.values() if f.type in ("Corrected", "Voided"))
+    return {
+        "subject": str(subject.id), "study": str(subject.study_id), "site": subject.site,
+        "screening_number": subject.screening_number, "status": str(subject.status), "epoch": str(subject.epoch),
+        "consent_version": subject.consent_version, "eligible_at": _iso(subject.eligible_at),
+        "enrolled_at": _iso(subject.enrolled_at),
+        "cyc_started_at": _iso(cyc.occurred_at) if cyc else None,
+        "cyc_administered_mg": _num(cyc.administered_mg) if cyc else None,
+        "msc_started_at": _iso(msc.occurred_at) if msc else None,
+        "msc_lot": msc.lot_id if msc else None,
+        "msc_dose_1e6_per_kg": _num(msc.dose_1e6_per_kg) if msc else None,
+        "tx_date": _iso(subject.tx_date),
+        "next_visit": due[0] if due else None, "next_visit_target": _iso(due[1]) if due else None,
+        "next_visit_earliest": _iso(due[2]) if due else None, "next_visit_latest": _iso(due[3]) if due else None,
+        "sledai_total": sledai[-1][1].total if sledai else None,
+        "renal_response": renal[-1][1].status if renal else None,
+        "open_adverse_events": sum(1 for ae in aes if ae.open),
+        "open_serious_adverse_events": sum(1 for ae in aes if ae.open and ae.serious),
+        "deviations": len(subject.deviations),
+        "corrections": corrections,
+        "flags": json.dumps([f for _, f in subject.flags]),
+        "key_labs": json.dumps(key_labs(subject), sort_keys=True),
+        "version": subject.version,
+    }  # fmt: skip
+
+
+class PatientState(Projection):
+    name = "patient_state"
+    tables = (patient_state,)
+
+    def __init__(self) -> None:
+        self.folder = SubjectFolder()
+
+    def bind(self, record: Any) -> None:
+        self.folder.record = record
+
+    def forget(self) -> None:
+        self.folder.clear()
+
+    def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
+        changed: dict[str, tuple[Any, int]] = {}
+        for fact in facts:
+            subject = self.folder.apply(fact)
+            if subject is not None:
+                changed[fact.stream] = (subject, fact.position)
+        if not changed:
+            return
+        schedules: dict[str, VisitSchedule] = {}
+        rows = []
+        for stream, (subject, position) in changed.items():
+            study = str(subject.study_id)
+            if study not in schedules:
+                schedules[study] = self.folder.record.study(study).config.visits
+            rows.append(dict(summarise(subject, schedules[study]), position=position))
+        conn.execute(delete(patient_state).where(patient_state.c.subject.in_(list(changed))))
+        conn.execute(patient_state.insert(), rows)
