@@ -101,7 +101,7 @@ class ChainCheckingReader:
         ).all()
         return [self.check(conn, position, stream_id, version, state) for position, stream_id, version, state in rows]
 
-    def check(self, conn: Connection, position: int, stream_id: UUID, version: int, state: bytes) -> Fact:
+    def check(self, conn: Connection | None, position: int, stream_id: UUID, version: int, state: bytes) -> Fact:
         stream = str(stream_id)
         try:
             sealed = open_stored(state)
@@ -117,12 +117,14 @@ class ChainCheckingReader:
         self.heads[stream] = (version, sealed.hash)
         return Fact(position, sealed)
 
-    def _hash_before(self, conn: Connection, stream_id: UUID, version: int) -> str:
+    def _hash_before(self, conn: Connection | None, stream_id: UUID, version: int) -> str:
         if version == 1:
             return GENESIS
         head = self.heads.get(str(stream_id))
         if head and head[0] == version - 1:
             return head[1]
+        if conn is None:  # a whole stream read in order: a gap is a missing event
+            return "(missing)"
         t = self.table
         state = conn.execute(
             select(t.c.state).where(t.c.originator_id == stream_id, t.c.originator_version == version - 1)

@@ -15,6 +15,7 @@ from uuid import UUID
 
 from sqlalchemy import select
 
+from projections.base import ChainCheckingReader
 from sle_events.signing.envelope import SealedEvent, parse_time
 from sle_events.signing.payload import domain_event_from
 from sle_events.store.record import StudyRecord
@@ -77,9 +78,20 @@ def fold(events: list[SealedEvent]) -> Any:
     return aggregate
 
 
+def read_stream(record: StudyRecord, stream_id: UUID) -> list[SealedEvent]:
+    """A stream's events, read with SQLAlchemy Core and hash-chain checked like every projected event."""
+    t = record.table
+    with record.recorder.datastore.engine.connect() as conn:
+        rows = conn.execute(select(t.c.id, t.c.originator_version, t.c.state)
+                            .where(t.c.originator_id == stream_id).order_by(t.c.originator_version)).all()  # fmt: skip
+    reader = ChainCheckingReader(t)
+    return [reader.check(None, position, stream_id, version, state).sealed  # type: ignore[arg-type]
+            for position, version, state in rows]  # fmt: skip
+
+
 def replay(record: StudyRecord, subject: str, *, as_of: datetime | None = None,
            occurred_as_of: datetime | None = None) -> Any:  # fmt: skip
-    stream = record.stream(find_subject(record, subject))
+    stream = read_stream(record, find_subject(record, subject))
     chosen = events_as_of(stream, as_of=as_of, occurred_as_of=occurred_as_of)
     if not chosen:
         raise SubjectNotFound(f"subject {subject} had no recorded events by then")

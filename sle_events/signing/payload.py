@@ -93,6 +93,11 @@ def _decoders(cls: type) -> dict[str, Callable[[Any], Any]]:
     return found
 
 
+@lru_cache(maxsize=None)
+def _has_occurred_at(cls: type) -> bool:
+    return "occurred_at" in typing.get_type_hints(cls)
+
+
 def event_payload(domain_event: Any) -> dict[str, Any]:
     state = vars(domain_event)
     return {k: to_json_value(v, f"$.{k}") for k, v in state.items() if k not in OUTSIDE_PAYLOAD}
@@ -141,7 +146,7 @@ def domain_event_from(sealed: SealedEvent) -> Any:
     state["originator_id"] = UUID(env["stream"])
     state["originator_version"] = env["version"]
     state["timestamp"] = parse_time("recorded_at", env["recorded_at"])
-    if "occurred_at" in typing.get_type_hints(cls):
+    if _has_occurred_at(cls):
         state["occurred_at"] = parse_time("occurred_at", env["occurred_at"])
     event = object.__new__(cls)
     object.__setattr__(event, "__dict__", state)
