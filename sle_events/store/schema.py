@@ -1,7 +1,7 @@
 """Every table the project owns, for Alembic (`migrations/`) and its model check.
 
-The events table is the one `eventsourcing-sqlalchemy` defines for `StudyRecord`; read models and ledger tables
-register their own metadata here.
+The events table is the one `eventsourcing-sqlalchemy` defines for `StudyRecord`; the ledger's tables and the
+read models' are listed here too.
 """
 
 from __future__ import annotations
@@ -25,7 +25,9 @@ def target_metadata() -> MetaData:
 
 
 def _extra_metadata() -> list[MetaData]:
-    found = []
+    from sle_events.ledger.log import metadata as ledger_metadata
+
+    found = [ledger_metadata]
     try:
         from projections.schema import metadata as projection_metadata
 
