@@ -7,12 +7,11 @@ whenever the subject changes; the dashboard itself is GROUP BY queries over them
 from __future__ import annotations
 
 from datetime import timedelta
-from typing import Any, Sequence
+from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
-from projections.base import Fact, Projection
-from projections.patient_state import SubjectFolder
+from projections.patient_state import SubjectProjection
 from projections.schema import patient_state, subject_adverse_events, subject_visits
 
 # What every monthly visit must carry from the lab (PROTOCOL §6): renal, urine, serology.
@@ -38,29 +37,13 @@ def visit_rows(subject: Any) -> list[dict[str, Any]]:
     return rows
 
 
-class StudyDashboard(Projection):
+class StudyDashboard(SubjectProjection):
     name = "study_dashboard"
     tables = (subject_visits, subject_adverse_events)
 
-    def __init__(self) -> None:
-        self.folder = SubjectFolder()
-
-    def bind(self, record: Any) -> None:
-        self.folder.record = record
-
-    def forget(self) -> None:
-        self.folder.clear()
-
-    def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
-        changed: dict[str, Any] = {}
-        for fact in facts:
-            subject = self.folder.apply(fact)
-            if subject is not None:
-                changed[fact.stream] = subject
-        if not changed:
-            return
+    def write(self, conn: Connection, changed: dict[str, tuple[Any, int]]) -> None:
         visits, aes = [], []
-        for stream, subject in changed.items():
+        for stream, (subject, _) in changed.items():
             base = {"subject": stream, "study": str(subject.study_id), "site": subject.site}
             visits += [dict(base, **row) for row in visit_rows(subject)]
             aes += [dict(base, ae_id=ae.ae_id, grade=ae.grade, serious=int(ae.serious), open=int(ae.open))

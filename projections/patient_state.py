@@ -8,6 +8,7 @@ since transplant" is computed when read, from `tx_date`.
 from __future__ import annotations
 
 import json
+from abc import abstractmethod
 from datetime import date, timedelta
 from decimal import Decimal
 from typing import Any, Sequence
@@ -131,9 +132,9 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
     }  # fmt: skip
 
 
-class PatientState(Projection):
-    name = "patient_state"
-    tables = (patient_state,)
+class SubjectProjection(Projection):
+    """Rows that are a function of one subject's state: keep every subject folded, and rewrite the rows of
+    each subject a batch changed."""
 
     def __init__(self) -> None:
         self.folder = SubjectFolder()
@@ -150,11 +151,22 @@ class PatientState(Projection):
             subject = self.folder.apply(fact)
             if subject is not None:
                 changed[fact.stream] = (subject, fact.position)
-        if not changed:
-            return
+        if changed:
+            self.write(conn, changed)
+
+    @abstractmethod
+    def write(self, conn: Connection, changed: dict[str, tuple[Any, int]]) -> None:
+        """Replace the rows of the changed subjects: stream -> (subject, log position of its last fact)."""
+
+
+class PatientState(SubjectProjection):
+    name = "patient_state"
+    tables = (patient_state,)
+
+    def write(self, conn: Connection, changed: dict[str, tuple[Any, int]]) -> None:
         schedules: dict[str, VisitSchedule] = {}
         rows = []
-        for stream, (subject, position) in changed.items():
+        for subject, position in changed.values():
             study = str(subject.study_id)
             if study not in schedules:
                 schedules[study] = self.folder.record.study(study).config.visits
