@@ -6,6 +6,10 @@ or study), passes the study's current configuration into the domain verb, and re
 signed by ``signer``, in one atomic append. A verb that refuses raises before any event exists; a store that
 refuses (role, key, clock, concurrent writer) stores nothing and the cached aggregate is dropped.
 
+Aggregates are cached between use cases (a subject is not replayed for every command). Another writer's event
+makes the cached copy stale; the store then refuses the append (``VersionConflict``), the copy is dropped, and a
+retry works on the current stream. The study's configuration is the store's current view of the study.
+
 Besides the verbs, the application does what needs more than one aggregate or the study's permission table:
 unique screening numbers and lot numbers (deterministic stream ids), marking an MSC lot infused with the
 infusion, deriving eGFR and UPCR when the lab's inputs arrive, and refusing a correction by a role that may not

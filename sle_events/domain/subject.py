@@ -15,6 +15,10 @@ ordering rules R1–R8 that need the subject's history.
 
 Who may record each fact is not checked here: the store refuses a signer whose role may not record the event
 type (R10, ``sle_events.domain.roles``).
+
+``Subject.screen(...)`` is the screening verb (T1 checks, a stream id per screening number). Calling
+``Subject(study_id, site, screening_number, occurred_at)`` directly records the ``Screened`` fact without those
+checks, with a random id; it is kept for the storage tests that only need a stream.
 """
 
 from __future__ import annotations
@@ -249,9 +253,6 @@ class Subject(TrialAggregate):
         self.died_at: datetime | None = None
         self.completed_at: datetime | None = None
         self.ltfu_at: datetime | None = None
-
-    def link_rescreen(self, new_subject: UUID, occurred_at: datetime) -> None:  # pragma: no cover - via screen()
-        raise TypeError("use Subject.screen(..., rescreen_of=old)")
 
     @event("Rescreened")
     def _rescreened(self, new_subject: UUID, occurred_at: datetime) -> None:
@@ -1023,7 +1024,7 @@ class Subject(TrialAggregate):
         else:  # early termination
             if self.tx_date is None:
                 raise VisitBeforeTransplant(defn.code, "no MSC infusion (TX) is recorded")
-            if self.withdrawal is None or self.status != "WITHDRAWN":
+            if self.withdrawal is None:
                 raise InvalidTransition(f"visit {defn.code}", self.status, [S.WITHDRAWN.value],
                                         "early termination follows a withdrawal")
             self._at(f"visit {defn.code}", at, config, reconsent=False, after_exit=AfterExit.SAFETY)
