@@ -33,6 +33,7 @@ from typing import Any
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
 
+from sle_events.domain import bounds
 from sle_events.domain import clock as domain_clock
 from sle_events.domain import errors as E
 from sle_events.domain.payloads import CriterionAnswer, EligibilityChecklist
@@ -320,7 +321,13 @@ def observe(rng: Rng, course: Course, t: float, nadir: tuple[float, float] | Non
         value *= math.exp(sigma * e)
         out[code] = value
     lows = {"CREAT": 0.3, "ALB": 0.8, "HGB": 6.0, "C3": 5.0, "C4": 0.5, "UCREAT": 15}
-    return {code: dec(max(v, lows.get(code, 0.0)), DP[code]) for code, v in out.items()}
+    return {code: dec(min(max(v, lows.get(code, 0.0)), _plausible_high(code)), DP[code]) for code, v in out.items()}
+
+
+def _plausible_high(code: str) -> float:
+    """A simulated lab never reports what no real lab could (the plausibility bounds would refuse it)."""
+    field = bounds.lab_bound_field(code)
+    return float(bounds.get_bound(field).high) * 0.98 if field else math.inf
 
 
 def sledai_codes(values: dict[str, str], clinical: set[str]) -> list[str]:
@@ -506,6 +513,7 @@ def plan_treatment(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, el
     administered = dec(calc * (1 + off), 0)
     cyc_stop = cyc_start + timedelta(minutes=rng.integer(60, 120))
     msc_start = cyc_start + timedelta(hours=clip(rng.normal(24, 1.5), 20, 30))
+    story.procedure(demo, sid, cyc_start - timedelta(minutes=10), number)
     story.add(cyc_stop + timedelta(minutes=10), f"{number} CYC", lambda: t.give_pretreatment(
         sid(), cyc_start, cyc_stop, "750", administered, f"CYC-{cyc_day:%Y%m}", signer=s["investigator"]))
     story.add(cyc_stop + timedelta(minutes=20), f"{number} mesna", lambda: t.record_concomitant_medication(
@@ -537,6 +545,8 @@ def plan_treatment(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, el
         story.add(msc_start, f"{number} transplant not performed", lambda: t.record_transplant_not_performed(
             sid(), msc_start, "the lot failed release and no replacement was available", signer=s["investigator"]))
     else:
+        # An ICF version may take effect between the CYC and the infusion (R1).
+        story.procedure(demo, sid, msc_start - timedelta(minutes=45), number)
         story.add(msc_start - timedelta(minutes=30), f"{number} premedication", lambda: t.record_concomitant_medication(
             sid(), "prednisone", msc_start.date(), msc_start - timedelta(minutes=40), signer=s["coordinator"],
             dose="20", dose_unit="mg", route="PO", indication="premedication"))
