@@ -78,3 +78,12 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     by_subject = {s[0].envelope["stream"]: [e.topic.rsplit(".", 1)[-1] for e in s] for s in subjects}
     for names in by_subject.values():
         assert names.count("CyclophosphamideGiven") <= 1
+
+
+def test_a_larger_trial_with_a_second_site_and_a_new_icf_records_and_verifies(tmp_path):
+    """Above 50 subjects the second site opens and more subjects straddle the ICF change: every command of the
+    plan must still be accepted (the demo raises on any unexpected refusal) and the record must verify."""
+    url, result, streams = _demo(tmp_path, "larger", 70, 3)
+    assert result.subjects == 70 and result.events > 20000
+    assert {e.envelope["payload"].get("site") for s in streams for e in s if e.topic.endswith(":Subject.Screened")} > {"NJ01"}
+    assert verify_record(url, workers=2).ok
