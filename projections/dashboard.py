@@ -11,7 +11,7 @@ from typing import Any
 
 from sqlalchemy import Connection, delete, func, select
 
-from projections.patient_state import SubjectProjection
+from projections.patient_state import SubjectProjection, current_records
 from projections.schema import patient_state, subject_adverse_events, subject_visits
 
 # What every monthly visit must carry from the lab (PROTOCOL §6): renal, urine, serology.
@@ -21,7 +21,8 @@ MONTHLY_LABS = ("CREAT", "UPCR", "DSDNA", "C3", "C4")
 def visit_rows(subject: Any) -> list[dict[str, Any]]:
     rows = []
     labs_by_day: dict[Any, set[str]] = {}
-    for _, r in subject.records("LabResultRecorded", "DerivedResultRecorded"):
+    records = current_records(subject)
+    for r in (*records.get("LabResultRecorded", ()), *records.get("DerivedResultRecorded", ())):
         labs_by_day.setdefault(r.occurred_at.date(), set()).add(r.code)
     for code, outcome in sorted(subject.visit_outcomes.items()):
         version = subject.visit_versions.get(code)

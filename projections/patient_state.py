@@ -24,17 +24,22 @@ KEY_LABS = ("DSDNA", "C3", "C4", "CREAT", "EGFR", "UPCR", "TREGPCT")
 
 
 class SubjectFolder:
-    """Keeps each subject's aggregate current as its facts arrive, loading it from the store when needed."""
+    """Keeps each subject's aggregate current as its facts arrive, loading it from the store when needed.
 
-    def __init__(self) -> None:
+    Folding is idempotent per version, so projections processed together can share one folder, and a batch
+    retried after a rolled-back transaction folds nothing twice."""
+
+    def __init__(self, record: Any = None) -> None:
         self.subjects: dict[str, Any] = {}
-        self.record: Any = None  # set by the runner: a StudyRecord for loading
+        self.record = record  # a StudyRecord, for loading
 
     def apply(self, fact: Fact) -> Any | None:
         if not fact.type_name.startswith("Subject."):
             return None
         subject = self.subjects.get(fact.stream)
-        if subject is None and fact.version > 1:
+        if subject is not None and subject.version >= fact.version:
+            return subject
+        if (subject is None and fact.version > 1) or (subject is not None and subject.version < fact.version - 1):
             subject = self.record.get(fact.sealed.stream, version=fact.version - 1)
         subject = fact.event.mutate(subject)
         self.subjects[fact.stream] = subject
@@ -42,6 +47,16 @@ class SubjectFolder:
 
     def clear(self) -> None:
         self.subjects.clear()
+
+
+def current_records(subject: Any) -> dict[str, list[Any]]:
+    """Current (corrected, not voided) records by fact type, in version order, in one pass over the facts
+    (`Subject.records` sorts all facts on every call: too slow for a projection's hot path)."""
+    found: dict[str, list[Any]] = {}
+    for fact in subject.facts.values():  # inserted as versions grow, so already in version order
+        if fact.record is not None and not fact.voided:
+            found.setdefault(fact.type, []).append(fact.record)
+    return found
 
 
 def _iso(value: Any) -> str | None:
@@ -54,24 +69,24 @@ def _num(value: Any) -> str | None:
     return None if value is None else format(Decimal(value), "f")
 
 
-def lab_series(subject: Any) -> dict[str, list[tuple[Any, str, str, str | None]]]:
+def lab_series(records: dict[str, list[Any]]) -> dict[str, list[tuple[Any, str, str, str | None]]]:
     """code -> [(occurred_at, value, unit, flag)] of current results, in clinical time order."""
     series: dict[str, list[tuple[Any, str, str, str | None]]] = {}
-    for _, r in subject.records("LabResultRecorded"):
+    for r in records.get("LabResultRecorded", ()):
         series.setdefault(r.code, []).append((r.occurred_at, _num(r.canonical_value), r.canonical_unit, r.flag))
-    for _, r in subject.records("DerivedResultRecorded"):
+    for r in records.get("DerivedResultRecorded", ()):
         if r.value is not None:
             series.setdefault(r.code, []).append((r.occurred_at, _num(r.value), r.unit, None))
-    for _, r in subject.records("TregPanelRecorded"):
+    for r in records.get("TregPanelRecorded", ()):
         series.setdefault("TREGPCT", []).append((r.occurred_at, _num(r.treg_pct), "%", r.treg_flag))
     for points in series.values():
         points.sort(key=lambda p: p[0])
     return series
 
 
-def key_labs(subject: Any) -> dict[str, dict[str, Any]]:
+def key_labs(records: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
     found = {}
-    series = lab_series(subject)
+    series = lab_series(records)
     for code in KEY_LABS:
         points = series.get(code)
         if not points:
@@ -102,8 +117,9 @@ def next_visit(subject: Any, schedule: VisitSchedule) -> tuple[str, date, date, 
 def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
     """The patient-state row of a subject aggregate (also what `sle replay` prints)."""
     cyc, msc = subject.cyc, subject.msc
-    sledai = subject.records("SledaiAssessed")
-    renal = subject.records("RenalResponseAssessed")
+    records = current_records(subject)
+    sledai = records.get("SledaiAssessed")
+    renal = records.get("RenalResponseAssessed")
     aes = [ae for ae in subject.adverse_events.values() if not ae.voided]
     due = next_visit(subject, schedule)
     corrections = sum(1 for f in subject.facts.values() if f.type in ("Corrected", "Voided"))
@@ -120,14 +136,14 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
         "tx_date": _iso(subject.tx_date),
         "next_visit": due[0] if due else None, "next_visit_target": _iso(due[1]) if due else None,
         "next_visit_earliest": _iso(due[2]) if due else None, "next_visit_latest": _iso(due[3]) if due else None,
-        "sledai_total": sledai[-1][1].total if sledai else None,
-        "renal_response": renal[-1][1].status if renal else None,
+        "sledai_total": sledai[-1].total if sledai else None,
+        "renal_response": renal[-1].status if renal else None,
         "open_adverse_events": sum(1 for ae in aes if ae.open),
         "open_serious_adverse_events": sum(1 for ae in aes if ae.open and ae.serious),
         "deviations": len(subject.deviations),
         "corrections": corrections,
         "flags": json.dumps([f for _, f in subject.flags]),
-        "key_labs": json.dumps(key_labs(subject), sort_keys=True),
+        "key_labs": json.dumps(key_labs(records), sort_keys=True),
         "version": subject.version,
     }  # fmt: skip
 
@@ -141,6 +157,10 @@ class SubjectProjection(Projection):
 
     def bind(self, record: Any) -> None:
         self.folder.record = record
+
+    def share(self, folder: SubjectFolder) -> None:
+        """Fold with `folder` (projections processed together fold each subject once)."""
+        self.folder = folder
 
     def forget(self) -> None:
         self.folder.clear()

@@ -17,10 +17,11 @@ from typing import Callable, Iterable, Sequence
 from sqlalchemy import Connection, func, select, text
 
 from projections.base import ChainCheckingReader, Projection
+from projections.patient_state import SubjectFolder
 from projections.schema import metadata, projection_tracking
 from sle_events.store.record import StudyRecord
 
-BATCH = 1000
+BATCH = 2000
 
 
 def all_projections() -> list[Projection]:
@@ -88,29 +89,42 @@ class ProjectionRunner:
 
     # --- processing ------------------------------------------------------------------------------------
     def catch_up(self, on_progress: Callable[[int, int], None] | None = None) -> int:
-        """Project every event not yet projected; return how many (event, projection) pairs were applied."""
+        """Project every event not yet projected; return how many events were read and applied.
+
+        Projections at the same position are processed together: each batch is read and chain-checked once,
+        subjects are folded once, and every projection's rows and position are written in one transaction."""
         done = 0
+        groups: dict[int, list[Projection]] = {}
         for p in self.projections:
-            if not self._own(p):
-                continue
+            if self._own(p):
+                groups.setdefault(self.position(p.name), []).append(p)
+        for group in groups.values():
+            folders = [p for p in group if hasattr(p, "share")]
+            if folders:
+                shared = SubjectFolder(self.record)
+                for p in folders:
+                    p.share(shared)  # type: ignore[attr-defined]
             reader = ChainCheckingReader(self.events)
             while True:
-                applied = self._step(p, reader)
+                applied = self._step(group, reader)
                 if not applied:
                     break
                 done += applied
                 if on_progress:
-                    on_progress(self.position(p.name), self.head())
+                    on_progress(self.position(group[0].name), self.head())
         return done
 
-    def _step(self, projection: Projection, reader: ChainCheckingReader) -> int:
+    def _step(self, group: Sequence[Projection], reader: ChainCheckingReader) -> int:
         with self.engine.begin() as conn:
-            position = self._lock_position(conn, projection.name)
-            facts = reader.read(conn, position, self.batch)
+            positions = {self._lock_position(conn, p.name) for p in group}
+            if len(positions) != 1:  # another worker moved one of them: regroup on the next pass
+                return 0
+            facts = reader.read(conn, positions.pop(), self.batch)
             if not facts:
                 return 0
-            projection.apply(conn, facts)
-            self._save_position(conn, projection.name, facts[-1].position)
+            for p in group:
+                p.apply(conn, facts)
+                self._save_position(conn, p.name, facts[-1].position)
         return len(facts)
 
     def _lock_position(self, conn: Connection, name: str) -> int:
