@@ -14,10 +14,13 @@ from typing import Any, Sequence
 
 from sqlalchemy import Connection, select
 
-from projections.base import Fact, Projection
+from projections.base import Fact, Projection, bulk_insert
 from projections.schema import audit_trail, verification_findings, verification_runs
 
 SIGNATURE_VERIFIED_AT_APPEND = "verified_at_append"
+COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "aggregate", "event_type", "visit",
+           "form", "field", "change", "old_value", "new_value", "actor", "printed_name", "role", "key",
+           "occurred_at", "recorded_at", "reason", "signature_status")  # fmt: skip
 
 
 def _text(value: Any) -> str | None:
@@ -29,9 +32,12 @@ def _text(value: Any) -> str | None:
 class AuditTrail(Projection):
     name = "audit_trail"
     tables = (audit_trail,)
+    # Indexes for readers only: dropped during a rebuild and made again at the end (the record index stays:
+    # corrections look up old values through it).
+    reader_indexes = ("audit_trail_stream", "audit_trail_actor", "audit_trail_recorded", "audit_trail_type")
 
     def __init__(self) -> None:
-        self.subjects: dict[str, str] = {}  # stream -> screening number
+        self.subjects: dict[str, str | None] = {}  # stream -> screening number (None: not a subject)
         self.printed_names: dict[str, str] = {}  # actor -> printed name, from the key registry
 
     def forget(self) -> None:
@@ -39,62 +45,58 @@ class AuditTrail(Projection):
         self.printed_names.clear()
 
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
-        rows: list[dict[str, Any]] = []
+        rows: list[tuple[Any, ...]] = []
         latest: dict[tuple[str, str], str | None] = {}  # (record_id, field) -> value, within this batch
+        forms: dict[str, str] = {}  # record_id -> form, within this batch (not yet in the table)
         for fact in facts:
-            env, payload = fact.envelope, fact.payload
-            aggregate = fact.type_name.split(".", 1)[0]
-            if fact.type_name == "Subject.Screened":
-                self.subjects[fact.stream] = payload.get("screening_number")
-            if fact.type_name in ("Study.KeyRegistered", "Study.Created"):
+            env, payload, type_name, stream = fact.envelope, fact.payload, fact.type_name, fact.stream
+            event_id = f"{stream}:{env['version']}"
+            if type_name == "Subject.Screened":
+                self.subjects[stream] = payload.get("screening_number")
+            if type_name in ("Study.KeyRegistered", "Study.Created"):
                 actor = payload.get("actor") or payload.get("admin_actor")
                 name = payload.get("printed_name") or payload.get("admin_printed_name")
                 if actor and name:
                     self.printed_names[actor] = name
-            base = {
-                "position": fact.position, "event_id": fact.event_id, "study": env["study"], "stream": fact.stream,
-                "subject": self._subject(conn, fact.stream), "aggregate": aggregate, "event_type": fact.type_name,
-                "visit": _text(payload.get("visit")), "actor": env["actor"],
-                "printed_name": self.printed_names.get(env["actor"], env["actor"]), "role": env["role"],
-                "key": env["key"], "occurred_at": env["occurred_at"], "recorded_at": env["recorded_at"],
-                "reason": env["reason"], "signature_status": SIGNATURE_VERIFIED_AT_APPEND,
-            }  # fmt: skip
+            # Columns in COLUMNS order, around (record_id, form, field, change, old_value, new_value).
+            head = (fact.position, event_id)
+            middle = (env["study"], stream, self._subject(conn, stream), type_name.split(".", 1)[0], type_name,
+                      _text(payload.get("visit")))  # fmt: skip
+            tail = (env["actor"], self.printed_names.get(env["actor"], env["actor"]), env["role"], env["key"],
+                    env["occurred_at"], env["recorded_at"], env["reason"], SIGNATURE_VERIFIED_AT_APPEND)  # fmt: skip
             if isinstance(payload.get("corrected_version"), int):
-                record_id = f"{fact.stream}:{payload['corrected_version']}"
-                changes = payload.get("new_values") or {}
-                for name, value in sorted(changes.items()):
-                    old = self._current(conn, latest, record_id, name)
-                    new = _text(value)
-                    rows.append(dict(base, record_id=record_id, form=self._form(conn, record_id, fact), field=name,
-                                     change="corrected", old_value=old, new_value=new))  # fmt: skip
+                record_id = f"{stream}:{payload['corrected_version']}"
+                form = forms.get(record_id) or self._form(conn, record_id, fact)
+                for name, value in sorted((payload.get("new_values") or {}).items()):
+                    old, new = self._current(conn, latest, record_id, name), _text(value)
+                    rows.append((*head, record_id, *middle, form, name, "corrected", old, new, *tail))
                     latest[(record_id, name)] = new
             elif isinstance(payload.get("voided_version"), int):
-                record_id = f"{fact.stream}:{payload['voided_version']}"
-                for name in self._fields(conn, record_id):
+                record_id = f"{stream}:{payload['voided_version']}"
+                form = forms.get(record_id) or self._form(conn, record_id, fact)
+                names = set(self._fields(conn, record_id)) | {n for r, n in latest if r == record_id}
+                for name in sorted(names):
                     old = self._current(conn, latest, record_id, name)
-                    rows.append(dict(base, record_id=record_id, form=self._form(conn, record_id, fact), field=name,
-                                     change="voided", old_value=old, new_value=None))  # fmt: skip
+                    rows.append((*head, record_id, *middle, form, name, "voided", old, None, *tail))
                     latest[(record_id, name)] = None
             else:
+                forms[event_id] = type_name
                 for name, value in sorted(payload.items()):
-                    if name.startswith("originator_"):  # the library's bookkeeping, not a recorded field
+                    # Nothing entered, nothing to audit; and the library's own bookkeeping is not a field.
+                    if value is None or name.startswith("originator_"):
                         continue
                     new = _text(value)
-                    rows.append(dict(base, record_id=fact.event_id, form=fact.type_name, field=name,
-                                     change="recorded", old_value=None, new_value=new))  # fmt: skip
-                    latest[(fact.event_id, name)] = new
-        if rows:
-            conn.execute(audit_trail.insert(), rows)
+                    rows.append((*head, event_id, *middle, type_name, name, "recorded", None, new, *tail))
+                    latest[(event_id, name)] = new
+        bulk_insert(conn, audit_trail, COLUMNS, rows)
 
     def _subject(self, conn: Connection, stream: str) -> str | None:
         if stream not in self.subjects:
-            found = conn.execute(
+            # A subject's stream starts with Subject.Screened, so a stream without one is not a subject's.
+            self.subjects[stream] = conn.execute(
                 select(audit_trail.c.subject).where(audit_trail.c.stream == stream, audit_trail.c.subject.is_not(None))
                 .limit(1)
             ).scalar()  # fmt: skip
-            if found is None:
-                return None
-            self.subjects[stream] = found
         return self.subjects[stream]
 
     def _current(self, conn: Connection, latest: dict[tuple[str, str], str | None], record_id: str, name: str) -> str | None:

@@ -68,6 +68,7 @@ class Fact:
 class Projection(ABC):
     name: ClassVar[str]
     tables: ClassVar[tuple[Table, ...]]
+    reader_indexes: ClassVar[tuple[str, ...]] = ()  # not needed while projecting: dropped during a rebuild
 
     @abstractmethod
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
@@ -84,6 +85,22 @@ class Projection(ABC):
         """Drop in-memory caches (before a rebuild)."""
 
 
+def bulk_insert(conn: Connection, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
+    """Insert many rows fast: COPY on PostgreSQL, the driver's executemany elsewhere (SQLAlchemy's per-row
+    parameter building cost more than the database's own work)."""
+    if not rows:
+        return
+    names = ", ".join(columns)
+    if conn.dialect.name == "postgresql":
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        with cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
+            for row in rows:
+                copy.write_row(row)
+        return
+    marks = ", ".join("?" for _ in columns)
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)  # type: ignore[arg-type]
+
+
 class ChainCheckingReader:
     """Reads stored events in log order and refuses to hand over one whose chain is broken."""
 
@@ -91,14 +108,19 @@ class ChainCheckingReader:
         self.table = events_table
         self.heads: dict[str, tuple[int, str]] = {}
 
-    def read(self, conn: Connection, after: int, limit: int) -> list[Fact]:
+    def read(self, conn: Connection, after: int, limit: int, *, streams: tuple[Any, Any] = (None, None),
+             upto: int | None = None) -> list[Fact]:  # fmt: skip
+        """The next events after log position `after`, optionally only those of a range of stream ids and up
+        to a position (a partitioned rebuild)."""
         t = self.table
-        rows = conn.execute(
-            select(t.c.id, t.c.originator_id, t.c.originator_version, t.c.state)
-            .where(t.c.id > after)
-            .order_by(t.c.id)
-            .limit(limit)
-        ).all()
+        q = select(t.c.id, t.c.originator_id, t.c.originator_version, t.c.state).where(t.c.id > after)
+        if streams[0] is not None:
+            q = q.where(t.c.originator_id >= streams[0])
+        if streams[1] is not None:
+            q = q.where(t.c.originator_id < streams[1])
+        if upto is not None:
+            q = q.where(t.c.id <= upto)
+        rows = conn.execute(q.order_by(t.c.id).limit(limit)).all()
         return [self.check(conn, position, stream_id, version, state) for position, stream_id, version, state in rows]
 
     def check(self, conn: Connection | None, position: int, stream_id: UUID, version: int, state: bytes) -> Fact:

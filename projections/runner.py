@@ -8,6 +8,8 @@ and followers wake on the library's LISTEN/NOTIFY subscription; on SQLite the wo
 
 from __future__ import annotations
 
+import multiprocessing
+import os
 import threading
 import time
 import zlib
@@ -20,8 +22,10 @@ from projections.base import ChainCheckingReader, Projection
 from projections.patient_state import SubjectFolder
 from projections.schema import metadata, projection_tracking
 from sle_events.store.record import StudyRecord
+from sle_events.store.verification import split_streams
 
 BATCH = 2000
+REBUILDING = -1  # a projection's position while it is being rebuilt
 
 
 def all_projections() -> list[Projection]:
@@ -98,6 +102,10 @@ class ProjectionRunner:
         for p in self.projections:
             if self._own(p):
                 groups.setdefault(self.position(p.name), []).append(p)
+        interrupted = groups.pop(REBUILDING, [])
+        if interrupted:  # a rebuild stopped half-way: its tables are incomplete, so build them again
+            self.rebuild([p.name for p in interrupted], on_progress)
+            return self.head()
         for group in groups.values():
             folders = [p for p in group if hasattr(p, "share")]
             if folders:
@@ -155,21 +163,48 @@ class ProjectionRunner:
         return bool(got)
 
     # --- rebuild ---------------------------------------------------------------------------------------
-    def rebuild(self, names: Iterable[str] | None = None, on_progress: Callable[[int, int], None] | None = None) -> None:
+    def rebuild(self, names: Iterable[str] | None = None, on_progress: Callable[[int, int], None] | None = None,
+                *, workers: int | None = None) -> None:  # fmt: skip
+        """Drop and rebuild from event 1. Streams are split into ranges, one process each (rows of one stream
+        depend only on that stream); positions are marked REBUILDING until every range is done, so an
+        interrupted rebuild is started again rather than continued from a half-built table."""
         wanted = set(names) if names else None
         chosen = [p for p in self.projections if wanted is None or p.name in wanted]
         unknown = (wanted or set()) - {p.name for p in self.projections}
         if unknown:
             raise ValueError(f"unknown projections {sorted(unknown)}; known: {[p.name for p in self.projections]}")
-        for p in chosen:
-            with self.engine.begin() as conn:
+        dropped = [i for p in chosen for t in p.tables for i in t.indexes if i.name in p.reader_indexes]
+        with self.engine.begin() as conn:
+            for p in chosen:
                 self._lock_position(conn, p.name)
                 p.reset(conn)
-                self._save_position(conn, p.name, 0)
+                self._save_position(conn, p.name, REBUILDING)
+            for index in dropped:
+                index.drop(conn, checkfirst=True)
+        for p in chosen:
             p.forget()
+        head = self.head()
+        ranges = split_streams(self.engine, self.events, workers or os.cpu_count() or 1)
+        chosen_names = [p.name for p in chosen]
+        if len(ranges) == 1:
+            _project_range(self, chosen, (None, None), head, on_progress)
+        else:
+            self.engine.dispose()  # the workers are forked: they must not share our connections
+            ctx = multiprocessing.get_context("fork")
+            with ctx.Pool(len(ranges)) as pool:
+                done = [pool.apply_async(_rebuild_worker, (self.record.url, chosen_names, r, head)) for r in ranges]
+                for result in done:
+                    result.get()
+        with self.engine.begin() as conn:
+            for name in chosen_names:
+                self._save_position(conn, name, head)
+            for index in dropped:
+                index.create(conn, checkfirst=True)
+        if on_progress:
+            on_progress(head, head)
         saved, self.projections = self.projections, chosen
         try:
-            self.catch_up(on_progress)
+            self.catch_up(on_progress)  # anything appended meanwhile
         finally:
             self.projections = saved
 
@@ -195,6 +230,36 @@ class ProjectionRunner:
 
     def stop(self) -> None:
         self.stopping.set()
+
+
+def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], streams: tuple[object, object],
+                   head: int, on_progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
+    """Project the events of a range of streams up to `head`, batch by batch (positions are set by the caller)."""
+    folders = [p for p in projections if hasattr(p, "share")]
+    if folders:
+        shared = SubjectFolder(runner.record)
+        for p in folders:
+            p.share(shared)  # type: ignore[attr-defined]
+    reader = ChainCheckingReader(runner.events)
+    after = 0
+    while True:
+        with runner.engine.begin() as conn:
+            facts = reader.read(conn, after, runner.batch, streams=streams, upto=head)
+            if not facts:
+                return
+            for p in projections:
+                p.apply(conn, facts)
+        after = facts[-1].position
+        if on_progress:
+            on_progress(after, head)
+
+
+def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int) -> None:
+    runner = ProjectionRunner(url, [p for p in all_projections() if p.name in names])
+    try:
+        _project_range(runner, runner.projections, streams, head)
+    finally:
+        runner.close()
 
 
 def _now() -> str:

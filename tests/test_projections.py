@@ -133,3 +133,24 @@ def test_one_worker_per_projection_on_postgres(trial):
     first.close()  # its session ends, the lock is released
     assert second.catch_up() > 0
     second.close()
+
+
+def test_a_rebuild_interrupted_half_way_is_started_again(trial):
+    """Positions read REBUILDING while a rebuild runs; a worker finding that rebuilds instead of continuing
+    from a half-built table (which would duplicate rows)."""
+    from projections.runner import REBUILDING
+
+    for n in range(3):
+        add_subject(trial, f"SCR-60{n}")
+    runner = ProjectionRunner(trial.url, [AuditTrail()])
+    runner.catch_up()
+    complete = dump(runner)
+    with runner.engine.begin() as conn:  # as a killed rebuild leaves it: some rows, position REBUILDING
+        conn.execute(audit_trail.delete().where(audit_trail.c.position > 5))
+        runner._save_position(conn, "audit_trail", REBUILDING)
+    runner.close()
+    restarted = ProjectionRunner(trial.url, [AuditTrail()])
+    restarted.catch_up()
+    assert dump(restarted) == complete
+    assert restarted.position("audit_trail") == restarted.head()
+    restarted.close()

@@ -24,7 +24,7 @@ from sle_events.signing.envelope import open_sealed, seal
 from sle_events.signing.keys import Signer
 from sle_events.signing.payload import envelope_for
 from sle_events.store.errors import UntrustedKey
-from sle_events.store.verification import Report, _split, verify_record
+from sle_events.store.verification import Report, split_streams, verify_record
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)
@@ -146,7 +146,7 @@ def test_untampered_record_verifies_with_one_and_with_several_workers(trial):
     assert report.streams == 5  # the study's registry and four subjects
     # The two-worker run really splits the subject streams over two processes.
     engine = trial.record.recorder.datastore.engine
-    assert len(_split(engine, trial.record.table, 2)) == 2
+    assert len(split_streams(engine, trial.record.table, 2, skip_registry=True)) == 2
 
 
 # --- tampered rows -------------------------------------------------------------------------------------------

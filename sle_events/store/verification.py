@@ -258,14 +258,12 @@ def _check_range(url: str, lo: Any, hi: Any, progress: Any) -> tuple[list[Findin
     return checker.findings, checker.events, streams
 
 
-def _split(engine: Any, table: Any, parts: int) -> list[tuple[Any, Any]]:
-    """Contiguous ranges of stream ids holding about the same number of events."""
-    query = (
-        select(table.c.originator_id, func.count())
-        .where(~table.c.topic.like(f"%{REGISTRY_TOPIC_MARK}%"))
-        .group_by(table.c.originator_id)
-        .order_by(table.c.originator_id)
-    )
+def split_streams(engine: Any, table: Any, parts: int, *, skip_registry: bool = False) -> list[tuple[Any, Any]]:
+    """Contiguous ranges of stream ids holding about the same number of events (`None` = open end)."""
+    query = select(table.c.originator_id, func.count())
+    if skip_registry:
+        query = query.where(~table.c.topic.like(f"%{REGISTRY_TOPIC_MARK}%"))
+    query = query.group_by(table.c.originator_id).order_by(table.c.originator_id)
     with engine.connect() as conn:
         counts = list(conn.execute(query))
     total = sum(c for _, c in counts)
@@ -312,7 +310,7 @@ def verify_record(
     if on_progress:
         on_progress(done, total)
     workers = workers or os.cpu_count() or 1
-    ranges = _split(engine, table, workers)
+    ranges = split_streams(engine, table, workers, skip_registry=True)
     engine.dispose()
     _TIMELINES = timelines
     results: list[tuple[list[Finding], int, int]] = []
