@@ -20,14 +20,14 @@ from sle_events.store.record import StudyRecord
 
 
 class Reading(Aggregate):
-    """Bare baseline: an aggregate whose events carry what a lab result carries."""
+    """Bare baseline: an aggregate whose events carry the same fields as the signed lab results."""
 
     @event("Started")
     def __init__(self, site: str) -> None:
         self.site = site
 
     @event("LabResultRecorded")
-    def record_lab_result(self, code: str, value: str, unit: str, occurred_at: datetime, actor: str) -> None:
+    def record_lab_result(self, fields: dict, occurred_at: datetime, actor: str) -> None:
         pass
 
 
@@ -35,23 +35,32 @@ class Bare(Application):
     name = "Bare"
 
 
+def lab_result_fields() -> dict:
+    """The payload of a real signed lab result, to give the bare baseline the same content to store."""
+    record = StudyRecord(fresh("sqlite"))
+    fields = SignedWorkload(record, subjects=1).sign(1)[0].envelope["payload"]
+    record.close()
+    return fields
+
+
 def bare_rates(url: str, single_n: int, batch_n: int) -> tuple[float, float]:
     app = Bare(env={"PERSISTENCE_MODULE": "eventsourcing_sqlalchemy", "SQLALCHEMY_URL": url})
     now = datetime.now(timezone.utc)
+    fields = lab_result_fields()
     aggs = [Reading("NJ01") for _ in range(20)]
     app.save(*aggs)
 
     def single() -> None:
         for i in range(single_n):
             a = aggs[i % len(aggs)]
-            a.record_lab_result("CREAT", "1.23", "mg/dL", now, "lab")
+            a.record_lab_result(fields, now, "lab")
             app.save(a)
 
     def batched() -> None:
         for b in range(batch_n // 100):
             a = aggs[b % len(aggs)]
             for _ in range(100):
-                a.record_lab_result("CREAT", "1.23", "mg/dL", now, "lab")
+                a.record_lab_result(fields, now, "lab")
             app.save(a)
 
     s = rate(single_n, single)

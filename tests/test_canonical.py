@@ -322,3 +322,25 @@ def test_open_sealed_refuses_unpaired_surrogates_in_keys_and_values(spelling, wh
     assert bad != good
     with pytest.raises(MalformedEnvelope):
         open_sealed(bad)
+
+
+@given(envelopes())
+def test_the_stores_fast_canonical_comparison_agrees_with_rfc8785(env):
+    from sle_events.signing.canonical import matches_canonical
+
+    reference = rfc8785.dumps(env)
+    assert matches_canonical(env, reference)
+    assert not matches_canonical(env, reference.replace(b":", b": ", 1))
+
+
+@pytest.mark.parametrize("value", [{"a": 1.5}, {"a": [10**16]}, {"a": float("nan")}, {"a": b"x"}])
+def test_the_fast_comparison_never_accepts_what_rfc8785_refuses(value):
+    import json as _json
+
+    from sle_events.signing.canonical import matches_canonical
+
+    try:
+        written = _json.dumps(value, sort_keys=True, separators=(",", ":")).encode()
+    except (TypeError, ValueError):
+        written = b'{"a":"x"}'
+    assert not matches_canonical(value, written)

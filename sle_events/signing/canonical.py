@@ -68,6 +68,26 @@ def _check(value: Any, path: str) -> bool:
     raise NotCanonicalisable(path, f"{t.__name__} is not a JSON value; encode it first")
 
 
+# In `json` output, a number token that may differ from RFC 8785: 16+ digits (maybe beyond 2^53) or a
+# fraction/exponent (a float). Strings are quoted, so their digits never follow `:`, `,` or `[` directly.
+_NUMBER_TO_CHECK = re.compile(rb"(?:^|[:,\[])-?(?:\d{16}|\d+[.eE])")
+
+
+def matches_canonical(value: Any, data: bytes) -> bool:
+    """Whether `data` are the RFC 8785 bytes of `value`, cheaply when they can be: ASCII bytes (so keys sort the
+    same by code point and by UTF-16 unit) without floats or long integers are canonical exactly when `json`
+    writes `value` as them."""
+    if data.isascii() and not _NUMBER_TO_CHECK.search(data):
+        try:
+            return _fast_dumps(value).encode("ascii") == data
+        except (TypeError, ValueError, UnicodeEncodeError):
+            return False
+    try:
+        return canonical_json(value) == data
+    except NotCanonicalisable:
+        return False
+
+
 def canonical_json(value: Any) -> bytes:
     """Canonical bytes of `value` per RFC 8785."""
     if _check(value, "$"):

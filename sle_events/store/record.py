@@ -27,7 +27,7 @@ from eventsourcing.utils import resolve_topic
 from sqlalchemy import func, select
 
 from sle_events.domain.study import KeyProblem, Study
-from sle_events.signing.canonical import NotCanonicalisable, canonical_json
+from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
 from sle_events.signing.envelope import (
     GENESIS,
     MalformedEnvelope,
@@ -261,7 +261,7 @@ class StudyRecord(Application[UUID]):
             where = {"stream": env.get("stream"), "version": env.get("version")}
             try:
                 check_envelope(env)
-                if canonical_json(env) != e.signed:
+                if not matches_canonical(env, e.signed):
                     raise MalformedEnvelope("signed bytes are not the canonical form of the envelope")
             except (MalformedEnvelope, NotCanonicalisable) as exc:
                 raise MalformedEvent(str(exc), **where) from exc
