@@ -26,6 +26,7 @@ from sle_events.store.verification import split_streams
 
 BATCH = 2000
 REBUILDING = -1  # a projection's position while it is being rebuilt
+REBUILD_BATCH = 10000  # a rebuild commits less often: its rows only count once every range is done
 
 
 def all_projections() -> list[Projection]:
@@ -184,7 +185,9 @@ class ProjectionRunner:
         for p in chosen:
             p.forget()
         head = self.head()
-        ranges = split_streams(self.engine, self.events, workers or os.cpu_count() or 1)
+        # SQLite has one writer at a time: parallel ranges only queue behind each other there.
+        workers = workers or (1 if not self.is_postgres else os.cpu_count() or 1)
+        ranges = split_streams(self.engine, self.events, workers)
         chosen_names = [p.name for p in chosen]
         if len(ranges) == 1:
             _project_range(self, chosen, (None, None), head, on_progress)
@@ -244,7 +247,7 @@ def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], 
     after = 0
     while True:
         with runner.engine.begin() as conn:
-            facts = reader.read(conn, after, runner.batch, streams=streams, upto=head)
+            facts = reader.read(conn, after, REBUILD_BATCH, streams=streams, upto=head)
             if not facts:
                 return
             for p in projections:
