@@ -33,10 +33,9 @@ from .note import (
     KeyFormatError,
     NoteError,
     NoteVerifier,
+    PublicKeyHolder,
     Signature,
     Signer,
-    _raw_public_key,
-    is_valid_key_name,
     key_id,
     parse_note,
     parse_vkey,
@@ -85,18 +84,11 @@ def cosignature_vkey(name: str, public_key: bytes | Ed25519PublicKey) -> str:
     return vkey_for(name, public_key, ALG_COSIGNATURE_V1)
 
 
-class CosignatureVerifier:
+class CosignatureVerifier(PublicKeyHolder):
     """Verifies Ed25519 cosignature/v1 note signatures (key ID type byte 0x04)."""
 
-    __slots__ = ("_name", "_key_id", "_raw", "_public_key")
-
-    def __init__(self, name: str, public_key: bytes | Ed25519PublicKey) -> None:
-        if not is_valid_key_name(name):
-            raise KeyFormatError(f"invalid key name {name!r}")
-        self._raw = _raw_public_key(public_key)
-        self._name = name
-        self._key_id = key_id(name, bytes([ALG_COSIGNATURE_V1]) + self._raw)
-        self._public_key = Ed25519PublicKey.from_public_bytes(self._raw)
+    __slots__ = ()
+    ALG = ALG_COSIGNATURE_V1
 
     @classmethod
     def from_vkey(cls, vkey: str) -> CosignatureVerifier:
@@ -107,22 +99,6 @@ class CosignatureVerifier:
         if len(raw) != 32:
             raise KeyFormatError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
         return cls(name, raw)
-
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def key_id(self) -> int:
-        return self._key_id
-
-    @property
-    def public_key(self) -> bytes:
-        return self._raw
-
-    @property
-    def vkey(self) -> str:
-        return cosignature_vkey(self._name, self._raw)
 
     def verify(self, msg: bytes, sig: bytes) -> bool:
         if len(sig) != 8 + 64:

@@ -225,27 +225,20 @@ class NoteSigner(Protocol):
     def sign(self, msg: bytes) -> bytes: ...
 
 
-class Verifier:
-    """Ed25519 (type 0x01) note verifier."""
+class PublicKeyHolder:
+    """A named Ed25519 public key whose key ID is derived with the signature type byte `ALG` (shared by the note
+    verifier and the cosignature verifier, which differ only in that byte and in what they verify)."""
 
     __slots__ = ("_name", "_key_id", "_public_key", "_raw")
+    ALG = ALG_ED25519
 
     def __init__(self, name: str, public_key: bytes | Ed25519PublicKey) -> None:
         if not is_valid_key_name(name):
             raise KeyFormatError(f"invalid key name {name!r}")
         self._raw = _raw_public_key(public_key)
         self._name = name
-        self._key_id = key_id(name, bytes([ALG_ED25519]) + self._raw)
+        self._key_id = key_id(name, bytes([self.ALG]) + self._raw)
         self._public_key = Ed25519PublicKey.from_public_bytes(self._raw)
-
-    @classmethod
-    def from_vkey(cls, vkey: str) -> Verifier:
-        name, _kid, alg, raw = parse_vkey(vkey)
-        if alg != ALG_ED25519:
-            raise KeyFormatError(f"unsupported verifier key type 0x{alg:02x}, want 0x01 (Ed25519)")
-        if len(raw) != 32:
-            raise KeyFormatError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
-        return cls(name, raw)
 
     @property
     def name(self) -> str:
@@ -261,7 +254,22 @@ class Verifier:
 
     @property
     def vkey(self) -> str:
-        return vkey_for(self._name, self._raw)
+        return vkey_for(self._name, self._raw, self.ALG)
+
+
+class Verifier(PublicKeyHolder):
+    """Ed25519 (type 0x01) note verifier."""
+
+    __slots__ = ()
+
+    @classmethod
+    def from_vkey(cls, vkey: str) -> Verifier:
+        name, _kid, alg, raw = parse_vkey(vkey)
+        if alg != ALG_ED25519:
+            raise KeyFormatError(f"unsupported verifier key type 0x{alg:02x}, want 0x01 (Ed25519)")
+        if len(raw) != 32:
+            raise KeyFormatError(f"Ed25519 public key must be 32 bytes, got {len(raw)}")
+        return cls(name, raw)
 
     def verify(self, msg: bytes, sig: bytes) -> bool:
         if len(sig) != 64:
