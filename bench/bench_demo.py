@@ -30,8 +30,8 @@ def run(subjects: int = 300, engines: tuple[str, ...] = ("sqlite", "postgresql")
     return rows
 
 
-def main() -> None:
-    subjects = int(sys.argv[1]) if len(sys.argv) > 1 else 300
+def main(subjects: int | None = None) -> None:
+    subjects = subjects or (int(sys.argv[1]) if len(sys.argv) > 1 else 300)
     print(f"# demo throughput — {machine()}")
     for r in run(subjects):
         print(f"{r['engine']:10} {r['subjects']} subjects: {r['events']:,} events in {r['seconds']:.0f} s = "

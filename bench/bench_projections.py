@@ -55,8 +55,8 @@ def run(n: int = 20000) -> list[dict[str, object]]:
     return rows
 
 
-def main() -> None:
-    n = int(sys.argv[1]) if len(sys.argv) > 1 else 20000
+def main(n: int | None = None) -> None:
+    n = n or (int(sys.argv[1]) if len(sys.argv) > 1 else 20000)
     print(f"# projection rebuild — {machine()}")
     for r in run(n):
         print(f"{r['engine']:10} {r['events']} events: rebuild of {', '.join(r['projections'])} "  # type: ignore[arg-type]

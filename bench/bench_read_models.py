@@ -89,8 +89,8 @@ def _fill(url: str, events: int, per_subject: int, sim: "clock.SimulatedClock", 
     return done, time.perf_counter() - t, subjects
 
 
-def main() -> None:
-    events = int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000
+def main(events: int | None = None) -> None:
+    events = events or (int(sys.argv[1]) if len(sys.argv) > 1 else 1_000_000)
     url = fresh("postgresql")
     print(f"# read models at scale — {machine()} — PostgreSQL, {events:,} events")
     n, took, subjects = fill(url, events)
