@@ -235,3 +235,14 @@ def test_study_commands_manage_the_key_registry(tmp_path, db_url):
                    "--public-key", newcomer["public_key"], "--admin-key", str(tmp_path / "lab.pem"), "--admin", "lab1")  # fmt: skip
     assert impostor.returncode == 1 and "UntrustedKey" in impostor.stderr
     assert verify_record(db_url, workers=1).ok
+
+
+def test_verify_refuses_a_database_that_is_not_there(tmp_path):
+    """An auditor's typo must not create and 'verify' an empty database."""
+    import subprocess
+
+    sle = str(Path(sys.executable).parent / "sle")
+    missing = tmp_path / "typo.db"
+    done = subprocess.run([sle, "verify", "--db", f"sqlite:///{missing}"], capture_output=True, text=True)
+    assert done.returncode == 2 and "no database file" in done.stderr
+    assert not missing.exists()

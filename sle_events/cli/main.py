@@ -38,6 +38,10 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
     if checkpoint and vkey is None:
         err.print("[red]error:[/red] --checkpoint needs the log's --vkey to check the saved checkpoint's signature")
         return 2
+    missing = _no_record_at(url)
+    if missing:
+        err.print(f"[red]error:[/red] {missing}")
+        return 2
     try:
         with _progress("verifying", not as_json and err.is_terminal) as bar:
             task = bar.add_task("verify", total=None)
@@ -63,6 +67,26 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
                 t.add_row(str(f.position), f.stream or "", str(f.version or ""), f.kind, f.detail)
             out.print(t)
     return 0 if report.ok else 1
+
+
+def _no_record_at(url: str) -> str | None:
+    """Why there is no study record at `url` (an auditor's typo must not verify an empty, new database)."""
+    from sqlalchemy import create_engine, inspect
+    from sqlalchemy.engine import make_url
+
+    parsed = make_url(url)
+    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
+        if not Path(parsed.database).exists():
+            return f"no database file at {parsed.database}"
+    engine = create_engine(url)
+    try:
+        if not inspect(engine).has_table("study_events"):
+            return f"no study record (table study_events) in {parsed.render_as_string(hide_password=True)}"
+    except Exception as e:  # noqa: BLE001 - unreachable server, bad URL: say so, exit 2
+        return f"cannot open {parsed.render_as_string(hide_password=True)}: {type(e).__name__}: {e}"
+    finally:
+        engine.dispose()
+    return None
 
 
 def _keep_result(url: str, report) -> None:  # type: ignore[no-untyped-def]
