@@ -246,3 +246,15 @@ def test_verify_refuses_a_database_that_is_not_there(tmp_path):
     done = subprocess.run([sle, "verify", "--db", f"sqlite:///{missing}"], capture_output=True, text=True)
     assert done.returncode == 2 and "no database file" in done.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", [["patients"], ["dashboard"], ["audit-trail"], ["replay", "--subject", "X"],
+                                     ["projections", "status"]])
+def test_read_commands_refuse_a_database_that_is_not_there(tmp_path, command):
+    import subprocess
+
+    sle = str(Path(sys.executable).parent / "sle")
+    missing = tmp_path / "typo.db"
+    done = subprocess.run([sle, *command, "--db", f"sqlite:///{missing}"], capture_output=True, text=True)
+    assert done.returncode == 2 and "no database file" in done.stderr
+    assert not missing.exists()

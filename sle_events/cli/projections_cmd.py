@@ -32,10 +32,22 @@ def db_upgrade(db: Optional[str] = DbOption, revision: str = typer.Argument("hea
     out.print(f"database at revision {schema.current(url)}")
 
 
+def _existing(db: Optional[str]) -> str:
+    """The URL of an existing study record; a typo exits 2 rather than creating an empty database."""
+    from sle_events.cli.main import _no_record_at
+
+    url = database_url(db)
+    missing = _no_record_at(url)
+    if missing:
+        err.print(f"[red]error:[/red] {missing}")
+        raise typer.Exit(2)
+    return url
+
+
 def _runner(db: Optional[str]):  # type: ignore[no-untyped-def]
     from projections.runner import ProjectionRunner
 
-    return ProjectionRunner(database_url(db))
+    return ProjectionRunner(_existing(db))
 
 
 @projections_app.command("status")
@@ -60,11 +72,10 @@ def projections_rebuild(
     verify: bool = typer.Option(False, "--verify", help="re-verify every signature first (slower)"),
 ) -> None:
     """Drop and rebuild projections from event 1."""
-    url = database_url(db)
     if verify:
         from sle_events.store.verification import verify_record
 
-        report = verify_record(url)
+        report = verify_record(_existing(db))
         if not report.ok:
             err.print(f"[red]verification found {len(report.findings)} problems; not rebuilding[/red]")
             raise typer.Exit(1)
@@ -168,7 +179,7 @@ def replay(
     from sle_events.store.record import StudyRecord
 
     when, occurred = _time(as_of, "--as-of"), _time(occurred_as_of, "--occurred-as-of")
-    record = StudyRecord(database_url(db))
+    record = StudyRecord(_existing(db))
     try:
         subject_then = replay_subject(record, subject, as_of=when, occurred_as_of=occurred)
         state = summarise(subject_then, record.study(subject_then.study_id).config.visits)
