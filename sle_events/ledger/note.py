@@ -292,20 +292,18 @@ class Verifier(PublicKeyHolder):
         return f"Verifier({self.vkey!r})"
 
 
-class Signer:
+class Signer(PublicKeyHolder):
     """Ed25519 (type 0x01) note signer.  Its private key never appears in repr/str."""
 
-    __slots__ = ("_name", "_key_id", "_private_key", "_public_raw")
+    __slots__ = ("_private_key",)
 
     def __init__(self, name: str, private_key: Ed25519PrivateKey) -> None:
         if not is_valid_key_name(name):
             raise KeyFormatError(f"invalid key name {name!r}")
         if not isinstance(private_key, Ed25519PrivateKey):
             raise TypeError("private_key must be an Ed25519PrivateKey")
-        self._name = name
+        super().__init__(name, private_key.public_key())
         self._private_key = private_key
-        self._public_raw = _raw_public_key(private_key.public_key())
-        self._key_id = key_id(name, bytes([ALG_ED25519]) + self._public_raw)
 
     @classmethod
     def generate(cls, name: str) -> Signer:
@@ -348,24 +346,8 @@ class Signer:
         )
         return f"PRIVATE+KEY+{self._name}+{self._key_id:08x}+{_b64(bytes([ALG_ED25519]) + seed)}"
 
-    @property
-    def name(self) -> str:
-        return self._name
-
-    @property
-    def key_id(self) -> int:
-        return self._key_id
-
-    @property
-    def public_key(self) -> bytes:
-        return self._public_raw
-
-    @property
-    def vkey(self) -> str:
-        return vkey_for(self._name, self._public_raw)
-
     def verifier(self) -> Verifier:
-        return Verifier(self._name, self._public_raw)
+        return Verifier(self._name, self._raw)
 
     def sign(self, msg: bytes) -> bytes:
         return self._private_key.sign(bytes(msg))
