@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import json
-import sys
 import time
 from pathlib import Path
 from typing import Optional
@@ -211,6 +210,3 @@ app.command("replay")(replay)
 app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
 
-
-def main() -> None:  # pragma: no cover
-    sys.exit(app())

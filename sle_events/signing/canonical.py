@@ -101,30 +101,6 @@ def canonical_json(value: Any) -> bytes:
         raise NotCanonicalisable("$", str(e)) from e
 
 
-def reference_canonical_json(value: Any) -> bytes:
-    """The slow reference path (tests compare the fast path against it)."""
-    return rfc8785.dumps(value)
-
-
-# A number of 16 or more digits may lie outside the 2^53 range (this also matches some strings: then the
-# slow path decides).
-_LONG_NUMBER = re.compile(rb"[:,\[]-?\d{16}")
-
-
-def canonical_json_of_parsed(value: Any) -> bytes:
-    """Canonical bytes of a value that came from `loads_strict` (so no floats, no NaN): skips the type walk
-    when the fast path's output can be trusted, which is when every key is ASCII and no integer is long."""
-    try:
-        fast = _fast_dumps(value).encode("utf-8")
-    except UnicodeEncodeError as e:  # a lone surrogate from a \ud800 escape
-        raise NotCanonicalisable("$", f"string is not valid Unicode: {e}") from e
-    if _LONG_NUMBER.search(fast):
-        return canonical_json(value)
-    if fast.isascii() or _check(value, "$"):
-        return fast
-    return canonical_json(value)
-
-
 def _refuse_float(text: str) -> Any:
     raise NotCanonicalisable("$", f"float {text} found in JSON; decimals must be strings")
 

@@ -16,7 +16,7 @@ from datetime import datetime, timedelta, timezone
 from typing import Any
 from uuid import UUID
 
-from sle_events.signing.canonical import NotCanonicalisable, canonical_json, canonical_json_of_parsed, loads_strict
+from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict, matches_canonical
 from sle_events.signing.keys import Signer, b64, unb64
 
 GENESIS = "0" * 64
@@ -163,12 +163,17 @@ def open_sealed(data: bytes) -> SealedEvent:
         raise MalformedEnvelope("signature is not base64") from None
     if len(signature) != 64:
         raise MalformedEnvelope(f"an Ed25519 signature has 64 bytes, got {len(signature)}")
-    try:
-        signed = canonical_json_of_parsed(env)
-    except NotCanonicalisable as e:
-        raise MalformedEnvelope(f"envelope cannot be canonicalised at {e}") from e
+    data = bytes(data)
+    j = data.rfind(_SIG_MARK)
+    signed = data[len(_PREFIX) : j] if data.startswith(_PREFIX) and j > 0 else b""
+    if not matches_canonical(env, signed):
+        try:
+            canonical_json(env)  # says precisely why, when the envelope has no canonical form at all
+        except NotCanonicalisable as e:
+            raise MalformedEnvelope(f"envelope cannot be canonicalised at {e}") from e
+        raise MalformedEnvelope("bytes are not in RFC 8785 canonical form")
     event = SealedEvent.build(env, signed, signature)
-    if event.sealed != bytes(data):
+    if event.sealed != data:
         raise MalformedEnvelope("bytes are not in RFC 8785 canonical form")
     return event
 

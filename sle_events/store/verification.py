@@ -17,7 +17,7 @@ import multiprocessing
 import os
 import time
 from dataclasses import asdict, dataclass, field
-from typing import Any, Callable, Iterator
+from typing import Any, Callable
 from uuid import UUID
 
 from sqlalchemy import func, select
@@ -360,6 +360,3 @@ def _has_ledger(url: str) -> bool:
     finally:
         engine.dispose()
 
-
-def iter_findings(report: Report) -> Iterator[Finding]:
-    yield from report.findings
