@@ -1,9 +1,10 @@
-"""The audit trail: one row per recorded change of a field, with who, when (both times), why and the old value.
+"""The audit trail: every recorded change of a field, with who, when (both times), why and the old value.
 
-A new fact records each of its fields (old value empty: nothing was there). A correction names the event it
-corrects (`corrected_version` on the same stream) and the new values (`new_values`); a void names
-`voided_version`.
-For those the old value is the corrected record's latest value of that field, read from this table.
+Stored one row per event in `audit_events` (its changes as a JSON array of [field, old, new]) and read one row
+per field through the `audit_trail` view. A new fact records each of its fields (old value empty: nothing was
+there). A correction names the event it corrects (`corrected_version` on the same stream) and the new values
+(`new_values`); a void names `voided_version`. For those the old value is the corrected record's latest value
+of that field, folded from the record's earlier rows.
 """
 
 from __future__ import annotations
@@ -15,12 +16,13 @@ from typing import Any, Sequence
 from sqlalchemy import Connection, select
 
 from projections.base import Fact, Projection, bulk_insert
-from projections.schema import audit_trail, verification_findings, verification_runs
+from projections.schema import audit_events, audit_trail, verification_findings, verification_runs
 
 SIGNATURE_VERIFIED_AT_APPEND = "verified_at_append"
 COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "aggregate", "event_type", "visit",
-           "form", "field", "change", "old_value", "new_value", "actor", "printed_name", "role", "key",
-           "occurred_at", "recorded_at", "reason", "signature_status")  # fmt: skip
+           "form", "change", "changes", "actor", "printed_name", "role", "key", "occurred_at", "recorded_at",
+           "reason", "signature_status")  # fmt: skip
+_dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
 def _text(value: Any) -> str | None:
@@ -31,10 +33,11 @@ def _text(value: Any) -> str | None:
 
 class AuditTrail(Projection):
     name = "audit_trail"
-    tables = (audit_trail,)
+    tables = (audit_events,)
     # Indexes for readers only: dropped during a rebuild and made again at the end (the record index stays:
     # corrections look up old values through it).
-    reader_indexes = ("audit_trail_stream", "audit_trail_actor", "audit_trail_recorded", "audit_trail_type")
+    reader_indexes = ("audit_events_stream", "audit_events_subject", "audit_events_actor", "audit_events_recorded",
+                      "audit_events_type")  # fmt: skip
 
     def __init__(self) -> None:
         self.subjects: dict[str, str | None] = {}  # stream -> screening number (None: not a subject)
@@ -46,8 +49,9 @@ class AuditTrail(Projection):
 
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
         rows: list[tuple[Any, ...]] = []
-        latest: dict[tuple[str, str], str | None] = {}  # (record_id, field) -> value, within this batch
-        forms: dict[str, str] = {}  # record_id -> form, within this batch (not yet in the table)
+        # Within this batch (not yet in the table): record_id -> its form and its latest value of each field.
+        forms: dict[str, str] = {}
+        latest: dict[str, dict[str, str | None]] = {}
         for fact in facts:
             env, payload, type_name, stream = fact.envelope, fact.payload, fact.type_name, fact.stream
             event_id = f"{stream}:{env['version']}"
@@ -58,71 +62,60 @@ class AuditTrail(Projection):
                 name = payload.get("printed_name") or payload.get("admin_printed_name")
                 if actor and name:
                     self.printed_names[actor] = name
-            # Columns in COLUMNS order, around (record_id, form, field, change, old_value, new_value).
-            head = (fact.position, event_id)
-            middle = (env["study"], stream, self._subject(conn, stream), type_name.split(".", 1)[0], type_name,
-                      _text(payload.get("visit")))  # fmt: skip
-            tail = (env["actor"], self.printed_names.get(env["actor"], env["actor"]), env["role"], env["key"],
-                    env["occurred_at"], env["recorded_at"], env["reason"], SIGNATURE_VERIFIED_AT_APPEND)  # fmt: skip
             if isinstance(payload.get("corrected_version"), int):
-                record_id = f"{stream}:{payload['corrected_version']}"
-                form = forms.get(record_id) or self._form(conn, record_id, fact)
-                for name, value in sorted((payload.get("new_values") or {}).items()):
-                    old, new = self._current(conn, latest, record_id, name), _text(value)
-                    rows.append((*head, record_id, *middle, form, name, "corrected", old, new, *tail))
-                    latest[(record_id, name)] = new
+                record_id, change = f"{stream}:{payload['corrected_version']}", "corrected"
+                values = self._values(conn, latest, forms, record_id, fact)
+                changes = [[name, values.get(name), _text(value)]
+                           for name, value in sorted((payload.get("new_values") or {}).items())]  # fmt: skip
             elif isinstance(payload.get("voided_version"), int):
-                record_id = f"{stream}:{payload['voided_version']}"
-                form = forms.get(record_id) or self._form(conn, record_id, fact)
-                names = set(self._fields(conn, record_id)) | {n for r, n in latest if r == record_id}
-                for name in sorted(names):
-                    old = self._current(conn, latest, record_id, name)
-                    rows.append((*head, record_id, *middle, form, name, "voided", old, None, *tail))
-                    latest[(record_id, name)] = None
+                record_id, change = f"{stream}:{payload['voided_version']}", "voided"
+                values = self._values(conn, latest, forms, record_id, fact)
+                changes = [[name, old, None] for name, old in sorted(values.items())]
             else:
-                forms[event_id] = type_name
-                for name, value in sorted(payload.items()):
-                    # Nothing entered, nothing to audit; and the library's own bookkeeping is not a field.
-                    if value is None or name.startswith("originator_"):
-                        continue
-                    new = _text(value)
-                    rows.append((*head, event_id, *middle, type_name, name, "recorded", None, new, *tail))
-                    latest[(event_id, name)] = new
-        bulk_insert(conn, audit_trail, COLUMNS, rows)
+                record_id, change, values = event_id, "recorded", {}
+                forms[record_id] = type_name
+                # Nothing entered, nothing to audit; and the library's own bookkeeping is not a field.
+                changes = [[name, None, _text(value)] for name, value in sorted(payload.items())
+                           if value is not None and not name.startswith("originator_")]  # fmt: skip
+            values.update((name, new) for name, _, new in changes)
+            latest[record_id] = values
+            rows.append((fact.position, event_id, record_id, env["study"], stream, self._subject(conn, stream),
+                         type_name.split(".", 1)[0], type_name, _text(payload.get("visit")), forms[record_id], change,
+                         _dumps(changes), env["actor"], self.printed_names.get(env["actor"], env["actor"]),
+                         env["role"], env["key"], env["occurred_at"], env["recorded_at"], env["reason"],
+                         SIGNATURE_VERIFIED_AT_APPEND))  # fmt: skip
+        bulk_insert(conn, audit_events, COLUMNS, rows)
 
     def _subject(self, conn: Connection, stream: str) -> str | None:
         if stream not in self.subjects:
             # A subject's stream starts with Subject.Screened, so a stream without one is not a subject's.
             self.subjects[stream] = conn.execute(
-                select(audit_trail.c.subject).where(audit_trail.c.stream == stream, audit_trail.c.subject.is_not(None))
-                .limit(1)
+                select(audit_events.c.subject).where(audit_events.c.stream == stream,
+                                                     audit_events.c.subject.is_not(None)).limit(1)
             ).scalar()  # fmt: skip
         return self.subjects[stream]
 
-    def _current(self, conn: Connection, latest: dict[tuple[str, str], str | None], record_id: str, name: str) -> str | None:
-        if (record_id, name) in latest:
-            return latest[(record_id, name)]
-        t = audit_trail
-        return conn.execute(
-            select(t.c.new_value).where(t.c.record_id == record_id, t.c.field == name)
-            .order_by(t.c.position.desc(), t.c.id.desc()).limit(1)
-        ).scalar()  # fmt: skip
-
-    def _fields(self, conn: Connection, record_id: str) -> list[str]:
-        t = audit_trail
-        return sorted(set(conn.execute(select(t.c.field).where(t.c.record_id == record_id)).scalars()))
-
-    def _form(self, conn: Connection, record_id: str, fact: Fact) -> str:
-        t = audit_trail
-        form = conn.execute(select(t.c.form).where(t.c.record_id == record_id).limit(1)).scalar()
-        return form or fact.type_name
+    def _values(self, conn: Connection, latest: dict[str, dict[str, str | None]], forms: dict[str, str],
+                record_id: str, fact: Fact) -> dict[str, str | None]:  # fmt: skip
+        """The record's latest value of each field (a copy), folded from its stored rows unless this batch
+        has them; and its form, noted in `forms`."""
+        if record_id in latest:
+            return dict(latest[record_id])
+        values: dict[str, str | None] = {}
+        t = audit_events
+        rows = conn.execute(select(t.c.form, t.c.changes).where(t.c.record_id == record_id).order_by(t.c.position))
+        for form, changes in rows:
+            forms.setdefault(record_id, form)
+            values.update((name, new) for name, _, new in json.loads(changes))
+        forms.setdefault(record_id, fact.type_name)
+        return values
 
 
 def query(conn: Connection, *, subject: str | None = None, stream: str | None = None, actor: str | None = None,
           event_type: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
     """Audit-trail rows filtered by subject (screening number), stream, user, recorded-time range, event type."""
     t = audit_trail
-    q = select(t).order_by(t.c.position, t.c.id)
+    q = select(t).order_by(t.c.position, t.c.seq)
     if subject:
         q = q.where(t.c.subject == subject)
     if stream:

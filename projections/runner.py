@@ -14,9 +14,9 @@ import threading
 import time
 import zlib
 from datetime import datetime, timezone
-from typing import Callable, Iterable, Sequence
+from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import Connection, func, select, text
+from sqlalchemy import Connection, func, inspect, select, text
 
 from projections.base import ChainCheckingReader, Projection
 from projections.patient_state import SubjectFolder
@@ -27,6 +27,10 @@ from sle_events.store.verification import split_streams
 BATCH = 2000
 REBUILDING = -1  # a projection's position while it is being rebuilt
 REBUILD_BATCH = 10000  # a rebuild commits less often: its rows only count once every range is done
+
+
+class SchemaBehind(RuntimeError):
+    """The database's read-model tables are from an earlier revision: `sle db upgrade` first."""
 
 
 def all_projections() -> list[Projection]:
@@ -53,6 +57,10 @@ class ProjectionRunner:
             p.bind(self.record)
         self.batch = batch
         self.is_postgres = self.engine.dialect.name == "postgresql"
+        if "audit_trail" in inspect(self.engine).get_table_names():  # revision 0002's table, now a view
+            self.record.close()
+            raise SchemaBehind(f"{self.record.url}: the read models are from an earlier schema revision; "
+                               "run `sle db upgrade` first")
         metadata.create_all(self.engine, checkfirst=True)
         self._owner: Connection | None = None
         self.stopping = threading.Event()
@@ -166,9 +174,9 @@ class ProjectionRunner:
     # --- rebuild ---------------------------------------------------------------------------------------
     def rebuild(self, names: Iterable[str] | None = None, on_progress: Callable[[int, int], None] | None = None,
                 *, workers: int | None = None) -> None:  # fmt: skip
-        """Drop and rebuild from event 1. Streams are split into ranges, one process each (rows of one stream
-        depend only on that stream); positions are marked REBUILDING until every range is done, so an
-        interrupted rebuild is started again rather than continued from a half-built table."""
+        """Drop and rebuild from event 1, in several processes (`_rebuild_units`); positions are marked
+        REBUILDING until every process is done, so an interrupted rebuild is started again rather than continued
+        from a half-built table."""
         wanted = set(names) if names else None
         chosen = [p for p in self.projections if wanted is None or p.name in wanted]
         unknown = (wanted or set()) - {p.name for p in self.projections}
@@ -185,18 +193,37 @@ class ProjectionRunner:
         for p in chosen:
             p.forget()
         head = self.head()
-        # SQLite has one writer at a time: parallel ranges only queue behind each other there.
-        workers = workers or (1 if not self.is_postgres else os.cpu_count() or 1)
-        ranges = split_streams(self.engine, self.events, workers)
+        units = self._rebuild_units(chosen, workers or os.cpu_count() or 1)
         chosen_names = [p.name for p in chosen]
-        if len(ranges) == 1:
-            _project_range(self, chosen, (None, None), head, on_progress)
+        # Work to do, in events: a unit over every stream reads the whole log; split ranges share it.
+        total = head * sum(1 for _, streams in units if streams == (None, None)) or head
+        if len(units) == 1:
+            done = 0
+
+            def advance(n: int) -> None:
+                nonlocal done
+                done += n
+                if on_progress:
+                    on_progress(min(done, head), head)  # positions may have gaps: count, capped
+
+            _project_range(self, units[0][0], units[0][1], head, advance)
         else:
             self.engine.dispose()  # the workers are forked: they must not share our connections
             ctx = multiprocessing.get_context("fork")
-            with ctx.Pool(len(ranges)) as pool:
-                done = [pool.apply_async(_rebuild_worker, (self.record.url, chosen_names, r, head)) for r in ranges]
-                for result in done:
+            queue = ctx.Manager().Queue() if on_progress else None
+            with ctx.Pool(len(units)) as pool:
+                pending = [pool.apply_async(_rebuild_worker, (self.record.url, [p.name for p in group], streams, head,
+                                                              queue)) for group, streams in units]  # fmt: skip
+                done = 0
+                while True:
+                    finished = all(p.ready() for p in pending)
+                    while queue is not None and not queue.empty():
+                        done += queue.get()
+                        on_progress(min(head * done // total, head), head)  # type: ignore[misc]
+                    if finished:
+                        break
+                    time.sleep(0.05)
+                for result in pending:
                     result.get()
         with self.engine.begin() as conn:
             for name in chosen_names:
@@ -210,6 +237,21 @@ class ProjectionRunner:
             self.catch_up(on_progress)  # anything appended meanwhile
         finally:
             self.projections = saved
+
+    def _rebuild_units(self, chosen: Sequence[Projection], workers: int) -> list[tuple[list[Projection], tuple[object, object]]]:  # fmt: skip
+        """How a rebuild is spread over processes: (projections, stream range) per process.
+
+        On PostgreSQL the streams are split into ranges, every projection in each (rows of one stream depend
+        only on that stream). SQLite has one writer at a time, so ranges would only queue behind each other;
+        there the projections are split instead (those folding subjects stay together, sharing one fold), and
+        each process reads the whole log, spending its time on its own projections' work."""
+        if workers <= 1:
+            return [(list(chosen), (None, None))]
+        if self.is_postgres:
+            return [(list(chosen), r) for r in split_streams(self.engine, self.events, workers)]
+        folding = [p for p in chosen if hasattr(p, "share")]
+        groups = ([folding] if folding else []) + [[p] for p in chosen if not hasattr(p, "share")]
+        return [(group, (None, None)) for group in groups]
 
     # --- following -------------------------------------------------------------------------------------
     def run_forever(self, poll_seconds: float = 0.5, on_batch: Callable[[int], None] | None = None) -> None:
@@ -236,8 +278,9 @@ class ProjectionRunner:
 
 
 def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], streams: tuple[object, object],
-                   head: int, on_progress: Callable[[int, int], None] | None = None) -> None:  # fmt: skip
-    """Project the events of a range of streams up to `head`, batch by batch (positions are set by the caller)."""
+                   head: int, advance: Callable[[int], None] | None = None) -> None:  # fmt: skip
+    """Project the events of a range of streams up to `head`, batch by batch (positions are set by the caller);
+    `advance(n)` after each batch of n events."""
     folders = [p for p in projections if hasattr(p, "share")]
     if folders:
         shared = SubjectFolder(runner.record)
@@ -253,14 +296,14 @@ def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], 
             for p in projections:
                 p.apply(conn, facts)
         after = facts[-1].position
-        if on_progress:
-            on_progress(after, head)
+        if advance:
+            advance(len(facts))
 
 
-def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int) -> None:
+def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int, queue: Any) -> None:
     runner = ProjectionRunner(url, [p for p in all_projections() if p.name in names])
     try:
-        _project_range(runner, runner.projections, streams, head)
+        _project_range(runner, runner.projections, streams, head, queue.put if queue is not None else None)
     finally:
         runner.close()
 

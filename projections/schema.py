@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from sqlalchemy import BigInteger, Column, Index, Integer, MetaData, String, Table, Text
+from sqlalchemy import DDL, BigInteger, Column, Index, Integer, MetaData, String, Table, Text, event
 
 metadata = MetaData()
 _ID = BigInteger().with_variant(Integer(), "sqlite")
@@ -16,14 +16,16 @@ projection_tracking = Table(
     Column("updated_at", String(40), nullable=False),
 )
 
-# One row per recorded change of a field: what an auditor reads. `record_id` names the form instance the field
-# belongs to (the event that first recorded it), so a correction's old value is the record's latest value.
-audit_trail = Table(
-    "audit_trail",
+# The audit trail is stored one row per event (who, when, why, which record) with that event's field changes
+# as a JSON array of [field, old value, new value]; the `audit_trail` view unnests it into what an auditor reads,
+# one row per recorded change of a field. (A row per field cost ten rows per lab result and most of a rebuild.)
+# `record_id` names the form instance changed (the event that first recorded it), so a correction's old value
+# is the record's latest value.
+audit_events = Table(
+    "audit_events",
     metadata,
-    Column("id", _ID, primary_key=True, autoincrement=True),
-    Column("position", _ID, nullable=False),
-    Column("event_id", String(64), nullable=False),  # "<stream>:<version>" of the event that made this change
+    Column("position", _ID, primary_key=True, autoincrement=False),
+    Column("event_id", String(64), nullable=False),  # "<stream>:<version>" of the event that made the changes
     Column("record_id", String(64), nullable=False),  # "<stream>:<version>" of the form instance changed
     Column("study", String(36), nullable=False),
     Column("stream", String(36), nullable=False),
@@ -32,10 +34,8 @@ audit_trail = Table(
     Column("event_type", String(128), nullable=False),
     Column("visit", String(16)),
     Column("form", String(128), nullable=False),
-    Column("field", String(128), nullable=False),
     Column("change", String(16), nullable=False),  # recorded | corrected | voided
-    Column("old_value", Text),
-    Column("new_value", Text),
+    Column("changes", Text, nullable=False),  # JSON [[field, old, new], ...]: values as text, null when absent
     Column("actor", String(128), nullable=False),
     Column("printed_name", String(256)),
     Column("role", String(32), nullable=False),
@@ -44,11 +44,46 @@ audit_trail = Table(
     Column("recorded_at", String(40), nullable=False),
     Column("reason", Text),
     Column("signature_status", String(32), nullable=False),
-    Index("audit_trail_stream", "stream", "position"),
-    Index("audit_trail_record", "record_id", "field", "position"),
-    Index("audit_trail_actor", "actor", "recorded_at"),
-    Index("audit_trail_recorded", "recorded_at"),
-    Index("audit_trail_type", "event_type"),
+    Index("audit_events_record", "record_id", "position"),
+    Index("audit_events_stream", "stream", "position"),
+    Index("audit_events_subject", "subject", "position"),
+    Index("audit_events_actor", "actor", "recorded_at"),
+    Index("audit_events_recorded", "recorded_at"),
+    Index("audit_events_type", "event_type"),
+)
+
+_EVENT_COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "aggregate", "event_type",
+                  "visit", "form", "change", "actor", "printed_name", "role", "key", "occurred_at", "recorded_at",
+                  "reason", "signature_status")  # fmt: skip
+# The view's SQL per engine (the migration creates the same): one row per element of `changes`, `seq` from 0.
+_UNNEST = {
+    "sqlite": ("CAST(c.key AS INTEGER)", "json_extract(c.value, '$[0]')", "json_extract(c.value, '$[1]')",
+               "json_extract(c.value, '$[2]')", "audit_events AS e, json_each(e.changes) AS c"),
+    "postgresql": ("c.seq - 1", "c.item ->> 0", "c.item ->> 1", "c.item ->> 2",
+                   "audit_events AS e CROSS JOIN LATERAL json_array_elements(e.changes::json) WITH ORDINALITY AS c(item, seq)"),
+}  # fmt: skip
+
+
+def audit_trail_view_sql(dialect: str) -> str:
+    seq, field, old, new, source = _UNNEST[dialect]
+    columns = ", ".join(f"e.{c}" for c in _EVENT_COLUMNS)
+    return (f"CREATE VIEW audit_trail AS SELECT {columns}, {seq} AS seq, {field} AS field, {old} AS old_value, "
+            f"{new} AS new_value FROM {source}")  # fmt: skip
+
+
+for _dialect in _UNNEST:
+    event.listen(audit_events, "after_create", DDL(audit_trail_view_sql(_dialect)).execute_if(dialect=_dialect))
+    event.listen(audit_events, "before_drop", DDL("DROP VIEW IF EXISTS audit_trail").execute_if(dialect=_dialect))
+
+# The view as SQLAlchemy sees it, for queries (kept out of `metadata`: it is not a table to create or compare).
+audit_trail = Table(
+    "audit_trail",
+    MetaData(),
+    *(Column(c.name, c.type) for c in audit_events.c if c.name != "changes"),
+    Column("seq", Integer),
+    Column("field", String(128)),
+    Column("old_value", Text),
+    Column("new_value", Text),
 )
 
 # Each full verification (`sle verify`) and what it found, so the audit trail can show the last result.

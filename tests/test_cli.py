@@ -258,3 +258,21 @@ def test_read_commands_refuse_a_database_that_is_not_there(tmp_path, command):
     done = subprocess.run([sle, *command, "--db", f"sqlite:///{missing}"], capture_output=True, text=True)
     assert done.returncode == 2 and "no database file" in done.stderr
     assert not missing.exists()
+
+
+@pytest.mark.parametrize("command", [["patients"], ["audit-trail"], ["projections", "status"]])
+def test_read_commands_ask_for_an_upgrade_on_an_older_schema(tmp_path, command):
+    """A database still at revision 0004 holds the audit trail as a row-per-field table."""
+    import subprocess
+
+    from sle_events.store import schema
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    schema.upgrade(url, "0004")
+    sle = str(Path(sys.executable).parent / "sle")
+    done = subprocess.run([sle, *command, "--db", url], capture_output=True, text=True)
+    assert done.returncode == 2 and "sle db upgrade" in done.stderr, done.stderr
+    done = subprocess.run([sle, "db", "upgrade", "--db", url], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr
+    done = subprocess.run([sle, *command, "--db", url], capture_output=True, text=True)
+    assert done.returncode == 0, done.stderr

@@ -15,7 +15,7 @@ from conftest import STUDY_CONFIG, execute_sql
 from projections.audit_trail import AuditTrail, query
 from projections.base import ProjectionHalted
 from projections.runner import ProjectionRunner
-from projections.schema import audit_trail
+from projections.schema import audit_events, audit_trail
 from sle_events.domain.subject import Subject
 
 pytestmark = pytest.mark.storage
@@ -69,6 +69,37 @@ def test_audit_rows_say_who_when_why_and_both_times(trial):
     assert value["stream"] == str(s.id) and value["signature_status"] == "verified_at_append"
     assert {r["event_type"] for r in by_lab} == {"Subject.LabResultRecorded"}
     assert none == []
+
+
+@pytest.mark.parametrize("batch", [1, 1000], ids=["a-batch-per-event", "one-batch"])
+def test_corrections_and_voids_show_the_old_value_and_the_reason(trial, batch):
+    """Old values come from the table when the corrected record was projected in an earlier batch, and from
+    the batch itself otherwise; both ways give the same rows."""
+    s = add_subject(trial, "SCR-150", labs=2)
+    first, second = [v for v, f in s.facts.items() if f.type == "LabResultRecorded"]
+    s.correct(first, {"value": Decimal("1.4")}, "transcription error: 1.4 on the lab report", NOW - timedelta(days=2),
+              config=STUDY_CONFIG)  # fmt: skip
+    trial.record.record(s, signer=trial.investigator, reason="transcription error: 1.4 on the lab report")
+    s.correct(first, {"value": Decimal("1.5")}, "second look at the report", NOW - timedelta(days=1),
+              config=STUDY_CONFIG)  # fmt: skip
+    trial.record.record(s, signer=trial.investigator, reason="second look at the report")
+    s.void(second, "entered on the wrong subject", NOW - timedelta(days=1), config=STUDY_CONFIG)
+    trial.record.record(s, signer=trial.investigator, reason="entered on the wrong subject")
+    runner = ProjectionRunner(trial.url, [AuditTrail()], batch=batch)
+    runner.catch_up()
+    with runner.engine.connect() as conn:
+        rows = query(conn, subject="SCR-150")
+    runner.close()
+    corrected = [(r["old_value"], r["new_value"], r["reason"], r["actor"]) for r in rows if r["change"] == "corrected"
+                 and r["field"] == "value"]  # fmt: skip
+    assert corrected == [("1.0", "1.4", "transcription error: 1.4 on the lab report", "dr.wang"),
+                         ("1.4", "1.5", "second look at the report", "dr.wang")]  # fmt: skip
+    assert {r["form"] for r in rows if r["change"] == "corrected"} == {"Subject.LabResultRecorded"}
+    assert {r["record_id"] for r in rows if r["change"] == "corrected"} == {f"{s.id}:{first}"}
+    voided = {r["field"]: (r["old_value"], r["new_value"]) for r in rows if r["change"] == "voided"}
+    assert voided["value"] == ("1.1", None) and voided["code"] == ("CREAT", None) and voided["unit"] == ("mg/dL", None)
+    recorded = {r["field"] for r in rows if r["event_id"] == f"{s.id}:{second}"}
+    assert set(voided) == recorded, "a void lists every field the record had"
 
 
 def test_a_failing_batch_leaves_neither_rows_nor_position(trial):
@@ -146,7 +177,7 @@ def test_a_rebuild_interrupted_half_way_is_started_again(trial):
     runner.catch_up()
     complete = dump(runner)
     with runner.engine.begin() as conn:  # as a killed rebuild leaves it: some rows, position REBUILDING
-        conn.execute(audit_trail.delete().where(audit_trail.c.position > 5))
+        conn.execute(audit_events.delete().where(audit_events.c.position > 5))
         runner._save_position(conn, "audit_trail", REBUILDING)
     runner.close()
     restarted = ProjectionRunner(trial.url, [AuditTrail()])

@@ -49,6 +49,22 @@ def test_every_projection_rebuilds_identical(demo_url):
     runner.close()
 
 
+@pytest.mark.parametrize("workers", [1, 2])
+def test_rebuild_reports_progress_up_to_the_head(demo_url, workers):
+    """In one process or several (stream ranges on PostgreSQL, projections on SQLite), the same tables."""
+    runner = ProjectionRunner(demo_url)
+    runner.catch_up()
+    incremental = dump(runner)
+    seen: list[tuple[int, int]] = []
+    runner.rebuild(on_progress=lambda done, total: seen.append((done, total)), workers=workers)
+    head = runner.head()
+    assert dump(runner) == incremental
+    runner.close()
+    assert seen[-1] == (head, head) and len(seen) >= 2
+    assert all(total == head and 0 <= done <= head for done, total in seen)
+    assert [d for d, _ in seen] == sorted(d for d, _ in seen), "progress never goes back"
+
+
 def test_patient_state_and_dashboard_match_the_subjects_own_history(demo_url):
     runner = ProjectionRunner(demo_url)
     runner.catch_up()

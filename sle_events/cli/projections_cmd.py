@@ -45,9 +45,13 @@ def _existing(db: Optional[str]) -> str:
 
 
 def _runner(db: Optional[str]):  # type: ignore[no-untyped-def]
-    from projections.runner import ProjectionRunner
+    from projections.runner import ProjectionRunner, SchemaBehind
 
-    return ProjectionRunner(_existing(db))
+    try:
+        return ProjectionRunner(_existing(db))
+    except SchemaBehind as e:
+        err.print(f"[red]{e}[/red]")
+        raise typer.Exit(2) from None
 
 
 @projections_app.command("status")
