@@ -84,6 +84,12 @@ class Projection(ABC):
     def forget(self) -> None:
         """Drop in-memory caches (before a rebuild)."""
 
+    def hold_back(self) -> None:
+        """A rebuild begins: rows may be kept in memory until `flush` (nothing reads them before it ends)."""
+
+    def flush(self, conn: Connection) -> None:
+        """Write what was held back since `hold_back`, and write as facts come again."""
+
 
 def bulk_insert(conn: Connection, table: Table, columns: Sequence[str], rows: list[tuple[Any, ...]]) -> None:
     """Insert many rows fast: COPY on PostgreSQL, the driver's executemany elsewhere (SQLAlchemy's per-row

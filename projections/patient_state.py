@@ -154,6 +154,9 @@ class SubjectProjection(Projection):
 
     def __init__(self) -> None:
         self.folder = SubjectFolder()
+        # During a rebuild, the subjects changed so far: their rows are written once, at the end, rather than
+        # after every batch (a subject's rows cost more to compute the more facts it has).
+        self.held: dict[str, tuple[Any, int]] | None = None
 
     def bind(self, record: Any) -> None:
         self.folder.record = record
@@ -164,14 +167,23 @@ class SubjectProjection(Projection):
 
     def forget(self) -> None:
         self.folder.clear()
+        self.held = None
+
+    def hold_back(self) -> None:
+        self.held = {}
+
+    def flush(self, conn: Connection) -> None:
+        held, self.held = self.held, None
+        if held:
+            self.write(conn, held)
 
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
-        changed: dict[str, tuple[Any, int]] = {}
+        changed: dict[str, tuple[Any, int]] = {} if self.held is None else self.held
         for fact in facts:
-            subject = self.folder.apply(fact)
+            subject = self.folder.apply(fact)  # the aggregate is mutated in place, so held rows stay current
             if subject is not None:
                 changed[fact.stream] = (subject, fact.position)
-        if changed:
+        if changed and self.held is None:
             self.write(conn, changed)
 
     @abstractmethod

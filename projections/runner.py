@@ -116,11 +116,7 @@ class ProjectionRunner:
             self.rebuild([p.name for p in interrupted], on_progress)
             return self.head()
         for group in groups.values():
-            folders = [p for p in group if hasattr(p, "share")]
-            if folders:
-                shared = SubjectFolder(self.record)
-                for p in folders:
-                    p.share(shared)  # type: ignore[attr-defined]
+            _fold_once(group, self.record)
             reader = ChainCheckingReader(self.events)
             while True:
                 applied = self._step(group, reader)
@@ -210,8 +206,8 @@ class ProjectionRunner:
         else:
             self.engine.dispose()  # the workers are forked: they must not share our connections
             ctx = multiprocessing.get_context("fork")
-            queue = ctx.Manager().Queue() if on_progress else None
-            with ctx.Pool(len(units)) as pool:
+            with ctx.Manager() as manager, ctx.Pool(len(units)) as pool:
+                queue = manager.Queue() if on_progress else None
                 pending = [pool.apply_async(_rebuild_worker, (self.record.url, [p.name for p in group], streams, head,
                                                               queue)) for group, streams in units]  # fmt: skip
                 done = 0
@@ -281,23 +277,37 @@ def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], 
                    head: int, advance: Callable[[int], None] | None = None) -> None:  # fmt: skip
     """Project the events of a range of streams up to `head`, batch by batch (positions are set by the caller);
     `advance(n)` after each batch of n events."""
+    _fold_once(projections, runner.record)
+    reader = ChainCheckingReader(runner.events)
+    for p in projections:
+        p.hold_back()
+    after = 0
+    try:
+        while True:
+            with runner.engine.begin() as conn:
+                facts = reader.read(conn, after, REBUILD_BATCH, streams=streams, upto=head)
+                if not facts:
+                    for p in projections:
+                        p.flush(conn)
+                    return
+                for p in projections:
+                    p.apply(conn, facts)
+            after = facts[-1].position
+            if advance:
+                advance(len(facts))
+    except BaseException:
+        for p in projections:
+            p.forget()  # what was folded or held back is not in the tables: drop it, the rebuild starts again
+        raise
+
+
+def _fold_once(projections: Sequence[Projection], record: StudyRecord) -> None:
+    """Projections that fold subjects share one folder: each subject is folded once per fact."""
     folders = [p for p in projections if hasattr(p, "share")]
     if folders:
-        shared = SubjectFolder(runner.record)
+        shared = SubjectFolder(record)
         for p in folders:
             p.share(shared)  # type: ignore[attr-defined]
-    reader = ChainCheckingReader(runner.events)
-    after = 0
-    while True:
-        with runner.engine.begin() as conn:
-            facts = reader.read(conn, after, REBUILD_BATCH, streams=streams, upto=head)
-            if not facts:
-                return
-            for p in projections:
-                p.apply(conn, facts)
-        after = facts[-1].position
-        if advance:
-            advance(len(facts))
 
 
 def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int, queue: Any) -> None:

@@ -185,3 +185,41 @@ def test_a_rebuild_interrupted_half_way_is_started_again(trial):
     assert dump(restarted) == complete
     assert restarted.position("audit_trail") == restarted.head()
     restarted.close()
+
+
+def test_a_rebuild_that_fails_leaves_nothing_held_back_and_the_next_run_rebuilds(trial, monkeypatch):
+    """A rebuild keeps subject rows in memory until the end of its range; if it fails, the in-process
+    runner drops them and its next catch-up rebuilds to the same tables as before."""
+    import projections.runner as runner_module
+    from projections.patient_state import PatientState
+    from projections.schema import patient_state
+
+    for n in range(3):
+        add_subject(trial, f"SCR-70{n}", labs=4)
+    runner = ProjectionRunner(trial.url, [PatientState()])
+    runner.catch_up()
+
+    def rows() -> list[tuple]:
+        with runner.engine.connect() as conn:
+            return sorted(tuple(r) for r in conn.execute(sa.select(patient_state)))
+
+    before = rows()
+    monkeypatch.setattr(runner_module, "REBUILD_BATCH", 4)
+    calls = {"n": 0}
+    original = PatientState.apply
+
+    def fails_on_the_third_batch(self, conn, facts):  # type: ignore[no-untyped-def]
+        calls["n"] += 1
+        if calls["n"] == 3:
+            raise RuntimeError("disk full")
+        original(self, conn, facts)
+
+    monkeypatch.setattr(PatientState, "apply", fails_on_the_third_batch)
+    with pytest.raises(RuntimeError, match="disk full"):
+        runner.rebuild(workers=1)
+    [projection] = runner.projections
+    assert projection.held is None and not projection.folder.subjects
+    assert rows() == [] and runner.position("patient_state") == -1  # REBUILDING: nothing half-written counts
+    runner.catch_up()
+    assert rows() == before and runner.position("patient_state") == runner.head()
+    runner.close()

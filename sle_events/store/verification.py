@@ -319,8 +319,8 @@ def verify_record(
         done += results[0][1]
     else:
         ctx = multiprocessing.get_context("fork")
-        queue = ctx.Manager().Queue() if on_progress else None
-        with ctx.Pool(len(ranges)) as pool:
+        with ctx.Manager() as manager, ctx.Pool(len(ranges)) as pool:
+            queue = manager.Queue() if on_progress else None
             pending = [pool.apply_async(_check_range, (url, lo, hi, queue)) for lo, hi in ranges]
             while not all(p.ready() for p in pending):
                 if queue is not None:
