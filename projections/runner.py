@@ -170,9 +170,9 @@ class ProjectionRunner:
     # --- rebuild ---------------------------------------------------------------------------------------
     def rebuild(self, names: Iterable[str] | None = None, on_progress: Callable[[int, int], None] | None = None,
                 *, workers: int | None = None) -> None:  # fmt: skip
-        """Drop and rebuild from event 1, in several processes (`_rebuild_units`); positions are marked
-        REBUILDING until every process is done, so an interrupted rebuild is started again rather than continued
-        from a half-built table."""
+        """Drop and rebuild from event 1, one process per range of streams; positions are marked REBUILDING
+        until every range is done, so an interrupted rebuild is started again rather than continued from a
+        half-built table."""
         wanted = set(names) if names else None
         chosen = [p for p in self.projections if wanted is None or p.name in wanted]
         unknown = (wanted or set()) - {p.name for p in self.projections}
@@ -189,11 +189,11 @@ class ProjectionRunner:
         for p in chosen:
             p.forget()
         head = self.head()
-        units = self._rebuild_units(chosen, workers or os.cpu_count() or 1)
+        # Rows of one stream depend only on that stream, so ranges of streams are rebuilt side by side. (On
+        # SQLite they queue for its one writer, but the writes are small: the time goes in folding subjects.)
+        ranges = split_streams(self.engine, self.events, workers or os.cpu_count() or 1)
         chosen_names = [p.name for p in chosen]
-        # Work to do, in events: a unit over every stream reads the whole log; split ranges share it.
-        total = head * sum(1 for _, streams in units if streams == (None, None)) or head
-        if len(units) == 1:
+        if len(ranges) == 1:
             done = 0
 
             def advance(n: int) -> None:
@@ -202,20 +202,20 @@ class ProjectionRunner:
                 if on_progress:
                     on_progress(min(done, head), head)  # positions may have gaps: count, capped
 
-            _project_range(self, units[0][0], units[0][1], head, advance)
+            _project_range(self, chosen, ranges[0], head, advance)
         else:
             self.engine.dispose()  # the workers are forked: they must not share our connections
             ctx = multiprocessing.get_context("fork")
-            with ctx.Manager() as manager, ctx.Pool(len(units)) as pool:
+            with ctx.Manager() as manager, ctx.Pool(len(ranges)) as pool:
                 queue = manager.Queue() if on_progress else None
-                pending = [pool.apply_async(_rebuild_worker, (self.record.url, [p.name for p in group], streams, head,
-                                                              queue)) for group, streams in units]  # fmt: skip
+                pending = [pool.apply_async(_rebuild_worker, (self.record.url, chosen_names, r, head, queue))
+                           for r in ranges]  # fmt: skip
                 done = 0
                 while True:
                     finished = all(p.ready() for p in pending)
                     while queue is not None and not queue.empty():
                         done += queue.get()
-                        on_progress(min(head * done // total, head), head)  # type: ignore[misc]
+                        on_progress(min(done, head), head)  # type: ignore[misc]
                     if finished:
                         break
                     time.sleep(0.05)
@@ -233,21 +233,6 @@ class ProjectionRunner:
             self.catch_up(on_progress)  # anything appended meanwhile
         finally:
             self.projections = saved
-
-    def _rebuild_units(self, chosen: Sequence[Projection], workers: int) -> list[tuple[list[Projection], tuple[object, object]]]:  # fmt: skip
-        """How a rebuild is spread over processes: (projections, stream range) per process.
-
-        On PostgreSQL the streams are split into ranges, every projection in each (rows of one stream depend
-        only on that stream). SQLite has one writer at a time, so ranges would only queue behind each other;
-        there the projections are split instead (those folding subjects stay together, sharing one fold), and
-        each process reads the whole log, spending its time on its own projections' work."""
-        if workers <= 1:
-            return [(list(chosen), (None, None))]
-        if self.is_postgres:
-            return [(list(chosen), r) for r in split_streams(self.engine, self.events, workers)]
-        folding = [p for p in chosen if hasattr(p, "share")]
-        groups = ([folding] if folding else []) + [[p] for p in chosen if not hasattr(p, "share")]
-        return [(group, (None, None)) for group in groups]
 
     # --- following -------------------------------------------------------------------------------------
     def run_forever(self, poll_seconds: float = 0.5, on_batch: Callable[[int], None] | None = None) -> None:
