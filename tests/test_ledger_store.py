@@ -411,6 +411,24 @@ def test_deleted_last_event_of_a_stream_is_found_by_the_ledger_only(trial, tmp_p
     ledger.close()
 
 
+def test_the_position_of_a_deleted_newest_event_is_never_given_again(trial, tmp_path):
+    """The next append after the log's newest event was deleted takes a new position (AUTOINCREMENT on SQLite,
+    the sequence on PostgreSQL), so the ledger names the deleted event rather than its successor."""
+    build(trial)
+    ledger, signer, _ = logged(trial, tmp_path)
+    before = event_ids(trial.url)
+    newest = before[-1]
+    execute_sql(trial.url, "delete from study_events where id = :id", id=newest)
+    add_subject(trial, 9)
+    appended = sorted(set(event_ids(trial.url)) - set(before))
+    assert appended and appended[0] > newest
+    ledger.integrate()
+    ledger.close()
+    report = verify_record(trial.url, workers=1)
+    assert [(f.kind, f.position) for f in report.findings if f.kind.startswith("ledger_leaf")] == [
+        ("ledger_leaf_missing_event", newest)]  # fmt: skip
+
+
 def test_deleted_subject_is_located_event_by_event(trial, tmp_path):
     subjects = build(trial)
     ledger, signer, _ = logged(trial, tmp_path, sizes=(6,))

@@ -72,6 +72,66 @@ def test_upgrade_from_the_row_per_field_audit_table_reprojects_into_audit_events
     engine.dispose()
 
 
+def test_a_database_upgraded_to_head_verifies_clean(trial, db_url):
+    """Upgrading before the ledger's first integration leaves an empty ledger, not one that looks emptied."""
+    from sle_events.store.verification import verify_record
+
+    schema.upgrade(db_url)
+    report = verify_record(db_url, workers=1)
+    assert report.ok and report.findings == [] and report.events == trial.rows()
+
+
+def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(tmp_path):
+    """0006 recreates an SQLite events table without AUTOINCREMENT: same rows and ids, same verification,
+    and the position of a deleted newest event is not handed out again."""
+    from sle_events.store.record import StudyRecord
+    from sle_events.store.verification import verify_record
+    from sle_events.domain.study import Study
+    from sle_events.signing.keys import Signer
+    from datetime import datetime, timezone
+
+    url = f"sqlite:///{tmp_path / 'old.db'}"
+    engine = sa.create_engine(url)
+    with engine.begin() as conn:  # as eventsourcing-sqlalchemy made it
+        conn.exec_driver_sql("CREATE TABLE study_events (id INTEGER NOT NULL, originator_id BINARY(16) NOT NULL, "
+                             "originator_version INTEGER NOT NULL, topic TEXT NOT NULL, state BLOB NOT NULL, "
+                             "PRIMARY KEY (id))")  # fmt: skip
+        conn.exec_driver_sql("CREATE UNIQUE INDEX study_events_aggregate_idx ON study_events "
+                             "(originator_id, originator_version)")  # fmt: skip
+    record = StudyRecord(url)
+    admin = Signer.generate("admin@site", "admin")
+    study = Study.create("ALLOMSC-SLE", "AlloMSC", admin.actor, admin.public_key_b64, datetime.now(timezone.utc))
+    for n in range(3):
+        study.register_key(f"nurse{n}", "coordinator", Signer.generate(f"nurse{n}", "coordinator").public_key_b64,
+                           datetime.now(timezone.utc))  # fmt: skip
+    record.record(study, signer=admin)
+    record.close()
+
+    def rows() -> list[tuple]:
+        with engine.connect() as conn:
+            return [tuple(r) for r in conn.exec_driver_sql("select * from study_events order by id")]
+
+    def table_sql() -> str:
+        with engine.connect() as conn:
+            return conn.exec_driver_sql("select sql from sqlite_master where name = 'study_events'").scalar()
+
+    before = rows()
+    assert len(before) == 4 and "AUTOINCREMENT" not in table_sql()
+    schema.upgrade(url)
+    assert "AUTOINCREMENT" in table_sql() and rows() == before
+    assert verify_record(url, workers=1).ok and _diffs(url) == []
+    with engine.begin() as conn:
+        conn.exec_driver_sql("delete from study_events where id = 4")
+    record = StudyRecord(url)
+    study = record.get(study.id)
+    study.register_key("dr.wang", "investigator", Signer.generate("dr.wang", "investigator").public_key_b64,
+                       datetime.now(timezone.utc))  # fmt: skip
+    [appended] = record.record(study, signer=admin)
+    record.close()
+    assert [r[0] for r in rows()] == [1, 2, 3, 5]
+    engine.dispose()
+
+
 def _head() -> str:
     from alembic.script import ScriptDirectory
 

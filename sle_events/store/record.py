@@ -120,6 +120,7 @@ class StudyRecord(Application[UUID]):
         verify_threads: int | None = None,
     ) -> None:
         self.url = database_url(url)
+        self.events_table()  # the library creates the table from this same definition, with the flag below
         super().__init__(
             env={
                 "PERSISTENCE_MODULE": "eventsourcing_sqlalchemy",
@@ -149,7 +150,12 @@ class StudyRecord(Application[UUID]):
         record_cls = SQLAlchemyDatastore.define_record_class(
             cls_name="StudyEvent", table_name="study_events", schema_name=None, base_cls=StoredEventRecord
         )
-        return record_cls.__table__
+        table = record_cls.__table__
+        # A log position is never given twice: PostgreSQL's sequence never does, and AUTOINCREMENT keeps SQLite
+        # from handing the id of a deleted newest row to the next append (the ledger would then report the
+        # deletion at the wrong event).
+        table.dialect_kwargs["sqlite_autoincrement"] = True
+        return table
 
     def construct_mapper(self) -> Mapper:
         return EnvelopeMapper()
