@@ -91,6 +91,21 @@ def test_unregistered_key_is_refused(trial):
     assert "not registered" in str(err)
 
 
+def test_changing_the_study_the_record_hands_out_trusts_no_key(trial):
+    """`record.study()` is a copy: a key registered on it but never recorded is still refused, and the next
+    `study()` shows the registry as stored; a registration recorded through `get` + `record` shows up."""
+    stranger = Signer.generate("stranger", "coordinator")
+    handed_out = trial.record.study(trial.study.id)
+    handed_out.register_key(stranger.actor, stranger.role, stranger.public_key_b64, NOW)
+    _refused(trial, UntrustedKey, [sealed_screening(trial, stranger)])
+    assert not any(e["actor"] == "stranger" for e in trial.record.study(trial.study.id).keys.values())
+    study = trial.record.get(trial.study.id)
+    study.register_key(stranger.actor, stranger.role, stranger.public_key_b64, NOW)
+    trial.record.record(study, signer=trial.admin)
+    assert any(e["actor"] == "stranger" for e in trial.record.study(trial.study.id).keys.values())
+    assert trial.record.append([sealed_screening(trial, stranger)])
+
+
 def test_role_not_allowed_for_event_type(trial):
     # A lab service may not screen subjects.
     err = _refused(trial, UntrustedKey, [sealed_screening(trial, trial.lab)])

@@ -133,6 +133,7 @@ class StudyRecord(Application[UUID]):
         self.table = self.recorder.events_record_cls.__table__
         self._heads: dict[UUID, tuple[int, str]] = {}
         self._studies: dict[str, Study] = {}
+        self._copies: dict[str, tuple[int, Study]] = {}  # study -> (version copied, what `study()` hands out)
         # Every event at or below this log position is reflected in the cached studies.
         self._valid_through: int | None = None
         self._lock = threading.RLock()
@@ -204,8 +205,21 @@ class StudyRecord(Application[UUID]):
         return self.repository.get(stream, version=version)
 
     def study(self, study_id: UUID | str) -> Study:
-        """The study as it stands now (trust root, keys, permissions)."""
+        """The study as it stands now (trust root, keys, permissions, configuration).
+
+        A copy of the registry the store checks appends against, so changing it changes nothing here: change a
+        study through its verbs on an aggregate from `get` and `record` it. The copy is made again whenever
+        the registry moves on or the copy was changed."""
         study_id = str(study_id)
+        with self._lock:
+            trusted = self._registry(study_id)
+            copied = self._copies.get(study_id)
+            if copied is None or not (copied[0] == copied[1].version == trusted.version):
+                copied = self._copies[study_id] = (trusted.version, copy.deepcopy(trusted))
+            return copied[1]
+
+    def _registry(self, study_id: str) -> Study:
+        """The study whose key registry and permissions appends are checked against (never handed out)."""
         with self._lock:
             study = self._studies.get(study_id)
             if study is None:
@@ -348,7 +362,7 @@ class StudyRecord(Application[UUID]):
             except Exception as exc:
                 raise MalformedEvent(f"study creation cannot be read: {exc}", **where) from exc
         try:
-            return self.study(study_id)
+            return self._registry(study_id)
         except UnknownStudy as exc:
             raise UnknownStudy(str(exc), **where) from exc
 
