@@ -144,6 +144,7 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
         "corrections": corrections,
         "flags": json.dumps([f for _, f in subject.flags]),
         "key_labs": json.dumps(key_labs(records), sort_keys=True),
+        "stale_results": json.dumps(subject.stale_results()),
         "version": subject.version,
     }  # fmt: skip
 

@@ -141,6 +141,8 @@ patient_state = Table(
     Column("corrections", Integer, nullable=False),
     Column("flags", Text, nullable=False),  # JSON list
     Column("key_labs", Text, nullable=False),  # JSON: code -> latest value, unit, when, flag, previous, trend
+    # JSON list: derived results and renal-response assessments computed from a result corrected or voided since
+    Column("stale_results", Text, nullable=False, server_default="[]"),
     Column("version", _ID, nullable=False),
     Column("position", _ID, nullable=False),
     Index("patient_state_screening", "study", "screening_number"),

@@ -133,6 +133,38 @@ def types_of(w: World, sid: UUID) -> list[str]:
     return [e.topic.rsplit(":", 1)[-1] for e in w.record.stream(sid)]
 
 
+def test_patient_state_lists_an_assessment_whose_egfr_was_corrected_until_it_is_assessed_again(world):
+    from projections.patient_state import PatientState
+    from projections.runner import ProjectionRunner
+    from projections.schema import patient_state
+    import json
+    import sqlalchemy as sa
+
+    w, t = world, world.trial
+    sid = drive(w, "follow_up")
+    creat = t.record_lab_result(sid, "CREAT", "0.70", "mg/dL", visit_day(1), signer=w.lab)
+    t.record_lab_result(sid, "UPROT", "40", "mg/dL", visit_day(1), signer=w.lab)
+    t.record_lab_result(sid, "UCREAT", "100", "mg/dL", visit_day(1), signer=w.lab)
+    t.assess_renal_response(sid, visit_day(1, hour=12), signer=w.investigator, visit="M1")
+    assessed = w.record.get(sid).version
+    egfr = w.record.get(sid).facts[assessed].record.inputs[-1]
+    runner = ProjectionRunner(w.url, [PatientState()])
+
+    def stale() -> list[dict[str, Any]]:
+        runner.catch_up()
+        with runner.engine.connect() as conn:
+            row = conn.execute(sa.select(patient_state.c.stale_results).where(patient_state.c.subject == str(sid)))
+            return json.loads(row.scalar_one())
+
+    assert stale() == []
+    t.correct(sid, creat, {"value": "0.90"}, "transcription error", visit_day(1, hour=14), signer=w.lab)
+    assert stale() == [{"version": assessed, "type": "RenalResponseAssessed", "code": "RENAL_RESPONSE",
+                        "changed_inputs": [egfr]}]  # the eGFR was derived again by the correction; not the assessment
+    t.assess_renal_response(sid, visit_day(1, hour=15), signer=w.investigator, visit="M1")
+    assert stale() == []
+    runner.close()
+
+
 def test_a_full_course_is_recorded_signed_and_replays_to_the_same_subject(world):
     w, t = world, world.trial
     before = w.rows()

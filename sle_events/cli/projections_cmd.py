@@ -192,8 +192,7 @@ def replay(
         raise typer.Exit(1) from None
     finally:
         record.close()
-    state["key_labs"] = json.loads(state["key_labs"])
-    state["flags"] = json.loads(state["flags"])
+    _decode_json_fields(state)
     if as_json:
         print(json.dumps(state, indent=2))
         return
@@ -206,6 +205,12 @@ def replay(
     for code, lab in state["key_labs"].items():
         t.add_row(code, f"{_display(lab['value'])} {lab['unit']} ({lab['trend'] or 'first'}) at {lab['at']}")
     out.print(t)
+
+
+def _decode_json_fields(state: dict) -> None:  # type: ignore[type-arg]
+    """A patient-state row's JSON columns, as data."""
+    for name in ("key_labs", "flags", "stale_results"):
+        state[name] = json.loads(state[name])
 
 
 def _display(value: str) -> str:
@@ -238,12 +243,13 @@ def patients(
     runner.close()
     today = date.today()
     for r in rows:
-        r["key_labs"], r["flags"] = json.loads(r["key_labs"]), json.loads(r["flags"])
+        _decode_json_fields(r)
         r["days_since_transplant"] = (today - date.fromisoformat(r["tx_date"])).days if r["tx_date"] else None
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table("subject", "status", "epoch", "TX", "next visit (window)", "SLEDAI", "renal", "UPCR", "eGFR", "open AEs/SAEs")
+    t = Table("subject", "status", "epoch", "TX", "next visit (window)", "SLEDAI", "renal", "UPCR", "eGFR", "open AEs/SAEs",
+              "stale")  # fmt: skip
     for r in rows:
         labs = r["key_labs"]
         window = f"{r['next_visit']} ({r['next_visit_earliest']}…{r['next_visit_latest']})" if r["next_visit"] else ""
@@ -251,7 +257,8 @@ def patients(
                   str(r["sledai_total"] if r["sledai_total"] is not None else ""), r["renal_response"] or "",
                   _display(labs["UPCR"]["value"]) if "UPCR" in labs else "",
                   _display(labs["EGFR"]["value"]) if "EGFR" in labs else "",
-                  f"{r['open_adverse_events']}/{r['open_serious_adverse_events']}")  # fmt: skip
+                  f"{r['open_adverse_events']}/{r['open_serious_adverse_events']}",
+                  ", ".join(f"{x['code']} v{x['version']}" for x in r["stale_results"]))  # fmt: skip
     out.print(t)
 
 

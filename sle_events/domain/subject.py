@@ -897,6 +897,27 @@ class Subject(TrialAggregate):
                     out.append((v, r.code, r.value, r.occurred_at))  # type: ignore[attr-defined]
         return out
 
+    def stale_results(self) -> list[dict[str, Any]]:
+        """Derived results and renal-response assessments computed from a result that was corrected or voided
+        after them, or from one that is stale itself, and not derived or assessed again since (a later one for
+        the same code and time, or the same visit, supersedes). Their signed values stay as they were; this is
+        what a monitor raises a query on."""
+        latest: dict[tuple[Any, ...], int] = {}
+        changed: dict[int, list[int]] = {}
+        for v, f in self.facts.items():  # in version order, so an input's staleness is known before its use
+            if f.voided or f.record is None or f.type not in ("DerivedResultRecorded", "RenalResponseAssessed"):
+                continue
+            r = f.record
+            key = (r.code, r.occurred_at) if f.type == "DerivedResultRecorded" else (r.visit or r.occurred_at.date())  # type: ignore[attr-defined]
+            latest[(f.type, key)] = v
+            inputs = [i for i in r.inputs if (g := self.facts.get(i)) is not None  # type: ignore[attr-defined]
+                      and (g.voided or i in changed or any(c > v for c in g.corrections))]
+            if inputs:
+                changed[v] = inputs
+        return [{"version": v, "type": kind, "code": getattr(self.facts[v].record, "code", "RENAL_RESPONSE"),
+                 "changed_inputs": changed[v]} for (kind, _), v in sorted(latest.items(), key=lambda x: x[1])
+                if v in changed]  # fmt: skip
+
     def assess_renal_response(self, occurred_at: datetime, *, config: StudyConfig = DEFAULT_CONFIG,
                               visit: str | None = None) -> RenalResponse:
         """KDIGO 2024 renal response (§8) at a follow-up visit day, from the UPCR and eGFR collected that day

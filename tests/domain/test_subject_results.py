@@ -199,6 +199,36 @@ def test_renal_response_uses_a_derived_egfr_and_upcr():
     assert r.status == "CR" and r.upcr == Decimal("0.4")
 
 
+def test_results_derived_from_a_later_corrected_or_voided_value_are_stale_until_derived_again():
+    s = sc.to_follow_up()
+    day = visit_day(6)
+    creat = s.record_lab_result("CREAT", "0.70", "mg/dL", day)
+    s.derive_egfr(creat)
+    egfr = s.version
+    p, c = s.record_lab_result("UPROT", "40", "mg/dL", day), s.record_lab_result("UCREAT", "100", "mg/dL", day)
+    s.derive_upcr(p, c)
+    upcr = s.version
+    s.assess_renal_response(day + timedelta(hours=2), visit="M6")
+    assessed = s.version
+    assert s.stale_results() == []
+
+    def stale() -> list[tuple[int, str, list[int]]]:
+        return [(x["version"], x["code"], x["changed_inputs"]) for x in s.stale_results()]
+
+    s.correct(creat, {"value": Decimal("0.90")}, "transcription error", day + timedelta(hours=5))
+    assert s.stale_results()[0] == {"version": egfr, "type": "DerivedResultRecorded", "code": "EGFR",
+                                    "changed_inputs": [creat]}  # fmt: skip
+    assert stale() == [(egfr, "EGFR", [creat]), (assessed, "RENAL_RESPONSE", [egfr])]  # through the eGFR
+    s.derive_egfr(creat)  # derived again from the corrected creatinine: the old eGFR is superseded...
+    assert stale() == [(assessed, "RENAL_RESPONSE", [egfr])]  # ...but the assessment still cites it
+    s.void(p, "entered on the wrong subject", day + timedelta(hours=6))
+    assert stale() == [(upcr, "UPCR", [p]), (assessed, "RENAL_RESPONSE", [upcr, egfr])]
+    s.assess_renal_response(day + timedelta(hours=8), visit="M6")  # assessed again, from current results
+    assert stale() == [(upcr, "UPCR", [p])]
+    s.void(upcr, "its protein result was voided", day + timedelta(hours=9))
+    assert stale() == []
+
+
 def test_renal_response_before_transplant_is_refused():
     s = sc.to_pretreated()
     refused(s, VisitBeforeTransplant, s.assess_renal_response, sc.CYC_STOP)
