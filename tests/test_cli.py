@@ -154,6 +154,14 @@ def test_demo_records_a_trial_that_verifies_and_no_private_key_leaves_the_key_fi
     assert "3 enrolled" in done.stdout and "deliberately invalid commands refused: OutsideWindow 1" in done.stdout
     again = sle("verify", "--db", db_url, "--json")
     assert again.returncode == 0 and json.loads(again.stdout)["events"] == report.events
+    # The read models are left built, at the head of the log: SQL on the audit trail works straight away.
+    engine = sa.create_engine(db_url)
+    with engine.connect() as conn:
+        positions = set(conn.execute(sa.text("select position from projection_tracking")).scalars())
+        corrected = conn.execute(sa.text("select count(*) from audit_trail where change = 'corrected'")).scalar()
+        subjects = conn.execute(sa.text("select count(*) from patient_state")).scalar()
+    engine.dispose()
+    assert positions == {report.events} and subjects >= 3 and corrected > 0
 
     stored = _database_bytes(db_url)
     assert b"Subject.LabResultRecorded" in stored  # the dump really holds the events

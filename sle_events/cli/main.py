@@ -162,7 +162,25 @@ def demo(
     refused = ", ".join(f"{k} {v}" for k, v in sorted(result.refused_as_expected.items())) or "none"
     out.print(f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
               f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}")
-    raise typer.Exit(_verify(url, False, None))
+    code = _verify(url, False, None)
+    if code == 0:
+        _build_read_models(url)
+    raise typer.Exit(code)
+
+
+def _build_read_models(url: str) -> None:
+    """The demo leaves its read models built, so read commands and SQL on `audit_trail` work straight away."""
+    from projections.runner import ProjectionRunner
+
+    runner = ProjectionRunner(url)
+    try:
+        with _progress("projecting", err.is_terminal) as bar:
+            task = bar.add_task("read models", total=runner.head())
+            runner.rebuild(on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+    finally:
+        runner.close()
+    out.print("read models built: sle patients | sle dashboard | sle audit-trail --subject NJ01-0002 | "
+              "sle replay --subject NJ01-0002 --as-of 2008-01-01T00:00:00+00:00")
 
 
 keys_app = typer.Typer(help="Ed25519 keys of users and services.")
