@@ -264,6 +264,34 @@ def test_cli_integrate_checkpoint_prove_and_verify_offline_with_only_the_vkey(tr
     assert doc["ledger"]["saved_checkpoints"] == [{"checkpoint": str(cp1), "size": 16, "consistent": True}]
 
 
+def test_cli_rotate_key_then_verify_with_the_old_vkey(trial, tmp_path):
+    build(trial)
+    url, key, nxt = trial.url, tmp_path / "log.key", tmp_path / "next.key"
+    old_vkey = one_line(cli("ledger", "init", "--log-key", str(key), "--db", url).stdout)
+    before = tmp_path / "before.cp"
+    assert cli("ledger", "checkpoint", "--db", url, "--log-key", str(key), "--out", str(before)).exit_code == 0
+    witness = ("ledger", "witness", "--witness-key", str(tmp_path / "w.key"), "--state", str(tmp_path / "w.json"),
+               "--db", url)  # fmt: skip
+    assert cli(*witness, "--vkey", old_vkey).exit_code == 0  # the witness is told the log's key once
+    new_vkey = one_line(cli("ledger", "init", "--log-key", str(nxt), "--db", url).stdout)
+    done = cli("ledger", "rotate-key", "--db", url, "--log-key", str(key), "--new-key", str(nxt))
+    assert done.exit_code == 0, done.output
+    assert f"sle-log-key-rotation {old_vkey} {new_vkey}" in done.stdout and new_vkey in done.stderr
+    assert cli(*witness).exit_code == 0  # cosigns the rotation with the key it knew, and follows it
+    assert json.loads((tmp_path / "w.json").read_text())["log_vkey"] == new_vkey
+    add_subject(trial, 9)
+    refused = cli("ledger", "checkpoint", "--db", url, "--log-key", str(key))
+    assert refused.exit_code == 2 and "signed by" in refused.output
+    after = tmp_path / "after.cp"
+    assert cli("ledger", "checkpoint", "--db", url, "--log-key", str(nxt), "--out", str(after)).exit_code == 0
+    done = cli(*witness)
+    assert done.exit_code == 0, done.output
+    assert one_line(cli("ledger", "vkey", "--db", url).stdout) == new_vkey
+    done = cli("verify", "--db", url, "--workers", "1", "--checkpoint", str(before), "--checkpoint", str(after),
+               "--vkey", old_vkey)  # fmt: skip
+    assert done.exit_code == 0, done.output
+
+
 def test_verify_proof_needs_no_database(trial, tmp_path):
     """The offline verifier in a fresh process, with an unreachable database configured: it never connects."""
     build(trial, subjects=1)
@@ -386,6 +414,71 @@ def test_bad_input_is_refused_with_a_clear_error_and_nothing_is_stored(trial, tm
     missing = tmp_path / "missing.db"
     done = cli("ledger", "integrate", "--db", f"sqlite:///{missing}")
     assert done.exit_code == 2 and "no database" in done.stderr and not missing.exists()
+
+
+def test_a_rotated_log_key_is_followed_from_either_vkey(trial, tmp_path):
+    """The rotation checkpoint names both vkeys and carries both signatures; an auditor holding the old vkey
+    or the new one verifies every checkpoint, and saved checkpoints from both sides of the rotation."""
+    from sle_events.ledger.audit import check_auditor_input
+    from sle_events.ledger.checkpoint import key_rotation
+
+    build(trial)
+    ledger, old, notes = logged(trial, tmp_path, sizes=(8,))
+    new = create_log_key(tmp_path / "next.key", ORIGIN)
+    add_subject(trial, 7)
+    ledger.integrate()
+    rotation = ledger.rotate_key(old, new)
+    assert key_rotation(Checkpoint.parse(open_note(rotation.note, Verifier.from_vkey(new.vkey))[0])) == (old.vkey, new.vkey)
+    open_note(rotation.note, Verifier.from_vkey(old.vkey))  # signed by both
+    assert ledger.state().vkey == new.vkey
+    with pytest.raises(LedgerError, match="signed by"):
+        ledger.checkpoint(old)  # the old key signs no more
+    with pytest.raises(LedgerError, match="another key"):
+        ledger.rotate_key(new, new)
+    add_subject(trial, 8)
+    ledger.integrate()
+    after = ledger.checkpoint(new)
+    # The log still proves inclusion against a checkpoint an auditor saved before the rotation.
+    assert ledger.inclusion_proof(index=2, checkpoint=notes[0]).size == 8
+    ledger.close()
+
+    saved = [notes[0], after.note]
+    check_auditor_input(saved, old.vkey)  # the post-rotation one is left to verify_ledger
+    for vkey in (old.vkey, new.vkey, None):
+        findings = verify_ledger(trial.url, checkpoints_from=saved if vkey else None, vkey=vkey)
+        assert list(findings) == [], (vkey, findings)
+        assert findings.info["log_keys"] == [old.vkey, new.vkey]
+    report = verify_record(trial.url, workers=1, checkpoint=saved, vkey=old.vkey)
+    assert report.ok, report.findings
+    other = create_log_key(tmp_path / "other.key", ORIGIN)  # same origin, not this log's key
+    assert {f.kind for f in verify_ledger(trial.url, vkey=other.vkey)} == {"checkpoint_bad_signature",
+                                                                           "ledger_state_mismatch"}  # fmt: skip
+
+
+def test_a_rotation_forged_without_the_old_key_is_not_followed(trial, tmp_path):
+    """Someone with SQL access but not the log key writes a 'rotation' to their own key, signed by that key
+    alone, and signs later checkpoints with it: an auditor with the real vkey sees exactly that."""
+    from sle_events.ledger import sign_checkpoint
+    from sle_events.ledger.checkpoint import KEY_ROTATION
+
+    build(trial)
+    ledger, old, _ = logged(trial, tmp_path)
+    size, root = ledger.state().size, ledger.state().root
+    ledger.close()
+    evil = create_log_key(tmp_path / "evil.key", ORIGIN)
+    forged = sign_checkpoint(Checkpoint(ORIGIN, size, root, (f"{KEY_ROTATION} {old.vkey} {evil.vkey}",)), evil)
+    later = sign_checkpoint(Checkpoint(ORIGIN, size, root), evil)
+    for note in (forged, later):
+        execute_sql(trial.url, "insert into ledger_checkpoints (size, root, note, issued_at) "
+                    "values (:size, :root, :note, :at)", size=size, root=root, note=note, at=datetime.now(timezone.utc))  # fmt: skip
+    execute_sql(trial.url, "update ledger_state set vkey = :vkey", vkey=evil.vkey)
+
+    findings = verify_ledger(trial.url, vkey=old.vkey)
+    details = [f.detail for f in findings if f.kind == "checkpoint_bad_signature"]
+    assert any("rotation to" in d and "not signed by both keys" in d for d in details), details
+    assert any("does not verify with" in d for d in details), details  # the forged rotation lacks the old key's
+    assert any("no rotation signed by both keys links to" in d for d in details), details  # the later one
+    assert {f.kind for f in findings} == {"checkpoint_bad_signature", "ledger_state_mismatch"}
 
 
 # --- tampering by SQL -----------------------------------------------------------------------------------------

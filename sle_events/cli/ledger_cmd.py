@@ -209,6 +209,35 @@ def checkpoint(
     sys.stdout.write(cp.note)
 
 
+@ledger_app.command("rotate-key")
+def rotate_key(
+    db: Optional[str] = DbOption,
+    log_key: Optional[Path] = LogKeyOption,
+    new_key: Path = typer.Option(..., "--new-key", help="the log's next key (make it with `sle ledger init "
+                                 "--log-key NEW --origin <this log's origin>`)"),
+    out: Optional[Path] = typer.Option(None, "--out", help="also write the rotation checkpoint to this file"),
+    batch: int = BatchOption,
+) -> None:
+    """Hand the log to a new key: a checkpoint naming the old and the new vkey, signed by both. Later
+    checkpoints need the new key; auditors holding either vkey follow the rotation (`sle verify`)."""
+    from sle_events.ledger.log import LedgerError
+
+    old, new = _signer(log_key, None), _signer(new_key, None)
+    ledger = _ledger(db, create=True)
+    try:
+        _same_log(ledger, old)
+        _integrate(ledger, batch)
+        cp = ledger.rotate_key(old, new)
+    except LedgerError as e:
+        _fail(str(e), 1)
+    finally:
+        ledger.close()
+    if out is not None:
+        _write(out, cp.note)
+    err.print(f"the log is now signed by {escape(new.vkey)}; give auditors this checkpoint and the new vkey")
+    sys.stdout.write(cp.note)
+
+
 def _same_log(ledger: Any, signer: Any) -> None:
     """Refuse a key other than the one this ledger was signed with, before anything is written."""
     state = ledger.state()
@@ -454,7 +483,8 @@ def witness(
     from sle_events.ledger.proof_file import ProofFileError, parse_consistency_proof
 
     signer = _witness_signer(witness_key, name)
-    state, state_origin = _witness_state(state_file)
+    state, state_origin, followed = _witness_state(state_file)
+    vkey = vkey or followed  # the log key this witness followed to, through the log's key rotations
     note = _read_text(checkpoint_file, "checkpoint") if checkpoint_file is not None else None
     proof_text = _read_text(consistency_file, "consistency proof") if consistency_file is not None else None
     ledger = None
@@ -503,7 +533,7 @@ def witness(
         raise typer.Exit(1)
     new_state = w.state
     assert new_state is not None
-    _save_witness_state(state_file, log_verifier.name, new_state)
+    _save_witness_state(state_file, log_verifier.name, new_state, w.log_verifier.vkey)  # type: ignore[attr-defined]
     if out is not None:
         _write(out, cosigned)
     err.print(f"cosigned size {new_state.size} as {escape(signer.name)} ({escape(signer.vkey)})")
@@ -542,15 +572,17 @@ def _witness_state(path: Path) -> Any:
     from sle_events.ledger.note import b64decode_strict
 
     if not path.exists():
-        return None, None
+        return None, None, None
     try:
         doc = json.loads(path.read_text(encoding="utf-8"))
-        return WitnessState(int(doc["size"]), b64decode_strict(doc["root"])), doc.get("origin")
+        state = WitnessState(int(doc["size"]), b64decode_strict(doc["root"]))
+        return state, doc.get("origin"), doc.get("log_vkey")
     except (OSError, ValueError, KeyError, TypeError) as e:
         _fail(f"witness state {path} is unreadable: {e}", 2)
 
 
-def _save_witness_state(path: Path, origin: str, state: Any) -> None:
+def _save_witness_state(path: Path, origin: str, state: Any, log_vkey: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    _write(tmp, json.dumps({"origin": origin, "size": state.size, "root": _b64(state.root_hash)}) + "\n")
+    _write(tmp, json.dumps({"origin": origin, "size": state.size, "root": _b64(state.root_hash),
+                            "log_vkey": log_vkey}) + "\n")  # fmt: skip
     os.replace(tmp, path)

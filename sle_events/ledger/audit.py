@@ -30,7 +30,7 @@ import sqlalchemy as sa
 
 from sle_events.store.verification import Finding
 
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, KeyChain, follow_key_rotations, open_checkpoint
 from .log import (
     EVENTS_TABLE,
     LEDGER_TABLES,
@@ -125,14 +125,27 @@ def check_auditor_input(checkpoints_from: Any, vkey: Any) -> list[tuple[str, Che
     notes = read_checkpoint_notes(checkpoints_from)
     if verifier is None:
         return []
-    return [(label, _open_saved(label, note, verifier)) for label, note in notes]
+    # A checkpoint signed by another key of this origin may come from either side of a key rotation: only the
+    # log's own rotation checkpoints can say, so `verify_ledger` checks it against them.
+    return [(label, _open_saved(label, note, [verifier])) for label, note in notes
+            if not _signed_by_another_key_of(note, verifier)]  # fmt: skip
 
 
-def _open_saved(label: str, note: str, verifier: Verifier) -> Checkpoint:
+def _signed_by_another_key_of(note: str, verifier: Verifier) -> bool:
     try:
-        return open_checkpoint(note, verifier, verifier.name)
+        signatures = parse_note(note)[1]
+    except NoteError:
+        return False
+    names = {(sig.name, sig.key_id) for sig in signatures}
+    return (verifier.name, verifier.key_id) not in names and any(name == verifier.name for name, _ in names)
+
+
+def _open_saved(label: str, note: str, verifiers: list[Verifier]) -> Checkpoint:
+    try:
+        return open_checkpoint(note, verifiers, verifiers[0].name)
     except (NoteError, CheckpointError) as e:
-        raise LedgerAuditError(f"saved checkpoint {label} does not verify with {verifier.vkey}: {e}") from None
+        raise LedgerAuditError(f"saved checkpoint {label} does not verify with "
+                               f"{' or '.join(v.vkey for v in verifiers)}: {e}") from None  # fmt: skip
 
 
 # --------------------------------------------------------------------------- tree helpers
@@ -260,16 +273,29 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
             audit.found("ledger_state_mismatch", f"ledger_state holds a malformed vkey: {e}")
     elif verifier is not None:
         info["checkpoint_key"] = verifier.vkey
-    if verifier is not None and state is not None and state["vkey"] and state["vkey"] != verifier.vkey:
-        audit.found("ledger_state_mismatch",
-                    f"ledger_state names the log key {state['vkey']}, not the expected {verifier.vkey}")  # fmt: skip
+    # The log's keys, followed from the auditor's (or the recorded) key through rotation checkpoints.
+    chain = None
+    if verifier is not None:
+        notes: list[str] = []
+        if has_ledger:
+            with engine.connect() as conn:
+                notes = list(conn.execute(sa.select(ledger_checkpoints.c.note).order_by(ledger_checkpoints.c.id))
+                             .scalars())  # fmt: skip
+        chain = follow_key_rotations(notes, verifier.vkey)
+        if len(chain.keys) > 1:
+            info["log_keys"] = chain.keys
+        current = chain.linked[-1] if chain.linked else verifier.vkey  # the newest key a held rotation links
+        if state is not None and state["vkey"] and state["vkey"] != current:
+            audit.found("ledger_state_mismatch",
+                        f"ledger_state names the log key {state['vkey']}, not the expected {current}")  # fmt: skip
 
     # --- the auditor's saved checkpoints verify first: bad input stops before any reading ---------------
     saved: list[tuple[str, Checkpoint]] = []
     if saved_notes:
-        if verifier is None:
+        if verifier is None or chain is None:
             raise LedgerAuditError("a saved checkpoint needs the log's vkey to be checked (--vkey)")
-        saved = [(label, _open_saved(label, note, verifier)) for label, note in saved_notes]
+        linked = [Verifier.from_vkey(k) for k in chain.linked] or [verifier]
+        saved = [(label, _open_saved(label, note, linked)) for label, note in saved_notes]
 
     # --- every event, in log order: the tree the log should be ------------------------------------------
     with engine.connect() as conn:
@@ -321,7 +347,7 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
 
     # --- stored checkpoints --------------------------------------------------------------------------
     if has_ledger:
-        _check_checkpoints(audit, verifier, ev_pos, n_ev, recomputed_root)
+        _check_checkpoints(audit, verifier, chain, ev_pos, n_ev, recomputed_root)
 
     # --- the auditor's saved checkpoints ---------------------------------------------------------------
     results = []
@@ -534,7 +560,7 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
     return levels, ok, logged_position, done
 
 
-def _check_checkpoints(audit: _Audit, verifier: Verifier | None, ev_pos: array, n_ev: int,
+def _check_checkpoints(audit: _Audit, verifier: Verifier | None, chain: KeyChain | None, ev_pos: array, n_ev: int,
                        recomputed_root: Callable[[int], bytes]) -> None:  # fmt: skip
     found = audit.found
     with audit.engine.connect() as conn:
@@ -542,18 +568,27 @@ def _check_checkpoints(audit: _Audit, verifier: Verifier | None, ev_pos: array, 
     audit.info["checkpoints"] = len(rows)
     if verifier is None and rows:
         audit.info["checkpoint_key"] = "none: signatures were not checked (pass --vkey)"
+    if chain is not None and len(chain.signer) != len(rows):  # a checkpoint was added meanwhile: follow again
+        chain = follow_key_rotations([row.note for row in rows], verifier.vkey)  # type: ignore[union-attr]
+    problems = dict(chain.problems) if chain is not None else {}
     good_sizes: list[int] = []
     bad: list[tuple[Any, Checkpoint]] = []
-    for row in rows:
+    for i, row in enumerate(rows):
         where = f"checkpoint #{row.id} (issued {row.issued_at:%Y-%m-%d %H:%M:%S})"
+        if i in problems:
+            found("checkpoint_bad_signature", f"{where}: key rotation does not hold: {problems[i]}")
+        key = chain.signer[i] if chain is not None else None
+        if verifier is not None and key is None:
+            found("checkpoint_bad_signature", f"{where} is signed by a log key that no rotation signed by both "
+                  f"keys links to {verifier.vkey}")  # fmt: skip
+            continue
         try:
-            if verifier is not None:
-                cp = open_checkpoint(row.note, verifier, verifier.name)
+            if key is not None:
+                cp = open_checkpoint(row.note, Verifier.from_vkey(key), verifier.name)  # type: ignore[union-attr]
             else:
                 cp = Checkpoint.parse(parse_note(row.note)[0])
         except (InvalidSignatureError, UnverifiedNoteError) as e:
-            found("checkpoint_bad_signature", f"{where}: the signature does not verify with "
-                  f"{verifier.vkey if verifier else 'the log key'}: {e}")  # fmt: skip
+            found("checkpoint_bad_signature", f"{where}: the signature does not verify with {key}: {e}")
             continue
         except (NoteError, CheckpointError) as e:
             found("checkpoint_malformed", f"{where} is not a valid checkpoint of this log: {e}")

@@ -20,7 +20,7 @@ from collections.abc import Iterable
 from dataclasses import dataclass, field
 
 from .merkle import HASH_SIZE
-from .note import NoteSigner, NoteVerifier, b64decode_strict, open_note, sign_note
+from .note import NoteError, NoteSigner, NoteVerifier, Verifier, b64decode_strict, open_note, parse_note, sign_note
 
 __all__ = [
     "MAX_TREE_SIZE",
@@ -28,6 +28,10 @@ __all__ = [
     "Checkpoint",
     "sign_checkpoint",
     "open_checkpoint",
+    "KEY_ROTATION",
+    "key_rotation",
+    "KeyChain",
+    "follow_key_rotations",
 ]
 
 MAX_TREE_SIZE = (1 << 63) - 1
@@ -111,9 +115,25 @@ class Checkpoint:
         return cls(origin, int(size_s), root, tuple(extensions))
 
 
-def sign_checkpoint(cp: Checkpoint, signer: NoteSigner) -> str:
-    """Return ``cp`` as a signed note, signed by ``signer``."""
-    return sign_note(cp.format(), [signer])
+def sign_checkpoint(cp: Checkpoint, signer: NoteSigner, *also: NoteSigner) -> str:
+    """Return ``cp`` as a signed note, signed by ``signer`` (and ``also``)."""
+    return sign_note(cp.format(), [signer, *also])
+
+
+KEY_ROTATION = "sle-log-key-rotation"
+"""Extension line of the checkpoint that hands a log to a new key: ``sle-log-key-rotation <old vkey> <new vkey>``,
+in a note signed by both keys (the old one vouches for the new, the new one shows it is held)."""
+
+
+def key_rotation(cp: Checkpoint) -> tuple[str, str] | None:
+    """(old vkey, new vkey) if ``cp`` is a key rotation checkpoint."""
+    for line in cp.extensions:
+        word, *rest = line.split(" ")
+        if word == KEY_ROTATION:
+            if len(rest) != 2 or not all(rest) or rest[0] == rest[1]:
+                raise CheckpointError(f"malformed key rotation line {line!r}")
+            return rest[0], rest[1]
+    return None
 
 
 def open_checkpoint(
@@ -131,3 +151,69 @@ def open_checkpoint(
     if cp.origin != origin:
         raise CheckpointError(f"checkpoint origin {cp.origin!r} is not the expected {origin!r}")
     return cp
+
+
+@dataclass
+class KeyChain:
+    """The log keys a sequence of checkpoint notes was signed with, as seen from one trusted key (the anchor).
+
+    ``keys``: vkeys in the order the log used them. ``linked``: those linked to the anchor by rotation
+    checkpoints signed by both keys (the anchor included). ``signer``: for each note, the vkey that must have
+    signed it, or None where that key is not linked. ``problems``: (note index, what is wrong) for rotations
+    that do not hold."""
+
+    keys: list[str]
+    linked: list[str]
+    signer: list[str | None]
+    problems: list[tuple[int, str]]
+
+
+def follow_key_rotations(notes: list[str], anchor: str) -> KeyChain:
+    """Follow the key rotations in ``notes`` (in the order they were issued) outwards from the ``anchor``
+    vkey: each rotation checkpoint must carry good signatures by both its old and its new key, so trust passes
+    through it; it never passes through one that does not."""
+    rotations: list[tuple[int, str, str]] = []
+    problems: list[tuple[int, str]] = []
+    for i, note in enumerate(notes):
+        try:
+            rotation = key_rotation(Checkpoint.parse(parse_note(note)[0]))
+        except (NoteError, CheckpointError):
+            continue  # a malformed note is reported where the notes are checked
+        if rotation is None:
+            continue
+        if rotations and rotation[0] != rotations[-1][2]:
+            problems.append((i, f"rotates from {rotation[0]}, but the log's key by then was {rotations[-1][2]}"))
+            continue
+        rotations.append((i, *rotation))
+    keys = [rotations[0][1], *(new for _, _, new in rotations)] if rotations else [anchor]
+    period, j = [], 0  # the index in `keys` of the key in effect for each note
+    for i in range(len(notes)):
+        period.append(j)
+        if j < len(rotations) and rotations[j][0] == i:
+            j += 1
+    linked = set()
+    if anchor in keys:
+        m = keys.index(anchor)
+        linked.add(m)
+        held = [_signed_by_both(notes[i], old, new) for i, old, new in rotations]
+        for k in range(m, len(rotations)):  # forwards: rotation k hands keys[k] over to keys[k + 1]
+            if not held[k]:
+                problems.append((rotations[k][0], f"the rotation to {keys[k + 1]} is not signed by both keys"))
+                break
+            linked.add(k + 1)
+        for k in range(m - 1, -1, -1):  # backwards from the anchor
+            if not held[k]:
+                problems.append((rotations[k][0], f"the rotation from {keys[k]} is not signed by both keys"))
+                break
+            linked.add(k)
+    return KeyChain(keys, [keys[k] for k in sorted(linked)], [keys[p] if p in linked else None for p in period],
+                    problems)
+
+
+def _signed_by_both(note: str, old: str, new: str) -> bool:
+    try:
+        for vkey in (old, new):
+            open_note(note, Verifier.from_vkey(vkey))
+    except (NoteError, ValueError):
+        return False
+    return True

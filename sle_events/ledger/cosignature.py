@@ -26,7 +26,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .checkpoint import Checkpoint, CheckpointError, open_checkpoint
+from .checkpoint import Checkpoint, CheckpointError, key_rotation, open_checkpoint
 from .merkle import HASH_SIZE, ProofError, verify_consistency
 from .note import (
     ALG_ED25519,
@@ -36,6 +36,7 @@ from .note import (
     PublicKeyHolder,
     Signature,
     Signer,
+    Verifier,
     key_id,
     parse_note,
     parse_vkey,
@@ -225,14 +226,27 @@ class Witness:
         """
         try:
             cp = open_checkpoint(new_note, self._log_verifier, self._origin)
-        except (NoteError, CheckpointError) as e:
+            rotation = key_rotation(cp)
+            next_key = None
+            if rotation is not None and rotation[0] == getattr(self._log_verifier, "vkey", None):
+                # The log hands over to a new key: follow it once that key's signature is on the note too.
+                next_key = Verifier.from_vkey(rotation[1])
+                open_checkpoint(new_note, next_key, self._origin)
+        except (NoteError, CheckpointError, KeyFormatError) as e:
             raise WitnessError(f"refusing to cosign: log checkpoint not acceptable: {e}") from e
         proof = [bytes(h) for h in consistency_proof]
         self._check_consistency(cp, proof)
         text, sigs = parse_note(new_note)
         out = sign_note(text, [self._signer], existing=sigs)
         self._state = WitnessState(cp.size, cp.root_hash)
+        if next_key is not None:
+            self._log_verifier = next_key
         return out
+
+    @property
+    def log_verifier(self) -> NoteVerifier:
+        """The log key this witness expects next (it follows the log's key rotations)."""
+        return self._log_verifier
 
     def _check_consistency(self, cp: Checkpoint, proof: list[bytes]) -> None:
         old = self._state

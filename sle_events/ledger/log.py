@@ -45,7 +45,7 @@ from uuid import UUID
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
-from .checkpoint import Checkpoint, CheckpointError, sign_checkpoint
+from .checkpoint import KEY_ROTATION, Checkpoint, CheckpointError, follow_key_rotations, sign_checkpoint
 from .merkle import (
     EMPTY_ROOT,
     HASH_SIZE,
@@ -533,8 +533,15 @@ class Ledger:
             rows = conn.execute(sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id))
             return [self._checkpoint_row(r) for r in rows]
 
-    def checkpoint(self, signer: Signer, origin: str | None = None) -> StoredCheckpoint:
-        """Sign and store a checkpoint for the current integrated size.
+    def rotate_key(self, old: Signer, new: Signer) -> StoredCheckpoint:
+        """Hand the log to a new key (same origin): a checkpoint of the current tree whose extension line names
+        the old and the new vkey, signed by both. Later checkpoints are signed by the new key alone; an auditor
+        holding either vkey follows the rotation (`verify_ledger`). Refused like `checkpoint`, and if ``old``
+        is not the log's key or ``new`` is not another key of its origin."""
+        return self.checkpoint(old, rotate_to=new)
+
+    def checkpoint(self, signer: Signer, origin: str | None = None, *, rotate_to: Signer | None = None) -> StoredCheckpoint:  # fmt: skip
+        """Sign and store a checkpoint for the current integrated size (`rotate_key` passes ``rotate_to``).
 
         Refuses (:class:`LedgerError`, nothing stored) if ``origin`` is not the key's name, if the ledger was
         already signed by another key or for another origin, or if the stored tree no longer reproduces the
@@ -545,6 +552,9 @@ class Ledger:
         if origin != signer.name:
             raise LedgerError(f"origin {origin!r} differs from the log key's name {signer.name!r}; "
                               "the log key is made for one origin (sle ledger init --origin)")  # fmt: skip
+        if rotate_to is not None and (rotate_to.name != origin or rotate_to.vkey == signer.vkey):
+            raise LedgerError(f"the new log key must be another key for origin {origin!r} "
+                              f"(given {rotate_to.vkey})")  # fmt: skip
         vkey = signer.vkey
         with self.engine.begin() as conn:
             st = self._read_state(conn, lock=True)
@@ -569,19 +579,30 @@ class Ledger:
                 if self._root_at(conn, last.size) != last.root:
                     raise LedgerError(f"the stored tree at size {last.size} no longer has the root of checkpoint "
                                       f"#{last.id}: the ledger was altered; run `sle verify`")  # fmt: skip
-            note = sign_checkpoint(Checkpoint(origin, st.size, root), signer)
+            if rotate_to is None:
+                note = sign_checkpoint(Checkpoint(origin, st.size, root), signer)
+            else:
+                rotation = f"{KEY_ROTATION} {vkey} {rotate_to.vkey}"
+                note = sign_checkpoint(Checkpoint(origin, st.size, root, (rotation,)), signer, rotate_to)
             issued = _utcnow()
             new_id = conn.execute(
                 ledger_checkpoints.insert().values(size=st.size, root=root, note=note, issued_at=issued)
                 .returning(ledger_checkpoints.c.id)
             ).scalar_one()
-            if st.vkey is None or st.origin is None:
+            if rotate_to is not None:
+                conn.execute(ledger_state.update().where(ledger_state.c.id == _STATE_ID)
+                             .values(vkey=rotate_to.vkey, origin=origin))  # fmt: skip
+            elif st.vkey is None or st.origin is None:
                 conn.execute(ledger_state.update().where(ledger_state.c.id == _STATE_ID).values(vkey=vkey, origin=origin))
         return StoredCheckpoint(new_id, st.size, root, note, issued)
 
-    def _verifier(self, conn: Connection) -> Verifier | None:
+    def _verifiers(self, conn: Connection) -> list[Verifier]:
+        """The log's key and the earlier keys its rotation checkpoints (signed by both keys) link to it."""
         vkey = self._read_state(conn).vkey
-        return Verifier.from_vkey(vkey) if vkey else None
+        if not vkey:
+            return []
+        notes = list(conn.execute(sa.select(ledger_checkpoints.c.note).order_by(ledger_checkpoints.c.id)).scalars())
+        return [Verifier.from_vkey(k) for k in follow_key_rotations(notes, vkey).linked]
 
     def _resolve_checkpoint(self, conn: Connection, note: str | None) -> tuple[int, bytes, str]:
         """(size, root, note): the given checkpoint note, checked against this log, or the latest stored one."""
@@ -590,9 +611,9 @@ class Ledger:
             if latest is None:
                 raise LedgerError("no checkpoint has been issued yet: run `sle ledger checkpoint`")
             return latest.size, latest.root, latest.note
-        verifier = self._verifier(conn)
+        verifiers = self._verifiers(conn)
         try:
-            text = open_note(note, verifier)[0] if verifier is not None else parse_note(note)[0]
+            text = open_note(note, verifiers)[0] if verifiers else parse_note(note)[0]
             cp = Checkpoint.parse(text)
         except (NoteError, CheckpointError) as e:
             raise LedgerError(f"the given checkpoint is not one of this log's: {e}") from None

@@ -168,6 +168,32 @@ def test_witness_happy_path(setup: tuple[Log, Witness]) -> None:
     assert again.count("witness.example/w1") == 1
 
 
+def test_witness_follows_a_key_rotation_signed_by_both_keys_and_no_other(setup: tuple[Log, Witness]) -> None:
+    from sle_events.ledger.checkpoint import KEY_ROTATION
+
+    log, w = setup
+    old = log.signer
+    w.cosign(log.grow(3), [])
+    new = Signer.generate(ORIGIN)
+    # A "rotation" signed by the new key alone is not even accepted: the witness's key did not sign it.
+    size = log.tree.size
+    line = f"{KEY_ROTATION} {old.vkey} {new.vkey}"
+    with pytest.raises(WitnessError, match="not acceptable"):
+        w.cosign(sign_checkpoint(Checkpoint(ORIGIN, size, log.tree.root(size), (line,)), new), [])
+    # Signed by the old key but not by the new one: refused too, and the witness keeps its key.
+    with pytest.raises(WitnessError, match="not acceptable"):
+        w.cosign(sign_checkpoint(Checkpoint(ORIGIN, size, log.tree.root(size), (line,)), old), [])
+    assert w.log_verifier.vkey == old.vkey and w.state.size == 3
+    w.cosign(sign_checkpoint(Checkpoint(ORIGIN, size, log.tree.root(size), (line,)), old, new), [])
+    assert w.log_verifier.vkey == new.vkey
+    log.signer = new
+    w.cosign(log.grow(2), log.tree.consistency_proof(3, 5))  # signed by the new key alone
+    assert w.state == WitnessState(5, log.tree.root())
+    log.signer = old
+    with pytest.raises(WitnessError, match="not acceptable"):
+        w.cosign(log.grow(1), log.tree.consistency_proof(5, 6))  # the old key signs no more
+
+
 def test_witness_refuses_bad_log_signature(setup: tuple[Log, Witness]) -> None:
     log, w = setup
     imposter = Signer.generate(ORIGIN)
