@@ -12,7 +12,7 @@ import json
 import os
 import sys
 from pathlib import Path
-from typing import Any, NoReturn, Optional
+from typing import Any, Callable, NoReturn, Optional
 
 import typer
 from rich.console import Console
@@ -191,22 +191,28 @@ def checkpoint(
     batch: int = BatchOption,
 ) -> None:
     """Sign a checkpoint (C2SP tlog-checkpoint in a signed note) for the integrated tree; print it."""
+    signer = _signer(log_key, origin)
+    cp = _issue(db, signer, batch if integrate_first else None, out, lambda ledger: ledger.checkpoint(signer, origin))
+    sys.stdout.write(cp.note)
+
+
+def _issue(db: Optional[str], signer: Any, batch: Optional[int], out: Optional[Path], sign: Callable[[Any], Any]) -> Any:
+    """Integrate new events (unless `batch` is None), then `sign(ledger)` a checkpoint and write it to `out`."""
     from sle_events.ledger.log import LedgerError
 
-    signer = _signer(log_key, origin)
     ledger = _ledger(db, create=True)
     try:
         _same_log(ledger, signer)
-        if integrate_first:
+        if batch is not None:
             _integrate(ledger, batch)
-        cp = ledger.checkpoint(signer, origin)
+        cp = sign(ledger)
     except LedgerError as e:
         _fail(str(e), 1)
     finally:
         ledger.close()
     if out is not None:
         _write(out, cp.note)
-    sys.stdout.write(cp.note)
+    return cp
 
 
 @ledger_app.command("rotate-key")
@@ -220,20 +226,8 @@ def rotate_key(
 ) -> None:
     """Hand the log to a new key: a checkpoint naming the old and the new vkey, signed by both. Later
     checkpoints need the new key; auditors holding either vkey follow the rotation (`sle verify`)."""
-    from sle_events.ledger.log import LedgerError
-
     old, new = _signer(log_key, None), _signer(new_key, None)
-    ledger = _ledger(db, create=True)
-    try:
-        _same_log(ledger, old)
-        _integrate(ledger, batch)
-        cp = ledger.rotate_key(old, new)
-    except LedgerError as e:
-        _fail(str(e), 1)
-    finally:
-        ledger.close()
-    if out is not None:
-        _write(out, cp.note)
+    cp = _issue(db, old, batch, out, lambda ledger: ledger.rotate_key(old, new))
     err.print(f"the log is now signed by {escape(new.vkey)}; give auditors this checkpoint and the new vkey")
     sys.stdout.write(cp.note)
 
