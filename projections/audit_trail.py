@@ -111,11 +111,20 @@ class AuditTrail(Projection):
         return values
 
 
+CHANGES = ("recorded", "corrected", "voided")
+
+
 def query(conn: Connection, *, subject: str | None = None, stream: str | None = None, actor: str | None = None,
-          event_type: str | None = None, since: str | None = None, until: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Audit-trail rows filtered by subject (screening number), stream, user, recorded-time range, event type."""
+          event_type: str | None = None, since: str | None = None, until: str | None = None,
+          change: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    """Audit-trail rows filtered by subject (screening number), stream, user, recorded-time range, event type
+    and kind of change (recorded, corrected, voided)."""
+    if change is not None and change not in CHANGES:
+        raise ValueError(f"unknown change {change!r}; one of {', '.join(CHANGES)}")
     t = audit_trail
     q = select(t).order_by(t.c.position, t.c.seq)
+    if change:
+        q = q.where(t.c.change == change)
     if subject:
         q = q.where(t.c.subject == subject)
     if stream:

@@ -16,7 +16,7 @@ import zlib
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
-from sqlalchemy import Connection, func, inspect, select, text
+from sqlalchemy import Connection, Engine, func, inspect, select, text
 
 from projections.base import ChainCheckingReader, Projection
 from projections.patient_state import SubjectFolder
@@ -31,6 +31,20 @@ REBUILD_BATCH = 10000  # a rebuild commits less often: its rows only count once 
 
 class SchemaBehind(RuntimeError):
     """The database's read-model tables are from an earlier revision: `sle db upgrade` first."""
+
+
+def _schema_behind(engine: Engine) -> str | None:
+    """What an older revision left that the read models cannot work with, if anything."""
+    inspector = inspect(engine)
+    names = set(inspector.get_table_names())
+    if "audit_trail" in names:
+        return "audit_trail is a table (revision 0002), now a view"
+    for table in metadata.sorted_tables:
+        if table.name in names:
+            missing = {c.name for c in table.c} - {c["name"] for c in inspector.get_columns(table.name)}
+            if missing:
+                return f"{table.name} lacks {', '.join(sorted(missing))}"
+    return None
 
 
 def all_projections() -> list[Projection]:
@@ -57,10 +71,11 @@ class ProjectionRunner:
             p.bind(self.record)
         self.batch = batch
         self.is_postgres = self.engine.dialect.name == "postgresql"
-        if "audit_trail" in inspect(self.engine).get_table_names():  # revision 0002's table, now a view
+        behind = _schema_behind(self.engine)
+        if behind:
             self.record.close()
-            raise SchemaBehind(f"{self.record.url}: the read models are from an earlier schema revision; "
-                               "run `sle db upgrade` first")
+            raise SchemaBehind(f"{self.record.url}: the read models are from an earlier schema revision "
+                               f"({behind}); run `sle db upgrade` first")  # fmt: skip
         metadata.create_all(self.engine, checkfirst=True)
         self._owner: Connection | None = None
         self.stopping = threading.Event()

@@ -132,6 +132,19 @@ def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(
     engine.dispose()
 
 
+def test_read_models_missing_a_later_column_ask_for_an_upgrade(trial, db_url):
+    from projections.runner import ProjectionRunner, SchemaBehind
+
+    schema.upgrade(db_url, "0007")
+    with pytest.raises(SchemaBehind, match="patient_state lacks stale_results"):
+        ProjectionRunner(db_url)
+    schema.upgrade(db_url)
+    runner = ProjectionRunner(db_url)
+    runner.catch_up()
+    assert runner.position("patient_state") == runner.head()
+    runner.close()
+
+
 def _head() -> str:
     from alembic.script import ScriptDirectory
 

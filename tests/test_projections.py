@@ -89,7 +89,11 @@ def test_corrections_and_voids_show_the_old_value_and_the_reason(trial, batch):
     runner.catch_up()
     with runner.engine.connect() as conn:
         rows = query(conn, subject="SCR-150")
+        corrections = query(conn, subject="SCR-150", change="corrected")
+        with pytest.raises(ValueError, match="unknown change"):
+            query(conn, change="edited")
     runner.close()
+    assert corrections == [r for r in rows if r["change"] == "corrected"]
     corrected = [(r["old_value"], r["new_value"], r["reason"], r["actor"]) for r in rows if r["change"] == "corrected"
                  and r["field"] == "value"]  # fmt: skip
     assert corrected == [("1.0", "1.4", "transcription error: 1.4 on the lab report", "dr.wang"),

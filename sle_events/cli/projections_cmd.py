@@ -128,19 +128,24 @@ def audit_trail(
     event_type: Optional[str] = typer.Option(None, "--type", help="e.g. Subject.LabResultRecorded"),
     since: Optional[str] = typer.Option(None, help="recorded at or after (ISO 8601, UTC)"),
     until: Optional[str] = typer.Option(None, help="recorded at or before (ISO 8601, UTC)"),
+    change: Optional[str] = typer.Option(None, help="recorded, corrected or voided"),
     fmt: str = typer.Option("table", "--format", help="table, csv or json"),
     db: Optional[str] = DbOption,
 ) -> None:
     """Who changed what, when (occurred and recorded), why, old → new value, and the signature status."""
-    from projections.audit_trail import query
+    from projections.audit_trail import CHANGES, query
 
     if fmt not in ("table", "csv", "json"):
         err.print("[red]--format is table, csv or json[/red]")
         raise typer.Exit(2)
+    if change is not None and change not in CHANGES:
+        err.print(f"[red]--change is {', '.join(CHANGES)}[/red]")
+        raise typer.Exit(2)
     runner = _runner(db)
     runner.catch_up()
     with runner.engine.connect() as conn:
-        rows = query(conn, subject=subject, stream=stream, actor=user, event_type=event_type, since=since, until=until)
+        rows = query(conn, subject=subject, stream=stream, actor=user, event_type=event_type, since=since, until=until,
+                     change=change)  # fmt: skip
     runner.close()
     if fmt == "json":
         print(json.dumps(rows, indent=2, default=str))
