@@ -1,4 +1,5 @@
-"""The study dashboard: enrollment by status and site, visit compliance, AEs by grade, lab completeness.
+"""The study dashboard: enrollment by status and site, visit compliance, AEs by grade, lab completeness, and
+the stale results a monitor should query (by site).
 
 Its tables hold one row per subject visit and per adverse event, recomputed from the subject aggregate
 whenever the subject changes; the dashboard itself is GROUP BY queries over them and `patient_state`.
@@ -6,6 +7,7 @@ whenever the subject changes; the dashboard itself is GROUP BY queries over them
 
 from __future__ import annotations
 
+import json
 from datetime import timedelta
 from typing import Any
 
@@ -76,5 +78,12 @@ def dashboard(conn: Connection, study: str | None = None) -> dict[str, Any]:
     completeness = [dict(r._mapping) for r in conn.execute(where(
         select(sv.c.visit, func.sum(sv.c.labs_present).label("present"), func.sum(sv.c.labs_expected).label("expected"))
         .where(sv.c.outcome != "missed").group_by(sv.c.visit).order_by(sv.c.visit), sv))]  # fmt: skip
+    stale: dict[str, dict[str, Any]] = {}  # site -> subjects and results to query (JSON column: counted here)
+    for site, items in conn.execute(where(select(ps.c.site, ps.c.stale_results).order_by(ps.c.site), ps)):
+        found = json.loads(items)
+        if found:
+            row = stale.setdefault(site, {"site": site, "subjects": 0, "results": 0})
+            row["subjects"] += 1
+            row["results"] += len(found)
     return {"enrollment": enrollment, "visit_compliance": compliance, "adverse_events_by_grade": by_grade,
-            "lab_completeness": completeness}  # fmt: skip
+            "lab_completeness": completeness, "stale_results": list(stale.values())}  # fmt: skip

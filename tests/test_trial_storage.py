@@ -134,11 +134,14 @@ def types_of(w: World, sid: UUID) -> list[str]:
 
 
 def test_patient_state_lists_an_assessment_whose_egfr_was_corrected_until_it_is_assessed_again(world):
+    import json
+
+    import sqlalchemy as sa
+
+    from projections.dashboard import dashboard
     from projections.patient_state import PatientState
     from projections.runner import ProjectionRunner
     from projections.schema import patient_state
-    import json
-    import sqlalchemy as sa
 
     w, t = world, world.trial
     sid = drive(w, "follow_up")
@@ -160,6 +163,9 @@ def test_patient_state_lists_an_assessment_whose_egfr_was_corrected_until_it_is_
     t.correct(sid, creat, {"value": "0.90"}, "transcription error", visit_day(1, hour=14), signer=w.lab)
     assert stale() == [{"version": assessed, "type": "RenalResponseAssessed", "code": "RENAL_RESPONSE",
                         "changed_inputs": [egfr]}]  # the eGFR was derived again by the correction; not the assessment
+    with runner.engine.connect() as conn:
+        site = conn.execute(sa.select(patient_state.c.site).where(patient_state.c.subject == str(sid))).scalar_one()
+        assert dashboard(conn)["stale_results"] == [{"site": site, "subjects": 1, "results": 1}]
     t.assess_renal_response(sid, visit_day(1, hour=15), signer=w.investigator, visit="M1")
     assert stale() == []
     runner.close()

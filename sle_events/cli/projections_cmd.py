@@ -271,7 +271,7 @@ def dashboard_cmd(
     as_json: bool = typer.Option(False, "--json"),
     db: Optional[str] = DbOption,
 ) -> None:
-    """Enrollment by status and site, visit compliance, AEs by grade, lab completeness per visit."""
+    """Enrollment by status and site, visit compliance, AEs by grade, lab completeness per visit, stale results."""
     from projections.dashboard import dashboard
 
     runner = _runner(db)
