@@ -25,6 +25,11 @@ COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "a
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
+def _utc(text: str) -> str:
+    """An envelope time in UTC (the envelope keeps the site's offset; `recorded_at` is UTC already)."""
+    return datetime.fromisoformat(text).astimezone(timezone.utc).isoformat()
+
+
 def _text(value: Any) -> str | None:
     if value is None or isinstance(value, str):
         return value
@@ -82,7 +87,7 @@ class AuditTrail(Projection):
             rows.append((fact.position, event_id, record_id, env["study"], stream, self._subject(conn, stream),
                          type_name.split(".", 1)[0], type_name, _text(payload.get("visit")), forms[record_id], change,
                          _dumps(changes), env["actor"], self.printed_names.get(env["actor"], env["actor"]),
-                         env["role"], env["key"], env["occurred_at"], env["recorded_at"], env["reason"],
+                         env["role"], env["key"], _utc(env["occurred_at"]), env["recorded_at"], env["reason"],
                          SIGNATURE_VERIFIED_AT_APPEND))  # fmt: skip
         bulk_insert(conn, audit_events, COLUMNS, rows)
 

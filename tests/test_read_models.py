@@ -103,6 +103,24 @@ def test_a_parallel_rebuild_beside_a_process_that_keeps_appending(db_url, tmp_pa
     runner.close()
 
 
+def test_audit_trail_times_are_utc_and_the_same_instants_as_signed(demo_url):
+    """Envelopes keep the site's offset (+08:00 in the demo); the audit trail shows both times in UTC."""
+    runner = ProjectionRunner(demo_url)
+    runner.catch_up()
+    with runner.engine.connect() as conn:
+        rows = conn.execute(sa.select(audit_trail.c.stream, audit_trail.c.event_id, audit_trail.c.occurred_at,
+                                      audit_trail.c.recorded_at).distinct()).all()  # fmt: skip
+    runner.close()
+    record = StudyRecord(demo_url)
+    signed = {f"{e.envelope['stream']}:{e.version}": e.envelope["occurred_at"]
+              for stream in {r.stream for r in rows} for e in record.stream(UUID(stream))}  # fmt: skip
+    record.close()
+    assert any(not t.endswith("+00:00") for t in signed.values()), "the demo signs local clinic times"
+    for r in rows:
+        assert r.occurred_at.endswith("+00:00") and r.recorded_at.endswith("+00:00")
+        assert parse_time("occurred_at", r.occurred_at) == parse_time("occurred_at", signed[r.event_id])
+
+
 def test_patient_state_and_dashboard_match_the_subjects_own_history(demo_url):
     runner = ProjectionRunner(demo_url)
     runner.catch_up()
