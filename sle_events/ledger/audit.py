@@ -273,15 +273,15 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
             audit.found("ledger_state_mismatch", f"ledger_state holds a malformed vkey: {e}")
     elif verifier is not None:
         info["checkpoint_key"] = verifier.vkey
+    # Stored checkpoints are read before the events, so none covers an event appended after that read.
+    checkpoints: list[Any] = []
+    if has_ledger:
+        with engine.connect() as conn:
+            checkpoints = list(conn.execute(sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id)))
     # The log's keys, followed from the auditor's (or the recorded) key through rotation checkpoints.
     chain = None
     if verifier is not None:
-        notes: list[str] = []
-        if has_ledger:
-            with engine.connect() as conn:
-                notes = list(conn.execute(sa.select(ledger_checkpoints.c.note).order_by(ledger_checkpoints.c.id))
-                             .scalars())  # fmt: skip
-        chain = follow_key_rotations(notes, verifier.vkey)
+        chain = follow_key_rotations([row.note for row in checkpoints], verifier.vkey)
         if len(chain.keys) > 1:
             info["log_keys"] = chain.keys
         current = chain.linked[-1] if chain.linked else verifier.vkey  # the newest key a held rotation links
@@ -347,7 +347,7 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
 
     # --- stored checkpoints --------------------------------------------------------------------------
     if has_ledger:
-        _check_checkpoints(audit, verifier, chain, ev_pos, n_ev, recomputed_root)
+        _check_checkpoints(audit, checkpoints, verifier, chain, ev_pos, n_ev, recomputed_root)
 
     # --- the auditor's saved checkpoints ---------------------------------------------------------------
     results = []
@@ -560,16 +560,12 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
     return levels, ok, logged_position, done
 
 
-def _check_checkpoints(audit: _Audit, verifier: Verifier | None, chain: KeyChain | None, ev_pos: array, n_ev: int,
-                       recomputed_root: Callable[[int], bytes]) -> None:  # fmt: skip
+def _check_checkpoints(audit: _Audit, rows: list[Any], verifier: Verifier | None, chain: KeyChain | None,
+                       ev_pos: array, n_ev: int, recomputed_root: Callable[[int], bytes]) -> None:  # fmt: skip
     found = audit.found
-    with audit.engine.connect() as conn:
-        rows = list(conn.execute(sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id)))
     audit.info["checkpoints"] = len(rows)
     if verifier is None and rows:
         audit.info["checkpoint_key"] = "none: signatures were not checked (pass --vkey)"
-    if chain is not None and len(chain.signer) != len(rows):  # a checkpoint was added meanwhile: follow again
-        chain = follow_key_rotations([row.note for row in rows], verifier.vkey)  # type: ignore[union-attr]
     problems = dict(chain.problems) if chain is not None else {}
     good_sizes: list[int] = []
     bad: list[tuple[Any, Checkpoint]] = []
