@@ -11,7 +11,7 @@ import atexit
 import os
 from dataclasses import dataclass
 from datetime import datetime, timezone
-from typing import Iterator
+from typing import Any, Iterator
 
 import pytest
 import sqlalchemy as sa
@@ -71,10 +71,9 @@ def reset_postgres(url: str = PG_URL) -> None:
     engine.dispose()
 
 
-@pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
-    if request.param == "sqlite":
-        return f"sqlite:///{tmp_path / 'study.db'}"
+def clean_postgres_url() -> str:
+    """The session's PostgreSQL database, emptied; skips the test if the server is unreachable, or fails it
+    when SLE_REQUIRE_POSTGRES=1."""
     problem = _pg_problem()
     if problem:
         if REQUIRE_PG:
@@ -82,6 +81,22 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-
         pytest.skip(f"PostgreSQL unreachable at {BASE_PG_URL}: {problem}")
     reset_postgres()
     return PG_URL
+
+
+@pytest.fixture(params=["sqlite", "postgresql"])
+def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
+    if request.param == "sqlite":
+        return f"sqlite:///{tmp_path / 'study.db'}"
+    return clean_postgres_url()
+
+
+def position_of(trial: Any, stream: Any, version: int) -> int:
+    """The log position of a stream's version in the trial's record."""
+    t = trial.record.table
+    with trial.record.recorder.datastore.engine.connect() as conn:
+        return conn.execute(
+            sa.select(t.c.id).where(t.c.originator_id == stream, t.c.originator_version == version)
+        ).scalar_one()
 
 
 def count_rows(url: str, table: str = "study_events") -> int:

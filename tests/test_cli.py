@@ -16,7 +16,7 @@ import pytest
 import sqlalchemy as sa
 from cryptography.hazmat.primitives import serialization
 
-from conftest import STUDY_CONFIG, execute_sql
+from conftest import STUDY_CONFIG, execute_sql, position_of
 from sle_events.domain.subject import Subject
 from sle_events.signing.keys import Signer
 from sle_events.store.verification import verify_record
@@ -43,14 +43,6 @@ def subject_with_labs(trial) -> Subject:
     subject.record_lab_result("C3", Decimal("85.50"), "mg/dL", NOW - timedelta(days=1))
     trial.record.record(subject, signer=trial.lab)
     return subject
-
-
-def position_of(trial, stream, version: int) -> int:
-    t = trial.record.table
-    with trial.record.recorder.datastore.engine.connect() as conn:
-        return conn.execute(
-            sa.select(t.c.id).where(t.c.originator_id == stream, t.c.originator_version == version)
-        ).scalar_one()
 
 
 # --- verify ---------------------------------------------------------------------------------------------------

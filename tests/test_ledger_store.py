@@ -27,7 +27,7 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import count_rows, execute_sql
+from conftest import count_rows, execute_sql, position_of
 from sle_events.cli.main import app
 from sle_events.ledger import (
     CompactRange,
@@ -116,14 +116,6 @@ def event_ids(url: str) -> list[int]:
             return list(conn.execute(sa.select(t.c.id).order_by(t.c.id)).scalars())
     finally:
         engine.dispose()
-
-
-def position_of(trial, stream, version: int) -> int:
-    t = trial.record.table
-    with trial.record.recorder.datastore.engine.connect() as conn:
-        return conn.execute(
-            sa.select(t.c.id).where(t.c.originator_id == stream, t.c.originator_version == version)
-        ).scalar_one()
 
 
 def leaf_rows(url: str) -> list[tuple[int, int, bytes]]:

@@ -23,7 +23,7 @@ from hypothesis import strategies as st
 
 import subject_scenarios as sc
 from record_rules import check_stream
-from conftest import PG_URL, REQUIRE_PG, _pg_problem, count_rows, reset_postgres
+from conftest import clean_postgres_url, count_rows
 from sle_events.domain import errors as E
 from sle_events.domain.clock import SimulatedClock, use_clock
 from sle_events.domain.errors import ProtocolViolation
@@ -77,13 +77,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
     if request.param == "sqlite":
         url = f"sqlite:///{tmp_path_factory.mktemp('trial') / 'study.db'}"
     else:
-        problem = _pg_problem()
-        if problem:
-            if REQUIRE_PG:
-                pytest.fail(f"PostgreSQL is required but unreachable at {PG_URL}: {problem}")
-            pytest.skip(f"PostgreSQL unreachable at {PG_URL}: {problem}")
-        reset_postgres()
-        url = PG_URL
+        url = clean_postgres_url()
     clock = SimulatedClock(sc.CLOCK_AT)
     with use_clock(clock):
         record = StudyRecord(url, clock=clock)
