@@ -208,15 +208,15 @@ class ProjectionRunner:
         # SQLite they queue for its one writer, but the writes are small: the time goes in folding subjects.)
         ranges = split_streams(self.engine, self.events, workers or os.cpu_count() or 1)
         chosen_names = [p.name for p in chosen]
+        done = 0
+
+        def advance(n: int) -> None:
+            nonlocal done
+            done += n
+            if on_progress:
+                on_progress(min(done, head), head)  # positions may have gaps: count, capped
+
         if len(ranges) == 1:
-            done = 0
-
-            def advance(n: int) -> None:
-                nonlocal done
-                done += n
-                if on_progress:
-                    on_progress(min(done, head), head)  # positions may have gaps: count, capped
-
             _project_range(self, chosen, ranges[0], head, advance)
         else:
             self.engine.dispose()  # the workers are forked: they must not share our connections
@@ -225,12 +225,10 @@ class ProjectionRunner:
                 queue = manager.Queue() if on_progress else None
                 pending = [pool.apply_async(_rebuild_worker, (self.record.url, chosen_names, r, head, queue))
                            for r in ranges]  # fmt: skip
-                done = 0
                 while True:
                     finished = all(p.ready() for p in pending)
                     while queue is not None and not queue.empty():
-                        done += queue.get()
-                        on_progress(min(done, head), head)  # type: ignore[misc]
+                        advance(queue.get())
                     if finished:
                         break
                     time.sleep(0.05)
