@@ -15,7 +15,7 @@ SPONSOR = "sponsor"
 ROLES = frozenset({ADMIN, INVESTIGATOR, COORDINATOR, LAB, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR})
 
 # Event type (the event class's qualified name) -> roles that may record it (PROTOCOL §2).
-I, C, L, DM, SP = INVESTIGATOR, COORDINATOR, LAB, DATA_MANAGER, SPONSOR
+I, C, L, DM, SP = INVESTIGATOR, COORDINATOR, LAB, DATA_MANAGER, SPONSOR  # noqa: E741 - short names keep the table one line per event
 DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # trust root and key registry
     "Study.Created": [ADMIN],

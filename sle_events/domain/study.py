@@ -85,9 +85,17 @@ class Study(TrialAggregate):
         self._config: StudyConfig | None = None
 
     @classmethod
-    def create(cls, code: str, title: str, admin_actor: str, admin_public_key: str, occurred_at: datetime,
-               permissions: dict[str, list[str]] | None = None, *,
-               study_id: UUID | None = None) -> "Study":  # fmt: skip
+    def create(
+        cls,
+        code: str,
+        title: str,
+        admin_actor: str,
+        admin_public_key: str,
+        occurred_at: datetime,
+        permissions: dict[str, list[str]] | None = None,
+        *,
+        study_id: UUID | None = None,
+    ) -> Study:
         """A new study; ``study_id`` fixes its stream id (a replayable demo), else a random one."""
         if not code.strip():
             raise RegistryError("a study needs a code")
@@ -95,8 +103,16 @@ class Study(TrialAggregate):
         for type_name, roles in (permissions or {}).items():
             cls._check_roles(type_name, roles)
         if study_id is not None:
-            return cls._create(cls.Created, id=study_id, code=code, title=title, admin_actor=admin_actor,
-                               admin_public_key=admin_public_key, occurred_at=occurred_at, permissions=permissions)
+            return cls._create(
+                cls.Created,
+                id=study_id,
+                code=code,
+                title=title,
+                admin_actor=admin_actor,
+                admin_public_key=admin_public_key,
+                occurred_at=occurred_at,
+                permissions=permissions,
+            )
         return cls(code, title, admin_actor, admin_public_key, occurred_at, permissions)
 
     # --- verbs -----------------------------------------------------------------------------------------
@@ -230,10 +246,12 @@ class Study(TrialAggregate):
     def config(self) -> StudyConfig:
         """The study's configuration as it stands (cached until the next configuration event)."""
         if getattr(self, "_config", None) is None:
-            self._config = StudyConfig.build(settings=getattr(self, "settings", DEFAULT_SETTINGS),
-                                             sites=getattr(self, "sites", {}).values(),
-                                             icf_versions=getattr(self, "icf_versions", ()),
-                                             schedule=getattr(self, "schedule", None))
+            self._config = StudyConfig.build(
+                settings=getattr(self, "settings", DEFAULT_SETTINGS),
+                sites=getattr(self, "sites", {}).values(),
+                icf_versions=getattr(self, "icf_versions", ()),
+                schedule=getattr(self, "schedule", None),
+            )
         return self._config
 
     # --- questions -------------------------------------------------------------------------------------
@@ -247,9 +265,7 @@ class Study(TrialAggregate):
         if entry["status"] == "rotated":
             raise KeyRotatedOut(f"key {key} of {entry['actor']} was rotated out")
         if entry["actor"] != actor or entry["role"] != role:
-            raise RoleNotAllowed(
-                f"key {key} belongs to {entry['actor']} as {entry['role']}, not {actor} as {role}"
-            )
+            raise RoleNotAllowed(f"key {key} belongs to {entry['actor']} as {entry['role']}, not {actor} as {role}")
         type_name = event_type_name(topic)
         allowed = self.permissions.get(type_name, [])
         if role not in allowed:

@@ -56,18 +56,16 @@ class Signer:
     key_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        raw = self._private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        raw = self._private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         object.__setattr__(self, "public_key", raw)
         object.__setattr__(self, "key_id", key_id(raw))
 
     @classmethod
-    def generate(cls, actor: str, role: str) -> "Signer":
+    def generate(cls, actor: str, role: str) -> Signer:
         return cls(actor, role, Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], actor: str, role: str) -> "Signer":
+    def from_file(cls, path: str | os.PathLike[str], actor: str, role: str) -> Signer:
         data = Path(path).read_bytes()
         key = serialization.load_pem_private_key(data, password=None)
         if not isinstance(key, Ed25519PrivateKey):

@@ -91,9 +91,7 @@ def test_refusal_names_field_value_and_bound(field, low, high, unit, side):
 def test_example_message():
     with pytest.raises(ImplausibleValue) as exc:
         check_bound("serum_creatinine", "40")
-    assert str(exc.value).startswith(
-        "serum creatinine 40 mg/dL is outside the plausible range 0.1–25 mg/dL"
-    )
+    assert str(exc.value).startswith("serum creatinine 40 mg/dL is outside the plausible range 0.1–25 mg/dL")
     assert isinstance(exc.value, ProtocolViolation)
     assert exc.value.to_dict()["code"] == "implausible_value"
 
