@@ -15,8 +15,9 @@ from uuid import UUID
 
 from sqlalchemy import Connection, Table, select
 
+from sle_events.domain.event_types import type_name
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
-from sle_events.signing.payload import domain_event_from
+from sle_events.store.codec import domain_event_from
 
 
 class ProjectionHalted(RuntimeError):
@@ -45,7 +46,7 @@ class Fact:
     @property
     def type_name(self) -> str:
         """`Subject.LabResultRecorded`."""
-        return self.sealed.envelope["type"].rsplit(":", 1)[-1]
+        return type_name(self.sealed.envelope["type"])
 
     @property
     def stream(self) -> str:

@@ -16,11 +16,12 @@ from uuid import UUID
 from sqlalchemy import select
 
 from projections.base import ChainCheckingReader
+from sle_events.domain.event_types import stored_topics
 from sle_events.signing.envelope import SealedEvent, parse_time
-from sle_events.signing.payload import domain_event_from
+from sle_events.store.codec import domain_event_from
 from sle_events.store.record import StudyRecord
 
-SCREENED_MARK = ":Subject.Screened"
+SCREENED_TOPICS = stored_topics("Subject.Screened")
 
 
 class SubjectNotFound(LookupError):
@@ -35,7 +36,7 @@ def find_subject(record: StudyRecord, subject: str) -> UUID:
         pass
     t = record.table
     with record.recorder.datastore.engine.connect() as conn:
-        rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.like(f"%{SCREENED_MARK}"))).all()
+        rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.in_(SCREENED_TOPICS))).all()
     for stream_id, state in rows:
         if f'"screening_number":"{subject}"'.encode() in bytes(state):
             return stream_id

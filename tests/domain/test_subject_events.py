@@ -18,7 +18,7 @@ from sle_events.domain.study_config import default_schedule
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import GENESIS, open_sealed, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import domain_event_from, envelope_for
+from sle_events.store.codec import domain_event_from, envelope_for
 
 import subject_scenarios as sc
 from subject_scenarios import (
