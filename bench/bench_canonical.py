@@ -13,7 +13,7 @@ from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 
 
-def _rate(n: int, fn) -> float:  # type: ignore[no-untyped-def]
+def _rate(n: int, fn) -> float:
     best = 0.0
     for _ in range(3):
         t = time.perf_counter()

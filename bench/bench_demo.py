@@ -46,7 +46,7 @@ def main(subjects: int | None = None) -> None:
             f"{r['engine']:10} {r['subjects']} subjects: {r['events']:,} events in {r['seconds']:.0f} s = "
             f"{r['rate']:,.0f} events/s; the store's single signed append {r['store_single']:,.0f}/s; "
             f"ratio {r['rate'] / r['store_single']:.2f}"
-        )  # type: ignore[operator]
+        )
 
 
 if __name__ == "__main__":

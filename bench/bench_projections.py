@@ -72,7 +72,7 @@ def main(n: int | None = None) -> None:
             f"{r['engine']:10} {r['events']} events: rebuild of {', '.join(r['projections'])} "  # type: ignore[arg-type]
             f"{r['rebuild']:8.0f}/s, bare read+decode {r['bare']:8.0f}/s, ratio {r['ratio']:.2f} (goal ≥ 0.50); "
             "each alone: " + ", ".join(f"{k} {v:.2f}" for k, v in r["alone"].items())
-        )  # type: ignore[union-attr]
+        )
 
 
 if __name__ == "__main__":

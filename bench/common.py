@@ -79,7 +79,7 @@ def machine() -> str:
 class SignedWorkload:
     """A study plus lab events across subjects, sealed client-side as a lab service would send them."""
 
-    def __init__(self, record, subjects: int = 20) -> None:  # type: ignore[no-untyped-def]
+    def __init__(self, record, subjects: int = 20) -> None:
         now = datetime.now(UTC)
         self.now = now
         self.admin = Signer.generate("admin", "admin")

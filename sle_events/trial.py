@@ -394,7 +394,7 @@ class Trial:
                     v
                     for v, r in subject.records("LabResultRecorded")
                     if r.code == other and r.occurred_at == lab.occurred_at
-                ]  # type: ignore[attr-defined]
+                ]
                 if match:
                     pair = (version, match[-1]) if lab.code == "UPROT" else (match[-1], version)
                     subject.derive_upcr(*pair, config=config)

@@ -16,7 +16,7 @@ from typing import Any
 from sle_events.domain import bounds, formulas, labs
 from sle_events.domain.errors import InconsistentTimestamps, InvalidQuantity, MissingValue, NotComputable
 from sle_events.domain.payloads import Demographics, LabResult, Sex, TregPanel
-from sle_events.domain.quantities import parse_decimal, parse_optional_decimal
+from sle_events.domain.quantities import parse_decimal, parse_optional_decimal, round_half_up
 from sle_events.domain.settings import StudySettings
 
 __all__ = [
@@ -133,7 +133,7 @@ def derive_egfr(
     except NotComputable as e:
         return None, e.reason
     if not bounds.is_plausible("egfr", value, settings=settings):
-        return None, f"computed eGFR {formulas.round_half_up(value)} is outside the plausible range"
+        return None, f"computed eGFR {round_half_up(value)} is outside the plausible range"
     return value, None
 
 

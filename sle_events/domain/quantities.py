@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from decimal import (
     ROUND_HALF_EVEN,
     ROUND_HALF_UP,
@@ -66,7 +67,7 @@ MAX_ADJUSTED_EXPONENT = 30
 _DECIMAL_RE = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
-def decimal_context():
+def decimal_context() -> AbstractContextManager[Context]:
     """``with decimal_context(): ...`` runs a block in :data:`CONTEXT`."""
     return localcontext(CONTEXT)
 

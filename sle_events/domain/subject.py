@@ -910,11 +910,7 @@ class Subject(TrialAggregate):
     def _baseline_collected(self, admitted_at: datetime, cyc_start: datetime) -> bool:
         """R3: baseline serology (anti-dsDNA, C3, C4) and renal specimens (creatinine, proteinuria) collected
         after admission and before the CYC start."""
-        codes_seen = {
-            r.code
-            for _, r in self.records("LabResultRecorded")  # type: ignore[attr-defined]
-            if admitted_at <= r.occurred_at < cyc_start
-        }
+        codes_seen = {r.code for _, r in self.records("LabResultRecorded") if admitted_at <= r.occurred_at < cyc_start}
         return all(c in codes_seen for c in treatment.BASELINE_SEROLOGY) and all(
             any(c in codes_seen for c in group) for group in treatment.BASELINE_RENAL
         )
@@ -1014,7 +1010,7 @@ class Subject(TrialAggregate):
             released_at=lot.released_at,
             weight_kg=self.cyc.weight_kg,
             settings=config.settings,
-            volume_ml=volume_ml,  # type: ignore[union-attr]
+            volume_ml=volume_ml,
             premedication=premedication,
         )
         if record.release_failures:
@@ -1316,7 +1312,7 @@ class Subject(TrialAggregate):
             inputs = [
                 i
                 for i in r.inputs
-                if (g := self.facts.get(i)) is not None  # type: ignore[attr-defined]
+                if (g := self.facts.get(i)) is not None
                 and (g.voided or i in changed or any(c > v for c in g.corrections))
             ]
             if inputs:
@@ -1757,7 +1753,7 @@ class Subject(TrialAggregate):
                 description=description,
                 linked_to=linked_to,
             ),
-        )  # type: ignore[arg-type]
+        )
         self.adverse_events[ae_id] = AdverseEventState(ae_id, version, history=[version])
 
     def adverse_event_entry(self, ae_id: str) -> AdverseEventEntry:
@@ -2131,10 +2127,10 @@ class Subject(TrialAggregate):
         fact.corrections.append(version)
         if corrected_type == "VisitRecorded":
             self.flags = [(v, f) for v, f in self.flags if v != corrected_version]
-            self.flags.extend((corrected_version, f) for f in fact.record.deviation_flags)  # type: ignore[union-attr]
+            self.flags.extend((corrected_version, f) for f in fact.record.deviation_flags)
         elif corrected_type == "CyclophosphamideGiven":
             self.flags = [(v, f) for v, f in self.flags if v != corrected_version]
-            self.flags.extend((corrected_version, f) for f in fact.record.flags)  # type: ignore[union-attr]
+            self.flags.extend((corrected_version, f) for f in fact.record.flags)
 
     def void(self, version: int, reason: str, occurred_at: datetime, *, config: StudyConfig = DEFAULT_CONFIG) -> None:
         """R11: retire a fact entered in error (duplicate, wrong subject...) with a mandatory reason."""
@@ -2240,7 +2236,7 @@ class Subject(TrialAggregate):
         streak = visits.missed_in_a_row(config.visits, self.visit_outcomes)
         attended = [
             self.facts[v].record.occurred_at
-            for c, v in self.visit_versions.items()  # type: ignore[union-attr]
+            for c, v in self.visit_versions.items()
             if self.visit_outcomes[c] == "attended" and not self.facts[v].voided
         ]
         since = max(attended) if attended else self.msc.occurred_at  # type: ignore[union-attr]

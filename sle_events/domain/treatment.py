@@ -10,7 +10,7 @@ from typing import Any
 from sle_events.domain import bounds, formulas
 from sle_events.domain.errors import InconsistentTimestamps, InvalidChoice, InvalidQuantity, MissingValue
 from sle_events.domain.payloads import IdentityMarkers, Infusion, Pretreatment
-from sle_events.domain.quantities import parse_decimal, parse_optional_decimal
+from sle_events.domain.quantities import parse_decimal, parse_optional_decimal, round_half_up
 from sle_events.domain.settings import StudySettings
 
 __all__ = ["CYC_ROUTES", "check_pretreatment", "check_infusion", "lot_release_failures", "stay"]
@@ -137,7 +137,7 @@ def check_infusion(
         failures.append("infusion starts before the lot's release")
     elif since_release > settings.msc_max_hours_release_to_infusion:
         failures.append(
-            f"infusion starts {formulas.round_half_up(since_release)} h after release "
+            f"infusion starts {round_half_up(since_release)} h after release "
             f"(> {settings.msc_max_hours_release_to_infusion} h)"
         )
     return Infusion(

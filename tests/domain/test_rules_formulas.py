@@ -92,7 +92,7 @@ def test_egfr_full_precision_value():
 @pytest.mark.parametrize("sex", ["U", "f", "", "X", None])
 def test_egfr_not_computed_for_other_sex(sex):
     with pytest.raises(NotComputable) as exc:
-        f.egfr_ckd_epi_2021("1.0", 40, sex)  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021("1.0", 40, sex)
     assert "sex" in exc.value.reason
 
 
@@ -111,11 +111,11 @@ def test_egfr_refuses_non_positive_creatinine(scr):
 
 def test_egfr_refuses_float_and_bad_age_and_unit():
     with pytest.raises(FloatNotAllowed):
-        f.egfr_ckd_epi_2021(0.7, 30, "F")  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021(0.7, 30, "F")
     with pytest.raises(InvalidQuantity):
         f.egfr_ckd_epi_2021("0.7", 30.0, "F")  # type: ignore[arg-type]
     with pytest.raises(InvalidQuantity):
-        f.egfr_ckd_epi_2021("0.7", True, "F")  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021("0.7", True, "F")
     with pytest.raises(IncompatibleUnit):
         f.egfr_from_creatinine("1", "mmol/L", 30, "F")
 

@@ -34,7 +34,7 @@ LATER = at("2025-02-05 09:00")
 FIX = at("2025-02-20 09:00")
 
 
-def lab(s=None):  # type: ignore[no-untyped-def]
+def lab(s=None):
     s = s or sc.to_consented()
     return s, s.record_lab_result("C3", "138", "mg/dL", LATER)  # transcription error: 183 was meant
 

@@ -346,7 +346,7 @@ def test_t6_enrollment_before_the_eligibility_confirmation_is_refused():
 
 
 # --------------------------------------------------------------------------- T12 withdrawal, R8
-def _withdraw(s: Subject, agreed: bool, when=None) -> None:  # type: ignore[no-untyped-def]
+def _withdraw(s: Subject, agreed: bool, when=None) -> None:
     s.withdraw(
         when or visit_day(4),
         reason_code="lack_of_efficacy",

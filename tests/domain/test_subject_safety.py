@@ -28,7 +28,7 @@ from subject_scenarios import (
 pytestmark = pytest.mark.usefixtures("sim_clock")
 
 
-def reported(s=None, **kw):  # type: ignore[no-untyped-def]
+def reported(s=None, **kw):
     s = s or sc.to_follow_up()
     ae = s.report_adverse_event("pneumonia", visit_day(2).date(), visit_day(2, hour=12), grade_proposal=3, **kw)
     return s, ae
