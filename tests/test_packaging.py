@@ -19,15 +19,17 @@ import pytest
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
-from conftest import BASE_PG_URL, REQUIRE_PG, count_rows
 from sle_events.store import schema
+
+from conftest import BASE_PG_URL, REQUIRE_PG, count_rows
 
 ROOT = Path(__file__).resolve().parent.parent
 
 
 def _run(args: list[str | Path], cwd: Path, timeout: float = 300) -> subprocess.CompletedProcess[str]:
-    env = {k: v for k, v in os.environ.items()
-           if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SLE_DATABASE_URL")}  # fmt: skip
+    env = {
+        k: v for k, v in os.environ.items() if k not in ("PYTHONPATH", "PYTHONHOME", "VIRTUAL_ENV", "SLE_DATABASE_URL")
+    }
     env["COLUMNS"] = "200"  # rich wraps at 80 columns without a terminal
     done = subprocess.run([str(a) for a in args], cwd=cwd, env=env, capture_output=True, text=True, timeout=timeout)
     assert done.returncode == 0, f"{args} exited {done.returncode}\n{done.stdout}\n{done.stderr}"
@@ -40,39 +42,72 @@ def installed(tmp_path_factory: pytest.TempPathFactory) -> tuple[Path, Path]:
     work = tmp_path_factory.mktemp("wheel")
     # Built from a copy: an in-tree build reuses ./build, which may hold modules deleted since.
     source = work / "source"
-    shutil.copytree(ROOT, source, ignore=shutil.ignore_patterns(
-        ".git", ".venv", "build", "dist", "*.egg-info", "__pycache__", ".pytest_cache", ".hypothesis", "*.db",
-        "demo-keys", "tests", "bench"))  # fmt: skip
+    shutil.copytree(
+        ROOT,
+        source,
+        ignore=shutil.ignore_patterns(
+            ".git",
+            ".venv",
+            "build",
+            "dist",
+            "*.egg-info",
+            "__pycache__",
+            ".pytest_cache",
+            ".hypothesis",
+            "*.db",
+            "demo-keys",
+            "tests",
+            "bench",
+        ),
+    )
     _run([sys.executable, "-m", "pip", "wheel", "--no-deps", "--quiet", "-w", work / "dist", source], cwd=work)
     (wheel,) = (work / "dist").glob("sle_events-*.whl")
 
     venv = work / "venv"
     _run([sys.executable, "-m", "venv", "--without-pip", venv], cwd=work)
     python = venv / "bin" / "python"
-    site = Path(_run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work).stdout.strip())
+    site = Path(
+        _run([python, "-c", "import sysconfig; print(sysconfig.get_paths()['purelib'])"], cwd=work).stdout.strip()
+    )
     (site / "zz_sle_test_deps.pth").write_text(sysconfig.get_paths()["purelib"] + "\n")
-    _run([sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--quiet", wheel],
-         cwd=work)  # fmt: skip
+    _run(
+        [sys.executable, "-m", "pip", "--python", python, "install", "--no-deps", "--no-index", "--quiet", wheel],
+        cwd=work,
+    )
 
     elsewhere = work / "elsewhere"
     elsewhere.mkdir()
     # The installed copies are the ones imported, and the checkout is nowhere on the path.
-    where = _run([python, "-c", "import sys, sle_events, migrations, projections; "
-                  "print(sle_events.__file__, migrations.__file__, projections.__file__); print(*sys.path)"],
-                 cwd=elsewhere).stdout.splitlines()  # fmt: skip
+    where = _run(
+        [
+            python,
+            "-c",
+            "import sys, sle_events, migrations, projections; "
+            "print(sle_events.__file__, migrations.__file__, projections.__file__); print(*sys.path)",
+        ],
+        cwd=elsewhere,
+    ).stdout.splitlines()
     assert all(Path(f).is_relative_to(site) for f in where[0].split()), where
-    in_checkout = [p for p in where[1].split() if Path(p).is_relative_to(ROOT) and not Path(p).is_relative_to(sys.prefix)]
+    in_checkout = [
+        p for p in where[1].split() if Path(p).is_relative_to(ROOT) and not Path(p).is_relative_to(sys.prefix)
+    ]
     assert not in_checkout, where
     return venv / "bin", elsewhere
 
 
 def test_the_wheel_ships_the_revisions_and_the_data_files(installed: tuple[Path, Path]) -> None:
     bin_dir, elsewhere = installed
-    listing = _run([bin_dir / "python", "-c", "import migrations, importlib.resources as r; "
-                    "m = r.files(migrations); print(*sorted(p.name for p in m.joinpath('versions').iterdir())); "
-                    "print(m.joinpath('env.py').is_file(), m.joinpath('script.py.mako').is_file()); "
-                    "d = r.files('sle_events.domain').joinpath('data'); print(*sorted(p.name for p in d.iterdir()))"],
-                   cwd=elsewhere).stdout.splitlines()  # fmt: skip
+    listing = _run(
+        [
+            bin_dir / "python",
+            "-c",
+            "import migrations, importlib.resources as r; "
+            "m = r.files(migrations); print(*sorted(p.name for p in m.joinpath('versions').iterdir())); "
+            "print(m.joinpath('env.py').is_file(), m.joinpath('script.py.mako').is_file()); "
+            "d = r.files('sle_events.domain').joinpath('data'); print(*sorted(p.name for p in d.iterdir()))",
+        ],
+        cwd=elsewhere,
+    ).stdout.splitlines()
     revisions = {p.name for p in (ROOT / "migrations" / "versions").glob("*.py")}
     assert set(listing[0].split()) >= revisions
     assert listing[1] == "True True"
