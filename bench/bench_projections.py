@@ -69,7 +69,7 @@ def main(n: int | None = None) -> None:
     print(f"# projection rebuild — {machine()}")
     for r in run(n):
         print(
-            f"{r['engine']:10} {r['events']} events: rebuild of {', '.join(r['projections'])} "  # type: ignore[arg-type]
+            f"{r['engine']:10} {r['events']} events: rebuild of {', '.join(r['projections'])} "  # type: ignore[arg-type]  # r['projections'] is the list of names
             f"{r['rebuild']:8.0f}/s, bare read+decode {r['bare']:8.0f}/s, ratio {r['ratio']:.2f} (goal ≥ 0.50); "
             "each alone: " + ", ".join(f"{k} {v:.2f}" for k, v in r["alone"].items())
         )

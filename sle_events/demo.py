@@ -452,7 +452,7 @@ class Demo:
         return [v for v, eff in self.icf_versions if eff <= when][-1]
 
 
-def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklist:  # type: ignore[assignment]
+def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklist:  # type: ignore[assignment]  # an empty tuple as an immutable default
     from sle_events.domain.eligibility import EXCLUSION, INCLUSION
 
     answers = {c: CriterionAnswer(met=c not in failed, evidence="source documents") for c in INCLUSION}

@@ -386,10 +386,10 @@ class Trial:
             return
         lab = subject.facts[version].record
         try:
-            if lab.code in lab_results.CREATININE_CODES:  # type: ignore[union-attr]
+            if lab.code in lab_results.CREATININE_CODES:  # type: ignore[union-attr]  # a LabResultRecorded fact's record is a LabResult
                 subject.derive_egfr(version, config=config)
-            elif lab.code in ("UPROT", "UCREAT"):  # type: ignore[union-attr]
-                other = "UCREAT" if lab.code == "UPROT" else "UPROT"  # type: ignore[union-attr]
+            elif lab.code in ("UPROT", "UCREAT"):  # type: ignore[union-attr]  # a LabResultRecorded fact's record is a LabResult
+                other = "UCREAT" if lab.code == "UPROT" else "UPROT"  # type: ignore[union-attr]  # a LabResultRecorded fact's record is a LabResult
                 match = [
                     v
                     for v, r in subject.records("LabResultRecorded")

@@ -131,8 +131,8 @@ def _formula(formula_version: str) -> Callable[[F], F]:
     formula_id, _, _ = formula_version.rpartition(".")
 
     def deco(fn: F) -> F:
-        fn.FORMULA_ID = formula_id  # type: ignore[attr-defined]
-        fn.FORMULA_VERSION = formula_version  # type: ignore[attr-defined]
+        fn.FORMULA_ID = formula_id  # type: ignore[attr-defined]  # metadata attached to the function object
+        fn.FORMULA_VERSION = formula_version  # type: ignore[attr-defined]  # metadata attached to the function object
         FORMULA_VERSIONS[formula_id] = formula_version
         return fn
 

@@ -177,7 +177,7 @@ class Record(BaseModel):
 
     occurred_at: datetime
 
-    def json(self) -> dict[str, Any]:  # type: ignore[override]
+    def json(self) -> dict[str, Any]:  # type: ignore[override]  # pydantic's deprecated json() is replaced on purpose
         return self.model_dump(mode="json")
 
     def __getitem__(self, name: str) -> Any:

@@ -139,6 +139,8 @@ _VITAL_BOUNDS = {
 }
 
 
+# `Fact.record` is typed as the union of every record class; which one it holds follows from `Fact.type`.
+# Code that reads a fact of a known type says so with `# type: ignore[...]` (record type follows fact.type).
 @dataclass
 class Fact:
     """One event of the subject's stream as the subject remembers it: its type, its current record
@@ -210,7 +212,7 @@ class Subject(TrialAggregate):
             number = rescreen_of.rescreen_number + 1
             if number > config.settings.rescreen_max:
                 raise RescreenNotAllowed(f"a subject may be re-screened {config.settings.rescreen_max} time(s)")
-            if occurred_at < rescreen_of.exited_at:  # type: ignore[operator]
+            if occurred_at < rescreen_of.exited_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
                 raise InconsistentTimestamps("screen failure", rescreen_of.exited_at, "re-screening", occurred_at)
         subject = cls._create(
             cls.Screened,
@@ -371,7 +373,7 @@ class Subject(TrialAggregate):
         formulas.check_not_in_future("occurred_at", occurred_at, clock.now(), settings=config.settings)
         if occurred_at < self.screened_at:
             raise InconsistentTimestamps("screened_at", self.screened_at, "consent", occurred_at)
-        if not first and occurred_at < self.consented_at:  # type: ignore[operator]
+        if not first and occurred_at < self.consented_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
             raise InconsistentTimestamps("first consent", self.consented_at, "re-consent", occurred_at)
         current = config.icf_in_effect(occurred_at)
         if current is None or current.version != icf_version:
@@ -460,7 +462,7 @@ class Subject(TrialAggregate):
             raise InvalidChoice("childbearing_potential", i["childbearing_potential"], (True, False))
         if sex == Sex.M and i["childbearing_potential"]:
             raise InvalidChoice("childbearing_potential", True, [False])
-        consent_day = _day(self.consented_at)  # type: ignore[arg-type]
+        consent_day = _day(self.consented_at)  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
         age = formulas.completed_years(birth, consent_day) if birth <= consent_day else -1
         bounds.check_bound("age_at_consent", age, settings=config.settings)
         return Demographics(
@@ -490,7 +492,7 @@ class Subject(TrialAggregate):
     def demographics(self) -> Demographics | None:
         if self.demographics_version is None:
             return None
-        return self.facts[self.demographics_version].record  # type: ignore[return-value]
+        return self.facts[self.demographics_version].record  # type: ignore[return-value]  # record type follows fact.type (see Fact)
 
     def record_medical_history(
         self,
@@ -607,7 +609,7 @@ class Subject(TrialAggregate):
         check_checklist(
             checklist,
             occurred_at,
-            consented_at=self.consented_at,  # type: ignore[arg-type]
+            consented_at=self.consented_at,  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
             screened_at=self.screened_at,
             settings=config.settings,
             classification=self.classification,
@@ -629,7 +631,7 @@ class Subject(TrialAggregate):
             raise EnrollmentBeforeEligibility(self.status)
         self._status_in("enrollment", [S.ELIGIBLE])
         self._at("enrollment", occurred_at, config)
-        if occurred_at < self.eligible_at:  # type: ignore[operator]
+        if occurred_at < self.eligible_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
             raise InconsistentTimestamps("eligibility confirmed", self.eligible_at, "enrollment", occurred_at)
         if not formulas.eligibility_still_valid(self.eligible_at, occurred_at, settings=config.settings):
             raise EligibilityExpired(self.eligible_at, occurred_at, config.settings.eligibility_validity_days)
@@ -657,9 +659,9 @@ class Subject(TrialAggregate):
         self._at("admission", occurred_at, config)
         if self.open_stay is not None:
             raise AlreadyAdmitted(self.open_stay.admitted_at)
-        if occurred_at < self.enrolled_at:  # type: ignore[operator]
+        if occurred_at < self.enrolled_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
             raise InconsistentTimestamps("enrolled_at", self.enrolled_at, "admitted_at", occurred_at)
-        if self.stays and occurred_at < self.stays[-1].discharged_at:  # type: ignore[operator]
+        if self.stays and occurred_at < self.stays[-1].discharged_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
             raise InconsistentTimestamps("previous discharge", self.stays[-1].discharged_at, "admission", occurred_at)
         self._admitted(purpose=require_text("a purpose", purpose, "admission"), occurred_at=occurred_at)
 
@@ -813,7 +815,7 @@ class Subject(TrialAggregate):
     # =================================================================== cyclophosphamide (T7, R3, R4)
     @property
     def cyc(self) -> Pretreatment | None:
-        return None if self.cyc_version is None else self.facts[self.cyc_version].record  # type: ignore[return-value]
+        return None if self.cyc_version is None else self.facts[self.cyc_version].record  # type: ignore[return-value]  # record type follows fact.type (see Fact)
 
     def give_pretreatment(
         self,
@@ -852,14 +854,14 @@ class Subject(TrialAggregate):
         self._at("cyclophosphamide", start, config)
         if replacing is None:
             stay = self.open_stay
-            if stay is None or stay.admitted_at < self.enrolled_at:  # type: ignore[operator]
+            if stay is None or stay.admitted_at < self.enrolled_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
                 raise NotAdmitted(
                     "cyclophosphamide",
                     "it is given only during an open in-patient stay that began after enrollment (R3)",
                 )
         else:
             original = self.facts[replacing].record
-            stay = next(s for s in self.stays if _in(original.occurred_at, s))  # type: ignore[union-attr]
+            stay = next(s for s in self.stays if _in(original.occurred_at, s))  # type: ignore[union-attr]  # record type follows fact.type (see Fact)
         if not _in(start, stay):
             raise NotAdmitted(
                 "cyclophosphamide",
@@ -869,7 +871,7 @@ class Subject(TrialAggregate):
             (v, r)
             for v, r in self.records("VitalSignsRecorded")
             if r.height_cm is not None
-            and r.weight_kg is not None  # type: ignore[attr-defined]
+            and r.weight_kg is not None  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             and stay.admitted_at <= r.occurred_at <= start
         ]
         if not measured:
@@ -886,7 +888,7 @@ class Subject(TrialAggregate):
             tests = [
                 (v, r) for v, r in self.records("PregnancyTestRecorded") if start - window <= r.occurred_at <= start
             ]
-            if not tests or tests[-1][1].result != PregnancyResult.NEGATIVE:  # type: ignore[attr-defined]
+            if not tests or tests[-1][1].result != PregnancyResult.NEGATIVE:  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
                 raise PregnancyTestRequired(start, config.settings.pregnancy_test_max_hours_before_cyc)
             test_version = tests[-1][0]
         extra = () if self._baseline_collected(stay.admitted_at, start) else (BASELINE_FLAG,)
@@ -900,7 +902,7 @@ class Subject(TrialAggregate):
             route=i["route"],
             lot=i["lot"],
             height_cm=vitals.height_cm,
-            weight_kg=vitals.weight_kg,  # type: ignore[attr-defined]
+            weight_kg=vitals.weight_kg,  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             measured_version=measured_version,
             settings=config.settings,
             extra_flags=extra,
@@ -958,7 +960,7 @@ class Subject(TrialAggregate):
     # =================================================================== AlloMSC infusion (T8, R4, R5) and T10
     @property
     def msc(self) -> Infusion | None:
-        return None if self.msc_version is None else self.facts[self.msc_version].record  # type: ignore[return-value]
+        return None if self.msc_version is None else self.facts[self.msc_version].record  # type: ignore[return-value]  # record type follows fact.type (see Fact)
 
     @property
     def tx_date(self) -> date | None:
@@ -1023,7 +1025,7 @@ class Subject(TrialAggregate):
 
     def _infusion(self, config: StudyConfig, i: dict[str, Any], replacing: int | None = None) -> Infusion:
         """Re-check a corrected infusion: R4 window, stop after start, within its stay, before discharge."""
-        original: Infusion = self.facts[replacing].record  # type: ignore[assignment,index]
+        original: Infusion = self.facts[replacing].record  # type: ignore[assignment,index]  # record type follows fact.type (see Fact)
         start, stop = i["occurred_at"], i["stopped_at"]
         self._at("MSC infusion", start, config)
         formulas.require_aware("stopped_at", stop)
@@ -1103,7 +1105,7 @@ class Subject(TrialAggregate):
     @property
     def labs(self) -> list[LabResult]:
         """Current (corrected, not voided) lab results in stream order."""
-        return [r for _, r in self.records("LabResultRecorded")]  # type: ignore[misc]
+        return [r for _, r in self.records("LabResultRecorded")]  # type: ignore[misc]  # record type follows fact.type (see Fact)
 
     def record_lab_result(
         self,
@@ -1201,7 +1203,7 @@ class Subject(TrialAggregate):
     def derive_egfr(self, creatinine_version: int, *, config: StudyConfig = DEFAULT_CONFIG) -> DerivedResult:
         """eGFR (CKD-EPI 2021) from a recorded serum creatinine, citing it (and the demographics) and the formula
         version. Recorded as "not computed" with the reason when it cannot be computed."""
-        lab: LabResult = self._current(creatinine_version, "LabResultRecorded")  # type: ignore[assignment]
+        lab: LabResult = self._current(creatinine_version, "LabResultRecorded")  # type: ignore[assignment]  # record type follows fact.type (see Fact)
         if lab.code not in lab_results.CREATININE_CODES:
             raise InvalidChoice("creatinine result", lab.code, lab_results.CREATININE_CODES)
         self._at("derived eGFR", lab.occurred_at, config, reconsent=False, after_exit=AfterExit.ALWAYS)
@@ -1225,8 +1227,8 @@ class Subject(TrialAggregate):
         self, protein_version: int, creatinine_version: int, *, config: StudyConfig = DEFAULT_CONFIG
     ) -> DerivedResult:
         """Spot UPCR from urine protein and creatinine of the same specimen (formulas.md §4)."""
-        protein: LabResult = self._current(protein_version, "LabResultRecorded")  # type: ignore[assignment]
-        creat: LabResult = self._current(creatinine_version, "LabResultRecorded")  # type: ignore[assignment]
+        protein: LabResult = self._current(protein_version, "LabResultRecorded")  # type: ignore[assignment]  # record type follows fact.type (see Fact)
+        creat: LabResult = self._current(creatinine_version, "LabResultRecorded")  # type: ignore[assignment]  # record type follows fact.type (see Fact)
         value = lab_results.derive_upcr(protein, creat)
         self._at("derived UPCR", protein.occurred_at, config, reconsent=False, after_exit=AfterExit.ALWAYS)
         bounds.check_bound("upcr", value, settings=config.settings)
@@ -1285,15 +1287,15 @@ class Subject(TrialAggregate):
             if f.voided or f.record is None:
                 continue
             r = f.record
-            if f.type == "LabResultRecorded" and r.code in wanted:  # type: ignore[attr-defined]
-                out.append((v, r.code, r.canonical_value, r.occurred_at))  # type: ignore[attr-defined]
+            if f.type == "LabResultRecorded" and r.code in wanted:  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
+                out.append((v, r.code, r.canonical_value, r.occurred_at))  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             elif (
                 f.type == "DerivedResultRecorded"
                 and r.code in wanted
                 and r.value is not None
-                and all(not self.facts[i].voided for i in r.inputs)  # type: ignore[attr-defined]
+                and all(not self.facts[i].voided for i in r.inputs)  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             ):
-                out.append((v, r.code, r.value, r.occurred_at))  # type: ignore[attr-defined]
+                out.append((v, r.code, r.value, r.occurred_at))  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
         return out
 
     def stale_results(self) -> list[dict[str, Any]]:
@@ -1307,7 +1309,7 @@ class Subject(TrialAggregate):
             if f.voided or f.record is None or f.type not in ("DerivedResultRecorded", "RenalResponseAssessed"):
                 continue
             r = f.record
-            key = (r.code, r.occurred_at) if f.type == "DerivedResultRecorded" else (r.visit or r.occurred_at.date())  # type: ignore[attr-defined]
+            key = (r.code, r.occurred_at) if f.type == "DerivedResultRecorded" else (r.visit or r.occurred_at.date())  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             latest[(f.type, key)] = v
             inputs = [
                 i
@@ -1348,7 +1350,7 @@ class Subject(TrialAggregate):
         now_e = [x for x in egfrs if x[3].date() == day]
         pick = lambda xs: xs[-1] if xs else None  # noqa: E731
         bu, be, cu, ce = pick(base_u), pick(base_e), pick(now_u), pick(now_e)
-        days = (day - self.tx_date).days  # type: ignore[operator]
+        days = (day - self.tx_date).days  # type: ignore[operator]  # record type follows fact.type (see Fact)
         if visit is not None and visit.startswith("M"):
             month = formulas.assessment_month(visit, settings=config.settings)
         else:
@@ -1445,7 +1447,7 @@ class Subject(TrialAggregate):
                 treg_pct=treg_pct,
                 cd4_per_ul=cd4_per_ul,
                 treg_flag=treg_flag,
-                cd4_flag=cd4_flag,  # type: ignore[arg-type]
+                cd4_flag=cd4_flag,  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
                 reported_at=reported_at,
             ),
         )
@@ -1620,7 +1622,7 @@ class Subject(TrialAggregate):
         self._at("unscheduled visit", occurred_at, config, reconsent=False, after_exit=AfterExit.SAFETY)
         purpose = require_text("a purpose", purpose, "unscheduled visit")
         attended = [
-            (self.facts[v].record.occurred_at, self.facts[v].record.visitnum)  # type: ignore[union-attr]
+            (self.facts[v].record.occurred_at, self.facts[v].record.visitnum)  # type: ignore[union-attr]  # record type follows fact.type (see Fact)
             for code, v in self.visit_versions.items()
             if self.visit_outcomes[code] == "attended" and not self.facts[v].voided
         ]
@@ -1712,8 +1714,8 @@ class Subject(TrialAggregate):
         if isinstance(onset, str):
             onset = date.fromisoformat(onset)
         onset = _day(onset)
-        if onset < _day(self.consented_at):  # type: ignore[arg-type]
-            raise AdverseEventBeforeConsent(onset, self.consented_at)  # type: ignore[arg-type]
+        if onset < _day(self.consented_at):  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
+            raise AdverseEventBeforeConsent(onset, self.consented_at)  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
         if onset > _day(at):
             raise InconsistentTimestamps("onset", onset, "entered on", _day(at))
         grade = None if i["grade_proposal"] is None else check_grade("grade_proposal", i["grade_proposal"])
@@ -1757,7 +1759,7 @@ class Subject(TrialAggregate):
         self.adverse_events[ae_id] = AdverseEventState(ae_id, version, history=[version])
 
     def adverse_event_entry(self, ae_id: str) -> AdverseEventEntry:
-        return self.facts[self._ae(ae_id).entry_version].record  # type: ignore[return-value]
+        return self.facts[self._ae(ae_id).entry_version].record  # type: ignore[return-value]  # record type follows fact.type (see Fact)
 
     def assess_adverse_event(
         self,
@@ -2123,7 +2125,7 @@ class Subject(TrialAggregate):
     ) -> None:
         version = self._fact("Corrected")
         fact = self.facts[corrected_version]
-        fact.record = corrections.apply(fact.record, new_values)  # type: ignore[arg-type]
+        fact.record = corrections.apply(fact.record, new_values)  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
         fact.corrections.append(version)
         if corrected_type == "VisitRecorded":
             self.flags = [(v, f) for v, f in self.flags if v != corrected_version]
@@ -2154,7 +2156,7 @@ class Subject(TrialAggregate):
         fact = self.facts[voided_version]
         fact.voided = True
         if voided_type == "AdverseEventReported":
-            self.adverse_events[fact.record.ae_id].voided = True  # type: ignore[union-attr]
+            self.adverse_events[fact.record.ae_id].voided = True  # type: ignore[union-attr]  # record type follows fact.type (see Fact)
         elif voided_type == "UnscheduledVisitRecorded":
             self.unscheduled = [(v, n) for v, n in self.unscheduled if v != voided_version]
         elif voided_type == "ContactAttempted":
@@ -2239,7 +2241,7 @@ class Subject(TrialAggregate):
             for c, v in self.visit_versions.items()
             if self.visit_outcomes[c] == "attended" and not self.facts[v].voided
         ]
-        since = max(attended) if attended else self.msc.occurred_at  # type: ignore[union-attr]
+        since = max(attended) if attended else self.msc.occurred_at  # type: ignore[union-attr]  # record type follows fact.type (see Fact)
         attempts = sum(1 for _, t in self.contact_attempts if since <= t <= occurred_at)
         if streak < s.ltfu_min_consecutive_missed_visits or attempts < s.ltfu_min_contact_attempts:
             raise LostToFollowUpNotDue(

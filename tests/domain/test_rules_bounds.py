@@ -101,7 +101,7 @@ def test_unknown_field_and_bad_values():
         check_bound("creatinine_level", "1")
     assert "creatinine_level" in str(exc.value)
     with pytest.raises(FloatNotAllowed):
-        check_bound("weight", 70.0)  # type: ignore[arg-type]
+        check_bound("weight", 70.0)  # type: ignore[arg-type]  # a float on purpose: it must be refused
 
 
 def test_settings_override_bounds():

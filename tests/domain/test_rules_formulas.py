@@ -113,7 +113,7 @@ def test_egfr_refuses_float_and_bad_age_and_unit():
     with pytest.raises(FloatNotAllowed):
         f.egfr_ckd_epi_2021(0.7, 30, "F")
     with pytest.raises(InvalidQuantity):
-        f.egfr_ckd_epi_2021("0.7", 30.0, "F")  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021("0.7", 30.0, "F")  # type: ignore[arg-type]  # a float age on purpose
     with pytest.raises(InvalidQuantity):
         f.egfr_ckd_epi_2021("0.7", True, "F")
     with pytest.raises(IncompatibleUnit):

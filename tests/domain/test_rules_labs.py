@@ -220,7 +220,7 @@ def test_convert_to_incompatible_unit():
 
 def test_normalise_rejects_float_and_garbage():
     with pytest.raises(FloatNotAllowed):
-        labs.normalise("CREAT", 1.0, "mg/dL")  # type: ignore[arg-type]
+        labs.normalise("CREAT", 1.0, "mg/dL")  # type: ignore[arg-type]  # a float on purpose: it must be refused
     with pytest.raises(InvalidQuantity):
         labs.normalise("CREAT", "1,0", "mg/dL")
 

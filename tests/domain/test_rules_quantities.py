@@ -143,7 +143,7 @@ def test_display_default_two_places():
 
 def test_display_rejects_float():
     with pytest.raises(FloatNotAllowed):
-        display(1.005)  # type: ignore[arg-type]
+        display(1.005)  # type: ignore[arg-type]  # a float on purpose: it must be refused
 
 
 def test_to_decimal_string_plain_notation():
