@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from sle_events.domain import clock, lab_results
@@ -33,7 +33,7 @@ from sle_events.domain.errors import (
     UnknownEventVersion,
     UnknownSubject,
 )
-from sle_events.domain.payloads import EligibilityChecklist
+from sle_events.domain.payloads import EligibilityChecklist, LabResult
 from sle_events.domain.product import ProductLot
 from sle_events.domain.roles import DEFAULT_PERMISSIONS
 from sle_events.domain.settings import StudySettings
@@ -107,6 +107,20 @@ class Trial:
         self, event_type: str, roles: list[str], *, admin: Signer, occurred_at: datetime | None = None
     ) -> None:
         self._on_study(admin, lambda s: s.change_permissions(event_type, roles, occurred_at or clock.now()))
+
+    def approve_new_study(
+        self, code: str, admin_actor: str, admin_public_key: str, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> str:
+        """Let a study with this code and trust-root key be created in the same database (this study's admin
+        decides, signed and logged). Returns the approved key's id."""
+        approved: list[str] = []
+        self._on_study(
+            signer,
+            lambda s: approved.append(
+                s.approve_new_study(code, admin_actor, admin_public_key, occurred_at or clock.now())
+            ),
+        )
+        return approved[0]
 
     def add_site(
         self, site_id: str, name: str, timezone: str, *, signer: Signer, occurred_at: datetime | None = None
@@ -384,16 +398,16 @@ class Trial:
         """Derived values follow their inputs in the same append, when the signer may record them."""
         if signer.role not in self.study.permissions.get("Subject.DerivedResultRecorded", []):
             return
-        lab = subject.facts[version].record
+        lab = cast(LabResult, subject.facts[version].record)  # the fact at `version` is a LabResultRecorded
         try:
-            if lab.code in lab_results.CREATININE_CODES:  # type: ignore[union-attr]  # a LabResultRecorded fact's record is a LabResult
+            if lab.code in lab_results.CREATININE_CODES:
                 subject.derive_egfr(version, config=config)
-            elif lab.code in ("UPROT", "UCREAT"):  # type: ignore[union-attr]  # a LabResultRecorded fact's record is a LabResult
-                other = "UCREAT" if lab.code == "UPROT" else "UPROT"  # type: ignore[union-attr]  # a LabResultRecorded fact's record is a LabResult
+            elif lab.code in ("UPROT", "UCREAT"):
+                other = "UCREAT" if lab.code == "UPROT" else "UPROT"
                 match = [
                     v
                     for v, r in subject.records("LabResultRecorded")
-                    if r.code == other and r.occurred_at == lab.occurred_at
+                    if r.code == other and r.occurred_at == lab.occurred_at  # type: ignore[attr-defined]  # lab results
                 ]
                 if match:
                     pair = (version, match[-1]) if lab.code == "UPROT" else (match[-1], version)
