@@ -28,7 +28,7 @@ from sle_events.domain.study_config import IcfVersion, Site, StudyConfig
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import GENESIS, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 from sle_events.store.record import StudyRecord
 
 ANALYTES = (("CREAT", "mg/dL", 60, 250, 100), ("C3", "mg/dL", 40, 150, 1), ("C4", "mg/dL", 5, 40, 1),

@@ -16,7 +16,7 @@ from sle_events.domain.study_config import IcfVersion, StudyConfig
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import SealedEvent, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 
 PG_URL = os.environ.get("SLE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CORES = os.cpu_count() or 1

@@ -17,9 +17,10 @@ from uuid import UUID
 
 from sqlalchemy import Connection, Table, func, select
 
+from sle_events.domain.event_types import type_name
 from sle_events.picklable import Picklable
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
-from sle_events.signing.payload import domain_event_from
+from sle_events.store.codec import domain_event_from
 from sle_events.store.verification import SignatureCheck, build_registry_timelines
 
 
@@ -61,7 +62,7 @@ class Fact:
     @property
     def type_name(self) -> str:
         """`Subject.LabResultRecorded`."""
-        return self.sealed.envelope["type"].rsplit(":", 1)[-1]
+        return type_name(self.sealed.envelope["type"])
 
     @property
     def stream(self) -> str:

@@ -16,10 +16,11 @@ from uuid import UUID
 from sqlalchemy import select
 
 from projections.base import Fact, VerifyingReader, fold_fact
+from sle_events.domain.event_types import stored_topics
 from sle_events.signing.envelope import SealedEvent, parse_time
 from sle_events.store.record import StudyRecord
 
-SCREENED_MARK = ":Subject.Screened"
+SCREENED_TOPICS = stored_topics("Subject.Screened")
 
 
 class SubjectNotFound(LookupError):
@@ -34,7 +35,7 @@ def find_subject(record: StudyRecord, subject: str) -> UUID:
         pass
     t = record.table
     with record.recorder.datastore.engine.connect() as conn:
-        rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.like(f"%{SCREENED_MARK}"))).all()
+        rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.in_(SCREENED_TOPICS))).all()
     for stream_id, state in rows:
         if f'"screening_number":"{subject}"'.encode() in bytes(state):
             return stream_id

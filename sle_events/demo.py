@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 from sle_events.domain import bounds
 from sle_events.domain import clock as domain_clock
 from sle_events.domain import errors as E
+from sle_events.domain.event_types import type_name
 from sle_events.domain.payloads import CriterionAnswer, EligibilityChecklist
 from sle_events.signing.keys import Signer
 from sle_events.store.errors import AppendRejected, UntrustedKey
@@ -936,7 +937,7 @@ def _run(record: StudyRecord, signers: dict[str, Signer], sim: domain_clock.Simu
     digest = hashlib.sha256()
     for stream in _all_streams(record, study_id):
         for e in record.stream(stream):
-            name = e.topic.rsplit(":", 1)[-1]
+            name = type_name(e.topic)
             result.events_by_type[name] = result.events_by_type.get(name, 0) + 1
             result.events += 1
             if not name.startswith("Study.Key") and name != "Study.Created":

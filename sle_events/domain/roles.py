@@ -14,7 +14,7 @@ SPONSOR = "sponsor"
 
 ROLES = frozenset({ADMIN, INVESTIGATOR, COORDINATOR, LAB, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR})
 
-# Event type (the event class's qualified name) -> roles that may record it (PROTOCOL §2).
+# Event type (its stable name, sle_events.domain.event_types) -> roles that may record it (PROTOCOL §2).
 I, C, L, DM, SP = INVESTIGATOR, COORDINATOR, LAB, DATA_MANAGER, SPONSOR
 DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # trust root and key registry
@@ -83,7 +83,3 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
 }
 del I, C, L, DM, SP
 
-
-def event_type_name(topic: str) -> str:
-    """`sle_events.domain.subject:Subject.Screened` -> `Subject.Screened`."""
-    return topic.rsplit(":", 1)[-1]

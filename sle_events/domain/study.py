@@ -20,7 +20,7 @@ from eventsourcing.domain import event
 from sle_events.domain import clock, formulas
 from sle_events.domain.base import TrialAggregate
 from sle_events.domain.errors import InvalidChoice, MissingValue, ReasonRequired, UnknownSite
-from sle_events.domain.roles import ADMIN, DEFAULT_PERMISSIONS, ROLES, event_type_name
+from sle_events.domain.roles import ADMIN, DEFAULT_PERMISSIONS, ROLES
 from sle_events.domain.settings import DEFAULT_SETTINGS, StudySettings
 from sle_events.domain.study_config import IcfVersion, Site, StudyConfig, VisitKind, VisitSchedule
 from sle_events.signing.keys import key_id as key_id_of
@@ -237,8 +237,9 @@ class Study(TrialAggregate):
         return self._config
 
     # --- questions -------------------------------------------------------------------------------------
-    def authorise(self, key: str, actor: str, role: str, topic: str) -> dict[str, Any]:
-        """The key entry that vouches for `actor` recording `topic` as `role`, or a specific refusal."""
+    def authorise(self, key: str, actor: str, role: str, type_name: str) -> dict[str, Any]:
+        """The key entry that vouches for `actor` recording the event type `type_name` (its stable name,
+        `Subject.LabResultRecorded`) as `role`, or a specific refusal."""
         entry = self.keys.get(key)
         if entry is None:
             raise UnknownKey(f"key {key} is not registered in study {self.code}")
@@ -250,7 +251,6 @@ class Study(TrialAggregate):
             raise RoleNotAllowed(
                 f"key {key} belongs to {entry['actor']} as {entry['role']}, not {actor} as {role}"
             )
-        type_name = event_type_name(topic)
         allowed = self.permissions.get(type_name, [])
         if role not in allowed:
             raise RoleNotAllowed(f"role {role} may not record {type_name} (allowed: {allowed or 'nobody'})")

@@ -23,9 +23,9 @@ import sqlalchemy.exc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Transcoder
-from eventsourcing.utils import resolve_topic
 from sqlalchemy import func, select
 
+from sle_events.domain.event_types import UnknownEventName, type_name
 from sle_events.domain.study import KeyProblem, Study
 from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
 from sle_events.signing.envelope import (
@@ -39,7 +39,7 @@ from sle_events.signing.envelope import (
     utc_now,
 )
 from sle_events.signing.keys import Signer, verify_signature
-from sle_events.signing.payload import domain_event_from, envelope_for
+from sle_events.store.codec import domain_event_from, envelope_for
 from sle_events.store.errors import (
     BadSignature,
     ChainBroken,
@@ -89,21 +89,8 @@ class _NoTranscoder(Transcoder):
 
 
 @lru_cache(maxsize=4096)
-def _resolvable(topic: str) -> bool:
-    try:
-        resolve_topic(topic)
-        return True
-    except Exception:
-        return False
-
-
-@lru_cache(maxsize=4096)
 def _public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def _type_name(topic: str) -> str:
-    return topic.rsplit(":", 1)[-1]
 
 
 class StudyRecord(Application[UUID]):
@@ -286,15 +273,17 @@ class StudyRecord(Application[UUID]):
             except (MalformedEnvelope, NotCanonicalisable) as exc:
                 raise MalformedEvent(str(exc), **where) from exc
             self._check_clock(env, now, where)
-            if not _resolvable(env["type"]):
-                raise UnknownEventType(f"unknown event type {env['type']!r}", **where)
+            try:
+                name = type_name(env["type"])
+            except UnknownEventName as exc:
+                raise UnknownEventType(str(exc), **where) from None
             study_id = env["study"]
             study = studies.get(study_id)
             if study is None:
                 study = self._study_for(e, study_id, where)
                 studies[study_id] = study
             try:
-                entry = study.authorise(env["key"], env["actor"], env["role"], env["type"])
+                entry = study.authorise(env["key"], env["actor"], env["role"], name)
             except KeyProblem as exc:
                 raise UntrustedKey(str(exc), **where) from exc
             keys.append(_public_key(study.public_key(entry["key"])))
@@ -355,7 +344,7 @@ class StudyRecord(Application[UUID]):
 
     def _study_for(self, e: SealedEvent, study_id: str, where: dict[str, Any]) -> Study:
         env = e.envelope
-        if _type_name(env["type"]) == STUDY_CREATED and env["stream"] == env["study"] and env["version"] == 1:
+        if type_name(env["type"]) == STUDY_CREATED and env["stream"] == env["study"] and env["version"] == 1:
             # The trust root vouches for itself: the study as created authorises its own creation.
             try:
                 return domain_event_from(e).mutate(None)

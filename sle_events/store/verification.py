@@ -22,12 +22,13 @@ from uuid import UUID
 
 from sqlalchemy import Connection, func, select
 
+from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, KeyRevoked, KeyRotatedOut, RoleNotAllowed, Study, UnknownKey
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed, open_stored
 from sle_events.signing.keys import verify_signature
-from sle_events.signing.payload import domain_event_from
+from sle_events.store.codec import domain_event_from
 
-REGISTRY_TOPIC_MARK = ":Study."
+REGISTRY_TOPICS = stored_topics("Study")
 BATCH = 5000
 
 
@@ -110,7 +111,11 @@ class SignatureCheck:
         if registry is None:
             return "unknown_study", f"study {env['study']} has no valid registry before this event"
         try:
-            entry = registry.authorise(env["key"], env["actor"], env["role"], env["type"])
+            name = type_name(env["type"])
+        except UnknownEventName as exc:
+            return "unknown_event_type", str(exc)
+        try:
+            entry = registry.authorise(env["key"], env["actor"], env["role"], name)
         except KeyProblem as exc:
             return _KEY_KINDS.get(type(exc), "key_problem"), f"{exc} at log position {position}"
         public_key = self._keys.get((id(registry), entry["key"]))
@@ -202,7 +207,7 @@ def build_registry_timelines(engine: Any, table: Any, checker_findings: list[Fin
     current: dict[str, Study] = {}
     query = (
         select(table.c.id, table.c.originator_id, table.c.originator_version, table.c.topic, table.c.state)
-        .where(table.c.topic.like(f"%{REGISTRY_TOPIC_MARK}%"))
+        .where(table.c.topic.in_(REGISTRY_TOPICS))
         .order_by(table.c.originator_id, table.c.originator_version)
     )
     if isinstance(engine, Connection):
@@ -260,7 +265,7 @@ def _check_range(url: str, lo: Any, hi: Any, progress: Any) -> tuple[list[Findin
     engine, table = _open(url)
     checker = _StreamChecker(_TIMELINES)
     query = select(table.c.id, table.c.originator_id, table.c.originator_version, table.c.topic, table.c.state)
-    query = query.where(~table.c.topic.like(f"%{REGISTRY_TOPIC_MARK}%"))
+    query = query.where(~table.c.topic.in_(REGISTRY_TOPICS))
     if lo is not None:
         query = query.where(table.c.originator_id >= lo)
     if hi is not None:
@@ -291,7 +296,7 @@ def split_streams(engine: Any, table: Any, parts: int, *, skip_registry: bool = 
     """Contiguous ranges of stream ids holding about the same number of events (`None` = open end)."""
     query = select(table.c.originator_id, func.count())
     if skip_registry:
-        query = query.where(~table.c.topic.like(f"%{REGISTRY_TOPIC_MARK}%"))
+        query = query.where(~table.c.topic.in_(REGISTRY_TOPICS))
     query = query.group_by(table.c.originator_id).order_by(table.c.originator_id)
     with engine.connect() as conn:
         counts = list(conn.execute(query))

@@ -19,7 +19,7 @@ from sle_events.domain.study_config import default_schedule
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import GENESIS, open_sealed, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import domain_event_from, envelope_for
+from sle_events.store.codec import domain_event_from, envelope_for
 from subject_scenarios import CONFIG, at, visit_day
 from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
 

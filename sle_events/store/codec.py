@@ -1,4 +1,4 @@
-"""Domain events <-> envelope payloads.
+"""Domain events <-> envelope payloads: the one codec between the domain and the signed record.
 
 A domain event's attributes become the envelope's JSON payload: decimals as strings, times as ISO 8601 with
 offset, UUIDs as strings, enums by value, pydantic models by their JSON form. Floats are refused. Reading back,
@@ -18,8 +18,9 @@ from functools import lru_cache
 from typing import Any, Callable
 from uuid import UUID
 
-from eventsourcing.utils import get_topic, resolve_topic
 from pydantic import BaseModel
+
+from sle_events.domain.event_types import UnknownEventName, event_class, name_of
 
 from sle_events.signing.canonical import FloatNotAllowed, NotCanonicalisable
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, format_time, parse_time
@@ -114,7 +115,7 @@ def envelope_for(domain_event: Any, *, study: UUID, prev: str, reason: str | Non
         "study": str(study),
         "stream": str(domain_event.originator_id),
         "version": domain_event.originator_version,
-        "type": get_topic(cls),
+        "type": name_of(cls),
         "schema": getattr(cls, "class_version", 1),
         "payload": event_payload(domain_event),
         "occurred_at": format_time(occurred_at),
@@ -131,9 +132,9 @@ def domain_event_from(sealed: SealedEvent) -> Any:
     """Rebuild the domain event, upcasting older schema versions the way `eventsourcing` does."""
     env = sealed.envelope
     try:
-        cls = resolve_topic(env["type"])
-    except Exception as e:  # eventsourcing raises TopicError, import errors surface as others
-        raise MalformedEnvelope(f"unknown event type {env['type']!r}: {e}") from None
+        cls = event_class(env["type"])
+    except UnknownEventName as e:
+        raise MalformedEnvelope(str(e)) from None
     state: dict[str, Any] = dict(env["payload"])
     class_version = getattr(cls, "class_version", 1)
     from_version = env["schema"]
