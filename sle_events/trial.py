@@ -96,6 +96,15 @@ class Trial:
                            occurred_at: datetime | None = None) -> None:
         self._on_study(admin, lambda s: s.change_permissions(event_type, roles, occurred_at or clock.now()))
 
+    def approve_new_study(self, code: str, admin_actor: str, admin_public_key: str, *, signer: Signer,
+                          occurred_at: datetime | None = None) -> str:
+        """Let a study with this code and trust-root key be created in the same database (this study's admin
+        decides, signed and logged). Returns the approved key's id."""
+        approved: list[str] = []
+        self._on_study(signer, lambda s: approved.append(
+            s.approve_new_study(code, admin_actor, admin_public_key, occurred_at or clock.now())))
+        return approved[0]
+
     def add_site(self, site_id: str, name: str, timezone: str, *, signer: Signer,
                  occurred_at: datetime | None = None) -> None:
         self._on_study(signer, lambda s: s.add_site(site_id, name, timezone, occurred_at or clock.now()))

@@ -46,7 +46,9 @@ def test_every_name_ever_signed_still_resolves():
 
 def test_every_registered_name_is_in_the_list_of_signed_names():
     # A name added to the registry is added to the list too, and from then on must always resolve.
-    assert set(EVENT_TYPES) <= set(signed_names())
+    # (Other tests register names of their own aggregates: only the trial's records count here.)
+    trial_names = {n for n in EVENT_TYPES if n.split(".")[0] in ("Study", "Subject", "ProductLot")}
+    assert trial_names <= set(signed_names())
 
 
 def test_every_fact_of_the_aggregates_has_a_name():
@@ -60,6 +62,8 @@ def test_every_fact_of_the_aggregates_has_a_name():
 
 def test_names_are_trial_vocabulary_not_python_paths():
     for name in EVENT_TYPES:
+        if name.startswith("Specimen."):
+            continue  # a test's own aggregate (test_upcasting)
         record, fact = name.split(".")
         assert ":" not in name and record in ("Study", "Subject", "ProductLot") and fact[0].isupper()
 

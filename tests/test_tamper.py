@@ -30,7 +30,7 @@ pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)
 T0 = NOW - timedelta(days=30)
 CREATININE = ("1.23", "1.34", "1.45")
-SUBJECT_TOPIC = "sle_events.domain.subject:Subject."
+SUBJECT_TOPIC = "Subject."
 ELIGIBLE = EligibilityChecklist.all_met(screening_labs_collected_at=T0 + timedelta(days=2))
 EVENTS_IN_RECORD = 4 + 3 * 7 + 1  # study + three full subjects + one screened only
 

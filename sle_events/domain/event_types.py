@@ -41,7 +41,7 @@ def _facts(record: str, aggregate: type, facts: str) -> dict[str, type]:
 #: name -> event class. The left-hand names are the stable part; the classes may move.
 EVENT_TYPES: dict[str, type] = {
     **_facts("Study", Study, """
-        Created KeyRegistered KeyRotated KeyRevoked PermissionsChanged
+        Created KeyRegistered KeyRotated KeyRevoked PermissionsChanged NewStudyApproved
         SiteAdded SiteClosed IcfVersionApproved VisitScheduleDefined SettingsAdopted"""),
     **_facts("Subject", Subject, """
         Screened Rescreened ConsentObtained ScreenFailed DemographicsRecorded MedicalHistoryRecorded
@@ -64,9 +64,10 @@ _LEGACY_MODULES = {
     "Subject": "sle_events.domain.subject",
     "ProductLot": "sle_events.domain.product",
 }
+_NAMED_SINCE = {"Study.NewStudyApproved"}  # facts added after stable names: they never had a Python path
 #: old stored topic -> name
 LEGACY_TOPICS: dict[str, str] = {
-    f"{_LEGACY_MODULES[name.split('.', 1)[0]]}:{name}": name for name in EVENT_TYPES
+    f"{_LEGACY_MODULES[name.split('.', 1)[0]]}:{name}": name for name in EVENT_TYPES if name not in _NAMED_SINCE
 }
 _NAMES: dict[type, str] = {cls: name for name, cls in EVENT_TYPES.items()}
 

@@ -23,6 +23,7 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "Study.KeyRotated": [ADMIN],
     "Study.KeyRevoked": [ADMIN],
     "Study.PermissionsChanged": [ADMIN],
+    "Study.NewStudyApproved": [ADMIN],
     # study configuration: versioned configuration events by the data manager
     "Study.SiteAdded": [DM],
     "Study.SiteClosed": [DM],

@@ -123,6 +123,20 @@ class Study(TrialAggregate):
         self._active(key)
         self._key_revoked(key=key, reason=reason, occurred_at=occurred_at)
 
+    def approve_new_study(self, code: str, admin_actor: str, admin_public_key: str, occurred_at: datetime) -> str:
+        """Let another study be created in the same database, with this trust-root key (its admin's).
+
+        A database's first study needs no one's leave; every later one does, as a signed and logged decision of
+        an existing study's admin, so nobody with write access can mint a trust root beside the real one. The
+        approval is used by the first ``Study.Created`` with this code and admin key. Returns that key's id."""
+        if not isinstance(code, str) or not code.strip():
+            raise RegistryError("the new study needs a code")
+        if not isinstance(admin_actor, str) or not admin_actor.strip():
+            raise RegistryError("the new study needs its admin's user id")
+        kid = key_id_of(_raw_public_key(admin_public_key))
+        self._new_study_approved(code=code, admin_actor=admin_actor, admin_key=kid, occurred_at=occurred_at)
+        return kid
+
     def change_permissions(self, event_type: str, roles: list[str], occurred_at: datetime) -> None:
         self._check_roles(event_type, roles)
         self._permissions_changed(event_type=event_type, roles=sorted(roles), occurred_at=occurred_at)
@@ -141,6 +155,10 @@ class Study(TrialAggregate):
     @event("KeyRevoked")
     def _key_revoked(self, key: str, reason: str, occurred_at: datetime) -> None:
         self.keys[key]["status"] = "revoked"
+
+    @event("NewStudyApproved")
+    def _new_study_approved(self, code: str, admin_actor: str, admin_key: str, occurred_at: datetime) -> None:
+        pass  # the store and the verifier read approvals from the log; the study's own state does not change
 
     @event("PermissionsChanged")
     def _permissions_changed(self, event_type: str, roles: list[str], occurred_at: datetime) -> None:
@@ -251,7 +269,8 @@ class Study(TrialAggregate):
             raise RoleNotAllowed(
                 f"key {key} belongs to {entry['actor']} as {entry['role']}, not {actor} as {role}"
             )
-        allowed = self.permissions.get(type_name, [])
+        # A fact newer than this study's signed table falls back to the software's default roles for it.
+        allowed = self.permissions.get(type_name, DEFAULT_PERMISSIONS.get(type_name, []))
         if role not in allowed:
             raise RoleNotAllowed(f"role {role} may not record {type_name} (allowed: {allowed or 'nobody'})")
         return entry

@@ -10,6 +10,7 @@ all other streams into contiguous ranges of stream ids, one per core, and checks
 
 from __future__ import annotations
 
+import base64
 import bisect
 import copy
 import hashlib
@@ -25,8 +26,8 @@ from sqlalchemy import Connection, func, select
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, KeyRevoked, KeyRotatedOut, RoleNotAllowed, Study, UnknownKey
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed, open_stored
-from sle_events.signing.keys import verify_signature
-from sle_events.store.codec import domain_event_from
+from sle_events.signing.keys import key_id, verify_signature
+from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from
 
 REGISTRY_TOPICS = stored_topics("Study")
 BATCH = 5000
@@ -134,6 +135,7 @@ class _StreamChecker:
         self.signatures = SignatureCheck(timelines)
         self.findings: list[Finding] = []
         self.stream: str | None = None
+        self.study: str | None = None  # the stream's study, from its first event
         self.version = 0
         self.hash = GENESIS
         self.events = 0
@@ -146,7 +148,7 @@ class _StreamChecker:
         stream = str(stream_id)
         self.events += 1
         if stream != self.stream:
-            self.stream, self.version, self.hash = stream, 0, GENESIS
+            self.stream, self.version, self.hash, self.study = stream, 0, GENESIS, None
         found = self._found
         try:
             e = open_stored(state)
@@ -171,7 +173,19 @@ class _StreamChecker:
                   f"prev {env['prev'][:16]}… does not match the hash of v{self.version} ({self.hash[:16]}…): "
                   "the previous event was altered, replaced or reordered", position)  # fmt: skip
         self.version, self.hash = version, e.hash
+        if self.study is None:
+            self.study = env["study"]
+        elif env["study"] != self.study:
+            found(stream, version, "study_mismatch",
+                  f"the event speaks for study {env['study']}, but the stream belongs to study {self.study} (its "
+                  "first event's)", position)  # fmt: skip
         problem = self.signatures.problem(e, position, registry)
+        if problem is None or problem[0] not in ("unknown_study", "unknown_event_type"):
+            name = type_name(env["type"])
+            if name.startswith("Study.") != (stream == env["study"]):
+                found(stream, version, "study_mismatch",
+                      f"{name} on stream {stream} of study {env['study']}: study facts live on the study's own "
+                      "stream, and only they do", position)  # fmt: skip
         if problem is not None:
             kind, detail = problem
             if kind == "bad_signature":
@@ -180,6 +194,11 @@ class _StreamChecker:
                 except MalformedEnvelope as exc:
                     kind, detail = "malformed", f"stored bytes were rewritten: {exc}"
             found(stream, version, kind, detail, position)
+            return e
+        try:  # signed as it is, yet not a payload this type may carry (stored before append checked it)
+            check_payload(env)
+        except PayloadSchemaError as exc:
+            found(stream, version, "invalid_payload", f"{exc}: the stream cannot be loaded past it", position)
         return e
 
 
@@ -254,7 +273,35 @@ def build_registry_timelines(engine: Any, table: Any, checker_findings: list[Fin
             positions.append(position)
             states.append(state_after)
     checker_findings.extend(checker.findings)
+    checker_findings.extend(_unapproved_studies(rows))
     return timelines, len(rows)
+
+
+def _unapproved_studies(rows: list[Any]) -> list[Finding]:
+    """Every study created after the database's first without an existing admin's unused approval, in log
+    order (the append-time rule, `StudyRecord._check_new_study`)."""
+    findings, approvals, created = [], [], 0
+    for position, stream_id, version, topic, state in sorted(rows, key=lambda r: r[0]):
+        try:
+            env = open_stored(bytes(state)).envelope
+            name = type_name(env["type"])
+        except (MalformedEnvelope, UnknownEventName):
+            continue  # reported by the chain check
+        if name == "Study.NewStudyApproved":
+            approvals.append((env["payload"].get("code"), env["payload"].get("admin_key")))
+        elif name == "Study.Created" and version == 1:
+            try:
+                mine = (env["payload"]["code"], key_id(base64.b64decode(env["payload"]["admin_public_key"])))
+            except (KeyError, ValueError, TypeError):
+                continue  # an unreadable creation is reported as malformed
+            if created and mine not in approvals:
+                findings.append(Finding(str(stream_id), 1, "study_not_approved",
+                                        f"study {mine[0]!r} (trust-root key {mine[1]}) was created in a database that "
+                                        "already held a study, without an existing admin's approval", position))  # fmt: skip
+            elif created:
+                approvals.remove(mine)
+            created += 1
+    return findings
 
 
 # Set in the parent before forking so workers inherit it without pickling.

@@ -53,6 +53,7 @@ def course() -> dict[str, Any]:
                      "service retired", at("2024-01-04 11:00"))
     study.change_permissions("Subject.VitalSignsRecorded", ["coordinator", "investigator", "lab"],
                              at("2024-01-05 11:00"))
+    study.approve_new_study("ALLOMSC-2", "admin@elsewhere", new_key.public_key_b64, at("2024-01-06 11:00"))
 
     a, lot = sc.to_transplanted()
     a.record_medical_history("SLE", at("2025-02-04 09:00"), start_date=date(2019, 1, 1), ongoing=True)
