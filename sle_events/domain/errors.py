@@ -14,6 +14,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
+from sle_events.picklable import Picklable
+
 
 def _fmt(value: Any) -> str:
     """Render a value for a message: Decimals in plain notation (no exponent), as given."""
@@ -27,7 +29,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-class ProtocolViolation(ValueError):
+class ProtocolViolation(Picklable, ValueError):
     """Base class: the input breaks a rule of the protocol or of the data conventions."""
 
     code: ClassVar[str] = "protocol_violation"

@@ -14,13 +14,15 @@ from typing import Any
 
 import rfc8785
 
+from sle_events.picklable import Picklable
+
 # RFC 8785 integers must be exactly representable as IEEE 754 doubles.
 _MAX_SAFE_INT = 2**53 - 1
 
 _fast_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode
 
 
-class NotCanonicalisable(ValueError):
+class NotCanonicalisable(Picklable, ValueError):
     """A value that has no place in a signed payload (a float, an unsafe integer, a non-string key...)."""
 
     def __init__(self, path: str, message: str):

@@ -24,6 +24,7 @@ from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from sle_events.domain.event_types import LEGACY_TOPICS, UnknownEventName, event_class, name_of
 
+from sle_events.picklable import Picklable
 from sle_events.signing.canonical import FloatNotAllowed, NotCanonicalisable
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, format_time, parse_time
 
@@ -136,7 +137,7 @@ def envelope_for(domain_event: Any, *, study: UUID, prev: str, reason: str | Non
     }
 
 
-class PayloadSchemaError(MalformedEnvelope):
+class PayloadSchemaError(Picklable, MalformedEnvelope):
     """A signed payload that its event type's schema refuses, or that the domain would not have written so."""
 
     def __init__(self, type_name: str, field: str, message: str):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from sle_events.picklable import Picklable
 
-class AppendRejected(ValueError):
+
+class AppendRejected(Picklable, ValueError):
     """Base class: the batch was refused and nothing was stored."""
 
     kind = "rejected"

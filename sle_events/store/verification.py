@@ -21,7 +21,7 @@ from dataclasses import asdict, dataclass, field
 from typing import Any, Callable
 from uuid import UUID
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, KeyRevoked, KeyRotatedOut, RoleNotAllowed, Study, UnknownKey
@@ -75,29 +75,73 @@ _KEY_KINDS = {UnknownKey: "key_unknown", KeyRevoked: "key_revoked", KeyRotatedOu
               RoleNotAllowed: "role_not_allowed"}  # fmt: skip
 
 
-class _StreamChecker:
-    """Checks one event after another, stream by stream, in version order."""
+Timelines = dict[str, tuple[list[int], list[Study]]]  # study -> (log positions, registry after each)
 
-    def __init__(self, timelines: dict[str, tuple[list[int], list[Study]]]):
+
+class SignatureCheck:
+    """Whether an event's signature holds against the key registry as it stood at the event's log position:
+    the key registered, active, the envelope's actor's and role's, the role allowed that event type, and the
+    Ed25519 signature over the signed bytes valid. Shared by `sle verify` and the projections' reader."""
+
+    def __init__(self, timelines: Timelines):
         self.timelines = timelines
-        self.findings: list[Finding] = []
-        self.stream: str | None = None
-        self.study: str | None = None  # the stream's study, from its first event
-        self.version = 0
-        self.hash = GENESIS
-        self.events = 0
         self._keys: dict[tuple[int, str], Any] = {}
 
-    def _found(self, stream: str, version: int | None, kind: str, detail: str, position: int) -> None:
-        self.findings.append(Finding(stream, version, kind, detail, position))
-
     def registry_at(self, study: str, position: int) -> Study | None:
+        """The registry just before `position` (what an event there is checked against)."""
         timeline = self.timelines.get(study)
         if timeline is None:
             return None
         positions, states = timeline
         i = bisect.bisect_left(positions, position) - 1
         return states[i] if i >= 0 else None
+
+    def latest(self, study: str) -> Study | None:
+        timeline = self.timelines.get(study)
+        return timeline[1][-1] if timeline else None
+
+    def problem(self, e: SealedEvent, position: int, registry: Study | None = None) -> tuple[str, str] | None:
+        """(finding kind, detail) if the signature does not hold, else None."""
+        env = e.envelope
+        if registry is None:
+            registry = self.registry_at(env["study"], position)
+            if registry is None and env["stream"] == env["study"] and env["version"] == 1:
+                timeline = self.timelines.get(env["study"])
+                if timeline and timeline[0][0] == position:  # the trust root vouches for its own creation
+                    registry = timeline[1][0]
+        if registry is None:
+            return "unknown_study", f"study {env['study']} has no valid registry before this event"
+        try:
+            name = type_name(env["type"])
+        except UnknownEventName as exc:
+            return "unknown_event_type", str(exc)
+        try:
+            entry = registry.authorise(env["key"], env["actor"], env["role"], name)
+        except KeyProblem as exc:
+            return _KEY_KINDS.get(type(exc), "key_problem"), f"{exc} at log position {position}"
+        public_key = self._keys.get((id(registry), entry["key"]))
+        if public_key is None:
+            public_key = self._keys[(id(registry), entry["key"])] = _public_key(registry, entry["key"])
+        if not verify_signature(public_key, e.signature, e.signed):
+            return "bad_signature", (f"signature by {env['actor']} (key {env['key']}) does not verify: the signed "
+                                     "envelope (payload, type, times, ids or prev) was altered after signing")  # fmt: skip
+        return None
+
+
+class _StreamChecker:
+    """Checks one event after another, stream by stream, in version order."""
+
+    def __init__(self, timelines: Timelines):
+        self.signatures = SignatureCheck(timelines)
+        self.findings: list[Finding] = []
+        self.stream: str | None = None
+        self.study: str | None = None  # the stream's study, from its first event
+        self.version = 0
+        self.hash = GENESIS
+        self.events = 0
+
+    def _found(self, stream: str, version: int | None, kind: str, detail: str, position: int) -> None:
+        self.findings.append(Finding(stream, version, kind, detail, position))
 
     def check(self, position: int, stream_id: UUID, version: int, topic: str, state: bytes,
               registry: Study | None = None) -> SealedEvent | None:  # fmt: skip
@@ -135,40 +179,21 @@ class _StreamChecker:
             found(stream, version, "study_mismatch",
                   f"the event speaks for study {env['study']}, but the stream belongs to study {self.study} (its "
                   "first event's)", position)  # fmt: skip
-        if registry is None:
-            registry = self.registry_at(env["study"], position)
-        if registry is None:
-            found(stream, version, "unknown_study", f"study {env['study']} has no valid registry before this event",
-                  position)  # fmt: skip
-            return e
-        try:
+        problem = self.signatures.problem(e, position, registry)
+        if problem is None or problem[0] not in ("unknown_study", "unknown_event_type"):
             name = type_name(env["type"])
-        except UnknownEventName as exc:
-            found(stream, version, "unknown_event_type", str(exc), position)
-            return e
-        if name.startswith("Study.") != (stream == env["study"]):
-            found(stream, version, "study_mismatch",
-                  f"{name} on stream {stream} of study {env['study']}: study facts live on the study's own stream, "
-                  "and only they do", position)  # fmt: skip
-
-        try:
-            entry = registry.authorise(env["key"], env["actor"], env["role"], name)
-        except KeyProblem as exc:
-            found(stream, version, _KEY_KINDS.get(type(exc), "key_problem"),
-                  f"{exc} at log position {position}", position)  # fmt: skip
-            return e
-        public_key = self._keys.get((id(registry), entry["key"]))
-        if public_key is None:
-            public_key = self._keys[(id(registry), entry["key"])] = _public_key(registry, entry["key"])
-        if not verify_signature(public_key, e.signature, e.signed):
-            try:
-                open_sealed(state)
-            except MalformedEnvelope as exc:
-                found(stream, version, "malformed", f"stored bytes were rewritten: {exc}", position)
-                return e
-            found(stream, version, "bad_signature",
-                  f"signature by {env['actor']} (key {env['key']}) does not verify: the signed envelope "
-                  "(payload, type, times, ids or prev) was altered after signing", position)  # fmt: skip
+            if name.startswith("Study.") != (stream == env["study"]):
+                found(stream, version, "study_mismatch",
+                      f"{name} on stream {stream} of study {env['study']}: study facts live on the study's own "
+                      "stream, and only they do", position)  # fmt: skip
+        if problem is not None:
+            kind, detail = problem
+            if kind == "bad_signature":
+                try:
+                    open_sealed(state)
+                except MalformedEnvelope as exc:
+                    kind, detail = "malformed", f"stored bytes were rewritten: {exc}"
+            found(stream, version, kind, detail, position)
             return e
         try:  # signed as it is, yet not a payload this type may carry (stored before append checked it)
             check_payload(env)
@@ -193,9 +218,10 @@ def _open(url: str) -> tuple[Any, Any]:
 
 
 
-def build_registry_timelines(engine: Any, table: Any, checker_findings: list[Finding]) -> tuple[dict[str, tuple[list[int], list[Study]]], int]:
-    """Replay every study's registry stream in log order; keep the state after each valid event."""
-    timelines: dict[str, tuple[list[int], list[Study]]] = {}
+def build_registry_timelines(engine: Any, table: Any, checker_findings: list[Finding]) -> tuple[Timelines, int]:
+    """Replay every study's registry stream in log order; keep the state after each valid event. `engine` may
+    also be an open connection (a reader inside its transaction)."""
+    timelines: Timelines = {}
     checker = _StreamChecker(timelines)
     current: dict[str, Study] = {}
     query = (
@@ -203,8 +229,11 @@ def build_registry_timelines(engine: Any, table: Any, checker_findings: list[Fin
         .where(table.c.topic.in_(REGISTRY_TOPICS))
         .order_by(table.c.originator_id, table.c.originator_version)
     )
-    with engine.connect() as conn:
-        rows = list(conn.execute(query))
+    if isinstance(engine, Connection):
+        rows = list(engine.execute(query))
+    else:
+        with engine.connect() as conn:
+            rows = list(conn.execute(query))
     # Chains are checked per stream (version order), trust is applied in log order.
     sealed: dict[int, SealedEvent | None] = {}
     for position, stream_id, version, topic, state in rows:
@@ -276,7 +305,7 @@ def _unapproved_studies(rows: list[Any]) -> list[Finding]:
 
 
 # Set in the parent before forking so workers inherit it without pickling.
-_TIMELINES: dict[str, tuple[list[int], list[Study]]] = {}
+_TIMELINES: Timelines = {}
 
 
 def _check_range(url: str, lo: Any, hi: Any, progress: Any) -> tuple[list[Finding], int, int]:
