@@ -10,8 +10,9 @@ of that field, folded from the record's earlier rows.
 from __future__ import annotations
 
 import json
-from datetime import datetime, timezone
-from typing import Any, Sequence
+from collections.abc import Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 from sqlalchemy import Connection, select
 
@@ -27,7 +28,7 @@ _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 def _utc(text: str) -> str:
     """An envelope time in UTC (the envelope keeps the site's offset; `recorded_at` is UTC already)."""
-    return datetime.fromisoformat(text).astimezone(timezone.utc).isoformat()
+    return datetime.fromisoformat(text).astimezone(UTC).isoformat()
 
 
 def _text(value: Any) -> str | None:
@@ -120,10 +121,11 @@ CHANGES = ("recorded", "corrected", "voided")
 
 
 def query(conn: Connection, *, subject: str | None = None, stream: str | None = None, actor: str | None = None,
-          event_type: str | None = None, since: str | None = None, until: str | None = None,
+          event_type: str | None = None, since: datetime | str | None = None, until: datetime | str | None = None,
           change: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
-    """Audit-trail rows filtered by subject (screening number), stream, user, recorded-time range, event type
-    and kind of change (recorded, corrected, voided)."""
+    """Audit-trail rows filtered by subject (screening number), stream, user, recorded-time range (instants with
+    an offset, compared as instants), event type and kind of change (recorded, corrected, voided)."""
+    since, until = _instant(since, "since"), _instant(until, "until")
     if change is not None and change not in CHANGES:
         raise ValueError(f"unknown change {change!r}; one of {', '.join(CHANGES)}")
     t = audit_trail
@@ -138,11 +140,15 @@ def query(conn: Connection, *, subject: str | None = None, stream: str | None = 
         q = q.where(t.c.actor == actor)
     if event_type:
         q = q.where(t.c.event_type == event_type)
-    if since:
-        q = q.where(t.c.recorded_at >= since)
-    if until:
-        q = q.where(t.c.recorded_at <= until)
+    # recorded_at is stored as UTC ISO 8601 text: narrow in SQL with a second's slack (the text's form may vary:
+    # with or without microseconds), then compare the instants exactly.
+    if since is not None:
+        q = q.where(t.c.recorded_at >= _utc_text(since - timedelta(seconds=1)))
+    if until is not None:
+        q = q.where(t.c.recorded_at <= _utc_text(until + timedelta(seconds=1)))
     rows = [dict(r._mapping) for r in conn.execute(q)]
+    if since is not None or until is not None:
+        rows = [r for r in rows if (since is None or _when(r) >= since) and (until is None or _when(r) <= until)]
     last = last_verification(conn)
     for row in rows:
         if last is None:
@@ -151,6 +157,23 @@ def query(conn: Connection, *, subject: str | None = None, stream: str | None = 
             kinds = last["findings_by_position"].get(row["position"])
             row["last_verification"] = f"{'FAILED ' + ','.join(kinds) if kinds else 'ok'} at {last['run_at']}"
     return rows
+
+
+def _instant(value: datetime | str | None, name: str) -> datetime | None:
+    """A time bound as an instant: a datetime or ISO 8601 text, with its offset (a ValueError otherwise)."""
+    if isinstance(value, str):
+        value = datetime.fromisoformat(value)  # ValueError for anything that is not ISO 8601
+    if value is not None and value.tzinfo is None:
+        raise ValueError(f"{name} {value.isoformat()} has no UTC offset")
+    return value
+
+
+def _utc_text(when: datetime) -> str:
+    return when.astimezone(UTC).isoformat()
+
+
+def _when(row: dict[str, Any]) -> datetime:
+    return datetime.fromisoformat(row["recorded_at"])
 
 
 def last_verification(conn: Connection) -> dict[str, Any] | None:
@@ -167,7 +190,7 @@ def last_verification(conn: Connection) -> dict[str, Any] | None:
 
 def save_verification(conn: Connection, report: Any) -> int:
     """Keep a full verification's result (`sle verify`), so the audit trail can show it per event."""
-    run_at = datetime.now(timezone.utc).isoformat()
+    run_at = datetime.now(UTC).isoformat()
     run_id = conn.execute(verification_runs.insert().values(
         run_at=run_at, ok=int(report.ok), events=report.events, findings=len(report.findings)
     )).inserted_primary_key[0]  # fmt: skip

@@ -147,7 +147,23 @@ class Trial:
     def _exists(self, stream: UUID) -> bool:
         return stream in self._cache or bool(self.record.recorder.select_events(stream, limit=1))
 
-    def _load(self, stream: UUID, kind: type) -> Any:
+    def subject_id(self, subject: UUID | str) -> UUID:
+        """A subject's stream id from its id or its screening number (either form is accepted wherever a use case
+        takes a subject); anything else is `UnknownSubject`."""
+        if isinstance(subject, UUID):
+            return subject
+        if not isinstance(subject, str) or not subject.strip():
+            raise UnknownSubject(subject)
+        try:
+            return UUID(subject.strip())
+        except ValueError:
+            return Subject.id_for(self.study_id, subject.strip())
+
+    def _load(self, stream: UUID | str, kind: type) -> Any:
+        if kind is Subject:
+            stream = self.subject_id(stream)
+        elif not isinstance(stream, UUID):
+            raise LotUnavailable(str(stream), "not a lot id")
         agg = self._cache.get(stream)
         if agg is None:
             if not self._exists(stream):

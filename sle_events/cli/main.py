@@ -2,56 +2,49 @@
 
 from __future__ import annotations
 
-import json
 import time
 from pathlib import Path
-from typing import Optional
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
-from rich.table import Table
+from rich.progress import Progress
 
+from sle_events.cli.common import DbOption, JsonOption, database_url, err, fail, new_app, out, print_json, table
+from sle_events.cli.common import no_record_at as _no_record_at
+from sle_events.cli.common import progress as _common_progress
 from sle_events.cli.ledger_cmd import ledger_app
-from sle_events.store.record import database_url
 
-app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Signed, event-sourced study record.")
-err = Console(stderr=True)
-out = Console()
-
-DbOption = typer.Option(None, "--db", help="SQLAlchemy URL (default: $SLE_DATABASE_URL or ./sle-study.db)")
+app = new_app(no_args_is_help=True, help="Signed, event-sourced study record.")
 
 
 def _progress(label: str, enabled: bool) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, disable=not enabled, transient=False,
-    )  # fmt: skip
+    return _common_progress(label, enabled)
 
 
-def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optional[list[Path]] = None,
-            vkey: Optional[str] = None) -> int:  # fmt: skip
+def _verify(url: str, as_json: bool, workers: int | None, checkpoint: list[Path] | None = None,
+            vkey: str | None = None) -> int:  # fmt: skip
     from sle_events.store.verification import verify_record
 
     if checkpoint and vkey is None:
         err.print("[red]error:[/red] --checkpoint needs the log's --vkey to check the saved checkpoint's signature")
         return 2
-    missing = _no_record_at(url)
+    missing = _no_record_at(url) or _no_events_at(url)
     if missing:
-        err.print(f"[red]error:[/red] {missing}")
+        if as_json:
+            print_json({"ok": False, "events": 0, "error": missing, "findings": []})
+        err.print(f"[red]error:[/red] {escape(missing)}")
         return 2
     try:
         with _progress("verifying", not as_json and err.is_terminal) as bar:
             task = bar.add_task("verify", total=None)
-            report = verify_record(url, workers=workers, on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-                                   checkpoint=checkpoint or None, vkey=vkey)  # fmt: skip
+            report = verify_record(url, workers=workers, checkpoint=checkpoint or None, vkey=vkey,
+                                   on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
     except ValueError as e:  # the auditor's vkey or saved checkpoint is unusable
         err.print(f"[red]error:[/red] {escape(str(e))}")
         return 2
     _keep_result(url, report)
     if as_json:
-        print(json.dumps(report.to_dict(), indent=2))
+        print_json(report.to_dict())
     else:
         rate = report.events / report.seconds if report.seconds else 0
         out.print(f"{report.events} events in {report.streams} streams ({report.studies} studies) "
@@ -61,31 +54,31 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
         if report.ok:
             out.print("[green]verified: every signature, key, role and chain holds[/green]")
         else:
-            t = Table("position", "stream", "version", "kind", "detail", title=f"{len(report.findings)} findings")
-            for f in report.findings:
-                t.add_row(str(f.position), f.stream or "", str(f.version or ""), f.kind, f.detail)
-            out.print(t)
+            out.print(_findings_table(report.findings))
     return 0 if report.ok else 1
 
 
-def _no_record_at(url: str) -> str | None:
-    """Why there is no study record at `url` (an auditor's typo must not verify an empty, new database)."""
-    from sqlalchemy import create_engine, inspect
-    from sqlalchemy.engine import make_url
+def _no_events_at(url: str) -> str | None:
+    """An empty study record verifies trivially: an auditor pointed at the wrong database must not get a pass."""
+    from sqlalchemy import create_engine, text
 
-    parsed = make_url(url)
-    if parsed.get_backend_name() == "sqlite" and parsed.database not in (None, "", ":memory:"):
-        if not Path(parsed.database).exists():
-            return f"no database file at {parsed.database}"
     engine = create_engine(url)
     try:
-        if not inspect(engine).has_table("study_events"):
-            return f"no study record (table study_events) in {parsed.render_as_string(hide_password=True)}"
-    except Exception as e:  # noqa: BLE001 - unreachable server, bad URL: say so, exit 2
-        return f"cannot open {parsed.render_as_string(hide_password=True)}: {type(e).__name__}: {e}"
+        with engine.connect() as conn:
+            if conn.execute(text("select 1 from study_events limit 1")).first() is None:
+                return "nothing to verify: the study record holds no events (is --db the right database?)"
     finally:
         engine.dispose()
     return None
+
+
+def _findings_table(findings: list) -> object:  # type: ignore[type-arg]
+    """Findings wrapped, never cut, at any width: each event named by log position, stream and version."""
+    t = table("position", "stream:version", "kind", "detail", title=f"{len(findings)} findings")
+    for f in findings:
+        where = f"{f.stream}:{f.version}" if f.stream and f.version is not None else (f.stream or "")
+        t.add_row(str(f.position if f.position is not None else ""), where, f.kind, escape(f.detail))
+    return t
 
 
 def _keep_result(url: str, report) -> None:  # type: ignore[no-untyped-def]
@@ -115,19 +108,26 @@ def _ledger_line(info: dict) -> str:
     if info.get("pending"):
         parts.append(f"{info['pending']} events not integrated yet")
     for saved in info.get("saved_checkpoints", []):
-        parts.append(f"saved checkpoint of size {saved['size']} " + ("consistent" if saved["consistent"] else "INCONSISTENT"))
+        parts.append(
+            f"saved checkpoint of size {saved['size']} " + ("consistent" if saved["consistent"] else "INCONSISTENT")
+        )
     return escape("; ".join(parts))
 
 
 @app.command()
 def verify(
-    db: Optional[str] = DbOption,
-    as_json: bool = typer.Option(False, "--json", help="print one JSON document"),
-    workers: Optional[int] = typer.Option(None, help="processes to use (default: all cores)"),
-    checkpoint: Optional[list[Path]] = typer.Option(None, "--checkpoint", help="a ledger checkpoint you saved "
-                                                    "earlier: the log must still extend it (repeatable)"),  # fmt: skip
-    vkey: Optional[str] = typer.Option(None, "--vkey", help="the log's vkey (or a file holding it) to check "
-                                       "checkpoint signatures with"),  # fmt: skip
+    db: str | None = DbOption,
+    as_json: bool = JsonOption,
+    workers: int | None = typer.Option(None, min=1, metavar="N", help="processes to use (default: all cores)"),
+    checkpoint: list[Path] | None = typer.Option(
+        None,
+        "--checkpoint",
+        metavar="FILE",
+        help="a ledger checkpoint you saved earlier: the log must still extend it (repeatable)",
+    ),
+    vkey: str | None = typer.Option(
+        None, "--vkey", metavar="KEY", help="the log's vkey (or a file holding it) to check checkpoint signatures with"
+    ),
 ) -> None:
     """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger."""
     url = database_url(db)
@@ -136,16 +136,17 @@ def verify(
 
 @app.command()
 def demo(
-    db: Optional[str] = DbOption,
-    subjects: int = typer.Option(30, min=1, help="how many subjects to enroll (screen failures come on top)"),
-    seed: int = typer.Option(20070311, help="random seed (same seed, same trial)"),
-    keys: Path = typer.Option(Path("demo-keys"), help="where the demo's private keys are kept (0600)"),
-) -> None:
+    db: str | None = DbOption,
+    subjects: int = typer.Option(30, min=1, metavar="N", help="subjects to enroll (screen failures come on top)"),
+    seed: int = typer.Option(20070311, metavar="S", help="random seed (same seed and keys, same trial)"),
+    keys: Path = typer.Option(Path("demo-keys"), metavar="DIR", help="where the demo's private keys are kept (0600)"),
+) -> None:  # fmt: skip
     """Record a synthetic trial (synthetic-cohort.md) through the trial's use cases, then verify it."""
     from sle_events.demo import run_demo
     from sle_events.store.record import StudyRecord
 
     url = database_url(db)
+    _refuse_a_used_database(url)
     started = time.perf_counter()
     record = StudyRecord(url)
     with _progress("recording", err.is_terminal) as bar:
@@ -154,18 +155,33 @@ def demo(
                           on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
     record.close()
     took = time.perf_counter() - started
-    t = Table("event type", "count", title=f"study {result.study_id}: {result.subjects} subjects")
+    t = table("event type", "count", title=f"study {result.study_id}: {result.subjects} subjects")
     for name, count in sorted(result.events_by_type.items()):
         t.add_row(name, str(count))
     out.print(t)
     out.print(f"{result.events} signed events in {took:.2f} s → {url}")
     refused = ", ".join(f"{k} {v}" for k, v in sorted(result.refused_as_expected.items())) or "none"
-    out.print(f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
-              f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}")
+    out.print(
+        f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
+        f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}"
+    )
     code = _verify(url, False, None)
     if code == 0:
         _build_read_models(url)
     raise typer.Exit(code)
+
+
+def _refuse_a_used_database(url: str) -> None:
+    """The demo records a whole study from its first event: into an empty database only (exit 2 otherwise)."""
+    from sqlalchemy.engine import make_url
+
+    if _no_record_at(url) is not None or _no_events_at(url) is not None:
+        return
+    parsed = make_url(url)
+    afresh = (f"delete {parsed.database} (and its demo-keys folder) or give another --db"
+              if parsed.get_backend_name() == "sqlite" else "give another --db (an empty database)")  # fmt: skip
+    fail(f"this database already holds a study record, so the demo will not record into it: see it with "
+         f"`sle patients`, `sle dashboard` or `sle verify`; to start afresh, {afresh}")  # fmt: skip
 
 
 def _build_read_models(url: str) -> None:
@@ -179,35 +195,41 @@ def _build_read_models(url: str) -> None:
             runner.rebuild(on_progress=lambda d, t: bar.update(task, completed=d, total=t))
     finally:
         runner.close()
-    out.print("read models built: sle patients | sle dashboard | sle audit-trail --subject NJ01-0002 | "
-              "sle replay --subject NJ01-0002 --as-of 2008-01-01T00:00:00+00:00")
+    out.print(
+        "read models built: sle patients | sle dashboard | sle audit-trail --subject NJ01-0002 | "
+        "sle replay --subject NJ01-0002 --as-of 2008-01-01T00:00:00+00:00"
+    )
 
 
-keys_app = typer.Typer(help="Ed25519 keys of users and services.")
+keys_app = new_app(help="Ed25519 keys of users and services.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
 
 
 @keys_app.command("generate")
 def keys_generate(
-    out_file: Path = typer.Option(..., "--out", help="private key file to write (0600)"),
-    actor: str = typer.Option(..., help="user or service id"),
-    role: str = typer.Option(..., help="role the key acts in"),
-) -> None:
+    out_file: Path = typer.Option(..., "--out", metavar="FILE", help="private key file to write (0600)"),
+    actor: str = typer.Option(..., metavar="ID", help="user or service id"),
+    role: str = typer.Option(..., metavar="ROLE", help="role the key acts in (admin, coordinator, investigator, "
+                             "lab, data_manager, ...)"),
+) -> None:  # fmt: skip
     """Make a key pair; write the private key (0600) and print the public key."""
     from sle_events.domain.roles import ROLES
     from sle_events.signing.keys import Signer
 
     if role not in ROLES:
-        err.print(f"[red]unknown role {role!r}; roles are {', '.join(sorted(ROLES))}[/red]")
-        raise typer.Exit(2)
+        fail(f"unknown role {role!r}; roles are {', '.join(sorted(ROLES))}")
     signer = Signer.generate(actor, role)
     try:
         signer.save(out_file)
     except FileExistsError:
-        err.print(f"[red]{out_file} exists; refusing to overwrite a key[/red]")
-        raise typer.Exit(2) from None
-    print(json.dumps({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64}))
+        fail(f"{out_file} exists; refusing to overwrite a key")
+    except OSError as e:
+        fail(
+            f"cannot write {out_file}: {e.strerror}"
+            + (" (create its folder first)" if not out_file.parent.exists() else "")
+        )
+    print_json({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64})
 
 
 from sle_events.cli.projections_cmd import (  # noqa: E402
@@ -218,7 +240,7 @@ from sle_events.cli.projections_cmd import (  # noqa: E402
     projections_app,
     replay,
 )
-from sle_events.cli.study_cmd import study_app  # noqa: E402
+from sle_events.cli.study_cmd import correct, study_app, void  # noqa: E402
 
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
@@ -227,4 +249,5 @@ app.command("audit-trail")(audit_trail)
 app.command("replay")(replay)
 app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
-
+app.command("correct")(correct)
+app.command("void")(void)

@@ -136,7 +136,15 @@ class Study(TrialAggregate):
     def revoke_key(self, key: str, reason: str, occurred_at: datetime) -> None:
         if not reason or not reason.strip():
             raise RegistryError("revoking a key needs a reason")
-        self._active(key)
+        entry = self._active(key)
+        if entry["role"] == ADMIN and not any(
+            e["role"] == ADMIN and e["status"] == "active" and e["key"] != key for e in self.keys.values()
+        ):
+            # Nobody could register, rotate or revoke a key after this: the study would be frozen for good.
+            raise RegistryError(
+                f"key {key} is the study's last active admin key; register another admin key first, or rotate "
+                "this one (the admin keeps signing with the new key)"
+            )
         self._key_revoked(key=key, reason=reason, occurred_at=occurred_at)
 
     def approve_new_study(self, code: str, admin_actor: str, admin_public_key: str, occurred_at: datetime) -> str:
