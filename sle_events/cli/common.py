@@ -111,11 +111,11 @@ def database_url(db: str | None) -> str:
     try:
         parsed = make_url(url)
         parsed.get_dialect().import_dbapi()
+    except NoSuchModuleError:
+        fail(f"unknown database kind {scheme!r} in --db; sle works with sqlite:/// and postgresql+psycopg://")
     except ArgumentError:
         fail(f"--db {url!r} is not a database URL; write e.g. sqlite:///study.db or "
              "postgresql+psycopg://postgres@127.0.0.1:5432/study")  # fmt: skip
-    except NoSuchModuleError:
-        fail(f"unknown database kind {scheme!r} in --db; sle works with sqlite:/// and postgresql+psycopg://")
     except ImportError as e:
         fail(f"the database driver for {scheme}:// is not installed ({e.name}); sle works with sqlite:/// and "
              "postgresql+psycopg://")  # fmt: skip
