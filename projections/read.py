@@ -202,9 +202,15 @@ class StudyReader:
                occurred_as_of: datetime | str | None = None) -> dict[str, Any]:  # fmt: skip
         """A subject's state (the patient-state shape) as the database said it at recorded time `as_of`, or as
         true in the clinic at `occurred_as_of` given today's knowledge. Flags name their visit."""
+        from projections.replay import SubjectNotFound, find_subject
         from projections.replay import replay as replay_subject
 
         when, occurred = _instant(as_of, "as_of"), _instant(occurred_as_of, "occurred_as_of")
+        try:
+            find_subject(self.record, subject)
+        except SubjectNotFound:
+            with self.engine.connect() as conn:
+                raise _one_of("subject", subject, self._subjects(conn), " (give a screening number)") from None
         then = replay_subject(self.record, subject, as_of=when, occurred_as_of=occurred)
         state = summarise(then, self.record.study(then.study_id).config.visits)
         decode_json_fields(state)

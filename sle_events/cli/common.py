@@ -174,8 +174,10 @@ def describe_error(e: BaseException) -> tuple[int, str] | None:
     from sle_events.store.errors import AppendRejected, StudyNotApproved, UnknownStudy
 
     name = type(e).__name__
-    if isinstance(e, (UnknownStudy, UnknownSubject, SubjectNotFound, UnknownEventVersion)):
+    if isinstance(e, (UnknownStudy, UnknownSubject, UnknownEventVersion)):
         return 2, f"{name}: {e}"
+    if isinstance(e, SubjectNotFound):  # a subject with nothing recorded by the moment asked for
+        return 1, str(e)
     if isinstance(e, StudyNotApproved):
         return 1, (f"{name}: {e}\nAn admin of an existing study approves it first: sle study approve-new --study ID "
                    "--code CODE --new-admin ID --new-admin-public-key KEY --admin-key FILE --admin ID")  # fmt: skip
