@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import time
 from pathlib import Path
+from typing import Any
 
 import typer
 from rich.markup import escape
@@ -72,7 +73,7 @@ def _no_events_at(url: str) -> str | None:
     return None
 
 
-def _findings_table(findings: list) -> object:  # type: ignore[type-arg]
+def _findings_table(findings: list[Any]) -> Any:
     """Findings wrapped, never cut, at any width: each event named by log position, stream and version."""
     t = table("position", "stream:version", "kind", "detail", title=f"{len(findings)} findings")
     for f in findings:
