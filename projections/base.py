@@ -15,6 +15,7 @@ from uuid import UUID
 
 from sqlalchemy import Connection, Table, select
 
+from sle_events.signing.chain import link_problem
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
 from sle_events.signing.payload import domain_event_from
 
@@ -139,7 +140,7 @@ class ChainCheckingReader:
         if env["stream"] != stream or env["version"] != version:
             raise ProjectionHalted(position, stream, version, "row and signed envelope disagree on stream/version")
         expected = self._hash_before(conn, stream_id, version)
-        if env["prev"] != expected:
+        if link_problem(version - 1, expected, version, env["prev"]):
             raise ProjectionHalted(position, stream, version,
                                    f"hash chain broken: prev {env['prev'][:16]}… ≠ hash of v{version - 1} {expected[:16]}…")  # fmt: skip
         self.heads[stream] = (version, sealed.hash)

@@ -22,7 +22,7 @@ from projections.base import ChainCheckingReader, Projection
 from projections.patient_state import SubjectFolder
 from projections.schema import metadata, projection_tracking
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import split_streams
+from sle_events.store.streams import split_streams
 
 BATCH = 2000
 REBUILDING = -1  # a projection's position while it is being rebuilt

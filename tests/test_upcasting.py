@@ -11,7 +11,7 @@ from projections.audit_trail import AuditTrail, query
 from projections.runner import ProjectionRunner
 from sle_events.signing.envelope import GENESIS, seal
 from sle_events.signing.payload import envelope_for
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)

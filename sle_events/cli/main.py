@@ -14,7 +14,7 @@ from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, T
 from rich.table import Table
 
 from sle_events.cli.ledger_cmd import ledger_app
-from sle_events.store.record import database_url
+from sle_events.store.url import database_url
 
 app = typer.Typer(add_completion=False, no_args_is_help=True, pretty_exceptions_enable=False, help="Signed, event-sourced study record.")
 err = Console(stderr=True)
@@ -31,24 +31,32 @@ def _progress(label: str, enabled: bool) -> Progress:
 
 
 def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optional[list[Path]] = None,
-            vkey: Optional[str] = None) -> int:  # fmt: skip
-    from sle_events.store.verification import verify_record
+            vkey: Optional[str] = None, since: Optional[Path] = None, max_pending: Optional[float] = None) -> int:  # fmt: skip
+    """Verify, print the report, keep the result; the exit code comes from `sle_events.audit.errors`."""
+    from datetime import timedelta
 
-    if checkpoint and vkey is None:
-        err.print("[red]error:[/red] --checkpoint needs the log's --vkey to check the saved checkpoint's signature")
-        return 2
-    missing = _no_record_at(url)
-    if missing:
-        err.print(f"[red]error:[/red] {missing}")
-        return 2
+    from sle_events.audit.errors import AuditError, UnusableInput, exit_code
+    from sle_events.audit.trust import TrustRoot
+    from sle_events.audit.verifier import DEFAULT_PENDING_LIMIT, Verifier
+
     try:
+        if (checkpoint or since) and vkey is None:
+            raise UnusableInput("--checkpoint and --since need the log's --vkey to check the saved checkpoint's signature")
+        missing = _no_record_at(url)
+        if missing:
+            raise UnusableInput(missing)
+        trust = TrustRoot.load(vkey=vkey, checkpoints=checkpoint or None, since=since)
+        limit = DEFAULT_PENDING_LIMIT if max_pending is None else timedelta(minutes=max_pending)
         with _progress("verifying", not as_json and err.is_terminal) as bar:
             task = bar.add_task("verify", total=None)
-            report = verify_record(url, workers=workers, on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-                                   checkpoint=checkpoint or None, vkey=vkey)  # fmt: skip
-    except ValueError as e:  # the auditor's vkey or saved checkpoint is unusable
-        err.print(f"[red]error:[/red] {escape(str(e))}")
-        return 2
+            report = Verifier(trust, workers=workers, pending_limit=limit).verify(
+                url, on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+    except AuditError as e:
+        err.print(f"[red]error:[/red] {escape(e.diagnostics())}")
+        return exit_code(e)
+    except Exception as e:  # noqa: BLE001 - the tool failed, which is not a finding: its own exit code
+        err.print(f"[red]sle verify failed (exit 3, no report):[/red] {type(e).__name__}: {escape(str(e))}")
+        return exit_code(e)
     _keep_result(url, report)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
@@ -56,6 +64,10 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
         rate = report.events / report.seconds if report.seconds else 0
         out.print(f"{report.events} events in {report.streams} streams ({report.studies} studies) "
                   f"checked in {report.seconds:.2f} s ({rate:,.0f} events/s)")  # fmt: skip
+        if report.since is not None:
+            out.print(escape(f"since checkpoint {report.since['checkpoint']} (size {report.since['size']}): events "
+                             f"after log position {report.since['position']} fully checked, "
+                             f"{report.since.get('rehashed', 0)} earlier events re-hashed against their ledger leaves"))  # fmt: skip
         if report.ledger is not None:
             out.print(_ledger_line(report.ledger))
         if report.ok:
@@ -63,9 +75,9 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
         else:
             t = Table("position", "stream", "version", "kind", "detail", title=f"{len(report.findings)} findings")
             for f in report.findings:
-                t.add_row(str(f.position), f.stream or "", str(f.version or ""), f.kind, f.detail)
+                t.add_row(str(f.position), f.stream or "", str(f.version or ""), f.kind, escape(f.detail))
             out.print(t)
-    return 0 if report.ok else 1
+    return exit_code(report)
 
 
 def _no_record_at(url: str) -> str | None:
@@ -128,10 +140,16 @@ def verify(
                                                     "earlier: the log must still extend it (repeatable)"),  # fmt: skip
     vkey: Optional[str] = typer.Option(None, "--vkey", help="the log's vkey (or a file holding it) to check "
                                        "checkpoint signatures with"),  # fmt: skip
+    since: Optional[Path] = typer.Option(None, "--since", help="a checkpoint up to which you verified the record "
+                                         "before: check only the events after it in full, re-hash the earlier "
+                                         "ones against their ledger leaves"),  # fmt: skip
+    max_pending: Optional[float] = typer.Option(None, "--max-pending", min=0, help="minutes an event may wait for "
+                                                "ledger integration before it is a finding (default 15)"),  # fmt: skip
 ) -> None:
-    """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger."""
+    """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger.
+    Exit 0 verified, 1 findings, 2 unusable input, 3 the tool failed."""
     url = database_url(db)
-    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey))
+    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey, since, max_pending))
 
 
 @app.command()

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sle_events.store.record import database_url
+from sle_events.store.url import database_url
 
 err = Console(stderr=True)
 out = Console()
@@ -25,7 +25,7 @@ projections_app = typer.Typer(help="Read models built from the signed events.")
 @db_app.command("upgrade")
 def db_upgrade(db: Optional[str] = DbOption, revision: str = typer.Argument("head")) -> None:
     """Apply schema revisions up to REVISION (default head)."""
-    from sle_events.store import schema
+    from sle_events import schema
 
     url = database_url(db)
     schema.upgrade(url, revision)
@@ -77,7 +77,7 @@ def projections_rebuild(
 ) -> None:
     """Drop and rebuild projections from event 1."""
     if verify:
-        from sle_events.store.verification import verify_record
+        from sle_events.audit.verifier import verify_record
 
         report = verify_record(_existing(db))
         if not report.ok:

@@ -12,7 +12,7 @@ import typer
 from rich.console import Console
 from rich.table import Table
 
-from sle_events.store.record import database_url
+from sle_events.store.url import database_url
 
 err = Console(stderr=True)
 out = Console()

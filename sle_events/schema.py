@@ -10,7 +10,7 @@ from pathlib import Path
 
 from sqlalchemy import MetaData
 
-MIGRATIONS = Path(__file__).resolve().parents[2] / "migrations"
+MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
 
 
 def target_metadata() -> MetaData:
@@ -25,7 +25,7 @@ def target_metadata() -> MetaData:
 
 
 def _extra_metadata() -> list[MetaData]:
-    from sle_events.ledger.log import metadata as ledger_metadata
+    from sle_events.ledger.tables import metadata as ledger_metadata
 
     found = [ledger_metadata]
     try:
