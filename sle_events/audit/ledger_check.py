@@ -80,6 +80,10 @@ class _Audit:
     events: Any
     findings: list[Finding] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    present: set[str] = field(default_factory=set)  # the ledger tables that exist (a dropped one reads as empty)
+
+    def rows(self, conn: Any, table: Any, query: Any) -> list[Any]:
+        return list(conn.execute(query)) if table.name in self.present else []
 
     def found(self, kind: str, detail: str, *, position: int | None = None, stream: str | None = None,
               version: int | None = None) -> None:  # fmt: skip
@@ -161,12 +165,11 @@ def _ledger_present(audit: _Audit, names: set[str], expected: bool) -> bool:
     here: that is what the auditor's saved checkpoints are for (README, "Ledger")."""
     present = [t for t in LEDGER_TABLES if t in names]
     missing = [t for t in LEDGER_TABLES if t not in names]
-    if present and missing:
-        for table in missing:
-            audit.found("ledger_table_missing", f"table {table} is gone while {', '.join(present)} remain: a ledger "
-                        "table was dropped, which would turn the ledger check off")  # fmt: skip
-        return False
+    audit.present = set(present)
     if present:
+        for table in missing:  # checked as if empty: what it would have shown is then found elsewhere too
+            audit.found("ledger_table_missing", f"table {table} is gone while {', '.join(present)} remain: a ledger "
+                        "table was dropped")  # fmt: skip
         return True
     why = []
     if expected:
@@ -224,9 +227,10 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     state = None
     if has_ledger:
         with engine.connect() as conn:
-            state = conn.execute(sa.select(ledger_state).where(ledger_state.c.id == 1)).mappings().first()
-            n_leaves = conn.execute(sa.select(sa.func.count()).select_from(ledger_leaves)).scalar_one()
-            n_nodes = conn.execute(sa.select(sa.func.count()).select_from(ledger_nodes)).scalar_one()
+            found = audit.rows(conn, ledger_state, sa.select(ledger_state).where(ledger_state.c.id == 1))
+            state = found[0]._mapping if found else None
+            n_leaves = sum(r[0] for r in audit.rows(conn, ledger_leaves, sa.select(sa.func.count()).select_from(ledger_leaves)))
+            n_nodes = sum(r[0] for r in audit.rows(conn, ledger_nodes, sa.select(sa.func.count()).select_from(ledger_nodes)))
     else:
         n_leaves = n_nodes = 0
     if verifier is None and state is not None and state["vkey"]:
@@ -241,7 +245,10 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     checkpoints: list[Any] = []
     if has_ledger:
         with engine.connect() as conn:
-            checkpoints = list(conn.execute(sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id)))
+            checkpoints = audit.rows(conn, ledger_checkpoints, sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id))
+        if state is not None and state["vkey"] and not checkpoints and "ledger_checkpoints" in audit.present:
+            audit.found("ledger_checkpoints_emptied", "ledger_state names the log key that signed checkpoints, but "
+                        "ledger_checkpoints holds none: its rows were deleted")  # fmt: skip
     # The log's keys, followed from the auditor's (or the recorded) key through rotation checkpoints.
     chain = None
     if verifier is not None:
@@ -351,8 +358,8 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         lv = ledger_leaves.c
         result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
             sa.select(lv.idx, lv.position, lv.leaf_hash).order_by(lv.idx)
-        )
-        for part in result.partitions():
+        ) if "ledger_leaves" in audit.present else None
+        for part in result.partitions() if result is not None else ():
             for idx, position, h in part:
                 lf_idx.append(idx)
                 lf_pos.append(position)
@@ -460,9 +467,9 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         nd = ledger_nodes.c
         result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
             sa.select(nd.level, nd.idx, nd.hash).order_by(nd.level, nd.idx)
-        )
+        ) if "ledger_nodes" in audit.present else None
         level_rows: dict[int, list[bytes]] = {}
-        for part in result.partitions():
+        for part in result.partitions() if result is not None else ():
             for level, idx, h in part:
                 row = level_rows.setdefault(level, [])
                 if level >= 1 and idx == len(row) and idx < (size >> level):
@@ -544,7 +551,7 @@ def _leaf_rows_altered(audit: _Audit, state: Any, changed: list[int], lf_idx: ar
     size = int(state["size"]) if state is not None else len(lf_idx)
     parents = {lf_idx[k] >> 1 for k in changed if (lf_idx[k] ^ 1) < size}
     stored: dict[int, bytes] = {}
-    if parents:
+    if parents and "ledger_nodes" in audit.present:
         nd = ledger_nodes.c
         with audit.engine.connect() as conn:
             wanted = sorted(parents)

@@ -361,10 +361,13 @@ def run(
     db: Optional[str] = DbOption,
     log_key: Optional[Path] = LogKeyOption,
     origin: Optional[str] = OriginOption,
-    interval: float = typer.Option(5.0, "--interval", min=0.05, help="seconds between cycles"),
+    interval: float = typer.Option(5.0, "--interval", min=0.05, help="seconds between checkpoints"),
+    integrate_every: float = typer.Option(0.5, "--integrate-every", min=0.05, help="seconds between "
+                                          "integrations (continuous by default: shortens the window in which an "
+                                          "appended event can vanish without a trace)"),  # fmt: skip
     batch: int = BatchOption,
 ) -> None:
-    """Integrate and checkpoint every --interval seconds until SIGINT/SIGTERM."""
+    """Integrate new events continuously and sign a checkpoint every --interval seconds until SIGINT/SIGTERM."""
     from sle_events.ledger.log import LedgerError
 
     signer = _signer(log_key, origin)
@@ -380,7 +383,8 @@ def run(
 
     err.print(f"ledger running every {interval:g} s for {escape(signer.name)}; stop with Ctrl-C or SIGTERM")
     try:
-        ledger.run(signer, interval, origin=origin, batch=batch, on_cycle=cycle, on_error=problem)
+        ledger.run(signer, interval, origin=origin, batch=batch, integrate_every=integrate_every, on_cycle=cycle,
+                   on_error=problem)
     except LedgerError as e:
         _fail(str(e), 1)
     finally:

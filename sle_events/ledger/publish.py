@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import signal
 import threading
+import time
 from contextlib import contextmanager
 from typing import Any, Callable, Iterator
 
@@ -14,6 +15,9 @@ from .checkpoint import KEY_ROTATION, Checkpoint, sign_checkpoint
 from .merkle import CompactRange, range_nodes
 from .note import Signer
 from .tables import ledger_checkpoints, ledger_state
+
+INTEGRATE_EVERY = 0.5
+"""Seconds between integrations in `run`: new events get their leaves almost at once."""
 
 
 class Publishing:
@@ -92,33 +96,39 @@ class Publishing:
         origin: str | None = None,
         stop: threading.Event | None = None,
         batch: int = BATCH,
+        integrate_every: float = INTEGRATE_EVERY,
         on_cycle: Callable[[int, StoredCheckpoint | None], None] | None = None,
         on_error: Callable[[Exception], None] | None = None,
     ) -> None:
-        """Integrate and checkpoint every ``interval`` seconds until ``stop`` is set (or SIGINT/SIGTERM).
+        """Integrate new events every ``integrate_every`` seconds and sign a checkpoint every ``interval``
+        seconds (when the tree grew) until ``stop`` is set (or SIGINT/SIGTERM).
 
-        A checkpoint is issued when the tree grew since the last one. Database outages are reported through
-        ``on_error`` and retried next cycle; anything else (e.g. an altered ledger) ends the loop.
+        Integrating continuously keeps short the window in which an appended event can be deleted by SQL
+        without a trace (README, "Ledger"). Database outages are reported through ``on_error`` and retried
+        next cycle; anything else (e.g. an altered ledger) ends the loop.
         """
-        if interval <= 0:
+        if interval <= 0 or integrate_every <= 0:
             raise ValueError("interval must be positive")
         stop = stop or threading.Event()
+        signed_at = None
         with _stop_on_signals(stop):
             while not stop.is_set():
                 try:
                     added = self.integrate(batch=batch)
-                    latest = self.latest_checkpoint()
                     issued = None
-                    size = self.size
-                    if size and (latest is None or latest.size != size):
-                        issued = self.checkpoint(signer, origin)
+                    if signed_at is None or time.monotonic() - signed_at >= interval:
+                        latest = self.latest_checkpoint()
+                        size = self.size
+                        if size and (latest is None or latest.size != size):
+                            issued = self.checkpoint(signer, origin)
+                        signed_at = time.monotonic()
                     if on_cycle is not None:
                         on_cycle(added, issued)
                 except (sa.exc.OperationalError, sa.exc.InterfaceError) as e:
                     if on_error is None:
                         raise
                     on_error(e)
-                stop.wait(interval)
+                stop.wait(min(interval, integrate_every))
 
 
 @contextmanager
