@@ -209,3 +209,44 @@ def test_ledger_run_integrates_continuously_between_checkpoints(trial, tmp_path)
         stop.set()
         worker.join()
         ledger.close()
+
+
+# --- item 9: a stored verification result cannot be turned from FAILED into ok -----------------------------------
+def test_a_forged_stored_verification_result_reads_unverifiable(trial, tmp_path):
+    from projections.audit_trail import last_verification
+    from sle_events.audit.results import result_document, seal_result
+    from sle_events.signing.keys import Signer
+
+    subjects = build(trial)
+    auditor = Signer.generate("auditor.zhang", "auditor")
+    auditor.save(tmp_path / "auditor.pem")
+    trial.study.register_key(auditor.actor, "auditor", auditor.public_key_b64, datetime.now(timezone.utc))
+    trial.record.record(trial.study, signer=trial.admin)
+    replace_in_state(trial.url, position_of(trial, subjects[0].id, 3), '"unit":"mg/dL"', '"unit":"mg/dl"')
+    done = cli("verify", "--db", trial.url, "--workers", "1", "--sign-key", str(tmp_path / "auditor.pem"),
+               "--actor", auditor.actor)  # fmt: skip
+    assert done.exit_code == 1
+
+    def last():
+        engine = sa.create_engine(trial.url)
+        try:
+            with engine.begin() as conn:
+                return last_verification(conn)
+        finally:
+            engine.dispose()
+
+    genuine = last()
+    assert genuine["unverifiable"] is None and not genuine["ok"] and genuine["findings_by_position"]
+    execute_sql(trial.url, "update verification_runs set ok = 1, findings = 0")  # FAILED → ok, by SQL
+    execute_sql(trial.url, "delete from verification_findings")
+    assert last()["unverifiable"] == "the stored result differs from what the verifier signed"
+    execute_sql(trial.url, "delete from verification_seals")
+    assert last()["unverifiable"] == "not signed by a verifier"
+    # Resealed with a key of the forger's own: not one the study registered for results.
+    forger = Signer.generate(auditor.actor, "auditor")
+    engine = sa.create_engine(trial.url)
+    with engine.begin() as conn:
+        run = conn.execute(sa.text("select id, run_at, ok, events from verification_runs")).one()
+        seal_result(conn, run.id, result_document(run.run_at, True, run.events, []), forger)
+    engine.dispose()
+    assert "which no study registered" in last()["unverifiable"]

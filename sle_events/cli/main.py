@@ -31,7 +31,8 @@ def _progress(label: str, enabled: bool) -> Progress:
 
 
 def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optional[list[Path]] = None,
-            vkey: Optional[str] = None, since: Optional[Path] = None, max_pending: Optional[float] = None) -> int:  # fmt: skip
+            vkey: Optional[str] = None, since: Optional[Path] = None, max_pending: Optional[float] = None,
+            sign_key: Optional[Path] = None, actor: Optional[str] = None) -> int:  # fmt: skip
     """Verify, print the report, keep the result; the exit code comes from `sle_events.audit.errors`."""
     from datetime import timedelta
 
@@ -46,6 +47,7 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
         if missing:
             raise UnusableInput(missing)
         trust = TrustRoot.load(vkey=vkey, checkpoints=checkpoint or None, since=since)
+        signer = _result_signer(sign_key, actor)
         limit = DEFAULT_PENDING_LIMIT if max_pending is None else timedelta(minutes=max_pending)
         with _progress("verifying", not as_json and err.is_terminal) as bar:
             task = bar.add_task("verify", total=None)
@@ -57,7 +59,7 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
     except Exception as e:  # noqa: BLE001 - the tool failed, which is not a finding: its own exit code
         err.print(f"[red]sle verify failed (exit 3, no report):[/red] {type(e).__name__}: {escape(str(e))}")
         return exit_code(e)
-    _keep_result(url, report)
+    _keep_result(url, report, signer)
     if as_json:
         print(json.dumps(report.to_dict(), indent=2))
     else:
@@ -80,6 +82,21 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
     return exit_code(report)
 
 
+def _result_signer(path: Optional[Path], actor: Optional[str]):  # type: ignore[no-untyped-def]
+    """The verifier's own key (registered in the study as auditor, monitor or admin) to seal its result with."""
+    from sle_events.audit.errors import UnusableInput
+    from sle_events.signing.keys import Signer
+
+    if path is None:
+        return None
+    if not actor:
+        raise UnusableInput("--sign-key needs --actor (the id the key is registered under)")
+    try:
+        return Signer.from_file(path, actor, "auditor")
+    except (OSError, ValueError) as e:
+        raise UnusableInput(f"--sign-key {path}: {e}") from None
+
+
 def _no_record_at(url: str) -> str | None:
     """Why there is no study record at `url` (an auditor's typo must not verify an empty, new database)."""
     from sqlalchemy import create_engine, inspect
@@ -100,20 +117,25 @@ def _no_record_at(url: str) -> str | None:
     return None
 
 
-def _keep_result(url: str, report) -> None:  # type: ignore[no-untyped-def]
-    """Record the run for the audit trail; an auditor without write access still gets the result printed."""
-    from sqlalchemy import create_engine
+def _keep_result(url: str, report, signer=None) -> None:  # type: ignore[no-untyped-def]
+    """Record the run for the audit trail, sealed by the verifier's key if it holds one (`audit.results`); an
+    auditor without write access still gets the result printed."""
+    from sqlalchemy import create_engine, select
     from sqlalchemy.exc import SQLAlchemyError
 
     from projections.audit_trail import save_verification
     from projections.schema import verification_findings, verification_runs
+    from sle_events.audit.results import result_document, seal_result
 
     engine = create_engine(url)
     try:
         verification_runs.create(engine, checkfirst=True)
         verification_findings.create(engine, checkfirst=True)
         with engine.begin() as conn:
-            save_verification(conn, report)
+            run_id = save_verification(conn, report)
+            if signer is not None:
+                run = conn.execute(select(verification_runs).where(verification_runs.c.id == run_id)).one()
+                seal_result(conn, run_id, result_document(run.run_at, bool(run.ok), run.events, report.findings), signer)
     except SQLAlchemyError as e:
         err.print(f"[yellow]result not saved in the database: {e.__class__.__name__}[/yellow]")
     finally:
@@ -145,11 +167,15 @@ def verify(
                                          "ones against their ledger leaves"),  # fmt: skip
     max_pending: Optional[float] = typer.Option(None, "--max-pending", min=0, help="minutes an event may wait for "
                                                 "ledger integration before it is a finding (default 15)"),  # fmt: skip
+    sign_key: Optional[Path] = typer.Option(None, "--sign-key", help="your Ed25519 key (PEM), registered in the "
+                                            "study as auditor, monitor or admin: the stored result is sealed with "
+                                            "it, so the audit trail can tell a forged one"),  # fmt: skip
+    actor: Optional[str] = typer.Option(None, "--actor", help="who you are (the id --sign-key is registered under)"),
 ) -> None:
     """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger.
     Exit 0 verified, 1 findings, 2 unusable input, 3 the tool failed."""
     url = database_url(db)
-    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey, since, max_pending))
+    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey, since, max_pending, sign_key, actor))
 
 
 @app.command()
