@@ -1,10 +1,10 @@
-# Two commands matter: `make demo` and `make test`. Both set everything up first.
+# Two commands matter: `make demo` and `make test`. Both set everything up first (so does `make lint`).
 PYTHON ?= $(shell command -v python3.11 || command -v python3)
 VENV   := .venv
 BIN    := $(VENV)/bin
 STAMP  := $(VENV)/.installed-$(shell cat requirements.lock pyproject.toml | cksum | cut -d' ' -f1)
 
-.PHONY: setup demo test test-postgres bench lock clean
+.PHONY: setup demo test test-postgres lint bench lock clean
 
 setup: $(STAMP)
 
@@ -24,6 +24,15 @@ demo: setup
 test: setup
 	$(BIN)/python -m pytest
 
+# ruff (lint and format) and mypy on the whole tree, configured in pyproject.toml. All three run even when one
+# fails, so one run shows every finding.
+lint: setup
+	@status=0; \
+	$(BIN)/ruff check . || status=1; \
+	$(BIN)/ruff format --check . || status=1; \
+	$(BIN)/mypy || status=1; \
+	exit $$status
+
 bench: setup
 	$(BIN)/python -m bench.run_all
 
@@ -33,4 +42,4 @@ lock:
 		-o requirements.lock pyproject.toml
 
 clean:
-	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis
+	rm -rf $(VENV) *.egg-info .pytest_cache .hypothesis .mypy_cache .ruff_cache build dist

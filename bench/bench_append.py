@@ -8,14 +8,14 @@ rate per core). Also reports the client-side signing rate per core.
 from __future__ import annotations
 
 import time
+from datetime import UTC, datetime
 from statistics import median
-from datetime import datetime, timezone
 from typing import Any
 
 from eventsourcing.application import Application
 from eventsourcing.domain import Aggregate, event
 
-from bench.common import CORES, SignedWorkload, ed25519_verify_rate, engines, fresh, machine, rate
+from bench.common import CORES, SignedWorkload, ed25519_verify_rate, fresh, machine, rate
 from sle_events.store.record import StudyRecord
 
 
@@ -45,7 +45,7 @@ def lab_result_fields() -> dict:
 
 def bare_rates(url: str, single_n: int, batch_n: int) -> tuple[float, float]:
     app = Bare(env={"PERSISTENCE_MODULE": "eventsourcing_sqlalchemy", "SQLALCHEMY_URL": url})
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     fields = lab_result_fields()
     aggs = [Reading("NJ01") for _ in range(20)]
     app.save(*aggs)
@@ -77,7 +77,7 @@ def signed_rates(url: str, single_n: int, batch_n: int) -> tuple[float, float, f
     sign_rate = single_n / (time.perf_counter() - t)
     s = rate(single_n, lambda: [record.append([e]) for e in singles])
     batches = work.sign(batch_n)
-    b = rate(batch_n, lambda: [record.append(batches[i:i + 100]) for i in range(0, batch_n, 100)])
+    b = rate(batch_n, lambda: [record.append(batches[i : i + 100]) for i in range(0, batch_n, 100)])
     record.close()
     return s, b, sign_rate
 
@@ -96,11 +96,20 @@ def run(sizes: dict[str, tuple[int, int]] | None = None, rounds: int = 3) -> lis
         bare_s, bare_b = (median(r[i] for r in bare) for i in range(2))
         sig_s, sig_b, sign_rate = (median(r[i] for r in signed) for i in range(3))
         limit = 1 / (1 / bare_b + 1 / (CORES * v))
-        rows.append({
-            "engine": engine, "bare_single": bare_s, "signed_single": sig_s, "single_ratio": sig_s / bare_s,
-            "bare_batched": bare_b, "signed_batched": sig_b, "L": limit, "batched_ratio_to_L": sig_b / limit,
-            "verify_per_core": v, "sign_per_core": sign_rate,
-        })  # fmt: skip
+        rows.append(
+            {
+                "engine": engine,
+                "bare_single": bare_s,
+                "signed_single": sig_s,
+                "single_ratio": sig_s / bare_s,
+                "bare_batched": bare_b,
+                "signed_batched": sig_b,
+                "L": limit,
+                "batched_ratio_to_L": sig_b / limit,
+                "verify_per_core": v,
+                "sign_per_core": sign_rate,
+            }
+        )
     return rows
 
 

@@ -3,7 +3,7 @@
 from __future__ import annotations
 
 import time
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import rfc8785
 
@@ -13,7 +13,7 @@ from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 
 
-def _rate(n: int, fn) -> float:  # type: ignore[no-untyped-def]
+def _rate(n: int, fn) -> float:
     best = 0.0
     for _ in range(3):
         t = time.perf_counter()
@@ -43,10 +43,12 @@ def run(n: int = 20000) -> dict[str, float]:
 
 def main() -> None:
     r = run()
-    print(f"# canonicalisation — {machine()} — {datetime.now(timezone.utc):%Y-%m-%d}")
-    print(f"envelope of {r['fields']} fields: rfc8785.dumps {r['rfc8785']:.0f}/s, fast path {r['fast_path']:.0f}/s "
-          f"({r['fast_path'] / r['rfc8785']:.1f}× the reference); Ed25519 sign {r['sign']:.0f}/s, "
-          f"verify {r['verify']:.0f}/s per core")  # fmt: skip
+    print(f"# canonicalisation — {machine()} — {datetime.now(UTC):%Y-%m-%d}")
+    print(
+        f"envelope of {r['fields']} fields: rfc8785.dumps {r['rfc8785']:.0f}/s, fast path {r['fast_path']:.0f}/s "
+        f"({r['fast_path'] / r['rfc8785']:.1f}× the reference); Ed25519 sign {r['sign']:.0f}/s, "
+        f"verify {r['verify']:.0f}/s per core"
+    )
 
 
 if __name__ == "__main__":

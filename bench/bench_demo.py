@@ -25,8 +25,16 @@ def run(subjects: int = 300, engines: tuple[str, ...] = ("sqlite", "postgresql")
         took = time.perf_counter() - t
         record.close()
         store_single, _, _ = signed_rates(fresh(engine), 1000, 1000)
-        rows.append({"engine": engine, "subjects": subjects, "events": result.events, "seconds": took,
-                     "rate": result.events / took, "store_single": store_single})  # fmt: skip
+        rows.append(
+            {
+                "engine": engine,
+                "subjects": subjects,
+                "events": result.events,
+                "seconds": took,
+                "rate": result.events / took,
+                "store_single": store_single,
+            }
+        )
     return rows
 
 
@@ -34,9 +42,11 @@ def main(subjects: int | None = None) -> None:
     subjects = subjects or (int(sys.argv[1]) if len(sys.argv) > 1 else 300)
     print(f"# demo throughput — {machine()}")
     for r in run(subjects):
-        print(f"{r['engine']:10} {r['subjects']} subjects: {r['events']:,} events in {r['seconds']:.0f} s = "
-              f"{r['rate']:,.0f} events/s; the store's single signed append {r['store_single']:,.0f}/s; "
-              f"ratio {r['rate'] / r['store_single']:.2f}")  # type: ignore[operator]
+        print(
+            f"{r['engine']:10} {r['subjects']} subjects: {r['events']:,} events in {r['seconds']:.0f} s = "
+            f"{r['rate']:,.0f} events/s; the store's single signed append {r['store_single']:,.0f}/s; "
+            f"ratio {r['rate'] / r['store_single']:.2f}"
+        )
 
 
 if __name__ == "__main__":

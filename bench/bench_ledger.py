@@ -103,8 +103,16 @@ def append_rates(rounds: int = ROUNDS) -> list[dict[str, Any]]:
             stats.append(st)
         off_s, off_b = (median(r[i] for r in off) for i in range(2))
         on_s, on_b = (median(r[i] for r in on) for i in range(2))
-        rows.append({"engine": engine, "off_single": off_s, "on_single": on_s, "off_batched": off_b,
-                     "on_batched": on_b, "stats": stats[-1]})  # fmt: skip
+        rows.append(
+            {
+                "engine": engine,
+                "off_single": off_s,
+                "on_single": on_s,
+                "off_batched": off_b,
+                "on_batched": on_b,
+                "stats": stats[-1],
+            }
+        )
     return rows
 
 
@@ -167,9 +175,16 @@ def proof_latency(engine: str, n: int = 1_000_000, samples: int = 2000) -> dict[
             checked += 1
     ledger.close()
     times.sort()
-    return {"engine": engine, "leaves": n, "build_s": build_s, "p50_ms": times[len(times) // 2] * 1e3,
-            "p99_ms": times[int(len(times) * 0.99) - 1] * 1e3, "max_ms": times[-1] * 1e3,
-            "samples": samples, "checked": checked}  # fmt: skip
+    return {
+        "engine": engine,
+        "leaves": n,
+        "build_s": build_s,
+        "p50_ms": times[len(times) // 2] * 1e3,
+        "p99_ms": times[int(len(times) * 0.99) - 1] * 1e3,
+        "max_ms": times[-1] * 1e3,
+        "samples": samples,
+        "checked": checked,
+    }
 
 
 # --------------------------------------------------------------------------- 3. recomputation
@@ -198,8 +213,13 @@ def recompute_rates(n: int = 400_000) -> dict[str, Any]:
         t = events_table()
         with db.begin() as conn:
             for k in range(0, n, 50_000):
-                conn.execute(t.insert(), [{"originator_id": uuid.uuid4(), "originator_version": 1, "topic": "bench",
-                                           "state": leaves[i]} for i in range(k, min(n, k + 50_000))])  # fmt: skip
+                conn.execute(
+                    t.insert(),
+                    [
+                        {"originator_id": uuid.uuid4(), "originator_version": 1, "topic": "bench", "state": leaves[i]}
+                        for i in range(k, min(n, k + 50_000))
+                    ],
+                )
         db.dispose()
         ledger = Ledger(url)
         best = 0.0
@@ -221,25 +241,32 @@ def main() -> None:
     print(f"# ledger benchmark — {machine()}")
     for r in append_rates():
         st = r["stats"]
-        print(f"{r['engine']:10} single:  ledger off {r['off_single']:8.0f}/s, integrating every {INTERVAL} s "
-              f"{r['on_single']:8.0f}/s, ratio {r['on_single'] / r['off_single']:.2f} (goal ≥ 0.80)\n"
-              f"{'':10} batched: ledger off {r['off_batched']:8.0f}/s, integrating every {INTERVAL} s "
-              f"{r['on_batched']:8.0f}/s, ratio {r['on_batched'] / r['off_batched']:.2f} (goal ≥ 0.80)\n"
-              f"{'':10} (integrator process, last round: {st['cycles']} cycles, {st['checkpoints']} checkpoints, "
-              f"busy {st['busy']:.2f} s, ledger size {st['size']} = every event)")  # fmt: skip
+        print(
+            f"{r['engine']:10} single:  ledger off {r['off_single']:8.0f}/s, integrating every {INTERVAL} s "
+            f"{r['on_single']:8.0f}/s, ratio {r['on_single'] / r['off_single']:.2f} (goal ≥ 0.80)\n"
+            f"{'':10} batched: ledger off {r['off_batched']:8.0f}/s, integrating every {INTERVAL} s "
+            f"{r['on_batched']:8.0f}/s, ratio {r['on_batched'] / r['off_batched']:.2f} (goal ≥ 0.80)\n"
+            f"{'':10} (integrator process, last round: {st['cycles']} cycles, {st['checkpoints']} checkpoints, "
+            f"busy {st['busy']:.2f} s, ledger size {st['size']} = every event)"
+        )
     for engine in ("sqlite", "postgresql"):
         p = proof_latency(engine, million)
-        print(f"{engine:10} inclusion proof at {p['leaves']:,} leaves: p50 {p['p50_ms']:.2f} ms, p99 {p['p99_ms']:.2f} ms "
-              f"(goal < 5 ms), max {p['max_ms']:.2f} ms over {p['samples']} random leaves ({p['checked']} re-verified)\n"
-              f"{'':10} tree built directly in ledger_leaves/ledger_nodes/ledger_state from synthetic leaf hashes "
-              f"SHA-256(0x00||i) ({'COPY' if engine == 'postgresql' else 'bulk INSERT'}, {p['build_s']:.0f} s) + one "
-              "signed checkpoint; proofs without fetching leaf bytes (no events behind synthetic leaves)")  # fmt: skip
+        print(
+            f"{engine:10} inclusion proof at {p['leaves']:,} leaves: p50 {p['p50_ms']:.2f} ms, "
+            f"p99 {p['p99_ms']:.2f} ms (goal < 5 ms), max {p['max_ms']:.2f} ms over {p['samples']} random leaves "
+            f"({p['checked']} re-verified)\n"
+            f"{'':10} tree built directly in ledger_leaves/ledger_nodes/ledger_state from synthetic leaf hashes "
+            f"SHA-256(0x00||i) ({'COPY' if engine == 'postgresql' else 'bulk INSERT'}, {p['build_s']:.0f} s) + one "
+            "signed checkpoint; proofs without fetching leaf bytes (no events behind synthetic leaves)"
+        )
     r = recompute_rates()
-    print(f"recompute  {r['leaves']:,} leaves of {r['leaf_bytes']:.0f} B (real sealed events): raw hashlib.sha256 "
-          f"{r['raw']:,.0f} leaves/s (1 hash per leaf); root_of_leaves {r['tree']:,.0f} leaves/s "
-          f"(leaf + interior hashes), ratio {r['tree'] / r['raw']:.2f} (goal ≥ 0.50), per leaf\n"
-          f"{'':10} Ledger.recompute() reading the events table: "
-          + ", ".join(f"{e} {v:,.0f} leaves/s ({v / r['raw']:.2f}× raw)" for e, v in r["db"].items()))  # fmt: skip
+    print(
+        f"recompute  {r['leaves']:,} leaves of {r['leaf_bytes']:.0f} B (real sealed events): raw hashlib.sha256 "
+        f"{r['raw']:,.0f} leaves/s (1 hash per leaf); root_of_leaves {r['tree']:,.0f} leaves/s "
+        f"(leaf + interior hashes), ratio {r['tree'] / r['raw']:.2f} (goal ≥ 0.50), per leaf\n"
+        f"{'':10} Ledger.recompute() reading the events table: "
+        + ", ".join(f"{e} {v:,.0f} leaves/s ({v / r['raw']:.2f}× raw)" for e, v in r["db"].items())
+    )
 
 
 if __name__ == "__main__":

@@ -14,7 +14,7 @@ import random
 import statistics
 import sys
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 from bench.common import fresh, machine
@@ -28,31 +28,41 @@ from sle_events.domain.study_config import IcfVersion, Site, StudyConfig
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import GENESIS, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 from sle_events.store.record import StudyRecord
 
-ANALYTES = (("CREAT", "mg/dL", 60, 250, 100), ("C3", "mg/dL", 40, 150, 1), ("C4", "mg/dL", 5, 40, 1),
-            ("DSDNA", "[IU]/mL", 10, 400, 1))  # fmt: skip
+ANALYTES = (
+    ("CREAT", "mg/dL", 60, 250, 100),
+    ("C3", "mg/dL", 40, 150, 1),
+    ("C4", "mg/dL", 5, 40, 1),
+    ("DSDNA", "[IU]/mL", 10, 400, 1),
+)
 
 
 def fill(url: str, events: int, per_subject: int = 1000) -> tuple[int, float, list[str]]:
     """Append `events` signed events; return (count, seconds, subject ids)."""
-    start = datetime(2020, 1, 1, tzinfo=timezone.utc)
+    start = datetime(2020, 1, 1, tzinfo=UTC)
     sim = clock.SimulatedClock(start)
     with clock.use_clock(sim):
         return _fill(url, events, per_subject, sim, start)
 
 
-def _fill(url: str, events: int, per_subject: int, sim: "clock.SimulatedClock", start: datetime) -> tuple[int, float, list[str]]:
+def _fill(
+    url: str, events: int, per_subject: int, sim: clock.SimulatedClock, start: datetime
+) -> tuple[int, float, list[str]]:
     record = StudyRecord(url, clock=sim)
-    admin, coordinator, investigator, lab = (Signer.generate(a, r) for a, r in (
-        ("admin", "admin"), ("nurse", "coordinator"), ("dr", "investigator"), ("lab", "lab")))  # fmt: skip
+    admin, coordinator, investigator, lab = (
+        Signer.generate(a, r)
+        for a, r in (("admin", "admin"), ("nurse", "coordinator"), ("dr", "investigator"), ("lab", "lab"))
+    )
     study = Study.create("BENCH", "1M events", "admin", admin.public_key_b64, start)
     for s in (coordinator, investigator, lab):
         study.register_key(s.actor, s.role, s.public_key_b64, start)
     record.record(study, signer=admin)
-    config = StudyConfig.build(sites=[Site(site_id="NJ01", name="Drum Tower", timezone="Asia/Shanghai")],
-                               icf_versions=[IcfVersion(version="ICF v1.0", effective_from=start - timedelta(days=1))])  # fmt: skip
+    config = StudyConfig.build(
+        sites=[Site(site_id="NJ01", name="Drum Tower", timezone="Asia/Shanghai")],
+        icf_versions=[IcfVersion(version="ICF v1.0", effective_from=start - timedelta(days=1))],
+    )
     t = time.perf_counter()
     done, subjects = 1, []
     rng = random.Random(1)
@@ -64,14 +74,19 @@ def _fill(url: str, events: int, per_subject: int, sim: "clock.SimulatedClock", 
         prev = GENESIS
         batch = []
         for e in subject.collect_events():
-            one = seal(envelope_for(e, study=study.id, prev=prev), coordinator if e.originator_version == 1 else investigator)
+            one = seal(
+                envelope_for(e, study=study.id, prev=prev), coordinator if e.originator_version == 1 else investigator
+            )
             prev = one.hash
             batch.append(one)
         record.append(batch[:1])
         record.append(batch[1:])
         labs = min(per_subject, events - done) - 2
         for first in range(0, labs, 500):
-            days = [(i, day0 + timedelta(days=1 + i // len(ANALYTES), hours=2)) for i in range(first, min(first + 500, labs))]
+            days = [
+                (i, day0 + timedelta(days=1 + i // len(ANALYTES), hours=2))
+                for i in range(first, min(first + 500, labs))
+            ]
             sim.set(days[-1][1] + timedelta(hours=1))  # the batch is entered once its last result is in
             batch = []
             for i, when in days:
@@ -100,7 +115,9 @@ def main(events: int | None = None) -> None:
     t = time.perf_counter()
     runner.catch_up()
     took = time.perf_counter() - t
-    print(f"patient_state built from event 1: {runner.head():,} events in {took:,.0f} s ({runner.head() / took:,.0f}/s)")
+    print(
+        f"patient_state built from event 1: {runner.head():,} events in {took:,.0f} s ({runner.head() / took:,.0f}/s)"
+    )
     rng = random.Random(2)
     timings = []
     from sqlalchemy import select
@@ -112,8 +129,10 @@ def main(events: int | None = None) -> None:
             conn.execute(select(patient_state).where(patient_state.c.subject == subject)).one()
             timings.append(time.perf_counter() - t)
     timings.sort()
-    print(f"patient-state lookup by subject: p50 {1e3 * timings[len(timings) // 2]:.2f} ms, "
-          f"p99 {1e3 * timings[int(len(timings) * 0.99)]:.2f} ms (goal < 10 ms)")
+    print(
+        f"patient-state lookup by subject: p50 {1e3 * timings[len(timings) // 2]:.2f} ms, "
+        f"p99 {1e3 * timings[int(len(timings) * 0.99)]:.2f} ms (goal < 10 ms)"
+    )
     runner.close()
     record = StudyRecord(url)
     replays = []
@@ -125,11 +144,13 @@ def main(events: int | None = None) -> None:
     for subject in rng.sample(subjects, min(20, len(subjects))):
         stream = record.recorder.select_events(__import__("uuid").UUID(subject), desc=True, limit=1)
         t = time.perf_counter()
-        replay(record, subject, as_of=datetime(9999, 1, 1, tzinfo=timezone.utc))
+        replay(record, subject, as_of=datetime(9999, 1, 1, tzinfo=UTC))
         replays.append(time.perf_counter() - t)
     replays.sort()
-    print(f"as-of replay of one subject ({stream[0].originator_version} events): median "
-          f"{1e3 * statistics.median(replays):.0f} ms, max {1e3 * replays[-1]:.0f} ms (goal < 100 ms)")
+    print(
+        f"as-of replay of one subject ({stream[0].originator_version} events): median "
+        f"{1e3 * statistics.median(replays):.0f} ms, max {1e3 * replays[-1]:.0f} ms (goal < 100 ms)"
+    )
     record.close()
     audit_trail_at_scale(url, subjects, rng)
 
@@ -142,7 +163,9 @@ def audit_trail_at_scale(url: str, subjects: list[str], rng: random.Random) -> N
     t = time.perf_counter()
     runner.rebuild()
     took = time.perf_counter() - t
-    print(f"audit_trail rebuilt from event 1: {runner.head():,} events in {took:,.0f} s ({runner.head() / took:,.0f}/s)")
+    print(
+        f"audit_trail rebuilt from event 1: {runner.head():,} events in {took:,.0f} s ({runner.head() / took:,.0f}/s)"
+    )
     by_subject, by_day, rows = [], [], 0
     with runner.engine.connect() as conn:
         query(conn, stream=subjects[0])  # warm-up
@@ -155,9 +178,11 @@ def audit_trail_at_scale(url: str, subjects: list[str], rng: random.Random) -> N
             day_rows = len(query(conn, since=f"{day}T00:00:00+00:00", until=f"{day}T23:59:59.999999+00:00"))
             by_day.append(time.perf_counter() - t)
     runner.close()
-    print(f"audit trail of one subject ({rows:,} field rows): median {1e3 * statistics.median(by_subject):.0f} ms, "
-          f"max {1e3 * max(by_subject):.0f} ms; one recorded day across the study ({day_rows:,} rows): median "
-          f"{1e3 * statistics.median(by_day):.0f} ms, max {1e3 * max(by_day):.0f} ms")
+    print(
+        f"audit trail of one subject ({rows:,} field rows): median {1e3 * statistics.median(by_subject):.0f} ms, "
+        f"max {1e3 * max(by_subject):.0f} ms; one recorded day across the study ({day_rows:,} rows): median "
+        f"{1e3 * statistics.median(by_day):.0f} ms, max {1e3 * max(by_day):.0f} ms"
+    )
 
 
 if __name__ == "__main__":

@@ -6,23 +6,24 @@ import os
 import platform
 import tempfile
 import time
-from datetime import datetime, timedelta, timezone
+from collections.abc import Callable, Iterator
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
-from typing import Callable, Iterator
 
 from sle_events.domain.study import Study
 from sle_events.domain.study_config import IcfVersion, StudyConfig
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import SealedEvent, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 
 PG_URL = os.environ.get("SLE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 CORES = os.cpu_count() or 1
 #: the study configuration the workload's subjects consent under (ICF v1.0, approved long ago)
-STUDY_CONFIG = StudyConfig.build(icf_versions=[IcfVersion(version="ICF v1.0",
-                                                          effective_from=datetime(2000, 1, 1, tzinfo=timezone.utc))])
+STUDY_CONFIG = StudyConfig.build(
+    icf_versions=[IcfVersion(version="ICF v1.0", effective_from=datetime(2000, 1, 1, tzinfo=UTC))]
+)
 
 
 def engines() -> Iterator[tuple[str, str]]:
@@ -39,10 +40,12 @@ def fresh(engine: str) -> str:
 
     e = sa.create_engine(PG_URL, isolation_level="AUTOCOMMIT")
     with e.connect() as conn:
-        conn.execute(sa.text(
-            "select pg_terminate_backend(pid) from pg_stat_activity "
-            "where datname = current_database() and pid <> pg_backend_pid()"
-        ))  # fmt: skip
+        conn.execute(
+            sa.text(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where datname = current_database() and pid <> pg_backend_pid()"
+            )
+        )
         conn.execute(sa.text("drop schema if exists public cascade"))
         conn.execute(sa.text("create schema public"))
     e.dispose()
@@ -63,7 +66,7 @@ def ed25519_verify_rate(n: int = 5000) -> float:
     sigs = [signer.sign(m) for m in msgs]
 
     def run() -> None:
-        for m, s in zip(msgs, sigs):
+        for m, s in zip(msgs, sigs, strict=True):
             pub.verify(s, m)
 
     return max(rate(n, run) for _ in range(3))
@@ -76,8 +79,8 @@ def machine() -> str:
 class SignedWorkload:
     """A study plus lab events across subjects, sealed client-side as a lab service would send them."""
 
-    def __init__(self, record, subjects: int = 20) -> None:  # type: ignore[no-untyped-def]
-        now = datetime.now(timezone.utc)
+    def __init__(self, record, subjects: int = 20) -> None:
+        now = datetime.now(UTC)
         self.now = now
         self.admin = Signer.generate("admin", "admin")
         self.coordinator = Signer.generate("nurse", "coordinator")

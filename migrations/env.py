@@ -14,16 +14,18 @@ def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
     engine = create_engine(url)
     with engine.connect() as connection:
-        context.configure(connection=connection, target_metadata=target_metadata(), render_as_batch=True,
-                          compare_type=compare_type)
+        context.configure(
+            connection=connection, target_metadata=target_metadata(), render_as_batch=True, compare_type=compare_type
+        )
         with context.begin_transaction():
             context.run_migrations()
     engine.dispose()
 
 
 def run_migrations_offline() -> None:
-    context.configure(url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata(),
-                      literal_binds=True)  # fmt: skip
+    context.configure(
+        url=config.get_main_option("sqlalchemy.url"), target_metadata=target_metadata(), literal_binds=True
+    )
     with context.begin_transaction():
         context.run_migrations()
 

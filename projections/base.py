@@ -1,7 +1,9 @@
 """What a projection is, and the facts it is fed.
 
 A projection turns facts (signed events, in log order) into rows. It never sees an event whose hash chain
-is broken: the reader checks each event's `prev` against the hash of its stream's previous event first.
+is broken or whose signature does not hold: the reader checks each event's `prev` against the hash of its
+stream's previous event, and its Ed25519 signature against the key the study's registry named for it at that
+log position (as `sle verify` does).
 """
 
 from __future__ import annotations
@@ -13,19 +15,34 @@ from functools import cached_property
 from typing import Any, ClassVar, Sequence
 from uuid import UUID
 
-from sqlalchemy import Connection, Table, select
+from sqlalchemy import Connection, Table, func, select
 
+from sle_events.domain.event_types import type_name
+from sle_events.picklable import Picklable
 from sle_events.signing.chain import link_problem
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
-from sle_events.signing.payload import domain_event_from
+from sle_events.store.codec import domain_event_from
+from sle_events.audit.record_check import SignatureCheck, build_registry_timelines
 
 
-class ProjectionHalted(RuntimeError):
-    """An event cannot be projected (broken chain, unreadable bytes): the projection stops here."""
+class ProjectionHalted(Picklable, RuntimeError):
+    """An event cannot be projected (broken chain, bad signature, unreadable bytes): the projection stops here."""
 
     def __init__(self, position: int, stream: str, version: int, detail: str):
-        self.position, self.stream, self.version = position, stream, version
+        self.position, self.stream, self.version, self.detail = position, stream, version, detail
         super().__init__(f"projection stopped at log position {position} (stream {stream} v{version}): {detail}")
+
+
+class StreamHalted(ProjectionHalted):
+    """A signed event the domain cannot load (a payload stored before append refused it): only its own stream
+    stops there; every other stream is still projected."""
+
+    def __init__(self, position: int, stream: str, version: int, detail: str):
+        super().__init__(position, stream, version, detail)
+        self.args = (f"stream {stream} halted at v{version} (log position {position}): {detail}",)
+
+    def __str__(self) -> str:
+        return self.args[0]
 
 
 @dataclass(frozen=True)
@@ -46,7 +63,7 @@ class Fact:
     @property
     def type_name(self) -> str:
         """`Subject.LabResultRecorded`."""
-        return self.sealed.envelope["type"].rsplit(":", 1)[-1]
+        return type_name(self.sealed.envelope["type"])
 
     @property
     def stream(self) -> str:
@@ -64,6 +81,23 @@ class Fact:
     def event(self) -> Any:
         """The domain event, decoded (and upcast) as the aggregates see it."""
         return domain_event_from(self.sealed)
+
+
+def fold_fact(aggregate: Any, fact: Fact) -> Any:
+    """The aggregate with `fact` applied (in place). A signed fact the domain cannot load or apply raises
+    `StreamHalted` naming it: what is wrong is that stream's, not the study's. (A payload's fields can raise
+    anything, e.g. decimal.InvalidOperation for a value that is not a number.) After a failed apply the
+    aggregate may be half-changed: fold it again up to the version before."""
+    try:
+        event = fact.event
+    except Exception as e:  # noqa: BLE001 - see above
+        raise StreamHalted(fact.position, fact.stream, fact.version,
+                           f"signed {fact.type_name} does not load: {type(e).__name__}: {e}") from e  # fmt: skip
+    try:
+        return event.mutate(aggregate)
+    except Exception as e:  # noqa: BLE001 - see above
+        raise StreamHalted(fact.position, fact.stream, fact.version,
+                           f"signed {fact.type_name} cannot be applied: {type(e).__name__}: {e}") from e  # fmt: skip
 
 
 class Projection(ABC):
@@ -108,12 +142,15 @@ def bulk_insert(conn: Connection, table: Table, columns: Sequence[str], rows: li
     conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)  # type: ignore[arg-type]
 
 
-class ChainCheckingReader:
-    """Reads stored events in log order and refuses to hand over one whose chain is broken."""
+class VerifyingReader:
+    """Reads stored events in log order and refuses to hand over one whose chain is broken or whose signature
+    does not hold."""
 
     def __init__(self, events_table: Table) -> None:
         self.table = events_table
         self.heads: dict[str, tuple[int, str]] = {}
+        self.signatures = SignatureCheck({})
+        self._registry_through = -1  # the log head when the registry timelines were built
 
     def read(self, conn: Connection, after: int, limit: int, *, streams: tuple[Any, Any] = (None, None),
              upto: int | None = None) -> list[Fact]:  # fmt: skip
@@ -128,9 +165,38 @@ class ChainCheckingReader:
         if upto is not None:
             q = q.where(t.c.id <= upto)
         rows = conn.execute(q.order_by(t.c.id).limit(limit)).all()
+        if rows:
+            self.registries(conn, rows[-1][0])
         return [self.check(conn, position, stream_id, version, state) for position, stream_id, version, state in rows]
 
+    def stream(self, conn: Connection, stream_id: UUID, upto_version: int | None = None) -> list[Fact]:
+        """One stream's events in version order (up to a version), each checked like those `read` hands over."""
+        t = self.table
+        q = select(t.c.id, t.c.originator_version, t.c.state).where(t.c.originator_id == stream_id)
+        if upto_version is not None:
+            q = q.where(t.c.originator_version <= upto_version)
+        rows = conn.execute(q.order_by(t.c.originator_version)).all()
+        if rows:
+            self.registries(conn, max(r[0] for r in rows))
+        reading = self.heads.pop(str(stream_id), None)  # where `read` has got to in this stream: kept
+        try:
+            return [self.check(None, position, stream_id, version, state) for position, version, state in rows]
+        finally:
+            if reading is not None:
+                self.heads[str(stream_id)] = reading
+
+    def registries(self, conn: Connection, position: int) -> SignatureCheck:
+        """The key registries' timelines, read again when an event lies beyond what they were built from
+        (a key registered since)."""
+        if position > self._registry_through:
+            head = conn.execute(select(func.max(self.table.c.id))).scalar() or 0
+            timelines, _ = build_registry_timelines(conn, self.table, [])  # registry faults halt at their event
+            self.signatures = SignatureCheck(timelines)
+            self._registry_through = head
+        return self.signatures
+
     def check(self, conn: Connection | None, position: int, stream_id: UUID, version: int, state: bytes) -> Fact:
+        """`conn` None: the stream is read whole and in order, so a version without its predecessor is a gap."""
         stream = str(stream_id)
         try:
             sealed = open_stored(state)
@@ -143,6 +209,9 @@ class ChainCheckingReader:
         if link_problem(version - 1, expected, version, env["prev"]):
             raise ProjectionHalted(position, stream, version,
                                    f"hash chain broken: prev {env['prev'][:16]}… ≠ hash of v{version - 1} {expected[:16]}…")  # fmt: skip
+        problem = self.signatures.problem(sealed, position)
+        if problem is not None:
+            raise ProjectionHalted(position, stream, version, f"{problem[0]}: {problem[1]}")
         self.heads[stream] = (version, sealed.hash)
         return Fact(position, sealed)
 

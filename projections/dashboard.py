@@ -1,5 +1,6 @@
-"""The study dashboard: enrollment by status and site, visit compliance, AEs by grade, lab completeness, and
-the stale results a monitor should query (by site).
+"""The study dashboard: enrollment by status and site, visit compliance, AEs by grade, lab completeness, the
+stale results a monitor should query (by site), and the subjects whose record stopped at a fact that cannot be
+loaded (halted streams).
 
 Its tables hold one row per subject visit and per adverse event, recomputed from the subject aggregate
 whenever the subject changes; the dashboard itself is GROUP BY queries over them and `patient_state`.
@@ -14,7 +15,7 @@ from typing import Any
 from sqlalchemy import Connection, delete, func, select
 
 from projections.patient_state import SubjectProjection, current_records
-from projections.schema import patient_state, subject_adverse_events, subject_visits
+from projections.schema import halted_streams, patient_state, subject_adverse_events, subject_visits
 
 # What every monthly visit must carry from the lab (PROTOCOL §6): renal, urine, serology.
 MONTHLY_LABS = ("CREAT", "UPCR", "DSDNA", "C3", "C4")
@@ -85,5 +86,10 @@ def dashboard(conn: Connection, study: str | None = None) -> dict[str, Any]:
             row = stale.setdefault(site, {"site": site, "subjects": 0, "results": 0})
             row["subjects"] += 1
             row["results"] += len(found)
+    hs = halted_streams
+    halted = [dict(r._mapping) for r in conn.execute(where(
+        select(hs.c.subject, hs.c.stream, hs.c.version, hs.c.position, hs.c.detail)
+        .where(hs.c.projection == StudyDashboard.name).order_by(hs.c.position), hs))]  # fmt: skip
     return {"enrollment": enrollment, "visit_compliance": compliance, "adverse_events_by_grade": by_grade,
-            "lab_completeness": completeness, "stale_results": list(stale.values())}  # fmt: skip
+            "lab_completeness": completeness, "stale_results": list(stale.values()),
+            "halted_streams": halted}  # fmt: skip

@@ -11,42 +11,77 @@ import json
 from abc import abstractmethod
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any, Sequence
+from typing import Any, NamedTuple, Sequence
+from uuid import UUID
 
 from sqlalchemy import Connection, delete
 
-from projections.base import Fact, Projection
-from projections.schema import patient_state
+from projections.base import Fact, Projection, StreamHalted, VerifyingReader, fold_fact
+from projections.schema import halted_streams, patient_state
 from sle_events.domain.study_config import VisitSchedule
 
 # The labs a monitor follows (PROTOCOL §8): analyte code -> the facts that carry it.
 KEY_LABS = ("DSDNA", "C3", "C4", "CREAT", "EGFR", "UPCR", "TREGPCT")
 
 
+class HaltedStream(NamedTuple):
+    halt: StreamHalted
+    study: str
+    subject: str | None  # screening number, when known
+
+
 class SubjectFolder:
-    """Keeps each subject's aggregate current as its facts arrive, loading it from the store when needed.
+    """Keeps each subject's aggregate current as its facts arrive, loading it through the reader (chain and
+    signatures checked) when needed. A subject whose signed fact the domain cannot load is halted there: its
+    aggregate stays as of the version before, and later facts of that stream are not folded.
 
     Folding is idempotent per version, so projections processed together can share one folder, and a batch
     retried after a rolled-back transaction folds nothing twice."""
 
-    def __init__(self, record: Any = None) -> None:
+    def __init__(self, reader: VerifyingReader | None = None) -> None:
         self.subjects: dict[str, Any] = {}
-        self.record = record  # a StudyRecord, for loading
+        self.halted: dict[str, HaltedStream] = {}
+        self.reader = reader
 
-    def apply(self, fact: Fact) -> Any | None:
+    def apply(self, conn: Connection, fact: Fact) -> Any | None:
+        """The subject after `fact`; None if the fact is not a subject's or its stream is halted."""
         if not fact.type_name.startswith("Subject."):
             return None
-        subject = self.subjects.get(fact.stream)
+        stream = fact.stream
+        halted = self.halted.get(stream)
+        if halted is not None and fact.version >= halted.halt.version:
+            return None
+        subject = self.subjects.get(stream)
         if subject is not None and subject.version >= fact.version:
             return subject
-        if (subject is None and fact.version > 1) or (subject is not None and subject.version < fact.version - 1):
-            subject = self.record.get(fact.sealed.stream, version=fact.version - 1)
-        subject = fact.event.mutate(subject)
-        self.subjects[fact.stream] = subject
+        try:
+            if (subject is None and fact.version > 1) or (subject is not None and subject.version < fact.version - 1):
+                subject = self._load(conn, fact.sealed.stream, fact.version - 1)
+            subject = fold_fact(subject, fact)
+        except StreamHalted as halt:
+            before = self._load(conn, fact.sealed.stream, halt.version - 1) if halt.version > 1 else None
+            self.subjects.pop(stream, None)
+            if before is not None:
+                self.subjects[stream] = before
+            number = before.screening_number if before is not None else fact.payload.get("screening_number")
+            self.halted[stream] = HaltedStream(halt, fact.envelope["study"], number)
+            return None
+        self.subjects[stream] = subject
         return subject
+
+    def _load(self, conn: Connection, stream: UUID, version: int) -> Any:
+        subject = None
+        for fact in self.reader.stream(conn, stream, version):  # type: ignore[union-attr]
+            subject = fold_fact(subject, fact)
+        return subject
+
+    def study(self, study_id: str) -> Any:
+        """The study's registry and configuration as its signed events have it now."""
+        return self.reader.signatures.latest(study_id)  # type: ignore[union-attr]
 
     def clear(self) -> None:
         self.subjects.clear()
+        self.halted.clear()
 
 
 def current_records(subject: Any) -> dict[str, list[Any]]:
@@ -151,45 +186,66 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
 
 class SubjectProjection(Projection):
     """Rows that are a function of one subject's state: keep every subject folded, and rewrite the rows of
-    each subject a batch changed."""
+    each subject a batch changed. A halted subject keeps its rows as of the version before the fact that
+    halted it, and gets a `halted_streams` row saying which fact and why."""
 
     def __init__(self) -> None:
         self.folder = SubjectFolder()
         # During a rebuild, the subjects changed so far: their rows are written once, at the end, rather than
         # after every batch (a subject's rows cost more to compute the more facts it has).
         self.held: dict[str, tuple[Any, int]] | None = None
-
-    def bind(self, record: Any) -> None:
-        self.folder.record = record
+        self.held_halts: dict[str, HaltedStream] | None = None
 
     def share(self, folder: SubjectFolder) -> None:
         """Fold with `folder` (projections processed together fold each subject once)."""
         self.folder = folder
 
+    def reset(self, conn: Connection) -> None:
+        super().reset(conn)
+        conn.execute(delete(halted_streams).where(halted_streams.c.projection == self.name))
+
     def forget(self) -> None:
         self.folder.clear()
-        self.held = None
+        self.held = self.held_halts = None
 
     def hold_back(self) -> None:
-        self.held = {}
+        self.held, self.held_halts = {}, {}
 
     def flush(self, conn: Connection) -> None:
-        held, self.held = self.held, None
+        held, halts = self.held, self.held_halts
+        self.held = self.held_halts = None
         if held:
             self.write(conn, held)
+        if halts:
+            self.write_halts(conn, halts)
 
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
         changed: dict[str, tuple[Any, int]] = {} if self.held is None else self.held
+        halts: dict[str, HaltedStream] = {} if self.held_halts is None else self.held_halts
         for fact in facts:
-            subject = self.folder.apply(fact)  # the aggregate is mutated in place, so held rows stay current
+            subject = self.folder.apply(conn, fact)  # the aggregate is mutated in place, so held rows stay current
             if subject is not None:
                 changed[fact.stream] = (subject, fact.position)
-        if changed and self.held is None:
-            self.write(conn, changed)
+            elif fact.stream in self.folder.halted:
+                halts[fact.stream] = self.folder.halted[fact.stream]
+        if self.held is None:
+            if changed:
+                self.write(conn, changed)
+            if halts:
+                self.write_halts(conn, halts)
 
     @abstractmethod
     def write(self, conn: Connection, changed: dict[str, tuple[Any, int]]) -> None:
         """Replace the rows of the changed subjects: stream -> (subject, log position of its last fact)."""
+
+    def write_halts(self, conn: Connection, halts: dict[str, HaltedStream]) -> None:
+        t = halted_streams
+        conn.execute(delete(t).where(t.c.projection == self.name, t.c.stream.in_(list(halts))))
+        conn.execute(t.insert(), [
+            {"projection": self.name, "stream": stream, "study": h.study, "subject": h.subject,
+             "version": h.halt.version, "position": h.halt.position, "detail": h.halt.detail}
+            for stream, h in halts.items()
+        ])  # fmt: skip
 
 
 class PatientState(SubjectProjection):
@@ -202,7 +258,7 @@ class PatientState(SubjectProjection):
         for subject, position in changed.values():
             study = str(subject.study_id)
             if study not in schedules:
-                schedules[study] = self.folder.record.study(study).config.visits
+                schedules[study] = self.folder.study(study).config.visits
             rows.append(dict(summarise(subject, schedules[study]), position=position))
         conn.execute(delete(patient_state).where(patient_state.c.subject.in_(list(changed))))
         conn.execute(patient_state.insert(), rows)

@@ -15,12 +15,12 @@ from uuid import UUID
 
 from sqlalchemy import select
 
-from projections.base import ChainCheckingReader
+from projections.base import Fact, VerifyingReader, fold_fact
+from sle_events.domain.event_types import stored_topics
 from sle_events.signing.envelope import SealedEvent, parse_time
-from sle_events.signing.payload import domain_event_from
 from sle_events.store.record import StudyRecord
 
-SCREENED_MARK = ":Subject.Screened"
+SCREENED_TOPICS = stored_topics("Subject.Screened")
 
 
 class SubjectNotFound(LookupError):
@@ -35,7 +35,7 @@ def find_subject(record: StudyRecord, subject: str) -> UUID:
         pass
     t = record.table
     with record.recorder.datastore.engine.connect() as conn:
-        rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.like(f"%{SCREENED_MARK}"))).all()
+        rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.in_(SCREENED_TOPICS))).all()
     for stream_id, state in rows:
         if f'"screening_number":"{subject}"'.encode() in bytes(state):
             return stream_id
@@ -50,8 +50,10 @@ def _targets(env: dict[str, Any]) -> int | None:
     return None
 
 
-def events_as_of(stream: list[SealedEvent], *, as_of: datetime | None = None,
-                 occurred_as_of: datetime | None = None) -> list[SealedEvent]:  # fmt: skip
+def events_as_of(stream: list[Any], *, as_of: datetime | None = None,
+                 occurred_as_of: datetime | None = None) -> list[Any]:  # fmt: skip
+    """The stream's events (facts or sealed events) the database held at recorded time `as_of`, or that
+    happened by `occurred_as_of`, with every later correction or void of those."""
     chosen = stream
     if as_of is not None:
         chosen = [e for e in chosen if parse_time("recorded_at", e.envelope["recorded_at"]) <= as_of]
@@ -67,26 +69,22 @@ def events_as_of(stream: list[SealedEvent], *, as_of: datetime | None = None,
     return chosen
 
 
-def fold(events: list[SealedEvent]) -> Any:
-    """Rebuild the aggregate from a (possibly gapped) selection of its events, in version order."""
+def fold(events: list[Fact | SealedEvent]) -> Any:
+    """Rebuild the aggregate from a (possibly gapped) selection of its events, in version order. A signed event
+    the domain cannot load raises `StreamHalted` naming it."""
     aggregate = None
     for e in events:
-        event = domain_event_from(e)
+        fact = e if isinstance(e, Fact) else Fact(0, e)  # a bare sealed event: its log position is not known here
         if aggregate is not None:
-            aggregate.version = e.version - 1  # skipped versions are facts of another time
-        aggregate = event.mutate(aggregate)
+            aggregate.version = fact.version - 1  # skipped versions are facts of another time
+        aggregate = fold_fact(aggregate, fact)
     return aggregate
 
 
-def read_stream(record: StudyRecord, stream_id: UUID) -> list[SealedEvent]:
-    """A stream's events, read with SQLAlchemy Core and hash-chain checked like every projected event."""
-    t = record.table
+def read_stream(record: StudyRecord, stream_id: UUID) -> list[Fact]:
+    """A stream's events, each hash-chain and signature checked like every projected event."""
     with record.recorder.datastore.engine.connect() as conn:
-        rows = conn.execute(select(t.c.id, t.c.originator_version, t.c.state)
-                            .where(t.c.originator_id == stream_id).order_by(t.c.originator_version)).all()  # fmt: skip
-    reader = ChainCheckingReader(t)
-    return [reader.check(None, position, stream_id, version, state).sealed  # type: ignore[arg-type]
-            for position, version, state in rows]  # fmt: skip
+        return VerifyingReader(record.table).stream(conn, stream_id)
 
 
 def replay(record: StudyRecord, subject: str, *, as_of: datetime | None = None,

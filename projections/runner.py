@@ -8,19 +8,21 @@ and followers wake on the library's LISTEN/NOTIFY subscription; on SQLite the wo
 
 from __future__ import annotations
 
+import json
 import multiprocessing
 import os
 import threading
-import time
 import zlib
+from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
+from concurrent.futures.process import BrokenProcessPool
 from datetime import datetime, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 from sqlalchemy import Connection, Engine, func, inspect, select, text
 
-from projections.base import ChainCheckingReader, Projection
+from projections.base import Projection, ProjectionHalted, VerifyingReader
 from projections.patient_state import SubjectFolder
-from projections.schema import metadata, projection_tracking
+from projections.schema import halted_streams, metadata, projection_tracking
 from sle_events.store.record import StudyRecord
 from sle_events.store.streams import split_streams
 
@@ -31,6 +33,10 @@ REBUILD_BATCH = 10000  # a rebuild commits less often: its rows only count once 
 
 class SchemaBehind(RuntimeError):
     """The database's read-model tables are from an earlier revision: `sle db upgrade` first."""
+
+
+class RebuildFailed(RuntimeError):
+    """A rebuild worker process died without an answer (killed, out of memory): nothing of the rebuild counts."""
 
 
 def _schema_behind(engine: Engine) -> str | None:
@@ -102,6 +108,16 @@ class ProjectionRunner:
         with self.engine.connect() as conn:
             return conn.execute(select(func.max(self.events.c.id))).scalar() or 0
 
+    def halted(self, name: str, conn: Connection | None = None) -> ProjectionHalted | None:
+        """What stopped the projection, if it is stopped (a broken chain or bad signature it met)."""
+        q = select(projection_tracking.c.halted).where(projection_tracking.c.name == name)
+        if conn is not None:
+            stored = conn.execute(q).scalar()
+        else:
+            with self.engine.connect() as c:
+                stored = c.execute(q).scalar()
+        return ProjectionHalted(**json.loads(stored)) if stored else None
+
     def status(self) -> list[dict[str, object]]:
         head = self.head()
         rows = []
@@ -111,8 +127,14 @@ class ProjectionRunner:
                 behind = conn.execute(select(func.count()).where(self.events.c.id > pos)).scalar() or 0
                 updated = conn.execute(select(projection_tracking.c.updated_at)
                                        .where(projection_tracking.c.name == p.name)).scalar()  # fmt: skip
+                halted = self.halted(p.name, conn)
+                streams = conn.execute(select(halted_streams.c.stream, halted_streams.c.subject, halted_streams.c.version,
+                                              halted_streams.c.position, halted_streams.c.detail)
+                                       .where(halted_streams.c.projection == p.name)
+                                       .order_by(halted_streams.c.position)).all()  # fmt: skip
                 rows.append({"projection": p.name, "position": pos, "head": head, "lag_events": behind,
-                             "updated_at": updated})  # fmt: skip
+                             "updated_at": updated, "halted": str(halted) if halted else None,
+                             "halted_streams": [dict(r._mapping) for r in streams]})  # fmt: skip
         return rows
 
     # --- processing ------------------------------------------------------------------------------------
@@ -127,22 +149,40 @@ class ProjectionRunner:
             if self._own(p):
                 groups.setdefault(self.position(p.name), []).append(p)
         interrupted = groups.pop(REBUILDING, [])
+        for p in interrupted:
+            halted = self.halted(p.name)
+            if halted is not None:  # rebuilding again would stop at the same event: say why, and wait for
+                raise halted  # `sle projections rebuild` once the record is repaired
         if interrupted:  # a rebuild stopped half-way: its tables are incomplete, so build them again
             self.rebuild([p.name for p in interrupted], on_progress)
             return self.head()
         for group in groups.values():
-            _fold_once(group, self.record)
-            reader = ChainCheckingReader(self.events)
-            while True:
-                applied = self._step(group, reader)
-                if not applied:
-                    break
-                done += applied
-                if on_progress:
-                    on_progress(self.position(group[0].name), self.head())
+            reader = VerifyingReader(self.events)
+            _fold_once(group, reader)
+            try:
+                while True:
+                    applied = self._step(group, reader)
+                    if not applied:
+                        break
+                    done += applied
+                    if on_progress:
+                        on_progress(self.position(group[0].name), self.head())
+            except ProjectionHalted as halted:
+                self._halt([p.name for p in group], halted)
+                raise
         return done
 
-    def _step(self, group: Sequence[Projection], reader: ChainCheckingReader) -> int:
+    def _halt(self, names: Sequence[str], halted: ProjectionHalted) -> None:
+        """Keep why the projections stopped (the batch that met it was rolled back), for status and readers."""
+        stored = json.dumps({"position": halted.position, "stream": halted.stream, "version": halted.version,
+                             "detail": halted.detail})  # fmt: skip
+        with self.engine.begin() as conn:
+            for name in names:
+                self._lock_position(conn, name)
+                conn.execute(projection_tracking.update().where(projection_tracking.c.name == name)
+                             .values(halted=stored, updated_at=_now()))  # fmt: skip
+
+    def _step(self, group: Sequence[Projection], reader: VerifyingReader) -> int:
         with self.engine.begin() as conn:
             positions = {self._lock_position(conn, p.name) for p in group}
             if len(positions) != 1:  # another worker moved one of them: regroup on the next pass
@@ -169,7 +209,7 @@ class ProjectionRunner:
 
     def _save_position(self, conn: Connection, name: str, position: int) -> None:
         t = projection_tracking
-        conn.execute(t.update().where(t.c.name == name).values(position=position, updated_at=_now()))
+        conn.execute(t.update().where(t.c.name == name).values(position=position, updated_at=_now(), halted=None))
 
     def _own(self, projection: Projection) -> bool:
         """On PostgreSQL, hold a session advisory lock per projection: one worker processes it at a time."""
@@ -216,24 +256,14 @@ class ProjectionRunner:
             if on_progress:
                 on_progress(min(done, head), head)  # positions may have gaps: count, capped
 
-        if len(ranges) == 1:
-            _project_range(self, chosen, ranges[0], head, advance)
-        else:
-            self.engine.dispose()  # the workers are forked: they must not share our connections
-            ctx = multiprocessing.get_context("fork")
-            with ctx.Manager() as manager, ctx.Pool(len(ranges)) as pool:
-                queue = manager.Queue() if on_progress else None
-                pending = [pool.apply_async(_rebuild_worker, (self.record.url, chosen_names, r, head, queue))
-                           for r in ranges]  # fmt: skip
-                while True:
-                    finished = all(p.ready() for p in pending)
-                    while queue is not None and not queue.empty():
-                        advance(queue.get())
-                    if finished:
-                        break
-                    time.sleep(0.05)
-                for result in pending:
-                    result.get()
+        try:
+            if len(ranges) == 1:
+                _project_range(self, chosen, ranges[0], head, advance)
+            else:
+                self._rebuild_in_workers(chosen_names, ranges, head, advance if on_progress else None)
+        except ProjectionHalted as halted:
+            self._halt(chosen_names, halted)
+            raise
         with self.engine.begin() as conn:
             for name in chosen_names:
                 self._save_position(conn, name, head)
@@ -246,6 +276,37 @@ class ProjectionRunner:
             self.catch_up(on_progress)  # anything appended meanwhile
         finally:
             self.projections = saved
+
+    def _rebuild_in_workers(self, names: list[str], ranges: list[tuple[object, object]], head: int,
+                            advance: Callable[[int], None] | None) -> None:  # fmt: skip
+        """One process per range. The first failure stops the others (between batches) and is raised here;
+        a worker that dies without an answer raises RebuildFailed rather than leaving us waiting."""
+        self.engine.dispose()  # the workers are forked: they must not share our connections
+        ctx = multiprocessing.get_context("fork")
+        with ctx.Manager() as manager, ProcessPoolExecutor(len(ranges), mp_context=ctx) as pool:
+            queue = manager.Queue() if advance else None
+            stop = manager.Event()
+            pending = [pool.submit(_rebuild_worker, self.record.url, names, r, head, queue, stop) for r in ranges]
+            failure: BaseException | None = None
+            try:
+                while True:
+                    finished, _ = wait(pending, timeout=0.05, return_when=FIRST_EXCEPTION)
+                    while queue is not None and not queue.empty():
+                        advance(queue.get())  # type: ignore[misc]
+                    failed = [f.exception() for f in finished if f.exception() is not None]
+                    if failed and failure is None:
+                        failure = failed[0]
+                        stop.set()
+                    if len(finished) == len(pending):
+                        break
+            except BaseException:  # Ctrl-C: the workers stop at their next batch
+                stop.set()
+                raise
+        if isinstance(failure, BrokenProcessPool):
+            raise RebuildFailed(f"a rebuild worker process died ({failure}); nothing of the rebuild counts: "
+                                "run it again") from failure  # fmt: skip
+        if failure is not None:
+            raise failure
 
     # --- following -------------------------------------------------------------------------------------
     def run_forever(self, poll_seconds: float = 0.5, on_batch: Callable[[int], None] | None = None) -> None:
@@ -272,16 +333,21 @@ class ProjectionRunner:
 
 
 def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], streams: tuple[object, object],
-                   head: int, advance: Callable[[int], None] | None = None) -> None:  # fmt: skip
+                   head: int, advance: Callable[[int], None] | None = None,
+                   stop: Callable[[], bool] | None = None) -> None:  # fmt: skip
     """Project the events of a range of streams up to `head`, batch by batch (positions are set by the caller);
-    `advance(n)` after each batch of n events."""
-    _fold_once(projections, runner.record)
-    reader = ChainCheckingReader(runner.events)
+    `advance(n)` after each batch of n events; `stop()` true: give up between batches (another range failed)."""
+    reader = VerifyingReader(runner.events)
+    _fold_once(projections, reader)
     for p in projections:
         p.hold_back()
     after = 0
     try:
         while True:
+            if stop is not None and stop():
+                for p in projections:
+                    p.forget()
+                return
             with runner.engine.begin() as conn:
                 facts = reader.read(conn, after, REBUILD_BATCH, streams=streams, upto=head)
                 if not facts:
@@ -299,19 +365,21 @@ def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], 
         raise
 
 
-def _fold_once(projections: Sequence[Projection], record: StudyRecord) -> None:
+def _fold_once(projections: Sequence[Projection], reader: VerifyingReader) -> None:
     """Projections that fold subjects share one folder: each subject is folded once per fact."""
     folders = [p for p in projections if hasattr(p, "share")]
     if folders:
-        shared = SubjectFolder(record)
+        shared = SubjectFolder(reader)
         for p in folders:
             p.share(shared)  # type: ignore[attr-defined]
 
 
-def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int, queue: Any) -> None:
+def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int, queue: Any,
+                    stop: Any) -> None:  # fmt: skip
     runner = ProjectionRunner(url, [p for p in all_projections() if p.name in names])
     try:
-        _project_range(runner, runner.projections, streams, head, queue.put if queue is not None else None)
+        _project_range(runner, runner.projections, streams, head, queue.put if queue is not None else None,
+                       stop.is_set)  # fmt: skip
     finally:
         runner.close()
 

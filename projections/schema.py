@@ -14,6 +14,24 @@ projection_tracking = Table(
     Column("name", String(64), primary_key=True),
     Column("position", _ID, nullable=False),
     Column("updated_at", String(40), nullable=False),
+    # JSON {position, stream, version, detail} of the event that stopped the projection (broken chain, bad
+    # signature); null while it runs. A rebuild that halted is not started again by read commands: they say why.
+    Column("halted", Text),
+)
+
+# Streams a projection stopped following: a signed event the domain cannot load (e.g. a lab value that is not a
+# number, stored before append refused it). The stream's rows stay as of the version before; every other stream
+# is projected on.
+halted_streams = Table(
+    "halted_streams",
+    metadata,
+    Column("projection", String(64), primary_key=True),
+    Column("stream", String(36), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("subject", String(64)),  # the subject's screening number, when known
+    Column("version", _ID, nullable=False),
+    Column("position", _ID, nullable=False),
+    Column("detail", Text, nullable=False),
 )
 
 # The audit trail is stored one row per event (who, when, why, which record) with that event's field changes

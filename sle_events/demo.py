@@ -26,7 +26,7 @@ import json
 import math
 from collections.abc import Callable
 from dataclasses import dataclass, field
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
 from typing import Any
@@ -36,6 +36,7 @@ from zoneinfo import ZoneInfo
 from sle_events.domain import bounds
 from sle_events.domain import clock as domain_clock
 from sle_events.domain import errors as E
+from sle_events.domain.event_types import type_name
 from sle_events.domain.payloads import CriterionAnswer, EligibilityChecklist
 from sle_events.signing.keys import Signer
 from sle_events.store.errors import AppendRejected, UntrustedKey
@@ -48,9 +49,11 @@ DEMO_NAMESPACE = UUID("5f1e7a52-9c1b-4d55-9a0e-1c9b5e0d2007")
 STUDY_START = datetime(2007, 3, 12, 9, 0, tzinfo=ZoneInfo("Asia/Shanghai"))
 ENROLLMENT_MONTHS = 18
 DATA_CUT_MONTHS = 46
-SITES = [("NJ01", "Affiliated Drum Tower Hospital, Nanjing", "Asia/Shanghai"),
-         ("SH01", "Renji Hospital, Shanghai", "Asia/Shanghai"),
-         ("BE01", "Charité, Berlin", "Europe/Berlin")]
+SITES = [
+    ("NJ01", "Affiliated Drum Tower Hospital, Nanjing", "Asia/Shanghai"),
+    ("SH01", "Renji Hospital, Shanghai", "Asia/Shanghai"),
+    ("BE01", "Charité, Berlin", "Europe/Berlin"),
+]
 PEOPLE = {
     "admin": ("admin@drum-tower", "admin"),
     "coordinator": ("nurse.li", "coordinator"),
@@ -171,9 +174,10 @@ class Plan:
         self.data_cut = data_cut
         self.backlog = 0
 
-    def add(self, recorded_at: datetime, label: str, run: Callable[[], Any],
-            expect: type[Exception] | None = None) -> datetime:
-        recorded_at = recorded_at.astimezone(timezone.utc)
+    def add(
+        self, recorded_at: datetime, label: str, run: Callable[[], Any], expect: type[Exception] | None = None
+    ) -> datetime:
+        recorded_at = recorded_at.astimezone(UTC)
         if recorded_at > self.data_cut:
             self.backlog += 1
         else:
@@ -187,39 +191,96 @@ class Story:
     def __init__(self, plan: Plan, tz: ZoneInfo) -> None:
         self.plan = plan
         self.tz = tz
-        self.cursor = datetime.min.replace(tzinfo=timezone.utc)
+        self.cursor = datetime.min.replace(tzinfo=UTC)
         self.consented: list[str] = []
 
     def procedure(self, demo: Demo, sid: Callable[[], UUID], when: datetime, number: str) -> None:
         """R1: before a study procedure at ``when``, re-consent if a newer ICF version is in effect."""
         current = demo.icf_at(when)
         if self.consented and current not in self.consented:
-            at_ = max(when - timedelta(minutes=30), [e for v, e in demo.icf_versions if v == current][0])
+            at_ = max(when - timedelta(minutes=30), next(e for v, e in demo.icf_versions if v == current))
             self.consented.append(current)
-            self.add(at_ + timedelta(minutes=5), f"{number} re-consent {current}", lambda: demo.trial.obtain_consent(
-                sid(), current, at_, signer=demo.signers["investigator"], taken_by=demo.signers["investigator"].actor))
+            self.add(
+                at_ + timedelta(minutes=5),
+                f"{number} re-consent {current}",
+                lambda: demo.trial.obtain_consent(
+                    sid(),
+                    current,
+                    at_,
+                    signer=demo.signers["investigator"],
+                    taken_by=demo.signers["investigator"].actor,
+                ),
+            )
 
     def at(self, day: date, hour: float) -> datetime:
         h = int(hour)
-        m = int(round((hour - h) * 60))
+        m = round((hour - h) * 60)
         return datetime(day.year, day.month, day.day, h, 0, tzinfo=self.tz) + timedelta(minutes=m)
 
-    def add(self, entered: datetime, label: str, run: Callable[[], Any],
-            expect: type[Exception] | None = None) -> datetime:
-        when = max(entered.astimezone(timezone.utc), self.cursor + timedelta(seconds=1))
+    def add(
+        self, entered: datetime, label: str, run: Callable[[], Any], expect: type[Exception] | None = None
+    ) -> datetime:
+        when = max(entered.astimezone(UTC), self.cursor + timedelta(seconds=1))
         self.cursor = when
         return self.plan.add(when, label, run, expect)
 
 
 # =========================================================================== lab trajectories (§3–§4, simplified)
-NOISE_CV = {"UPROT": 0.35, "UCREAT": 0.30, "ALB": 0.05, "CREAT": 0.07, "DSDNA": 0.25, "C3": 0.10, "C4": 0.15,
-            "WBC": 0.15, "NEUT": 0.20, "LYMPH": 0.20, "HGB": 0.05, "PLAT": 0.12, "ESR": 0.25, "CRP": 0.60,
-            "URBC": 0.60, "TREGPCT": 0.20, "CD4": 0.20}
-UNITS = {"UPROT": "mg/dL", "UCREAT": "mg/dL", "ALB": "g/dL", "CREAT": "mg/dL", "DSDNA": "[IU]/mL", "C3": "mg/dL",
-         "C4": "mg/dL", "WBC": "10*3/uL", "NEUT": "10*3/uL", "LYMPH": "10*3/uL", "HGB": "g/dL", "PLAT": "10*3/uL",
-         "ESR": "mm/h", "CRP": "mg/L", "URBC": "/[HPF]", "UPROT24": "g/(24.h)"}
-DP = {"UPROT": 0, "UCREAT": 0, "ALB": 1, "CREAT": 2, "DSDNA": 0, "C3": 0, "C4": 1, "WBC": 1, "NEUT": 2,
-      "LYMPH": 2, "HGB": 1, "PLAT": 0, "ESR": 0, "CRP": 1, "URBC": 0, "UPROT24": 2}
+NOISE_CV = {
+    "UPROT": 0.35,
+    "UCREAT": 0.30,
+    "ALB": 0.05,
+    "CREAT": 0.07,
+    "DSDNA": 0.25,
+    "C3": 0.10,
+    "C4": 0.15,
+    "WBC": 0.15,
+    "NEUT": 0.20,
+    "LYMPH": 0.20,
+    "HGB": 0.05,
+    "PLAT": 0.12,
+    "ESR": 0.25,
+    "CRP": 0.60,
+    "URBC": 0.60,
+    "TREGPCT": 0.20,
+    "CD4": 0.20,
+}
+UNITS = {
+    "UPROT": "mg/dL",
+    "UCREAT": "mg/dL",
+    "ALB": "g/dL",
+    "CREAT": "mg/dL",
+    "DSDNA": "[IU]/mL",
+    "C3": "mg/dL",
+    "C4": "mg/dL",
+    "WBC": "10*3/uL",
+    "NEUT": "10*3/uL",
+    "LYMPH": "10*3/uL",
+    "HGB": "g/dL",
+    "PLAT": "10*3/uL",
+    "ESR": "mm/h",
+    "CRP": "mg/L",
+    "URBC": "/[HPF]",
+    "UPROT24": "g/(24.h)",
+}
+DP = {
+    "UPROT": 0,
+    "UCREAT": 0,
+    "ALB": 1,
+    "CREAT": 2,
+    "DSDNA": 0,
+    "C3": 0,
+    "C4": 1,
+    "WBC": 1,
+    "NEUT": 2,
+    "LYMPH": 2,
+    "HGB": 1,
+    "PLAT": 0,
+    "ESR": 0,
+    "CRP": 1,
+    "URBC": 0,
+    "UPROT24": 2,
+}
 LAB_RANGES = {"DSDNA": ("0", "30"), "C3": ("90", "180"), "C4": ("10", "40")}
 
 
@@ -261,12 +322,18 @@ def baseline_course(rng: Rng, klass: str) -> Course:
     upcr = clip(rng.lognormal(2.6, 1.7) * math.exp(0.3 * s), 1.0, 12.0)
     ucreat = clip(rng.lognormal(100, 1.6), 20, 300)
     base = {
-        "UCREAT": ucreat, "UPROT": upcr * ucreat, "CREAT": clip(rng.lognormal(1.0, 1.35), 0.5, 2.6),
+        "UCREAT": ucreat,
+        "UPROT": upcr * ucreat,
+        "CREAT": clip(rng.lognormal(1.0, 1.35), 0.5, 2.6),
         "DSDNA": clip(rng.lognormal(120, 3.5) * math.exp(0.4 * s), 5, 3000),
-        "C3": clip(rng.normal(62, 20) - 8 * s, 20, 130), "C4": clip(rng.normal(9, 5), 2, 35),
-        "WBC": clip(rng.lognormal(5.5, 1.4), 2.0, 15), "HGB": clip(rng.normal(10.8, 1.4), 8, 15.5),
-        "PLAT": clip(rng.normal(200, 70), 30, 450), "ESR": clip(rng.lognormal(35, 1.8), 2, 140),
-        "CRP": clip(rng.lognormal(4, 2.5), 0.2, 150), "URBC": clip(rng.lognormal(6, 3) * math.exp(0.3 * s), 0, 200),
+        "C3": clip(rng.normal(62, 20) - 8 * s, 20, 130),
+        "C4": clip(rng.normal(9, 5), 2, 35),
+        "WBC": clip(rng.lognormal(5.5, 1.4), 2.0, 15),
+        "HGB": clip(rng.normal(10.8, 1.4), 8, 15.5),
+        "PLAT": clip(rng.normal(200, 70), 30, 450),
+        "ESR": clip(rng.lognormal(35, 1.8), 2, 140),
+        "CRP": clip(rng.lognormal(4, 2.5), 0.2, 150),
+        "URBC": clip(rng.lognormal(6, 3) * math.exp(0.3 * s), 0, 200),
     }
     base["NEUT"] = base["WBC"] * rng.uniform(0.55, 0.75)
     base["LYMPH"] = base["WBC"] * rng.uniform(0.10, 0.25)
@@ -292,11 +359,30 @@ def baseline_course(rng: Rng, klass: str) -> Course:
         target[k] = max(target[k], 2.0)
     target["ESR"] = base["ESR"] * (rng.uniform(0.3, 0.6) if like == "CR" else rng.uniform(0.8, 1.2))
     target["HGB"] = base["HGB"] + (rng.uniform(0.5, 2.0) if like == "CR" else rng.uniform(-1, 0.5))
-    descriptors = {code for code, p in (("SLED2K15", 0.2), ("SLED2K16", 0.15), ("SLED2K17", 0.1), ("SLED2K09", 0.15),
-                                        ("SLED2K18", 0.03), ("SLED2K19", 0.02), ("SLED2K08", 0.03)) if rng.chance(p)}
-    return Course(klass, base, target, rng.uniform(2, 4) if like == "CR" else rng.uniform(2, 5), rng.uniform(1.5, 3),
-                  rng.uniform(5, 20) if klass == "REL" else None, clip(rng.normal(2.8, 1.2), 0.5, 8),
-                  rng.normal(3.0, 1.2), descriptors)
+    descriptors = {
+        code
+        for code, p in (
+            ("SLED2K15", 0.2),
+            ("SLED2K16", 0.15),
+            ("SLED2K17", 0.1),
+            ("SLED2K09", 0.15),
+            ("SLED2K18", 0.03),
+            ("SLED2K19", 0.02),
+            ("SLED2K08", 0.03),
+        )
+        if rng.chance(p)
+    }
+    return Course(
+        klass,
+        base,
+        target,
+        rng.uniform(2, 4) if like == "CR" else rng.uniform(2, 5),
+        rng.uniform(1.5, 3),
+        rng.uniform(5, 20) if klass == "REL" else None,
+        clip(rng.normal(2.8, 1.2), 0.5, 8),
+        rng.normal(3.0, 1.2),
+        descriptors,
+    )
 
 
 def observe(rng: Rng, course: Course, t: float, nadir: tuple[float, float] | None = None) -> dict[str, str]:
@@ -310,14 +396,21 @@ def observe(rng: Rng, course: Course, t: float, nadir: tuple[float, float] | Non
         sigma = math.sqrt(math.log(1 + cv * cv))
         r = rho.get(code, 0.0)
         e = r * z + math.sqrt(1 - r * r) * rng.normal()
-        value = (course.true(code, t) if code != "ALB" else
-                 clip(4.2 - 1.2 * math.log(1 + course.true("UPROT", max(t - 1, 0)) / course.base["UCREAT"])
-                      + (course.base["ALB"] - 4.2 + 1.2 * math.log(1 + course.base["UPROT"] / course.base["UCREAT"])),
-                      1.5, 4.8))
+        value = (
+            course.true(code, t)
+            if code != "ALB"
+            else clip(
+                4.2
+                - 1.2 * math.log(1 + course.true("UPROT", max(t - 1, 0)) / course.base["UCREAT"])
+                + (course.base["ALB"] - 4.2 + 1.2 * math.log(1 + course.base["UPROT"] / course.base["UCREAT"])),
+                1.5,
+                4.8,
+            )
+        )
         if nadir is not None and code in ("NEUT", "WBC", "LYMPH", "PLAT"):
             d_days, depth = nadir
             scale = {"NEUT": 1.0, "WBC": 0.8, "LYMPH": 0.6, "PLAT": 0.3}[code]
-            value *= 1 - scale * depth * math.exp(-((t * 30 - d_days) / 4) ** 2)
+            value *= 1 - scale * depth * math.exp(-(((t * 30 - d_days) / 4) ** 2))
         value *= math.exp(sigma * e)
         out[code] = value
     lows = {"CREAT": 0.3, "ALB": 0.8, "HGB": 6.0, "C3": 5.0, "C4": 0.5, "UCREAT": 15}
@@ -359,7 +452,7 @@ class Demo:
         return [v for v, eff in self.icf_versions if eff <= when][-1]
 
 
-def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklist:  # type: ignore[assignment]
+def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklist:  # type: ignore[assignment]  # an empty tuple as an immutable default
     from sle_events.domain.eligibility import EXCLUSION, INCLUSION
 
     answers = {c: CriterionAnswer(met=c not in failed, evidence="source documents") for c in INCLUSION}
@@ -367,8 +460,20 @@ def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklis
     return EligibilityChecklist(answers=answers, screening_labs_collected_at=labs_at)
 
 
-FAILURES = [("T3", 18), ("I3", 20), ("E1", 12), ("I7", 10), ("I2", 8), ("T5", 7), ("I4", 6), ("E4", 6), ("E5", 5),
-            ("E8", 4), ("E2", 2), ("E3", 2)]
+FAILURES = [
+    ("T3", 18),
+    ("I3", 20),
+    ("E1", 12),
+    ("I7", 10),
+    ("I2", 8),
+    ("T5", 7),
+    ("I4", 6),
+    ("E4", 6),
+    ("E5", 5),
+    ("E8", 4),
+    ("E2", 2),
+    ("E3", 2),
+]
 
 
 def screening_dates(seed: int, n: int) -> list[date]:
@@ -385,8 +490,15 @@ def screening_dates(seed: int, n: int) -> list[date]:
     return days
 
 
-def plan_screening(demo: Demo, k: int, day: date, site: tuple[str, str, str], *, enrol: bool,
-                   rescreen_of: Callable[[], UUID] | None = None) -> tuple[Callable[[], UUID], Story, datetime] | None:
+def plan_screening(
+    demo: Demo,
+    k: int,
+    day: date,
+    site: tuple[str, str, str],
+    *,
+    enrol: bool,
+    rescreen_of: Callable[[], UUID] | None = None,
+) -> tuple[Callable[[], UUID], Story, datetime] | None:
     """Screening, consent, screening data and eligibility (or a screen failure). Returns the subject's id
     getter, its story and the eligibility time for a subject who will enrol."""
     t, s = demo.trial, demo.signers
@@ -402,33 +514,64 @@ def plan_screening(demo: Demo, k: int, day: date, site: tuple[str, str, str], *,
     screened = story.at(day, rng.uniform(9, 11))
 
     def screen() -> None:
-        ids["id"] = t.screen(site[0], number, screened, signer=s["coordinator"],
-                             rescreen_of=None if rescreen_of is None else rescreen_of())
+        ids["id"] = t.screen(
+            site[0],
+            number,
+            screened,
+            signer=s["coordinator"],
+            rescreen_of=None if rescreen_of is None else rescreen_of(),
+        )
 
     story.add(screened + timedelta(minutes=20), f"{number} screened", screen)
     reason = None if enrol else rng.pick(FAILURES)
     if reason == "T3":
-        story.add(screened + timedelta(hours=2), f"{number} declined", lambda: t.screen_fail(
-            sid(), screened + timedelta(hours=1), signer=s["coordinator"], reason="consent declined before signing"))
+        story.add(
+            screened + timedelta(hours=2),
+            f"{number} declined",
+            lambda: t.screen_fail(
+                sid(), screened + timedelta(hours=1), signer=s["coordinator"], reason="consent declined before signing"
+            ),
+        )
         return None
     consent_day = day if rng.chance(0.7) else day + timedelta(days=rng.integer(1, 7))
     consented = story.at(consent_day, rng.uniform(11.5, 16))
     icf = demo.icf_at(consented)
     story.consented.append(icf)
-    story.add(consented + timedelta(minutes=15), f"{number} consent", lambda: t.obtain_consent(
-        sid(), icf, consented, signer=s["investigator"], taken_by=s["investigator"].actor))
+    story.add(
+        consented + timedelta(minutes=15),
+        f"{number} consent",
+        lambda: t.obtain_consent(sid(), icf, consented, signer=s["investigator"], taken_by=s["investigator"].actor),
+    )
     demo_rng = Rng(demo.seed, k, "demo")
     female = demo_rng.chance(0.87)
     age = int(clip(demo_rng.normal(31, 8), 18, 60))
     birth = date(consent_day.year - age - 1, demo_rng.integer(1, 12), demo_rng.integer(1, 28))
     cbp = female and demo_rng.chance(0.9)
-    story.add(consented + timedelta(minutes=40), f"{number} demographics", lambda: t.record_demographics(
-        sid(), "F" if female else "M", birth, consented + timedelta(minutes=30), signer=s["coordinator"],
-        childbearing_potential=cbp))
-    story.add(consented + timedelta(minutes=50), f"{number} history", lambda: t.record_medical_history(
-        sid(), "systemic lupus erythematosus", consented + timedelta(minutes=45), signer=s["coordinator"],
-        start_date=consent_day - timedelta(days=int(clip(demo_rng.lognormal(48, 2), 12, 240) * 30)), ongoing=True,
-        category="SLE"))
+    story.add(
+        consented + timedelta(minutes=40),
+        f"{number} demographics",
+        lambda: t.record_demographics(
+            sid(),
+            "F" if female else "M",
+            birth,
+            consented + timedelta(minutes=30),
+            signer=s["coordinator"],
+            childbearing_potential=cbp,
+        ),
+    )
+    story.add(
+        consented + timedelta(minutes=50),
+        f"{number} history",
+        lambda: t.record_medical_history(
+            sid(),
+            "systemic lupus erythematosus",
+            consented + timedelta(minutes=45),
+            signer=s["coordinator"],
+            start_date=consent_day - timedelta(days=int(clip(demo_rng.lognormal(48, 2), 12, 240) * 30)),
+            ongoing=True,
+            category="SLE",
+        ),
+    )
     course = baseline_course(Rng(demo.seed, k, "class"), "NR")
     labs_at = story.at(consent_day + timedelta(days=1), rng.uniform(7.5, 11))
     values = observe(Rng(demo.seed, k, "labs-scr"), course, 0.0)
@@ -438,42 +581,82 @@ def plan_screening(demo: Demo, k: int, day: date, site: tuple[str, str, str], *,
         values["CREAT"] = dec(rng.uniform(2.6, 3.4), 2)
     if reason == "E5":
         values["WBC"], values["NEUT"] = dec(rng.uniform(1.2, 1.9), 1), dec(rng.uniform(0.5, 0.9), 2)
-    panel = [(c, values[c], UNITS[c]) for c in ("CREAT", "UPROT", "UCREAT", "ALB", "DSDNA", "C3", "C4", "WBC", "NEUT",
-                                                  "HGB", "PLAT")]
+    panel = [
+        (c, values[c], UNITS[c])
+        for c in ("CREAT", "UPROT", "UCREAT", "ALB", "DSDNA", "C3", "C4", "WBC", "NEUT", "HGB", "PLAT")
+    ]
     story.procedure(demo, sid, labs_at, number)
-    story.add(labs_at + timedelta(hours=rng.uniform(1, 8)), f"{number} screening labs", lambda: t.record_lab_panel(
-        sid(), panel, labs_at, signer=s["lab"], ranges=LAB_RANGES))
+    story.add(
+        labs_at + timedelta(hours=rng.uniform(1, 8)),
+        f"{number} screening labs",
+        lambda: t.record_lab_panel(sid(), panel, labs_at, signer=s["lab"], ranges=LAB_RANGES),
+    )
     biopsy_class = rng.pick([("IV", 55), ("III", 20), ("IV+V", 15), ("III+V", 10)]) if reason != "I2" else "V"
-    story.add(labs_at + timedelta(hours=10), f"{number} biopsy", lambda: t.record_biopsy(
-        sid(), consent_day - timedelta(days=rng.integer(20, 300)), biopsy_class, labs_at + timedelta(hours=9),
-        signer=s["coordinator"]))
+    story.add(
+        labs_at + timedelta(hours=10),
+        f"{number} biopsy",
+        lambda: t.record_biopsy(
+            sid(),
+            consent_day - timedelta(days=rng.integer(20, 300)),
+            biopsy_class,
+            labs_at + timedelta(hours=9),
+            signer=s["coordinator"],
+        ),
+    )
     review = labs_at + timedelta(days=rng.integer(2, 13), hours=2)
-    items = ["BIOPSY_CLASS_III_OR_IV" if biopsy_class in ("III", "IV", "III+V", "IV+V") else "BIOPSY_CLASS_II_OR_V",
-             "ANTI_DSDNA_OR_ANTI_SM", "LOW_C3_AND_LOW_C4" if float(values["C4"]) < 10 else "LOW_C3_OR_LOW_C4"]
+    items = [
+        "BIOPSY_CLASS_III_OR_IV" if biopsy_class in ("III", "IV", "III+V", "IV+V") else "BIOPSY_CLASS_II_OR_V",
+        "ANTI_DSDNA_OR_ANTI_SM",
+        "LOW_C3_AND_LOW_C4" if float(values["C4"]) < 10 else "LOW_C3_OR_LOW_C4",
+    ]
     story.procedure(demo, sid, review, number)
-    story.add(review + timedelta(minutes=5), f"{number} classification", lambda: t.record_classification(
-        sid(), rng.pick([("1:160", 25), ("1:320", 35), ("1:640", 25), ("1:1280", 15)]), items, review,
-        signer=s["investigator"]))
+    story.add(
+        review + timedelta(minutes=5),
+        f"{number} classification",
+        lambda: t.record_classification(
+            sid(),
+            rng.pick([("1:160", 25), ("1:320", 35), ("1:640", 25), ("1:1280", 15)]),
+            items,
+            review,
+            signer=s["investigator"],
+        ),
+    )
     if reason is None or reason == "T5":
         eligible_at = review + timedelta(hours=1)
-        story.add(eligible_at + timedelta(minutes=10), f"{number} eligibility", lambda: t.confirm_eligibility(
-            sid(), eligible_at, _checklist(labs_at), signer=s["investigator"]))
+        story.add(
+            eligible_at + timedelta(minutes=10),
+            f"{number} eligibility",
+            lambda: t.confirm_eligibility(sid(), eligible_at, _checklist(labs_at), signer=s["investigator"]),
+        )
         if reason == "T5":
-            story.add(eligible_at + timedelta(days=2), f"{number} withdrew consent", lambda: t.screen_fail(
-                sid(), eligible_at + timedelta(days=2), signer=s["investigator"],
-                reason="consent withdrawn before enrollment"))
+            story.add(
+                eligible_at + timedelta(days=2),
+                f"{number} withdrew consent",
+                lambda: t.screen_fail(
+                    sid(),
+                    eligible_at + timedelta(days=2),
+                    signer=s["investigator"],
+                    reason="consent withdrawn before enrollment",
+                ),
+            )
             return None
         return sid, story, eligible_at
     failed = [reason]
-    story.add(review + timedelta(hours=1), f"{number} screen failure", lambda: t.screen_fail(
-        sid(), review, signer=s["investigator"], reason=f"criterion {reason} not met", failed_criteria=failed))
+    story.add(
+        review + timedelta(hours=1),
+        f"{number} screen failure",
+        lambda: t.screen_fail(
+            sid(), review, signer=s["investigator"], reason=f"criterion {reason} not met", failed_criteria=failed
+        ),
+    )
     if reason in ("I3", "E4", "E5") and rng.chance(0.10) and rescreen_of is None:
         return sid, story, review  # the caller may re-screen this one
     return None
 
 
-def plan_treatment(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, eligible_at: datetime,
-                   number: str, showcase: int) -> None:
+def plan_treatment(
+    demo: Demo, k: int, sid: Callable[[], UUID], story: Story, eligible_at: datetime, number: str, showcase: int
+) -> None:
     """Enrollment, the in-patient stay with CYC and the MSC infusion, and follow-up to the data cut."""
     t, s = demo.trial, demo.signers
     rng = Rng(demo.seed, k, "treat")
@@ -481,31 +664,56 @@ def plan_treatment(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, el
     course = baseline_course(Rng(demo.seed, k, "course"), klass)
     enrolled = eligible_at + timedelta(days=rng.integer(0, 7), hours=1)
     story.procedure(demo, sid, enrolled, number)
-    story.add(enrolled + timedelta(minutes=10), f"{number} enrolled", lambda: t.enroll(
-        sid(), enrolled, signer=s["investigator"]))
+    story.add(
+        enrolled + timedelta(minutes=10),
+        f"{number} enrolled",
+        lambda: t.enroll(sid(), enrolled, signer=s["investigator"]),
+    )
     cyc_day = (enrolled + timedelta(days=rng.integer(3, 21))).date()
     admitted = story.at(cyc_day - timedelta(days=0 if rng.chance(0.8) else 1), 7.0)
     story.procedure(demo, sid, admitted - timedelta(minutes=30), number)
-    story.add(admitted + timedelta(minutes=5), f"{number} admitted", lambda: t.admit(
-        sid(), admitted, signer=s["coordinator"]))
+    story.add(
+        admitted + timedelta(minutes=5), f"{number} admitted", lambda: t.admit(sid(), admitted, signer=s["coordinator"])
+    )
     female = Rng(demo.seed, k, "demo").chance(0.87)
     h = rng.normal(158, 6) if female else rng.normal(169, 6)
     w = clip(rng.normal(54, 8) if female else rng.normal(65, 10), 38, 110)
     height, weight = dec(h, 0), dec(w, 1)
     measured = admitted + timedelta(minutes=15)
-    story.add(measured + timedelta(minutes=5), f"{number} vitals", lambda: t.record_vital_signs(
-        sid(), measured, signer=s["coordinator"], height_cm=height, weight_kg=weight, temperature_c=dec(
-            rng.uniform(36.3, 37.3), 1), systolic_bp=dec(rng.normal(128, 14), 0),
-        diastolic_bp=dec(rng.normal(82, 10), 0),
-        heart_rate=dec(rng.normal(82, 10), 0)))
-    story.add(measured + timedelta(hours=1), f"{number} pregnancy test", lambda: t.record_pregnancy_test(
-        sid(), measured, "negative", signer=s["lab"]))
+    story.add(
+        measured + timedelta(minutes=5),
+        f"{number} vitals",
+        lambda: t.record_vital_signs(
+            sid(),
+            measured,
+            signer=s["coordinator"],
+            height_cm=height,
+            weight_kg=weight,
+            temperature_c=dec(rng.uniform(36.3, 37.3), 1),
+            systolic_bp=dec(rng.normal(128, 14), 0),
+            diastolic_bp=dec(rng.normal(82, 10), 0),
+            heart_rate=dec(rng.normal(82, 10), 0),
+        ),
+    )
+    story.add(
+        measured + timedelta(hours=1),
+        f"{number} pregnancy test",
+        lambda: t.record_pregnancy_test(sid(), measured, "negative", signer=s["lab"]),
+    )
     specimens = admitted + timedelta(minutes=30)
     base = observe(Rng(demo.seed, k, "labs-base"), course, 0.0)
     if not rng.chance(0.02):
-        story.add(specimens + timedelta(hours=rng.uniform(0.5, 1.2)), f"{number} baseline labs",
-                  lambda: t.record_lab_panel(sid(), [(c, base[c], UNITS[c]) for c in UNITS if c in base],
-                                             specimens, signer=s["lab"], ranges=LAB_RANGES))
+        story.add(
+            specimens + timedelta(hours=rng.uniform(0.5, 1.2)),
+            f"{number} baseline labs",
+            lambda: t.record_lab_panel(
+                sid(),
+                [(c, base[c], UNITS[c]) for c in UNITS if c in base],
+                specimens,
+                signer=s["lab"],
+                ranges=LAB_RANGES,
+            ),
+        )
     cyc_start = story.at(cyc_day, rng.uniform(9, 11))
     bsa = round(math.sqrt(float(height) * float(weight) / 3600) + 1e-9, 2)
     calc = 750 * bsa
@@ -514,121 +722,290 @@ def plan_treatment(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, el
     cyc_stop = cyc_start + timedelta(minutes=rng.integer(60, 120))
     msc_start = cyc_start + timedelta(hours=clip(rng.normal(24, 1.5), 20, 30))
     story.procedure(demo, sid, cyc_start - timedelta(minutes=10), number)
-    story.add(cyc_stop + timedelta(minutes=10), f"{number} CYC", lambda: t.give_pretreatment(
-        sid(), cyc_start, cyc_stop, "750", administered, f"CYC-{cyc_day:%Y%m}", signer=s["investigator"]))
-    story.add(cyc_stop + timedelta(minutes=20), f"{number} mesna", lambda: t.record_concomitant_medication(
-        sid(), "mesna", cyc_day, cyc_stop, signer=s["coordinator"], dose="400", dose_unit="mg", route="IV",
-        indication="uroprotection"))
+    story.add(
+        cyc_stop + timedelta(minutes=10),
+        f"{number} CYC",
+        lambda: t.give_pretreatment(
+            sid(), cyc_start, cyc_stop, "750", administered, f"CYC-{cyc_day:%Y%m}", signer=s["investigator"]
+        ),
+    )
+    story.add(
+        cyc_stop + timedelta(minutes=20),
+        f"{number} mesna",
+        lambda: t.record_concomitant_medication(
+            sid(),
+            "mesna",
+            cyc_day,
+            cyc_stop,
+            signer=s["coordinator"],
+            dose="400",
+            dose_unit="mg",
+            route="IV",
+            indication="uroprotection",
+        ),
+    )
     if k == showcase:  # an invalid command: an infusion 12 h after CYC (formulas.md W3) is refused
         demo.expected["R4 infusion 12 h after CYC"] = 0
         lot_early = f"MSC-{number}-X"
         early = cyc_start + timedelta(hours=12)
-        story.add(early - timedelta(hours=1), f"{number} early lot", lambda: _release(
-            demo, sid(), lot_early, early - timedelta(hours=2), weight, rng))
-        story.add(early + timedelta(hours=1), f"{number} early infusion (must be refused)", lambda: t.infuse_msc(
-            sid(), lot_early, early, early + timedelta(hours=1), signer=s["investigator"]), E.OutsideWindow)
+        story.add(
+            early - timedelta(hours=1),
+            f"{number} early lot",
+            lambda: _release(demo, sid(), lot_early, early - timedelta(hours=2), weight, rng),
+        )
+        story.add(
+            early + timedelta(hours=1),
+            f"{number} early infusion (must be refused)",
+            lambda: t.infuse_msc(sid(), lot_early, early, early + timedelta(hours=1), signer=s["investigator"]),
+            E.OutsideWindow,
+        )
     released = msc_start - timedelta(hours=rng.uniform(1, 4))
     lot_id = f"MSC-{number}"
     fail_lot = rng.chance(0.01)
-    story.add(released + timedelta(minutes=5), f"{number} lot release", lambda: _release(
-        demo, sid(), lot_id, released, weight, rng, fail=fail_lot))
+    story.add(
+        released + timedelta(minutes=5),
+        f"{number} lot release",
+        lambda: _release(demo, sid(), lot_id, released, weight, rng, fail=fail_lot),
+    )
     tnp = False
     if fail_lot:
         if rng.chance(0.5):
-            story.add(released + timedelta(minutes=30), f"{number} deviation", lambda: t.record_deviation(
-                sid(), released + timedelta(minutes=20), signer=s["investigator"], category="product_release",
-                description="lot below 70 % viability: sponsor approved its use", lot_id=lot_id))
+            story.add(
+                released + timedelta(minutes=30),
+                f"{number} deviation",
+                lambda: t.record_deviation(
+                    sid(),
+                    released + timedelta(minutes=20),
+                    signer=s["investigator"],
+                    category="product_release",
+                    description="lot below 70 % viability: sponsor approved its use",
+                    lot_id=lot_id,
+                ),
+            )
         else:
             tnp = True
     msc_stop = msc_start + timedelta(minutes=rng.integer(30, 60))
     if tnp:
-        story.add(msc_start, f"{number} transplant not performed", lambda: t.record_transplant_not_performed(
-            sid(), msc_start, "the lot failed release and no replacement was available", signer=s["investigator"]))
+        story.add(
+            msc_start,
+            f"{number} transplant not performed",
+            lambda: t.record_transplant_not_performed(
+                sid(), msc_start, "the lot failed release and no replacement was available", signer=s["investigator"]
+            ),
+        )
     else:
         # An ICF version may take effect between the CYC and the infusion (R1).
         story.procedure(demo, sid, msc_start - timedelta(minutes=45), number)
-        story.add(msc_start - timedelta(minutes=30), f"{number} premedication", lambda: t.record_concomitant_medication(
-            sid(), "prednisone", msc_start.date(), msc_start - timedelta(minutes=40), signer=s["coordinator"],
-            dose="20", dose_unit="mg", route="PO", indication="premedication"))
-        story.add(msc_stop + timedelta(minutes=15), f"{number} MSC infusion", lambda: t.infuse_msc(
-            sid(), lot_id, msc_start, msc_stop, signer=s["investigator"], volume_ml="100"))
+        story.add(
+            msc_start - timedelta(minutes=30),
+            f"{number} premedication",
+            lambda: t.record_concomitant_medication(
+                sid(),
+                "prednisone",
+                msc_start.date(),
+                msc_start - timedelta(minutes=40),
+                signer=s["coordinator"],
+                dose="20",
+                dose_unit="mg",
+                route="PO",
+                indication="premedication",
+            ),
+        )
+        story.add(
+            msc_stop + timedelta(minutes=15),
+            f"{number} MSC infusion",
+            lambda: t.infuse_msc(sid(), lot_id, msc_start, msc_stop, signer=s["investigator"], volume_ml="100"),
+        )
     ae_rng = Rng(demo.seed, k, "ae")
     ae_count = itertools.count(1)
     if ae_rng.chance(0.30):
         onset = cyc_start + timedelta(hours=ae_rng.uniform(2, 30))
-        plan_ae(demo, story, sid, number, next(ae_count), "nausea", onset, ae_rng, grade=1 + ae_rng.chance(0.3),
-                related=("probable", "unlikely"))
+        plan_ae(
+            demo,
+            story,
+            sid,
+            number,
+            next(ae_count),
+            "nausea",
+            onset,
+            ae_rng,
+            grade=1 + ae_rng.chance(0.3),
+            related=("probable", "unlikely"),
+        )
     if not tnp and ae_rng.chance(0.06):
-        plan_ae(demo, story, sid, number, next(ae_count), "infusion-related reaction (fever)",
-                msc_start + timedelta(hours=ae_rng.uniform(0.5, 20)), ae_rng, grade=1,
-                related=("not_related", "probable"),
-                linked="MSC")
+        plan_ae(
+            demo,
+            story,
+            sid,
+            number,
+            next(ae_count),
+            "infusion-related reaction (fever)",
+            msc_start + timedelta(hours=ae_rng.uniform(0.5, 20)),
+            ae_rng,
+            grade=1,
+            related=("not_related", "probable"),
+            linked="MSC",
+        )
     long_stay = ae_rng.chance(0.06)
     stay_days = ae_rng.integer(6, 9) if long_stay else ae_rng.integer(2, 4)
     discharged = story.at(msc_start.date() + timedelta(days=stay_days), 10.0)
     prolonged = None
     if long_stay:
         prolonged = next(ae_count)
-        plan_ae(demo, story, sid, number, prolonged, "febrile neutropenia", msc_start + timedelta(days=2), ae_rng,
-                grade=3, serious=["hospitalisation"], related=("probable", "unlikely"))
-    story.add(discharged + timedelta(hours=1), f"{number} discharge", lambda: t.discharge(
-        sid(), discharged, signer=s["coordinator"],
-        prolonged_by_ae=None if prolonged is None else f"AE-{prolonged:03d}"))
+        plan_ae(
+            demo,
+            story,
+            sid,
+            number,
+            prolonged,
+            "febrile neutropenia",
+            msc_start + timedelta(days=2),
+            ae_rng,
+            grade=3,
+            serious=["hospitalisation"],
+            related=("probable", "unlikely"),
+        )
+    story.add(
+        discharged + timedelta(hours=1),
+        f"{number} discharge",
+        lambda: t.discharge(
+            sid(),
+            discharged,
+            signer=s["coordinator"],
+            prolonged_by_ae=None if prolonged is None else f"AE-{prolonged:03d}",
+        ),
+    )
     if tnp:
         return
     plan_follow_up(demo, k, sid, story, number, course, msc_start, cyc_start, ae_count, showcase)
 
 
-def _release(demo: Demo, subject: UUID, lot_id: str, released: datetime, weight: str, rng: Rng,
-             fail: bool = False) -> None:
+def _release(
+    demo: Demo, subject: UUID, lot_id: str, released: datetime, weight: str, rng: Rng, fail: bool = False
+) -> None:
     cells = float(weight) * 1e6 * rng.uniform(0.95, 1.1)
     viability = rng.uniform(80, 97) if not fail else rng.uniform(60, 69)
     demo.trial.release_product_lot(
-        lot_id, subject, released, signer=demo.signers["lab"], donor_id=f"DONOR-{lot_id[-4:]}",
+        lot_id,
+        subject,
+        released,
+        signer=demo.signers["lab"],
+        donor_id=f"DONOR-{lot_id[-4:]}",
         hla_match=rng.pick([("10/10", 60), ("9/10", 25), ("haplo", 15)]),
-        total_cells=dec(cells / (viability / 100), 0), viability_pct=dec(viability, 1),
-        identity_markers_pct={"CD73": dec(rng.uniform(96, 99.9), 1), "CD90": dec(rng.uniform(96, 99.9), 1),
-                              "CD105": dec(rng.uniform(95.5, 99.5), 1), "CD45": dec(rng.uniform(0.1, 1.5), 1),
-                              "CD34": dec(rng.uniform(0.1, 1.0), 1), "CD14": dec(rng.uniform(0.1, 1.0), 1),
-                              "CD19": dec(rng.uniform(0.1, 1.0), 1), "HLA-DR": dec(rng.uniform(0.1, 1.5), 1)},
-        sterility_negative=True, mycoplasma_negative=True, endotoxin_eu_per_kg=dec(rng.uniform(0.1, 1.0), 2),
-        volume_ml="100")
+        total_cells=dec(cells / (viability / 100), 0),
+        viability_pct=dec(viability, 1),
+        identity_markers_pct={
+            "CD73": dec(rng.uniform(96, 99.9), 1),
+            "CD90": dec(rng.uniform(96, 99.9), 1),
+            "CD105": dec(rng.uniform(95.5, 99.5), 1),
+            "CD45": dec(rng.uniform(0.1, 1.5), 1),
+            "CD34": dec(rng.uniform(0.1, 1.0), 1),
+            "CD14": dec(rng.uniform(0.1, 1.0), 1),
+            "CD19": dec(rng.uniform(0.1, 1.0), 1),
+            "HLA-DR": dec(rng.uniform(0.1, 1.5), 1),
+        },
+        sterility_negative=True,
+        mycoplasma_negative=True,
+        endotoxin_eu_per_kg=dec(rng.uniform(0.1, 1.0), 2),
+        volume_ml="100",
+    )
 
 
-def plan_ae(demo: Demo, story: Story, sid: Callable[[], UUID], number: str, n: int, term: str, onset: datetime,
-            rng: Rng, *, grade: int, related: tuple[str, str], serious: list[str] | None = None,
-            linked: str | None = None) -> None:
+def plan_ae(
+    demo: Demo,
+    story: Story,
+    sid: Callable[[], UUID],
+    number: str,
+    n: int,
+    term: str,
+    onset: datetime,
+    rng: Rng,
+    *,
+    grade: int,
+    related: tuple[str, str],
+    serious: list[str] | None = None,
+    linked: str | None = None,
+) -> None:
     """An AE: first entry (coordinator), assessment (investigator), SAE report on the 24-h clock, the sponsor's
     expectedness, and the outcome."""
     t, s = demo.trial, demo.signers
     ae_id = f"AE-{n:03d}"
     entered = onset + timedelta(hours=rng.uniform(2, 72))
-    story.add(entered, f"{number} {ae_id} entry", lambda: t.report_adverse_event(
-        sid(), term, onset.date(), entered, signer=s["coordinator"], grade_proposal=grade, linked_to=linked))
+    story.add(
+        entered,
+        f"{number} {ae_id} entry",
+        lambda: t.report_adverse_event(
+            sid(), term, onset.date(), entered, signer=s["coordinator"], grade_proposal=grade, linked_to=linked
+        ),
+    )
     assessed = entered + timedelta(hours=rng.uniform(4, 72) if serious else rng.uniform(24, 240))
-    story.add(assessed + timedelta(minutes=5), f"{number} {ae_id} assessment", lambda: t.assess_adverse_event(
-        sid(), ae_id, assessed, signer=s["investigator"], grade=grade, serious=bool(serious),
-        seriousness=serious or [], relatedness_cyc=related[0], relatedness_msc=related[1]))
+    story.add(
+        assessed + timedelta(minutes=5),
+        f"{number} {ae_id} assessment",
+        lambda: t.assess_adverse_event(
+            sid(),
+            ae_id,
+            assessed,
+            signer=s["investigator"],
+            grade=grade,
+            serious=bool(serious),
+            seriousness=serious or [],
+            relatedness_cyc=related[0],
+            relatedness_msc=related[1],
+        ),
+    )
     if serious:
         late = rng.chance(0.05)
         reported = assessed + timedelta(hours=rng.uniform(25, 40) if late else rng.uniform(1, 20))
-        story.add(reported + timedelta(minutes=5), f"{number} {ae_id} SAE report", lambda: t.report_sae(
-            sid(), ae_id, reported, signer=s["investigator"]))
-        story.add(reported + timedelta(days=2), f"{number} {ae_id} expectedness", lambda: t.assess_expectedness(
-            sid(), ae_id, reported + timedelta(days=2), signer=s["sponsor"], expectedness_cyc="expected",
-            expectedness_msc="expected" if "infusion" in term or "infection" in term else "unexpected"))
+        story.add(
+            reported + timedelta(minutes=5),
+            f"{number} {ae_id} SAE report",
+            lambda: t.report_sae(sid(), ae_id, reported, signer=s["investigator"]),
+        )
+        story.add(
+            reported + timedelta(days=2),
+            f"{number} {ae_id} expectedness",
+            lambda: t.assess_expectedness(
+                sid(),
+                ae_id,
+                reported + timedelta(days=2),
+                signer=s["sponsor"],
+                expectedness_cyc="expected",
+                expectedness_msc="expected" if "infusion" in term or "infection" in term else "unexpected",
+            ),
+        )
     resolved = onset + timedelta(days=rng.uniform(2, 20))
-    story.add(resolved + timedelta(days=1), f"{number} {ae_id} outcome", lambda: t.record_ae_outcome(
-        sid(), ae_id, resolved + timedelta(hours=12), "recovered", signer=s["investigator"],
-        resolved_on=resolved.date(), action="treatment_given" if grade >= 2 else "none"))
+    story.add(
+        resolved + timedelta(days=1),
+        f"{number} {ae_id} outcome",
+        lambda: t.record_ae_outcome(
+            sid(),
+            ae_id,
+            resolved + timedelta(hours=12),
+            "recovered",
+            signer=s["investigator"],
+            resolved_on=resolved.date(),
+            action="treatment_given" if grade >= 2 else "none",
+        ),
+    )
 
 
-MONTHS = list(range(1, 25)) + [30, 36, 42, 48]
+MONTHS = [*list(range(1, 25)), 30, 36, 42, 48]
 ET_PANEL = ("CREAT", "UPROT", "UCREAT", "WBC", "NEUT", "HGB", "PLAT")
 
 
-def plan_follow_up(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, number: str, course: Course,
-                   msc_start: datetime, cyc_start: datetime, ae_count: Any, showcase: int) -> None:
+def plan_follow_up(
+    demo: Demo,
+    k: int,
+    sid: Callable[[], UUID],
+    story: Story,
+    number: str,
+    course: Course,
+    msc_start: datetime,
+    cyc_start: datetime,
+    ae_count: Any,
+    showcase: int,
+) -> None:
     t, s = demo.trial, demo.signers
     vrng = Rng(demo.seed, k, "visits")
     erng = Rng(demo.seed, k, "entry")
@@ -655,31 +1032,61 @@ def plan_follow_up(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, nu
         day = tx + timedelta(days=nadir_day)
         uns_at = story.at(day, 9.0)
         story.procedure(demo, sid, uns_at - timedelta(minutes=30), number)
-        story.add(uns_at + timedelta(hours=1), f"{number} day {nadir_day} UNS", lambda at_=uns_at:
-                  t.record_unscheduled_visit(sid(), at_, signer=s["coordinator"], purpose="CBC at the CYC nadir"))
+        story.add(
+            uns_at + timedelta(hours=1),
+            f"{number} day {nadir_day} UNS",
+            lambda at_=uns_at: t.record_unscheduled_visit(
+                sid(), at_, signer=s["coordinator"], purpose="CBC at the CYC nadir"
+            ),
+        )
         cbc = observe(vrng, course, nadir_day / 30, nadir)
-        story.add(uns_at + timedelta(hours=3), f"{number} day {nadir_day} CBC", lambda v=cbc, at_=uns_at:
-                  t.record_lab_panel(sid(), [(c, v[c], UNITS[c]) for c in ("WBC", "NEUT", "LYMPH", "HGB", "PLAT")],
-                                     at_ - timedelta(minutes=15), signer=s["lab"]))
+        story.add(
+            uns_at + timedelta(hours=3),
+            f"{number} day {nadir_day} CBC",
+            lambda v=cbc, at_=uns_at: t.record_lab_panel(
+                sid(),
+                [(c, v[c], UNITS[c]) for c in ("WBC", "NEUT", "LYMPH", "HGB", "PLAT")],
+                at_ - timedelta(minutes=15),
+                signer=s["lab"],
+            ),
+        )
     for month in MONTHS:
         target = tx + timedelta(days=30 * month)
         window = 7 if month <= 24 else 30
         if exit_kind == "ltfu" and month in (exit_month, exit_month + 1):
             day = target + timedelta(days=window + 1)
-            story.add(story.at(day, 9), f"{number} M{month} missed", lambda m=month, d=day: t.record_missed_visit(
-                sid(), f"M{m}", story.at(d, 9), signer=s["coordinator"], reason="did not attend"))
+            story.add(
+                story.at(day, 9),
+                f"{number} M{month} missed",
+                lambda m=month, d=day: t.record_missed_visit(
+                    sid(), f"M{m}", story.at(d, 9), signer=s["coordinator"], reason="did not attend"
+                ),
+            )
             if month == exit_month + 1:
                 for i in range(3):
                     when = story.at(day + timedelta(days=2 + 3 * i), 10)
-                    story.add(when, f"{number} contact {i}", lambda w_=when: t.record_contact_attempt(
-                        sid(), w_, signer=s["coordinator"], method="phone", outcome="no answer"))
+                    story.add(
+                        when,
+                        f"{number} contact {i}",
+                        lambda w_=when: t.record_contact_attempt(
+                            sid(), w_, signer=s["coordinator"], method="phone", outcome="no answer"
+                        ),
+                    )
                 lost = story.at(day + timedelta(days=12), 11)
-                story.add(lost, f"{number} lost to follow-up", lambda: t.mark_lost_to_follow_up(
-                    sid(), lost, signer=s["investigator"]))
+                story.add(
+                    lost,
+                    f"{number} lost to follow-up",
+                    lambda lost=lost: t.mark_lost_to_follow_up(sid(), lost, signer=s["investigator"]),
+                )
                 if disp.chance(0.2):
                     back = story.at(day + timedelta(days=60), 10)
-                    story.add(back, f"{number} returned", lambda: t.record_return(
-                        sid(), back, "subject called back after moving house", signer=s["investigator"]))
+                    story.add(
+                        back,
+                        f"{number} returned",
+                        lambda back=back: t.record_return(
+                            sid(), back, "subject called back after moving house", signer=s["investigator"]
+                        ),
+                    )
                     exit_kind = None
                 else:
                     return
@@ -688,35 +1095,74 @@ def plan_follow_up(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, nu
             when = story.at(target, 11)
             if exit_kind == "withdraw":
                 agreed = disp.chance(0.6) or k == showcase + 1
-                code = disp.pick([("lack_of_efficacy", 40), ("withdrawal_by_subject", 30), ("adverse_event", 10),
-                                  ("pregnancy", 10), ("physician_decision", 10)])
-                story.add(when, f"{number} withdrawn", lambda: t.withdraw(
-                    sid(), when, signer=s["investigator"], reason_code=code,
-                    reason="no renal response; rescue therapy" if code == "lack_of_efficacy" else "subject's decision",
-                    decided_by="subject" if code == "withdrawal_by_subject" else "investigator",
-                    safety_follow_up_agreed=agreed))
+                code = disp.pick(
+                    [
+                        ("lack_of_efficacy", 40),
+                        ("withdrawal_by_subject", 30),
+                        ("adverse_event", 10),
+                        ("pregnancy", 10),
+                        ("physician_decision", 10),
+                    ]
+                )
+                story.add(
+                    when,
+                    f"{number} withdrawn",
+                    lambda when=when, code=code, agreed=agreed: t.withdraw(
+                        sid(),
+                        when,
+                        signer=s["investigator"],
+                        reason_code=code,
+                        reason="no renal response; rescue therapy"
+                        if code == "lack_of_efficacy"
+                        else "subject's decision",
+                        decided_by="subject" if code == "withdrawal_by_subject" else "investigator",
+                        safety_follow_up_agreed=agreed,
+                    ),
+                )
                 if agreed:
                     et = story.at(target + timedelta(days=disp.integer(3, 20)), 9)
-                    story.add(et + timedelta(hours=2), f"{number} ET", lambda: t.record_visit(
-                        sid(), "ET", et, signer=s["coordinator"]))
+                    story.add(
+                        et + timedelta(hours=2),
+                        f"{number} ET",
+                        lambda et=et: t.record_visit(sid(), "ET", et, signer=s["coordinator"]),
+                    )
                     values = observe(vrng, course, month + 0.3)
-                    story.add(et + timedelta(hours=5), f"{number} ET labs", lambda v=values: t.record_lab_panel(
-                        sid(), [(c, v[c], UNITS[c]) for c in ET_PANEL],
-                        et, signer=s["lab"], ranges=LAB_RANGES))
+                    story.add(
+                        et + timedelta(hours=5),
+                        f"{number} ET labs",
+                        lambda v=values, et=et: t.record_lab_panel(
+                            sid(), [(c, v[c], UNITS[c]) for c in ET_PANEL], et, signer=s["lab"], ranges=LAB_RANGES
+                        ),
+                    )
             else:
                 died = story.at(target - timedelta(days=disp.integer(1, 20)), 4)
                 cause = disp.pick([("pneumonia", 50), ("renal failure", 30), ("pulmonary embolism", 10), ("other", 10)])
-                story.add(died + timedelta(hours=20), f"{number} death", lambda: t.record_death(
-                    sid(), died, cause, signer=s["investigator"], aware_at=died + timedelta(hours=18)))
-                story.add(died + timedelta(hours=30), f"{number} death SAE report", lambda: t.report_sae(
-                    sid(), _open_ae(t, sid()), died + timedelta(hours=30), signer=s["investigator"]))
+                story.add(
+                    died + timedelta(hours=20),
+                    f"{number} death",
+                    lambda died=died, cause=cause: t.record_death(
+                        sid(), died, cause, signer=s["investigator"], aware_at=died + timedelta(hours=18)
+                    ),
+                )
+                story.add(
+                    died + timedelta(hours=30),
+                    f"{number} death SAE report",
+                    lambda died=died: t.report_sae(
+                        sid(), _open_ae(t, sid()), died + timedelta(hours=30), signer=s["investigator"]
+                    ),
+                )
             return
         missed = vrng.chance(0.20 if missed_last else 0.05)
         missed_last = missed
         if missed:
             day = target + timedelta(days=window + 1)
-            story.add(story.at(day, 9), f"{number} M{month} missed", lambda m=month, d=day: t.record_missed_visit(
-                sid(), f"M{m}", story.at(d, 9), signer=s["coordinator"], reason="did not attend"))
+            story.add(
+                story.at(day, 9),
+                f"{number} M{month} missed",
+                lambda m=month, d=day: t.record_missed_visit(
+                    sid(), f"M{m}", story.at(d, 9), signer=s["coordinator"], reason="did not attend"
+                ),
+            )
             continue
         shift = round(vrng.normal(0, 2.5))
         if vrng.chance(0.06):
@@ -727,18 +1173,46 @@ def plan_follow_up(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, nu
         visit_at = story.at(day, 8.0)
         t_month = (day - tx).days / 30
         story.procedure(demo, sid, collected_at := visit_at - timedelta(minutes=30), number)
-        entry = visit_at + (timedelta(hours=erng.uniform(1, 8)) if erng.chance(0.6) else
-                            timedelta(days=min(erng.lognormal(2, 3), 20)))
-        story.add(entry, f"{number} M{month}", lambda m=month, at_=visit_at: t.record_visit(
-            sid(), f"M{m}", at_, signer=s["coordinator"]))
-        story.add(entry + timedelta(minutes=2), f"{number} M{month} vitals", lambda at_=visit_at: t.record_vital_signs(
-            sid(), at_ + timedelta(minutes=10), signer=s["coordinator"], weight_kg=dec(vrng.normal(55, 1), 1),
-            systolic_bp=dec(vrng.normal(124, 12), 0), diastolic_bp=dec(vrng.normal(80, 8), 0),
-            heart_rate=dec(vrng.normal(78, 9), 0)))
+        entry = visit_at + (
+            timedelta(hours=erng.uniform(1, 8)) if erng.chance(0.6) else timedelta(days=min(erng.lognormal(2, 3), 20))
+        )
+        story.add(
+            entry,
+            f"{number} M{month}",
+            lambda m=month, at_=visit_at: t.record_visit(sid(), f"M{m}", at_, signer=s["coordinator"]),
+        )
+        story.add(
+            entry + timedelta(minutes=2),
+            f"{number} M{month} vitals",
+            lambda at_=visit_at: t.record_vital_signs(
+                sid(),
+                at_ + timedelta(minutes=10),
+                signer=s["coordinator"],
+                weight_kg=dec(vrng.normal(55, 1), 1),
+                systolic_bp=dec(vrng.normal(124, 12), 0),
+                diastolic_bp=dec(vrng.normal(80, 8), 0),
+                heart_rate=dec(vrng.normal(78, 9), 0),
+            ),
+        )
         collected = collected_at + timedelta(minutes=int(vrng.uniform(0, 30)))
         values = observe(vrng, course, t_month, nadir if month == 1 else None)
-        codes = ["CREAT", "UPROT", "UCREAT", "ALB", "DSDNA", "C3", "C4", "WBC", "NEUT", "LYMPH", "HGB", "PLAT", "ESR",
-                 "CRP", "URBC"]
+        codes = [
+            "CREAT",
+            "UPROT",
+            "UCREAT",
+            "ALB",
+            "DSDNA",
+            "C3",
+            "C4",
+            "WBC",
+            "NEUT",
+            "LYMPH",
+            "HGB",
+            "PLAT",
+            "ESR",
+            "CRP",
+            "URBC",
+        ]
         wrong = None
         if crng.chance(0.3):  # a transcription error in one result, corrected later (2 % of results overall)
             wrong = crng.pick([(c, 1) for c in ("C3", "HGB", "ALB", "PLAT", "ESR", "C4")])
@@ -750,62 +1224,145 @@ def plan_follow_up(demo: Demo, k: int, sid: Callable[[], UUID], story: Story, nu
         if wrong:
             shown[wrong] = swapped
         key = (k, month)
-        story.add(reported, f"{number} M{month} labs", lambda v=shown, c=collected, r=reported, kk=key:
-                  demo.versions.__setitem__(kk, t.record_lab_panel(sid(), [(x, v[x], UNITS[x]) for x in codes], c,
-                                                                    signer=s["lab"], reported_at=r, ranges=LAB_RANGES)))
+        story.add(
+            reported,
+            f"{number} M{month} labs",
+            lambda v=shown, c=collected, r=reported, kk=key, cs=codes: demo.versions.__setitem__(
+                kk,
+                t.record_lab_panel(
+                    sid(), [(x, v[x], UNITS[x]) for x in cs], c, signer=s["lab"], reported_at=r, ranges=LAB_RANGES
+                ),
+            ),
+        )
         if wrong:
             fixed = reported + timedelta(days=crng.uniform(2, 60))
-            story.add(fixed, f"{number} M{month} correction", lambda kk=key, c=wrong, v=values[wrong], f_=fixed:
-                      t.correct(sid(), demo.versions[kk][c], {"value": v}, "transcription error", f_,
-                                signer=s["lab"]))
+            story.add(
+                fixed,
+                f"{number} M{month} correction",
+                lambda kk=key, c=wrong, v=values[wrong], f_=fixed: t.correct(
+                    sid(), demo.versions[kk][c], {"value": v}, "transcription error", f_, signer=s["lab"]
+                ),
+            )
         if crng.chance(0.03):  # the lab sends one result twice; the duplicate is voided
             dup_at = reported + timedelta(hours=1)
-            story.add(dup_at, f"{number} M{month} duplicate CRP", lambda kk=key, v=values["CRP"], c=collected:
-                      demo.versions.__setitem__((kk, "dup"), t.record_lab_result(sid(), "CRP", v, "mg/L", c,
-                                                                                 signer=s["lab"])))
-            story.add(dup_at + timedelta(days=crng.uniform(1, 14)), f"{number} M{month} void duplicate",
-                      lambda kk=key, f_=dup_at + timedelta(days=1): t.void(sid(), demo.versions[(kk, "dup")],
-                                                                          "duplicate entry", f_, signer=s["lab"]))
+            story.add(
+                dup_at,
+                f"{number} M{month} duplicate CRP",
+                lambda kk=key, v=values["CRP"], c=collected: demo.versions.__setitem__(
+                    (kk, "dup"), t.record_lab_result(sid(), "CRP", v, "mg/L", c, signer=s["lab"])
+                ),
+            )
+            story.add(
+                dup_at + timedelta(days=crng.uniform(1, 14)),
+                f"{number} M{month} void duplicate",
+                lambda kk=key, f_=dup_at + timedelta(days=1): t.void(
+                    sid(), demo.versions[(kk, "dup")], "duplicate entry", f_, signer=s["lab"]
+                ),
+            )
         if k == showcase and month == 2:  # an invalid command: a correction without a reason
             demo.expected["R11 correction without a reason"] = 0
-            story.add(reported + timedelta(days=3), f"{number} reasonless correction (must be refused)",
-                      lambda kk=key, f_=reported + timedelta(days=3): t.correct(
-                          sid(), demo.versions[kk]["C3"], {"value": "1"}, " ", f_, signer=s["lab"]), E.ReasonRequired)
+            story.add(
+                reported + timedelta(days=3),
+                f"{number} reasonless correction (must be refused)",
+                lambda kk=key, f_=reported + timedelta(days=3): t.correct(
+                    sid(), demo.versions[kk]["C3"], {"value": "1"}, " ", f_, signer=s["lab"]
+                ),
+                E.ReasonRequired,
+            )
         if k == showcase and month == 1:  # an invalid command: a coordinator cannot record a lab result
             demo.expected["R10 coordinator records a lab result"] = 0
-            story.add(reported + timedelta(minutes=1), f"{number} lab by a nurse (must be refused)",
-                      lambda c=collected: t.record_lab_result(sid(), "CRP", "3.0", "mg/L", c, signer=s["coordinator"]),
-                      UntrustedKey)
+            story.add(
+                reported + timedelta(minutes=1),
+                f"{number} lab by a nurse (must be refused)",
+                lambda c=collected: t.record_lab_result(sid(), "CRP", "3.0", "mg/L", c, signer=s["coordinator"]),
+                UntrustedKey,
+            )
         if month % 3 == 0 and month <= 24:
-            treg = clip(course.treg0 + course.treg_gain * (1.0 if month == 3 else 0.8 if month <= 12 else 0.6)
-                        * (1 if course.klass != "NR" else 0.5 * math.exp(-(month - 3) / 3)), 0.2, 30)
+            treg = clip(
+                course.treg0
+                + course.treg_gain
+                * (1.0 if month == 3 else 0.8 if month <= 12 else 0.6)
+                * (1 if course.klass != "NR" else 0.5 * math.exp(-(month - 3) / 3)),
+                0.2,
+                30,
+            )
             treg_reported = collected + timedelta(days=vrng.uniform(2, 7))
-            story.add(treg_reported, f"{number} M{month} Treg", lambda c=collected, v=treg, r=treg_reported:
-                      t.record_treg_panel(sid(), c, dec(v * math.exp(vrng.normal(0, 0.2)), 1),
-                                          dec(clip(vrng.lognormal(450, 1.6), 80, 1500), 0), signer=s["lab"],
-                                          reported_at=r))
+            story.add(
+                treg_reported,
+                f"{number} M{month} Treg",
+                lambda c=collected, v=treg, r=treg_reported: t.record_treg_panel(
+                    sid(),
+                    c,
+                    dec(v * math.exp(vrng.normal(0, 0.2)), 1),
+                    dec(clip(vrng.lognormal(450, 1.6), 80, 1500), 0),
+                    signer=s["lab"],
+                    reported_at=r,
+                ),
+            )
         assessed = reported + timedelta(hours=2)
         descriptors = sledai_codes(values, {d for d in course.descriptors if vrng.chance(math.exp(-t_month / 4))})
-        story.add(assessed, f"{number} M{month} SLEDAI", lambda at_=visit_at, d=descriptors, m=month:
-                  t.assess_sledai(sid(), at_ + timedelta(minutes=30), d, signer=s["investigator"], visit=f"M{m}"))
-        story.add(assessed + timedelta(minutes=5), f"{number} M{month} renal response", lambda at_=assessed, m=month:
-                  t.assess_renal_response(sid(), at_, signer=s["investigator"], visit=f"M{m}"))
-        story.add(assessed + timedelta(minutes=10), f"{number} M{month} team", lambda at_=visit_at, m=month:
-                  t.record_team_evaluation(sid(), at_ + timedelta(hours=1), signer=s["investigator"],
-                                           disciplines=["rheumatology", "haematology", "bmt"],
-                                           assessment=f"M{m}: course reviewed", visit=f"M{m}"))
+        story.add(
+            assessed,
+            f"{number} M{month} SLEDAI",
+            lambda at_=visit_at, d=descriptors, m=month: t.assess_sledai(
+                sid(), at_ + timedelta(minutes=30), d, signer=s["investigator"], visit=f"M{m}"
+            ),
+        )
+        story.add(
+            assessed + timedelta(minutes=5),
+            f"{number} M{month} renal response",
+            lambda at_=assessed, m=month: t.assess_renal_response(sid(), at_, signer=s["investigator"], visit=f"M{m}"),
+        )
+        story.add(
+            assessed + timedelta(minutes=10),
+            f"{number} M{month} team",
+            lambda at_=visit_at, m=month: t.record_team_evaluation(
+                sid(),
+                at_ + timedelta(hours=1),
+                signer=s["investigator"],
+                disciplines=["rheumatology", "haematology", "bmt"],
+                assessment=f"M{m}: course reviewed",
+                visit=f"M{m}",
+            ),
+        )
         # adverse events of the month
         if sae_forced and month == 3:
-            plan_ae(demo, story, sid, number, next(ae_count), "pneumonia (infection)", visit_at + timedelta(days=5),
-                    ae_rng, grade=3, serious=["hospitalisation"], related=("possible", "unlikely"))
+            plan_ae(
+                demo,
+                story,
+                sid,
+                number,
+                next(ae_count),
+                "pneumonia (infection)",
+                visit_at + timedelta(days=5),
+                ae_rng,
+                grade=3,
+                serious=["hospitalisation"],
+                related=("possible", "unlikely"),
+            )
         elif ae_rng.chance(0.08 if month <= 3 else 0.03):
-            term, grade, serious = ae_rng.pick([
-                (("upper respiratory tract infection", 1 + ae_rng.chance(0.6), None), 40),
-                (("pneumonia (infection)", 3, ["hospitalisation"]), 10),
-                (("herpes zoster (infection)", 2, None), 12),
-                (("headache", 1, None), 20), (("arthralgia", 1, None), 18)])
-            plan_ae(demo, story, sid, number, next(ae_count), term, visit_at + timedelta(days=ae_rng.uniform(1, 20)),
-                    ae_rng, grade=grade, serious=serious, related=("unlikely", "unlikely"))
+            term, grade, serious = ae_rng.pick(
+                [
+                    (("upper respiratory tract infection", 1 + ae_rng.chance(0.6), None), 40),
+                    (("pneumonia (infection)", 3, ["hospitalisation"]), 10),
+                    (("herpes zoster (infection)", 2, None), 12),
+                    (("headache", 1, None), 20),
+                    (("arthralgia", 1, None), 18),
+                ]
+            )
+            plan_ae(
+                demo,
+                story,
+                sid,
+                number,
+                next(ae_count),
+                term,
+                visit_at + timedelta(days=ae_rng.uniform(1, 20)),
+                ae_rng,
+                grade=grade,
+                serious=serious,
+                related=("unlikely", "unlikely"),
+            )
 
 
 def _swap_last_digits(text: str) -> str:
@@ -845,7 +1402,7 @@ def run_demo(
     """Record a synthetic trial of ``subjects`` enrolled subjects into ``record``; deterministic for ``seed``."""
     signers = demo_signers(key_dir)
     sim = domain_clock.SimulatedClock(STUDY_START - timedelta(days=60))
-    data_cut = (STUDY_START + timedelta(days=30 * DATA_CUT_MONTHS)).astimezone(timezone.utc)
+    data_cut = (STUDY_START + timedelta(days=30 * DATA_CUT_MONTHS)).astimezone(UTC)
     store_clock = record.clock
     record.clock = sim
     try:
@@ -855,26 +1412,44 @@ def run_demo(
         record.clock = store_clock
 
 
-def _run(record: StudyRecord, signers: dict[str, Signer], sim: domain_clock.SimulatedClock, data_cut: datetime,
-         subjects: int, seed: int, on_progress: Callable[[int, int], None] | None) -> DemoResult:
+def _run(
+    record: StudyRecord,
+    signers: dict[str, Signer],
+    sim: domain_clock.SimulatedClock,
+    data_cut: datetime,
+    subjects: int,
+    seed: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> DemoResult:
     people = [signers[n] for n in PEOPLE if n != "admin"]
     setup_at = STUDY_START - timedelta(days=60)
     study_id = uuid5(DEMO_NAMESPACE, f"ALLOMSC-SLE/{seed}/{subjects}")
-    trial = Trial.create(record, code="ALLOMSC-SLE",
-                         title="AlloMSC for refractory SLE with lupus nephritis (NCT00698191)", admin=signers["admin"],
-                         people=people, occurred_at=setup_at, study_id=study_id)
+    trial = Trial.create(
+        record,
+        code="ALLOMSC-SLE",
+        title="AlloMSC for refractory SLE with lupus nephritis (NCT00698191)",
+        admin=signers["admin"],
+        people=people,
+        occurred_at=setup_at,
+        study_id=study_id,
+    )
     dm = signers["data_manager"]
     sites = SITES[:1] if subjects <= 50 else SITES
     for site_id, name, zone in sites:
         trial.add_site(site_id, name, zone, signer=dm, occurred_at=setup_at)
     new_icf = (STUDY_START + timedelta(days=30 * 20)).replace(hour=0, minute=0)
-    icf = [("ICF v1.0", STUDY_START - timedelta(days=30)),
-           ("ICF v1.1", new_icf)]  # a safety update: active subjects re-consent before their next procedure
+    icf = [
+        ("ICF v1.0", STUDY_START - timedelta(days=30)),
+        ("ICF v1.1", new_icf),
+    ]  # a safety update: active subjects re-consent before their next procedure
     trial.approve_icf_version(icf[0][0], icf[0][1], signer=dm, occurred_at=setup_at)
     plan = Plan(data_cut)
     demo = Demo(trial, signers, plan, seed, icf)
-    plan.add(icf[1][1] - timedelta(days=14), "ICF v1.1 approved", lambda: trial.approve_icf_version(
-        icf[1][0], icf[1][1], signer=dm, occurred_at=icf[1][1] - timedelta(days=14)))
+    plan.add(
+        icf[1][1] - timedelta(days=14),
+        "ICF v1.1 approved",
+        lambda: trial.approve_icf_version(icf[1][0], icf[1][1], signer=dm, occurred_at=icf[1][1] - timedelta(days=14)),
+    )
 
     # the screening funnel: screen until `subjects` are enrolled (≈ 28 % of the screened never enrol)
     enrolled, screened, k = 0, 0, 0
@@ -891,7 +1466,7 @@ def _run(record: StudyRecord, signers: dict[str, Signer], sim: domain_clock.Simu
         planned = plan_screening(demo, k, day, site, enrol=enrol)
         number = f"{site[0]}-{k:04d}"
         if planned is not None and not enrol:  # a lab screen failure re-screened once
-            old_sid, old_story, failed_at = planned
+            old_sid, _old_story, failed_at = planned
             k2 = 10_000 + k
             later = (failed_at + timedelta(days=30)).date()
             while later.weekday() >= 5:
@@ -931,12 +1506,13 @@ def _run(record: StudyRecord, signers: dict[str, Signer], sim: domain_clock.Simu
         if on_progress and (i % 250 == 0 or i == len(commands) - 1):
             on_progress(i + 1, len(commands))
 
-    result = DemoResult(str(study_id), enrolled, 0, screened=screened, refused_as_expected=refused,
-                        backlog=plan.backlog)
+    result = DemoResult(
+        str(study_id), enrolled, 0, screened=screened, refused_as_expected=refused, backlog=plan.backlog
+    )
     digest = hashlib.sha256()
     for stream in _all_streams(record, study_id):
         for e in record.stream(stream):
-            name = e.topic.rsplit(":", 1)[-1]
+            name = type_name(e.topic)
             result.events_by_type[name] = result.events_by_type.get(name, 0) + 1
             result.events += 1
             if not name.startswith("Study.Key") and name != "Study.Created":
@@ -952,8 +1528,9 @@ def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:
 
     t = record.table
     with record.recorder.datastore.engine.connect() as conn:
-        rows = conn.execute(sa.select(t.c.originator_id, t.c.state).where(t.c.originator_version == 1)
-                            .order_by(t.c.id)).all()
+        rows = conn.execute(
+            sa.select(t.c.originator_id, t.c.state).where(t.c.originator_version == 1).order_by(t.c.id)
+        ).all()
     from sle_events.signing.envelope import open_stored
 
     out = []

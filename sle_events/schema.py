@@ -6,11 +6,13 @@ read models' are listed here too.
 
 from __future__ import annotations
 
+from importlib import resources
 from pathlib import Path
 
 from sqlalchemy import MetaData
 
-MIGRATIONS = Path(__file__).resolve().parents[1] / "migrations"
+# The revisions ship as the package `migrations` (in a wheel as in a checkout): found by import, not by a path.
+MIGRATIONS = Path(str(resources.files("migrations")))
 
 
 def target_metadata() -> MetaData:

@@ -21,7 +21,7 @@ from __future__ import annotations
 from collections import OrderedDict
 from collections.abc import Callable, Iterable, Mapping
 from datetime import date, datetime
-from typing import Any, TypeVar
+from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from sle_events.domain import clock, lab_results
@@ -33,7 +33,7 @@ from sle_events.domain.errors import (
     UnknownEventVersion,
     UnknownSubject,
 )
-from sle_events.domain.payloads import EligibilityChecklist
+from sle_events.domain.payloads import EligibilityChecklist, LabResult
 from sle_events.domain.product import ProductLot
 from sle_events.domain.roles import DEFAULT_PERMISSIONS
 from sle_events.domain.settings import StudySettings
@@ -62,9 +62,18 @@ class Trial:
 
     # ------------------------------------------------------------------------------------------ the study
     @classmethod
-    def create(cls, record: StudyRecord, *, code: str, title: str, admin: Signer, people: Iterable[Signer] = (),
-               occurred_at: datetime | None = None, permissions: dict[str, list[str]] | None = None,
-               study_id: UUID | None = None) -> Trial:
+    def create(
+        cls,
+        record: StudyRecord,
+        *,
+        code: str,
+        title: str,
+        admin: Signer,
+        people: Iterable[Signer] = (),
+        occurred_at: datetime | None = None,
+        permissions: dict[str, list[str]] | None = None,
+        study_id: UUID | None = None,
+    ) -> Trial:
         """Create a study with ``admin`` as its trust root and register the keys of ``people`` (one batch)."""
         when = occurred_at or clock.now()
         study = Study.create(code, title, admin.actor, admin.public_key_b64, when, permissions, study_id=study_id)
@@ -89,26 +98,46 @@ class Trial:
         return result
 
     def register_key(self, person: Signer, *, admin: Signer, occurred_at: datetime | None = None) -> str:
-        return self._on_study(admin, lambda s: s.register_key(person.actor, person.role, person.public_key_b64,
-                                                               occurred_at or clock.now()))
+        return self._on_study(
+            admin,
+            lambda s: s.register_key(person.actor, person.role, person.public_key_b64, occurred_at or clock.now()),
+        )
 
-    def change_permissions(self, event_type: str, roles: list[str], *, admin: Signer,
-                           occurred_at: datetime | None = None) -> None:
+    def change_permissions(
+        self, event_type: str, roles: list[str], *, admin: Signer, occurred_at: datetime | None = None
+    ) -> None:
         self._on_study(admin, lambda s: s.change_permissions(event_type, roles, occurred_at or clock.now()))
 
-    def add_site(self, site_id: str, name: str, timezone: str, *, signer: Signer,
-                 occurred_at: datetime | None = None) -> None:
+    def approve_new_study(
+        self, code: str, admin_actor: str, admin_public_key: str, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> str:
+        """Let a study with this code and trust-root key be created in the same database (this study's admin
+        decides, signed and logged). Returns the approved key's id."""
+        approved: list[str] = []
+        self._on_study(
+            signer,
+            lambda s: approved.append(
+                s.approve_new_study(code, admin_actor, admin_public_key, occurred_at or clock.now())
+            ),
+        )
+        return approved[0]
+
+    def add_site(
+        self, site_id: str, name: str, timezone: str, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> None:
         self._on_study(signer, lambda s: s.add_site(site_id, name, timezone, occurred_at or clock.now()))
 
     def close_site(self, site_id: str, reason: str, *, signer: Signer, occurred_at: datetime | None = None) -> None:
         self._on_study(signer, lambda s: s.close_site(site_id, reason, occurred_at or clock.now()))
 
-    def approve_icf_version(self, version: str, effective_from: datetime, *, signer: Signer,
-                            occurred_at: datetime | None = None) -> None:
+    def approve_icf_version(
+        self, version: str, effective_from: datetime, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> None:
         self._on_study(signer, lambda s: s.approve_icf_version(version, effective_from, occurred_at or clock.now()))
 
-    def define_visit_schedule(self, schedule: VisitSchedule, *, signer: Signer,
-                              occurred_at: datetime | None = None) -> None:
+    def define_visit_schedule(
+        self, schedule: VisitSchedule, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> None:
         self._on_study(signer, lambda s: s.define_visit_schedule(schedule, occurred_at or clock.now()))
 
     def adopt_settings(self, settings: StudySettings, *, signer: Signer, occurred_at: datetime | None = None) -> None:
@@ -169,8 +198,15 @@ class Trial:
         return self.record.stream(subject_id)
 
     # ------------------------------------------------------------------------------------------ screening
-    def screen(self, site: str, screening_number: str, occurred_at: datetime, *, signer: Signer,
-               rescreen_of: UUID | None = None) -> UUID:
+    def screen(
+        self,
+        site: str,
+        screening_number: str,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        rescreen_of: UUID | None = None,
+    ) -> UUID:
         """T1 (a new stream per screening number; re-screening links the old stream in the same batch)."""
         number = screening_number.strip() if isinstance(screening_number, str) else screening_number
         new_id = Subject.id_for(self.study_id, number) if isinstance(number, str) and number else None
@@ -181,8 +217,7 @@ class Trial:
         holder: list[Subject] = []
 
         def verb() -> UUID:
-            subject = Subject.screen(self.study_id, site, screening_number, occurred_at, config=config,
-                                     rescreen_of=old)
+            subject = Subject.screen(self.study_id, site, screening_number, occurred_at, config=config, rescreen_of=old)
             holder.append(subject)
             aggregates.insert(0, subject)
             return subject.id
@@ -195,40 +230,82 @@ class Trial:
                 raise DuplicateScreeningNumber(number) from e
             raise
 
-    def obtain_consent(self, subject_id: UUID, icf_version: str, occurred_at: datetime, *, signer: Signer,
-                       taken_by: str, signed_by: str = "subject") -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.obtain_consent(
-            icf_version, occurred_at, config=c, taken_by=taken_by, signed_by=signed_by))
+    def obtain_consent(
+        self,
+        subject_id: UUID,
+        icf_version: str,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        taken_by: str,
+        signed_by: str = "subject",
+    ) -> None:
+        self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.obtain_consent(icf_version, occurred_at, config=c, taken_by=taken_by, signed_by=signed_by),
+        )
 
-    def screen_fail(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, reason: str,
-                    failed_criteria: Iterable[str] = ()) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.screen_fail(
-            occurred_at, config=c, reason=reason, failed_criteria=failed_criteria))
+    def screen_fail(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        reason: str,
+        failed_criteria: Iterable[str] = (),
+    ) -> None:
+        self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.screen_fail(occurred_at, config=c, reason=reason, failed_criteria=failed_criteria),
+        )
 
-    def record_demographics(self, subject_id: UUID, sex: str, birth_date: date, occurred_at: datetime, *,
-                            signer: Signer, childbearing_potential: bool) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_demographics(
-            sex, birth_date, occurred_at, config=c, childbearing_potential=childbearing_potential))
+    def record_demographics(
+        self,
+        subject_id: UUID,
+        sex: str,
+        birth_date: date,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        childbearing_potential: bool,
+    ) -> int:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_demographics(
+                sex, birth_date, occurred_at, config=c, childbearing_potential=childbearing_potential
+            ),
+        )
 
-    def record_medical_history(self, subject_id: UUID, term: str, occurred_at: datetime, *, signer: Signer,
-                               **details: Any) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_medical_history(
-            term, occurred_at, config=c, **details))
+    def record_medical_history(
+        self, subject_id: UUID, term: str, occurred_at: datetime, *, signer: Signer, **details: Any
+    ) -> int:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_medical_history(term, occurred_at, config=c, **details)
+        )
 
-    def record_classification(self, subject_id: UUID, ana_titer: str, items: Iterable[str], occurred_at: datetime,
-                              *, signer: Signer) -> Any:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_classification(
-            ana_titer, items, occurred_at, config=c))
+    def record_classification(
+        self, subject_id: UUID, ana_titer: str, items: Iterable[str], occurred_at: datetime, *, signer: Signer
+    ) -> Any:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_classification(ana_titer, items, occurred_at, config=c)
+        )
 
-    def record_biopsy(self, subject_id: UUID, biopsy_date: date, biopsy_class: str, occurred_at: datetime, *,
-                      signer: Signer) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.record_biopsy(
-            biopsy_date, biopsy_class, occurred_at, config=c))
+    def record_biopsy(
+        self, subject_id: UUID, biopsy_date: date, biopsy_class: str, occurred_at: datetime, *, signer: Signer
+    ) -> None:
+        self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_biopsy(biopsy_date, biopsy_class, occurred_at, config=c)
+        )
 
-    def confirm_eligibility(self, subject_id: UUID, occurred_at: datetime, checklist: EligibilityChecklist, *,
-                            signer: Signer) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.confirm_eligibility(
-            occurred_at, config=c, checklist=checklist))
+    def confirm_eligibility(
+        self, subject_id: UUID, occurred_at: datetime, checklist: EligibilityChecklist, *, signer: Signer
+    ) -> None:
+        self._subject_verb(
+            subject_id, signer, lambda s, c: s.confirm_eligibility(occurred_at, config=c, checklist=checklist)
+        )
 
     def enroll(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer) -> None:
         self._subject_verb(subject_id, signer, lambda s, c: s.enroll(occurred_at, config=c))
@@ -237,77 +314,121 @@ class Trial:
     def admit(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, purpose: str = "pretreatment") -> None:
         self._subject_verb(subject_id, signer, lambda s, c: s.admit(occurred_at, config=c, purpose=purpose))
 
-    def discharge(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer,
-                  prolonged_by_ae: str | None = None) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.discharge(
-            occurred_at, config=c, prolonged_by_ae=prolonged_by_ae))
+    def discharge(
+        self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, prolonged_by_ae: str | None = None
+    ) -> int:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.discharge(occurred_at, config=c, prolonged_by_ae=prolonged_by_ae)
+        )
 
     def record_vital_signs(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, **values: Any) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_vital_signs(occurred_at, config=c,
-                                                                                          **values))
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_vital_signs(occurred_at, config=c, **values)
+        )
 
     def record_pregnancy_test(self, subject_id: UUID, occurred_at: datetime, result: str, *, signer: Signer) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_pregnancy_test(
-            occurred_at, result, config=c))
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_pregnancy_test(occurred_at, result, config=c)
+        )
 
-    def give_pretreatment(self, subject_id: UUID, occurred_at: datetime, stopped_at: datetime,
-                          prescribed_mg_per_m2: Any, administered_mg: Any, lot: str, *, signer: Signer,
-                          route: str = "IV") -> Any:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.give_pretreatment(
-            occurred_at, stopped_at, prescribed_mg_per_m2, administered_mg, lot, config=c, route=route))
+    def give_pretreatment(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        stopped_at: datetime,
+        prescribed_mg_per_m2: Any,
+        administered_mg: Any,
+        lot: str,
+        *,
+        signer: Signer,
+        route: str = "IV",
+    ) -> Any:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.give_pretreatment(
+                occurred_at, stopped_at, prescribed_mg_per_m2, administered_mg, lot, config=c, route=route
+            ),
+        )
 
-    def release_product_lot(self, lot_id: str, subject_id: UUID, occurred_at: datetime, *, signer: Signer,
-                            **results: Any) -> ProductLot:
+    def release_product_lot(
+        self, lot_id: str, subject_id: UUID, occurred_at: datetime, *, signer: Signer, **results: Any
+    ) -> ProductLot:
         """The cell-processing facility records the release testing of a lot made for ``subject_id``."""
         if isinstance(lot_id, str) and self._exists(ProductLot.id_for(self.study_id, lot_id.strip())):
             raise LotUnavailable(lot_id, "its release is already recorded")
         self._load(subject_id, Subject)
-        lot = ProductLot.record_release(self.study_id, lot_id, subject_id, occurred_at, config=self.config,
-                                        **results)
+        lot = ProductLot.record_release(self.study_id, lot_id, subject_id, occurred_at, config=self.config, **results)
         return self._record(signer, [lot], lambda: lot)
 
-    def infuse_msc(self, subject_id: UUID, lot_id: str, occurred_at: datetime, stopped_at: datetime, *,
-                   signer: Signer, volume_ml: Any = None, premedication: str | None = None) -> Any:
+    def infuse_msc(
+        self,
+        subject_id: UUID,
+        lot_id: str,
+        occurred_at: datetime,
+        stopped_at: datetime,
+        *,
+        signer: Signer,
+        volume_ml: Any = None,
+        premedication: str | None = None,
+    ) -> Any:
         """T8: the subject's ``MSCInfused`` and the lot's ``Infused`` in one append."""
         subject: Subject = self._load(subject_id, Subject)
         lot: ProductLot = self.lot(lot_id)
         config = self.config
 
         def verb() -> Any:
-            infusion = subject.infuse_msc(occurred_at, stopped_at, lot, config=config, volume_ml=volume_ml,
-                                          premedication=premedication)
+            infusion = subject.infuse_msc(
+                occurred_at, stopped_at, lot, config=config, volume_ml=volume_ml, premedication=premedication
+            )
             lot.mark_infused(subject.id, occurred_at, config=config)
             return infusion
 
         return self._record(signer, [subject, lot], verb)
 
-    def record_transplant_not_performed(self, subject_id: UUID, occurred_at: datetime, reason: str, *,
-                                        signer: Signer) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.record_transplant_not_performed(
-            occurred_at, reason, config=c))
+    def record_transplant_not_performed(
+        self, subject_id: UUID, occurred_at: datetime, reason: str, *, signer: Signer
+    ) -> None:
+        self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_transplant_not_performed(occurred_at, reason, config=c)
+        )
 
     # ------------------------------------------------------------------------------------------ results
     def _derive_after(self, subject: Subject, version: int, config: StudyConfig, signer: Signer) -> None:
         """Derived values follow their inputs in the same append, when the signer may record them."""
         if signer.role not in self.study.permissions.get("Subject.DerivedResultRecorded", []):
             return
-        lab = subject.facts[version].record
+        lab = cast(LabResult, subject.facts[version].record)  # the fact at `version` is a LabResultRecorded
         try:
-            if lab.code in lab_results.CREATININE_CODES:  # type: ignore[union-attr]
+            if lab.code in lab_results.CREATININE_CODES:
                 subject.derive_egfr(version, config=config)
-            elif lab.code in ("UPROT", "UCREAT"):  # type: ignore[union-attr]
-                other = "UCREAT" if lab.code == "UPROT" else "UPROT"  # type: ignore[union-attr]
-                match = [v for v, r in subject.records("LabResultRecorded")
-                         if r.code == other and r.occurred_at == lab.occurred_at]  # type: ignore[attr-defined]
+            elif lab.code in ("UPROT", "UCREAT"):
+                other = "UCREAT" if lab.code == "UPROT" else "UPROT"
+                match = [
+                    v
+                    for v, r in subject.records("LabResultRecorded")
+                    if r.code == other and r.occurred_at == lab.occurred_at  # type: ignore[attr-defined]  # lab results
+                ]
                 if match:
                     pair = (version, match[-1]) if lab.code == "UPROT" else (match[-1], version)
                     subject.derive_upcr(*pair, config=config)
         except ProtocolViolation:
             pass  # an input that cannot be derived from is still a valid result; nothing derived is recorded
 
-    def record_lab_result(self, subject_id: UUID, code: str, value: Any, unit: str, occurred_at: datetime, *,
-                          signer: Signer, derive: bool = True, **details: Any) -> int:
+    def record_lab_result(
+        self,
+        subject_id: UUID,
+        code: str,
+        value: Any,
+        unit: str,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        derive: bool = True,
+        **details: Any,
+    ) -> int:
         """A lab result; CREAT/CREATSI also record the derived eGFR, UPROT+UCREAT of one specimen the UPCR."""
+
         def verb(s: Subject, c: StudyConfig) -> int:
             version = s.record_lab_result(code, value, unit, occurred_at, config=c, **details)
             if derive:
@@ -316,95 +437,181 @@ class Trial:
 
         return self._subject_verb(subject_id, signer, verb)
 
-    def record_lab_panel(self, subject_id: UUID, results: Iterable[tuple[str, Any, str]], occurred_at: datetime, *,
-                         signer: Signer, reported_at: datetime | None = None, derive: bool = True,
-                         ranges: Mapping[str, tuple[Any, Any]] | None = None) -> dict[str, int]:
+    def record_lab_panel(
+        self,
+        subject_id: UUID,
+        results: Iterable[tuple[str, Any, str]],
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        reported_at: datetime | None = None,
+        derive: bool = True,
+        ranges: Mapping[str, tuple[Any, Any]] | None = None,
+    ) -> dict[str, int]:
         """Several results of one collection, as a lab reports a panel, in one append (with their derived
         values). ``ranges`` gives the reporting lab's range per code. Returns each code's version."""
+
         def verb(s: Subject, c: StudyConfig) -> dict[str, int]:
             versions = {}
             for code, value, unit in results:
                 low, high = (ranges or {}).get(code, (None, None))
-                versions[code] = s.record_lab_result(code, value, unit, occurred_at, config=c, reported_at=reported_at,
-                                                     lab_low=low, lab_high=high)
+                versions[code] = s.record_lab_result(
+                    code, value, unit, occurred_at, config=c, reported_at=reported_at, lab_low=low, lab_high=high
+                )
                 if derive:
                     self._derive_after(s, versions[code], c, signer)
             return versions
 
         return self._subject_verb(subject_id, signer, verb)
 
-    def record_treg_panel(self, subject_id: UUID, occurred_at: datetime, treg_pct: Any, cd4_per_ul: Any, *,
-                          signer: Signer, reported_at: datetime | None = None) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_treg_panel(
-            occurred_at, treg_pct, cd4_per_ul, config=c, reported_at=reported_at))
+    def record_treg_panel(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        treg_pct: Any,
+        cd4_per_ul: Any,
+        *,
+        signer: Signer,
+        reported_at: datetime | None = None,
+    ) -> int:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_treg_panel(occurred_at, treg_pct, cd4_per_ul, config=c, reported_at=reported_at),
+        )
 
-    def assess_sledai(self, subject_id: UUID, occurred_at: datetime, descriptors: Iterable[str], *, signer: Signer,
-                      visit: str | None = None) -> Any:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.assess_sledai(
-            occurred_at, descriptors, config=c, visit=visit))
+    def assess_sledai(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        descriptors: Iterable[str],
+        *,
+        signer: Signer,
+        visit: str | None = None,
+    ) -> Any:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.assess_sledai(occurred_at, descriptors, config=c, visit=visit)
+        )
 
-    def assess_renal_response(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer,
-                              visit: str | None = None) -> Any:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.assess_renal_response(
-            occurred_at, config=c, visit=visit))
+    def assess_renal_response(
+        self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, visit: str | None = None
+    ) -> Any:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.assess_renal_response(occurred_at, config=c, visit=visit)
+        )
 
     # ------------------------------------------------------------------------------------------ visits
     def record_visit(self, subject_id: UUID, visit: str, occurred_at: datetime, *, signer: Signer) -> Any:
         return self._subject_verb(subject_id, signer, lambda s, c: s.record_visit(visit, occurred_at, config=c))
 
-    def record_missed_visit(self, subject_id: UUID, visit: str, occurred_at: datetime, *, signer: Signer,
-                            reason: str | None = None) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.record_missed_visit(
-            visit, occurred_at, config=c, reason=reason))
+    def record_missed_visit(
+        self, subject_id: UUID, visit: str, occurred_at: datetime, *, signer: Signer, reason: str | None = None
+    ) -> None:
+        self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_missed_visit(visit, occurred_at, config=c, reason=reason)
+        )
 
-    def record_unscheduled_visit(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer,
-                                 purpose: str) -> Any:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_unscheduled_visit(
-            occurred_at, config=c, purpose=purpose))
+    def record_unscheduled_visit(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, purpose: str) -> Any:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_unscheduled_visit(occurred_at, config=c, purpose=purpose)
+        )
 
-    def record_team_evaluation(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer,
-                               disciplines: Iterable[str], assessment: str, visit: str | None = None) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.record_team_evaluation(
-            occurred_at, config=c, disciplines=disciplines, assessment=assessment, visit=visit))
+    def record_team_evaluation(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        disciplines: Iterable[str],
+        assessment: str,
+        visit: str | None = None,
+    ) -> None:
+        self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_team_evaluation(
+                occurred_at, config=c, disciplines=disciplines, assessment=assessment, visit=visit
+            ),
+        )
 
-    def record_contact_attempt(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, method: str,
-                               outcome: str) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.record_contact_attempt(
-            occurred_at, config=c, method=method, outcome=outcome))
+    def record_contact_attempt(
+        self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, method: str, outcome: str
+    ) -> None:
+        self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_contact_attempt(occurred_at, config=c, method=method, outcome=outcome),
+        )
 
     # ------------------------------------------------------------------------------------------ safety
-    def report_adverse_event(self, subject_id: UUID, term: str, onset: date, occurred_at: datetime, *,
-                             signer: Signer, **details: Any) -> str:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.report_adverse_event(
-            term, onset, occurred_at, config=c, **details))
+    def report_adverse_event(
+        self, subject_id: UUID, term: str, onset: date, occurred_at: datetime, *, signer: Signer, **details: Any
+    ) -> str:
+        return self._subject_verb(
+            subject_id, signer, lambda s, c: s.report_adverse_event(term, onset, occurred_at, config=c, **details)
+        )
 
-    def assess_adverse_event(self, subject_id: UUID, ae_id: str, occurred_at: datetime, *, signer: Signer,
-                             **assessment: Any) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.assess_adverse_event(
-            ae_id, occurred_at, config=c, **assessment))
+    def assess_adverse_event(
+        self, subject_id: UUID, ae_id: str, occurred_at: datetime, *, signer: Signer, **assessment: Any
+    ) -> None:
+        self._subject_verb(
+            subject_id, signer, lambda s, c: s.assess_adverse_event(ae_id, occurred_at, config=c, **assessment)
+        )
 
-    def assess_expectedness(self, subject_id: UUID, ae_id: str, occurred_at: datetime, *, signer: Signer,
-                            expectedness_cyc: str, expectedness_msc: str) -> bool:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.assess_expectedness(
-            ae_id, occurred_at, config=c, expectedness_cyc=expectedness_cyc, expectedness_msc=expectedness_msc))
+    def assess_expectedness(
+        self,
+        subject_id: UUID,
+        ae_id: str,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        expectedness_cyc: str,
+        expectedness_msc: str,
+    ) -> bool:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.assess_expectedness(
+                ae_id, occurred_at, config=c, expectedness_cyc=expectedness_cyc, expectedness_msc=expectedness_msc
+            ),
+        )
 
     def report_sae(self, subject_id: UUID, ae_id: str, occurred_at: datetime, *, signer: Signer) -> Any:
         return self._subject_verb(subject_id, signer, lambda s, c: s.report_sae(ae_id, occurred_at, config=c))
 
-    def record_ae_outcome(self, subject_id: UUID, ae_id: str, occurred_at: datetime, outcome: str, *,
-                          signer: Signer, **details: Any) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.record_ae_outcome(
-            ae_id, occurred_at, outcome, config=c, **details))
+    def record_ae_outcome(
+        self, subject_id: UUID, ae_id: str, occurred_at: datetime, outcome: str, *, signer: Signer, **details: Any
+    ) -> None:
+        self._subject_verb(
+            subject_id, signer, lambda s, c: s.record_ae_outcome(ae_id, occurred_at, outcome, config=c, **details)
+        )
 
-    def record_concomitant_medication(self, subject_id: UUID, name: str, start_date: date, occurred_at: datetime,
-                                      *, signer: Signer, **details: Any) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_concomitant_medication(
-            name, start_date, occurred_at, config=c, **details))
+    def record_concomitant_medication(
+        self, subject_id: UUID, name: str, start_date: date, occurred_at: datetime, *, signer: Signer, **details: Any
+    ) -> int:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_concomitant_medication(name, start_date, occurred_at, config=c, **details),
+        )
 
-    def record_deviation(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, category: str,
-                         description: str, lot_id: str | None = None) -> int:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_deviation(
-            occurred_at, config=c, category=category, description=description, lot_id=lot_id))
+    def record_deviation(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        category: str,
+        description: str,
+        lot_id: str | None = None,
+    ) -> int:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_deviation(
+                occurred_at, config=c, category=category, description=description, lot_id=lot_id
+            ),
+        )
 
     # ------------------------------------------------------------------------------------------ corrections
     def _may_change(self, subject: Subject, version: int, signer: Signer) -> str:
@@ -417,10 +624,19 @@ class Trial:
             raise RoleMayNotCorrect(signer.role, event_type, allowed)
         return fact.type
 
-    def correct(self, subject_id: UUID, version: int, new_values: Mapping[str, Any], reason: str,
-                occurred_at: datetime | None = None, *, signer: Signer) -> Any:
+    def correct(
+        self,
+        subject_id: UUID,
+        version: int,
+        new_values: Mapping[str, Any],
+        reason: str,
+        occurred_at: datetime | None = None,
+        *,
+        signer: Signer,
+    ) -> Any:
         """R11: correct the fact at ``version`` (only by a role that may record that fact); a corrected serum
         creatinine also records a new eGFR citing the correction."""
+
         def verb(s: Subject, c: StudyConfig) -> Any:
             kind = self._may_change(s, version, signer)
             record = s.correct(version, new_values, reason, occurred_at or clock.now(), config=c)
@@ -430,8 +646,9 @@ class Trial:
 
         return self._subject_verb(subject_id, signer, verb)
 
-    def void(self, subject_id: UUID, version: int, reason: str, occurred_at: datetime | None = None, *,
-             signer: Signer) -> None:
+    def void(
+        self, subject_id: UUID, version: int, reason: str, occurred_at: datetime | None = None, *, signer: Signer
+    ) -> None:
         def verb(s: Subject, c: StudyConfig) -> None:
             self._may_change(s, version, signer)
             s.void(version, reason, occurred_at or clock.now(), config=c)
@@ -439,11 +656,29 @@ class Trial:
         self._subject_verb(subject_id, signer, verb)
 
     # ------------------------------------------------------------------------------------------ disposition
-    def withdraw(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer, reason_code: str, reason: str,
-                 decided_by: str, safety_follow_up_agreed: bool) -> None:
-        self._subject_verb(subject_id, signer, lambda s, c: s.withdraw(
-            occurred_at, config=c, reason_code=reason_code, reason=reason, decided_by=decided_by,
-            safety_follow_up_agreed=safety_follow_up_agreed))
+    def withdraw(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        *,
+        signer: Signer,
+        reason_code: str,
+        reason: str,
+        decided_by: str,
+        safety_follow_up_agreed: bool,
+    ) -> None:
+        self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.withdraw(
+                occurred_at,
+                config=c,
+                reason_code=reason_code,
+                reason=reason,
+                decided_by=decided_by,
+                safety_follow_up_agreed=safety_follow_up_agreed,
+            ),
+        )
 
     def mark_lost_to_follow_up(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer) -> None:
         self._subject_verb(subject_id, signer, lambda s, c: s.mark_lost_to_follow_up(occurred_at, config=c))
@@ -451,10 +686,21 @@ class Trial:
     def record_return(self, subject_id: UUID, occurred_at: datetime, reason: str, *, signer: Signer) -> None:
         self._subject_verb(subject_id, signer, lambda s, c: s.record_return(occurred_at, reason, config=c))
 
-    def record_death(self, subject_id: UUID, occurred_at: datetime, cause: str, *, signer: Signer,
-                     ae_id: str | None = None, aware_at: datetime | None = None) -> str | None:
-        return self._subject_verb(subject_id, signer, lambda s, c: s.record_death(
-            occurred_at, cause, config=c, ae_id=ae_id, aware_at=aware_at))
+    def record_death(
+        self,
+        subject_id: UUID,
+        occurred_at: datetime,
+        cause: str,
+        *,
+        signer: Signer,
+        ae_id: str | None = None,
+        aware_at: datetime | None = None,
+    ) -> str | None:
+        return self._subject_verb(
+            subject_id,
+            signer,
+            lambda s, c: s.record_death(occurred_at, cause, config=c, ae_id=ae_id, aware_at=aware_at),
+        )
 
     def complete_study(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer) -> None:
         self._subject_verb(subject_id, signer, lambda s, c: s.complete_study(occurred_at, config=c))

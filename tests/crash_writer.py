@@ -16,6 +16,8 @@ from datetime import datetime, timedelta, timezone
 from decimal import Decimal
 from pathlib import Path
 
+from sqlalchemy import select
+
 from sle_events.domain.study import Study
 from sle_events.domain.subject import Subject
 from sle_events.signing.keys import Signer
@@ -36,7 +38,18 @@ def ack(stored) -> None:
     sys.stdout.flush()
 
 
-def main(url: str, key_dir: Path) -> None:
+def approve(record: StudyRecord, founder_keys: Path, admin: Signer, code: str) -> None:
+    """A database's later studies need its first study's admin to approve them (issue 11)."""
+    founder = Signer.from_file(founder_keys / "admin.pem", SIGNERS["admin"][0], "admin")
+    t = record.table
+    with record.recorder.datastore.engine.connect() as conn:
+        first = conn.execute(select(t.c.originator_id).where(t.c.topic == "Study.Created").order_by(t.c.id)).scalar()
+    study = record.get(first)
+    study.approve_new_study(code, admin.actor, admin.public_key_b64, datetime.now(timezone.utc))
+    ack(record.record(study, signer=founder))
+
+
+def main(url: str, key_dir: Path, founder_keys: Path | None = None) -> None:
     rng = random.Random(7)
     signers = {}
     for name, (actor, role) in SIGNERS.items():
@@ -45,6 +58,8 @@ def main(url: str, key_dir: Path) -> None:
         signers[name] = signer
     admin, coordinator, investigator, lab = (signers[n] for n in SIGNERS)
     record = StudyRecord(url)
+    if founder_keys is not None:
+        approve(record, founder_keys, admin, "CRASH")
     now = datetime.now(timezone.utc)
     study = Study.create("CRASH", "crash test", admin.actor, admin.public_key_b64, now)
     for s in (coordinator, investigator, lab):
@@ -82,4 +97,4 @@ def main(url: str, key_dir: Path) -> None:
 
 
 if __name__ == "__main__":
-    main(sys.argv[1], Path(sys.argv[2]))
+    main(sys.argv[1], Path(sys.argv[2]), Path(sys.argv[3]) if len(sys.argv) > 3 else None)

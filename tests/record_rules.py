@@ -32,7 +32,7 @@ def check_stream(sealed: list[Any]) -> None:
     exit_kind, safety = None, False
     cyc_version = msc_version = None
     for e in sealed:
-        env, name = e.envelope, e.topic.rsplit(":", 1)[-1].split(".", 1)[1]
+        env, name = e.envelope, e.topic.split(".", 1)[1]
         p, at_ = env["payload"], datetime.fromisoformat(env["occurred_at"])
         assert env["role"] in DEFAULT_PERMISSIONS[f"Subject.{name}"], (name, env["role"])
         if name not in NO_CONSENT_NEEDED:

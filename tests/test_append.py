@@ -14,7 +14,7 @@ from sle_events.domain.subject import Subject
 from sle_events.signing.canonical import FloatNotAllowed
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_sealed, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 from sle_events.store.errors import (
     BadSignature,
     ChainBroken,

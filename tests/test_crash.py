@@ -36,13 +36,16 @@ ROUNDS = 3
 DEADLINE = 15.0  # seconds to collect the acks
 
 
-def run_until_killed(url: str, work: Path, acks_wanted: int) -> tuple[str, list[tuple[str, int]]]:
-    """Start the writer, SIGKILL it once `acks_wanted` events are acknowledged; return (study, acks)."""
+def run_until_killed(url: str, work: Path, acks_wanted: int,
+                     founder_keys: Path | None = None) -> tuple[str, list[tuple[str, int]]]:  # fmt: skip
+    """Start the writer, SIGKILL it once `acks_wanted` events are acknowledged; return (study, acks). A writer
+    into a database that holds a study has its own study approved with the first one's admin key."""
     keys = work / "keys"
     keys.mkdir()
     errors = work / "writer.stderr"
     with errors.open("w") as stderr:
-        proc = subprocess.Popen([sys.executable, str(WRITER), url, str(keys)],
+        founder = [str(founder_keys)] if founder_keys else []
+        proc = subprocess.Popen([sys.executable, str(WRITER), url, str(keys), *founder],
                                 stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)  # fmt: skip
     lines: queue.Queue[str | None] = queue.Queue()
 
@@ -135,10 +138,13 @@ def check_after_crash(url: str, study: str, acks: list[tuple[str, int]], before:
 
 def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url, tmp_path):
     stored: set[tuple[str, int]] = set()
+    studies: set[str] = set()
     for round in range(ROUNDS):  # each writer has its own study; later ones write into a crashed database
         work = tmp_path / f"round{round}"
         work.mkdir()
-        study, acks = run_until_killed(db_url, work, MIN_ACKS + random.randint(0, 60))
+        founder = tmp_path / "round0" / "keys" if round else None
+        study, acks = run_until_killed(db_url, work, MIN_ACKS + random.randint(0, 60), founder)
+        studies.add(study)
         stored = check_after_crash(db_url, study, acks, stored, workers=1 + round % 2)
 
     # A new writer continues the most recently written subject stream and another one from early on.
@@ -148,7 +154,7 @@ def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url
         for name, actor, role in (("admin", "admin@site", "admin"), ("investigator", "dr.wang", "investigator"),
                                   ("lab", "lab.service", "lab"))
     )  # fmt: skip
-    subject_streams = [s for s, _ in acks if s != study]
+    subject_streams = [s for s, _ in acks if s not in studies]
     record = StudyRecord(db_url)
     added = 0
     try:

@@ -52,7 +52,7 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     url, result, streams = _demo(tmp_path, "demo", 8, 20070311)
     assert verify_record(url, workers=1).ok
     types = Counter(result.events_by_type)
-    subjects = [s for s in streams if s[0].topic.endswith(":Subject.Screened")]
+    subjects = [s for s in streams if s[0].topic == "Subject.Screened"]
     for stream in subjects:
         check_stream(stream)
     assert result.subjects == 8 and types["Subject.Enrolled"] == 8 and types["Subject.Screened"] > 8
@@ -65,7 +65,7 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     assert result.refused_as_expected == {"OutsideWindow": 1, "UntrustedKey": 1, "ReasonRequired": 1}
 
     events = [e for s in subjects for e in s]
-    out_of_window = [e for e in events if e.topic.endswith(":Subject.VisitRecorded")
+    out_of_window = [e for e in events if e.topic == "Subject.VisitRecorded"
                      and not e.envelope["payload"]["in_window"]]
     assert out_of_window and all(e.envelope["payload"]["deviation_flags"] == ["VISIT_OUT_OF_WINDOW"]
                                  for e in out_of_window)
@@ -73,7 +73,7 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
         env = e.envelope
         recorded, occurred = (datetime.fromisoformat(env[k]) for k in ("recorded_at", "occurred_at"))
         assert recorded >= occurred - timedelta(minutes=5)  # R9
-        if e.topic.endswith(":Subject.Corrected"):
+        if e.topic == "Subject.Corrected":
             assert env["reason"] in ("transcription error",)
     by_subject = {s[0].envelope["stream"]: [e.topic.rsplit(".", 1)[-1] for e in s] for s in subjects}
     for names in by_subject.values():
@@ -85,5 +85,5 @@ def test_a_larger_trial_with_a_second_site_and_a_new_icf_records_and_verifies(tm
     plan must still be accepted (the demo raises on any unexpected refusal) and the record must verify."""
     url, result, streams = _demo(tmp_path, "larger", 70, 3)
     assert result.subjects == 70 and result.events > 20000
-    assert {e.envelope["payload"].get("site") for s in streams for e in s if e.topic.endswith(":Subject.Screened")} > {"NJ01"}
+    assert {e.envelope["payload"].get("site") for s in streams for e in s if e.topic == "Subject.Screened"} > {"NJ01"}
     assert verify_record(url, workers=2).ok

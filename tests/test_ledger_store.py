@@ -64,7 +64,15 @@ SLE = str(Path(sys.executable).with_name("sle"))
 # --- building a record -----------------------------------------------------------------------------------------
 # Subject streams are sealed here at the signing layer, exactly as a client sends envelopes to `append()`: the
 # ledger logs bytes and the tests depend on the envelope format only, not on the domain's verbs.
-SUBJECT = "sle_events.domain.subject:Subject."
+SUBJECT = "Subject."
+# Every field each type's schema requires (append refuses a payload missing one), filled in by `sealed`.
+FULL_PAYLOAD = {
+    "Screened": {"rescreen_number": 0, "rescreen_of": None},
+    "ConsentObtained": {"reconsent": False, "signed_by": "subject", "taken_by": "dr.wang"},
+    "LabResultRecorded": {"canonical_unit": "mg/dL", "flag": None, "lab_high": None, "lab_low": None,
+                          "loinc": "2160-0", "range_high": "1.2", "range_low": "0.6", "range_source": "default",
+                          "reported_at": None, "specimen_id": None},
+}  # fmt: skip
 
 
 @dataclass
@@ -75,6 +83,11 @@ class Stream:
 
 
 def sealed(trial, stream: Stream, event_type: str, signer, payload: dict, occurred_at: datetime) -> SealedEvent:
+    payload = {**FULL_PAYLOAD.get(event_type, {}), **payload}
+    if event_type == "Screened":
+        payload.setdefault("study_id", str(trial.study.id))
+    if event_type == "LabResultRecorded":
+        payload.setdefault("canonical_value", payload["value"])
     envelope = {
         "study": str(trial.study.id), "stream": str(stream.id), "version": stream.version + 1,
         "type": SUBJECT + event_type, "schema": 1, "payload": payload, "occurred_at": occurred_at.isoformat(),

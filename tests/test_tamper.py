@@ -22,7 +22,7 @@ from sle_events.domain.payloads import EligibilityChecklist
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import open_sealed, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 from sle_events.store.errors import UntrustedKey
 from sle_events.audit.findings import Report
 from sle_events.audit.verifier import verify_record
@@ -32,7 +32,7 @@ pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)
 T0 = NOW - timedelta(days=30)
 CREATININE = ("1.23", "1.34", "1.45")
-SUBJECT_TOPIC = "sle_events.domain.subject:Subject."
+SUBJECT_TOPIC = "Subject."
 ELIGIBLE = EligibilityChecklist.all_met(screening_labs_collected_at=T0 + timedelta(days=2))
 EVENTS_IN_RECORD = 4 + 3 * 7 + 1  # study + three full subjects + one screened only
 
@@ -280,7 +280,7 @@ def test_deleted_registry_event_breaks_the_study_chain_and_unseats_its_key(trial
     built = built_and_verified(trial)
     study = trial.study.id
     registrations = [e for e in trial.record.stream(study)
-                     if e.topic.endswith(":Study.KeyRegistered") and e.envelope["payload"]["actor"] == "dr.wang"]  # fmt: skip
+                     if e.topic == "Study.KeyRegistered" and e.envelope["payload"]["actor"] == "dr.wang"]  # fmt: skip
     [registration] = registrations
     signed_by_investigator = {
         (e.envelope["stream"], e.version)

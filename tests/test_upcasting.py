@@ -9,8 +9,9 @@ from eventsourcing.domain import Aggregate, event
 
 from projections.audit_trail import AuditTrail, query
 from projections.runner import ProjectionRunner
+from sle_events.domain.event_types import register_event_type
 from sle_events.signing.envelope import GENESIS, seal
-from sle_events.signing.payload import envelope_for
+from sle_events.store.codec import envelope_for
 from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
@@ -34,6 +35,9 @@ class Specimen(Aggregate):
     def __init__(self, specimen_id: str, occurred_at: datetime, container: str = "tube") -> None:
         self.specimen_id = specimen_id
         self.container = container
+
+
+register_event_type("Specimen.Collected", Specimen.Collected)
 
 
 def test_old_schema_events_verify_load_and_project(trial):

@@ -4,6 +4,7 @@ Revision ID: 0001
 Revises:
 Create Date: 2026-11-25
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy_utils.types.uuid import UUIDType
@@ -26,8 +27,7 @@ def upgrade() -> None:
         sa.Column("topic", sa.Text(), nullable=False),
         sa.Column("state", sa.LargeBinary(), nullable=False),
     )
-    op.create_index("study_events_aggregate_idx", "study_events", ["originator_id", "originator_version"],
-                    unique=True)  # fmt: skip
+    op.create_index("study_events_aggregate_idx", "study_events", ["originator_id", "originator_version"], unique=True)
 
 
 def downgrade() -> None:

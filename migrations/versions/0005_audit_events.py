@@ -5,6 +5,7 @@ Revision ID: 0005
 Revises: 0004
 Create Date: 2026-11-25
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -14,17 +15,19 @@ branch_labels = None
 depends_on = None
 
 ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
-EVENT_COLUMNS = ("position, event_id, record_id, study, stream, subject, aggregate, event_type, visit, form, change, "
-                 "actor, printed_name, role, key, occurred_at, recorded_at, reason, signature_status")  # fmt: skip
+EVENT_COLUMNS = (
+    "position, event_id, record_id, study, stream, subject, aggregate, event_type, visit, form, change, "
+    "actor, printed_name, role, key, occurred_at, recorded_at, reason, signature_status"
+)
 # A snapshot of `projections.schema.audit_trail_view_sql` at this revision.
 VIEW = {
     "sqlite": "CAST(c.key AS INTEGER) AS seq, json_extract(c.value, '$[0]') AS field, "
-              "json_extract(c.value, '$[1]') AS old_value, json_extract(c.value, '$[2]') AS new_value "
-              "FROM audit_events AS e, json_each(e.changes) AS c",
+    "json_extract(c.value, '$[1]') AS old_value, json_extract(c.value, '$[2]') AS new_value "
+    "FROM audit_events AS e, json_each(e.changes) AS c",
     "postgresql": "c.seq - 1 AS seq, c.item ->> 0 AS field, c.item ->> 1 AS old_value, c.item ->> 2 AS new_value "
-                  "FROM audit_events AS e CROSS JOIN LATERAL json_array_elements(e.changes::json) "
-                  "WITH ORDINALITY AS c(item, seq)",
-}  # fmt: skip
+    "FROM audit_events AS e CROSS JOIN LATERAL json_array_elements(e.changes::json) "
+    "WITH ORDINALITY AS c(item, seq)",
+}
 
 
 def _common_columns() -> list[sa.Column]:

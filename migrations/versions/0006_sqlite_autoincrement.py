@@ -5,6 +5,7 @@ Revision ID: 0006
 Revises: 0005
 Create Date: 2026-11-25
 """
+
 import sqlalchemy as sa
 from alembic import op
 from sqlalchemy_utils.types.uuid import UUIDType
@@ -16,8 +17,12 @@ depends_on = None
 
 
 def _events_sql() -> str:
-    return op.get_bind().execute(
-        sa.text("select sql from sqlite_master where type = 'table' and name = 'study_events'")).scalar() or ""
+    return (
+        op.get_bind()
+        .execute(sa.text("select sql from sqlite_master where type = 'table' and name = 'study_events'"))
+        .scalar()
+        or ""
+    )
 
 
 def _events(autoincrement: bool) -> sa.Table:
@@ -36,8 +41,12 @@ def _events(autoincrement: bool) -> sa.Table:
 
 
 def _recreate(autoincrement: bool) -> None:
-    with op.batch_alter_table("study_events", recreate="always", copy_from=_events(autoincrement),
-                              table_kwargs={"sqlite_autoincrement": autoincrement}):  # fmt: skip
+    with op.batch_alter_table(
+        "study_events",
+        recreate="always",
+        copy_from=_events(autoincrement),
+        table_kwargs={"sqlite_autoincrement": autoincrement},
+    ):
         pass
 
 

@@ -6,8 +6,9 @@ Revision ID: 0007
 Revises: 0006
 Create Date: 2026-11-25
 """
+
 import hashlib
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 
 import sqlalchemy as sa
 from alembic import op
@@ -20,14 +21,33 @@ depends_on = None
 
 def upgrade() -> None:
     conn = op.get_bind()
-    empty = all(conn.execute(sa.text(f"select count(*) from {t}")).scalar() == 0
-                for t in ("ledger_state", "ledger_leaves", "ledger_checkpoints"))  # fmt: skip
+    empty = all(
+        conn.execute(sa.text(f"select count(*) from {t}")).scalar() == 0
+        for t in ("ledger_state", "ledger_leaves", "ledger_checkpoints")
+    )
     if empty:
-        state = sa.table("ledger_state", sa.column("id"), sa.column("size"), sa.column("position"),
-                         sa.column("frontier", sa.LargeBinary), sa.column("root", sa.LargeBinary),
-                         sa.column("updated_at", sa.DateTime(timezone=True)))  # fmt: skip
-        op.bulk_insert(state, [{"id": 1, "size": 0, "position": 0, "frontier": b"",
-                                "root": hashlib.sha256(b"").digest(), "updated_at": datetime.now(timezone.utc)}])
+        state = sa.table(
+            "ledger_state",
+            sa.column("id"),
+            sa.column("size"),
+            sa.column("position"),
+            sa.column("frontier", sa.LargeBinary),
+            sa.column("root", sa.LargeBinary),
+            sa.column("updated_at", sa.DateTime(timezone=True)),
+        )
+        op.bulk_insert(
+            state,
+            [
+                {
+                    "id": 1,
+                    "size": 0,
+                    "position": 0,
+                    "frontier": b"",
+                    "root": hashlib.sha256(b"").digest(),
+                    "updated_at": datetime.now(UTC),
+                }
+            ],
+        )
 
 
 def downgrade() -> None:

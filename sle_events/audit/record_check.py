@@ -13,20 +13,23 @@ the signed envelopes, not by the topic column, so an edited topic is a `topic_mi
 
 from __future__ import annotations
 
+import base64
 import bisect
 import copy
 import hashlib
-from typing import Any
+from contextlib import contextmanager
+from typing import Any, Iterator
 from uuid import UUID
 
-from sqlalchemy import func, select
+from sqlalchemy import Connection, func, select
 
 from sle_events.audit.findings import Finding
 from sle_events.domain.study import KeyProblem, KeyRevoked, KeyRotatedOut, RoleNotAllowed, Study, UnknownKey
 from sle_events.signing.chain import BROKEN, GENESIS, link_problem
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_sealed, open_stored
-from sle_events.signing.keys import verify_signature
-from sle_events.signing.payload import domain_event_from
+from sle_events.domain.event_types import UnknownEventName, type_name
+from sle_events.signing.keys import key_id, verify_signature
+from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from
 from sle_events.store.record import public_key
 from sle_events.store.streams import registry_topic
 
@@ -39,26 +42,23 @@ _KEY_KINDS = {UnknownKey: "key_unknown", KeyRevoked: "key_revoked", KeyRotatedOu
 
 
 def _type_name(topic: str) -> str:
-    return str(topic).rsplit(":", 1)[-1]
+    try:
+        return type_name(topic)
+    except UnknownEventName:
+        return ""
 
 
-class StreamChecker:
-    """Checks one event after another, stream by stream, in version order."""
+class SignatureCheck:
+    """Whether an event's signature holds against the key registry as it stood at the event's log position:
+    the key registered, active, the envelope's actor's and role's, the role allowed that event type, and the
+    Ed25519 signature over the signed bytes valid. Shared by `sle verify` and the projections' reader."""
 
-    def __init__(self, timelines: Timelines, heads: dict[str, tuple[int, str]] | None = None):
+    def __init__(self, timelines: Timelines):
         self.timelines = timelines
-        self.heads = heads or {}  # incremental verification: each stream's head at the saved checkpoint
-        self.findings: list[Finding] = []
-        self.stream: str | None = None
-        self.version = 0
-        self.hash = GENESIS
-        self.events = 0
         self._keys: dict[tuple[int, str], Any] = {}
 
-    def found(self, stream: str, version: int | None, kind: str, detail: str, position: int) -> None:
-        self.findings.append(Finding(stream, version, kind, detail, position))
-
     def registry_at(self, study: str, position: int) -> Study | None:
+        """The registry just before `position` (what an event there is checked against)."""
         timeline = self.timelines.get(study)
         if timeline is None:
             return None
@@ -66,13 +66,61 @@ class StreamChecker:
         i = bisect.bisect_left(positions, position) - 1
         return states[i] if i >= 0 else None
 
+    def latest(self, study: str) -> Study | None:
+        timeline = self.timelines.get(study)
+        return timeline[1][-1] if timeline else None
+
+    def problem(self, e: SealedEvent, position: int, registry: Study | None = None) -> tuple[str, str] | None:
+        """(finding kind, detail) if the signature does not hold, else None."""
+        env = e.envelope
+        if registry is None:
+            registry = self.registry_at(env["study"], position)
+            if registry is None and env["stream"] == env["study"] and env["version"] == 1:
+                timeline = self.timelines.get(env["study"])
+                if timeline and timeline[0][0] == position:  # the trust root vouches for its own creation
+                    registry = timeline[1][0]
+        if registry is None:
+            return "unknown_study", f"study {env['study']} has no valid registry before this event"
+        try:
+            name = type_name(env["type"])
+        except UnknownEventName as exc:
+            return "unknown_event_type", str(exc)
+        try:
+            entry = registry.authorise(env["key"], env["actor"], env["role"], name)
+        except KeyProblem as exc:
+            return _KEY_KINDS.get(type(exc), "key_problem"), f"{exc} at log position {position}"
+        key = self._keys.get((id(registry), entry["key"]))
+        if key is None:
+            key = self._keys[(id(registry), entry["key"])] = public_key(registry.public_key(entry["key"]))
+        if not verify_signature(key, e.signature, e.signed):
+            return "bad_signature", (f"signature by {env['actor']} (key {env['key']}) does not verify: the signed "
+                                     "envelope (payload, type, times, ids or prev) was altered after signing")  # fmt: skip
+        return None
+
+
+class StreamChecker:
+    """Checks one event after another, stream by stream, in version order."""
+
+    def __init__(self, timelines: Timelines, heads: dict[str, tuple[int, str]] | None = None):
+        self.signatures = SignatureCheck(timelines)
+        self.heads = heads or {}  # incremental verification: each stream's head at the saved checkpoint
+        self.findings: list[Finding] = []
+        self.stream: str | None = None
+        self.study: str | None = None  # the stream's study, from its first event
+        self.version = 0
+        self.hash = GENESIS
+        self.events = 0
+
+    def found(self, stream: str, version: int | None, kind: str, detail: str, position: int) -> None:
+        self.findings.append(Finding(stream, version, kind, detail, position))
+
     def check(self, position: int, stream_id: UUID, version: int, topic: str, state: bytes,
               registry: Study | None = None) -> SealedEvent | None:  # fmt: skip
         """Check one event; whatever its bytes hold, the answer is findings (a failing check is one too)."""
         stream = str(stream_id)
         self.events += 1
         if stream != self.stream:
-            self.stream = stream
+            self.stream, self.study = stream, None
             self.version, self.hash = self.heads.get(stream, (0, GENESIS))
         try:
             return self._check(position, stream, version, topic, state, registry)
@@ -109,36 +157,38 @@ class StreamChecker:
             found(stream, version, "missing_event",
                   f"{missing} missing: the stream jumps from v{self.version} to v{version}", position)  # fmt: skip
         self.version, self.hash = version, e.hash
-        if registry is None:
-            registry = self.registry_at(env["study"], position)
-        if registry is None:
-            found(stream, version, "unknown_study", f"study {env['study']} has no valid registry before this event",
-                  position)  # fmt: skip
+        if self.study is None:
+            self.study = env["study"]
+        elif env["study"] != self.study:
+            found(stream, version, "study_mismatch",
+                  f"the event speaks for study {env['study']}, but the stream belongs to study {self.study} (its "
+                  "first event's)", position)  # fmt: skip
+        problem = self.signatures.problem(e, position, registry)
+        if problem is None or problem[0] not in ("unknown_study", "unknown_event_type"):
+            name = type_name(env["type"])
+            if name.startswith("Study.") != (stream == env["study"]):
+                found(stream, version, "study_mismatch",
+                      f"{name} on stream {stream} of study {env['study']}: study facts live on the study's own "
+                      "stream, and only they do", position)  # fmt: skip
+        if problem is not None:
+            kind, detail = problem
+            if kind == "bad_signature":
+                try:
+                    open_sealed(state)
+                except MalformedEnvelope as exc:
+                    kind, detail = "malformed", f"stored bytes were rewritten: {exc}"
+            found(stream, version, kind, detail, position)
             return e
-        try:
-            entry = registry.authorise(env["key"], env["actor"], env["role"], env["type"])
-        except KeyProblem as exc:
-            found(stream, version, _KEY_KINDS.get(type(exc), "key_problem"),
-                  f"{exc} at log position {position}", position)  # fmt: skip
-            return e
-        key = self._keys.get((id(registry), entry["key"]))
-        if key is None:
-            key = self._keys[(id(registry), entry["key"])] = public_key(registry.public_key(entry["key"]))
-        if not verify_signature(key, e.signature, e.signed):
-            try:
-                open_sealed(state)
-            except MalformedEnvelope as exc:
-                found(stream, version, "malformed", f"stored bytes were rewritten: {exc}", position)
-                return e
-            found(stream, version, "bad_signature",
-                  f"signature by {env['actor']} (key {env['key']}) does not verify: the signed envelope "
-                  "(payload, type, times, ids or prev) was altered after signing", position)  # fmt: skip
+        try:  # signed as it is, yet not a payload this type may carry (stored before append checked it)
+            check_payload(env)
+        except PayloadSchemaError as exc:
+            found(stream, version, "invalid_payload", f"{exc}: the stream cannot be loaded past it", position)
         return e
 
 
 def registry_streams(engine: Any, table: Any) -> list[UUID]:
     """The streams whose signed first event is their own study's `Study.Created` (topics only nominate)."""
-    with engine.connect() as conn:
+    with _connected(engine) as conn:
         candidates = list(conn.execute(select(table.c.originator_id).where(registry_topic(table.c.topic)).distinct()).scalars())
         out = []
         for stream in candidates:
@@ -153,15 +203,18 @@ def registry_streams(engine: Any, table: Any) -> list[UUID]:
     return sorted(out)
 
 
-def build_registry_timelines(engine: Any, table: Any, registries: list[UUID], findings: list[Finding],
+def build_registry_timelines(engine: Any, table: Any, findings: list[Finding], *, registries: list[UUID] | None = None,
                              admin_keys: frozenset[str] = frozenset()) -> tuple[Timelines, int]:  # fmt: skip
     """Replay every study's registry stream in version order; keep the registry state after each valid event.
 
-    With `admin_keys`, a study whose creation names another admin key has no trust root (`untrusted_root`)."""
+    With `admin_keys`, a study whose creation names another admin key has no trust root (`untrusted_root`).
+    `engine` may also be an open connection (a reader inside its transaction)."""
+    if registries is None:
+        registries = registry_streams(engine, table)
     timelines: Timelines = {}
     checker = StreamChecker(timelines)
     rows: list[Any] = []
-    with engine.connect() as conn:
+    with _connected(engine) as conn:
         for k in range(0, len(registries), 500):
             rows += conn.execute(
                 select(table.c.id, table.c.originator_id, table.c.originator_version, table.c.topic, table.c.state)
@@ -215,7 +268,44 @@ def build_registry_timelines(engine: Any, table: Any, registries: list[UUID], fi
             positions.append(position)
             states.append(state_after)
     findings.extend(checker.findings)
+    findings.extend(_unapproved_studies(rows))
     return timelines, len(rows)
+
+
+def _unapproved_studies(rows: list[Any]) -> list[Finding]:
+    """Every study created after the database's first without an existing admin's unused approval, in log
+    order (the append-time rule, `StudyRecord._check_new_study`)."""
+    findings, approvals, created = [], [], 0
+    for position, stream_id, version, topic, state in sorted(rows, key=lambda r: r[0]):
+        try:
+            env = open_stored(bytes(state)).envelope
+            name = type_name(env["type"])
+        except (MalformedEnvelope, UnknownEventName):
+            continue  # reported by the chain check
+        if name == "Study.NewStudyApproved":
+            approvals.append((env["payload"].get("code"), env["payload"].get("admin_key")))
+        elif name == "Study.Created" and version == 1:
+            try:
+                mine = (env["payload"]["code"], key_id(base64.b64decode(env["payload"]["admin_public_key"])))
+            except (KeyError, ValueError, TypeError):
+                continue  # an unreadable creation is reported as malformed
+            if created and mine not in approvals:
+                findings.append(Finding(str(stream_id), 1, "study_not_approved",
+                                        f"study {mine[0]!r} (trust-root key {mine[1]}) was created in a database that "
+                                        "already held a study, without an existing admin's approval", position))  # fmt: skip
+            elif created:
+                approvals.remove(mine)
+            created += 1
+    return findings
+
+
+@contextmanager
+def _connected(engine: Any) -> Iterator[Any]:
+    if isinstance(engine, Connection):
+        yield engine
+    else:
+        with engine.connect() as conn:
+            yield conn
 
 
 def heads_at(conn: Any, table: Any, streams: list[Any], after: int) -> dict[str, tuple[int, str]]:

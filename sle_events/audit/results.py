@@ -71,12 +71,12 @@ def check_result(conn: Any, run_id: int, document: bytes) -> str | None:
 
 def _registered_key(conn: Any, key: str, actor: str) -> Any:
     """The public key, if a study's registry (re-derived from its signed events) holds it for a result role."""
-    from sle_events.audit.record_check import build_registry_timelines, registry_streams
+    from sle_events.audit.record_check import build_registry_timelines
     from sle_events.ledger.tables import events_table
     from sle_events.store.record import public_key
 
     table = events_table()
-    timelines, _ = build_registry_timelines(conn.engine, table, registry_streams(conn.engine, table), [])
+    timelines, _ = build_registry_timelines(conn, table, [])
     for _positions, states in timelines.values():
         entry = states[-1].keys.get(key)
         if entry and entry["actor"] == actor and entry["role"] in RESULT_ROLES and entry["status"] == "active":

@@ -72,8 +72,8 @@ class Verifier:
                 total = conn.execute(select(func.count()).select_from(table).where(table.c.id > after)).scalar() or 0
             # -- 2. the record
             registries = registry_streams(engine, table)
-            timelines, registry_events = build_registry_timelines(engine, table, registries, report.findings,
-                                                                  self.trust.admin_keys)  # fmt: skip
+            timelines, registry_events = build_registry_timelines(engine, table, report.findings, registries=registries,
+                                                                  admin_keys=self.trust.admin_keys)  # fmt: skip
             report.studies = len(timelines)
             if on_progress:
                 on_progress(registry_events, total + registry_events)

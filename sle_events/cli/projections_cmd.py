@@ -10,6 +10,7 @@ from typing import Optional
 
 import typer
 from rich.console import Console
+from rich.markup import escape
 from rich.table import Table
 
 from sle_events.store.url import database_url
@@ -54,6 +55,21 @@ def _runner(db: Optional[str]):  # type: ignore[no-untyped-def]
         raise typer.Exit(2) from None
 
 
+def _caught_up(db: Optional[str]):  # type: ignore[no-untyped-def]
+    """A runner whose read models are up to date; if a projection is halted, say where and why and exit 1."""
+    from projections.base import ProjectionHalted
+
+    runner = _runner(db)
+    try:
+        runner.catch_up()
+    except ProjectionHalted as e:
+        runner.close()
+        err.print(f"[red]read models halted: {escape(str(e))}[/red]\n`sle verify` names what was altered; once the "
+                  "record is repaired, `sle projections rebuild`")  # fmt: skip
+        raise typer.Exit(1) from None
+    return runner
+
+
 @projections_app.command("status")
 def projections_status(db: Optional[str] = DbOption, as_json: bool = typer.Option(False, "--json")) -> None:
     """Each projection's position in the log and how far behind it is."""
@@ -63,9 +79,22 @@ def projections_status(db: Optional[str] = DbOption, as_json: bool = typer.Optio
     if as_json:
         print(json.dumps(rows, indent=2))
         return
-    t = Table("projection", "position", "head", "lag (events)", "updated at")
+    t = Table("projection", "position", "head", "lag (events)", "updated at", "halted")
     for r in rows:
-        t.add_row(str(r["projection"]), str(r["position"]), str(r["head"]), str(r["lag_events"]), str(r["updated_at"]))
+        t.add_row(str(r["projection"]), str(r["position"]), str(r["head"]), str(r["lag_events"]), str(r["updated_at"]),
+                  escape(str(r["halted"] or "")))  # fmt: skip
+    out.print(t)
+    _print_halted_streams([dict(s, projection=r["projection"]) for r in rows for s in r["halted_streams"]])
+
+
+def _print_halted_streams(rows: list[dict]) -> None:  # type: ignore[type-arg]
+    if not rows:
+        return
+    t = Table(*(["projection"] if "projection" in rows[0] else []), "subject", "stream", "version", "log position",
+              "why", title="halted streams (rows as of the version before)")  # fmt: skip
+    for r in rows:
+        t.add_row(*([r["projection"]] if "projection" in r else []), r["subject"] or "", r["stream"], str(r["version"]),
+                  str(r["position"]), escape(r["detail"]))  # fmt: skip
     out.print(t)
 
 
@@ -74,8 +103,9 @@ def projections_rebuild(
     name: Optional[list[str]] = typer.Argument(None, help="projections to rebuild (default: all)"),
     db: Optional[str] = DbOption,
     verify: bool = typer.Option(False, "--verify", help="re-verify every signature first (slower)"),
+    workers: Optional[int] = typer.Option(None, help="processes to use (default: all cores)"),
 ) -> None:
-    """Drop and rebuild projections from event 1."""
+    """Drop and rebuild projections from event 1 (checking every event's chain and signature)."""
     if verify:
         from sle_events.audit.verifier import verify_record
 
@@ -84,15 +114,17 @@ def projections_rebuild(
             err.print(f"[red]verification found {len(report.findings)} problems; not rebuilding[/red]")
             raise typer.Exit(1)
     from projections.base import ProjectionHalted
+    from projections.runner import RebuildFailed
     from sle_events.cli.main import _progress
 
     runner = _runner(db)
     try:
         with _progress("rebuilding", err.is_terminal) as bar:
             task = bar.add_task("rebuild", total=runner.head())
-            runner.rebuild(name or None, on_progress=lambda d, t: bar.update(task, completed=d, total=t))
-    except ProjectionHalted as e:
-        err.print(f"[red]{e}[/red]")
+            runner.rebuild(name or None, on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+                           workers=workers)  # fmt: skip
+    except (ProjectionHalted, RebuildFailed) as e:
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from None
     except ValueError as e:
         err.print(f"[red]{e}[/red]")
@@ -115,7 +147,7 @@ def projections_run(db: Optional[str] = DbOption, poll: float = typer.Option(0.5
     except KeyboardInterrupt:
         pass
     except ProjectionHalted as e:
-        err.print(f"[red]{e}[/red]")
+        err.print(f"[red]{escape(str(e))}[/red]")
         raise typer.Exit(1) from None
     finally:
         runner.close()
@@ -141,8 +173,7 @@ def audit_trail(
     if change is not None and change not in CHANGES:
         err.print(f"[red]--change is {', '.join(CHANGES)}[/red]")
         raise typer.Exit(2)
-    runner = _runner(db)
-    runner.catch_up()
+    runner = _caught_up(db)
     with runner.engine.connect() as conn:
         rows = query(conn, subject=subject, stream=stream, actor=user, event_type=event_type, since=since, until=until,
                      change=change)  # fmt: skip
@@ -183,6 +214,7 @@ def replay(
     db: Optional[str] = DbOption,
 ) -> None:  # fmt: skip
     """A subject's state as of a past moment, on either time axis (bitemporal)."""
+    from projections.base import ProjectionHalted
     from projections.patient_state import summarise
     from projections.replay import SubjectNotFound, replay as replay_subject
     from sle_events.store.record import StudyRecord
@@ -194,6 +226,9 @@ def replay(
         state = summarise(subject_then, record.study(subject_then.study_id).config.visits)
     except SubjectNotFound as e:
         err.print(f"[red]{e}[/red]")
+        raise typer.Exit(1) from None
+    except ProjectionHalted as e:  # a broken chain, a bad signature, or a signed fact that cannot be loaded
+        err.print(f"[red]cannot replay: {escape(str(e))}[/red]")
         raise typer.Exit(1) from None
     finally:
         record.close()
@@ -236,20 +271,27 @@ def patients(
 
     from sqlalchemy import select
 
-    from projections.schema import patient_state
+    from projections.patient_state import PatientState
+    from projections.schema import halted_streams, patient_state
 
-    runner = _runner(db)
-    runner.catch_up()
+    runner = _caught_up(db)
     q = select(patient_state).order_by(patient_state.c.screening_number)
     if status:
         q = q.where(patient_state.c.status == status)
+    hs = halted_streams
     with runner.engine.connect() as conn:
         rows = [dict(r._mapping) for r in conn.execute(q)]
+        halted = [dict(r._mapping) for r in conn.execute(
+            select(hs.c.subject, hs.c.stream, hs.c.version, hs.c.position, hs.c.detail)
+            .where(hs.c.projection == PatientState.name).order_by(hs.c.position))]  # fmt: skip
     runner.close()
     today = date.today()
+    halted_by_stream = {h["stream"]: h for h in halted}
     for r in rows:
         _decode_json_fields(r)
         r["days_since_transplant"] = (today - date.fromisoformat(r["tx_date"])).days if r["tx_date"] else None
+        h = halted_by_stream.get(r["subject"])
+        r["halted"] = {k: h[k] for k in ("version", "position", "detail")} if h else None
     if as_json:
         print(json.dumps(rows, indent=2))
         return
@@ -258,13 +300,15 @@ def patients(
     for r in rows:
         labs = r["key_labs"]
         window = f"{r['next_visit']} ({r['next_visit_earliest']}…{r['next_visit_latest']})" if r["next_visit"] else ""
-        t.add_row(r["screening_number"], r["status"], r["epoch"], r["tx_date"] or "", window,
+        status_shown = f"{r['status']} (HALTED at v{r['halted']['version']})" if r["halted"] else r["status"]
+        t.add_row(r["screening_number"], status_shown, r["epoch"], r["tx_date"] or "", window,
                   str(r["sledai_total"] if r["sledai_total"] is not None else ""), r["renal_response"] or "",
                   _display(labs["UPCR"]["value"]) if "UPCR" in labs else "",
                   _display(labs["EGFR"]["value"]) if "EGFR" in labs else "",
                   f"{r['open_adverse_events']}/{r['open_serious_adverse_events']}",
                   ", ".join(f"{x['code']} v{x['version']}" for x in r["stale_results"]))  # fmt: skip
     out.print(t)
+    _print_halted_streams(halted)
 
 
 def dashboard_cmd(
@@ -274,8 +318,7 @@ def dashboard_cmd(
     """Enrollment by status and site, visit compliance, AEs by grade, lab completeness per visit, stale results."""
     from projections.dashboard import dashboard
 
-    runner = _runner(db)
-    runner.catch_up()
+    runner = _caught_up(db)
     with runner.engine.connect() as conn:
         data = dashboard(conn)
     runner.close()
@@ -287,5 +330,5 @@ def dashboard_cmd(
             continue
         t = Table(*rows[0].keys(), title=title.replace("_", " "))
         for r in rows:
-            t.add_row(*("" if v is None else str(v) for v in r.values()))
+            t.add_row(*("" if v is None else escape(str(v)) for v in r.values()))
         out.print(t)

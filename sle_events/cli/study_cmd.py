@@ -23,7 +23,11 @@ study_app = typer.Typer(help="Studies, their trust root and key registry.")
 def _admin(key: Path, actor: str):  # type: ignore[no-untyped-def]
     from sle_events.signing.keys import Signer
 
-    return Signer.from_file(key, actor, "admin")
+    try:
+        return Signer.from_file(key, actor, "admin")
+    except (OSError, ValueError) as e:  # missing, exposed (0644) or not an Ed25519 key
+        err.print(f"[red]cannot use admin key {key}: {e.strerror if isinstance(e, OSError) and e.strerror else e}[/red]")
+        raise typer.Exit(2) from None
 
 
 def _record_registry_change(db: Optional[str], study_id: str, key: Path, actor: str, change) -> None:  # type: ignore[no-untyped-def]
@@ -55,12 +59,38 @@ def create(
     from sle_events.store.record import StudyRecord
     from sle_events.domain.study import Study
 
+    from sle_events.store.errors import StudyNotApproved
+
     signer = _admin(admin_key, admin)
     record = StudyRecord(database_url(db))
     study = Study.create(code, title, admin, signer.public_key_b64, datetime.now(timezone.utc))
-    record.record(study, signer=signer)
-    record.close()
+    try:
+        record.record(study, signer=signer)
+    except StudyNotApproved as e:
+        err.print(f"[red]{e}[/red]\nAn admin of an existing study approves it first: sle study approve-new --study ID "
+                  f"--code {code} --new-admin {admin} --new-admin-public-key <this key's public key> "
+                  "--admin-key FILE --admin ID")
+        raise typer.Exit(1) from None
+    finally:
+        record.close()
     print(json.dumps({"study": str(study.id), "code": code, "trust_root_key": signer.key_id}))
+
+
+@study_app.command("approve-new")
+def approve_new(
+    study: str = typer.Option(..., help="id of an existing study whose admin approves"),
+    code: str = typer.Option(..., help="code of the study to be created"),
+    new_admin: str = typer.Option(..., help="user id of the new study's admin"),
+    new_admin_public_key: str = typer.Option(..., help="base64 public key of the new study's trust root"),
+    admin_key: Path = typer.Option(..., help="this (existing) study's admin private key file"),
+    admin: str = typer.Option(..., help="this study's admin user id"),
+    db: Optional[str] = DbOption,
+) -> None:
+    """Approve creating another study in this database (a database's first study needs no approval; every later
+    trust root does, signed and logged by an existing study's admin)."""
+    _record_registry_change(db, study, admin_key, admin,
+                            lambda s, now: s.approve_new_study(code, new_admin, new_admin_public_key, now))  # fmt: skip
+    out.print(f"approved study {code} with trust-root key of {new_admin}; now: sle study create --code {code} ...")
 
 
 @study_app.command("register-key")

@@ -39,8 +39,9 @@ def check_grade(field: str, grade: Any) -> int:
 Assessment = tuple[int, tuple[Seriousness, ...], Relatedness | None, Relatedness | None]
 
 
-def check_assessment(grade: Any, serious: bool, seriousness: Iterable[Any], relatedness_cyc: Any,
-                     relatedness_msc: Any) -> Assessment:
+def check_assessment(
+    grade: Any, serious: bool, seriousness: Iterable[Any], relatedness_cyc: Any, relatedness_msc: Any
+) -> Assessment:
     """Grade 1–5; serious ⇔ at least one ICH E2A criterion; grade 5 (death related to the AE) ⇔ the
     'death' criterion. Relatedness may be left for later (None) but must come from the §7 scale."""
     g = check_grade("grade", grade)
@@ -55,7 +56,7 @@ def check_assessment(grade: Any, serious: bool, seriousness: Iterable[Any], rela
         raise InconsistentAssessment("CTCAE grade 5 (death related to the AE) goes with the 'death' criterion")
     rc = None if relatedness_cyc is None else codes(Relatedness, "relatedness_cyc", relatedness_cyc)
     rm = None if relatedness_msc is None else codes(Relatedness, "relatedness_msc", relatedness_msc)
-    return g, criteria, rc, rm  # type: ignore[return-value]
+    return g, criteria, rc, rm  # type: ignore[return-value]  # codes() is typed StrEnum; these are Seriousness and Relatedness members
 
 
 @dataclass
@@ -96,8 +97,9 @@ def is_susar(ae: AdverseEventState) -> bool:
     """Serious + related + unexpected, judged per product (§7)."""
     if not ae.serious:
         return False
-    return ((ae.relatedness_cyc in RELATED_FOR_REPORTING and ae.expectedness_cyc == Expectedness.UNEXPECTED)
-            or (ae.relatedness_msc in RELATED_FOR_REPORTING and ae.expectedness_msc == Expectedness.UNEXPECTED))
+    return (ae.relatedness_cyc in RELATED_FOR_REPORTING and ae.expectedness_cyc == Expectedness.UNEXPECTED) or (
+        ae.relatedness_msc in RELATED_FOR_REPORTING and ae.expectedness_msc == Expectedness.UNEXPECTED
+    )
 
 
 def require_text(field: str, value: Any, action: str) -> str:

@@ -11,7 +11,7 @@ from __future__ import annotations
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from contextvars import ContextVar
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 __all__ = ["now", "use_clock", "SimulatedClock"]
 
@@ -22,11 +22,11 @@ def now() -> datetime:
     """The current instant (UTC, tz-aware) from the installed clock, else the system clock."""
     clock = _CLOCK.get()
     if clock is None:
-        return datetime.now(timezone.utc)
+        return datetime.now(UTC)
     value = clock()
     if value.tzinfo is None or value.utcoffset() is None:
         raise ValueError("the installed clock returned a naive datetime")
-    return value.astimezone(timezone.utc)
+    return value.astimezone(UTC)
 
 
 @contextmanager
@@ -45,7 +45,7 @@ class SimulatedClock:
     def __init__(self, start: datetime) -> None:
         if start.tzinfo is None or start.utcoffset() is None:
             raise ValueError("a simulated clock starts at a tz-aware instant")
-        self._now = start.astimezone(timezone.utc)
+        self._now = start.astimezone(UTC)
 
     def __call__(self) -> datetime:
         return self._now
@@ -58,7 +58,7 @@ class SimulatedClock:
 
     def set(self, when: datetime) -> datetime:
         """Move to ``when`` if it is later than now (earlier instants leave the clock where it is)."""
-        when = when.astimezone(timezone.utc)
+        when = when.astimezone(UTC)
         if when > self._now:
             self._now = when
         return self._now

@@ -33,17 +33,24 @@ def _c(inputs: str, editable: str | None = None) -> Correctable:
 
 #: event name → what a correction may change (every other event type is not correctable)
 CORRECTABLE: Mapping[str, Correctable] = {
-    "LabResultRecorded": _c("code value unit occurred_at reported_at lab_low lab_high specimen_id",
-                            "value unit occurred_at reported_at lab_low lab_high specimen_id"),
-    "VitalSignsRecorded": _c("occurred_at height_cm weight_kg temperature_c systolic_bp diastolic_bp heart_rate "
-                             "timepoint"),
-    "DemographicsRecorded": _c("occurred_at sex birth_date childbearing_potential",
-                               "sex birth_date childbearing_potential"),
+    "LabResultRecorded": _c(
+        "code value unit occurred_at reported_at lab_low lab_high specimen_id",
+        "value unit occurred_at reported_at lab_low lab_high specimen_id",
+    ),
+    "VitalSignsRecorded": _c(
+        "occurred_at height_cm weight_kg temperature_c systolic_bp diastolic_bp heart_rate timepoint"
+    ),
+    "DemographicsRecorded": _c(
+        "occurred_at sex birth_date childbearing_potential", "sex birth_date childbearing_potential"
+    ),
     "MedicalHistoryRecorded": _c("occurred_at term start_date ongoing category", "term start_date ongoing category"),
-    "ConcomitantMedicationRecorded": _c("occurred_at name dose dose_unit route frequency start_date end_date "
-                                        "indication"),
-    "AdverseEventReported": _c("ae_id occurred_at term onset grade_proposal description linked_to",
-                               "term onset grade_proposal description linked_to"),
+    "ConcomitantMedicationRecorded": _c(
+        "occurred_at name dose dose_unit route frequency start_date end_date indication"
+    ),
+    "AdverseEventReported": _c(
+        "ae_id occurred_at term onset grade_proposal description linked_to",
+        "term onset grade_proposal description linked_to",
+    ),
     "SledaiAssessed": _c("occurred_at descriptors visit"),
     "TregPanelRecorded": _c("occurred_at treg_pct cd4_per_ul reported_at"),
     "PregnancyTestRecorded": _c("occurred_at result specimen"),
@@ -53,11 +60,21 @@ CORRECTABLE: Mapping[str, Correctable] = {
 }
 
 #: event names that may be voided (entered in error, duplicate, wrong subject...)
-VOIDABLE = frozenset({
-    "LabResultRecorded", "DerivedResultRecorded", "VitalSignsRecorded", "MedicalHistoryRecorded",
-    "ConcomitantMedicationRecorded", "AdverseEventReported", "SledaiAssessed", "TregPanelRecorded",
-    "PregnancyTestRecorded", "UnscheduledVisitRecorded", "ContactAttempted",
-})
+VOIDABLE = frozenset(
+    {
+        "LabResultRecorded",
+        "DerivedResultRecorded",
+        "VitalSignsRecorded",
+        "MedicalHistoryRecorded",
+        "ConcomitantMedicationRecorded",
+        "AdverseEventReported",
+        "SledaiAssessed",
+        "TregPanelRecorded",
+        "PregnancyTestRecorded",
+        "UnscheduledVisitRecorded",
+        "ContactAttempted",
+    }
+)
 
 
 def require_reason(reason: Any, action: str) -> str:
@@ -72,8 +89,9 @@ def merged_inputs(record: Record, spec: Correctable, new_values: Mapping[str, An
         raise InvalidCorrection("no new values given")
     unknown = sorted(set(new_values) - spec.editable)
     if unknown:
-        raise InvalidCorrection(f"{', '.join(unknown)} cannot be corrected here; correctable: "
-                                f"{', '.join(sorted(spec.editable))}")
+        raise InvalidCorrection(
+            f"{', '.join(unknown)} cannot be corrected here; correctable: {', '.join(sorted(spec.editable))}"
+        )
     inputs = {name: getattr(record, name) for name in spec.inputs}
     inputs.update(new_values)
     return inputs

@@ -23,8 +23,16 @@ from sle_events.domain.payloads import BiopsyClass, EligibilityChecklist
 from sle_events.domain.settings import StudySettings
 
 __all__ = [
-    "INCLUSION", "EXCLUSION", "CRITERIA", "CLASSIFICATION_ITEMS", "ClassificationItem", "Classification",
-    "classify_2019", "LN_QUALIFYING_CLASSES", "check_checklist", "check_failed_criteria",
+    "INCLUSION",
+    "EXCLUSION",
+    "CRITERIA",
+    "CLASSIFICATION_ITEMS",
+    "ClassificationItem",
+    "Classification",
+    "classify_2019",
+    "LN_QUALIFYING_CLASSES",
+    "check_checklist",
+    "check_failed_criteria",
 ]
 
 INCLUSION = ("I1", "I2", "I3", "I4", "I5", "I6", "I7", "I8")
@@ -107,8 +115,10 @@ def classify_2019(ana_titer: int, items: Iterable[str]) -> Classification:
 
 def _months_before(later: date, months: int) -> date:
     y, m = divmod(later.year * 12 + later.month - 1 - months, 12)
-    day = min(later.day, [31, 29 if (y % 4 == 0 and (y % 100 or y % 400 == 0)) else 28, 31, 30, 31, 30, 31, 31,
-                          30, 31, 30, 31][m])
+    day = min(
+        later.day,
+        [31, 29 if (y % 4 == 0 and (y % 100 or y % 400 == 0)) else 28, 31, 30, 31, 30, 31, 31, 30, 31, 30, 31][m],
+    )
     return date(y, m + 1, day)
 
 
@@ -147,8 +157,10 @@ def check_checklist(
     # answers against what is already recorded
     if classification is not None and not classification.classified:
         raise ChecklistContradictsRecord(
-            "I1", f"the recorded 2019 EULAR/ACR classification scores {classification.points} points "
-                  f"(ANA 1:{classification.ana_titer}, clinical item: {classification.has_clinical})")
+            "I1",
+            f"the recorded 2019 EULAR/ACR classification scores {classification.points} points "
+            f"(ANA 1:{classification.ana_titer}, clinical item: {classification.has_clinical})",
+        )
     if biopsy is not None:
         klass, biopsied_on = biopsy
         if klass not in LN_QUALIFYING_CLASSES:
@@ -156,13 +168,18 @@ def check_checklist(
         oldest = _months_before(screened_at.date(), settings.eligibility_biopsy_max_months)
         if biopsied_on < oldest:
             raise ChecklistContradictsRecord(
-                "I2", f"the recorded biopsy of {biopsied_on} is more than "
-                      f"{settings.eligibility_biopsy_max_months} months before screening")
+                "I2",
+                f"the recorded biopsy of {biopsied_on} is more than "
+                f"{settings.eligibility_biopsy_max_months} months before screening",
+            )
     if age_at_consent is not None and not (
-            settings.eligibility_min_age_years <= age_at_consent <= settings.eligibility_max_age_years):
+        settings.eligibility_min_age_years <= age_at_consent <= settings.eligibility_max_age_years
+    ):
         raise ChecklistContradictsRecord(
-            "I6", f"the recorded age at consent is {age_at_consent} y, outside "
-                  f"{settings.eligibility_min_age_years}–{settings.eligibility_max_age_years} y")
+            "I6",
+            f"the recorded age at consent is {age_at_consent} y, outside "
+            f"{settings.eligibility_min_age_years}–{settings.eligibility_max_age_years} y",
+        )
 
 
 def check_failed_criteria(failed: Iterable[str]) -> tuple[str, ...]:

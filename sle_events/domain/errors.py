@@ -14,6 +14,8 @@ from datetime import datetime
 from decimal import Decimal
 from typing import Any, ClassVar
 
+from sle_events.picklable import Picklable
+
 
 def _fmt(value: Any) -> str:
     """Render a value for a message: Decimals in plain notation (no exponent), as given."""
@@ -27,7 +29,7 @@ def _fmt(value: Any) -> str:
     return str(value)
 
 
-class ProtocolViolation(ValueError):
+class ProtocolViolation(Picklable, ValueError):
     """Base class: the input breaks a rule of the protocol or of the data conventions."""
 
     code: ClassVar[str] = "protocol_violation"
@@ -45,8 +47,10 @@ class ProtocolViolation(ValueError):
         return {
             "code": self.code,
             "message": self.message,
-            "details": {k: (None if v is None else _fmt(v) if not isinstance(v, (list, tuple))
-                            else [_fmt(x) for x in v]) for k, v in self.details.items()},
+            "details": {
+                k: (None if v is None else _fmt(v) if not isinstance(v, (list, tuple)) else [_fmt(x) for x in v])
+                for k, v in self.details.items()
+            },
         }
 
 
@@ -60,8 +64,9 @@ class InvalidQuantity(ProtocolViolation):
         self.field = field
         self.value = value
         self.reason = reason
-        super().__init__(f"{field}: {value!r} is not a valid quantity: {reason}",
-                         field=field, value=repr(value), reason=reason)
+        super().__init__(
+            f"{field}: {value!r} is not a valid quantity: {reason}", field=field, value=repr(value), reason=reason
+        )
 
 
 class FloatNotAllowed(InvalidQuantity):
@@ -77,7 +82,9 @@ class FloatNotAllowed(InvalidQuantity):
             self,
             f"{field}: float {value!r} is not allowed; quantities travel as decimal strings "
             f"(e.g. '{value!r}' as a string), never as binary floats",
-            field=field, value=repr(value), reason=self.reason,
+            field=field,
+            value=repr(value),
+            reason=self.reason,
         )
 
 
@@ -124,8 +131,13 @@ class ImplausibleValue(ProtocolViolation):
         where = "" if self.label == field else f" [field {field}]"
         super().__init__(
             f"{self.label} {shown} is outside the plausible range {rng}{where}",
-            field=field, value=value, low=self.low, high=self.high, unit=unit,
-            reported_value=reported_value, reported_unit=reported_unit,
+            field=field,
+            value=value,
+            low=self.low,
+            high=self.high,
+            unit=unit,
+            reported_value=reported_value,
+            reported_unit=reported_unit,
         )
 
 
@@ -138,8 +150,7 @@ class UnknownField(ProtocolViolation):
         self.field = field
         known = sorted(known)
         hint = f"; known fields: {', '.join(known)}" if known else ""
-        super().__init__(f"no plausibility bound is defined for field {field!r}{hint}",
-                         field=field)
+        super().__init__(f"no plausibility bound is defined for field {field!r}{hint}", field=field)
 
 
 # --------------------------------------------------------------------------- labs
@@ -152,8 +163,7 @@ class UnknownAnalyte(ProtocolViolation):
         self.analyte = analyte
         known = sorted(known)
         hint = f"; known codes: {', '.join(known)}" if known else ""
-        super().__init__(f"unknown analyte code {analyte!r} (not in labs.csv){hint}",
-                         analyte=analyte)
+        super().__init__(f"unknown analyte code {analyte!r} (not in labs.csv){hint}", analyte=analyte)
 
 
 class IncompatibleUnit(ProtocolViolation):
@@ -161,17 +171,18 @@ class IncompatibleUnit(ProtocolViolation):
 
     code = "incompatible_unit"
 
-    def __init__(self, analyte: str, unit: str, canonical_unit: str,
-                 accepted: Iterable[str] = ()) -> None:
+    def __init__(self, analyte: str, unit: str, canonical_unit: str, accepted: Iterable[str] = ()) -> None:
         self.analyte = analyte
         self.unit = unit
         self.canonical_unit = canonical_unit
         self.accepted = tuple(accepted)
         hint = f"; accepted units: {', '.join(self.accepted)}" if self.accepted else ""
         super().__init__(
-            f"{analyte}: unit {unit!r} cannot be converted to the canonical unit "
-            f"{canonical_unit!r}{hint}",
-            analyte=analyte, unit=unit, canonical_unit=canonical_unit, accepted=list(self.accepted),
+            f"{analyte}: unit {unit!r} cannot be converted to the canonical unit {canonical_unit!r}{hint}",
+            analyte=analyte,
+            unit=unit,
+            canonical_unit=canonical_unit,
+            accepted=list(self.accepted),
         )
 
 
@@ -183,8 +194,7 @@ class UnknownDescriptor(ProtocolViolation):
     def __init__(self, descriptor: str) -> None:
         self.descriptor = descriptor
         super().__init__(
-            f"unknown SLEDAI-2K descriptor code {descriptor!r} (expected SLED2K01…SLED2K24 "
-            f"from sledai2k.csv)",
+            f"unknown SLEDAI-2K descriptor code {descriptor!r} (expected SLED2K01…SLED2K24 from sledai2k.csv)",
             descriptor=descriptor,
         )
 
@@ -201,8 +211,7 @@ class NotComputable(ProtocolViolation):
     def __init__(self, formula: str, reason: str, **details: Any) -> None:
         self.formula = formula
         self.reason = reason
-        super().__init__(f"{formula} not computed: {reason}", formula=formula, reason=reason,
-                         **details)
+        super().__init__(f"{formula} not computed: {reason}", formula=formula, reason=reason, **details)
 
 
 # --------------------------------------------------------------------------- time
@@ -216,7 +225,8 @@ class NaiveTimestamp(ProtocolViolation):
         self.value = value
         super().__init__(
             f"{field} {value.isoformat()} has no UTC offset; every timestamp must carry one",
-            field=field, value=value,
+            field=field,
+            value=value,
         )
 
 
@@ -234,7 +244,10 @@ class FutureTimestamp(ProtocolViolation):
         super().__init__(
             f"{field} {value.isoformat()} is {ahead} ahead of now ({now.isoformat()}); "
             f"at most {skew_seconds} s in the future is allowed",
-            field=field, value=value, now=now, skew_seconds=skew_seconds,
+            field=field,
+            value=value,
+            now=now,
+            skew_seconds=skew_seconds,
         )
 
 
@@ -250,7 +263,10 @@ class InconsistentTimestamps(ProtocolViolation):
         self.later = later
         super().__init__(
             f"{later_field} {_fmt(later)} is before {earlier_field} {_fmt(earlier)}",
-            earlier_field=earlier_field, earlier=earlier, later_field=later_field, later=later,
+            earlier_field=earlier_field,
+            earlier=earlier,
+            later_field=later_field,
+            later=later,
         )
 
 
@@ -266,9 +282,12 @@ class OutsideWindow(ProtocolViolation):
         self.low, self.high = low, high
         self.unit = unit
         super().__init__(
-            f"{field} {_fmt(value)} {unit} is outside the allowed window "
-            f"{_fmt(low)}–{_fmt(high)} {unit}",
-            field=field, value=value, low=low, high=high, unit=unit,
+            f"{field} {_fmt(value)} {unit} is outside the allowed window {_fmt(low)}–{_fmt(high)} {unit}",
+            field=field,
+            value=value,
+            low=low,
+            high=high,
+            unit=unit,
         )
 
 
@@ -305,7 +324,9 @@ class InvalidTransition(ProtocolViolation):
         super().__init__(
             f"{action} is not allowed for a subject in state {self.status} "
             f"(allowed from: {_listed(self.allowed)}){tail}",
-            action=action, status=self.status, allowed=list(self.allowed),
+            action=action,
+            status=self.status,
+            allowed=list(self.allowed),
         )
 
 
@@ -315,8 +336,9 @@ class EnrollmentBeforeEligibility(InvalidTransition):
     code = "enrollment_before_eligibility"
 
     def __init__(self, status: str) -> None:
-        super().__init__("enrollment", status, ["ELIGIBLE"],
-                         "no enrollment before eligibility is confirmed by an investigator (R2)")
+        super().__init__(
+            "enrollment", status, ["ELIGIBLE"], "no enrollment before eligibility is confirmed by an investigator (R2)"
+        )
 
 
 class NotAllowedAfterExit(ProtocolViolation):
@@ -331,9 +353,10 @@ class NotAllowedAfterExit(ProtocolViolation):
         self.exited_at = exited_at
         tail = f" ({detail})" if detail else ""
         super().__init__(
-            f"{action} on or after {exited_at.isoformat()} is not allowed: the subject is "
-            f"{self.status}{tail} (R8)",
-            action=action, status=self.status, exited_at=exited_at,
+            f"{action} on or after {exited_at.isoformat()} is not allowed: the subject is {self.status}{tail} (R8)",
+            action=action,
+            status=self.status,
+            exited_at=exited_at,
         )
 
 
@@ -346,11 +369,16 @@ class ConsentRequired(ProtocolViolation):
         self.action = action
         self.occurred_at = occurred_at
         self.consented_at = consented_at
-        when = ("the subject has not consented" if consented_at is None
-                else f"consent was obtained at {consented_at.isoformat()}")
+        when = (
+            "the subject has not consented"
+            if consented_at is None
+            else f"consent was obtained at {consented_at.isoformat()}"
+        )
         super().__init__(
             f"{action} at {occurred_at.isoformat()} is before informed consent: {when} (R1)",
-            action=action, occurred_at=occurred_at, consented_at=consented_at,
+            action=action,
+            occurred_at=occurred_at,
+            consented_at=consented_at,
         )
 
 
@@ -359,8 +387,7 @@ class ReconsentRequired(ProtocolViolation):
 
     code = "reconsent_required"
 
-    def __init__(self, action: str, occurred_at: datetime, current_icf: str,
-                 consented: Iterable[str]) -> None:
+    def __init__(self, action: str, occurred_at: datetime, current_icf: str, consented: Iterable[str]) -> None:
         self.action = action
         self.occurred_at = occurred_at
         self.current_icf = current_icf
@@ -368,7 +395,9 @@ class ReconsentRequired(ProtocolViolation):
         super().__init__(
             f"{action} at {occurred_at.isoformat()}: ICF {current_icf} is in effect and the subject "
             f"has consented only to {_listed(self.consented)}; re-consent first (R1)",
-            action=action, occurred_at=occurred_at, current_icf=current_icf,
+            action=action,
+            occurred_at=occurred_at,
+            current_icf=current_icf,
             consented=list(self.consented),
         )
 
@@ -384,9 +413,10 @@ class IcfNotApproved(ProtocolViolation):
         self.current = current
         now = f"the current version is {current}" if current else "no ICF version is in effect"
         super().__init__(
-            f"ICF {icf_version!r} is not the approved, current version at {occurred_at.isoformat()}: "
-            f"{now} (T2)",
-            icf_version=icf_version, occurred_at=occurred_at, current=current,
+            f"ICF {icf_version!r} is not the approved, current version at {occurred_at.isoformat()}: {now} (T2)",
+            icf_version=icf_version,
+            occurred_at=occurred_at,
+            current=current,
         )
 
 
@@ -397,8 +427,7 @@ class AlreadyConsented(ProtocolViolation):
 
     def __init__(self, icf_version: str) -> None:
         self.icf_version = icf_version
-        super().__init__(f"the subject already consented to ICF {icf_version!r}",
-                         icf_version=icf_version)
+        super().__init__(f"the subject already consented to ICF {icf_version!r}", icf_version=icf_version)
 
 
 class UnknownSite(ProtocolViolation):
@@ -406,8 +435,7 @@ class UnknownSite(ProtocolViolation):
 
     def __init__(self, site: str, known: Iterable[str] = ()) -> None:
         self.site = site
-        super().__init__(f"site {site!r} is not a site of this study (sites: {_listed(sorted(known))})",
-                         site=site)
+        super().__init__(f"site {site!r} is not a site of this study (sites: {_listed(sorted(known))})", site=site)
 
 
 class SiteNotActive(ProtocolViolation):
@@ -427,8 +455,10 @@ class DuplicateScreeningNumber(ProtocolViolation):
 
     def __init__(self, screening_number: str) -> None:
         self.screening_number = screening_number
-        super().__init__(f"screening number {screening_number!r} is already taken in this study (T1)",
-                         screening_number=screening_number)
+        super().__init__(
+            f"screening number {screening_number!r} is already taken in this study (T1)",
+            screening_number=screening_number,
+        )
 
 
 class RescreenNotAllowed(ProtocolViolation):
@@ -471,8 +501,12 @@ class InvalidChoice(ProtocolViolation):
         self.field = field
         self.value = value
         self.allowed = tuple(str(a) for a in allowed)
-        super().__init__(f"{field} {value!r} is not one of {_listed(self.allowed)}",
-                         field=field, value=repr(value), allowed=list(self.allowed))
+        super().__init__(
+            f"{field} {value!r} is not one of {_listed(self.allowed)}",
+            field=field,
+            value=repr(value),
+            allowed=list(self.allowed),
+        )
 
 
 # --------------------------------------------------------------------------- eligibility (§4, T4–T6)
@@ -483,8 +517,10 @@ class EligibilityIncomplete(ProtocolViolation):
 
     def __init__(self, missing: Iterable[str]) -> None:
         self.missing = tuple(missing)
-        super().__init__(f"eligibility checklist is incomplete: no answer for {_listed(self.missing)} (T4)",
-                         missing=list(self.missing))
+        super().__init__(
+            f"eligibility checklist is incomplete: no answer for {_listed(self.missing)} (T4)",
+            missing=list(self.missing),
+        )
 
 
 class EligibilityNotMet(ProtocolViolation):
@@ -509,8 +545,9 @@ class ChecklistContradictsRecord(ProtocolViolation):
     def __init__(self, criterion: str, detail: str) -> None:
         self.criterion = criterion
         self.detail = detail
-        super().__init__(f"eligibility criterion {criterion} answered as met, but {detail}",
-                         criterion=criterion, detail=detail)
+        super().__init__(
+            f"eligibility criterion {criterion} answered as met, but {detail}", criterion=criterion, detail=detail
+        )
 
 
 class ScreeningLabsTooOld(ProtocolViolation):
@@ -525,7 +562,9 @@ class ScreeningLabsTooOld(ProtocolViolation):
         super().__init__(
             f"screening labs collected {collected_at.isoformat()} are not within {max_days} d before "
             f"the eligibility confirmation at {confirmed_at.isoformat()} (T4)",
-            collected_at=collected_at, confirmed_at=confirmed_at, max_days=max_days,
+            collected_at=collected_at,
+            confirmed_at=confirmed_at,
+            max_days=max_days,
         )
 
 
@@ -541,7 +580,9 @@ class EligibilityExpired(ProtocolViolation):
         super().__init__(
             f"eligibility confirmed {confirmed_at.isoformat()} is more than {max_days} d before "
             f"enrollment at {enrolled_at.isoformat()}; re-confirm eligibility (T6)",
-            confirmed_at=confirmed_at, enrolled_at=enrolled_at, max_days=max_days,
+            confirmed_at=confirmed_at,
+            enrolled_at=enrolled_at,
+            max_days=max_days,
         )
 
 
@@ -562,8 +603,7 @@ class AlreadyAdmitted(ProtocolViolation):
 
     def __init__(self, admitted_at: datetime) -> None:
         self.admitted_at = admitted_at
-        super().__init__(f"the subject is already admitted (since {admitted_at.isoformat()})",
-                         admitted_at=admitted_at)
+        super().__init__(f"the subject is already admitted (since {admitted_at.isoformat()})", admitted_at=admitted_at)
 
 
 class MeasurementMissing(ProtocolViolation):
@@ -574,8 +614,9 @@ class MeasurementMissing(ProtocolViolation):
     def __init__(self, measurement: str, action: str, where: str) -> None:
         self.measurement = measurement
         self.action = action
-        super().__init__(f"{action} needs {measurement} measured {where}",
-                         measurement=measurement, action=action, where=where)
+        super().__init__(
+            f"{action} needs {measurement} measured {where}", measurement=measurement, action=action, where=where
+        )
 
 
 class PregnancyTestRequired(ProtocolViolation):
@@ -589,7 +630,8 @@ class PregnancyTestRequired(ProtocolViolation):
         super().__init__(
             f"cyclophosphamide at {cyc_start.isoformat()} needs a negative pregnancy test within "
             f"{max_hours} h before it (subject of child-bearing potential, T7)",
-            cyc_start=cyc_start, max_hours=max_hours,
+            cyc_start=cyc_start,
+            max_hours=max_hours,
         )
 
 
@@ -600,8 +642,10 @@ class DuplicatePretreatment(ProtocolViolation):
 
     def __init__(self, first_at: datetime) -> None:
         self.first_at = first_at
-        super().__init__(f"cyclophosphamide was already given at {first_at.isoformat()}; "
-                         f"one pretreatment per subject (R4)", first_at=first_at)
+        super().__init__(
+            f"cyclophosphamide was already given at {first_at.isoformat()}; one pretreatment per subject (R4)",
+            first_at=first_at,
+        )
 
 
 class LotNotReleased(ProtocolViolation):
@@ -615,7 +659,8 @@ class LotNotReleased(ProtocolViolation):
         super().__init__(
             f"MSC lot {lot_id!r} fails release ({'; '.join(self.failures)}) and no deviation naming "
             f"this lot was recorded first (R5)",
-            lot_id=lot_id, failures=list(self.failures),
+            lot_id=lot_id,
+            failures=list(self.failures),
         )
 
 
@@ -637,8 +682,9 @@ class DischargeBeforeInfusionEnd(ProtocolViolation):
 
     def __init__(self, discharge_at: datetime, detail: str) -> None:
         self.discharge_at = discharge_at
-        super().__init__(f"discharge at {discharge_at.isoformat()} refused: {detail} (R6)",
-                         discharge_at=discharge_at, detail=detail)
+        super().__init__(
+            f"discharge at {discharge_at.isoformat()} refused: {detail} (R6)", discharge_at=discharge_at, detail=detail
+        )
 
 
 # --------------------------------------------------------------------------- visits and disposition
@@ -649,8 +695,9 @@ class VisitBeforeTransplant(ProtocolViolation):
 
     def __init__(self, visit: str, detail: str) -> None:
         self.visit = visit
-        super().__init__(f"visit {visit}: {detail}; follow-up visits exist only after TX (R7)",
-                         visit=visit, detail=detail)
+        super().__init__(
+            f"visit {visit}: {detail}; follow-up visits exist only after TX (R7)", visit=visit, detail=detail
+        )
 
 
 class VisitAlreadyRecorded(ProtocolViolation):
@@ -658,8 +705,9 @@ class VisitAlreadyRecorded(ProtocolViolation):
 
     def __init__(self, visit: str, how: str) -> None:
         self.visit = visit
-        super().__init__(f"visit {visit} is already recorded as {how}; correct that entry instead",
-                         visit=visit, how=how)
+        super().__init__(
+            f"visit {visit} is already recorded as {how}; correct that entry instead", visit=visit, how=how
+        )
 
 
 class CompletionNotDue(ProtocolViolation):
@@ -669,8 +717,10 @@ class CompletionNotDue(ProtocolViolation):
 
     def __init__(self, last_visit: str) -> None:
         self.last_visit = last_visit
-        super().__init__(f"study completion needs the last scheduled visit {last_visit} done or "
-                         f"recorded as missed (T11)", last_visit=last_visit)
+        super().__init__(
+            f"study completion needs the last scheduled visit {last_visit} done or recorded as missed (T11)",
+            last_visit=last_visit,
+        )
 
 
 class LostToFollowUpNotDue(ProtocolViolation):
@@ -684,7 +734,8 @@ class LostToFollowUpNotDue(ProtocolViolation):
         super().__init__(
             f"lost to follow-up needs ≥ {need_missed} consecutive missed scheduled visits and ≥ "
             f"{need_attempts} documented contact attempts; found {missed_in_a_row} and {attempts} (T13)",
-            missed_in_a_row=missed_in_a_row, attempts=attempts,
+            missed_in_a_row=missed_in_a_row,
+            attempts=attempts,
         )
 
 
@@ -696,9 +747,12 @@ class DeathBeforeLastKnownAlive(ProtocolViolation):
     def __init__(self, died_at: datetime, last_known_alive: datetime) -> None:
         self.died_at = died_at
         self.last_known_alive = last_known_alive
-        super().__init__(f"date of death {died_at.isoformat()} is before the last known alive date "
-                         f"{last_known_alive.isoformat()} (T15)",
-                         died_at=died_at, last_known_alive=last_known_alive)
+        super().__init__(
+            f"date of death {died_at.isoformat()} is before the last known alive date "
+            f"{last_known_alive.isoformat()} (T15)",
+            died_at=died_at,
+            last_known_alive=last_known_alive,
+        )
 
 
 # --------------------------------------------------------------------------- adverse events (§7)
@@ -718,8 +772,11 @@ class AdverseEventBeforeConsent(ProtocolViolation):
     def __init__(self, onset: Any, consented_at: datetime) -> None:
         self.onset = onset
         self.consented_at = consented_at
-        super().__init__(f"AE onset {_fmt(onset)} is before consent ({consented_at.isoformat()}); "
-                         f"record it as medical history", onset=onset, consented_at=consented_at)
+        super().__init__(
+            f"AE onset {_fmt(onset)} is before consent ({consented_at.isoformat()}); record it as medical history",
+            onset=onset,
+            consented_at=consented_at,
+        )
 
 
 class InconsistentAssessment(ProtocolViolation):
@@ -750,8 +807,12 @@ class NotCorrectable(ProtocolViolation):
         self.version = version
         self.event_type = event_type
         self.detail = detail
-        super().__init__(f"event v{version} ({event_type}) cannot be changed: {detail}",
-                         version=version, event_type=event_type, detail=detail)
+        super().__init__(
+            f"event v{version} ({event_type}) cannot be changed: {detail}",
+            version=version,
+            event_type=event_type,
+            detail=detail,
+        )
 
 
 class InvalidCorrection(ProtocolViolation):
@@ -771,8 +832,12 @@ class RoleMayNotCorrect(ProtocolViolation):
         self.role = role
         self.event_type = event_type
         self.allowed = tuple(allowed)
-        super().__init__(f"role {role} may not correct {event_type} (recorded by: {_listed(self.allowed)})",
-                         role=role, event_type=event_type, allowed=list(self.allowed))
+        super().__init__(
+            f"role {role} may not correct {event_type} (recorded by: {_listed(self.allowed)})",
+            role=role,
+            event_type=event_type,
+            allowed=list(self.allowed),
+        )
 
 
 class UnknownSubject(ProtocolViolation):

@@ -131,8 +131,8 @@ def _formula(formula_version: str) -> Callable[[F], F]:
     formula_id, _, _ = formula_version.rpartition(".")
 
     def deco(fn: F) -> F:
-        fn.FORMULA_ID = formula_id  # type: ignore[attr-defined]
-        fn.FORMULA_VERSION = formula_version  # type: ignore[attr-defined]
+        fn.FORMULA_ID = formula_id  # type: ignore[attr-defined]  # metadata attached to the function object
+        fn.FORMULA_VERSION = formula_version  # type: ignore[attr-defined]  # metadata attached to the function object
         FORMULA_VERSIONS[formula_id] = formula_version
         return fn
 
@@ -178,8 +178,9 @@ def bsa_mosteller_exact(height_cm: Any, weight_kg: Any) -> Decimal:
 
 
 @_formula(BSA_FORMULA_VERSION)
-def bsa_mosteller(height_cm: Any, weight_kg: Any, *, decimals: int | None = None,
-                  settings: StudySettings | None = None) -> Decimal:
+def bsa_mosteller(
+    height_cm: Any, weight_kg: Any, *, decimals: int | None = None, settings: StudySettings | None = None
+) -> Decimal:
     """Mosteller BSA rounded half-up to 2 decimals (``settings.bsa_dosing_decimals``).
 
     This rounded value is the one the protocol records and doses from (formulas.md §3).
@@ -229,10 +230,15 @@ class CycDoseCheck:
 
 
 @_formula(CYC_DOSE_FORMULA_VERSION)
-def check_cyc_dose(administered_mg: Any, calculated_mg: Any, *,
-                   prescribed_mg_per_m2: Any = None,
-                   tolerance: Any = None, cap_mg: Any = None,
-                   settings: StudySettings | None = None) -> CycDoseCheck:
+def check_cyc_dose(
+    administered_mg: Any,
+    calculated_mg: Any,
+    *,
+    prescribed_mg_per_m2: Any = None,
+    tolerance: Any = None,
+    cap_mg: Any = None,
+    settings: StudySettings | None = None,
+) -> CycDoseCheck:
     """Flags for an administered CYC dose (PROTOCOL §5.1, formulas.md §3).
 
     * outside tolerance: |administered − calculated| **>** tolerance × calculated (exactly ±10 %
@@ -253,8 +259,14 @@ def check_cyc_dose(administered_mg: Any, calculated_mg: Any, *,
         p = _positive("prescribed_mg_per_m2", prescribed_mg_per_m2)
         prescribed_out = not (s.cyc_dose_min_mg_per_m2 <= p <= s.cyc_dose_max_mg_per_m2)
     return CycDoseCheck(
-        administered_mg=adm, calculated_mg=calc, deviation=deviation, tolerance=tol, cap_mg=cap,
-        outside_tolerance=outside, over_cap=adm > cap, prescribed_outside_range=prescribed_out,
+        administered_mg=adm,
+        calculated_mg=calc,
+        deviation=deviation,
+        tolerance=tol,
+        cap_mg=cap,
+        outside_tolerance=outside,
+        over_cap=adm > cap,
+        prescribed_outside_range=prescribed_out,
     )
 
 
@@ -299,17 +311,19 @@ def egfr_ckd_epi_2021(scr_mg_dl: Any, age_years: int, sex: str) -> Decimal:
     if isinstance(age_years, bool) or not isinstance(age_years, int):
         raise InvalidQuantity("age_years", age_years, "age is a whole number of completed years")
     if age_years < EGFR_MIN_AGE_YEARS:
-        raise NotComputable(EGFR_FORMULA_VERSION,
-                            f"age {age_years} y is below {EGFR_MIN_AGE_YEARS} y", age=age_years)
+        raise NotComputable(EGFR_FORMULA_VERSION, f"age {age_years} y is below {EGFR_MIN_AGE_YEARS} y", age=age_years)
     scr = _positive("scr_mg_dl", scr_mg_dl)
     kappa, alpha, sex_factor = _CKD_EPI_2021[sex]
     one = Decimal(1)
     with localcontext(CONTEXT):
         ratio = scr / kappa
         # same operation order as the formulas.md appendix, so full-precision values agree
-        egfr = (_CKD_EPI_2021_INTERCEPT * min(ratio, one) ** alpha
-                * max(ratio, one) ** _CKD_EPI_2021_HIGH_EXPONENT
-                * _CKD_EPI_2021_AGE_BASE ** Decimal(age_years))
+        egfr = (
+            _CKD_EPI_2021_INTERCEPT
+            * min(ratio, one) ** alpha
+            * max(ratio, one) ** _CKD_EPI_2021_HIGH_EXPONENT
+            * _CKD_EPI_2021_AGE_BASE ** Decimal(age_years)
+        )
         return egfr * sex_factor if sex_factor is not None else egfr
 
 
@@ -325,8 +339,7 @@ def egfr_from_creatinine(value: Any, unit: str, age_years: int, sex: str) -> Dec
 
 # =========================================================================== UPCR
 @_formula(UPCR_FORMULA_VERSION)
-def upcr(protein: Any, protein_unit: str, creatinine: Any, creatinine_unit: str, *,
-         out_unit: str = "mg/mg") -> Decimal:
+def upcr(protein: Any, protein_unit: str, creatinine: Any, creatinine_unit: str, *, out_unit: str = "mg/mg") -> Decimal:
     """Spot urine protein-to-creatinine ratio (formulas.md §4).
 
     Protein (UPROT units: mg/dL, mg/L, g/L) ÷ creatinine (UCREAT units: mg/dL, mmol/L, umol/L),
@@ -397,8 +410,9 @@ def msc_release_failures(
         reasons.append(f"viability {viability}% < {s.msc_min_viability_pct}%")
     dose = parse_decimal("msc_dose", dose_1e6_per_kg)
     if not (s.msc_dose_min_1e6_per_kg <= dose <= s.msc_dose_max_1e6_per_kg):
-        reasons.append(f"dose {dose} × 10^6/kg outside {s.msc_dose_min_1e6_per_kg}–"
-                       f"{s.msc_dose_max_1e6_per_kg} × 10^6/kg")
+        reasons.append(
+            f"dose {dose} × 10^6/kg outside {s.msc_dose_min_1e6_per_kg}–{s.msc_dose_max_1e6_per_kg} × 10^6/kg"
+        )
     if sterility_negative is not True:
         reasons.append("sterility not negative")
     if mycoplasma_negative is not True:
@@ -424,8 +438,9 @@ def msc_release_failures(
     return tuple(reasons)
 
 
-def msc_infusion_within_release_window(release_at: datetime, infusion_start: datetime, *,
-                                       settings: StudySettings | None = None) -> bool:
+def msc_infusion_within_release_window(
+    release_at: datetime, infusion_start: datetime, *, settings: StudySettings | None = None
+) -> bool:
     """True if the infusion starts 0 … 6 h (inclusive) after release or thaw (PROTOCOL §5.2)."""
     h = hours_between(release_at, infusion_start, "release_at", "infusion_start")
     return Decimal(0) <= h <= resolve(settings).msc_max_hours_release_to_infusion
@@ -443,8 +458,9 @@ class RenalStatus(StrEnum):
 _VISIT_RE = re.compile(r"M([1-9][0-9]{0,2})", re.ASCII)
 
 
-def assessment_month(visit: str | None = None, *, days_since_tx: int | None = None,
-                     settings: StudySettings | None = None) -> int:
+def assessment_month(
+    visit: str | None = None, *, days_since_tx: int | None = None, settings: StudySettings | None = None
+) -> int:
     """The ``month`` used by :func:`renal_response` (formulas.md §6).
 
     A scheduled visit ``"M<n>"`` gives ``n`` (an ``"M<n>"`` not in the schedule is refused with
@@ -455,8 +471,9 @@ def assessment_month(visit: str | None = None, *, days_since_tx: int | None = No
     if visit is not None and _VISIT_RE.fullmatch(visit):
         return visit_month(visit, settings=s)  # UnknownVisit for e.g. "M25"
     if days_since_tx is None or isinstance(days_since_tx, bool) or not isinstance(days_since_tx, int):
-        raise InvalidQuantity("days_since_tx", days_since_tx,
-                              "an unscheduled/ET visit needs the whole number of days since TX")
+        raise InvalidQuantity(
+            "days_since_tx", days_since_tx, "an unscheduled/ET visit needs the whole number of days since TX"
+        )
     return days_since_tx // s.days_per_month
 
 
@@ -542,9 +559,13 @@ def _as_date(field: str, value: date | datetime) -> date:
     raise TypeError(f"{field} must be a date or datetime, not {type(value).__name__}")
 
 
-def sledai2k_in_lookback(observed: date | datetime, visit: date | datetime, *,
-                         lookback_days: int | None = None,
-                         settings: StudySettings | None = None) -> bool:
+def sledai2k_in_lookback(
+    observed: date | datetime,
+    visit: date | datetime,
+    *,
+    lookback_days: int | None = None,
+    settings: StudySettings | None = None,
+) -> bool:
     """True if a descriptor observed on ``observed`` counts at the visit on ``visit``:
     ``visit − lookback_days ≤ observed ≤ visit`` in calendar days, both ends inclusive
     (10 days by default; ``settings.sledai_lookback_days``)."""
@@ -558,8 +579,7 @@ def sledai2k_change(baseline_total: Any, total: Any) -> Decimal:
     return parse_decimal("total", total) - parse_decimal("baseline_total", baseline_total)
 
 
-def sledai2k_meaningful_improvement(baseline_total: Any, total: Any, *,
-                                    settings: StudySettings | None = None) -> bool:
+def sledai2k_meaningful_improvement(baseline_total: Any, total: Any, *, settings: StudySettings | None = None) -> bool:
     """True for a fall of ≥ 4 points from baseline (SRI-4 cut; ``settings.sledai_meaningful_drop``)."""
     return -sledai2k_change(baseline_total, total) >= resolve(settings).sledai_meaningful_drop
 
@@ -581,12 +601,16 @@ def require_aware(field: str, value: datetime) -> datetime:
     return value
 
 
-def sae_report_due_at(aware_at: datetime, *, deadline_hours: Any = None,
-                      settings: StudySettings | None = None) -> datetime:
+def sae_report_due_at(
+    aware_at: datetime, *, deadline_hours: Any = None, settings: StudySettings | None = None
+) -> datetime:
     """When the SAE report to the sponsor is due: aware_at + 24 h."""
     require_aware("aware_at", aware_at)
-    hours = resolve(settings).sae_report_hours if deadline_hours is None else \
-        _non_negative("deadline_hours", deadline_hours)
+    hours = (
+        resolve(settings).sae_report_hours
+        if deadline_hours is None
+        else _non_negative("deadline_hours", deadline_hours)
+    )
     micro = int(hours * 3_600_000_000)
     if Decimal(micro) != hours * 3_600_000_000:
         raise InvalidQuantity("deadline_hours", deadline_hours, "finer than a microsecond")
@@ -594,9 +618,14 @@ def sae_report_due_at(aware_at: datetime, *, deadline_hours: Any = None,
 
 
 @_formula(SAE_CLOCK_FORMULA_VERSION)
-def sae_report_status(aware_at: datetime, reported_at: datetime | None, now: datetime, *,
-                      deadline_hours: Any = None,
-                      settings: StudySettings | None = None) -> SaeReportStatus:
+def sae_report_status(
+    aware_at: datetime,
+    reported_at: datetime | None,
+    now: datetime,
+    *,
+    deadline_hours: Any = None,
+    settings: StudySettings | None = None,
+) -> SaeReportStatus:
     """SAE 24-hour reporting status (PROTOCOL §7).
 
     * reported at or before aware_at + 24 h → ``REPORTED_ON_TIME`` (the deadline instant counts);
@@ -616,8 +645,7 @@ def sae_report_status(aware_at: datetime, reported_at: datetime | None, now: dat
 
 
 # =========================================================================== time rules
-def hours_between(start: datetime, end: datetime, start_field: str = "start",
-                  end_field: str = "end") -> Decimal:
+def hours_between(start: datetime, end: datetime, start_field: str = "start", end_field: str = "end") -> Decimal:
     """``end − start`` in hours, exact to the microsecond, on absolute instants (UTC)."""
     require_aware(start_field, start)
     require_aware(end_field, end)
@@ -631,22 +659,21 @@ def cyc_to_msc_hours(cyc_start: datetime, msc_start: datetime) -> Decimal:
     return hours_between(cyc_start, msc_start, "cyc_start", "msc_start")
 
 
-def cyc_msc_interval_ok(cyc_start: datetime, msc_start: datetime, *,
-                        settings: StudySettings | None = None) -> bool:
+def cyc_msc_interval_ok(cyc_start: datetime, msc_start: datetime, *, settings: StudySettings | None = None) -> bool:
     """True if 18 h ≤ MSC start − CYC start ≤ 36 h (R4; ``settings.cyc_msc_window_*``)."""
     s = resolve(settings)
     h = cyc_to_msc_hours(cyc_start, msc_start)
     return s.cyc_msc_window_min_hours <= h <= s.cyc_msc_window_max_hours
 
 
-def check_cyc_msc_interval(cyc_start: datetime, msc_start: datetime, *,
-                           settings: StudySettings | None = None) -> Decimal:
+def check_cyc_msc_interval(
+    cyc_start: datetime, msc_start: datetime, *, settings: StudySettings | None = None
+) -> Decimal:
     """Return the CYC→MSC interval in hours or refuse it with :class:`OutsideWindow` (R4)."""
     s = resolve(settings)
     h = cyc_to_msc_hours(cyc_start, msc_start)
     if not (s.cyc_msc_window_min_hours <= h <= s.cyc_msc_window_max_hours):
-        raise OutsideWindow("CYC→MSC interval", h, s.cyc_msc_window_min_hours,
-                            s.cyc_msc_window_max_hours, "h")
+        raise OutsideWindow("CYC→MSC interval", h, s.cyc_msc_window_min_hours, s.cyc_msc_window_max_hours, "h")
     return h
 
 
@@ -690,8 +717,11 @@ def scheduled_follow_up_months(*, settings: StudySettings | None = None) -> tupl
     """M1…M24 monthly, then every 6 months to M48 (defaults)."""
     s = resolve(settings)
     monthly = range(1, s.monthly_visits_through_month + 1)
-    long_term = range(s.monthly_visits_through_month + s.long_term_interval_months,
-                      s.last_scheduled_month + 1, s.long_term_interval_months)
+    long_term = range(
+        s.monthly_visits_through_month + s.long_term_interval_months,
+        s.last_scheduled_month + 1,
+        s.long_term_interval_months,
+    )
     return tuple(monthly) + tuple(long_term)
 
 
@@ -710,8 +740,7 @@ def visit_month(visit: str | int, *, settings: StudySettings | None = None) -> i
 
 
 @_formula(VISIT_WINDOW_FORMULA_VERSION)
-def visit_window(tx_date: date | datetime, visit: str | int, *,
-                 settings: StudySettings | None = None) -> VisitWindow:
+def visit_window(tx_date: date | datetime, visit: str | int, *, settings: StudySettings | None = None) -> VisitWindow:
     """Target day 30·n after TX and the window ±7 d (M1–M24) or ±30 d (M30–M48), inclusive."""
     s = resolve(settings)
     n = visit_month(visit, settings=s)
@@ -719,13 +748,20 @@ def visit_window(tx_date: date | datetime, visit: str | int, *,
     day = s.days_per_month * n
     w = s.monthly_window_days if n <= s.monthly_visits_through_month else s.long_term_window_days
     target = tx + timedelta(days=day)
-    return VisitWindow(visit=f"M{n}", month=n, day=day, target=target,
-                       earliest=target - timedelta(days=w), latest=target + timedelta(days=w),
-                       window_days=w)
+    return VisitWindow(
+        visit=f"M{n}",
+        month=n,
+        day=day,
+        target=target,
+        earliest=target - timedelta(days=w),
+        latest=target + timedelta(days=w),
+        window_days=w,
+    )
 
 
-def visit_in_window(tx_date: date | datetime, visit: str | int, visit_date: date | datetime, *,
-                    settings: StudySettings | None = None) -> bool:
+def visit_in_window(
+    tx_date: date | datetime, visit: str | int, visit_date: date | datetime, *, settings: StudySettings | None = None
+) -> bool:
     """True if ``visit_date`` lies in the visit's window (out of window = deviation flag, R7)."""
     return visit_window(tx_date, visit, settings=settings).contains(visit_date)
 
@@ -736,9 +772,14 @@ def study_day(when: date | datetime, reference: date | datetime) -> int:
     return d + 1 if d >= 0 else d
 
 
-def check_not_in_future(field: str, occurred_at: datetime, now: datetime, *,
-                        skew: timedelta | None = None,
-                        settings: StudySettings | None = None) -> datetime:
+def check_not_in_future(
+    field: str,
+    occurred_at: datetime,
+    now: datetime,
+    *,
+    skew: timedelta | None = None,
+    settings: StudySettings | None = None,
+) -> datetime:
     """Refuse ``occurred_at`` more than 5 min after ``now`` (R9); exactly 5 min is allowed.
     Both timestamps must carry a UTC offset."""
     require_aware(field, occurred_at)
@@ -755,20 +796,21 @@ def within_days(earlier: date | datetime, later: date | datetime, max_days: int)
     return 0 <= delta <= max_days
 
 
-def eligibility_still_valid(confirmed: date | datetime, enrolled: date | datetime, *,
-                            settings: StudySettings | None = None) -> bool:
+def eligibility_still_valid(
+    confirmed: date | datetime, enrolled: date | datetime, *, settings: StudySettings | None = None
+) -> bool:
     """T6: eligibility confirmed ≤ 28 d before enrollment."""
     return within_days(confirmed, enrolled, resolve(settings).eligibility_validity_days)
 
 
-def screening_labs_valid(collected: date | datetime, confirmed: date | datetime, *,
-                         settings: StudySettings | None = None) -> bool:
+def screening_labs_valid(
+    collected: date | datetime, confirmed: date | datetime, *, settings: StudySettings | None = None
+) -> bool:
     """T4: screening labs ≤ 28 d old at eligibility confirmation."""
     return within_days(collected, confirmed, resolve(settings).screening_lab_validity_days)
 
 
-def pregnancy_test_valid(test_at: datetime, cyc_start: datetime, *,
-                         settings: StudySettings | None = None) -> bool:
+def pregnancy_test_valid(test_at: datetime, cyc_start: datetime, *, settings: StudySettings | None = None) -> bool:
     """T7: pregnancy test taken 0 … 72 h (inclusive) before the CYC start."""
     h = hours_between(test_at, cyc_start, "pregnancy_test_at", "cyc_start")
     return Decimal(0) <= h <= resolve(settings).pregnancy_test_max_hours_before_cyc

@@ -16,11 +16,18 @@ from typing import Any
 from sle_events.domain import bounds, formulas, labs
 from sle_events.domain.errors import InconsistentTimestamps, InvalidQuantity, MissingValue, NotComputable
 from sle_events.domain.payloads import Demographics, LabResult, Sex, TregPanel
-from sle_events.domain.quantities import parse_decimal, parse_optional_decimal
+from sle_events.domain.quantities import parse_decimal, parse_optional_decimal, round_half_up
 from sle_events.domain.settings import StudySettings
 
-__all__ = ["validate_lab_result", "validate_treg_panel", "derive_egfr", "derive_upcr", "CREATININE_CODES",
-           "UPCR_CODES", "EGFR_CODE"]
+__all__ = [
+    "validate_lab_result",
+    "validate_treg_panel",
+    "derive_egfr",
+    "derive_upcr",
+    "CREATININE_CODES",
+    "UPCR_CODES",
+    "EGFR_CODE",
+]
 
 CREATININE_CODES = ("CREAT", "CREATSI")
 #: analytes that carry a spot or 24-h UPCR (mg/mg) for the renal response
@@ -67,29 +74,51 @@ def validate_lab_result(
         if reported_at < occurred_at:
             raise InconsistentTimestamps("occurred_at (collection)", occurred_at, "reported_at", reported_at)
     return LabResult(
-        occurred_at=occurred_at, code=code, loinc=analyte.loinc, value=reported, unit=unit,
-        canonical_value=canonical_value, canonical_unit=canonical_unit, lab_low=low, lab_high=high,
-        range_low=range_low, range_high=range_high, range_source=source,
-        flag=labs.flag(canonical_value, range_low, range_high), reported_at=reported_at,
+        occurred_at=occurred_at,
+        code=code,
+        loinc=analyte.loinc,
+        value=reported,
+        unit=unit,
+        canonical_value=canonical_value,
+        canonical_unit=canonical_unit,
+        lab_low=low,
+        lab_high=high,
+        range_low=range_low,
+        range_high=range_high,
+        range_source=source,
+        flag=labs.flag(canonical_value, range_low, range_high),
+        reported_at=reported_at,
         specimen_id=specimen_id or None,
     )
 
 
-def validate_treg_panel(occurred_at: datetime, treg_pct: Any, cd4_per_ul: Any, *, settings: StudySettings,
-                        reported_at: datetime | None = None) -> TregPanel:
+def validate_treg_panel(
+    occurred_at: datetime,
+    treg_pct: Any,
+    cd4_per_ul: Any,
+    *,
+    settings: StudySettings,
+    reported_at: datetime | None = None,
+) -> TregPanel:
     treg = bounds.check_lab_value("TREGPCT", treg_pct, "%", settings=settings)[0]
     cd4 = bounds.check_lab_value("CD4", cd4_per_ul, "{cells}/uL", settings=settings)[0]
     if reported_at is not None:
         formulas.require_aware("reported_at", reported_at)
         if reported_at < occurred_at:
             raise InconsistentTimestamps("occurred_at (collection)", occurred_at, "reported_at", reported_at)
-    return TregPanel(occurred_at=occurred_at, treg_pct=treg, cd4_per_ul=cd4,
-                     treg_flag=labs.flag(treg, *labs.reference_range("TREGPCT")),
-                     cd4_flag=labs.flag(cd4, *labs.reference_range("CD4")), reported_at=reported_at)
+    return TregPanel(
+        occurred_at=occurred_at,
+        treg_pct=treg,
+        cd4_per_ul=cd4,
+        treg_flag=labs.flag(treg, *labs.reference_range("TREGPCT")),
+        cd4_flag=labs.flag(cd4, *labs.reference_range("CD4")),
+        reported_at=reported_at,
+    )
 
 
-def derive_egfr(creatinine: LabResult, demographics: Demographics | None,
-                settings: StudySettings) -> tuple[Decimal | None, str | None]:
+def derive_egfr(
+    creatinine: LabResult, demographics: Demographics | None, settings: StudySettings
+) -> tuple[Decimal | None, str | None]:
     """eGFR (CKD-EPI 2021) from a serum creatinine result: ``(value, None)`` or ``(None, reason)`` when
     it cannot be computed (sex not F/M, age < 18, no demographics, implausible result)."""
     if creatinine.code not in CREATININE_CODES:
@@ -104,7 +133,7 @@ def derive_egfr(creatinine: LabResult, demographics: Demographics | None,
     except NotComputable as e:
         return None, e.reason
     if not bounds.is_plausible("egfr", value, settings=settings):
-        return None, f"computed eGFR {formulas.round_half_up(value)} is outside the plausible range"
+        return None, f"computed eGFR {round_half_up(value)} is outside the plausible range"
     return value, None
 
 

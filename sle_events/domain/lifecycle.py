@@ -59,8 +59,18 @@ class AfterExit(StrEnum):
 
 S = SubjectStatus
 #: states in which the subject has consented (T15 "any post-consent state")
-POST_CONSENT = frozenset({S.CONSENTED, S.ELIGIBLE, S.ENROLLED, S.PRETREATED, S.TRANSPLANTED, S.IN_FOLLOW_UP,
-                          S.WITHDRAWN, S.LOST_TO_FOLLOW_UP})
+POST_CONSENT = frozenset(
+    {
+        S.CONSENTED,
+        S.ELIGIBLE,
+        S.ENROLLED,
+        S.PRETREATED,
+        S.TRANSPLANTED,
+        S.IN_FOLLOW_UP,
+        S.WITHDRAWN,
+        S.LOST_TO_FOLLOW_UP,
+    }
+)
 #: enrolled and not (yet) out of the study
 ON_TREATMENT = frozenset({S.ENROLLED, S.PRETREATED, S.TRANSPLANTED, S.IN_FOLLOW_UP})
 #: T12 sources

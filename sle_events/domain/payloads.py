@@ -17,12 +17,39 @@ from pydantic import BaseModel, ConfigDict
 from sle_events.domain.quantities import DecimalValue
 
 __all__ = [
-    "Sex", "Relatedness", "Expectedness", "Seriousness", "AeOutcome", "AeAction", "Disposition", "DecidedBy",
-    "BiopsyClass", "Discipline", "DeviationCategory", "PregnancyResult", "SignedBy",
-    "RELATED_FOR_REPORTING", "codes",
-    "Record", "LabResult", "VitalSigns", "Demographics", "MedicalHistoryItem", "ConcomitantMedication",
-    "AdverseEventEntry", "SledaiAssessment", "TregPanel", "PregnancyTest", "VisitRecord", "Pretreatment",
-    "Infusion", "IdentityMarkers", "DerivedResult", "RenalResponse", "CriterionAnswer", "EligibilityChecklist",
+    "Sex",
+    "Relatedness",
+    "Expectedness",
+    "Seriousness",
+    "AeOutcome",
+    "AeAction",
+    "Disposition",
+    "DecidedBy",
+    "BiopsyClass",
+    "Discipline",
+    "DeviationCategory",
+    "PregnancyResult",
+    "SignedBy",
+    "RELATED_FOR_REPORTING",
+    "codes",
+    "Record",
+    "LabResult",
+    "VitalSigns",
+    "Demographics",
+    "MedicalHistoryItem",
+    "ConcomitantMedication",
+    "AdverseEventEntry",
+    "SledaiAssessment",
+    "TregPanel",
+    "PregnancyTest",
+    "VisitRecord",
+    "Pretreatment",
+    "Infusion",
+    "IdentityMarkers",
+    "DerivedResult",
+    "RenalResponse",
+    "CriterionAnswer",
+    "EligibilityChecklist",
 ]
 
 
@@ -150,7 +177,7 @@ class Record(BaseModel):
 
     occurred_at: datetime
 
-    def json(self) -> dict[str, Any]:  # type: ignore[override]
+    def json(self) -> dict[str, Any]:  # type: ignore[override]  # pydantic's deprecated json() is replaced on purpose
         return self.model_dump(mode="json")
 
     def __getitem__(self, name: str) -> Any:

@@ -20,9 +20,9 @@ from uuid import UUID, uuid5
 from eventsourcing.domain import event
 
 from sle_events.domain import bounds, clock, formulas
+from sle_events.domain.base import TrialAggregate
 from sle_events.domain.errors import InvalidChoice, InvalidQuantity, LotUnavailable, MissingValue
 from sle_events.domain.payloads import IdentityMarkers
-from sle_events.domain.base import TrialAggregate
 from sle_events.domain.quantities import parse_decimal, parse_optional_decimal
 from sle_events.domain.study_config import StudyConfig
 from sle_events.domain.treatment import lot_release_failures
@@ -101,22 +101,53 @@ class ProductLot(TrialAggregate):
         sterile = _flag("sterility_negative", sterility_negative)
         mycoplasma = _flag("mycoplasma_negative", mycoplasma_negative)
         failures = lot_release_failures(
-            viability_pct=viability, dose_1e6_per_kg=None, sterility_negative=sterile,
-            mycoplasma_negative=mycoplasma, identity=identity, endotoxin_eu_per_kg=endotoxin,
-            settings=config.settings)
+            viability_pct=viability,
+            dose_1e6_per_kg=None,
+            sterility_negative=sterile,
+            mycoplasma_negative=mycoplasma,
+            identity=identity,
+            endotoxin_eu_per_kg=endotoxin,
+            settings=config.settings,
+        )
         return cls._create(
-            cls.ReleaseTested, id=cls.id_for(study_id, lot_id), study_id=study_id, lot_id=lot_id,
-            subject_id=subject_id, donor_id=donor_id, hla_match=hla_match, total_cells=total,
-            viability_pct=viability, viable_cells=formulas.viable_cells(total, viability), identity=identity,
-            sterility_negative=sterile, mycoplasma_negative=mycoplasma, endotoxin_eu_per_kg=endotoxin,
-            volume_ml=volume, release_failures=list(failures), occurred_at=occurred_at,
+            cls.ReleaseTested,
+            id=cls.id_for(study_id, lot_id),
+            study_id=study_id,
+            lot_id=lot_id,
+            subject_id=subject_id,
+            donor_id=donor_id,
+            hla_match=hla_match,
+            total_cells=total,
+            viability_pct=viability,
+            viable_cells=formulas.viable_cells(total, viability),
+            identity=identity,
+            sterility_negative=sterile,
+            mycoplasma_negative=mycoplasma,
+            endotoxin_eu_per_kg=endotoxin,
+            volume_ml=volume,
+            release_failures=list(failures),
+            occurred_at=occurred_at,
         )
 
     @event("ReleaseTested")
-    def __init__(self, study_id: UUID, lot_id: str, subject_id: UUID, donor_id: str, hla_match: str,
-                 total_cells: Decimal, viability_pct: Decimal, viable_cells: Decimal, identity: IdentityMarkers,
-                 sterility_negative: bool, mycoplasma_negative: bool, endotoxin_eu_per_kg: Decimal | None,
-                 volume_ml: Decimal | None, release_failures: list[str], occurred_at: datetime) -> None:
+    def __init__(
+        self,
+        study_id: UUID,
+        lot_id: str,
+        subject_id: UUID,
+        donor_id: str,
+        hla_match: str,
+        total_cells: Decimal,
+        viability_pct: Decimal,
+        viable_cells: Decimal,
+        identity: IdentityMarkers,
+        sterility_negative: bool,
+        mycoplasma_negative: bool,
+        endotoxin_eu_per_kg: Decimal | None,
+        volume_ml: Decimal | None,
+        release_failures: list[str],
+        occurred_at: datetime,
+    ) -> None:
         self.study_id = study_id
         self.lot_id = lot_id
         self.subject_id = subject_id

@@ -16,6 +16,7 @@
 from __future__ import annotations
 
 import re
+from contextlib import AbstractContextManager
 from decimal import (
     ROUND_HALF_EVEN,
     ROUND_HALF_UP,
@@ -66,7 +67,7 @@ MAX_ADJUSTED_EXPONENT = 30
 _DECIMAL_RE = re.compile(r"[+-]?(?:\d+(?:\.\d+)?|\.\d+)(?:[eE][+-]?\d+)?", re.ASCII)
 
 
-def decimal_context():
+def decimal_context() -> AbstractContextManager[Context]:
     """``with decimal_context(): ...`` runs a block in :data:`CONTEXT`."""
     return localcontext(CONTEXT)
 
@@ -82,12 +83,14 @@ def _check_decimal(field: str, original: Any, d: Decimal) -> Decimal:
     digits = len(d.as_tuple().digits)
     if digits > MAX_SIGNIFICANT_DIGITS:
         raise InvalidQuantity(
-            field, original,
+            field,
+            original,
             f"{digits} significant digits; at most {MAX_SIGNIFICANT_DIGITS} are accepted",
         )
     if abs(d.adjusted()) > MAX_ADJUSTED_EXPONENT:
         raise InvalidQuantity(
-            field, original,
+            field,
+            original,
             f"magnitude 1e{d.adjusted()} is outside 1e-{MAX_ADJUSTED_EXPONENT}…1e{MAX_ADJUSTED_EXPONENT}",
         )
     return d
@@ -115,12 +118,12 @@ def parse_decimal(field: str, value: Any) -> Decimal:
         if not _DECIMAL_RE.fullmatch(value):
             shown = value if len(value) <= 40 else value[:37] + "..."
             raise InvalidQuantity(
-                field, shown,
+                field,
+                shown,
                 "expected a decimal string such as '1.5', '-0.25' or '6.0E7'",
             )
         return _check_decimal(field, value, Decimal(value))
-    raise InvalidQuantity(field, value, f"type {type(value).__name__} is not accepted; "
-                                        "send a decimal string")
+    raise InvalidQuantity(field, value, f"type {type(value).__name__} is not accepted; send a decimal string")
 
 
 def parse_optional_decimal(field: str, value: Any) -> Decimal | None:

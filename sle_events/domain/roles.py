@@ -14,8 +14,8 @@ SPONSOR = "sponsor"
 
 ROLES = frozenset({ADMIN, INVESTIGATOR, COORDINATOR, LAB, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR})
 
-# Event type (the event class's qualified name) -> roles that may record it (PROTOCOL §2).
-I, C, L, DM, SP = INVESTIGATOR, COORDINATOR, LAB, DATA_MANAGER, SPONSOR
+# Event type (its stable name, sle_events.domain.event_types) -> roles that may record it (PROTOCOL §2).
+I, C, L, DM, SP = INVESTIGATOR, COORDINATOR, LAB, DATA_MANAGER, SPONSOR  # noqa: E741 - short names keep the table one line per event
 DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     # trust root and key registry
     "Study.Created": [ADMIN],
@@ -23,6 +23,7 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "Study.KeyRotated": [ADMIN],
     "Study.KeyRevoked": [ADMIN],
     "Study.PermissionsChanged": [ADMIN],
+    "Study.NewStudyApproved": [ADMIN],
     # study configuration: versioned configuration events by the data manager
     "Study.SiteAdded": [DM],
     "Study.SiteClosed": [DM],
@@ -82,8 +83,3 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "Subject.StudyCompleted": [I],
 }
 del I, C, L, DM, SP
-
-
-def event_type_name(topic: str) -> str:
-    """`sle_events.domain.subject:Subject.Screened` -> `Subject.Screened`."""
-    return topic.rsplit(":", 1)[-1]

@@ -147,24 +147,36 @@ class StudySettings(BaseModel):
             v = getattr(self, name)
             if not (Decimal(0) <= v < Decimal(1)):
                 raise ValueError(f"{name} is a fraction and must satisfy 0 <= {name} < 1 (got {v})")
-        for name in ("msc_min_viability_pct", "msc_positive_marker_min_pct",
-                     "msc_negative_marker_max_pct"):
+        for name in ("msc_min_viability_pct", "msc_positive_marker_min_pct", "msc_negative_marker_max_pct"):
             v = getattr(self, name)
             if not (Decimal(0) <= v <= Decimal(100)):
                 raise ValueError(f"{name} is a percentage and must be within 0–100 (got {v})")
         positive = (
-            "cyc_msc_window_max_hours", "cyc_dose_mg_per_m2", "cyc_total_cap_mg",
-            "msc_dose_target_1e6_per_kg", "sae_report_hours", "days_per_month",
-            "monthly_visits_through_month", "long_term_interval_months", "last_scheduled_month",
+            "cyc_msc_window_max_hours",
+            "cyc_dose_mg_per_m2",
+            "cyc_total_cap_mg",
+            "msc_dose_target_1e6_per_kg",
+            "sae_report_hours",
+            "days_per_month",
+            "monthly_visits_through_month",
+            "long_term_interval_months",
+            "last_scheduled_month",
         )
         for name in positive:
             if getattr(self, name) <= 0:
                 raise ValueError(f"{name} must be > 0 (got {getattr(self, name)})")
         non_negative = (
-            "cyc_msc_window_min_hours", "monthly_window_days", "long_term_window_days",
-            "stay_min_days", "eligibility_validity_days", "screening_lab_validity_days",
-            "sledai_lookback_days", "future_clock_skew_minutes", "renal_nr_from_month",
-            "bsa_dosing_decimals", "msc_max_hours_release_to_infusion",
+            "cyc_msc_window_min_hours",
+            "monthly_window_days",
+            "long_term_window_days",
+            "stay_min_days",
+            "eligibility_validity_days",
+            "screening_lab_validity_days",
+            "sledai_lookback_days",
+            "future_clock_skew_minutes",
+            "renal_nr_from_month",
+            "bsa_dosing_decimals",
+            "msc_max_hours_release_to_infusion",
             "pregnancy_test_max_hours_before_cyc",
         )
         for name in non_negative:

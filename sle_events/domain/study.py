@@ -20,7 +20,7 @@ from eventsourcing.domain import event
 from sle_events.domain import clock, formulas
 from sle_events.domain.base import TrialAggregate
 from sle_events.domain.errors import InvalidChoice, MissingValue, ReasonRequired, UnknownSite
-from sle_events.domain.roles import ADMIN, DEFAULT_PERMISSIONS, ROLES, event_type_name
+from sle_events.domain.roles import ADMIN, DEFAULT_PERMISSIONS, ROLES
 from sle_events.domain.settings import DEFAULT_SETTINGS, StudySettings
 from sle_events.domain.study_config import IcfVersion, Site, StudyConfig, VisitKind, VisitSchedule
 from sle_events.signing.keys import key_id as key_id_of
@@ -85,9 +85,17 @@ class Study(TrialAggregate):
         self._config: StudyConfig | None = None
 
     @classmethod
-    def create(cls, code: str, title: str, admin_actor: str, admin_public_key: str, occurred_at: datetime,
-               permissions: dict[str, list[str]] | None = None, *,
-               study_id: UUID | None = None) -> "Study":  # fmt: skip
+    def create(
+        cls,
+        code: str,
+        title: str,
+        admin_actor: str,
+        admin_public_key: str,
+        occurred_at: datetime,
+        permissions: dict[str, list[str]] | None = None,
+        *,
+        study_id: UUID | None = None,
+    ) -> Study:
         """A new study; ``study_id`` fixes its stream id (a replayable demo), else a random one."""
         if not code.strip():
             raise RegistryError("a study needs a code")
@@ -95,8 +103,16 @@ class Study(TrialAggregate):
         for type_name, roles in (permissions or {}).items():
             cls._check_roles(type_name, roles)
         if study_id is not None:
-            return cls._create(cls.Created, id=study_id, code=code, title=title, admin_actor=admin_actor,
-                               admin_public_key=admin_public_key, occurred_at=occurred_at, permissions=permissions)
+            return cls._create(
+                cls.Created,
+                id=study_id,
+                code=code,
+                title=title,
+                admin_actor=admin_actor,
+                admin_public_key=admin_public_key,
+                occurred_at=occurred_at,
+                permissions=permissions,
+            )
         return cls(code, title, admin_actor, admin_public_key, occurred_at, permissions)
 
     # --- verbs -----------------------------------------------------------------------------------------
@@ -123,6 +139,20 @@ class Study(TrialAggregate):
         self._active(key)
         self._key_revoked(key=key, reason=reason, occurred_at=occurred_at)
 
+    def approve_new_study(self, code: str, admin_actor: str, admin_public_key: str, occurred_at: datetime) -> str:
+        """Let another study be created in the same database, with this trust-root key (its admin's).
+
+        A database's first study needs no one's leave; every later one does, as a signed and logged decision of
+        an existing study's admin, so nobody with write access can mint a trust root beside the real one. The
+        approval is used by the first ``Study.Created`` with this code and admin key. Returns that key's id."""
+        if not isinstance(code, str) or not code.strip():
+            raise RegistryError("the new study needs a code")
+        if not isinstance(admin_actor, str) or not admin_actor.strip():
+            raise RegistryError("the new study needs its admin's user id")
+        kid = key_id_of(_raw_public_key(admin_public_key))
+        self._new_study_approved(code=code, admin_actor=admin_actor, admin_key=kid, occurred_at=occurred_at)
+        return kid
+
     def change_permissions(self, event_type: str, roles: list[str], occurred_at: datetime) -> None:
         self._check_roles(event_type, roles)
         self._permissions_changed(event_type=event_type, roles=sorted(roles), occurred_at=occurred_at)
@@ -141,6 +171,10 @@ class Study(TrialAggregate):
     @event("KeyRevoked")
     def _key_revoked(self, key: str, reason: str, occurred_at: datetime) -> None:
         self.keys[key]["status"] = "revoked"
+
+    @event("NewStudyApproved")
+    def _new_study_approved(self, code: str, admin_actor: str, admin_key: str, occurred_at: datetime) -> None:
+        pass  # the store and the verifier read approvals from the log; the study's own state does not change
 
     @event("PermissionsChanged")
     def _permissions_changed(self, event_type: str, roles: list[str], occurred_at: datetime) -> None:
@@ -230,15 +264,18 @@ class Study(TrialAggregate):
     def config(self) -> StudyConfig:
         """The study's configuration as it stands (cached until the next configuration event)."""
         if getattr(self, "_config", None) is None:
-            self._config = StudyConfig.build(settings=getattr(self, "settings", DEFAULT_SETTINGS),
-                                             sites=getattr(self, "sites", {}).values(),
-                                             icf_versions=getattr(self, "icf_versions", ()),
-                                             schedule=getattr(self, "schedule", None))
+            self._config = StudyConfig.build(
+                settings=getattr(self, "settings", DEFAULT_SETTINGS),
+                sites=getattr(self, "sites", {}).values(),
+                icf_versions=getattr(self, "icf_versions", ()),
+                schedule=getattr(self, "schedule", None),
+            )
         return self._config
 
     # --- questions -------------------------------------------------------------------------------------
-    def authorise(self, key: str, actor: str, role: str, topic: str) -> dict[str, Any]:
-        """The key entry that vouches for `actor` recording `topic` as `role`, or a specific refusal."""
+    def authorise(self, key: str, actor: str, role: str, type_name: str) -> dict[str, Any]:
+        """The key entry that vouches for `actor` recording the event type `type_name` (its stable name,
+        `Subject.LabResultRecorded`) as `role`, or a specific refusal."""
         entry = self.keys.get(key)
         if entry is None:
             raise UnknownKey(f"key {key} is not registered in study {self.code}")
@@ -247,11 +284,9 @@ class Study(TrialAggregate):
         if entry["status"] == "rotated":
             raise KeyRotatedOut(f"key {key} of {entry['actor']} was rotated out")
         if entry["actor"] != actor or entry["role"] != role:
-            raise RoleNotAllowed(
-                f"key {key} belongs to {entry['actor']} as {entry['role']}, not {actor} as {role}"
-            )
-        type_name = event_type_name(topic)
-        allowed = self.permissions.get(type_name, [])
+            raise RoleNotAllowed(f"key {key} belongs to {entry['actor']} as {entry['role']}, not {actor} as {role}")
+        # A fact newer than this study's signed table falls back to the software's default roles for it.
+        allowed = self.permissions.get(type_name, DEFAULT_PERMISSIONS.get(type_name, []))
         if role not in allowed:
             raise RoleNotAllowed(f"role {role} may not record {type_name} (allowed: {allowed or 'nobody'})")
         return entry

@@ -19,8 +19,16 @@ from sle_events.domain.lifecycle import Epoch
 from sle_events.domain.quantities import DecimalValue
 from sle_events.domain.settings import DEFAULT_SETTINGS, StudySettings
 
-__all__ = ["Site", "IcfVersion", "VisitKind", "VisitDefinition", "VisitSchedule", "StudyConfig", "DEFAULT_CONFIG",
-           "default_schedule"]
+__all__ = [
+    "Site",
+    "IcfVersion",
+    "VisitKind",
+    "VisitDefinition",
+    "VisitSchedule",
+    "StudyConfig",
+    "DEFAULT_CONFIG",
+    "default_schedule",
+]
 
 
 class _Frozen(BaseModel):
@@ -98,8 +106,7 @@ class VisitSchedule(_Frozen):
     @property
     def follow_up(self) -> tuple[VisitDefinition, ...]:
         """Scheduled follow-up visits (M1…M48) in month order."""
-        return tuple(sorted((v for v in self.visits if v.kind == VisitKind.FOLLOW_UP),
-                            key=lambda v: v.month or 0))
+        return tuple(sorted((v for v in self.visits if v.kind == VisitKind.FOLLOW_UP), key=lambda v: v.month or 0))
 
     @property
     def last_scheduled(self) -> VisitDefinition:
@@ -120,15 +127,26 @@ def default_schedule(settings: StudySettings = DEFAULT_SETTINGS) -> VisitSchedul
     ]
     for n in scheduled_follow_up_months(settings=settings):
         long_term = n > settings.monthly_visits_through_month
-        visits.append(VisitDefinition(
-            code=f"M{n}", visitnum=d(100 + n), kind=VisitKind.FOLLOW_UP,
-            epoch=Epoch.LONG_TERM_FOLLOW_UP if long_term else Epoch.FOLLOW_UP, month=n,
-            target_day=settings.days_per_month * n,
-            window_days=settings.long_term_window_days if long_term else settings.monthly_window_days,
-        ))
-    visits.append(VisitDefinition(code="ET", visitnum=d(900), kind=VisitKind.EARLY_TERMINATION,
-                                  epoch=Epoch.FOLLOW_UP,
-                                  window_days=settings.early_termination_max_days_after_withdrawal))
+        visits.append(
+            VisitDefinition(
+                code=f"M{n}",
+                visitnum=d(100 + n),
+                kind=VisitKind.FOLLOW_UP,
+                epoch=Epoch.LONG_TERM_FOLLOW_UP if long_term else Epoch.FOLLOW_UP,
+                month=n,
+                target_day=settings.days_per_month * n,
+                window_days=settings.long_term_window_days if long_term else settings.monthly_window_days,
+            )
+        )
+    visits.append(
+        VisitDefinition(
+            code="ET",
+            visitnum=d(900),
+            kind=VisitKind.EARLY_TERMINATION,
+            epoch=Epoch.FOLLOW_UP,
+            window_days=settings.early_termination_max_days_after_withdrawal,
+        )
+    )
     return VisitSchedule(version=f"schedule-from-{settings.version}", visits=tuple(visits))
 
 
@@ -142,10 +160,17 @@ class StudyConfig(_Frozen):
     _default_schedule: VisitSchedule | None = PrivateAttr(default=None)
 
     @classmethod
-    def build(cls, *, settings: StudySettings = DEFAULT_SETTINGS, sites: Iterable[Site] = (),
-              icf_versions: Iterable[IcfVersion] = (), schedule: VisitSchedule | None = None) -> StudyConfig:
-        return cls(settings=settings, sites={s.site_id: s for s in sites}, icf_versions=tuple(icf_versions),
-                   schedule=schedule)
+    def build(
+        cls,
+        *,
+        settings: StudySettings = DEFAULT_SETTINGS,
+        sites: Iterable[Site] = (),
+        icf_versions: Iterable[IcfVersion] = (),
+        schedule: VisitSchedule | None = None,
+    ) -> StudyConfig:
+        return cls(
+            settings=settings, sites={s.site_id: s for s in sites}, icf_versions=tuple(icf_versions), schedule=schedule
+        )
 
     @property
     def visits(self) -> VisitSchedule:

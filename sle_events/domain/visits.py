@@ -9,8 +9,7 @@ from decimal import Decimal
 
 from sle_events.domain.study_config import VisitDefinition, VisitSchedule
 
-__all__ = ["OUT_OF_WINDOW", "scheduled_window", "early_termination_window", "unscheduled_visitnum",
-           "missed_in_a_row"]
+__all__ = ["OUT_OF_WINDOW", "scheduled_window", "early_termination_window", "unscheduled_visitnum", "missed_in_a_row"]
 
 OUT_OF_WINDOW = "VISIT_OUT_OF_WINDOW"
 
@@ -19,8 +18,9 @@ def _day(when: date | datetime) -> date:
     return when.date() if isinstance(when, datetime) else when
 
 
-def scheduled_window(defn: VisitDefinition, tx: date | datetime,
-                     visit_at: date | datetime) -> tuple[date, date, date, bool]:
+def scheduled_window(
+    defn: VisitDefinition, tx: date | datetime, visit_at: date | datetime
+) -> tuple[date, date, date, bool]:
     """(target, earliest, latest, in window) of a follow-up visit: target = TX + target day, ± window
     (both ends inclusive; formulas.md §7)."""
     target = _day(tx) + timedelta(days=defn.target_day or 0)
@@ -29,8 +29,9 @@ def scheduled_window(defn: VisitDefinition, tx: date | datetime,
     return target, earliest, latest, earliest <= _day(visit_at) <= latest
 
 
-def early_termination_window(defn: VisitDefinition, withdrawn_at: date | datetime,
-                             visit_at: date | datetime) -> tuple[date, date, bool]:
+def early_termination_window(
+    defn: VisitDefinition, withdrawn_at: date | datetime, visit_at: date | datetime
+) -> tuple[date, date, bool]:
     """ET: within ``window_days`` (30) after the withdrawal."""
     start = _day(withdrawn_at)
     latest = start + timedelta(days=defn.window_days or 0)

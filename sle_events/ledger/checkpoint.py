@@ -19,6 +19,8 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
+from sle_events.picklable import Picklable  # stdlib only, like this core
+
 from .merkle import HASH_SIZE, ProofError, RootMismatchError, verify_consistency
 from .note import NoteError, NoteSigner, NoteVerifier, Verifier, b64decode_strict, open_note, parse_note, sign_note
 
@@ -219,7 +221,7 @@ def _signed_by_both(note: str, old: str, new: str) -> bool:
     return True
 
 
-class ExtensionError(CheckpointError):
+class ExtensionError(Picklable, CheckpointError):
     """A newer tree is not proven to extend an older one. ``reason``: ``rollback`` (the newer tree is smaller),
     ``split_view`` (same size, other root), ``rewritten`` (the proof leads elsewhere: history changed) or
     ``bad_proof`` (the proof itself does not fit the sizes)."""

@@ -28,6 +28,8 @@ import hashlib
 from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass
 
+from sle_events.picklable import Picklable
+
 __all__ = [
     "HASH_SIZE",
     "EMPTY_ROOT",
@@ -80,7 +82,7 @@ class ProofSizeError(ProofError):
     """The proof has the wrong number of hashes for the claimed index/sizes."""
 
 
-class RootMismatchError(ProofError):
+class RootMismatchError(Picklable, ProofError):
     """The root recomputed from the proof differs from the expected root."""
 
     def __init__(self, expected: bytes, calculated: bytes) -> None:

@@ -35,6 +35,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
+from sle_events.picklable import Picklable
+
 __all__ = [
     "ALG_ED25519",
     "MAX_SIGNATURES",
@@ -77,7 +79,7 @@ class MalformedNoteError(NoteError):
     """The note is not a syntactically valid signed note."""
 
 
-class InvalidSignatureError(NoteError):
+class InvalidSignatureError(Picklable, NoteError):
     """A signature from a known key did not verify; the whole note is rejected."""
 
     def __init__(self, name: str, key_id: int) -> None:
@@ -86,7 +88,7 @@ class InvalidSignatureError(NoteError):
         super().__init__(f"invalid signature for key {name}+{key_id:08x}")
 
 
-class UnverifiedNoteError(NoteError):
+class UnverifiedNoteError(Picklable, NoteError):
     """The note parsed, but no signature from a known key was present."""
 
     def __init__(self, text: str, signatures: Sequence[Signature]) -> None:

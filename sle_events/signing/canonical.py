@@ -14,15 +14,15 @@ from typing import Any
 
 import rfc8785
 
+from sle_events.picklable import Picklable
+
 # RFC 8785 integers must be exactly representable as IEEE 754 doubles.
 _MAX_SAFE_INT = 2**53 - 1
 
-_fast_dumps = json.JSONEncoder(
-    ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False
-).encode
+_fast_dumps = json.JSONEncoder(ensure_ascii=False, sort_keys=True, separators=(",", ":"), allow_nan=False).encode
 
 
-class NotCanonicalisable(ValueError):
+class NotCanonicalisable(Picklable, ValueError):
     """A value that has no place in a signed payload (a float, an unsafe integer, a non-string key...)."""
 
     def __init__(self, path: str, message: str):
@@ -33,7 +33,7 @@ class NotCanonicalisable(ValueError):
 class FloatNotAllowed(NotCanonicalisable):
     def __init__(self, path: str, value: float):
         super().__init__(
-            path, f"float {value!r} is not allowed in a signed payload; send decimals as strings (e.g. \"1.23\")"
+            path, f'float {value!r} is not allowed in a signed payload; send decimals as strings (e.g. "1.23")'
         )
 
 

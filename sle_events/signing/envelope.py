@@ -89,6 +89,20 @@ def check_envelope(env: Any) -> dict[str, Any]:
     return env
 
 
+def nesting_depth(value: Any) -> int:
+    """How deep `value` nests, without recursion (a hostile envelope may nest 100,000 levels)."""
+    deepest, stack = 0, [(value, 1)]
+    while stack:
+        v, depth = stack.pop()
+        if isinstance(v, dict):
+            v = list(v.values())
+        elif not isinstance(v, (list, tuple)):
+            continue
+        deepest = max(deepest, depth)
+        stack.extend((x, depth + 1) for x in v)
+    return deepest
+
+
 class SealedEvent:
     """An envelope with its signature; `sealed` are the exact bytes stored and logged."""
 
@@ -154,6 +168,8 @@ def open_sealed(data: bytes) -> SealedEvent:
         outer = loads_strict(data)
     except (ValueError, NotCanonicalisable, UnicodeDecodeError) as e:
         raise MalformedEnvelope(f"not valid JSON without floats: {e}") from None
+    except RecursionError:
+        raise MalformedEnvelope("JSON nested too deeply to read") from None
     if not isinstance(outer, dict) or set(outer) != {"envelope", "signature"}:
         raise MalformedEnvelope('sealed event must be {"envelope": ..., "signature": ...}')
     env = check_envelope(outer["envelope"])
@@ -195,7 +211,7 @@ def open_stored(data: bytes) -> SealedEvent:
     try:
         env = loads_strict(signed)
         signature = unb64(data[j + len(_SIG_MARK) : -2].decode("ascii"))
-    except (ValueError, NotCanonicalisable, UnicodeDecodeError):
+    except (ValueError, NotCanonicalisable, UnicodeDecodeError, RecursionError):
         return open_sealed(data)
     if (
         type(env) is not dict

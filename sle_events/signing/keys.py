@@ -9,6 +9,7 @@ from __future__ import annotations
 import base64
 import hashlib
 import os
+import stat
 from dataclasses import dataclass, field
 from pathlib import Path
 
@@ -45,6 +46,10 @@ def verify_signature(public_key: Ed25519PublicKey, signature: bytes, message: by
         return False
 
 
+class KeyFileExposed(PermissionError):
+    """A private key file readable by others than its owner."""
+
+
 @dataclass(frozen=True)
 class Signer:
     """The acting user's or service's signing key, with who they are and the role they act in."""
@@ -56,18 +61,24 @@ class Signer:
     key_id: str = field(init=False)
 
     def __post_init__(self) -> None:
-        raw = self._private_key.public_key().public_bytes(
-            serialization.Encoding.Raw, serialization.PublicFormat.Raw
-        )
+        raw = self._private_key.public_key().public_bytes(serialization.Encoding.Raw, serialization.PublicFormat.Raw)
         object.__setattr__(self, "public_key", raw)
         object.__setattr__(self, "key_id", key_id(raw))
 
     @classmethod
-    def generate(cls, actor: str, role: str) -> "Signer":
+    def generate(cls, actor: str, role: str) -> Signer:
         return cls(actor, role, Ed25519PrivateKey.generate())
 
     @classmethod
-    def from_file(cls, path: str | os.PathLike[str], actor: str, role: str) -> "Signer":
+    def from_file(cls, path: str | os.PathLike[str], actor: str, role: str) -> Signer:
+        """Load a private key file, which must be readable by its owner only (as `save` writes it): a key others
+        could read can no longer prove who signed."""
+        mode = stat.S_IMODE(os.stat(path).st_mode)
+        if mode & 0o077:
+            raise KeyFileExposed(
+                f"private key {path} is accessible by group or others (mode {mode:04o}); "
+                f"chmod 600 {path}, or better, generate a new key: this one may have been read"
+            )
         data = Path(path).read_bytes()
         key = serialization.load_pem_private_key(data, password=None)
         if not isinstance(key, Ed25519PrivateKey):

@@ -2,8 +2,10 @@
 
 from __future__ import annotations
 
+from sle_events.picklable import Picklable
 
-class AppendRejected(ValueError):
+
+class AppendRejected(Picklable, ValueError):
     """Base class: the batch was refused and nothing was stored."""
 
     kind = "rejected"
@@ -51,3 +53,22 @@ class ClockSkew(AppendRejected):
     """recorded_at is not the store's now, or occurred_at lies in the future."""
 
     kind = "clock_skew"
+
+
+class WrongStudy(AppendRejected):
+    """The event speaks for another study than the stream it is appended to belongs to (a stream belongs to one
+    study from its first event on), or a study fact outside the study's own stream."""
+
+    kind = "wrong_study"
+
+
+class StudyNotApproved(AppendRejected):
+    """A second trust root in a database that already holds a study, without an existing admin's approval."""
+
+    kind = "study_not_approved"
+
+
+class InvalidPayload(MalformedEvent):
+    """The payload does not match its event type's schema, or is not written as the domain writes it."""
+
+    kind = "invalid_payload"

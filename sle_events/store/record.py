@@ -8,6 +8,7 @@ domain's events.
 
 from __future__ import annotations
 
+import base64
 import copy
 import hashlib
 import os
@@ -22,9 +23,9 @@ import sqlalchemy.exc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Transcoder
-from eventsourcing.utils import resolve_topic
 from sqlalchemy import func, select
 
+from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, Study
 from sle_events.signing.chain import BROKEN, GAP, TAKEN, link_problem
 from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
@@ -33,23 +34,28 @@ from sle_events.signing.envelope import (
     MalformedEnvelope,
     SealedEvent,
     check_envelope,
+    nesting_depth,
     open_sealed,
+    open_stored,
     parse_time,
     seal,
     utc_now,
 )
-from sle_events.signing.keys import Signer, verify_signature
-from sle_events.signing.payload import domain_event_from, envelope_for
+from sle_events.signing.keys import Signer, key_id, verify_signature
+from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from, envelope_for
 from sle_events.store.url import DEFAULT_DB_FILE, database_url  # noqa: F401 - re-exported
 from sle_events.store.errors import (
     BadSignature,
     ChainBroken,
     ClockSkew,
+    InvalidPayload,
     MalformedEvent,
+    StudyNotApproved,
     UnknownEventType,
     UnknownStudy,
     UntrustedKey,
     VersionConflict,
+    WrongStudy,
 )
 
 STUDY_CREATED = "Study.Created"
@@ -57,6 +63,8 @@ STUDY_CREATED = "Study.Created"
 # network (PostgreSQL) even one event gains; with SQLite the write is CPU work under the GIL, so small
 # batches are verified inline.
 PARALLEL_VERIFY_MIN = {"postgresql": 1, "sqlite": 16}
+MAX_EVENT_BYTES = 1 << 20  # one signed envelope; a lab result is ~1 KiB
+MAX_NESTING = 32  # the deepest payload the domain writes is 4 levels
 
 
 class EnvelopeMapper(Mapper):
@@ -81,21 +89,8 @@ class _NoTranscoder(Transcoder):
 
 
 @lru_cache(maxsize=4096)
-def _resolvable(topic: str) -> bool:
-    try:
-        resolve_topic(topic)
-        return True
-    except Exception:
-        return False
-
-
-@lru_cache(maxsize=4096)
 def public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
-
-
-def _type_name(topic: str) -> str:
-    return topic.rsplit(":", 1)[-1]
 
 
 class StudyRecord(Application[UUID]):
@@ -110,6 +105,8 @@ class StudyRecord(Application[UUID]):
         clock: Callable[[], datetime] = utc_now,
         clock_skew: timedelta = timedelta(minutes=5),
         verify_threads: int | None = None,
+        max_event_bytes: int = MAX_EVENT_BYTES,
+        max_nesting: int = MAX_NESTING,
     ) -> None:
         self.url = database_url(url)
         self.events_table()  # the library creates the table from this same definition, with the flag below
@@ -122,8 +119,10 @@ class StudyRecord(Application[UUID]):
         )
         self.clock = clock
         self.clock_skew = clock_skew
+        self.max_event_bytes = max_event_bytes
+        self.max_nesting = max_nesting
         self.table = self.recorder.events_record_cls.__table__
-        self._heads: dict[UUID, tuple[int, str]] = {}
+        self._heads: dict[UUID, tuple[int, str, str]] = {}  # stream -> (version, hash, study) of its head
         self._studies: dict[str, Study] = {}
         self._copies: dict[str, tuple[int, Study]] = {}  # study -> (version copied, what `study()` hands out)
         # Every event at or below this log position is reflected in the cached studies.
@@ -232,6 +231,7 @@ class StudyRecord(Application[UUID]):
         """Verify and store a batch of sealed events atomically; return their log positions."""
         if not events:
             return []
+        events = [self._as_signed(e) for e in events]
         for attempt in range(3):
             with self._lock:
                 try:
@@ -240,13 +240,35 @@ class StudyRecord(Application[UUID]):
                     return self._write(events, studies, heads, lambda: self._finish_verifying(events, keys, early))
                 except _RegistryMoved:
                     self._forget_studies()  # someone else changed a key registry: check again
-                except VersionConflict:
-                    # A client retrying a batch that was stored (its answer lost) gets the same answer again.
+                except (VersionConflict, ClockSkew):
+                    # A client retrying a batch that was stored (its answer lost, perhaps long ago) gets the same
+                    # answer again.
                     positions = self._already_stored(events)
                     if positions is None:
                         raise
                     return positions
         raise VersionConflict("the key registry kept changing during the append; retry")
+
+    def _as_signed(self, e: Any) -> SealedEvent:
+        """The event as its signed bytes and signature make it: the bytes stored are built from what is verified,
+        never taken from the caller. Size and nesting are bounded before anything recursive looks at it."""
+        if not isinstance(e, SealedEvent):
+            raise MalformedEvent(f"expected a SealedEvent, got {type(e).__name__}")
+        env = e.envelope if isinstance(e.envelope, dict) else {}
+        where = {"stream": env.get("stream"), "version": env.get("version")}
+        if not isinstance(e.signed, bytes) or not isinstance(e.signature, bytes) or not isinstance(e.sealed, bytes):
+            raise MalformedEvent("signed bytes, signature and sealed bytes must be bytes", **where)
+        if len(e.signed) > self.max_event_bytes:
+            raise MalformedEvent(f"the signed envelope has {len(e.signed):,} bytes; the limit is "
+                                 f"{self.max_event_bytes:,}", **where)  # fmt: skip
+        # The brackets in the signed bytes bound the depth: only a bracket-heavy event is walked.
+        brackets = e.signed.count(b"[") + e.signed.count(b"{")
+        if brackets > self.max_nesting and (depth := nesting_depth(e.envelope)) > self.max_nesting:
+            raise MalformedEvent(f"the envelope nests {depth} levels deep; the limit is {self.max_nesting}", **where)
+        signed = SealedEvent.build(e.envelope, e.signed, e.signature)
+        if signed.sealed != e.sealed:
+            raise MalformedEvent("the sealed bytes are not the signed envelope and its signature", **where)
+        return signed
 
     def _already_stored(self, events: Sequence[SealedEvent]) -> list[int] | None:
         """The log positions of exactly these sealed events, if every one is stored byte for byte."""
@@ -262,11 +284,11 @@ class StudyRecord(Application[UUID]):
                 positions.append(row.id)
         return positions
 
-    def _check(self, events: Sequence[SealedEvent]) -> tuple[dict[str, Study], dict[UUID, tuple[int, str]], list[Any]]:
+    def _check(self, events: Sequence[SealedEvent]) -> tuple[dict[str, Study], dict[UUID, tuple[int, str, str]], list[Any]]:
         """Everything but the signatures, which `_start_verifying` checks meanwhile on other cores."""
         now = self.clock()
         studies: dict[str, Study] = {}
-        heads: dict[UUID, tuple[int, str]] = {}
+        heads: dict[UUID, tuple[int, str, str]] = {}
         keys: list[Ed25519PublicKey] = []
         for e in events:
             env = e.envelope
@@ -278,15 +300,27 @@ class StudyRecord(Application[UUID]):
             except (MalformedEnvelope, NotCanonicalisable) as exc:
                 raise MalformedEvent(str(exc), **where) from exc
             self._check_clock(env, now, where)
-            if not _resolvable(env["type"]):
-                raise UnknownEventType(f"unknown event type {env['type']!r}", **where)
+            try:
+                name = type_name(env["type"])
+            except UnknownEventName as exc:
+                raise UnknownEventType(str(exc), **where) from None
+            try:
+                check_payload(env)
+            except PayloadSchemaError as exc:
+                raise InvalidPayload(str(exc), **where) from None
             study_id = env["study"]
             study = studies.get(study_id)
             if study is None:
-                study = self._study_for(e, study_id, where)
+                study = self._study_for(e, study_id, where, events)
                 studies[study_id] = study
+            if name.startswith("Study.") != (env["stream"] == study_id):
+                raise WrongStudy(f"{name} cannot be recorded on stream {env['stream']} of study {study_id}: study "
+                                 "facts live on the study's own stream, and only they do", **where)  # fmt: skip
+            if env["payload"].get("study_id", study_id) != study_id:
+                raise WrongStudy(f"the payload names study {env['payload']['study_id']}, the envelope {study_id}",
+                                 **where)  # fmt: skip
             try:
-                entry = study.authorise(env["key"], env["actor"], env["role"], env["type"])
+                entry = study.authorise(env["key"], env["actor"], env["role"], name)
             except KeyProblem as exc:
                 raise UntrustedKey(str(exc), **where) from exc
             keys.append(public_key(study.public_key(entry["key"])))
@@ -345,10 +379,12 @@ class StudyRecord(Application[UUID]):
         if occurred > now + self.clock_skew:
             raise ClockSkew(f"occurred_at {env['occurred_at']} lies in the future", **where)
 
-    def _study_for(self, e: SealedEvent, study_id: str, where: dict[str, Any]) -> Study:
+    def _study_for(self, e: SealedEvent, study_id: str, where: dict[str, Any], batch: Sequence[SealedEvent]) -> Study:
         env = e.envelope
-        if _type_name(env["type"]) == STUDY_CREATED and env["stream"] == env["study"] and env["version"] == 1:
-            # The trust root vouches for itself: the study as created authorises its own creation.
+        if type_name(env["type"]) == STUDY_CREATED and env["stream"] == env["study"] and env["version"] == 1:
+            # The trust root vouches for itself: the study as created authorises its own creation, if it is the
+            # database's first or an existing study's admin approved it.
+            self._check_new_study(e, batch, where)
             try:
                 return domain_event_from(e).mutate(None)
             except Exception as exc:
@@ -358,11 +394,35 @@ class StudyRecord(Application[UUID]):
         except UnknownStudy as exc:
             raise UnknownStudy(str(exc), **where) from exc
 
-    def _check_chain(self, e: SealedEvent, heads: dict[UUID, tuple[int, str]], where: dict[str, Any]) -> tuple[int, str]:
-        stream, version, prev = e.stream, e.version, e.envelope["prev"]
+    def _check_new_study(self, e: SealedEvent, batch: Sequence[SealedEvent], where: dict[str, Any]) -> None:
+        """A database's first study needs no one's leave; a later one needs an unused `Study.NewStudyApproved`
+        for its code and trust-root key, recorded by an existing study's admin (stored, or earlier in the batch)."""
+        t = self.table
+        wanted = stored_topics("Study.Created") + stored_topics("Study.NewStudyApproved")
+        with self.recorder.datastore.engine.connect() as conn:
+            stored = [open_stored(s).envelope for s in conn.execute(
+                select(t.c.state).where(t.c.topic.in_(wanted)).order_by(t.c.id)).scalars()]  # fmt: skip
+        before = [x.envelope for x in batch[: next(i for i, x in enumerate(batch) if x is e)]]
+        seen = [env for env in stored + before if type_name(env["type"]) in ("Study.Created", "Study.NewStudyApproved")]
+        if not any(type_name(env["type"]) == STUDY_CREATED for env in seen):
+            return
+        payload = e.envelope["payload"]
+        mine = (payload["code"], key_id(base64.b64decode(payload["admin_public_key"])))
+        approvals = sum(1 for env in seen if type_name(env["type"]) == "Study.NewStudyApproved"
+                        and (env["payload"]["code"], env["payload"]["admin_key"]) == mine)  # fmt: skip
+        used = sum(1 for env in seen if type_name(env["type"]) == STUDY_CREATED
+                   and (env["payload"]["code"], key_id(base64.b64decode(env["payload"]["admin_public_key"]))) == mine)  # fmt: skip
+        if approvals <= used:
+            raise StudyNotApproved(
+                f"this database already holds a study: creating study {payload['code']!r} with trust-root key "
+                f"{mine[1]} needs an existing study's admin to approve it first (sle study approve-new)", **where)
+
+    def _check_chain(self, e: SealedEvent, heads: dict[UUID, tuple[int, str, str]],
+                     where: dict[str, Any]) -> tuple[int, str, str]:  # fmt: skip
+        stream, version, prev, study = e.stream, e.version, e.envelope["prev"], e.envelope["study"]
         head = heads.get(stream) or self._heads.get(stream)
         if head is None or head[0] != version - 1:
-            head = self._stored_head(stream)
+            head = self._stored_head(stream, where)
         problem = link_problem(head[0], head[1], version, prev)
         if problem == TAKEN:
             raise VersionConflict(f"version {version} is already taken (head is v{head[0]})", **where)
@@ -370,15 +430,23 @@ class StudyRecord(Application[UUID]):
             raise ChainBroken(f"version {version} does not follow the head v{head[0]}", **where)
         if problem == BROKEN:
             raise ChainBroken(f"prev {prev[:12]}… does not match the hash of v{head[0]} ({head[1][:12]}…)", **where)
-        return version, e.hash
+        if version > 1 and study != head[2]:
+            raise WrongStudy(f"stream {stream} belongs to study {head[2]}; an event of study {study} cannot join it",
+                             **where)  # fmt: skip
+        return version, e.hash, study
 
-    def _stored_head(self, stream: UUID) -> tuple[int, str]:
+    def _stored_head(self, stream: UUID, where: dict[str, Any]) -> tuple[int, str, str]:
         last = self.recorder.select_events(stream, desc=True, limit=1)
         if not last:
-            return 0, GENESIS
-        return last[0].originator_version, hashlib.sha256(last[0].state).hexdigest()
+            return 0, GENESIS, ""
+        try:
+            study = open_stored(last[0].state).envelope["study"]
+        except MalformedEnvelope as exc:
+            raise ChainBroken(f"the stream's stored head v{last[0].originator_version} cannot be read: {exc}",
+                              **where) from None  # fmt: skip
+        return last[0].originator_version, hashlib.sha256(last[0].state).hexdigest(), study
 
-    def _write(self, events: Sequence[SealedEvent], studies: dict[str, Study], heads: dict[UUID, tuple[int, str]],
+    def _write(self, events: Sequence[SealedEvent], studies: dict[str, Study], heads: dict[UUID, tuple[int, str, str]],
                signatures_hold: Callable[[], None]) -> list[int]:  # fmt: skip
         stored = [StoredEvent(e.stream, e.version, e.topic, e.sealed) for e in events]
         expected = {sid: self._registry_version(sid, s, events) for sid, s in studies.items()}

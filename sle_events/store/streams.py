@@ -4,14 +4,15 @@ from __future__ import annotations
 
 from typing import Any, Collection
 
-from sqlalchemy import func, or_, select
+from sqlalchemy import func, select
+
+from sle_events.domain.event_types import stored_topics
 
 
 def registry_topic(column: Any) -> Any:
-    """A condition on an events table's topic column: a `Study` (registry) event, whether the topic is stored
-    as a Python path (`sle_events.domain.study:Study.KeyRevoked`) or as the stable name (`Study.KeyRevoked`).
-    Only a hint: the signed envelope says what an event is."""
-    return or_(column.like("%:Study.%"), column.like("Study.%"))
+    """A condition on an events table's topic column: a `Study` (registry) event under its stable name or any
+    older alias (`sle_events.domain.event_types`). Only a hint: the signed envelope says what an event is."""
+    return column.in_(stored_topics("Study"))
 
 
 def split_streams(engine: Any, table: Any, parts: int, *, exclude: Collection[Any] = (),

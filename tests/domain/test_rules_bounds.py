@@ -91,9 +91,7 @@ def test_refusal_names_field_value_and_bound(field, low, high, unit, side):
 def test_example_message():
     with pytest.raises(ImplausibleValue) as exc:
         check_bound("serum_creatinine", "40")
-    assert str(exc.value).startswith(
-        "serum creatinine 40 mg/dL is outside the plausible range 0.1–25 mg/dL"
-    )
+    assert str(exc.value).startswith("serum creatinine 40 mg/dL is outside the plausible range 0.1–25 mg/dL")
     assert isinstance(exc.value, ProtocolViolation)
     assert exc.value.to_dict()["code"] == "implausible_value"
 
@@ -103,7 +101,7 @@ def test_unknown_field_and_bad_values():
         check_bound("creatinine_level", "1")
     assert "creatinine_level" in str(exc.value)
     with pytest.raises(FloatNotAllowed):
-        check_bound("weight", 70.0)  # type: ignore[arg-type]
+        check_bound("weight", 70.0)  # type: ignore[arg-type]  # a float on purpose: it must be refused
 
 
 def test_settings_override_bounds():

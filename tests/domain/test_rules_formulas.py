@@ -42,7 +42,7 @@ def test_every_formula_carries_a_version():
         (f.visit_window, "time.visit_window.v1"),
         (f.percent_change, "percent_change.v1"),
     ]:
-        assert fn.FORMULA_VERSION == version
+        assert version == fn.FORMULA_VERSION
         assert f.FORMULA_VERSIONS[fn.FORMULA_ID] == version
     assert f.EGFR_FORMULA_VERSION == "egfr.ckd_epi_2021.v1"
 
@@ -92,7 +92,7 @@ def test_egfr_full_precision_value():
 @pytest.mark.parametrize("sex", ["U", "f", "", "X", None])
 def test_egfr_not_computed_for_other_sex(sex):
     with pytest.raises(NotComputable) as exc:
-        f.egfr_ckd_epi_2021("1.0", 40, sex)  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021("1.0", 40, sex)
     assert "sex" in exc.value.reason
 
 
@@ -111,11 +111,11 @@ def test_egfr_refuses_non_positive_creatinine(scr):
 
 def test_egfr_refuses_float_and_bad_age_and_unit():
     with pytest.raises(FloatNotAllowed):
-        f.egfr_ckd_epi_2021(0.7, 30, "F")  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021(0.7, 30, "F")
     with pytest.raises(InvalidQuantity):
-        f.egfr_ckd_epi_2021("0.7", 30.0, "F")  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021("0.7", 30.0, "F")  # type: ignore[arg-type]  # a float age on purpose
     with pytest.raises(InvalidQuantity):
-        f.egfr_ckd_epi_2021("0.7", True, "F")  # type: ignore[arg-type]
+        f.egfr_ckd_epi_2021("0.7", True, "F")
     with pytest.raises(IncompatibleUnit):
         f.egfr_from_creatinine("1", "mmol/L", 30, "F")
 
@@ -192,8 +192,7 @@ def test_cyc_dose_flags(administered, calculated, flags):
 def test_cyc_prescription_range_flag_and_settings():
     assert f.check_cyc_dose("1312.5", "1312.5", prescribed_mg_per_m2="750").flags == ()
     assert f.check_cyc_dose("1312.5", "1312.5", prescribed_mg_per_m2="1000").flags == ()
-    assert f.check_cyc_dose("1312.5", "1312.5", prescribed_mg_per_m2="1100").flags == (
-        "CYC_PRESCRIBED_OUTSIDE_RANGE",)
+    assert f.check_cyc_dose("1312.5", "1312.5", prescribed_mg_per_m2="1100").flags == ("CYC_PRESCRIBED_OUTSIDE_RANGE",)
     tight = StudySettings(cyc_administered_tolerance="0.05", cyc_total_cap_mg="1500")
     assert f.check_cyc_dose("1400", "1312.50", settings=tight).flags == ("CYC_DOSE_OUTSIDE_TOLERANCE",)
     assert f.check_cyc_dose("1501", "1500", settings=tight).flags == ("CYC_DOSE_OVER_CAP",)
@@ -244,13 +243,27 @@ def test_viable_cells():
         f.viable_cells("8.0E7", "101")
 
 
-GOOD_MARKERS = {"CD73": "98", "CD90": "99", "CD105": "96", "CD45": "0.5", "CD34": "0.3",
-                "CD14": "1.0", "CD19": "0.2", "HLA-DR": "1.9"}
+GOOD_MARKERS = {
+    "CD73": "98",
+    "CD90": "99",
+    "CD105": "96",
+    "CD45": "0.5",
+    "CD34": "0.3",
+    "CD14": "1.0",
+    "CD19": "0.2",
+    "HLA-DR": "1.9",
+}
 
 
 def test_msc_release_pass_and_failures():
-    ok = dict(viability_pct="85", dose_1e6_per_kg="1.0", sterility_negative=True,
-              mycoplasma_negative=True, identity_markers_pct=GOOD_MARKERS, endotoxin_eu_per_kg="1")
+    ok = dict(
+        viability_pct="85",
+        dose_1e6_per_kg="1.0",
+        sterility_negative=True,
+        mycoplasma_negative=True,
+        identity_markers_pct=GOOD_MARKERS,
+        endotoxin_eu_per_kg="1",
+    )
     assert f.msc_release_failures(**ok) == ()
     assert f.msc_release_failures(**{**ok, "viability_pct": "70"}) == ()
     reasons = f.msc_release_failures(**{**ok, "viability_pct": "69.9"})
@@ -305,9 +318,14 @@ def test_renal_response_missing_input(missing):
 
 @pytest.mark.parametrize(
     ("fid", "upcr", "egfr", "month", "pct_upcr", "ratio"),
-    [("R1", "0.40", "70.00", 12, "-87.5", "0.9722"), ("R2", "1.40", "66.00", 6, "-56.25", "0.9167"),
-     ("R3", "1.80", "70.00", 6, "-43.75", "0.9722"), ("R4", "0.32", "55.00", 12, "-90.0", "0.7639"),
-     ("R6", "1.60", "61.20", 6, "-50.0", "0.8500"), ("R7", "0.50", "72.00", 12, "-84.375", "1.0000")],
+    [
+        ("R1", "0.40", "70.00", 12, "-87.5", "0.9722"),
+        ("R2", "1.40", "66.00", 6, "-56.25", "0.9167"),
+        ("R3", "1.80", "70.00", 6, "-43.75", "0.9722"),
+        ("R4", "0.32", "55.00", 12, "-90.0", "0.7639"),
+        ("R6", "1.60", "61.20", 6, "-50.0", "0.8500"),
+        ("R7", "0.50", "72.00", 12, "-84.375", "1.0000"),
+    ],
 )
 def test_renal_fixture_columns(fid, upcr, egfr, month, pct_upcr, ratio):
     assert f.percent_change(upcr, BASE_UPCR) == Decimal(pct_upcr)
@@ -362,8 +380,7 @@ def _codes(*names: str) -> list[str]:
     ("fid", "names", "total"),
     [
         ("S1", ("proteinuria", "hematuria", "low complement", "increased dna binding"), 12),
-        ("S2", ("arthritis", "rash", "alopecia", "low complement", "increased dna binding",
-                "leukopenia"), 13),
+        ("S2", ("arthritis", "rash", "alopecia", "low complement", "increased dna binding", "leukopenia"), 13),
         ("S3", (), 0),
     ],
 )

@@ -46,8 +46,14 @@ def test_table_has_every_row():
 def test_analyte_fields():
     creat = labs.get_analyte("CREAT")
     assert creat == labs.Analyte(
-        code="CREAT", name="Creatinine, serum", loinc="2160-0", ucum_unit="mg/dL",
-        specimen="serum/plasma", panel="renal", low=Decimal("0.6"), high=Decimal("1.2"),
+        code="CREAT",
+        name="Creatinine, serum",
+        loinc="2160-0",
+        ucum_unit="mg/dL",
+        specimen="serum/plasma",
+        panel="renal",
+        low=Decimal("0.6"),
+        high=Decimal("1.2"),
         notes=creat.notes,
     )
     assert "88.42" in creat.notes
@@ -80,8 +86,8 @@ def test_unknown_analyte():
 
 # --------------------------------------------------------------------------- constants
 def test_creatinine_constants_are_exact_derivations_of_88_42():
-    assert labs.CREAT_UMOL_PER_MGDL == Decimal("88.42")
-    assert labs.CREAT_MG_PER_MMOL == Fraction(10000) / Fraction("88.42")
+    assert Decimal("88.42") == labs.CREAT_UMOL_PER_MGDL
+    assert Fraction(10000) / Fraction("88.42") == labs.CREAT_MG_PER_MMOL
     assert display(labs.convert("UPCR", "1", "mg/mg", "mg/mmol"), 4) == "113.0966"
     # labs.csv UCREAT note: mmol/L x 11.3097 = mg/dL (from 88.42)
     assert display(labs.convert("UCREAT", "1", "mmol/L", "mg/dL"), 4) == "11.3097"
@@ -214,7 +220,7 @@ def test_convert_to_incompatible_unit():
 
 def test_normalise_rejects_float_and_garbage():
     with pytest.raises(FloatNotAllowed):
-        labs.normalise("CREAT", 1.0, "mg/dL")  # type: ignore[arg-type]
+        labs.normalise("CREAT", 1.0, "mg/dL")  # type: ignore[arg-type]  # a float on purpose: it must be refused
     with pytest.raises(InvalidQuantity):
         labs.normalise("CREAT", "1,0", "mg/dL")
 

@@ -64,11 +64,39 @@ def test_float_rejected(raw):
 @pytest.mark.parametrize(
     "raw",
     [
-        True, False, None, [1], b"1.5", object(),
-        "NaN", "nan", "sNaN", "Infinity", "inf", "-Infinity",
-        Decimal("NaN"), Decimal("sNaN"), Decimal("Infinity"), Decimal("-Infinity"),
-        "", " ", " 1.5", "1.5 ", "1,5", "1_000", "1.", "abc", "1.2.3", "0x10", "١٢", "1e", "--1",
-        "1" * (MAX_SIGNIFICANT_DIGITS + 1), "1e31", "1e-31", Decimal("1E+40"),
+        True,
+        False,
+        None,
+        [1],
+        b"1.5",
+        object(),
+        "NaN",
+        "nan",
+        "sNaN",
+        "Infinity",
+        "inf",
+        "-Infinity",
+        Decimal("NaN"),
+        Decimal("sNaN"),
+        Decimal("Infinity"),
+        Decimal("-Infinity"),
+        "",
+        " ",
+        " 1.5",
+        "1.5 ",
+        "1,5",
+        "1_000",
+        "1.",
+        "abc",
+        "1.2.3",
+        "0x10",
+        "١٢",
+        "1e",
+        "--1",
+        "1" * (MAX_SIGNIFICANT_DIGITS + 1),
+        "1e31",
+        "1e-31",
+        Decimal("1E+40"),
     ],
 )
 def test_garbage_rejected(raw):
@@ -115,7 +143,7 @@ def test_display_default_two_places():
 
 def test_display_rejects_float():
     with pytest.raises(FloatNotAllowed):
-        display(1.005)  # type: ignore[arg-type]
+        display(1.005)  # type: ignore[arg-type]  # a float on purpose: it must be refused
 
 
 def test_to_decimal_string_plain_notation():

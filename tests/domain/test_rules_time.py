@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from decimal import Decimal
 
 import pytest
@@ -72,8 +72,12 @@ def test_naive_timestamps_refused():
 # --------------------------------------------------------------------------- stay
 @pytest.mark.parametrize(
     ("discharge", "days", "flagged"),
-    [(date(2025, 3, 12), 3, False), (date(2025, 3, 14), 5, False), (date(2025, 3, 16), 7, True),
-     (date(2025, 3, 11), 2, True)],
+    [
+        (date(2025, 3, 12), 3, False),
+        (date(2025, 3, 14), 5, False),
+        (date(2025, 3, 16), 7, True),
+        (date(2025, 3, 11), 2, True),
+    ],
 )
 def test_length_of_stay_fixtures(discharge, days, flagged):
     los = f.length_of_stay_days(date(2025, 3, 9), discharge)
@@ -114,7 +118,7 @@ def test_visit_window_fixtures(visit, day, target, earliest, latest):
 
 def test_schedule():
     months = f.scheduled_follow_up_months()
-    assert months == tuple(range(1, 25)) + (30, 36, 42, 48)
+    assert months == (*tuple(range(1, 25)), 30, 36, 42, 48)
     assert f.visit_month(12) == 12
 
 
@@ -131,16 +135,14 @@ def test_visit_window_accepts_datetime_tx():
     assert f.visit_window(tx, "M1").target == date(2025, 4, 10)
 
 
-@pytest.mark.parametrize(
-    ("when", "dy"), [(date(2025, 3, 11), 2), (date(2025, 3, 10), 1), (date(2025, 3, 9), -1)]
-)
+@pytest.mark.parametrize(("when", "dy"), [(date(2025, 3, 11), 2), (date(2025, 3, 10), 1), (date(2025, 3, 9), -1)])
 def test_sdtm_study_day(when, dy):
     assert f.study_day(when, date(2025, 3, 10)) == dy
 
 
 # --------------------------------------------------------------------------- clock skew
 def test_future_clock_skew():
-    now = datetime(2025, 3, 10, 0, 0, tzinfo=timezone.utc)
+    now = datetime(2025, 3, 10, 0, 0, tzinfo=UTC)
     assert f.check_not_in_future("occurred_at", now + timedelta(minutes=5), now)
     assert f.check_not_in_future("occurred_at", now - timedelta(days=400), now)
     later = (now + timedelta(minutes=5, seconds=1)).astimezone(CST)
@@ -187,7 +189,7 @@ def test_sae_status(reported, now, status):
 
 
 def test_sae_status_offsets_cancel_and_errors():
-    reported = (AWARE + timedelta(hours=23)).astimezone(timezone.utc)
+    reported = (AWARE + timedelta(hours=23)).astimezone(UTC)
     assert f.sae_report_status(AWARE, reported, reported) is SaeReportStatus.REPORTED_ON_TIME
     assert f.sae_report_due_at(AWARE) == AWARE + timedelta(hours=24)
     with pytest.raises(InconsistentTimestamps):

@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 
-import subject_scenarios as sc
 from sle_events.domain.errors import (
     ConsentRequired,
     ImplausibleValue,
@@ -21,15 +20,21 @@ from sle_events.domain.errors import (
     UnknownDescriptor,
     UnknownEventVersion,
 )
-from subject_scenarios import at, refused, visit_day
-from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
+
+import subject_scenarios as sc
+from subject_scenarios import (
+    at,
+    refused,
+    sim_clock,  # noqa: F401 (a fixture)
+    visit_day,
+)
 
 pytestmark = pytest.mark.usefixtures("sim_clock")
 LATER = at("2025-02-05 09:00")
 FIX = at("2025-02-20 09:00")
 
 
-def lab(s=None):  # type: ignore[no-untyped-def]
+def lab(s=None):
     s = s or sc.to_consented()
     return s, s.record_lab_result("C3", "138", "mg/dL", LATER)  # transcription error: 183 was meant
 
@@ -57,7 +62,7 @@ def test_a_void_without_a_reason_is_refused():
 
 
 def test_unknown_or_lifecycle_versions_cannot_be_corrected():
-    s, v = lab()
+    s, _v = lab()
     refused(s, UnknownEventVersion, s.correct, 999, {"value": "1"}, "typo", FIX)
     err = refused(s, NotCorrectable, s.correct, 2, {"icf_version": "ICF v2"}, "typo", FIX)  # the consent
     assert err.event_type == "ConsentObtained"
@@ -71,11 +76,14 @@ def test_fields_outside_the_correctable_set_and_no_op_corrections_are_refused():
     refused(s, InvalidCorrection, s.correct, v, {}, "typo", FIX)
 
 
-@pytest.mark.parametrize(("values", "error"), [
-    ({"value": "900"}, ImplausibleValue),  # C3 bound 1–500 mg/dL
-    ({"unit": "IU/mL"}, IncompatibleUnit),
-    ({"occurred_at": at("2025-02-03 09:30")}, ConsentRequired),  # before consent (R1)
-])
+@pytest.mark.parametrize(
+    ("values", "error"),
+    [
+        ({"value": "900"}, ImplausibleValue),  # C3 bound 1–500 mg/dL
+        ({"unit": "IU/mL"}, IncompatibleUnit),
+        ({"occurred_at": at("2025-02-03 09:30")}, ConsentRequired),  # before consent (R1)
+    ],
+)
 def test_a_correction_that_would_break_a_rule_is_refused_like_the_original(values, error):
     s, v = lab()
     refused(s, error, s.correct, v, values, "fix", FIX)
@@ -107,8 +115,15 @@ def test_a_corrected_visit_date_recomputes_the_window_flag():
 
 def test_correcting_cyc_start_so_that_the_msc_window_breaks_is_refused():
     s, _ = sc.to_transplanted()
-    err = refused(s, OutsideWindow, s.correct, s.cyc_version, {"occurred_at": sc.CYC_START - timedelta(hours=13)},
-                  "wrong start time", sc.DISCHARGED)
+    err = refused(
+        s,
+        OutsideWindow,
+        s.correct,
+        s.cyc_version,
+        {"occurred_at": sc.CYC_START - timedelta(hours=13)},
+        "wrong start time",
+        sc.DISCHARGED,
+    )
     assert err.field == "CYC→MSC interval"
     s.correct(s.cyc_version, {"occurred_at": sc.CYC_START + timedelta(hours=1)}, "wrong start time", sc.DISCHARGED)
     assert s.cyc.occurred_at == sc.CYC_START + timedelta(hours=1)
@@ -116,15 +131,28 @@ def test_correcting_cyc_start_so_that_the_msc_window_breaks_is_refused():
 
 def test_correcting_cyc_start_out_of_its_stay_is_refused():
     s = sc.to_pretreated()
-    refused(s, NotAdmitted, s.correct, s.cyc_version, {"occurred_at": sc.ADMITTED - timedelta(hours=2)},
-            "wrong start time", sc.CYC_STOP)
+    refused(
+        s,
+        NotAdmitted,
+        s.correct,
+        s.cyc_version,
+        {"occurred_at": sc.ADMITTED - timedelta(hours=2)},
+        "wrong start time",
+        sc.CYC_STOP,
+    )
 
 
 def test_correcting_the_msc_start_outside_18_to_36_h_is_refused():
     s, _ = sc.to_transplanted()
-    refused(s, OutsideWindow, s.correct, s.msc_version, {"occurred_at": sc.CYC_START + timedelta(hours=37),
-                                                          "stopped_at": sc.CYC_START + timedelta(hours=38)},
-            "wrong time", sc.DISCHARGED)
+    refused(
+        s,
+        OutsideWindow,
+        s.correct,
+        s.msc_version,
+        {"occurred_at": sc.CYC_START + timedelta(hours=37), "stopped_at": sc.CYC_START + timedelta(hours=38)},
+        "wrong time",
+        sc.DISCHARGED,
+    )
 
 
 def test_correcting_cyc_dose_recomputes_the_flags():

@@ -10,7 +10,6 @@ from typing import Any
 import pytest
 from eventsourcing.domain import CanMutateAggregate
 
-import subject_scenarios as sc
 from sle_events.domain.product import ProductLot
 from sle_events.domain.roles import DEFAULT_PERMISSIONS, ROLES
 from sle_events.domain.settings import StudySettings
@@ -19,17 +18,26 @@ from sle_events.domain.study_config import default_schedule
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import GENESIS, open_sealed, seal
 from sle_events.signing.keys import Signer
-from sle_events.signing.payload import domain_event_from, envelope_for
-from subject_scenarios import CONFIG, at, visit_day
-from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
+from sle_events.store.codec import domain_event_from, envelope_for
+
+import subject_scenarios as sc
+from subject_scenarios import (
+    CONFIG,
+    at,
+    sim_clock,  # noqa: F401 (a fixture)
+    visit_day,
+)
 
 pytestmark = pytest.mark.usefixtures("sim_clock")
 SIGNER = Signer.generate("tester", "investigator")
 
 
 def event_types(cls: type) -> list[str]:
-    return sorted(f"{cls.__name__}.{name}" for name, v in vars(cls).items()
-                  if isinstance(v, type) and issubclass(v, CanMutateAggregate) and name not in ("Event", "Created"))
+    return sorted(
+        f"{cls.__name__}.{name}"
+        for name, v in vars(cls).items()
+        if isinstance(v, type) and issubclass(v, CanMutateAggregate) and name not in ("Event", "Created")
+    )
 
 
 ALL_TYPES = event_types(Subject) + event_types(ProductLot) + event_types(Study)
@@ -37,22 +45,29 @@ ALL_TYPES = event_types(Subject) + event_types(ProductLot) + event_types(Study)
 
 def course() -> dict[str, Any]:
     """Aggregates whose pending events cover every event type."""
-    study = Study.create("ALLOMSC", "AlloMSC", "admin", Signer.generate("admin", "admin").public_key_b64,
-                         at("2024-01-01 09:00"))
+    study = Study.create(
+        "ALLOMSC", "AlloMSC", "admin", Signer.generate("admin", "admin").public_key_b64, at("2024-01-01 09:00")
+    )
     study.add_site("NJ01", "Drum Tower", "Asia/Shanghai", at("2024-01-02 09:00"))
     study.add_site("BE01", "Charité", "Europe/Berlin", at("2024-01-02 09:00"))
     study.close_site("BE01", "never opened", at("2024-01-03 09:00"))
     study.approve_icf_version("ICF v1.0", at("2024-01-01 00:00"), at("2024-01-02 09:00"))
     study.define_visit_schedule(default_schedule(), at("2024-01-02 09:00"))
     study.adopt_settings(StudySettings(version="v2", monthly_window_days=7), at("2024-01-02 10:00"))
-    nurse, new_key, lab = (Signer.generate(*who) for who in (("nurse", "coordinator"), ("nurse", "coordinator"),
-                                                             ("lab", "lab")))
+    nurse, new_key, lab = (
+        Signer.generate(*who) for who in (("nurse", "coordinator"), ("nurse", "coordinator"), ("lab", "lab"))
+    )
     old = study.register_key(nurse.actor, nurse.role, nurse.public_key_b64, at("2024-01-02 11:00"))
     study.rotate_key(old, new_key.public_key_b64, at("2024-01-03 11:00"))
-    study.revoke_key(study.register_key(lab.actor, lab.role, lab.public_key_b64, at("2024-01-02 11:00")),
-                     "service retired", at("2024-01-04 11:00"))
-    study.change_permissions("Subject.VitalSignsRecorded", ["coordinator", "investigator", "lab"],
-                             at("2024-01-05 11:00"))
+    study.revoke_key(
+        study.register_key(lab.actor, lab.role, lab.public_key_b64, at("2024-01-02 11:00")),
+        "service retired",
+        at("2024-01-04 11:00"),
+    )
+    study.change_permissions(
+        "Subject.VitalSignsRecorded", ["coordinator", "investigator", "lab"], at("2024-01-05 11:00")
+    )
+    study.approve_new_study("ALLOMSC-2", "admin@elsewhere", new_key.public_key_b64, at("2024-01-06 11:00"))
 
     a, lot = sc.to_transplanted()
     a.record_medical_history("SLE", at("2025-02-04 09:00"), start_date=date(2019, 1, 1), ongoing=True)
@@ -68,8 +83,15 @@ def course() -> dict[str, Any]:
     a.record_team_evaluation(visit_day(1), disciplines=["rheumatology", "haematology", "bmt"], assessment="stable")
     a.record_unscheduled_visit(visit_day(1, 5), purpose="fever")
     ae = a.report_adverse_event("pneumonia", visit_day(1, 5).date(), visit_day(1, 5), grade_proposal=3)
-    a.assess_adverse_event(ae, visit_day(1, 6), grade=3, serious=True, seriousness=["hospitalisation"],
-                           relatedness_cyc="possible", relatedness_msc="unlikely")
+    a.assess_adverse_event(
+        ae,
+        visit_day(1, 6),
+        grade=3,
+        serious=True,
+        seriousness=["hospitalisation"],
+        relatedness_cyc="possible",
+        relatedness_msc="unlikely",
+    )
     a.report_sae(ae, visit_day(1, 6) + timedelta(hours=3))
     a.assess_expectedness(ae, visit_day(1, 8), expectedness_cyc="expected", expectedness_msc="unexpected")
     a.record_ae_outcome(ae, visit_day(1, 20), "recovered", resolved_on=visit_day(1, 19).date())
@@ -90,15 +112,21 @@ def course() -> dict[str, Any]:
     failed.record_classification("1:320", ["BIOPSY_CLASS_III_OR_IV", "ANTI_DSDNA_OR_ANTI_SM"], at("2025-02-04 08:00"))
     failed.record_biopsy(date(2024, 12, 1), "III", at("2025-02-04 08:00"))
     failed.screen_fail(at("2025-02-04 09:00"), reason="UPCR 0.8", failed_criteria=["I3"])
-    again = Subject.screen(failed.study_id, "NJ01", "SCR-010R", at("2025-03-01 09:00"), config=CONFIG,
-                           rescreen_of=failed)
+    again = Subject.screen(
+        failed.study_id, "NJ01", "SCR-010R", at("2025-03-01 09:00"), config=CONFIG, rescreen_of=failed
+    )
 
     tnp = sc.to_pretreated(number="SCR-011")
     tnp.record_transplant_not_performed(sc.MSC_START, "lot failed sterility")
 
     gone = sc.to_follow_up(number="SCR-012")
-    gone.withdraw(visit_day(3), reason_code="adverse_event", reason="recurrent infections", decided_by="subject",
-                  safety_follow_up_agreed=True)
+    gone.withdraw(
+        visit_day(3),
+        reason_code="adverse_event",
+        reason="recurrent infections",
+        decided_by="subject",
+        safety_follow_up_agreed=True,
+    )
     gone.record_death(visit_day(5), "sepsis")
     return {"study": study, "a": a, "lot": lot, "failed": failed, "again": again, "tnp": tnp, "gone": gone}
 
@@ -155,6 +183,6 @@ def test_each_event_type_round_trips_with_occurred_at_and_schema(built, event_ty
     assert env["schema"] == getattr(type(e), "class_version", 1) == 1
     back = domain_event_from(open_sealed(seal(env, SIGNER).sealed))
     assert type(back) is type(e)
-    assert {k: v for k, v in vars(back).items()} == {k: v for k, v in vars(e).items()}
+    assert dict(vars(back).items()) == dict(vars(e).items())
     if "reason" in vars(e):
         assert env["reason"] == e.reason

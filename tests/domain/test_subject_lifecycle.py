@@ -9,7 +9,6 @@ from datetime import date, timedelta
 
 import pytest
 
-import subject_scenarios as sc
 from sle_events.domain.errors import (
     AlreadyConsented,
     ChecklistContradictsRecord,
@@ -40,8 +39,17 @@ from sle_events.domain.errors import (
 from sle_events.domain.lifecycle import Epoch, SubjectStatus
 from sle_events.domain.payloads import CriterionAnswer, EligibilityChecklist
 from sle_events.domain.subject import Subject
-from subject_scenarios import CONFIG, CONFIG_V2, STUDY, at, refused, visit_day
-from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
+
+import subject_scenarios as sc
+from subject_scenarios import (
+    CONFIG,
+    CONFIG_V2,
+    STUDY,
+    at,
+    refused,
+    sim_clock,  # noqa: F401 (a fixture)
+    visit_day,
+)
 
 pytestmark = pytest.mark.usefixtures("sim_clock")
 
@@ -70,7 +78,7 @@ def test_t1_screening_needs_a_screening_number():
         Subject.screen(STUDY, "NJ01", "  ", sc.SCREENED, config=CONFIG)
 
 
-def test_r9_occurred_at_more_than_5_minutes_ahead_is_refused(sim_clock):
+def test_r9_occurred_at_more_than_5_minutes_ahead_is_refused(sim_clock):  # noqa: F811 - the fixture, imported above for pytest
     with pytest.raises(FutureTimestamp):
         Subject.screen(STUDY, "NJ01", "SCR-001", sim_clock() + timedelta(minutes=6), config=CONFIG)
     Subject.screen(STUDY, "NJ01", "SCR-001", sim_clock() + timedelta(minutes=5), config=CONFIG)
@@ -87,8 +95,17 @@ def test_rescreening_links_both_streams_and_is_allowed_once():
     new = Subject.screen(STUDY, "NJ01", "SCR-001R", at("2025-03-01 09:00"), config=CONFIG, rescreen_of=old)
     assert new.rescreen_of == old.id and old.rescreened_as == new.id
     assert type(old.pending_events[-1]).__qualname__ == "Subject.Rescreened"
-    err = refused(old, RescreenNotAllowed, Subject.screen, STUDY, "NJ01", "SCR-001S", at("2025-03-02 09:00"),
-                  config=CONFIG, rescreen_of=old)
+    err = refused(
+        old,
+        RescreenNotAllowed,
+        Subject.screen,
+        STUDY,
+        "NJ01",
+        "SCR-001S",
+        at("2025-03-02 09:00"),
+        config=CONFIG,
+        rescreen_of=old,
+    )
     assert "already re-screened" in str(err)
     new.screen_fail(at("2025-03-02 09:00"), reason="declined")
     with pytest.raises(RescreenNotAllowed, match="1 time"):
@@ -116,14 +133,16 @@ def test_t2_consent_on_an_unapproved_icf_version_is_refused():
 
 def test_t2_consent_on_a_superseded_icf_version_is_refused():
     s = sc.to_screened()
-    refused(s, IcfNotApproved, s.obtain_consent, "ICF v1.0", at("2025-07-01 09:00"), config=CONFIG_V2,
-            taken_by="dr.wang")
+    refused(
+        s, IcfNotApproved, s.obtain_consent, "ICF v1.0", at("2025-07-01 09:00"), config=CONFIG_V2, taken_by="dr.wang"
+    )
 
 
 def test_t2_consent_without_an_icf_in_effect_is_refused():
     s = sc.to_screened()
-    refused(s, IcfNotApproved, s.obtain_consent, "ICF v1.0", sc.CONSENTED, config=sc.StudyConfig.build(),
-            taken_by="dr.wang")
+    refused(
+        s, IcfNotApproved, s.obtain_consent, "ICF v1.0", sc.CONSENTED, config=sc.StudyConfig.build(), taken_by="dr.wang"
+    )
 
 
 def test_t2_consent_needs_the_person_taking_it():
@@ -133,8 +152,15 @@ def test_t2_consent_needs_the_person_taking_it():
 
 def test_t2_consent_before_screening_is_refused():
     s = sc.to_screened()
-    refused(s, InconsistentTimestamps, s.obtain_consent, "ICF v1.0", at("2025-02-01 09:00"), config=CONFIG,
-            taken_by="dr.wang")
+    refused(
+        s,
+        InconsistentTimestamps,
+        s.obtain_consent,
+        "ICF v1.0",
+        at("2025-02-01 09:00"),
+        config=CONFIG,
+        taken_by="dr.wang",
+    )
 
 
 def test_r1_no_study_procedure_before_consent():
@@ -184,8 +210,9 @@ def test_screen_failure_is_terminal_and_after_enrollment_is_refused():
     refused(s, InvalidTransition, s.screen_fail, at("2025-02-12 09:00"), reason="x")
     f = sc.to_consented()
     f.screen_fail(at("2025-02-05 09:00"), reason="declined")
-    refused(f, InvalidTransition, f.obtain_consent, "ICF v1.0", at("2025-02-06 09:00"), config=CONFIG,
-            taken_by="dr.wang")
+    refused(
+        f, InvalidTransition, f.obtain_consent, "ICF v1.0", at("2025-02-06 09:00"), config=CONFIG, taken_by="dr.wang"
+    )
     refused(f, NotAllowedAfterExit, f.record_lab_result, "CREAT", "1", "mg/dL", at("2025-02-06 09:00"))
 
 
@@ -204,22 +231,35 @@ def test_t4_eligibility_confirmed_with_a_complete_passing_checklist():
 def test_t4_every_criterion_must_be_answered():
     s = sc.with_screening_data(sc.to_consented())
     answers = {k: v for k, v in sc.CHECKLIST.answers.items() if k not in ("I5", "E9")}
-    err = refused(s, EligibilityIncomplete, s.confirm_eligibility, sc.ELIGIBLE, config=CONFIG,
-                  checklist=EligibilityChecklist(answers=answers, screening_labs_collected_at=sc.SCREENING_LABS))
+    err = refused(
+        s,
+        EligibilityIncomplete,
+        s.confirm_eligibility,
+        sc.ELIGIBLE,
+        config=CONFIG,
+        checklist=EligibilityChecklist(answers=answers, screening_labs_collected_at=sc.SCREENING_LABS),
+    )
     assert err.missing == ("I5", "E9")
 
 
 def test_t4_an_inclusion_not_met_or_an_exclusion_met_is_refused():
     s = sc.with_screening_data(sc.to_consented())
-    err = refused(s, EligibilityNotMet, s.confirm_eligibility, sc.ELIGIBLE, config=CONFIG,
-                  checklist=_checklist(I3=False, E4=True))
+    err = refused(
+        s, EligibilityNotMet, s.confirm_eligibility, sc.ELIGIBLE, config=CONFIG, checklist=_checklist(I3=False, E4=True)
+    )
     assert err.failed == ("I3", "E4")
 
 
 def test_t4_screening_labs_older_than_28_days_are_refused():
     s = sc.with_screening_data(sc.to_consented())
-    refused(s, ScreeningLabsTooOld, s.confirm_eligibility, sc.SCREENING_LABS + timedelta(days=28, minutes=1),
-            config=CONFIG, checklist=sc.CHECKLIST)
+    refused(
+        s,
+        ScreeningLabsTooOld,
+        s.confirm_eligibility,
+        sc.SCREENING_LABS + timedelta(days=28, minutes=1),
+        config=CONFIG,
+        checklist=sc.CHECKLIST,
+    )
     s.confirm_eligibility(sc.SCREENING_LABS + timedelta(days=28), config=CONFIG, checklist=sc.CHECKLIST)
 
 
@@ -237,24 +277,36 @@ def test_t4_eligibility_needs_consent_first():
 def test_t4_answers_that_contradict_the_recorded_classification_biopsy_or_age_are_refused():
     s = sc.with_screening_data(sc.to_consented())
     s.record_classification("1:160", ["JOINT_INVOLVEMENT"], at("2025-02-04 09:00"), config=CONFIG)  # 6 points
-    err = refused(s, ChecklistContradictsRecord, s.confirm_eligibility, sc.ELIGIBLE, config=CONFIG,
-                  checklist=sc.CHECKLIST)
+    err = refused(
+        s, ChecklistContradictsRecord, s.confirm_eligibility, sc.ELIGIBLE, config=CONFIG, checklist=sc.CHECKLIST
+    )
     assert err.criterion == "I1"
     t = sc.with_screening_data(sc.to_consented(number="SCR-002"))
     t.record_biopsy(date(2023, 12, 1), "IV", at("2025-02-04 09:00"), config=CONFIG)  # > 12 months before screening
-    assert refused(t, ChecklistContradictsRecord, t.confirm_eligibility, sc.ELIGIBLE, config=CONFIG,
-                   checklist=sc.CHECKLIST).criterion == "I2"
+    assert (
+        refused(
+            t, ChecklistContradictsRecord, t.confirm_eligibility, sc.ELIGIBLE, config=CONFIG, checklist=sc.CHECKLIST
+        ).criterion
+        == "I2"
+    )
     u = sc.to_consented(number="SCR-003")
     u.record_demographics("F", date(1955, 1, 1), at("2025-02-03 10:30"), config=CONFIG, childbearing_potential=False)
-    assert refused(u, ChecklistContradictsRecord, u.confirm_eligibility, sc.ELIGIBLE, config=CONFIG,
-                   checklist=sc.CHECKLIST).criterion == "I6"
+    assert (
+        refused(
+            u, ChecklistContradictsRecord, u.confirm_eligibility, sc.ELIGIBLE, config=CONFIG, checklist=sc.CHECKLIST
+        ).criterion
+        == "I6"
+    )
 
 
 def test_classification_2019_score_and_class_iii_iv_biopsy_support_eligibility():
     s = sc.with_screening_data(sc.to_consented())
-    result = s.record_classification("1:320", ["BIOPSY_CLASS_III_OR_IV", "ANTI_DSDNA_OR_ANTI_SM",
-                                               "LOW_C3_OR_LOW_C4", "LOW_C3_AND_LOW_C4"], at("2025-02-04 09:00"),
-                                     config=CONFIG)
+    result = s.record_classification(
+        "1:320",
+        ["BIOPSY_CLASS_III_OR_IV", "ANTI_DSDNA_OR_ANTI_SM", "LOW_C3_OR_LOW_C4", "LOW_C3_AND_LOW_C4"],
+        at("2025-02-04 09:00"),
+        config=CONFIG,
+    )
     assert (result.points, result.classified) == (20, True)  # 10 + 6 + max(3, 4)
     s.record_biopsy(date(2024, 12, 1), "IV+V", at("2025-02-04 09:00"), config=CONFIG)
     s.confirm_eligibility(sc.ELIGIBLE, config=CONFIG, checklist=sc.CHECKLIST)
@@ -262,8 +314,16 @@ def test_classification_2019_score_and_class_iii_iv_biopsy_support_eligibility()
 
 def test_age_at_consent_outside_the_plausibility_bound_is_refused():
     s = sc.to_consented()
-    refused(s, ImplausibleValue, s.record_demographics, "F", date(2020, 1, 1), at("2025-02-03 10:30"),
-            config=CONFIG, childbearing_potential=False)
+    refused(
+        s,
+        ImplausibleValue,
+        s.record_demographics,
+        "F",
+        date(2020, 1, 1),
+        at("2025-02-03 10:30"),
+        config=CONFIG,
+        childbearing_potential=False,
+    )
 
 
 # --------------------------------------------------------------------------- T6 enrollment, R2
@@ -286,9 +346,14 @@ def test_t6_enrollment_before_the_eligibility_confirmation_is_refused():
 
 
 # --------------------------------------------------------------------------- T12 withdrawal, R8
-def _withdraw(s: Subject, agreed: bool, when=None) -> None:  # type: ignore[no-untyped-def]
-    s.withdraw(when or visit_day(4), reason_code="lack_of_efficacy", reason="no response by M4",
-               decided_by="investigator", safety_follow_up_agreed=agreed)
+def _withdraw(s: Subject, agreed: bool, when=None) -> None:
+    s.withdraw(
+        when or visit_day(4),
+        reason_code="lack_of_efficacy",
+        reason="no response by M4",
+        decided_by="investigator",
+        safety_follow_up_agreed=agreed,
+    )
 
 
 def test_t12_withdrawal_records_reason_decider_and_safety_follow_up():
@@ -311,8 +376,16 @@ def test_t12_withdrawal_needs_a_coded_reason_text_and_decider():
 
 def test_t12_withdrawal_before_enrollment_is_refused_it_is_a_screen_failure():
     s = sc.to_eligible()
-    err = refused(s, InvalidTransition, s.withdraw, sc.ELIGIBLE, reason_code="withdrawal_by_subject", reason="x",
-                  decided_by="subject", safety_follow_up_agreed=False)
+    err = refused(
+        s,
+        InvalidTransition,
+        s.withdraw,
+        sc.ELIGIBLE,
+        reason_code="withdrawal_by_subject",
+        reason="x",
+        decided_by="subject",
+        safety_follow_up_agreed=False,
+    )
     assert "screen failure" in str(err)
 
 
@@ -389,7 +462,10 @@ def test_t15_death_opens_a_serious_grade_5_ae_when_none_is_open():
     ae = s.adverse_events[opened]
     assert (ae.grade, ae.serious, [c.value for c in ae.seriousness]) == (5, True, ["death"])
     assert [type(e).__qualname__ for e in s.pending_events[-3:]] == [
-        "Subject.DeathRecorded", "Subject.AdverseEventReported", "Subject.AdverseEventAssessed"]
+        "Subject.DeathRecorded",
+        "Subject.AdverseEventReported",
+        "Subject.AdverseEventAssessed",
+    ]
 
 
 def test_t15_death_with_an_open_sae_opens_no_new_one():
@@ -426,8 +502,10 @@ def test_t15_death_after_withdrawal_or_lost_to_follow_up_is_allowed():
 def test_m24_records_the_main_study_milestone_without_changing_the_state():
     s = sc.to_follow_up()
     s.record_visit("M24", visit_day(24))
-    assert [type(e).__qualname__ for e in s.pending_events[-2:]] == ["Subject.VisitRecorded",
-                                                                      "Subject.MainStudyCompleted"]
+    assert [type(e).__qualname__ for e in s.pending_events[-2:]] == [
+        "Subject.VisitRecorded",
+        "Subject.MainStudyCompleted",
+    ]
     assert s.status == SubjectStatus.IN_FOLLOW_UP and s.epoch == Epoch.LONG_TERM_FOLLOW_UP
 
 
@@ -437,7 +515,7 @@ def test_a_missed_m24_also_ends_the_main_study():
     assert s.main_study_completed_at == visit_day(24, 10)
 
 
-def test_t11_completion_needs_the_last_scheduled_visit_done_or_missed(sim_clock):
+def test_t11_completion_needs_the_last_scheduled_visit_done_or_missed(sim_clock):  # noqa: F811 - the fixture, imported above for pytest
     s = sc.to_follow_up()
     refused(s, CompletionNotDue, s.complete_study, visit_day(30))
     s.record_missed_visit("M48", visit_day(48, 31))

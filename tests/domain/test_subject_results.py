@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 
-import subject_scenarios as sc
 from sle_events.domain.errors import (
     FloatNotAllowed,
     ImplausibleValue,
@@ -25,8 +24,14 @@ from sle_events.domain.errors import (
 )
 from sle_events.domain.formulas import EGFR_FORMULA_VERSION, UPCR_FORMULA_VERSION
 from sle_events.domain.quantities import display
-from subject_scenarios import at, refused, visit_day
-from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
+
+import subject_scenarios as sc
+from subject_scenarios import (
+    at,
+    refused,
+    sim_clock,  # noqa: F401 (a fixture)
+    visit_day,
+)
 
 pytestmark = pytest.mark.usefixtures("sim_clock")
 LATER = at("2025-02-05 09:00")
@@ -37,8 +42,13 @@ def test_lab_result_is_normalised_ranged_and_flagged():
     s = sc.to_consented()
     v = s.record_lab_result("CREATSI", "150", "umol/L", LATER, reported_at=LATER + timedelta(hours=3))
     lab = s.facts[v].record
-    assert (lab.code, lab.loinc, lab.value, lab.unit, lab.canonical_unit) == ("CREATSI", "14682-9", Decimal("150"),
-                                                                             "umol/L", "umol/L")
+    assert (lab.code, lab.loinc, lab.value, lab.unit, lab.canonical_unit) == (
+        "CREATSI",
+        "14682-9",
+        Decimal("150"),
+        "umol/L",
+        "umol/L",
+    )
     assert lab.range_source == "default" and lab.flag == "H"
     c4 = s.facts[s.record_lab_result("C4", "0.12", "g/L", LATER)].record
     assert (c4.canonical_value, c4.canonical_unit, c4.flag) == (Decimal("12.00"), "mg/dL", "N")
@@ -56,15 +66,18 @@ def test_ana_titer_is_kept_as_its_denominator():
     assert s.facts[s.record_lab_result("ANA", "1:320", "{titer}", LATER)].record.value == Decimal(320)
 
 
-@pytest.mark.parametrize(("code", "value", "unit", "error"), [
-    ("XYZ", "1", "mg/dL", UnknownAnalyte),
-    ("CREAT", "1.0", "µmol/L", IncompatibleUnit),
-    ("CREAT", "40", "mg/dL", ImplausibleValue),  # bound 0.1–25 mg/dL
-    ("ALB", "32", "g/dL", ImplausibleValue),  # unit error: g/L written as g/dL
-    ("C3", 85.5, "mg/dL", FloatNotAllowed),
-    ("C3", "eighty", "mg/dL", InvalidQuantity),
-    ("UCASTS", "-1", "/[LPF]", ImplausibleValue),  # no §9 bound: only "not negative"
-])
+@pytest.mark.parametrize(
+    ("code", "value", "unit", "error"),
+    [
+        ("XYZ", "1", "mg/dL", UnknownAnalyte),
+        ("CREAT", "1.0", "µmol/L", IncompatibleUnit),
+        ("CREAT", "40", "mg/dL", ImplausibleValue),  # bound 0.1–25 mg/dL
+        ("ALB", "32", "g/dL", ImplausibleValue),  # unit error: g/L written as g/dL
+        ("C3", 85.5, "mg/dL", FloatNotAllowed),
+        ("C3", "eighty", "mg/dL", InvalidQuantity),
+        ("UCASTS", "-1", "/[LPF]", ImplausibleValue),  # no §9 bound: only "not negative"
+    ],
+)
 def test_bad_lab_results_are_refused_with_a_specific_error(code, value, unit, error):
     s = sc.to_consented()
     refused(s, error, s.record_lab_result, code, value, unit, LATER)
@@ -73,16 +86,27 @@ def test_bad_lab_results_are_refused_with_a_specific_error(code, value, unit, er
 def test_an_inverted_lab_range_and_a_report_before_collection_are_refused():
     s = sc.to_consented()
     refused(s, InvalidQuantity, s.record_lab_result, "C3", "80", "mg/dL", LATER, lab_low="180", lab_high="90")
-    refused(s, InconsistentTimestamps, s.record_lab_result, "C3", "80", "mg/dL", LATER,
-            reported_at=LATER - timedelta(minutes=1))
+    refused(
+        s,
+        InconsistentTimestamps,
+        s.record_lab_result,
+        "C3",
+        "80",
+        "mg/dL",
+        LATER,
+        reported_at=LATER - timedelta(minutes=1),
+    )
 
 
 # --------------------------------------------------------------------------- derived values
-@pytest.mark.parametrize(("fid", "value", "unit", "birth", "sex", "egfr"), [
-    ("E1", "0.70", "mg/dL", date(1994, 6, 1), "F", "119.24"),  # 30 y on 2025-02-05
-    ("E7", "53", "umol/L", date(1999, 6, 1), "F", "127.70"),  # 25 y, not rounded first
-    ("E8", "150", "umol/L", date(1986, 6, 1), "M", "52.40"),  # 38 y
-])
+@pytest.mark.parametrize(
+    ("fid", "value", "unit", "birth", "sex", "egfr"),
+    [
+        ("E1", "0.70", "mg/dL", date(1994, 6, 1), "F", "119.24"),  # 30 y on 2025-02-05
+        ("E7", "53", "umol/L", date(1999, 6, 1), "F", "127.70"),  # 25 y, not rounded first
+        ("E8", "150", "umol/L", date(1986, 6, 1), "M", "52.40"),  # 38 y
+    ],
+)
 def test_egfr_is_derived_from_creatinine_citing_its_inputs_and_formula(fid, value, unit, birth, sex, egfr):
     s = sc.to_consented()
     demo = s.record_demographics(sex, birth, at("2025-02-03 10:30"), childbearing_potential=False)
@@ -110,10 +134,13 @@ def test_egfr_needs_a_creatinine_result():
     refused(s, UnknownEventVersion, s.derive_egfr, 999)
 
 
-@pytest.mark.parametrize(("fid", "protein", "creat", "upcr"), [
-    ("U1", ("150", "mg/dL"), ("100", "mg/dL"), "1.50"),
-    ("U3", ("1.2", "g/L"), ("8.0", "mmol/L"), "1.33"),
-])
+@pytest.mark.parametrize(
+    ("fid", "protein", "creat", "upcr"),
+    [
+        ("U1", ("150", "mg/dL"), ("100", "mg/dL"), "1.50"),
+        ("U3", ("1.2", "g/L"), ("8.0", "mmol/L"), "1.33"),
+    ],
+)
 def test_upcr_is_derived_from_one_specimen(fid, protein, creat, upcr):
     s = sc.to_consented()
     p = s.record_lab_result("UPROT", *protein, LATER)
@@ -136,18 +163,25 @@ def test_treg_panel_is_recorded_with_its_flag_and_bounds():
     s.record_treg_panel(LATER, "2.8", "450", reported_at=LATER + timedelta(days=3))
     panel = s.records("TregPanelRecorded")[-1][1]
     # labs.csv gives no consensus Treg range (no flag); CD4 450 is below 500 /uL
-    assert (panel.treg_pct, panel.cd4_per_ul, panel.treg_flag, panel.cd4_flag) == (Decimal("2.8"), Decimal("450"),
-                                                                                  None, "L")
+    assert (panel.treg_pct, panel.cd4_per_ul, panel.treg_flag, panel.cd4_flag) == (
+        Decimal("2.8"),
+        Decimal("450"),
+        None,
+        "L",
+    )
     refused(s, ImplausibleValue, s.record_treg_panel, LATER, "101", "450")
     refused(s, ImplausibleValue, s.record_treg_panel, LATER, "5", "6000")
 
 
 # --------------------------------------------------------------------------- SLEDAI-2K
-@pytest.mark.parametrize(("fid", "codes", "total"), [
-    ("S1", ["SLED2K13", "SLED2K12", "SLED2K20", "SLED2K21"], 12),
-    ("S2", ["SLED2K09", "SLED2K15", "SLED2K16", "SLED2K20", "SLED2K21", "SLED2K24"], 13),
-    ("S3", [], 0),
-])
+@pytest.mark.parametrize(
+    ("fid", "codes", "total"),
+    [
+        ("S1", ["SLED2K13", "SLED2K12", "SLED2K20", "SLED2K21"], 12),
+        ("S2", ["SLED2K09", "SLED2K15", "SLED2K16", "SLED2K20", "SLED2K21", "SLED2K24"], 13),
+        ("S3", [], 0),
+    ],
+)
 def test_sledai_total_is_derived_from_the_descriptors(fid, codes, total):
     s = sc.to_consented()
     assessed = s.assess_sledai(LATER, codes + codes[:1], visit="SCR")
@@ -163,15 +197,18 @@ def test_sledai_unknown_descriptor_or_visit_is_refused():
 
 
 # --------------------------------------------------------------------------- renal response (KDIGO 2024)
-@pytest.mark.parametrize(("fid", "month", "upcr", "egfr", "status"), [
-    ("R1", 12, "0.40", "70.00", "CR"),
-    ("R2", 6, "1.40", "66.00", "PR"),
-    ("R3", 6, "1.80", "70.00", "NR"),
-    ("R4", 12, "0.32", "55.00", "NR"),
-    ("R5", 3, "1.80", "70.00", "PENDING"),
-    ("R6", 6, "1.60", "61.20", "PR"),
-    ("R7", 12, "0.50", "72.00", "PR"),
-])
+@pytest.mark.parametrize(
+    ("fid", "month", "upcr", "egfr", "status"),
+    [
+        ("R1", 12, "0.40", "70.00", "CR"),
+        ("R2", 6, "1.40", "66.00", "PR"),
+        ("R3", 6, "1.80", "70.00", "NR"),
+        ("R4", 12, "0.32", "55.00", "NR"),
+        ("R5", 3, "1.80", "70.00", "PENDING"),
+        ("R6", 6, "1.60", "61.20", "PR"),
+        ("R7", 12, "0.50", "72.00", "PR"),
+    ],
+)
 def test_renal_response_at_a_visit_against_baseline_fixtures(fid, month, upcr, egfr, status):
     s = sc.to_follow_up()  # baseline UPCR 3.20, eGFR 72.00 at BASE
     day = visit_day(month)
@@ -216,8 +253,12 @@ def test_results_derived_from_a_later_corrected_or_voided_value_are_stale_until_
         return [(x["version"], x["code"], x["changed_inputs"]) for x in s.stale_results()]
 
     s.correct(creat, {"value": Decimal("0.90")}, "transcription error", day + timedelta(hours=5))
-    assert s.stale_results()[0] == {"version": egfr, "type": "DerivedResultRecorded", "code": "EGFR",
-                                    "changed_inputs": [creat]}  # fmt: skip
+    assert s.stale_results()[0] == {
+        "version": egfr,
+        "type": "DerivedResultRecorded",
+        "code": "EGFR",
+        "changed_inputs": [creat],
+    }
     assert stale() == [(egfr, "EGFR", [creat]), (assessed, "RENAL_RESPONSE", [egfr])]  # through the eGFR
     s.derive_egfr(creat)  # derived again from the corrected creatinine: the old eGFR is superseded...
     assert stale() == [(assessed, "RENAL_RESPONSE", [egfr])]  # ...but the assessment still cites it

@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 
-import subject_scenarios as sc
 from sle_events.domain.errors import (
     AlreadyAdmitted,
     DischargeBeforeInfusionEnd,
@@ -31,8 +30,14 @@ from sle_events.domain.errors import (
 from sle_events.domain.lifecycle import SubjectStatus
 from sle_events.domain.product import LotStatus, ProductLot
 from sle_events.domain.quantities import display
-from subject_scenarios import CONFIG, at, refused
-from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
+
+import subject_scenarios as sc
+from subject_scenarios import (
+    CONFIG,
+    at,
+    refused,
+    sim_clock,  # noqa: F401 (a fixture)
+)
 
 pytestmark = pytest.mark.usefixtures("sim_clock")
 
@@ -48,9 +53,14 @@ def test_a_second_admission_while_admitted_is_refused():
     refused(s, AlreadyAdmitted, s.admit, sc.ADMITTED + timedelta(hours=5))
 
 
-@pytest.mark.parametrize(("discharge", "los", "flagged"), [
-    ("2025-03-12 10:00", 3, False), ("2025-03-14 10:00", 5, False), ("2025-03-16 10:00", 7, True),
-])
+@pytest.mark.parametrize(
+    ("discharge", "los", "flagged"),
+    [
+        ("2025-03-12 10:00", 3, False),
+        ("2025-03-14 10:00", 5, False),
+        ("2025-03-16 10:00", 7, True),
+    ],
+)
 def test_r6_length_of_stay_is_flagged_outside_3_to_5_days_never_refused(discharge, los, flagged):
     s, _ = sc.to_transplanted()
     assert s.discharge(at(discharge)) == los
@@ -84,7 +94,7 @@ def test_t10_transplant_not_performed_is_flagged_and_discharge_starts_safety_fol
     s = sc.to_pretreated()
     refused(s, ReasonRequired, s.record_transplant_not_performed, sc.MSC_START, "")
     s.record_transplant_not_performed(sc.MSC_START, "lot failed sterility; no replacement")
-    assert ("TRANSPLANT_NOT_PERFORMED" in [f for _, f in s.flags])
+    assert "TRANSPLANT_NOT_PERFORMED" in [f for _, f in s.flags]
     refused(s, InvalidTransition, s.infuse_msc, sc.MSC_START, sc.MSC_STOP, sc.lot_for(s), config=CONFIG)
     s.discharge(sc.DISCHARGED)
     assert s.status == SubjectStatus.IN_FOLLOW_UP and s.tx_date is None
@@ -99,18 +109,24 @@ def test_t10_only_after_pretreatment():
 def test_cyc_dose_from_bsa_mosteller_rounded_to_2_dp_fixture_b2():
     s = sc.to_pretreated()
     cyc = s.cyc
-    assert (cyc.bsa_m2, display(cyc.calculated_mg), cyc.administered_mg) == (Decimal("1.51"), "1132.50",
-                                                                             Decimal("1132.5"))
+    assert (cyc.bsa_m2, display(cyc.calculated_mg), cyc.administered_mg) == (
+        Decimal("1.51"),
+        "1132.50",
+        Decimal("1132.5"),
+    )
     assert cyc.measured_version == s.records("VitalSignsRecorded")[-1][0]
     assert cyc.bsa_formula == "bsa.mosteller.v1" and cyc.dose_formula == "cyc.dose_bsa.v1" and cyc.flags == ()
     assert s.status == SubjectStatus.PRETREATED
 
 
-@pytest.mark.parametrize(("administered", "flags"), [
-    ("1245.75", ()),  # +10.0 %: not flagged
-    ("1250", ("CYC_DOSE_OUTSIDE_TOLERANCE",)),
-    ("1900", ("CYC_DOSE_OUTSIDE_TOLERANCE", "CYC_DOSE_OVER_CAP")),
-])
+@pytest.mark.parametrize(
+    ("administered", "flags"),
+    [
+        ("1245.75", ()),  # +10.0 %: not flagged
+        ("1250", ("CYC_DOSE_OUTSIDE_TOLERANCE",)),
+        ("1900", ("CYC_DOSE_OUTSIDE_TOLERANCE", "CYC_DOSE_OVER_CAP")),
+    ],
+)
 def test_cyc_dose_deviations_are_flagged_not_refused(administered, flags):
     s = sc.to_admitted()
     assert s.give_pretreatment(sc.CYC_START, sc.CYC_STOP, "750", administered, "L1", config=CONFIG).flags == flags
@@ -118,14 +134,17 @@ def test_cyc_dose_deviations_are_flagged_not_refused(administered, flags):
 
 def test_cyc_prescribed_outside_500_to_1000_is_flagged():
     s = sc.to_admitted()
-    assert "CYC_PRESCRIBED_OUTSIDE_RANGE" in s.give_pretreatment(
-        sc.CYC_START, sc.CYC_STOP, "1100", "1661", "L1", config=CONFIG).flags
+    assert (
+        "CYC_PRESCRIBED_OUTSIDE_RANGE"
+        in s.give_pretreatment(sc.CYC_START, sc.CYC_STOP, "1100", "1661", "L1", config=CONFIG).flags
+    )
 
 
 def test_cyc_implausible_administered_dose_is_refused():
     s = sc.to_admitted()
-    err = refused(s, ImplausibleValue, s.give_pretreatment, sc.CYC_START, sc.CYC_STOP, "750", "3500", "L1",
-                  config=CONFIG)
+    err = refused(
+        s, ImplausibleValue, s.give_pretreatment, sc.CYC_START, sc.CYC_STOP, "750", "3500", "L1", config=CONFIG
+    )
     assert err.field == "cyc_administered"
 
 
@@ -143,8 +162,16 @@ def test_r3_cyc_before_enrollment_is_refused():
 
 def test_r4_one_cyc_per_subject():
     s = sc.to_pretreated()
-    refused(s, DuplicatePretreatment, s.give_pretreatment, sc.CYC_START + timedelta(hours=2),
-            sc.CYC_STOP + timedelta(hours=2), "750", "1132.5", "L2")
+    refused(
+        s,
+        DuplicatePretreatment,
+        s.give_pretreatment,
+        sc.CYC_START + timedelta(hours=2),
+        sc.CYC_STOP + timedelta(hours=2),
+        "750",
+        "1132.5",
+        "L2",
+    )
 
 
 def test_t7_height_and_weight_measured_at_this_admission_are_required():
@@ -189,15 +216,24 @@ def test_r3_missing_baseline_specimens_are_flagged_as_a_deviation_not_refused():
     s = sc.to_admitted(baseline=False)
     s.record_lab_result("C3", "60", "mg/dL", sc.BASELINE)
     assert s.give_pretreatment(sc.CYC_START, sc.CYC_STOP, "750", "1132.5", "L1").flags == (
-        "BASELINE_SPECIMENS_MISSING",)
+        "BASELINE_SPECIMENS_MISSING",
+    )
 
 
 def test_cyc_route_must_be_iv_and_a_lot_is_required():
     s = sc.to_admitted()
     refused(s, InvalidChoice, s.give_pretreatment, sc.CYC_START, sc.CYC_STOP, "750", "1132.5", "L1", route="PO")
     refused(s, MissingValue, s.give_pretreatment, sc.CYC_START, sc.CYC_STOP, "750", "1132.5", " ")
-    refused(s, InconsistentTimestamps, s.give_pretreatment, sc.CYC_START, sc.CYC_START - timedelta(minutes=1),
-            "750", "1132.5", "L1")
+    refused(
+        s,
+        InconsistentTimestamps,
+        s.give_pretreatment,
+        sc.CYC_START,
+        sc.CYC_START - timedelta(minutes=1),
+        "750",
+        "1132.5",
+        "L1",
+    )
 
 
 # --------------------------------------------------------------------------- the MSC lot (§5.2)
@@ -208,25 +244,31 @@ def test_lot_release_records_viable_cells_and_passes():
     assert lot.id == ProductLot.id_for(s.study_id, "MSC-001")
 
 
-@pytest.mark.parametrize(("change", "failure"), [
-    ({"viability_pct": "65"}, "viability 65% < 70%"),
-    ({"sterility_negative": False}, "sterility not negative"),
-    ({"mycoplasma_negative": False}, "mycoplasma not negative"),
-    ({"identity_markers_pct": {**sc.MARKERS, "CD90": "90"}}, "identity: CD90 90% < 95%"),
-    ({"endotoxin_eu_per_kg": "6"}, "endotoxin 6 EU/kg > 5 EU/kg"),
-])
+@pytest.mark.parametrize(
+    ("change", "failure"),
+    [
+        ({"viability_pct": "65"}, "viability 65% < 70%"),
+        ({"sterility_negative": False}, "sterility not negative"),
+        ({"mycoplasma_negative": False}, "mycoplasma not negative"),
+        ({"identity_markers_pct": {**sc.MARKERS, "CD90": "90"}}, "identity: CD90 90% < 95%"),
+        ({"endotoxin_eu_per_kg": "6"}, "endotoxin 6 EU/kg > 5 EU/kg"),
+    ],
+)
 def test_lot_release_failures_are_recorded_with_the_lot(change, failure):
     lot = sc.lot_for(sc.to_pretreated(), **change)
     assert lot.status == LotStatus.FAILED_RELEASE and failure in lot.release_failures
 
 
-@pytest.mark.parametrize(("change", "error"), [
-    ({"viability_pct": "101"}, ImplausibleValue),
-    ({"total_cells": "0"}, InvalidQuantity),
-    ({"donor_id": ""}, MissingValue),
-    ({"sterility_negative": "no"}, InvalidChoice),
-    ({"total_cells": 6.0e7}, FloatNotAllowed),
-])
+@pytest.mark.parametrize(
+    ("change", "error"),
+    [
+        ({"viability_pct": "101"}, ImplausibleValue),
+        ({"total_cells": "0"}, InvalidQuantity),
+        ({"donor_id": ""}, MissingValue),
+        ({"sterility_negative": "no"}, InvalidChoice),
+        ({"total_cells": 6.0e7}, FloatNotAllowed),
+    ],
+)
 def test_lot_release_with_bad_values_is_refused(change, error):
     with pytest.raises(error):
         sc.lot_for(sc.to_pretreated(), **change)
@@ -241,12 +283,15 @@ def test_t8_infusion_computes_the_dose_and_interval_fixtures_m2_w1():
     assert lot.status == LotStatus.INFUSED and lot.infused_into == s.id
 
 
-@pytest.mark.parametrize(("msc_start", "accept"), [
-    ("2025-03-11T09:30:00+08:00", True),  # W1 25.50 h
-    ("2025-03-11T01:00:00+00:00", True),  # W2 25.00 h, other offset
-    ("2025-03-10T20:00:00+08:00", False),  # W3 12 h
-    ("2025-03-11T22:00:00+08:00", False),  # W4 38 h
-])
+@pytest.mark.parametrize(
+    ("msc_start", "accept"),
+    [
+        ("2025-03-11T09:30:00+08:00", True),  # W1 25.50 h
+        ("2025-03-11T01:00:00+00:00", True),  # W2 25.00 h, other offset
+        ("2025-03-10T20:00:00+08:00", False),  # W3 12 h
+        ("2025-03-11T22:00:00+08:00", False),  # W4 38 h
+    ],
+)
 def test_r4_infusion_outside_18_to_36_h_after_cyc_is_refused(msc_start, accept):
     from datetime import datetime
 
@@ -272,8 +317,12 @@ def test_r5_a_deviation_naming_the_lot_recorded_first_authorises_it():
     lot = sc.lot_for(s, viability_pct="65")
     s.record_deviation(sc.RELEASED, category="product_release", description="other lot", lot_id="MSC-999")
     refused(s, LotNotReleased, s.infuse_msc, sc.MSC_START, sc.MSC_STOP, lot, config=CONFIG)
-    v = s.record_deviation(sc.RELEASED, category="product_release",
-                           description="viability 65 %: sponsor approved use of lot MSC-001", lot_id="MSC-001")
+    v = s.record_deviation(
+        sc.RELEASED,
+        category="product_release",
+        description="viability 65 %: sponsor approved use of lot MSC-001",
+        lot_id="MSC-001",
+    )
     msc = s.infuse_msc(sc.MSC_START, sc.MSC_STOP, lot, config=CONFIG)
     assert msc.authorised_by_deviation == v and msc.release_failures
 
@@ -313,5 +362,4 @@ def test_t8_infusion_needs_pretreatment_and_an_open_stay():
     lot = sc.lot_for(s)
     refused(s, InvalidTransition, s.infuse_msc, sc.MSC_START, sc.MSC_STOP, lot, config=CONFIG)
     t, _ = sc.to_transplanted(number="SCR-002")
-    refused(t, InvalidTransition, t.infuse_msc, sc.MSC_START, sc.MSC_STOP, sc.lot_for(t, lot_id="MSC-2"),
-            config=CONFIG)
+    refused(t, InvalidTransition, t.infuse_msc, sc.MSC_START, sc.MSC_STOP, sc.lot_for(t, lot_id="MSC-2"), config=CONFIG)

@@ -8,7 +8,6 @@ from decimal import Decimal
 
 import pytest
 
-import subject_scenarios as sc
 from sle_events.domain.errors import (
     InvalidChoice,
     InvalidTransition,
@@ -17,8 +16,15 @@ from sle_events.domain.errors import (
     VisitAlreadyRecorded,
     VisitBeforeTransplant,
 )
-from subject_scenarios import CST, at, refused, visit_day
-from subject_scenarios import sim_clock  # noqa: F401 (a fixture)
+
+import subject_scenarios as sc
+from subject_scenarios import (
+    CST,
+    at,
+    refused,
+    sim_clock,  # noqa: F401 (a fixture)
+    visit_day,
+)
 
 pytestmark = pytest.mark.usefixtures("sim_clock")
 
@@ -27,21 +33,28 @@ def day(d: date, hour: int = 9) -> datetime:
     return datetime(d.year, d.month, d.day, hour, tzinfo=CST)
 
 
-@pytest.mark.parametrize(("visit", "earliest", "latest"), [
-    ("M1", date(2025, 4, 3), date(2025, 4, 17)),
-    ("M3", date(2025, 6, 2), date(2025, 6, 16)),
-    ("M12", date(2026, 2, 27), date(2026, 3, 13)),
-    ("M24", date(2027, 2, 22), date(2027, 3, 8)),
-    ("M30", date(2027, 7, 29), date(2027, 9, 27)),
-    ("M48", date(2029, 1, 19), date(2029, 3, 20)),
-])
+@pytest.mark.parametrize(
+    ("visit", "earliest", "latest"),
+    [
+        ("M1", date(2025, 4, 3), date(2025, 4, 17)),
+        ("M3", date(2025, 6, 2), date(2025, 6, 16)),
+        ("M12", date(2026, 2, 27), date(2026, 3, 13)),
+        ("M24", date(2027, 2, 22), date(2027, 3, 8)),
+        ("M30", date(2027, 7, 29), date(2027, 9, 27)),
+        ("M48", date(2029, 1, 19), date(2029, 3, 20)),
+    ],
+)
 def test_r7_visit_windows_are_inclusive_and_out_of_window_is_recorded_and_flagged(visit, earliest, latest):
-    for when, in_window in ((earliest, True), (latest, True), (earliest - timedelta(days=1), False),
-                            (latest + timedelta(days=1), False)):
+    for when, in_window in (
+        (earliest, True),
+        (latest, True),
+        (earliest - timedelta(days=1), False),
+        (latest + timedelta(days=1), False),
+    ):
         s = sc.to_follow_up()
         record = s.record_visit(visit, day(when))
         assert (record.earliest, record.latest, record.in_window) == (earliest, latest, in_window)
-        flagged = ("VISIT_OUT_OF_WINDOW" in record.deviation_flags)
+        flagged = "VISIT_OUT_OF_WINDOW" in record.deviation_flags
         assert flagged is (not in_window)
         assert ((s.visit_versions[visit], "VISIT_OUT_OF_WINDOW") in s.flags) is flagged
 
@@ -96,16 +109,22 @@ def test_unscheduled_visits_are_allowed_from_consent_on():
 def test_early_termination_follows_a_withdrawal_and_is_flagged_late_after_30_days():
     s = sc.to_follow_up()
     refused(s, InvalidTransition, s.record_visit, "ET", visit_day(4))
-    s.withdraw(visit_day(4), reason_code="withdrawal_by_subject", reason="moving abroad", decided_by="subject",
-               safety_follow_up_agreed=True)
+    s.withdraw(
+        visit_day(4),
+        reason_code="withdrawal_by_subject",
+        reason="moving abroad",
+        decided_by="subject",
+        safety_follow_up_agreed=True,
+    )
     record = s.record_visit("ET", visit_day(4, 31))
     assert not record.in_window and record.deviation_flags == ("VISIT_OUT_OF_WINDOW",)
 
 
 def test_team_evaluation_with_a_missing_discipline_is_flagged():
     s = sc.to_follow_up()
-    s.record_team_evaluation(visit_day(1), disciplines=["rheumatology", "haematology", "bmt"],
-                             assessment="stable", visit="M1")
+    s.record_team_evaluation(
+        visit_day(1), disciplines=["rheumatology", "haematology", "bmt"], assessment="stable", visit="M1"
+    )
     assert not s.flags
     s.record_team_evaluation(visit_day(2), disciplines=["rheumatology"], assessment="improving")
     assert s.flags == [(s.version, "TEAM_INCOMPLETE")]

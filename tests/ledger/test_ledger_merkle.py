@@ -56,7 +56,7 @@ def _flip(b: bytes, bit: int) -> bytes:
 
 def _fails_inclusion(*args: object) -> bool:
     try:
-        verify_inclusion(*args)  # type: ignore[arg-type]
+        verify_inclusion(*args)  # type: ignore[arg-type]  # malformed arguments on purpose
     except ProofError:
         return True
     return False
@@ -64,7 +64,7 @@ def _fails_inclusion(*args: object) -> bool:
 
 def _fails_consistency(*args: object) -> bool:
     try:
-        verify_consistency(*args)  # type: ignore[arg-type]
+        verify_consistency(*args)  # type: ignore[arg-type]  # malformed arguments on purpose
     except ProofError:
         return True
     return False
@@ -216,8 +216,8 @@ def test_inclusion_proof_tampering_fails(data: st.DataObject) -> None:
         assert _fails_inclusion(hashes[i], i, n // 2, proof, root)
 
     # proof of the wrong length
-    assert _fails_inclusion(hashes[i], i, n, proof + [root], root)
-    assert _fails_inclusion(hashes[i], i, n, [root] + proof, root)
+    assert _fails_inclusion(hashes[i], i, n, [*proof, root], root)
+    assert _fails_inclusion(hashes[i], i, n, [root, *proof], root)
     if proof:
         assert _fails_inclusion(hashes[i], i, n, proof[:-1], root)
 
@@ -254,8 +254,8 @@ def test_consistency_proof_tampering_fails(data: st.DataObject) -> None:
 
     # wrong length
     assert _fails_consistency(m, n, [], r1, r2)
-    assert _fails_consistency(m, n, proof + [r1], r1, r2)
-    assert _fails_consistency(m, n, [proof[0]] + proof, r1, r2)
+    assert _fails_consistency(m, n, [*proof, r1], r1, r2)
+    assert _fails_consistency(m, n, [proof[0], *proof], r1, r2)
     assert _fails_consistency(m, n, proof[:-1], r1, r2)
 
 
@@ -292,9 +292,7 @@ def test_get_node_backed_by_table_of_perfect_subtrees() -> None:
     assert root_at(999, lambda lv, ix: table[(lv, ix)]) == root_from_leaf_hashes(hashes[:999])
     calls.clear()
     proof = consistency_proof(513, 999, get_node)
-    verify_consistency(
-        513, 999, proof, root_from_leaf_hashes(hashes[:513]), root_from_leaf_hashes(hashes[:999])
-    )
+    verify_consistency(513, 999, proof, root_from_leaf_hashes(hashes[:513]), root_from_leaf_hashes(hashes[:999]))
     assert len(calls) <= 2 * 10 + 2
 
 

@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import pytest
-from ledger_vectors import b64, b64_list, load
 
 from sle_events.ledger.merkle import (
     EMPTY_ROOT,
@@ -16,6 +15,8 @@ from sle_events.ledger.merkle import (
     verify_consistency,
     verify_inclusion,
 )
+
+from ledger_vectors import b64, b64_list, load
 
 INCLUSION = load("merkle_inclusion.json")["vectors"]
 CONSISTENCY = load("merkle_consistency.json")["vectors"]

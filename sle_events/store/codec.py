@@ -1,4 +1,4 @@
-"""Domain events <-> envelope payloads.
+"""Domain events <-> envelope payloads: the one codec between the domain and the signed record.
 
 A domain event's attributes become the envelope's JSON payload: decimals as strings, times as ISO 8601 with
 offset, UUIDs as strings, enums by value, pydantic models by their JSON form. Floats are refused. Reading back,
@@ -9,6 +9,7 @@ version and recorded_at, inside the signature.
 
 from __future__ import annotations
 
+import json
 import types
 import typing
 from datetime import date, datetime
@@ -18,13 +19,22 @@ from functools import lru_cache
 from typing import Any, Callable
 from uuid import UUID
 
-from eventsourcing.utils import get_topic, resolve_topic
-from pydantic import BaseModel
+from eventsourcing.utils import get_topic
+from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
+from sle_events.domain.event_types import LEGACY_TOPICS, UnknownEventName, event_class, name_of
+
+from sle_events.picklable import Picklable
 from sle_events.signing.canonical import FloatNotAllowed, NotCanonicalisable
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, format_time, parse_time
 
-OUTSIDE_PAYLOAD = ("originator_id", "originator_version", "timestamp", "occurred_at")
+# Kept in the envelope (stream, version, recorded_at, occurred_at), or never signed: `originator_topic` is the
+# library's Python path of the aggregate class, which a signed record must not depend on (events signed before
+# stable names carry it; it is checked and then ignored, never resolved).
+OUTSIDE_PAYLOAD = ("originator_id", "originator_version", "timestamp", "occurred_at", "originator_topic")
+
+
+_json_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(",", ":")).encode
 
 
 def to_json_value(value: Any, path: str = "$") -> Any:
@@ -114,7 +124,7 @@ def envelope_for(domain_event: Any, *, study: UUID, prev: str, reason: str | Non
         "study": str(study),
         "stream": str(domain_event.originator_id),
         "version": domain_event.originator_version,
-        "type": get_topic(cls),
+        "type": name_of(cls),
         "schema": getattr(cls, "class_version", 1),
         "payload": event_payload(domain_event),
         "occurred_at": format_time(occurred_at),
@@ -127,19 +137,93 @@ def envelope_for(domain_event: Any, *, study: UUID, prev: str, reason: str | Non
     }
 
 
+class PayloadSchemaError(Picklable, MalformedEnvelope):
+    """A signed payload that its event type's schema refuses, or that the domain would not have written so."""
+
+    def __init__(self, type_name: str, field: str, message: str):
+        self.field = field
+        super().__init__(f"{type_name} payload field {field}: {message}")
+
+
+def _payload_of(cls: type, env: dict[str, Any]) -> dict[str, Any]:
+    """The payload upcast to the class's schema version."""
+    state: dict[str, Any] = dict(env["payload"])
+    class_version = getattr(cls, "class_version", 1)
+    from_version = env["schema"]
+    if from_version > class_version:
+        raise PayloadSchemaError(env["type"], "$", f"schema {from_version} is newer than this software's {class_version}")
+    while from_version < class_version:
+        getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
+        from_version += 1
+    return state
+
+
+@lru_cache(maxsize=None)
+def _aggregate_topic(cls: type) -> str | None:
+    """For a created event, its aggregate class's topic, from the local class (never from stored bytes)."""
+    if "originator_topic" not in typing.get_type_hints(cls):
+        return None
+    return get_topic(cls).rsplit(".", 1)[0]
+
+
+@lru_cache(maxsize=None)
+def _payload_schema(cls: type) -> type[BaseModel]:
+    fields = {name: (hint, ...) for name, hint in typing.get_type_hints(cls).items()
+              if name not in OUTSIDE_PAYLOAD and name != "originator_id_type"}  # fmt: skip
+    return create_model(  # type: ignore[call-overload,no-any-return]
+        f"{cls.__qualname__}Payload", __config__=ConfigDict(extra="forbid", strict=True), **fields
+    )
+
+
+def check_payload(env: dict[str, Any]) -> None:
+    """Refuse a payload that its type's schema refuses, or whose values the codec would have written otherwise
+    (``"1e3"`` for 1000, a time without its offset...): every stored payload then loads exactly as the verb that
+    built it produced it. Raises `PayloadSchemaError` naming the field, or `MalformedEnvelope` for an unknown type."""
+    try:
+        cls = event_class(env["type"])
+    except UnknownEventName as e:
+        raise MalformedEnvelope(str(e)) from None
+    payload = _payload_of(cls, env)
+    if _aggregate_topic(cls) is not None and env["type"] in LEGACY_TOPICS:
+        # Signed before stable names: the aggregate's Python path as the old code wrote it, ignored on reading.
+        if payload.pop("originator_topic", None) != env["type"].rsplit(".", 1)[0]:
+            raise PayloadSchemaError(env["type"], "originator_topic", "is not the aggregate this event type creates")
+    schema = _payload_schema(cls)
+    try:
+        values = schema.model_validate_json(_json_dumps(payload), strict=True)
+    except ValidationError as e:
+        err = e.errors()[0]
+        field = ".".join(str(p) for p in err["loc"]) or "$"
+        got = "" if err["type"] == "missing" else f" (got {_short(err.get('input'))})"
+        raise PayloadSchemaError(env["type"], field, f"{err['msg']}{got}") from None
+    # Strings, integers, booleans and plain containers of them validate as themselves; values the codec converts
+    # (decimals, times, UUIDs, codes, records) must come back out exactly as they went in.
+    for name in _decoders(cls).keys() & payload.keys():
+        try:
+            again = to_json_value(getattr(values, name), f"$.{name}")
+        except (MalformedEnvelope, NotCanonicalisable) as e:
+            raise PayloadSchemaError(env["type"], name, str(e)) from None
+        if again != payload[name]:
+            raise PayloadSchemaError(env["type"], name, f"{_short(payload[name])} is not written as the domain writes it "
+                                                    f"({_short(again)})")  # fmt: skip
+
+
+def _short(value: Any) -> str:
+    text = repr(value)
+    return text if len(text) <= 80 else text[:77] + "..."
+
+
 def domain_event_from(sealed: SealedEvent) -> Any:
     """Rebuild the domain event, upcasting older schema versions the way `eventsourcing` does."""
     env = sealed.envelope
     try:
-        cls = resolve_topic(env["type"])
-    except Exception as e:  # eventsourcing raises TopicError, import errors surface as others
-        raise MalformedEnvelope(f"unknown event type {env['type']!r}: {e}") from None
-    state: dict[str, Any] = dict(env["payload"])
-    class_version = getattr(cls, "class_version", 1)
-    from_version = env["schema"]
-    while from_version < class_version:
-        getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
-        from_version += 1
+        cls = event_class(env["type"])
+    except UnknownEventName as e:
+        raise MalformedEnvelope(str(e)) from None
+    state = _payload_of(cls, env)
+    aggregate_topic = _aggregate_topic(cls)
+    if aggregate_topic is not None:
+        state["originator_topic"] = aggregate_topic
     for name, decode in _decoders(cls).items():
         if name in state and state[name] is not None:
             state[name] = decode(state[name])
