@@ -250,3 +250,15 @@ def test_a_forged_stored_verification_result_reads_unverifiable(trial, tmp_path)
         seal_result(conn, run.id, result_document(run.run_at, True, run.events, []), forger)
     engine.dispose()
     assert "which no study registered" in last()["unverifiable"]
+
+
+def test_a_study_created_with_an_admin_key_outside_the_trust_root_is_untrusted(trial):
+    from sle_events.signing.keys import Signer
+
+    build(trial)
+    assert verify_record(trial.url, workers=1, admin_keys=[trial.admin.public_key_b64]).ok
+    stranger = Signer.generate("someone", "admin").public_key_b64
+    report = verify_record(trial.url, workers=1, admin_keys=[stranger])
+    assert (str(trial.study.id), 1, "untrusted_root") in located(report.findings)
+    done = cli("verify", "--db", trial.url, "--workers", "1", "--admin-key", stranger)
+    assert done.exit_code == 1 and "untrusted_root" in done.stdout

@@ -32,7 +32,8 @@ def _progress(label: str, enabled: bool) -> Progress:
 
 def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optional[list[Path]] = None,
             vkey: Optional[str] = None, since: Optional[Path] = None, max_pending: Optional[float] = None,
-            sign_key: Optional[Path] = None, actor: Optional[str] = None) -> int:  # fmt: skip
+            sign_key: Optional[Path] = None, actor: Optional[str] = None,
+            admin_keys: Optional[list[str]] = None) -> int:  # fmt: skip
     """Verify, print the report, keep the result; the exit code comes from `sle_events.audit.errors`."""
     from datetime import timedelta
 
@@ -46,7 +47,7 @@ def _verify(url: str, as_json: bool, workers: Optional[int], checkpoint: Optiona
         missing = _no_record_at(url)
         if missing:
             raise UnusableInput(missing)
-        trust = TrustRoot.load(vkey=vkey, checkpoints=checkpoint or None, since=since)
+        trust = TrustRoot.load(admin_keys=admin_keys or (), vkey=vkey, checkpoints=checkpoint or None, since=since)
         signer = _result_signer(sign_key, actor)
         limit = DEFAULT_PENDING_LIMIT if max_pending is None else timedelta(minutes=max_pending)
         with _progress("verifying", not as_json and err.is_terminal) as bar:
@@ -171,11 +172,14 @@ def verify(
                                             "study as auditor, monitor or admin: the stored result is sealed with "
                                             "it, so the audit trail can tell a forged one"),  # fmt: skip
     actor: Optional[str] = typer.Option(None, "--actor", help="who you are (the id --sign-key is registered under)"),
+    admin_key: Optional[list[str]] = typer.Option(None, "--admin-key", help="a study admin's public key (base64) "
+                                                  "you trust: a study created with any other is untrusted_root "
+                                                  "(repeatable; default: each study's own creation)"),  # fmt: skip
 ) -> None:
     """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger.
     Exit 0 verified, 1 findings, 2 unusable input, 3 the tool failed."""
     url = database_url(db)
-    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey, since, max_pending, sign_key, actor))
+    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey, since, max_pending, sign_key, actor, admin_key))
 
 
 @app.command()
