@@ -12,6 +12,7 @@ from bench import (
     bench_projections,
     bench_read_models,
     bench_verify,
+    bench_verify_since,
 )
 
 
@@ -19,6 +20,7 @@ def main() -> None:
     bench_canonical.main()
     bench_append.main()
     bench_verify.main()
+    bench_verify_since.main()
     bench_ledger.main()
     bench_projections.main(20000)
     bench_read_models.main(100_000)

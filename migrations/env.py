@@ -5,7 +5,7 @@ from __future__ import annotations
 from alembic import context
 from sqlalchemy import create_engine
 
-from sle_events.store.schema import compare_type, target_metadata
+from sle_events.schema import compare_type, target_metadata
 
 config = context.config
 

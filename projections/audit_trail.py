@@ -18,6 +18,7 @@ from sqlalchemy import Connection, select
 
 from projections.base import Fact, Projection, bulk_insert
 from projections.schema import audit_events, audit_trail, verification_findings, verification_runs
+from sle_events.audit.results import check_result, result_document
 
 SIGNATURE_VERIFIED_AT_APPEND = "verified_at_append"
 COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "aggregate", "event_type", "visit",
@@ -156,6 +157,8 @@ def query(conn: Connection, *, subject: str | None = None, stream: str | None = 
         else:
             kinds = last["findings_by_position"].get(row["position"])
             row["last_verification"] = f"{'FAILED ' + ','.join(kinds) if kinds else 'ok'} at {last['run_at']}"
+            if last["unverifiable"]:  # a result nobody can vouch for is shown as such
+                row["last_verification"] = f"UNVERIFIABLE ({last['unverifiable']}): stored as {row['last_verification']}"
     return rows
 
 
@@ -183,9 +186,12 @@ def last_verification(conn: Connection) -> dict[str, Any] | None:
         return None
     f = verification_findings
     by_position: dict[int, list[str]] = {}
-    for position, kind in conn.execute(select(f.c.position, f.c.kind).where(f.c.run_id == run.id)):
-        by_position.setdefault(position, []).append(kind)
-    return {"run_at": run.run_at, "ok": bool(run.ok), "findings_by_position": by_position}
+    stored = conn.execute(select(f.c.position, f.c.stream, f.c.version, f.c.kind, f.c.detail)
+                          .where(f.c.run_id == run.id).order_by(f.c.seq)).all()  # fmt: skip
+    for row in stored:
+        by_position.setdefault(row.position, []).append(row.kind)
+    why = check_result(conn, run.id, result_document(run.run_at, bool(run.ok), run.events, stored))
+    return {"run_at": run.run_at, "ok": bool(run.ok), "findings_by_position": by_position, "unverifiable": why}
 
 
 def save_verification(conn: Connection, report: Any) -> int:

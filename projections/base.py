@@ -19,9 +19,10 @@ from sqlalchemy import Connection, Table, func, select
 
 from sle_events.domain.event_types import type_name
 from sle_events.picklable import Picklable
+from sle_events.signing.chain import link_problem
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
 from sle_events.store.codec import domain_event_from
-from sle_events.store.verification import SignatureCheck, build_registry_timelines
+from sle_events.audit.record_check import SignatureCheck, build_registry_timelines
 
 
 class ProjectionHalted(Picklable, RuntimeError):
@@ -205,7 +206,7 @@ class VerifyingReader:
         if env["stream"] != stream or env["version"] != version:
             raise ProjectionHalted(position, stream, version, "row and signed envelope disagree on stream/version")
         expected = self._hash_before(conn, stream_id, version)
-        if env["prev"] != expected:
+        if link_problem(version - 1, expected, version, env["prev"]):
             raise ProjectionHalted(position, stream, version,
                                    f"hash chain broken: prev {env['prev'][:16]}… ≠ hash of v{version - 1} {expected[:16]}…")  # fmt: skip
         problem = self.signatures.problem(sealed, position)

@@ -24,7 +24,7 @@ from projections.base import Projection, ProjectionHalted, VerifyingReader
 from projections.patient_state import SubjectFolder
 from projections.schema import halted_streams, metadata, projection_tracking
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import split_streams
+from sle_events.store.streams import split_streams
 
 BATCH = 2000
 REBUILDING = -1  # a projection's position while it is being rebuilt

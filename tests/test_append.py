@@ -119,7 +119,7 @@ def test_actor_claiming_another_role_is_refused(trial):
 
 
 def test_revoked_key_refused_after_revocation_but_earlier_events_stay_valid(trial):
-    from sle_events.store.verification import verify_record
+    from sle_events.audit.verifier import verify_record
 
     subject = screened(trial)
     trial.record.record(subject, signer=trial.coordinator)

@@ -20,7 +20,7 @@ from sle_events.signing.keys import KeyFileExposed, Signer
 from sle_events.store.codec import envelope_for
 from sle_events.store.errors import InvalidPayload, MalformedEvent, StudyNotApproved, WrongStudy
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)

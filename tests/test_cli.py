@@ -19,7 +19,7 @@ from cryptography.hazmat.primitives import serialization
 from conftest import STUDY_CONFIG, execute_sql, position_of
 from sle_events.domain.subject import Subject
 from sle_events.signing.keys import Signer
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 SLE = str(Path(sys.executable).with_name("sle"))
 NOW = datetime.now(timezone.utc)
@@ -265,7 +265,7 @@ def test_read_commands_ask_for_an_upgrade_on_an_older_schema(tmp_path, command):
     """A database still at revision 0004 holds the audit trail as a row-per-field table."""
     import subprocess
 
-    from sle_events.store import schema
+    from sle_events import schema
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     schema.upgrade(url, "0004")

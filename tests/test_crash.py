@@ -26,7 +26,7 @@ import sqlalchemy as sa
 from conftest import STUDY_CONFIG, count_rows
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 WRITER = Path(__file__).with_name("crash_writer.py")

@@ -14,7 +14,7 @@ import pytest
 from record_rules import check_stream
 from sle_events.demo import Rng, _all_streams, run_demo
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
 

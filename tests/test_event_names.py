@@ -26,7 +26,7 @@ from sle_events.signing.canonical import canonical_json
 from sle_events.store.codec import envelope_for
 from sle_events.store.errors import UnknownEventType
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 from tests.conftest import STUDY_CONFIG, count_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"

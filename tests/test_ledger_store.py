@@ -43,10 +43,10 @@ from sle_events.ledger import (
     verify_consistency,
     verify_proof_file,
 )
-from sle_events.ledger.audit import verify_ledger
+from sle_events.audit.ledger_check import verify_ledger
 from sle_events.ledger.log import Ledger, LedgerError, create_log_key, events_table, load_log_key
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)
@@ -424,7 +424,7 @@ def test_bad_input_is_refused_with_a_clear_error_and_nothing_is_stored(trial, tm
 def test_a_rotated_log_key_is_followed_from_either_vkey(trial, tmp_path):
     """The rotation checkpoint names both vkeys and carries both signatures; an auditor holding the old vkey
     or the new one verifies every checkpoint, and saved checkpoints from both sides of the rotation."""
-    from sle_events.ledger.audit import check_auditor_input
+    from sle_events.audit.trust import check_auditor_input
     from sle_events.ledger.checkpoint import key_rotation
 
     build(trial)

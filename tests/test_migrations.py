@@ -7,7 +7,7 @@ import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from sle_events.store import schema
+from sle_events import schema
 
 pytestmark = pytest.mark.storage
 
@@ -74,7 +74,7 @@ def test_upgrade_from_the_row_per_field_audit_table_reprojects_into_audit_events
 
 def test_a_database_upgraded_to_head_verifies_clean(trial, db_url):
     """Upgrading before the ledger's first integration leaves an empty ledger, not one that looks emptied."""
-    from sle_events.store.verification import verify_record
+    from sle_events.audit.verifier import verify_record
 
     schema.upgrade(db_url)
     report = verify_record(db_url, workers=1)
@@ -85,7 +85,7 @@ def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(
     """0006 recreates an SQLite events table without AUTOINCREMENT: same rows and ids, same verification,
     and the position of a deleted newest event is not handed out again."""
     from sle_events.store.record import StudyRecord
-    from sle_events.store.verification import verify_record
+    from sle_events.audit.verifier import verify_record
     from sle_events.domain.study import Study
     from sle_events.signing.keys import Signer
     from datetime import datetime, timezone

@@ -19,7 +19,7 @@ import pytest
 import sqlalchemy as sa
 from alembic.script import ScriptDirectory
 
-from sle_events.store import schema
+from sle_events import schema
 
 from conftest import BASE_PG_URL, REQUIRE_PG, count_rows
 

@@ -24,7 +24,9 @@ from sle_events.signing.envelope import open_sealed, seal
 from sle_events.signing.keys import Signer
 from sle_events.store.codec import envelope_for
 from sle_events.store.errors import UntrustedKey
-from sle_events.store.verification import Report, split_streams, verify_record
+from sle_events.audit.findings import Report
+from sle_events.audit.verifier import verify_record
+from sle_events.store.streams import split_streams
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)

@@ -33,7 +33,7 @@ from sle_events.domain.subject import Subject
 from sle_events.signing.keys import Signer
 from sle_events.store.errors import AppendRejected, UntrustedKey
 from sle_events.store.record import StudyRecord
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 from sle_events.trial import Trial
 from subject_scenarios import at, visit_day
 

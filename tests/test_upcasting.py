@@ -12,7 +12,7 @@ from projections.runner import ProjectionRunner
 from sle_events.domain.event_types import register_event_type
 from sle_events.signing.envelope import GENESIS, seal
 from sle_events.store.codec import envelope_for
-from sle_events.store.verification import verify_record
+from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(timezone.utc)

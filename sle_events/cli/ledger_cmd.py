@@ -19,7 +19,8 @@ from rich.console import Console
 from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
-from sle_events.store.record import database_url
+from sle_events.store.url import database_url
+
 
 ledger_app = typer.Typer(
     no_args_is_help=True,
@@ -85,7 +86,9 @@ def _signer(log_key: Optional[Path], origin: Optional[str]) -> Any:
     except LogKeyError as e:
         _fail(str(e), 2)
     if origin is not None and origin != signer.name:
-        _fail(f"origin {origin!r} differs from the log key's origin {signer.name!r} (the key is made for one origin)", 2)
+        _fail(
+            f"origin {origin!r} differs from the log key's origin {signer.name!r} (the key is made for one origin)", 2
+        )
     return signer
 
 
@@ -196,7 +199,9 @@ def checkpoint(
     sys.stdout.write(cp.note)
 
 
-def _issue(db: Optional[str], signer: Any, batch: Optional[int], out: Optional[Path], sign: Callable[[Any], Any]) -> Any:
+def _issue(
+    db: Optional[str], signer: Any, batch: Optional[int], out: Optional[Path], sign: Callable[[Any], Any]
+) -> Any:
     """Integrate new events (unless `batch` is None), then `sign(ledger)` a checkpoint and write it to `out`."""
     from sle_events.ledger.log import LedgerError
 
@@ -219,8 +224,11 @@ def _issue(db: Optional[str], signer: Any, batch: Optional[int], out: Optional[P
 def rotate_key(
     db: Optional[str] = DbOption,
     log_key: Optional[Path] = LogKeyOption,
-    new_key: Path = typer.Option(..., "--new-key", help="the log's next key (make it with `sle ledger init "
-                                 "--log-key NEW --origin <this log's origin>`)"),
+    new_key: Path = typer.Option(
+        ...,
+        "--new-key",
+        help="the log's next key (make it with `sle ledger init --log-key NEW --origin <this log's origin>`)",
+    ),
     out: Optional[Path] = typer.Option(None, "--out", help="also write the rotation checkpoint to this file"),
     batch: int = BatchOption,
 ) -> None:
@@ -260,8 +268,9 @@ def prove(
     event_id: Optional[str] = typer.Argument(None, help="<stream uuid>:<version>, or the event's log position"),
     index: Optional[int] = typer.Option(None, "--index", min=0, help="leaf index instead of an event"),
     out: Path = typer.Option(..., "--out", help="tlog-proof file to write; the leaf bytes go to FILE.leaf"),
-    against: Optional[Path] = typer.Option(None, "--checkpoint", help="prove against this saved checkpoint "
-                                           "(default: the latest one issued)"),  # fmt: skip
+    against: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="prove against this saved checkpoint (default: the latest one issued)"
+    ),  # fmt: skip
     db: Optional[str] = DbOption,
 ) -> None:
     """Write an inclusion proof (c2sp.org/tlog-proof@v1) for one event, and its exact leaf bytes."""
@@ -290,8 +299,9 @@ def prove(
 def consistency(
     old: Path = typer.Option(..., "--old", help="a checkpoint saved earlier"),
     new: Optional[Path] = typer.Option(None, "--new", help="prove up to this checkpoint (default: the latest)"),
-    out: Optional[Path] = typer.Option(None, "--out", help="write the proof here (and the new checkpoint to "
-                                       "FILE.checkpoint) instead of printing it"),  # fmt: skip
+    out: Optional[Path] = typer.Option(
+        None, "--out", help="write the proof here (and the new checkpoint to FILE.checkpoint) instead of printing it"
+    ),  # fmt: skip
     db: Optional[str] = DbOption,
 ) -> None:
     """Consistency proof (RFC 9162) from a saved checkpoint to the latest one: one base64 hash per line."""
@@ -321,105 +331,39 @@ def verify_proof(
     vkey: str = typer.Option(..., "--vkey", help="the log's vkey, or a file holding it"),
     leaf: Optional[Path] = typer.Option(None, "--leaf", help="the leaf bytes (default: PROOF_FILE.leaf)"),
     old_checkpoint: Optional[Path] = typer.Option(None, "--old-checkpoint", help="a checkpoint saved earlier"),
-    consistency_file: Optional[Path] = typer.Option(None, "--consistency", help="consistency proof from the old "
-                                                    "checkpoint to the one in PROOF_FILE"),  # fmt: skip
+    consistency_file: Optional[Path] = typer.Option(
+        None, "--consistency", help="consistency proof from the old checkpoint to the one in PROOF_FILE"
+    ),  # fmt: skip
     origin: Optional[str] = typer.Option(None, "--origin", help="expected origin (default: the vkey's name)"),
 ) -> None:
     """Check a proof offline, with nothing but the log's vkey: no database needed."""
-    from sle_events.ledger.audit import LedgerAuditError, load_vkey
-    from sle_events.ledger.checkpoint import CheckpointError, open_checkpoint
-    from sle_events.ledger.merkle import ProofError, RootMismatchError, verify_consistency
-    from sle_events.ledger.note import InvalidSignatureError, NoteError, UnverifiedNoteError
-    from sle_events.ledger.proof_file import (
-        TLOG_PROOF_HEADER,
-        ProofFileError,
-        parse_consistency_proof,
-        verify_proof_file,
-    )
+    from sle_events.audit.errors import ProofRejected, UnusableInput
+    from sle_events.audit.offline import check_proof, is_inclusion_proof
+    from sle_events.audit.trust import load_vkey
 
     try:
         verifier = load_vkey(vkey)
-    except LedgerAuditError as e:
+    except UnusableInput as e:
         _fail(f"--vkey: {e}", 2)
     if (old_checkpoint is None) != (consistency_file is None):
         _fail("--old-checkpoint and --consistency go together", 2)
-    origin = origin or verifier.name
     text = _read_text(proof_file, "proof")
-
-    def failed(reason: str) -> NoReturn:
-        err.print(f"[red]FAILED:[/red] {escape(reason)}")
-        raise typer.Exit(1)
-
-    def why(e: Exception, what: str) -> str:
-        if isinstance(e, InvalidSignatureError):
-            return f"{what}'s signature does not verify with {verifier.vkey}"
-        if isinstance(e, UnverifiedNoteError):
-            return f"{what} is not signed by {verifier.vkey} (no signature from that key)"
-        if isinstance(e, RootMismatchError):
-            return f"{what}: the proof leads to root {_b64(e.calculated)}, but the checkpoint signs {_b64(e.expected)}"
-        return f"{what}: {e}"
-
-    lines: list[str] = []
-    if text.startswith(TLOG_PROOF_HEADER + "\n"):
+    leaf_bytes = None
+    if is_inclusion_proof(text):
         leaf_path = leaf or proof_file.with_name(proof_file.name + ".leaf")
         try:
             leaf_bytes = leaf_path.read_bytes()
         except OSError:
             _fail(f"the leaf bytes are needed: {leaf_path} cannot be read (pass --leaf FILE)", 2)
-        try:
-            result = verify_proof_file(text, leaf_bytes, verifier, origin)
-        except (NoteError, CheckpointError) as e:
-            failed(why(e, "the proof's checkpoint"))
-        except RootMismatchError as e:
-            failed(why(e, "the leaf is not in the checkpoint's tree") + " (wrong leaf bytes or altered proof)")
-        except (ProofFileError, ProofError) as e:
-            failed(f"the inclusion proof is not valid: {e}")
-        cp = result.checkpoint
-        described = _describe_leaf(leaf_bytes)
-        lines.append(f"OK: leaf {result.index}{described} is in the tree of {cp.size} signed by {cp.origin}")
-    else:
-        try:
-            cp = open_checkpoint(text, verifier, origin)
-        except (NoteError, CheckpointError) as e:
-            failed(why(e, "the checkpoint"))
-        lines.append(f"OK: checkpoint of {cp.origin}, size {cp.size}, root {_b64(cp.root_hash)}, signature verified")
-    if old_checkpoint is not None and consistency_file is not None:
-        old_text = _read_text(old_checkpoint, "old checkpoint")
-        proof_text = _read_text(consistency_file, "consistency proof")
-        try:
-            old = open_checkpoint(old_text, verifier, origin)
-        except (NoteError, CheckpointError) as e:
-            failed(why(e, "the old checkpoint"))
-        try:
-            hashes = parse_consistency_proof(proof_text)
-        except ProofFileError as e:
-            failed(f"the consistency proof is malformed: {e}")
-        if old.size > cp.size:
-            failed(f"the new checkpoint (size {cp.size}) is smaller than the old one ({old.size}): the log was rolled back")
-        if old.size == 0:
-            if hashes:
-                failed("a consistency proof from the empty tree must be empty")
-        else:
-            try:
-                verify_consistency(old.size, cp.size, hashes, old.root_hash, cp.root_hash)
-            except RootMismatchError as e:
-                failed(f"the log of size {cp.size} is NOT an extension of the old checkpoint (size {old.size}): "
-                       f"the proof leads to root {_b64(e.calculated)}, expected {_b64(e.expected)}; "
-                       "history was rewritten, or the proof is not for these checkpoints")  # fmt: skip
-            except ProofError as e:
-                failed(f"the consistency proof from size {old.size} to {cp.size} does not verify: {e}")
-        lines.append(f"OK: the tree of {cp.size} extends the old checkpoint of {old.size} (append-only)")
-    print("\n".join(lines))
-
-
-def _describe_leaf(data: bytes) -> str:
-    """The event the leaf bytes claim to be (authenticated only as far as the inclusion proof goes)."""
+    old_text = _read_text(old_checkpoint, "old checkpoint") if old_checkpoint is not None else None
+    proof_text = _read_text(consistency_file, "consistency proof") if consistency_file is not None else None
     try:
-        doc = json.loads(data)
-        env = doc["envelope"]
-        return f" ({env['stream']} v{env['version']} {str(env['type']).rsplit(':', 1)[-1]})"
-    except Exception:  # noqa: BLE001 - not an envelope: nothing to describe
-        return ""
+        lines = check_proof(text, verifier, origin or verifier.name, leaf=leaf_bytes, old_checkpoint=old_text,
+                            consistency=proof_text)  # fmt: skip
+    except ProofRejected as e:
+        err.print(f"[red]FAILED:[/red] {escape(str(e))}")
+        raise typer.Exit(e.exit_code) from None
+    print("\n".join(lines))
 
 
 @ledger_app.command("run")
@@ -427,10 +371,18 @@ def run(
     db: Optional[str] = DbOption,
     log_key: Optional[Path] = LogKeyOption,
     origin: Optional[str] = OriginOption,
-    interval: float = typer.Option(5.0, "--interval", min=0.05, help="seconds between cycles"),
+    interval: float = typer.Option(5.0, "--interval", min=0.05, help="seconds between checkpoints"),
+    integrate_every: float = typer.Option(
+        0.5,
+        "--integrate-every",
+        min=0.05,
+        help="seconds between "
+        "integrations (continuous by default: shortens the window in which an "
+        "appended event can vanish without a trace)",
+    ),  # fmt: skip
     batch: int = BatchOption,
 ) -> None:
-    """Integrate and checkpoint every --interval seconds until SIGINT/SIGTERM."""
+    """Integrate new events continuously and sign a checkpoint every --interval seconds until SIGINT/SIGTERM."""
     from sle_events.ledger.log import LedgerError
 
     signer = _signer(log_key, origin)
@@ -446,7 +398,15 @@ def run(
 
     err.print(f"ledger running every {interval:g} s for {escape(signer.name)}; stop with Ctrl-C or SIGTERM")
     try:
-        ledger.run(signer, interval, origin=origin, batch=batch, on_cycle=cycle, on_error=problem)
+        ledger.run(
+            signer,
+            interval,
+            origin=origin,
+            batch=batch,
+            integrate_every=integrate_every,
+            on_cycle=cycle,
+            on_error=problem,
+        )
     except LedgerError as e:
         _fail(str(e), 1)
     finally:
@@ -458,18 +418,22 @@ def run(
 def witness(
     witness_key: Path = typer.Option(..., "--witness-key", help="the witness's key file (created 0600 if missing)"),
     name: Optional[str] = typer.Option(None, "--name", help="witness name for a new key (default witness.local)"),
-    vkey: Optional[str] = typer.Option(None, "--vkey", help="the log's vkey or a file holding it "
-                                       "(default: the one the ledger recorded)"),  # fmt: skip
+    vkey: Optional[str] = typer.Option(
+        None, "--vkey", help="the log's vkey or a file holding it (default: the one the ledger recorded)"
+    ),  # fmt: skip
     state_file: Path = typer.Option(..., "--state", help="JSON file: the last checkpoint this witness cosigned"),
-    checkpoint_file: Optional[Path] = typer.Option(None, "--checkpoint", help="checkpoint to cosign "
-                                                   "(default: the ledger's latest)"),  # fmt: skip
-    consistency_file: Optional[Path] = typer.Option(None, "--consistency", help="proof from the last cosigned "
-                                                    "checkpoint (default: asked from the ledger)"),  # fmt: skip
+    checkpoint_file: Optional[Path] = typer.Option(
+        None, "--checkpoint", help="checkpoint to cosign (default: the ledger's latest)"
+    ),  # fmt: skip
+    consistency_file: Optional[Path] = typer.Option(
+        None, "--consistency", help="proof from the last cosigned checkpoint (default: asked from the ledger)"
+    ),  # fmt: skip
     out: Optional[Path] = typer.Option(None, "--out", help="write the cosigned checkpoint here"),
     db: Optional[str] = DbOption,
 ) -> None:
     """Cosign a checkpoint (tlog-cosignature) only if it extends the last one this witness cosigned."""
-    from sle_events.ledger.audit import LedgerAuditError, load_vkey
+    from sle_events.audit.errors import UnusableInput
+    from sle_events.audit.trust import load_vkey
     from sle_events.ledger.checkpoint import Checkpoint
     from sle_events.ledger.cosignature import Witness, WitnessError
     from sle_events.ledger.log import LedgerError
@@ -491,7 +455,7 @@ def witness(
                 _fail("the ledger has no vkey yet; pass --vkey", 2)
         try:
             log_verifier = load_vkey(vkey)
-        except LedgerAuditError as e:
+        except UnusableInput as e:
             _fail(f"--vkey: {e}", 2)
         if state_origin is not None and state_origin != log_verifier.name:
             _fail(f"the witness state {state_file} is for log {state_origin!r}, not {log_verifier.name!r}", 2)

@@ -23,40 +23,72 @@ def _progress(label: str, enabled: bool) -> Progress:
 
 
 def _verify(url: str, as_json: bool, workers: int | None, checkpoint: list[Path] | None = None,
-            vkey: str | None = None) -> int:  # fmt: skip
-    from sle_events.store.verification import verify_record
+            vkey: str | None = None, since: Path | None = None, max_pending: float | None = None,
+            sign_key: Path | None = None, actor: str | None = None,
+            admin_keys: list[str] | None = None) -> int:  # fmt: skip
+    """Verify, print the report, keep the result; the exit code comes from `sle_events.audit.errors`."""
+    from datetime import timedelta
 
-    if checkpoint and vkey is None:
-        err.print("[red]error:[/red] --checkpoint needs the log's --vkey to check the saved checkpoint's signature")
-        return 2
-    missing = _no_record_at(url) or _no_events_at(url)
-    if missing:
-        if as_json:
-            print_json({"ok": False, "events": 0, "error": missing, "findings": []})
-        err.print(f"[red]error:[/red] {escape(missing)}")
-        return 2
+    from sle_events.audit.errors import AuditError, UnusableInput, exit_code
+    from sle_events.audit.trust import TrustRoot
+    from sle_events.audit.verifier import DEFAULT_PENDING_LIMIT, Verifier
+
     try:
+        if (checkpoint or since) and vkey is None:
+            raise UnusableInput(
+                "--checkpoint and --since need the log's --vkey to check the saved checkpoint's signature"
+            )
+        missing = _no_record_at(url) or _no_events_at(url)
+        if missing:
+            raise UnusableInput(missing)
+        trust = TrustRoot.load(admin_keys=admin_keys or (), vkey=vkey, checkpoints=checkpoint or None, since=since)
+        signer = _result_signer(sign_key, actor)
+        limit = DEFAULT_PENDING_LIMIT if max_pending is None else timedelta(minutes=max_pending)
         with _progress("verifying", not as_json and err.is_terminal) as bar:
             task = bar.add_task("verify", total=None)
-            report = verify_record(url, workers=workers, checkpoint=checkpoint or None, vkey=vkey,
-                                   on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
-    except ValueError as e:  # the auditor's vkey or saved checkpoint is unusable
-        err.print(f"[red]error:[/red] {escape(str(e))}")
-        return 2
-    _keep_result(url, report)
+            report = Verifier(trust, workers=workers, pending_limit=limit).verify(
+                url, on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+    except AuditError as e:
+        if as_json:  # a script reading --json gets JSON on every path
+            print_json({"ok": False, "events": 0, "error": e.diagnostics(), "findings": []})
+        err.print(f"[red]error:[/red] {escape(e.diagnostics())}")
+        return exit_code(e)
+    except Exception as e:  # noqa: BLE001 - the tool failed, which is not a finding: its own exit code
+        err.print(f"[red]sle verify failed (exit 3, no report):[/red] {type(e).__name__}: {escape(str(e))}")
+        return exit_code(e)
+    _keep_result(url, report, signer)
     if as_json:
         print_json(report.to_dict())
     else:
         rate = report.events / report.seconds if report.seconds else 0
         out.print(f"{report.events} events in {report.streams} streams ({report.studies} studies) "
                   f"checked in {report.seconds:.2f} s ({rate:,.0f} events/s)")  # fmt: skip
+        if report.since is not None:
+            out.print(escape(f"since checkpoint {report.since['checkpoint']} (size {report.since['size']}): events "
+                             f"after log position {report.since['position']} fully checked, "
+                             f"{report.since.get('rehashed', 0)} earlier events re-hashed against their ledger leaves"))  # fmt: skip
         if report.ledger is not None:
             out.print(_ledger_line(report.ledger))
         if report.ok:
             out.print("[green]verified: every signature, key, role and chain holds[/green]")
         else:
             out.print(_findings_table(report.findings))
-    return 0 if report.ok else 1
+    return exit_code(report)
+
+
+def _result_signer(path: Path | None, actor: str | None):  # type: ignore[no-untyped-def]
+    """The verifier's own key (registered in the study as auditor, monitor or admin) to seal its result with."""
+    from sle_events.audit.errors import UnusableInput
+    from sle_events.signing.keys import Signer
+
+    if path is None:
+        return None
+    if not actor:
+        raise UnusableInput("--sign-key needs --actor (the id the key is registered under)")
+    try:
+        return Signer.from_file(path, actor, "auditor")
+    except (OSError, ValueError) as e:
+        raise UnusableInput(f"--sign-key {path}: {e}") from None
 
 
 def _no_events_at(url: str) -> str | None:
@@ -82,20 +114,27 @@ def _findings_table(findings: list[Any]) -> Any:
     return t
 
 
-def _keep_result(url: str, report) -> None:  # type: ignore[no-untyped-def]
-    """Record the run for the audit trail; an auditor without write access still gets the result printed."""
-    from sqlalchemy import create_engine
+def _keep_result(url: str, report, signer=None) -> None:  # type: ignore[no-untyped-def]
+    """Record the run for the audit trail, sealed by the verifier's key if it holds one (`audit.results`); an
+    auditor without write access still gets the result printed."""
+    from sqlalchemy import create_engine, select
     from sqlalchemy.exc import SQLAlchemyError
 
     from projections.audit_trail import save_verification
     from projections.schema import verification_findings, verification_runs
+    from sle_events.audit.results import result_document, seal_result
 
     engine = create_engine(url)
     try:
         verification_runs.create(engine, checkfirst=True)
         verification_findings.create(engine, checkfirst=True)
         with engine.begin() as conn:
-            save_verification(conn, report)
+            run_id = save_verification(conn, report)
+            if signer is not None:
+                run = conn.execute(select(verification_runs).where(verification_runs.c.id == run_id)).one()
+                seal_result(
+                    conn, run_id, result_document(run.run_at, bool(run.ok), run.events, report.findings), signer
+                )
     except SQLAlchemyError as e:
         err.print(f"[yellow]result not saved in the database: {e.__class__.__name__}[/yellow]")
     finally:
@@ -129,10 +168,39 @@ def verify(
     vkey: str | None = typer.Option(
         None, "--vkey", metavar="KEY", help="the log's vkey (or a file holding it) to check checkpoint signatures with"
     ),
+    since: Path | None = typer.Option(
+        None,
+        "--since",
+        help="a checkpoint up to which you verified the record "
+        "before: check only the events after it in full, re-hash the earlier "
+        "ones against their ledger leaves",
+    ),  # fmt: skip
+    max_pending: float | None = typer.Option(
+        None,
+        "--max-pending",
+        min=0,
+        help="minutes an event may wait for ledger integration before it is a finding (default 15)",
+    ),  # fmt: skip
+    sign_key: Path | None = typer.Option(
+        None,
+        "--sign-key",
+        help="your Ed25519 key (PEM), registered in the "
+        "study as auditor, monitor or admin: the stored result is sealed with "
+        "it, so the audit trail can tell a forged one",
+    ),  # fmt: skip
+    actor: str | None = typer.Option(None, "--actor", help="who you are (the id --sign-key is registered under)"),
+    admin_key: list[str] | None = typer.Option(
+        None,
+        "--admin-key",
+        help="a study admin's public key (base64) "
+        "you trust: a study created with any other is untrusted_root "
+        "(repeatable; default: each study's own creation)",
+    ),  # fmt: skip
 ) -> None:
-    """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger."""
+    """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger.
+    Exit 0 verified, 1 findings, 2 unusable input, 3 the tool failed."""
     url = database_url(db)
-    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey))
+    raise typer.Exit(_verify(url, as_json, workers, checkpoint, vkey, since, max_pending, sign_key, actor, admin_key))
 
 
 @app.command()

@@ -38,7 +38,7 @@ def db_upgrade(
     revision: str = typer.Argument("head", metavar="REVISION", help="revision to upgrade to (default: head)"),
 ) -> None:
     """Apply schema revisions up to REVISION (default head)."""
-    from sle_events.store import schema
+    from sle_events import schema
 
     url = database_url(db)
     with handled():
@@ -95,7 +95,7 @@ def projections_rebuild(
     from projections.runner import RebuildFailed
 
     if verify:
-        from sle_events.store.verification import verify_record
+        from sle_events.audit.verifier import verify_record
 
         report = verify_record(existing_database(db))
         if not report.ok:

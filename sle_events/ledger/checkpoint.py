@@ -19,7 +19,9 @@ import re
 from collections.abc import Iterable
 from dataclasses import dataclass, field
 
-from .merkle import HASH_SIZE
+from sle_events.picklable import Picklable  # stdlib only, like this core
+
+from .merkle import HASH_SIZE, ProofError, RootMismatchError, verify_consistency
 from .note import NoteError, NoteSigner, NoteVerifier, Verifier, b64decode_strict, open_note, parse_note, sign_note
 
 __all__ = [
@@ -217,3 +219,40 @@ def _signed_by_both(note: str, old: str, new: str) -> bool:
     except (NoteError, ValueError):
         return False
     return True
+
+
+class ExtensionError(Picklable, CheckpointError):
+    """A newer tree is not proven to extend an older one. ``reason``: ``rollback`` (the newer tree is smaller),
+    ``split_view`` (same size, other root), ``rewritten`` (the proof leads elsewhere: history changed) or
+    ``bad_proof`` (the proof itself does not fit the sizes)."""
+
+    def __init__(self, reason: str, message: str) -> None:
+        super().__init__(message)
+        self.reason = reason
+
+
+def check_extension(old_size: int, old_root: bytes, new_size: int, new_root: bytes,
+                    proof: Iterable[bytes]) -> None:  # fmt: skip
+    """The one checkpoint-extension check: raise :class:`ExtensionError` unless the tree (``new_size``,
+    ``new_root``) is append-only over (``old_size``, ``old_root``) by the RFC 9162 consistency ``proof``."""
+    proof = [bytes(h) for h in proof]
+    if old_size == 0:
+        if proof:
+            raise ExtensionError("bad_proof", "expected an empty proof from the empty tree")
+        return
+    if new_size < old_size:
+        raise ExtensionError("rollback", f"the newer tree (size {new_size}) is smaller than the older one "
+                             f"({old_size}): the log was rolled back")  # fmt: skip
+    if new_size == old_size and new_root != old_root:
+        raise ExtensionError("split_view", f"two different roots for size {new_size} (split view)")
+    try:
+        verify_consistency(old_size, new_size, proof, old_root, new_root)
+    except RootMismatchError as e:
+        b64 = base64.b64encode
+        raise ExtensionError("rewritten", f"the tree of size {new_size} is NOT an extension of the old checkpoint "
+                             f"(size {old_size}): the proof leads to root {b64(e.calculated).decode()}, expected "
+                             f"{b64(e.expected).decode()}; history was rewritten, or the proof is not for these "
+                             "trees") from None  # fmt: skip
+    except ProofError as e:
+        raise ExtensionError("bad_proof", f"the consistency proof from size {old_size} to {new_size} does not "
+                             f"verify: {e}") from None  # fmt: skip

@@ -26,8 +26,8 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import (
     Ed25519PublicKey,
 )
 
-from .checkpoint import Checkpoint, CheckpointError, key_rotation, open_checkpoint
-from .merkle import HASH_SIZE, ProofError, verify_consistency
+from .checkpoint import Checkpoint, CheckpointError, ExtensionError, check_extension, key_rotation, open_checkpoint
+from .merkle import HASH_SIZE
 from .note import (
     ALG_ED25519,
     KeyFormatError,
@@ -249,25 +249,10 @@ class Witness:
         return self._log_verifier
 
     def _check_consistency(self, cp: Checkpoint, proof: list[bytes]) -> None:
-        old = self._state
-        if old is None or old.size == 0:
-            if proof:
-                raise WitnessError("refusing to cosign: expected an empty proof from the empty tree")
-            return
-        if cp.size < old.size:
-            raise WitnessError(
-                f"refusing to cosign: checkpoint size {cp.size} is smaller than the "
-                f"last cosigned size {old.size} (rollback)"
-            )
-        if cp.size == old.size and cp.root_hash != old.root_hash:
-            raise WitnessError(
-                f"refusing to cosign: conflicting root for size {cp.size} (split view)"
-            )
+        old_size, old_root = (self._state.size, self._state.root_hash) if self._state else (0, b"")
         try:
-            verify_consistency(old.size, cp.size, proof, old.root_hash, cp.root_hash)
-        except ProofError as e:
-            raise WitnessError(
-                f"refusing to cosign: checkpoint of size {cp.size} is not proven consistent "
-                f"with the last cosigned size {old.size}: {e}"
-            ) from e
-
+            check_extension(old_size, old_root, cp.size, cp.root_hash, proof)
+        except ExtensionError as e:
+            why = {"rollback": "rollback", "split_view": "split view"}.get(
+                e.reason, f"checkpoint of size {cp.size} is not proven consistent with the last cosigned size {old_size}")
+            raise WitnessError(f"refusing to cosign: {why}: {e}") from e

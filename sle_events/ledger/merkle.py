@@ -113,23 +113,37 @@ _LEAF_STATE = _sha256(b"\x00")
 _NODE_STATE = _sha256(b"\x01")
 
 
+def pair_level(level: bytes) -> bytes:
+    """The next level up of concatenated 32-byte nodes: the hash of each complete pair (an odd last node is
+    left out; the caller promotes it or not)."""
+    new = _NODE_STATE.copy
+    mv = memoryview(level)
+    out = []
+    put = out.append
+    step = 2 * HASH_SIZE
+    for k in range(0, (len(level) // step) * step, step):
+        h = new()
+        h.update(mv[k : k + step])
+        put(h.digest())
+    return b"".join(out)
+
+
+def perfect_levels(level0: bytes) -> list[bytes]:
+    """Every perfect subtree over these concatenated leaf hashes, level by level (level 0 first)."""
+    levels = [bytes(level0)]
+    while len(levels[-1]) >= 2 * HASH_SIZE:
+        levels.append(pair_level(levels[-1]))
+    return levels
+
+
 def _reduce(level: list[bytes]) -> bytes:
     # Pairwise reduction, level by level; an odd last node is promoted unchanged,
     # which yields exactly the RFC 6962 tree (left subtree = largest power of two).
-    new = _NODE_STATE.copy
-    while len(level) > 1:
-        nxt: list[bytes] = []
-        put = nxt.append
-        it = iter(level)
-        for a, b in zip(it, it):
-            h = new()
-            h.update(a)
-            h.update(b)
-            put(h.digest())
-        if len(level) & 1:
-            put(level[-1])
-        level = nxt
-    return level[0] if level else EMPTY_ROOT
+    buf = b"".join(level)
+    while len(buf) > HASH_SIZE:
+        odd = buf[-HASH_SIZE:] if (len(buf) // HASH_SIZE) & 1 else b""
+        buf = pair_level(buf) + odd
+    return buf if buf else EMPTY_ROOT
 
 
 def root_from_leaf_hashes(hashes: Sequence[bytes]) -> bytes:

@@ -16,7 +16,6 @@ import threading
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import lru_cache
-from pathlib import Path
 from typing import Any, Callable, Iterable, Sequence
 from uuid import UUID
 
@@ -28,6 +27,7 @@ from sqlalchemy import func, select
 
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, Study
+from sle_events.signing.chain import BROKEN, GAP, TAKEN, link_problem
 from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
 from sle_events.signing.envelope import (
     GENESIS,
@@ -43,6 +43,7 @@ from sle_events.signing.envelope import (
 )
 from sle_events.signing.keys import Signer, key_id, verify_signature
 from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from, envelope_for
+from sle_events.store.url import DEFAULT_DB_FILE, database_url  # noqa: F401 - re-exported
 from sle_events.store.errors import (
     BadSignature,
     ChainBroken,
@@ -58,21 +59,12 @@ from sle_events.store.errors import (
 )
 
 STUDY_CREATED = "Study.Created"
-DEFAULT_DB_FILE = "sle-study.db"
 # Signatures are verified on a thread pool while the batch is checked and written, before commit. Over a
 # network (PostgreSQL) even one event gains; with SQLite the write is CPU work under the GIL, so small
 # batches are verified inline.
 PARALLEL_VERIFY_MIN = {"postgresql": 1, "sqlite": 16}
 MAX_EVENT_BYTES = 1 << 20  # one signed envelope; a lab result is ~1 KiB
 MAX_NESTING = 32  # the deepest payload the domain writes is 4 levels
-
-
-def database_url(url: str | None = None) -> str:
-    """`--db`, else SLE_DATABASE_URL, else an SQLite file in the working directory."""
-    url = url or os.environ.get("SLE_DATABASE_URL")
-    if url:
-        return url
-    return f"sqlite:///{Path.cwd() / DEFAULT_DB_FILE}"
 
 
 class EnvelopeMapper(Mapper):
@@ -97,7 +89,7 @@ class _NoTranscoder(Transcoder):
 
 
 @lru_cache(maxsize=4096)
-def _public_key(raw: bytes) -> Ed25519PublicKey:
+def public_key(raw: bytes) -> Ed25519PublicKey:
     return Ed25519PublicKey.from_public_bytes(raw)
 
 
@@ -331,7 +323,7 @@ class StudyRecord(Application[UUID]):
                 entry = study.authorise(env["key"], env["actor"], env["role"], name)
             except KeyProblem as exc:
                 raise UntrustedKey(str(exc), **where) from exc
-            keys.append(_public_key(study.public_key(entry["key"])))
+            keys.append(public_key(study.public_key(entry["key"])))
             if env["stream"] == study_id and env["version"] > 1:
                 # Registry changes take effect for the rest of the batch.
                 studies[study_id] = study = copy.deepcopy(study)
@@ -348,7 +340,7 @@ class StudyRecord(Application[UUID]):
         for e in events:
             study = self._studies.get(e.envelope.get("study"))  # type: ignore[arg-type]
             entry = study.keys.get(e.envelope.get("key")) if study is not None else None
-            guesses.append(_public_key(study.public_key(entry["key"])) if entry else None)
+            guesses.append(public_key(study.public_key(entry["key"])) if entry else None)
 
         def bad_in(lo: int, hi: int) -> list[int]:
             return [i for i in range(lo, hi)
@@ -431,11 +423,12 @@ class StudyRecord(Application[UUID]):
         head = heads.get(stream) or self._heads.get(stream)
         if head is None or head[0] != version - 1:
             head = self._stored_head(stream, where)
-        if version <= head[0]:
+        problem = link_problem(head[0], head[1], version, prev)
+        if problem == TAKEN:
             raise VersionConflict(f"version {version} is already taken (head is v{head[0]})", **where)
-        if version != head[0] + 1:
+        if problem == GAP:
             raise ChainBroken(f"version {version} does not follow the head v{head[0]}", **where)
-        if prev != head[1]:
+        if problem == BROKEN:
             raise ChainBroken(f"prev {prev[:12]}… does not match the hash of v{head[0]} ({head[1][:12]}…)", **where)
         if version > 1 and study != head[2]:
             raise WrongStudy(f"stream {stream} belongs to study {head[2]}; an event of study {study} cannot join it",

@@ -27,9 +27,11 @@ def target_metadata() -> MetaData:
 
 
 def _extra_metadata() -> list[MetaData]:
-    from sle_events.ledger.log import metadata as ledger_metadata
+    from sle_events.ledger.tables import metadata as ledger_metadata
 
-    found = [ledger_metadata]
+    from sle_events.audit.results import metadata as results_metadata
+
+    found = [ledger_metadata, results_metadata]
     try:
         from projections.schema import metadata as projection_metadata
 

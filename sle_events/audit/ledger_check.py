@@ -1,4 +1,4 @@
-"""`sle verify`'s ledger half: recompute the Merkle tree from the events and hold the ledger against it.
+"""The ledger check (`sle verify`'s ledger half): recompute the Merkle tree from the events and hold the ledger against it.
 
 :func:`verify_ledger` trusts nothing the ledger stored. It re-hashes every event (in log order) into the tree
 the log *should* be, then checks:
@@ -23,15 +23,19 @@ import os
 from array import array
 from bisect import bisect_left
 from dataclasses import dataclass, field
-from pathlib import Path
+from datetime import datetime, timedelta, timezone
 from typing import Any, Callable, Iterable, Sequence
 
 import sqlalchemy as sa
 
-from sle_events.store.verification import Finding
-
-from .checkpoint import Checkpoint, CheckpointError, KeyChain, follow_key_rotations, open_checkpoint
-from .log import (
+from sle_events.audit.errors import UnusableInput
+from sle_events.audit.findings import Finding
+from sle_events.audit.trust import TrustRoot, load_vkey, open_saved, read_checkpoint_notes
+from sle_events.signing.envelope import open_stored, parse_time
+from sle_events.ledger.checkpoint import Checkpoint, CheckpointError, KeyChain, follow_key_rotations, open_checkpoint
+from sle_events.ledger.merkle import EMPTY_ROOT, HASH_SIZE, pair_level, perfect_levels, range_nodes, root_at
+from sle_events.ledger.note import InvalidSignatureError, KeyFormatError, NoteError, UnverifiedNoteError, Verifier, parse_note
+from sle_events.ledger.tables import (
     EVENTS_TABLE,
     LEDGER_TABLES,
     events_table,
@@ -40,26 +44,12 @@ from .log import (
     ledger_nodes,
     ledger_state,
 )
-from .merkle import EMPTY_ROOT, HASH_SIZE, range_nodes, root_at
-from .note import InvalidSignatureError, KeyFormatError, NoteError, UnverifiedNoteError, Verifier, parse_note
 
-__all__ = [
-    "LedgerAuditError",
-    "LedgerFindings",
-    "verify_ledger",
-    "check_auditor_input",
-    "load_vkey",
-    "read_checkpoint_notes",
-]
+__all__ = ["LedgerFindings", "verify_ledger"]
 
 BATCH = 5000
 _H = HASH_SIZE
 _LEAF = hashlib.sha256(b"\x00")
-_NODE = hashlib.sha256(b"\x01")
-
-
-class LedgerAuditError(ValueError):
-    """The auditor's input is unusable (bad vkey, saved checkpoint that does not verify...)."""
 
 
 class LedgerFindings(list):  # type: ignore[type-arg]
@@ -68,108 +58,6 @@ class LedgerFindings(list):  # type: ignore[type-arg]
     def __init__(self, findings: Iterable[Finding] = (), info: dict[str, Any] | None = None) -> None:
         super().__init__(findings)
         self.info: dict[str, Any] = info or {}
-
-
-# --------------------------------------------------------------------------- inputs
-
-
-def load_vkey(vkey: str | os.PathLike[str] | Verifier) -> Verifier:
-    """A verifier from a vkey string (``name+id+base64``) or a file holding one."""
-    if isinstance(vkey, Verifier):
-        return vkey
-    text = str(vkey).strip()
-    try:
-        return Verifier.from_vkey(text)
-    except KeyFormatError as direct:
-        path = Path(text)
-        if "\n" not in text and path.is_file():
-            try:
-                return Verifier.from_vkey(path.read_text(encoding="utf-8").strip())
-            except (KeyFormatError, UnicodeDecodeError, OSError) as e:
-                raise LedgerAuditError(f"{path} does not hold a log vkey: {e}") from None
-        raise LedgerAuditError(f"not a log vkey (want <origin>+<8 hex>+<base64>) nor a file holding one: {direct}") from None
-
-
-def read_checkpoint_notes(source: Any) -> list[tuple[str, str]]:
-    """``[(label, note text)]`` from a note text, bytes, a path, or a list of those."""
-    if source is None:
-        return []
-    if isinstance(source, (str, bytes, os.PathLike)):
-        source = [source]
-    out: list[tuple[str, str]] = []
-    for i, item in enumerate(source):
-        if isinstance(item, bytes):
-            label, raw = f"checkpoint {i + 1}", item
-        elif isinstance(item, str) and "\n" in item:
-            label, raw = f"checkpoint {i + 1}", item.encode("utf-8")
-        else:
-            path = Path(item)
-            label = str(path)
-            try:
-                raw = path.read_bytes()
-            except OSError as e:
-                raise LedgerAuditError(f"cannot read saved checkpoint {path}: {e.strerror}") from None
-        try:
-            out.append((label, raw.decode("utf-8")))
-        except UnicodeDecodeError:
-            raise LedgerAuditError(f"saved checkpoint {label} is not UTF-8 text") from None
-    return out
-
-
-def check_auditor_input(checkpoints_from: Any, vkey: Any) -> list[tuple[str, Checkpoint]]:
-    """Check an auditor's vkey and saved checkpoints before any work; raise :class:`LedgerAuditError`.
-
-    Saved checkpoints without a vkey are left to :func:`verify_ledger` (which may use the ledger's own).
-    """
-    verifier = load_vkey(vkey) if vkey is not None else None
-    notes = read_checkpoint_notes(checkpoints_from)
-    if verifier is None:
-        return []
-    # A checkpoint signed by another key of this origin may come from either side of a key rotation: only the
-    # log's own rotation checkpoints can say, so `verify_ledger` checks it against them.
-    return [(label, _open_saved(label, note, [verifier])) for label, note in notes
-            if not _signed_by_another_key_of(note, verifier)]  # fmt: skip
-
-
-def _signed_by_another_key_of(note: str, verifier: Verifier) -> bool:
-    try:
-        signatures = parse_note(note)[1]
-    except NoteError:
-        return False
-    names = {(sig.name, sig.key_id) for sig in signatures}
-    return (verifier.name, verifier.key_id) not in names and any(name == verifier.name for name, _ in names)
-
-
-def _open_saved(label: str, note: str, verifiers: list[Verifier]) -> Checkpoint:
-    try:
-        return open_checkpoint(note, verifiers, verifiers[0].name)
-    except (NoteError, CheckpointError) as e:
-        raise LedgerAuditError(f"saved checkpoint {label} does not verify with "
-                               f"{' or '.join(v.vkey for v in verifiers)}: {e}") from None  # fmt: skip
-
-
-# --------------------------------------------------------------------------- tree helpers
-
-
-def _pairs(level: bytes) -> bytes:
-    """The next level up: hash of each complete pair of 32-byte nodes."""
-    new = _NODE.copy
-    mv = memoryview(level)
-    out = []
-    put = out.append
-    for k in range(0, (len(level) // (2 * _H)) * 2 * _H, 2 * _H):
-        h = new()
-        h.update(mv[k : k + 2 * _H])
-        put(h.digest())
-    return b"".join(out)
-
-
-def _levels(level0: bytes) -> list[bytes]:
-    """Every perfect subtree of the tree over these leaf hashes, level by level."""
-    levels = [bytes(level0)]
-    while len(levels[-1]) >= 2 * _H:
-        levels.append(_pairs(levels[-1]))
-    return levels
 
 
 def _getter(levels: Sequence[bytes]) -> Callable[[int, int], bytes]:
@@ -192,6 +80,10 @@ class _Audit:
     events: Any
     findings: list[Finding] = field(default_factory=list)
     info: dict[str, Any] = field(default_factory=dict)
+    present: set[str] = field(default_factory=set)  # the ledger tables that exist (a dropped one reads as empty)
+
+    def rows(self, conn: Any, table: Any, query: Any) -> list[Any]:
+        return list(conn.execute(query)) if table.name in self.present else []
 
     def found(self, kind: str, detail: str, *, position: int | None = None, stream: str | None = None,
               version: int | None = None) -> None:  # fmt: skip
@@ -226,28 +118,103 @@ def verify_ledger(
     checkpoints_from: Any = None,
     vkey: str | os.PathLike[str] | Verifier | None = None,
     on_progress: Callable[[int, int], None] | None = None,
+    *,
+    trust: TrustRoot | None = None,
+    pending_limit: timedelta | None = None,
 ) -> LedgerFindings:
     """Check the ledger of the record at ``url`` against the events; return the findings.
 
     ``checkpoints_from``: checkpoint(s) an auditor saved earlier (note text, bytes, a path, or a list); each
-    must verify with ``vkey`` (or, failing that, the vkey the ledger recorded) or :class:`LedgerAuditError`
+    must verify with ``vkey`` (or, failing that, the vkey the ledger recorded) or :class:`UnusableInput`
     is raised. ``vkey`` also checks the stored checkpoints' signatures (default: the ledger's recorded vkey).
-    ``on_progress(done, total)`` is called as rows are read. ``.info`` of the result says what was checked.
+    ``trust`` (a :class:`TrustRoot`) gives both at once. ``pending_limit``: events waiting longer than this for
+    integration are a finding. ``on_progress(done, total)`` is called as rows are read. ``.info`` of the
+    result says what was checked.
     """
-    verifier = load_vkey(vkey) if vkey is not None else None
-    saved_notes = read_checkpoint_notes(checkpoints_from)
+    if trust is not None:
+        verifier = trust.vkey
+        saved_notes = list(trust.checkpoints) + ([trust.since] if trust.since else [])
+        expected = trust.has_log
+    else:
+        verifier = load_vkey(vkey) if vkey is not None else None
+        saved_notes = read_checkpoint_notes(checkpoints_from)
+        expected = verifier is not None or bool(saved_notes)
     engine = sa.create_engine(url)
     try:
         names = set(sa.inspect(engine).get_table_names())
         if EVENTS_TABLE not in names:
-            raise LedgerAuditError(f"no study record at {url}: table {EVENTS_TABLE} does not exist")
+            raise UnusableInput(f"no study record at {url}: table {EVENTS_TABLE} does not exist")
         audit = _Audit(engine, events_table())
-        has_ledger = all(t in names for t in LEDGER_TABLES)
+        has_ledger = _ledger_present(audit, names, expected)
         _run(audit, has_ledger, verifier, saved_notes, on_progress)
+        first_pending = audit.info.pop("_first_pending", None)
+        if has_ledger and pending_limit is not None and first_pending is not None:
+            _check_pending(audit, pending_limit, first_pending)
     finally:
         engine.dispose()
     audit.findings.sort(key=lambda f: (f.position or 0, f.kind))
     return LedgerFindings(audit.findings, audit.info)
+
+
+def _ledger_present(audit: _Audit, names: set[str], expected: bool) -> bool:
+    """Whether the ledger can be checked; a ledger that was (or must be) here and is gone is a finding.
+
+    Evidence that a ledger existed: any of its tables (dropping one must not turn the check off), the Alembic
+    revision (0004 created the tables), or the auditor's trust root naming a log. Dropping all four tables of
+    a database the tables were created in on first use, with no auditor holding the vkey, leaves no trace
+    here: that is what the auditor's saved checkpoints are for (README, "Ledger")."""
+    present = [t for t in LEDGER_TABLES if t in names]
+    missing = [t for t in LEDGER_TABLES if t not in names]
+    audit.present = set(present)
+    if present:
+        for table in missing:  # checked as if empty: what it would have shown is then found elsewhere too
+            audit.found("ledger_table_missing", f"table {table} is gone while {', '.join(present)} remain: a ledger "
+                        "table was dropped")  # fmt: skip
+        return True
+    why = []
+    if expected:
+        why.append("the auditor's trust root names a log (--vkey/--checkpoint/--since)")
+    revision = _alembic_revision(audit.engine, names)
+    if revision is not None and revision >= "0004":
+        why.append(f"the schema is at revision {revision}, which has the ledger's tables")
+    if why:
+        audit.found("ledger_missing", "this database has no ledger tables, but " + " and ".join(why) +
+                    ": the ledger was dropped (or this is not the database the auditor knows)")  # fmt: skip
+    return False
+
+
+def _alembic_revision(engine: Any, names: set[str]) -> str | None:
+    if "alembic_version" not in names:
+        return None
+    with engine.connect() as conn:
+        return conn.execute(sa.text("select version_num from alembic_version")).scalar()
+
+
+def _check_pending(audit: _Audit, limit: timedelta, first: int) -> None:
+    """Events waiting for integration longer than `limit` (by their signed recorded_at): until integrated, an
+    event deleted by SQL leaves no trace, so a stalled integrator is a finding."""
+    pending = audit.info.get("pending", 0)
+    ev = audit.events
+    with audit.engine.connect() as conn:
+        row = conn.execute(sa.select(ev.c.originator_id, ev.c.originator_version, ev.c.state)
+                           .where(ev.c.id == first)).first()  # fmt: skip
+    try:
+        recorded = parse_time("recorded_at", open_stored(bytes(row.state)).envelope["recorded_at"])
+    except Exception:  # noqa: BLE001 - unreadable bytes are the record check's finding
+        return
+    waited = datetime.now(timezone.utc) - recorded
+    audit.info["oldest_pending_seconds"] = round(waited.total_seconds())
+    if waited > limit:
+        audit.found("ledger_pending_too_long",
+                    f"{pending} events are not integrated yet, the oldest (log position {first}, recorded "
+                    f"{recorded.isoformat()}) for {_span(waited)}, more than {_span(limit)}: until integrated, an "
+                    "event deleted by SQL leaves no trace; is `sle ledger run` running?",
+                    position=first, stream=str(row.originator_id), version=row.originator_version)  # fmt: skip
+
+
+def _span(t: timedelta) -> str:
+    s = int(t.total_seconds())
+    return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s"
 
 
 def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes: list[tuple[str, str]],
@@ -260,9 +227,10 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     state = None
     if has_ledger:
         with engine.connect() as conn:
-            state = conn.execute(sa.select(ledger_state).where(ledger_state.c.id == 1)).mappings().first()
-            n_leaves = conn.execute(sa.select(sa.func.count()).select_from(ledger_leaves)).scalar_one()
-            n_nodes = conn.execute(sa.select(sa.func.count()).select_from(ledger_nodes)).scalar_one()
+            found = audit.rows(conn, ledger_state, sa.select(ledger_state).where(ledger_state.c.id == 1))
+            state = found[0]._mapping if found else None
+            n_leaves = sum(r[0] for r in audit.rows(conn, ledger_leaves, sa.select(sa.func.count()).select_from(ledger_leaves)))
+            n_nodes = sum(r[0] for r in audit.rows(conn, ledger_nodes, sa.select(sa.func.count()).select_from(ledger_nodes)))
     else:
         n_leaves = n_nodes = 0
     if verifier is None and state is not None and state["vkey"]:
@@ -277,7 +245,10 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     checkpoints: list[Any] = []
     if has_ledger:
         with engine.connect() as conn:
-            checkpoints = list(conn.execute(sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id)))
+            checkpoints = audit.rows(conn, ledger_checkpoints, sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id))
+        if state is not None and state["vkey"] and not checkpoints and "ledger_checkpoints" in audit.present:
+            audit.found("ledger_checkpoints_emptied", "ledger_state names the log key that signed checkpoints, but "
+                        "ledger_checkpoints holds none: its rows were deleted")  # fmt: skip
     # The log's keys, followed from the auditor's (or the recorded) key through rotation checkpoints.
     chain = None
     if verifier is not None:
@@ -293,9 +264,9 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     saved: list[tuple[str, Checkpoint]] = []
     if saved_notes:
         if verifier is None or chain is None:
-            raise LedgerAuditError("a saved checkpoint needs the log's vkey to be checked (--vkey)")
+            raise UnusableInput("a saved checkpoint needs the log's vkey to be checked (--vkey)")
         linked = [Verifier.from_vkey(k) for k in chain.linked] or [verifier]
-        saved = [(label, _open_saved(label, note, linked)) for label, note in saved_notes]
+        saved = [(label, open_saved(label, note, linked)) for label, note in saved_notes]
 
     # --- every event, in log order: the tree the log should be ------------------------------------------
     with engine.connect() as conn:
@@ -328,7 +299,10 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     if has_ledger:
         stored_levels, stored_ok, logged_position, done = _check_ledger(
             audit, state, ev_pos, ev_hash_b, done, total, on_progress)  # fmt: skip
-    info["pending"] = n_ev - bisect_left(ev_pos, logged_position + 1)
+    first_pending = bisect_left(ev_pos, logged_position + 1)
+    info["pending"] = n_ev - first_pending
+    if first_pending < n_ev:
+        info["_first_pending"] = ev_pos[first_pending]
 
     # --- roots of the recomputed tree ------------------------------------------------------------------
     ev_levels: list[bytes] | None = None
@@ -340,7 +314,7 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
         if stored_ok and stored_levels is not None and size <= len(stored_levels[0]) // _H:
             return root_at(size, _getter(stored_levels))  # the stored tree IS the recomputed one here
         if ev_levels is None:
-            ev_levels = _levels(ev_hash_b)
+            ev_levels = perfect_levels(ev_hash_b)
         return root_at(size, _getter(ev_levels))
 
     info["root"] = _b64(recomputed_root(n_ev))
@@ -384,8 +358,8 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         lv = ledger_leaves.c
         result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
             sa.select(lv.idx, lv.position, lv.leaf_hash).order_by(lv.idx)
-        )
-        for part in result.partitions():
+        ) if "ledger_leaves" in audit.present else None
+        for part in result.partitions() if result is not None else ():
             for idx, position, h in part:
                 lf_idx.append(idx)
                 lf_pos.append(position)
@@ -441,8 +415,16 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
             found("ledger_leaf_missing_event",
                   f"leaf {lf_idx[k]} logged {what} at log position {lf_pos[k]}; that event is gone from the record",
                   position=lf_pos[k], stream=stream, version=version)  # fmt: skip
+        row_altered = _leaf_rows_altered(audit, state, changed, lf_idx, lf_pos, lf_hash_b, ev_pos, ev_hash)
         for k in changed:
             stream, version = now.get(lf_pos[k], (None, None))
+            if k in row_altered:
+                found("ledger_leaf_row_altered",
+                      f"ledger_leaves row {lf_idx[k]} (log position {lf_pos[k]}, {stream} v{version}) holds leaf hash "
+                      f"{_b64(lf_hash_b[k * _H:(k + 1) * _H])}, but the event still hashes to what the tree above it "
+                      "was built from: the leaf row was edited, not the event", position=lf_pos[k], stream=stream,
+                      version=version)  # fmt: skip
+                continue
             was_stream, was_version = logged.get(lf_idx[k], (None, None))
             was = "" if (was_stream, was_version) == (stream, version) or was_stream is None else \
                 f" (the ledger logged {was_stream} v{was_version} there)"  # fmt: skip
@@ -485,9 +467,9 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         nd = ledger_nodes.c
         result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
             sa.select(nd.level, nd.idx, nd.hash).order_by(nd.level, nd.idx)
-        )
+        ) if "ledger_nodes" in audit.present else None
         level_rows: dict[int, list[bytes]] = {}
-        for part in result.partitions():
+        for part in result.partitions() if result is not None else ():
             for level, idx, h in part:
                 row = level_rows.setdefault(level, [])
                 if level >= 1 and idx == len(row) and idx < (size >> level):
@@ -506,7 +488,7 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
     level = 1
     while (size >> level) > 0:
         count = size >> level
-        expected = _pairs(levels[-1][: count * 2 * _H])
+        expected = pair_level(levels[-1][: count * 2 * _H])
         row = level_rows.get(level, [])
         late = stored_nodes.get(level, {})
         if len(row) == count:
@@ -558,6 +540,39 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
             ok = False
             found("ledger_state_mismatch", "ledger_state disagrees with the stored tree: " + "; ".join(problems))
     return levels, ok, logged_position, done
+
+
+def _leaf_rows_altered(audit: _Audit, state: Any, changed: list[int], lf_idx: array, lf_pos: array, lf_hash: bytes,
+                       ev_pos: array, ev_hash: bytes) -> set[int]:  # fmt: skip
+    """Which of the `changed` leaves (event hash ≠ leaf hash) had their ledger_leaves row edited rather than
+    their event: the event's hash, with its sibling leaf, still gives the stored parent node (or, for a lone
+    last leaf, the stored frontier)."""
+    by_idx = {lf_idx[k]: k for k in range(len(lf_idx))}
+    size = int(state["size"]) if state is not None else len(lf_idx)
+    parents = {lf_idx[k] >> 1 for k in changed if (lf_idx[k] ^ 1) < size}
+    stored: dict[int, bytes] = {}
+    if parents and "ledger_nodes" in audit.present:
+        nd = ledger_nodes.c
+        with audit.engine.connect() as conn:
+            wanted = sorted(parents)
+            for j in range(0, len(wanted), 500):
+                rows = conn.execute(sa.select(nd.idx, nd.hash).where(nd.level == 1, nd.idx.in_(wanted[j : j + 500])))
+                stored.update((int(i), bytes(h)) for i, h in rows)
+    frontier = bytes(state["frontier"]) if state is not None else b""
+    out = set()
+    for k in changed:
+        j = bisect_left(ev_pos, lf_pos[k])
+        event_h = ev_hash[j * _H : (j + 1) * _H]
+        idx = lf_idx[k]
+        sibling = by_idx.get(idx ^ 1)
+        if (idx ^ 1) < size and sibling is not None and (idx >> 1) in stored:
+            sib_h = lf_hash[sibling * _H : (sibling + 1) * _H]
+            pair = event_h + sib_h if idx % 2 == 0 else sib_h + event_h
+            if pair_level(pair) == stored[idx >> 1]:
+                out.add(k)
+        elif idx == size - 1 and size % 2 == 1 and frontier[-_H:] == event_h:
+            out.add(k)
+    return out
 
 
 def _check_checkpoints(audit: _Audit, rows: list[Any], verifier: Verifier | None, chain: KeyChain | None,
