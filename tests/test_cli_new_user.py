@@ -174,7 +174,7 @@ def test_csv_with_no_rows_still_prints_its_header(demo):
 
 
 def test_verify_on_a_database_without_events_is_not_a_pass(tmp_path):
-    from sle_events.store import schema
+    from sle_events import schema
 
     url = f"sqlite:///{tmp_path / 'empty.db'}"
     schema.upgrade(url, "head")
