@@ -5,8 +5,8 @@ from __future__ import annotations
 import sys
 
 from bench.common import CORES, SignedWorkload, ed25519_verify_rate, fresh, machine
-from sle_events.store.record import StudyRecord
 from sle_events.audit.verifier import verify_record
+from sle_events.store.record import StudyRecord
 
 
 def fill(url: str, n: int) -> None:

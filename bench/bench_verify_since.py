@@ -55,8 +55,16 @@ def run(base: int, new: int, rounds: int, engine: str) -> dict[str, float]:
         since_s.append(time.perf_counter() - t)
         assert full.ok and since.ok, (full.findings[:3], since.findings[:3])
     ratios = sorted(f / s for f, s in zip(full_s, since_s))
-    return {"events": full.events, "new": since.events, "built_s": built, "full_s": median(full_s),
-            "since_s": median(since_s), "ratio": median(ratios), "lo": ratios[0], "hi": ratios[-1]}  # fmt: skip
+    return {
+        "events": full.events,
+        "new": since.events,
+        "built_s": built,
+        "full_s": median(full_s),
+        "since_s": median(since_s),
+        "ratio": median(ratios),
+        "lo": ratios[0],
+        "hi": ratios[-1],
+    }
 
 
 def main() -> None:
@@ -67,9 +75,11 @@ def main() -> None:
     print(f"# verify --since benchmark — {machine()}")
     for engine in engines:
         r = run(base, new, rounds, engine)
-        print(f"{engine:10} {r['events']:.0f} events ({new} after the saved checkpoint; built in {r['built_s']:.0f} s): "
-              f"full verify {r['full_s']:.2f} s, --since {r['since_s']:.2f} s ({r['new']:.0f} events in full): "
-              f"{r['ratio']:.1f}× faster (median of {rounds}, spread {r['lo']:.1f}–{r['hi']:.1f}; goal ≥ 5×)")  # fmt: skip
+        print(
+            f"{engine:10} {r['events']:.0f} events ({new} after the saved checkpoint; built in {r['built_s']:.0f} s): "
+            f"full verify {r['full_s']:.2f} s, --since {r['since_s']:.2f} s ({r['new']:.0f} events in full): "
+            f"{r['ratio']:.1f}× faster (median of {rounds}, spread {r['lo']:.1f}–{r['hi']:.1f}; goal ≥ 5×)"
+        )
 
 
 if __name__ == "__main__":

@@ -10,19 +10,20 @@ from __future__ import annotations
 
 import hashlib
 from abc import ABC, abstractmethod
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from functools import cached_property
-from typing import Any, ClassVar, Sequence
+from typing import Any, ClassVar
 from uuid import UUID
 
 from sqlalchemy import Connection, Table, func, select
 
+from sle_events.audit.record_check import SignatureCheck, build_registry_timelines
 from sle_events.domain.event_types import type_name
 from sle_events.picklable import Picklable
 from sle_events.signing.chain import link_problem
 from sle_events.signing.envelope import GENESIS, MalformedEnvelope, SealedEvent, open_stored
 from sle_events.store.codec import domain_event_from
-from sle_events.audit.record_check import SignatureCheck, build_registry_timelines
 
 
 class ProjectionHalted(Picklable, RuntimeError):
@@ -90,14 +91,19 @@ def fold_fact(aggregate: Any, fact: Fact) -> Any:
     aggregate may be half-changed: fold it again up to the version before."""
     try:
         event = fact.event
-    except Exception as e:  # noqa: BLE001 - see above
-        raise StreamHalted(fact.position, fact.stream, fact.version,
-                           f"signed {fact.type_name} does not load: {type(e).__name__}: {e}") from e  # fmt: skip
+    except Exception as e:
+        raise StreamHalted(
+            fact.position, fact.stream, fact.version, f"signed {fact.type_name} does not load: {type(e).__name__}: {e}"
+        ) from e
     try:
         return event.mutate(aggregate)
-    except Exception as e:  # noqa: BLE001 - see above
-        raise StreamHalted(fact.position, fact.stream, fact.version,
-                           f"signed {fact.type_name} cannot be applied: {type(e).__name__}: {e}") from e  # fmt: skip
+    except Exception as e:
+        raise StreamHalted(
+            fact.position,
+            fact.stream,
+            fact.version,
+            f"signed {fact.type_name} cannot be applied: {type(e).__name__}: {e}",
+        ) from e
 
 
 class Projection(ABC):
@@ -152,8 +158,15 @@ class VerifyingReader:
         self.signatures = SignatureCheck({})
         self._registry_through = -1  # the log head when the registry timelines were built
 
-    def read(self, conn: Connection, after: int, limit: int, *, streams: tuple[Any, Any] = (None, None),
-             upto: int | None = None) -> list[Fact]:  # fmt: skip
+    def read(
+        self,
+        conn: Connection,
+        after: int,
+        limit: int,
+        *,
+        streams: tuple[Any, Any] = (None, None),
+        upto: int | None = None,
+    ) -> list[Fact]:
         """The next events after log position `after`, optionally only those of a range of stream ids and up
         to a position (a partitioned rebuild)."""
         t = self.table
@@ -207,8 +220,12 @@ class VerifyingReader:
             raise ProjectionHalted(position, stream, version, "row and signed envelope disagree on stream/version")
         expected = self._hash_before(conn, stream_id, version)
         if link_problem(version - 1, expected, version, env["prev"]):
-            raise ProjectionHalted(position, stream, version,
-                                   f"hash chain broken: prev {env['prev'][:16]}… ≠ hash of v{version - 1} {expected[:16]}…")  # fmt: skip
+            raise ProjectionHalted(
+                position,
+                stream,
+                version,
+                f"hash chain broken: prev {env['prev'][:16]}… ≠ hash of v{version - 1} {expected[:16]}…",
+            )
         problem = self.signatures.problem(sealed, position)
         if problem is not None:
             raise ProjectionHalted(position, stream, version, f"{problem[0]}: {problem[1]}")

@@ -34,8 +34,14 @@ def visit_rows(subject: Any) -> list[dict[str, Any]]:
             day = record.occurred_at.date()
             near = set().union(*(labs_by_day.get(day + timedelta(days=d), set()) for d in (-2, -1, 0, 1, 2)))
             present = len(set(MONTHLY_LABS) & near)
-            rows.append({"visit": code, "outcome": "done" if record.in_window else "out_of_window",
-                         "labs_expected": len(MONTHLY_LABS), "labs_present": present})  # fmt: skip
+            rows.append(
+                {
+                    "visit": code,
+                    "outcome": "done" if record.in_window else "out_of_window",
+                    "labs_expected": len(MONTHLY_LABS),
+                    "labs_present": present,
+                }
+            )
         else:
             rows.append({"visit": code, "outcome": "missed", "labs_expected": len(MONTHLY_LABS), "labs_present": 0})
     return rows
@@ -50,8 +56,11 @@ class StudyDashboard(SubjectProjection):
         for stream, (subject, _) in changed.items():
             base = {"subject": stream, "study": str(subject.study_id), "site": subject.site}
             visits += [dict(base, **row) for row in visit_rows(subject)]
-            aes += [dict(base, ae_id=ae.ae_id, grade=ae.grade, serious=int(ae.serious), open=int(ae.open))
-                    for ae in subject.adverse_events.values() if not ae.voided]  # fmt: skip
+            aes += [
+                dict(base, ae_id=ae.ae_id, grade=ae.grade, serious=int(ae.serious), open=int(ae.open))
+                for ae in subject.adverse_events.values()
+                if not ae.voided
+            ]
         for table in (subject_visits, subject_adverse_events):
             conn.execute(delete(table).where(table.c.subject.in_(list(changed))))
         if visits:
@@ -67,18 +76,60 @@ def dashboard(conn: Connection, study: str | None = None) -> dict[str, Any]:
     def where(q: Any, table: Any) -> Any:
         return q.where(table.c.study == study) if study else q
 
-    enrollment = [dict(r._mapping) for r in conn.execute(where(
-        select(ps.c.site, ps.c.status, func.count().label("subjects")).group_by(ps.c.site, ps.c.status)
-        .order_by(ps.c.site, ps.c.status), ps))]  # fmt: skip
-    compliance = [dict(r._mapping) for r in conn.execute(where(
-        select(sv.c.visit, sv.c.outcome, func.count().label("visits")).group_by(sv.c.visit, sv.c.outcome)
-        .order_by(sv.c.visit, sv.c.outcome), sv))]  # fmt: skip
-    by_grade = [dict(r._mapping) for r in conn.execute(where(
-        select(ae.c.grade, func.count().label("events"), func.sum(ae.c.serious).label("serious"),
-               func.sum(ae.c.open).label("open")).group_by(ae.c.grade).order_by(ae.c.grade), ae))]  # fmt: skip
-    completeness = [dict(r._mapping) for r in conn.execute(where(
-        select(sv.c.visit, func.sum(sv.c.labs_present).label("present"), func.sum(sv.c.labs_expected).label("expected"))
-        .where(sv.c.outcome != "missed").group_by(sv.c.visit).order_by(sv.c.visit), sv))]  # fmt: skip
+    enrollment = [
+        dict(r._mapping)
+        for r in conn.execute(
+            where(
+                select(ps.c.site, ps.c.status, func.count().label("subjects"))
+                .group_by(ps.c.site, ps.c.status)
+                .order_by(ps.c.site, ps.c.status),
+                ps,
+            )
+        )
+    ]
+    compliance = [
+        dict(r._mapping)
+        for r in conn.execute(
+            where(
+                select(sv.c.visit, sv.c.outcome, func.count().label("visits"))
+                .group_by(sv.c.visit, sv.c.outcome)
+                .order_by(sv.c.visit, sv.c.outcome),
+                sv,
+            )
+        )
+    ]
+    by_grade = [
+        dict(r._mapping)
+        for r in conn.execute(
+            where(
+                select(
+                    ae.c.grade,
+                    func.count().label("events"),
+                    func.sum(ae.c.serious).label("serious"),
+                    func.sum(ae.c.open).label("open"),
+                )
+                .group_by(ae.c.grade)
+                .order_by(ae.c.grade),
+                ae,
+            )
+        )
+    ]
+    completeness = [
+        dict(r._mapping)
+        for r in conn.execute(
+            where(
+                select(
+                    sv.c.visit,
+                    func.sum(sv.c.labs_present).label("present"),
+                    func.sum(sv.c.labs_expected).label("expected"),
+                )
+                .where(sv.c.outcome != "missed")
+                .group_by(sv.c.visit)
+                .order_by(sv.c.visit),
+                sv,
+            )
+        )
+    ]
     stale: dict[str, dict[str, Any]] = {}  # site -> subjects and results to query (JSON column: counted here)
     for site, items in conn.execute(where(select(ps.c.site, ps.c.stale_results).order_by(ps.c.site), ps)):
         found = json.loads(items)
@@ -87,9 +138,22 @@ def dashboard(conn: Connection, study: str | None = None) -> dict[str, Any]:
             row["subjects"] += 1
             row["results"] += len(found)
     hs = halted_streams
-    halted = [dict(r._mapping) for r in conn.execute(where(
-        select(hs.c.subject, hs.c.stream, hs.c.version, hs.c.position, hs.c.detail)
-        .where(hs.c.projection == StudyDashboard.name).order_by(hs.c.position), hs))]  # fmt: skip
-    return {"enrollment": enrollment, "visit_compliance": compliance, "adverse_events_by_grade": by_grade,
-            "lab_completeness": completeness, "stale_results": list(stale.values()),
-            "halted_streams": halted}  # fmt: skip
+    halted = [
+        dict(r._mapping)
+        for r in conn.execute(
+            where(
+                select(hs.c.subject, hs.c.stream, hs.c.version, hs.c.position, hs.c.detail)
+                .where(hs.c.projection == StudyDashboard.name)
+                .order_by(hs.c.position),
+                hs,
+            )
+        )
+    ]
+    return {
+        "enrollment": enrollment,
+        "visit_compliance": compliance,
+        "adverse_events_by_grade": by_grade,
+        "lab_completeness": completeness,
+        "stale_results": list(stale.values()),
+        "halted_streams": halted,
+    }

@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import json
 from abc import abstractmethod
+from collections.abc import Sequence
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple, Sequence
+from typing import Any, NamedTuple
 from uuid import UUID
 
 from sqlalchemy import Connection, delete
@@ -132,8 +133,7 @@ def key_labs(records: dict[str, list[Any]]) -> dict[str, dict[str, Any]]:
         if previous is not None:
             delta = Decimal(value) - Decimal(previous)
             trend = "up" if delta > 0 else "down" if delta < 0 else "same"
-        found[code] = {"value": value, "unit": unit, "at": _iso(at), "flag": flag, "previous": previous,
-                       "trend": trend}  # fmt: skip
+        found[code] = {"value": value, "unit": unit, "at": _iso(at), "flag": flag, "previous": previous, "trend": trend}
     return found
 
 
@@ -159,9 +159,14 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
     due = next_visit(subject, schedule)
     corrections = sum(1 for f in subject.facts.values() if f.type in ("Corrected", "Voided"))
     return {
-        "subject": str(subject.id), "study": str(subject.study_id), "site": subject.site,
-        "screening_number": subject.screening_number, "status": str(subject.status), "epoch": str(subject.epoch),
-        "consent_version": subject.consent_version, "eligible_at": _iso(subject.eligible_at),
+        "subject": str(subject.id),
+        "study": str(subject.study_id),
+        "site": subject.site,
+        "screening_number": subject.screening_number,
+        "status": str(subject.status),
+        "epoch": str(subject.epoch),
+        "consent_version": subject.consent_version,
+        "eligible_at": _iso(subject.eligible_at),
         "enrolled_at": _iso(subject.enrolled_at),
         "cyc_started_at": _iso(cyc.occurred_at) if cyc else None,
         "cyc_administered_mg": _num(cyc.administered_mg) if cyc else None,
@@ -169,8 +174,10 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
         "msc_lot": msc.lot_id if msc else None,
         "msc_dose_1e6_per_kg": _num(msc.dose_1e6_per_kg) if msc else None,
         "tx_date": _iso(subject.tx_date),
-        "next_visit": due[0] if due else None, "next_visit_target": _iso(due[1]) if due else None,
-        "next_visit_earliest": _iso(due[2]) if due else None, "next_visit_latest": _iso(due[3]) if due else None,
+        "next_visit": due[0] if due else None,
+        "next_visit_target": _iso(due[1]) if due else None,
+        "next_visit_earliest": _iso(due[2]) if due else None,
+        "next_visit_latest": _iso(due[3]) if due else None,
         "sledai_total": sledai[-1].total if sledai else None,
         "renal_response": renal[-1].status if renal else None,
         "open_adverse_events": sum(1 for ae in aes if ae.open),
@@ -181,7 +188,7 @@ def summarise(subject: Any, schedule: VisitSchedule) -> dict[str, Any]:
         "key_labs": json.dumps(key_labs(records), sort_keys=True),
         "stale_results": json.dumps(subject.stale_results()),
         "version": subject.version,
-    }  # fmt: skip
+    }
 
 
 class SubjectProjection(Projection):
@@ -241,11 +248,21 @@ class SubjectProjection(Projection):
     def write_halts(self, conn: Connection, halts: dict[str, HaltedStream]) -> None:
         t = halted_streams
         conn.execute(delete(t).where(t.c.projection == self.name, t.c.stream.in_(list(halts))))
-        conn.execute(t.insert(), [
-            {"projection": self.name, "stream": stream, "study": h.study, "subject": h.subject,
-             "version": h.halt.version, "position": h.halt.position, "detail": h.halt.detail}
-            for stream, h in halts.items()
-        ])  # fmt: skip
+        conn.execute(
+            t.insert(),
+            [
+                {
+                    "projection": self.name,
+                    "stream": stream,
+                    "study": h.study,
+                    "subject": h.subject,
+                    "version": h.halt.version,
+                    "position": h.halt.position,
+                    "detail": h.halt.detail,
+                }
+                for stream, h in halts.items()
+            ],
+        )
 
 
 class PatientState(SubjectProjection):

@@ -35,8 +35,15 @@ from sle_events.domain.lifecycle import SubjectStatus
 __all__ = ["StudyReader", "UnknownFilter", "display_value", "visit_order", "AUDIT_COLUMNS"]
 
 # The columns of an audit-trail row (`StudyReader.audit_trail`): the view's, then what the reader adds.
-AUDIT_COLUMNS = (*(c for c in COLUMNS if c != "changes"), "seq", "field", "old_value", "new_value", "last_verification",
-                 "item")  # fmt: skip
+AUDIT_COLUMNS = (
+    *(c for c in COLUMNS if c != "changes"),
+    "seq",
+    "field",
+    "old_value",
+    "new_value",
+    "last_verification",
+    "item",
+)
 
 # Display precision of the labs a monitor follows (signed values keep every digit; this is only for reading).
 DISPLAY_PLACES = {"DSDNA": 0, "C3": 0, "C4": 1, "CREAT": 2, "CREATSI": 0, "EGFR": 0, "UPCR": 2, "TREGPCT": 1}
@@ -109,10 +116,17 @@ class StudyReader:
         self.close()
 
     # ----------------------------------------------------------------------------------------- audit trail
-    def audit_trail(self, *, subject: str | None = None, stream: str | None = None, user: str | None = None,
-                    event_type: str | None = None, since: datetime | str | None = None,
-                    until: datetime | str | None = None,
-                    change: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+    def audit_trail(
+        self,
+        *,
+        subject: str | None = None,
+        stream: str | None = None,
+        user: str | None = None,
+        event_type: str | None = None,
+        since: datetime | str | None = None,
+        until: datetime | str | None = None,
+        change: str | None = None,
+    ) -> list[dict[str, Any]]:
         """One row per recorded change of a field, oldest first, with `item` (what was changed: the analyte
         and unit of a lab result) and `visit` (for a lab result, the visit within two days of it)."""
         start, end = _instant(since, "since"), _instant(until, "until")
@@ -120,13 +134,22 @@ class StudyReader:
             raise _one_of("change", change, list(CHANGES))
         with self.engine.connect() as conn:
             self._check_filters(conn, subject=subject, user=user, event_type=event_type)
-            rows = query(conn, subject=subject, stream=stream, actor=user, event_type=event_type, since=start,
-                         until=end, change=change)  # fmt: skip
+            rows = query(
+                conn,
+                subject=subject,
+                stream=stream,
+                actor=user,
+                event_type=event_type,
+                since=start,
+                until=end,
+                change=change,
+            )
             _name_items(conn, rows)
         return rows
 
-    def _check_filters(self, conn: Connection, *, subject: str | None, user: str | None,
-                       event_type: str | None) -> None:  # fmt: skip
+    def _check_filters(
+        self, conn: Connection, *, subject: str | None, user: str | None, event_type: str | None
+    ) -> None:
         from sle_events.domain.event_types import EVENT_TYPES
 
         t = audit_events
@@ -180,8 +203,11 @@ class StudyReader:
         self, conn: Connection | None = None, projection: str = PatientState.name
     ) -> list[dict[str, Any]]:
         hs = halted_streams
-        q = (select(hs.c.subject, hs.c.stream, hs.c.version, hs.c.position, hs.c.detail)
-             .where(hs.c.projection == projection).order_by(hs.c.position))  # fmt: skip
+        q = (
+            select(hs.c.subject, hs.c.stream, hs.c.version, hs.c.position, hs.c.detail)
+            .where(hs.c.projection == projection)
+            .order_by(hs.c.position)
+        )
         if conn is not None:
             return [dict(r._mapping) for r in conn.execute(q)]
         with self.engine.connect() as c:
@@ -198,8 +224,9 @@ class StudyReader:
         return data
 
     # ----------------------------------------------------------------------------------------- replay
-    def replay(self, subject: str, *, as_of: datetime | str | None = None,
-               occurred_as_of: datetime | str | None = None) -> dict[str, Any]:  # fmt: skip
+    def replay(
+        self, subject: str, *, as_of: datetime | str | None = None, occurred_as_of: datetime | str | None = None
+    ) -> dict[str, Any]:
         """A subject's state (the patient-state shape) as the database said it at recorded time `as_of`, or as
         true in the clinic at `occurred_as_of` given today's knowledge. Flags name their visit."""
         from projections.replay import SubjectNotFound, find_subject
@@ -254,8 +281,9 @@ def _name_items(conn: Connection, rows: list[dict[str, Any]]) -> None:
     for i in range(0, len(streams), 500):
         for stream, visit, occurred in conn.execute(
             select(t.c.stream, t.c.visit, t.c.occurred_at).where(
-                t.c.event_type == "Subject.VisitRecorded", t.c.stream.in_(streams[i : i + 500]))
-        ):  # fmt: skip
+                t.c.event_type == "Subject.VisitRecorded", t.c.stream.in_(streams[i : i + 500])
+            )
+        ):
             visits.setdefault(stream, []).append((datetime.fromisoformat(occurred).date(), visit))
     for r in rows:
         original = originals.get(r["record_id"])
@@ -268,6 +296,9 @@ def _name_items(conn: Connection, rows: list[dict[str, Any]]) -> None:
         r["item"] = f"{code}{field} ({unit})" if unit else f"{code}{field}"
         if not r["visit"]:
             day = datetime.fromisoformat(occurred).astimezone(UTC).date()
-            near = [(abs((d - day).days), v) for d, v in visits.get(r["stream"], ())
-                    if abs((d - day).days) <= NEAR_VISIT_DAYS]  # fmt: skip
+            near = [
+                (abs((d - day).days), v)
+                for d, v in visits.get(r["stream"], ())
+                if abs((d - day).days) <= NEAR_VISIT_DAYS
+            ]
             r["visit"] = min(near)[1] if near else None

@@ -50,8 +50,9 @@ def _targets(env: dict[str, Any]) -> int | None:
     return None
 
 
-def events_as_of(stream: list[Any], *, as_of: datetime | None = None,
-                 occurred_as_of: datetime | None = None) -> list[Any]:  # fmt: skip
+def events_as_of(
+    stream: list[Any], *, as_of: datetime | None = None, occurred_as_of: datetime | None = None
+) -> list[Any]:
     """The stream's events (facts or sealed events) the database held at recorded time `as_of`, or that
     happened by `occurred_as_of`, with every later correction or void of those."""
     chosen = stream
@@ -87,8 +88,9 @@ def read_stream(record: StudyRecord, stream_id: UUID) -> list[Fact]:
         return VerifyingReader(record.table).stream(conn, stream_id)
 
 
-def replay(record: StudyRecord, subject: str, *, as_of: datetime | None = None,
-           occurred_as_of: datetime | None = None) -> Any:  # fmt: skip
+def replay(
+    record: StudyRecord, subject: str, *, as_of: datetime | None = None, occurred_as_of: datetime | None = None
+) -> Any:
     stream = read_stream(record, find_subject(record, subject))
     chosen = events_as_of(stream, as_of=as_of, occurred_as_of=occurred_as_of)
     if not chosen:

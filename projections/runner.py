@@ -13,10 +13,11 @@ import multiprocessing
 import os
 import threading
 import zlib
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import FIRST_EXCEPTION, ProcessPoolExecutor, wait
 from concurrent.futures.process import BrokenProcessPool
-from datetime import datetime, timezone
-from typing import Any, Callable, Iterable, Sequence
+from datetime import UTC, datetime
+from typing import Any
 
 from sqlalchemy import Connection, Engine, func, inspect, select, text
 
@@ -58,8 +59,8 @@ def all_projections() -> list[Projection]:
 
     found: list[Projection] = [AuditTrail()]
     try:
-        from projections.patient_state import PatientState
         from projections.dashboard import StudyDashboard
+        from projections.patient_state import PatientState
 
         found += [PatientState(), StudyDashboard()]
     except ImportError:
@@ -80,8 +81,10 @@ class ProjectionRunner:
         behind = _schema_behind(self.engine)
         if behind:
             self.record.close()
-            raise SchemaBehind(f"{self.record.url}: the read models are from an earlier schema revision "
-                               f"({behind}); run `sle db upgrade` first")  # fmt: skip
+            raise SchemaBehind(
+                f"{self.record.url}: the read models are from an earlier schema revision "
+                f"({behind}); run `sle db upgrade` first"
+            )
         metadata.create_all(self.engine, checkfirst=True)
         self._owner: Connection | None = None
         self.stopping = threading.Event()
@@ -125,16 +128,32 @@ class ProjectionRunner:
             for p in self.projections:
                 pos = self.position(p.name, conn)
                 behind = conn.execute(select(func.count()).where(self.events.c.id > pos)).scalar() or 0
-                updated = conn.execute(select(projection_tracking.c.updated_at)
-                                       .where(projection_tracking.c.name == p.name)).scalar()  # fmt: skip
+                updated = conn.execute(
+                    select(projection_tracking.c.updated_at).where(projection_tracking.c.name == p.name)
+                ).scalar()
                 halted = self.halted(p.name, conn)
-                streams = conn.execute(select(halted_streams.c.stream, halted_streams.c.subject, halted_streams.c.version,
-                                              halted_streams.c.position, halted_streams.c.detail)
-                                       .where(halted_streams.c.projection == p.name)
-                                       .order_by(halted_streams.c.position)).all()  # fmt: skip
-                rows.append({"projection": p.name, "position": pos, "head": head, "lag_events": behind,
-                             "updated_at": updated, "halted": str(halted) if halted else None,
-                             "halted_streams": [dict(r._mapping) for r in streams]})  # fmt: skip
+                streams = conn.execute(
+                    select(
+                        halted_streams.c.stream,
+                        halted_streams.c.subject,
+                        halted_streams.c.version,
+                        halted_streams.c.position,
+                        halted_streams.c.detail,
+                    )
+                    .where(halted_streams.c.projection == p.name)
+                    .order_by(halted_streams.c.position)
+                ).all()
+                rows.append(
+                    {
+                        "projection": p.name,
+                        "position": pos,
+                        "head": head,
+                        "lag_events": behind,
+                        "updated_at": updated,
+                        "halted": str(halted) if halted else None,
+                        "halted_streams": [dict(r._mapping) for r in streams],
+                    }
+                )
         return rows
 
     # --- processing ------------------------------------------------------------------------------------
@@ -174,13 +193,17 @@ class ProjectionRunner:
 
     def _halt(self, names: Sequence[str], halted: ProjectionHalted) -> None:
         """Keep why the projections stopped (the batch that met it was rolled back), for status and readers."""
-        stored = json.dumps({"position": halted.position, "stream": halted.stream, "version": halted.version,
-                             "detail": halted.detail})  # fmt: skip
+        stored = json.dumps(
+            {"position": halted.position, "stream": halted.stream, "version": halted.version, "detail": halted.detail}
+        )
         with self.engine.begin() as conn:
             for name in names:
                 self._lock_position(conn, name)
-                conn.execute(projection_tracking.update().where(projection_tracking.c.name == name)
-                             .values(halted=stored, updated_at=_now()))  # fmt: skip
+                conn.execute(
+                    projection_tracking.update()
+                    .where(projection_tracking.c.name == name)
+                    .values(halted=stored, updated_at=_now())
+                )
 
     def _step(self, group: Sequence[Projection], reader: VerifyingReader) -> int:
         with self.engine.begin() as conn:
@@ -223,8 +246,13 @@ class ProjectionRunner:
         return bool(got)
 
     # --- rebuild ---------------------------------------------------------------------------------------
-    def rebuild(self, names: Iterable[str] | None = None, on_progress: Callable[[int, int], None] | None = None,
-                *, workers: int | None = None) -> None:  # fmt: skip
+    def rebuild(
+        self,
+        names: Iterable[str] | None = None,
+        on_progress: Callable[[int, int], None] | None = None,
+        *,
+        workers: int | None = None,
+    ) -> None:
         """Drop and rebuild from event 1, one process per range of streams; positions are marked REBUILDING
         until every range is done, so an interrupted rebuild is started again rather than continued from a
         half-built table."""
@@ -277,8 +305,9 @@ class ProjectionRunner:
         finally:
             self.projections = saved
 
-    def _rebuild_in_workers(self, names: list[str], ranges: list[tuple[object, object]], head: int,
-                            advance: Callable[[int], None] | None) -> None:  # fmt: skip
+    def _rebuild_in_workers(
+        self, names: list[str], ranges: list[tuple[object, object]], head: int, advance: Callable[[int], None] | None
+    ) -> None:
         """One process per range. The first failure stops the others (between batches) and is raised here;
         a worker that dies without an answer raises RebuildFailed rather than leaving us waiting."""
         self.engine.dispose()  # the workers are forked: they must not share our connections
@@ -303,8 +332,9 @@ class ProjectionRunner:
                 stop.set()
                 raise
         if isinstance(failure, BrokenProcessPool):
-            raise RebuildFailed(f"a rebuild worker process died ({failure}); nothing of the rebuild counts: "
-                                "run it again") from failure  # fmt: skip
+            raise RebuildFailed(
+                f"a rebuild worker process died ({failure}); nothing of the rebuild counts: run it again"
+            ) from failure
         if failure is not None:
             raise failure
 
@@ -332,9 +362,14 @@ class ProjectionRunner:
         self.stopping.set()
 
 
-def _project_range(runner: ProjectionRunner, projections: Sequence[Projection], streams: tuple[object, object],
-                   head: int, advance: Callable[[int], None] | None = None,
-                   stop: Callable[[], bool] | None = None) -> None:  # fmt: skip
+def _project_range(
+    runner: ProjectionRunner,
+    projections: Sequence[Projection],
+    streams: tuple[object, object],
+    head: int,
+    advance: Callable[[int], None] | None = None,
+    stop: Callable[[], bool] | None = None,
+) -> None:
     """Project the events of a range of streams up to `head`, batch by batch (positions are set by the caller);
     `advance(n)` after each batch of n events; `stop()` true: give up between batches (another range failed)."""
     reader = VerifyingReader(runner.events)
@@ -374,15 +409,15 @@ def _fold_once(projections: Sequence[Projection], reader: VerifyingReader) -> No
             p.share(shared)  # type: ignore[attr-defined]
 
 
-def _rebuild_worker(url: str, names: list[str], streams: tuple[object, object], head: int, queue: Any,
-                    stop: Any) -> None:  # fmt: skip
+def _rebuild_worker(
+    url: str, names: list[str], streams: tuple[object, object], head: int, queue: Any, stop: Any
+) -> None:
     runner = ProjectionRunner(url, [p for p in all_projections() if p.name in names])
     try:
-        _project_range(runner, runner.projections, streams, head, queue.put if queue is not None else None,
-                       stop.is_set)  # fmt: skip
+        _project_range(runner, runner.projections, streams, head, queue.put if queue is not None else None, stop.is_set)
     finally:
         runner.close()
 
 
 def _now() -> str:
-    return datetime.now(timezone.utc).isoformat()
+    return datetime.now(UTC).isoformat()

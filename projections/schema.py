@@ -70,23 +70,53 @@ audit_events = Table(
     Index("audit_events_type", "event_type"),
 )
 
-_EVENT_COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "aggregate", "event_type",
-                  "visit", "form", "change", "actor", "printed_name", "role", "key", "occurred_at", "recorded_at",
-                  "reason", "signature_status")  # fmt: skip
+_EVENT_COLUMNS = (
+    "position",
+    "event_id",
+    "record_id",
+    "study",
+    "stream",
+    "subject",
+    "aggregate",
+    "event_type",
+    "visit",
+    "form",
+    "change",
+    "actor",
+    "printed_name",
+    "role",
+    "key",
+    "occurred_at",
+    "recorded_at",
+    "reason",
+    "signature_status",
+)
 # The view's SQL per engine (the migration creates the same): one row per element of `changes`, `seq` from 0.
 _UNNEST = {
-    "sqlite": ("CAST(c.key AS INTEGER)", "json_extract(c.value, '$[0]')", "json_extract(c.value, '$[1]')",
-               "json_extract(c.value, '$[2]')", "audit_events AS e, json_each(e.changes) AS c"),
-    "postgresql": ("c.seq - 1", "c.item ->> 0", "c.item ->> 1", "c.item ->> 2",
-                   "audit_events AS e CROSS JOIN LATERAL json_array_elements(e.changes::json) WITH ORDINALITY AS c(item, seq)"),
-}  # fmt: skip
+    "sqlite": (
+        "CAST(c.key AS INTEGER)",
+        "json_extract(c.value, '$[0]')",
+        "json_extract(c.value, '$[1]')",
+        "json_extract(c.value, '$[2]')",
+        "audit_events AS e, json_each(e.changes) AS c",
+    ),
+    "postgresql": (
+        "c.seq - 1",
+        "c.item ->> 0",
+        "c.item ->> 1",
+        "c.item ->> 2",
+        "audit_events AS e CROSS JOIN LATERAL json_array_elements(e.changes::json) WITH ORDINALITY AS c(item, seq)",
+    ),
+}
 
 
 def audit_trail_view_sql(dialect: str) -> str:
     seq, field, old, new, source = _UNNEST[dialect]
     columns = ", ".join(f"e.{c}" for c in _EVENT_COLUMNS)
-    return (f"CREATE VIEW audit_trail AS SELECT {columns}, {seq} AS seq, {field} AS field, {old} AS old_value, "
-            f"{new} AS new_value FROM {source}")  # fmt: skip
+    return (
+        f"CREATE VIEW audit_trail AS SELECT {columns}, {seq} AS seq, {field} AS field, {old} AS old_value, "
+        f"{new} AS new_value FROM {source}"
+    )
 
 
 for _dialect in _UNNEST:

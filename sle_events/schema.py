@@ -27,9 +27,8 @@ def target_metadata() -> MetaData:
 
 
 def _extra_metadata() -> list[MetaData]:
-    from sle_events.ledger.tables import metadata as ledger_metadata
-
     from sle_events.audit.results import metadata as results_metadata
+    from sle_events.ledger.tables import metadata as ledger_metadata
 
     found = [ledger_metadata, results_metadata]
     try:

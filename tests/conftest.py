@@ -9,9 +9,10 @@ from __future__ import annotations
 
 import atexit
 import os
+from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import datetime, timezone
-from typing import Any, Iterator
+from datetime import UTC, datetime
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
@@ -43,7 +44,7 @@ def _pg_problem() -> str | None:
             engine.dispose()
             atexit.register(_drop_session_database)
             _pg_state["problem"] = None
-        except Exception as e:  # noqa: BLE001 - any failure means unreachable
+        except Exception as e:
             _pg_state["problem"] = f"{type(e).__name__}: {e}"
     return _pg_state["problem"]
 
@@ -54,7 +55,7 @@ def _drop_session_database() -> None:
         with engine.connect() as conn:
             conn.execute(sa.text(f'drop database if exists "{sa.engine.make_url(PG_URL).database}" with (force)'))
         engine.dispose()
-    except Exception:  # noqa: BLE001 - best effort at exit
+    except Exception:
         pass
 
 
@@ -62,10 +63,12 @@ def reset_postgres(url: str = PG_URL) -> None:
     """Empty the session's database: end other sessions, drop and recreate the public schema."""
     engine = sa.create_engine(url, isolation_level="AUTOCOMMIT")
     with engine.connect() as conn:
-        conn.execute(sa.text(
-            "select pg_terminate_backend(pid) from pg_stat_activity "
-            "where datname = current_database() and pid <> pg_backend_pid()"
-        ))  # fmt: skip
+        conn.execute(
+            sa.text(
+                "select pg_terminate_backend(pid) from pg_stat_activity "
+                "where datname = current_database() and pid <> pg_backend_pid()"
+            )
+        )
         conn.execute(sa.text("drop schema if exists public cascade"))
         conn.execute(sa.text("create schema public"))
     engine.dispose()
@@ -136,7 +139,7 @@ class Trial:
 def trial(db_url: str) -> Iterator[Trial]:
     """A study with an admin (trust root), a coordinator, an investigator and a lab service key."""
     record = StudyRecord(db_url)
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     admin = Signer.generate("admin@site", "admin")
     coordinator = Signer.generate("nurse.li", "coordinator")
     investigator = Signer.generate("dr.wang", "investigator")
@@ -156,5 +159,5 @@ from sle_events.domain.study_config import IcfVersion, Site, StudyConfig  # noqa
 
 STUDY_CONFIG = StudyConfig.build(
     sites=[Site(site_id="NJ01", name="Nanjing Drum Tower", timezone="Asia/Shanghai")],
-    icf_versions=[IcfVersion(version="ICF v1.0", effective_from=datetime(2000, 1, 1, tzinfo=timezone.utc))],
+    icf_versions=[IcfVersion(version="ICF v1.0", effective_from=datetime(2000, 1, 1, tzinfo=UTC))],
 )

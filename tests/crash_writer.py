@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import random
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -45,7 +45,7 @@ def approve(record: StudyRecord, founder_keys: Path, admin: Signer, code: str) -
     with record.recorder.datastore.engine.connect() as conn:
         first = conn.execute(select(t.c.originator_id).where(t.c.topic == "Study.Created").order_by(t.c.id)).scalar()
     study = record.get(first)
-    study.approve_new_study(code, admin.actor, admin.public_key_b64, datetime.now(timezone.utc))
+    study.approve_new_study(code, admin.actor, admin.public_key_b64, datetime.now(UTC))
     ack(record.record(study, signer=founder))
 
 
@@ -60,7 +60,7 @@ def main(url: str, key_dir: Path, founder_keys: Path | None = None) -> None:
     record = StudyRecord(url)
     if founder_keys is not None:
         approve(record, founder_keys, admin, "CRASH")
-    now = datetime.now(timezone.utc)
+    now = datetime.now(UTC)
     study = Study.create("CRASH", "crash test", admin.actor, admin.public_key_b64, now)
     for s in (coordinator, investigator, lab):
         study.register_key(s.actor, s.role, s.public_key_b64, now)
@@ -71,7 +71,7 @@ def main(url: str, key_dir: Path, founder_keys: Path | None = None) -> None:
     subjects: list[Subject] = []
     n = 0
     while True:
-        now = datetime.now(timezone.utc)
+        now = datetime.now(UTC)
         step = rng.random()
         if step < 0.25 or len(subjects) < 3:
             n += 1

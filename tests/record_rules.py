@@ -16,14 +16,40 @@ def _time(p: dict[str, Any], key: str) -> datetime:
     return datetime.fromisoformat(p[key]) if isinstance(p.get(key), str) else p[key]
 
 
-ALWAYS_AFTER_EXIT = {"AdverseEventReported", "AdverseEventAssessed", "ExpectednessAssessed",
-                     "SeriousAdverseEventReported", "AdverseEventFollowedUp", "DeathRecorded", "Returned", "Corrected",
-                     "Voided", "DerivedResultRecorded", "ContactAttempted"}
-SAFETY_AFTER_WITHDRAWAL = {"LabResultRecorded", "VitalSignsRecorded", "ConcomitantMedicationRecorded",
-                           "PregnancyTestRecorded", "UnscheduledVisitRecorded", "TregPanelRecorded", "SledaiAssessed",
-                           "RenalResponseAssessed", "Discharged", "VisitRecorded"}
-NO_CONSENT_NEEDED = {"Screened", "ConsentObtained", "ScreenFailed", "Rescreened", "DeviationRecorded", "Corrected",
-                     "Voided"}
+ALWAYS_AFTER_EXIT = {
+    "AdverseEventReported",
+    "AdverseEventAssessed",
+    "ExpectednessAssessed",
+    "SeriousAdverseEventReported",
+    "AdverseEventFollowedUp",
+    "DeathRecorded",
+    "Returned",
+    "Corrected",
+    "Voided",
+    "DerivedResultRecorded",
+    "ContactAttempted",
+}
+SAFETY_AFTER_WITHDRAWAL = {
+    "LabResultRecorded",
+    "VitalSignsRecorded",
+    "ConcomitantMedicationRecorded",
+    "PregnancyTestRecorded",
+    "UnscheduledVisitRecorded",
+    "TregPanelRecorded",
+    "SledaiAssessed",
+    "RenalResponseAssessed",
+    "Discharged",
+    "VisitRecorded",
+}
+NO_CONSENT_NEEDED = {
+    "Screened",
+    "ConsentObtained",
+    "ScreenFailed",
+    "Rescreened",
+    "DeviationRecorded",
+    "Corrected",
+    "Voided",
+}
 
 
 def check_stream(sealed: list[Any]) -> None:

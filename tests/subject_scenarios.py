@@ -10,7 +10,7 @@ visit windows from TX = 2025-03-11.
 
 from __future__ import annotations
 
-from datetime import date, datetime, timedelta, timezone
+from datetime import UTC, date, datetime, timedelta, timezone
 from uuid import UUID, uuid4
 
 import pytest
@@ -21,7 +21,7 @@ from sle_events.domain.study_config import IcfVersion, Site, StudyConfig
 from sle_events.domain.subject import Subject
 
 CST = timezone(timedelta(hours=8))
-CLOCK_AT = datetime(2030, 1, 1, tzinfo=timezone.utc)
+CLOCK_AT = datetime(2030, 1, 1, tzinfo=UTC)
 
 
 def at(text: str) -> datetime:
@@ -32,8 +32,10 @@ def at(text: str) -> datetime:
 STUDY = UUID("00000000-0000-4000-8000-000000000001")
 ICF_V1 = IcfVersion(version="ICF v1.0", effective_from=at("2024-01-01 00:00"))
 ICF_V2 = IcfVersion(version="ICF v2.0", effective_from=at("2025-06-01 00:00"))
-SITES = [Site(site_id="NJ01", name="Nanjing Drum Tower", timezone="Asia/Shanghai"),
-         Site(site_id="NJ99", name="closed site", timezone="Asia/Shanghai", active=False)]
+SITES = [
+    Site(site_id="NJ01", name="Nanjing Drum Tower", timezone="Asia/Shanghai"),
+    Site(site_id="NJ99", name="closed site", timezone="Asia/Shanghai", active=False),
+]
 CONFIG = StudyConfig.build(sites=SITES, icf_versions=[ICF_V1])
 CONFIG_V2 = StudyConfig.build(sites=SITES, icf_versions=[ICF_V1, ICF_V2])
 
@@ -53,10 +55,24 @@ MSC_STOP = at("2025-03-11 10:30")
 DISCHARGED = at("2025-03-12 10:00")
 TX = date(2025, 3, 11)
 CHECKLIST = EligibilityChecklist.all_met(screening_labs_collected_at=SCREENING_LABS)
-MARKERS = {"CD73": "98", "CD90": "97", "CD105": "96", "CD45": "1.0", "CD34": "0.5", "CD14": "0.4",
-           "CD19": "0.3", "HLA-DR": "0.6"}
-BASELINE_LABS = [("DSDNA", "120", "[IU]/mL"), ("C3", "60", "mg/dL"), ("C4", "8", "mg/dL"),
-                 ("CREAT", "0.70", "mg/dL"), ("UPCR", "3.20", "mg/mg"), ("EGFR", "72.00", "mL/min/{1.73_m2}")]
+MARKERS = {
+    "CD73": "98",
+    "CD90": "97",
+    "CD105": "96",
+    "CD45": "1.0",
+    "CD34": "0.5",
+    "CD14": "0.4",
+    "CD19": "0.3",
+    "HLA-DR": "0.6",
+}
+BASELINE_LABS = [
+    ("DSDNA", "120", "[IU]/mL"),
+    ("C3", "60", "mg/dL"),
+    ("C4", "8", "mg/dL"),
+    ("CREAT", "0.70", "mg/dL"),
+    ("UPCR", "3.20", "mg/mg"),
+    ("EGFR", "72.00", "mL/min/{1.73_m2}"),
+]
 
 
 def to_screened(number: str = "SCR-001", study: UUID = STUDY) -> Subject:
@@ -70,8 +86,9 @@ def to_consented(**kw) -> Subject:  # type: ignore[no-untyped-def]
 
 
 def with_screening_data(s: Subject, *, childbearing_potential: bool = True, sex: str = "F") -> Subject:
-    s.record_demographics(sex, date(1995, 6, 15), at("2025-02-03 10:30"), config=CONFIG,
-                          childbearing_potential=childbearing_potential)
+    s.record_demographics(
+        sex, date(1995, 6, 15), at("2025-02-03 10:30"), config=CONFIG, childbearing_potential=childbearing_potential
+    )
     for code, value, unit in (("UPCR", "2.6", "mg/mg"), ("CREAT", "0.70", "mg/dL"), ("WBC", "5.5", "10*3/uL")):
         s.record_lab_result(code, value, unit, SCREENING_LABS, config=CONFIG)
     return s
@@ -107,9 +124,16 @@ def to_pretreated(**kw) -> Subject:  # type: ignore[no-untyped-def]
 
 
 def lot_for(subject: Subject, *, lot_id: str = "MSC-001", released_at: datetime = RELEASED, **changes) -> ProductLot:
-    results = dict(donor_id="DONOR-7", hla_match="10/10", total_cells="6.0E7", viability_pct="95",
-                   identity_markers_pct=MARKERS, sterility_negative=True, mycoplasma_negative=True,
-                   endotoxin_eu_per_kg="0.5")
+    results = dict(
+        donor_id="DONOR-7",
+        hla_match="10/10",
+        total_cells="6.0E7",
+        viability_pct="95",
+        identity_markers_pct=MARKERS,
+        sterility_negative=True,
+        mycoplasma_negative=True,
+        endotoxin_eu_per_kg="0.5",
+    )
     results.update(changes)
     return ProductLot.record_release(subject.study_id, lot_id, subject.id, released_at, config=CONFIG, **results)
 
@@ -136,9 +160,6 @@ def visit_day(month: int, shift_days: int = 0, hour: int = 9) -> datetime:
 
 def new_study() -> UUID:
     return uuid4()
-
-
-
 
 
 def refused(aggregate, error: type[Exception], verb, *args, **kwargs):  # type: ignore[no-untyped-def]

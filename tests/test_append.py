@@ -3,12 +3,11 @@
 from __future__ import annotations
 
 import threading
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 
-from conftest import STUDY_CONFIG
 from sle_events.domain.errors import FloatNotAllowed as DomainFloatNotAllowed
 from sle_events.domain.subject import Subject
 from sle_events.signing.canonical import FloatNotAllowed
@@ -27,8 +26,10 @@ from sle_events.store.errors import (
 )
 from sle_events.store.record import StudyRecord
 
+from conftest import STUDY_CONFIG
+
 pytestmark = pytest.mark.storage
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def screened(trial, number: str = "SCR-001") -> Subject:
@@ -64,8 +65,21 @@ def test_recorded_events_read_back_as_the_domain_made_them(trial):
 def test_the_signed_bytes_bind_ids_version_topic_times_actor_and_prev(trial):
     e = sealed_screening(trial)
     env = e.envelope
-    for name in ("study", "stream", "version", "type", "schema", "payload", "occurred_at", "recorded_at",
-                 "actor", "role", "key", "reason", "prev"):  # fmt: skip
+    for name in (
+        "study",
+        "stream",
+        "version",
+        "type",
+        "schema",
+        "payload",
+        "occurred_at",
+        "recorded_at",
+        "actor",
+        "role",
+        "key",
+        "reason",
+        "prev",
+    ):
         assert f'"{name}":'.encode() in e.signed
     assert env["stream"] in e.signed.decode() and env["prev"] == GENESIS
 
@@ -180,8 +194,9 @@ def test_resent_batch_gets_the_same_answer_and_stores_nothing_new(trial):
 def test_a_different_event_at_a_taken_version_is_a_version_conflict(trial):
     first = sealed_screening(trial)
     trial.record.append([first])
-    rival = sealed_screening(trial, stream=first.envelope["stream"],
-                             payload=dict(first.envelope["payload"], screening_number="SCR-999"))  # fmt: skip
+    rival = sealed_screening(
+        trial, stream=first.envelope["stream"], payload=dict(first.envelope["payload"], screening_number="SCR-999")
+    )
     _refused(trial, VersionConflict, [rival])
 
 
@@ -280,8 +295,9 @@ def test_concurrent_appends_to_one_stream_one_wins(trial):
         twin = trial.record.get(subject.id)
         twin.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by=taken_by)
         [event] = twin.collect_events()
-        contenders.append(seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None),
-                               trial.investigator))  # fmt: skip
+        contenders.append(
+            seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None), trial.investigator)
+        )
     records = [StudyRecord(trial.url), StudyRecord(trial.url)]
     results: list[object] = [None, None]
     barrier = threading.Barrier(2)
@@ -290,7 +306,7 @@ def test_concurrent_appends_to_one_stream_one_wins(trial):
         barrier.wait()
         try:
             results[i] = records[i].append([contenders[i]])
-        except Exception as e:  # noqa: BLE001 - the loser's error is asserted below
+        except Exception as e:
             results[i] = e
 
     threads = [threading.Thread(target=race, args=(i,)) for i in range(2)]

@@ -5,14 +5,14 @@ from __future__ import annotations
 
 import copy
 import os
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import STUDY_CONFIG, position_of
+from sle_events.audit.verifier import verify_record
 from sle_events.domain.study import Study
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
@@ -20,10 +20,11 @@ from sle_events.signing.keys import KeyFileExposed, Signer
 from sle_events.store.codec import envelope_for
 from sle_events.store.errors import InvalidPayload, MalformedEvent, StudyNotApproved, WrongStudy
 from sle_events.store.record import StudyRecord
-from sle_events.audit.verifier import verify_record
+
+from conftest import STUDY_CONFIG, position_of
 
 pytestmark = pytest.mark.storage
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def insert_by_sql(url: str, stream: UUID, version: int, event: SealedEvent) -> None:
@@ -31,8 +32,11 @@ def insert_by_sql(url: str, stream: UUID, version: int, event: SealedEvent) -> N
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
-            conn.execute(StudyRecord.events_table().insert().values(
-                originator_id=stream, originator_version=version, topic=event.topic, state=event.sealed))
+            conn.execute(
+                StudyRecord.events_table()
+                .insert()
+                .values(originator_id=stream, originator_version=version, topic=event.topic, state=event.sealed)
+            )
     finally:
         engine.dispose()
 
@@ -96,14 +100,16 @@ def test_a_second_trust_root_needs_an_existing_admins_approval(trial):
     intruder = Signer.generate("admin@elsewhere", "admin")
     rows = trial.rows()
     with pytest.raises(StudyNotApproved, match="already holds a study"):
-        trial.record.record(Study.create("OTHER", "self-made", intruder.actor, intruder.public_key_b64, NOW),
-                            signer=intruder)  # fmt: skip
+        trial.record.record(
+            Study.create("OTHER", "self-made", intruder.actor, intruder.public_key_b64, NOW), signer=intruder
+        )
     assert trial.rows() == rows
     # Approved by the first study's admin: accepted once, and the approval is used up.
     second_study(trial, "lab.elsewhere")
     with pytest.raises(StudyNotApproved):
-        trial.record.record(Study.create("OTHER", "again", intruder.actor, intruder.public_key_b64, NOW),
-                            signer=intruder)  # fmt: skip
+        trial.record.record(
+            Study.create("OTHER", "again", intruder.actor, intruder.public_key_b64, NOW), signer=intruder
+        )
 
 
 def test_an_unapproved_study_slipped_in_by_sql_is_named_by_verify(tmp_path, db_url):
@@ -160,14 +166,17 @@ def test_sealed_bytes_that_differ_from_the_signed_envelope_are_refused(trial, se
 
 
 # --- 3. a validly signed but impossible fact ---------------------------------------------------------------------
-@pytest.mark.parametrize("field, value, says", [
-    ("value", "not-a-number", "valid decimal"),
-    ("value", 48, "not written as the domain writes it"),
-    ("value", "1e3", "not written as the domain writes it"),
-    ("code", 5, "valid string"),
-    ("reported_at", "2026-01-01T00:00:00", "no UTC offset"),
-    ("surprise", "x", "Extra inputs"),
-])  # fmt: skip
+@pytest.mark.parametrize(
+    "field, value, says",
+    [
+        ("value", "not-a-number", "valid decimal"),
+        ("value", 48, "not written as the domain writes it"),
+        ("value", "1e3", "not written as the domain writes it"),
+        ("code", 5, "valid string"),
+        ("reported_at", "2026-01-01T00:00:00", "no UTC offset"),
+        ("surprise", "x", "Extra inputs"),
+    ],
+)
 def test_a_payload_its_type_refuses_is_refused_naming_the_field(trial, field, value, says):
     subject = subject_with_a_lab_result(trial)
     env = next_lab_result(trial, subject, **{field: value})
@@ -202,7 +211,7 @@ def test_an_exact_resend_gets_its_original_position_however_late(trial):
     first = seal(next_lab_result(trial, subject), trial.lab)
     [position] = trial.record.append([first])
     rows = trial.rows()
-    later = StudyRecord(trial.url, clock=lambda: datetime.now(timezone.utc) + timedelta(hours=3))
+    later = StudyRecord(trial.url, clock=lambda: datetime.now(UTC) + timedelta(hours=3))
     try:
         assert later.append([first]) == [position] == [position_of(trial, subject.id, 4)]
     finally:

@@ -15,7 +15,7 @@ import subprocess
 import sys
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime
 from decimal import Decimal
 from pathlib import Path
 from uuid import UUID
@@ -23,10 +23,11 @@ from uuid import UUID
 import pytest
 import sqlalchemy as sa
 
-from conftest import STUDY_CONFIG, count_rows
+from sle_events.audit.verifier import verify_record
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
-from sle_events.audit.verifier import verify_record
+
+from conftest import STUDY_CONFIG, count_rows
 
 pytestmark = [pytest.mark.storage, pytest.mark.slow]
 WRITER = Path(__file__).with_name("crash_writer.py")
@@ -36,8 +37,9 @@ ROUNDS = 3
 DEADLINE = 15.0  # seconds to collect the acks
 
 
-def run_until_killed(url: str, work: Path, acks_wanted: int,
-                     founder_keys: Path | None = None) -> tuple[str, list[tuple[str, int]]]:  # fmt: skip
+def run_until_killed(
+    url: str, work: Path, acks_wanted: int, founder_keys: Path | None = None
+) -> tuple[str, list[tuple[str, int]]]:
     """Start the writer, SIGKILL it once `acks_wanted` events are acknowledged; return (study, acks). A writer
     into a database that holds a study has its own study approved with the first one's admin key."""
     keys = work / "keys"
@@ -45,8 +47,13 @@ def run_until_killed(url: str, work: Path, acks_wanted: int,
     errors = work / "writer.stderr"
     with errors.open("w") as stderr:
         founder = [str(founder_keys)] if founder_keys else []
-        proc = subprocess.Popen([sys.executable, str(WRITER), url, str(keys), *founder],
-                                stdout=subprocess.PIPE, stderr=stderr, text=True, cwd=ROOT)  # fmt: skip
+        proc = subprocess.Popen(
+            [sys.executable, str(WRITER), url, str(keys), *founder],
+            stdout=subprocess.PIPE,
+            stderr=stderr,
+            text=True,
+            cwd=ROOT,
+        )
     lines: queue.Queue[str | None] = queue.Queue()
 
     def pump() -> None:
@@ -110,8 +117,9 @@ def stored_versions(url: str) -> set[tuple[str, int]]:
         record.recorder.datastore.engine.dispose()
 
 
-def check_after_crash(url: str, study: str, acks: list[tuple[str, int]], before: set[tuple[str, int]],
-                      workers: int) -> set[tuple[str, int]]:  # fmt: skip
+def check_after_crash(
+    url: str, study: str, acks: list[tuple[str, int]], before: set[tuple[str, int]], workers: int
+) -> set[tuple[str, int]]:
     assert study and len(acks) >= MIN_ACKS
     assert len(set(acks)) == len(acks), "each (stream, version) is acked once"
     streams = {s for s, _ in acks}
@@ -151,9 +159,12 @@ def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url
     keys = work / "keys"
     admin, investigator, lab = (
         Signer.from_file(keys / f"{name}.pem", actor, role)
-        for name, actor, role in (("admin", "admin@site", "admin"), ("investigator", "dr.wang", "investigator"),
-                                  ("lab", "lab.service", "lab"))
-    )  # fmt: skip
+        for name, actor, role in (
+            ("admin", "admin@site", "admin"),
+            ("investigator", "dr.wang", "investigator"),
+            ("lab", "lab.service", "lab"),
+        )
+    )
     subject_streams = [s for s, _ in acks if s not in studies]
     record = StudyRecord(db_url)
     added = 0
@@ -162,7 +173,7 @@ def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url
             subject = record.get(UUID(stream))
             head = max(v for s, v in stored if s == stream)
             assert subject.version == head
-            now = datetime.now(timezone.utc)
+            now = datetime.now(UTC)
             if subject.status == "SCREENED":
                 subject.obtain_consent("ICF v1.0", now, config=STUDY_CONFIG, taken_by="dr.wang")
                 signer = investigator
@@ -176,7 +187,7 @@ def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url
         # The registry stream continues as well.
         registry = record.get(UUID(study))
         extra = Signer.generate("monitor.x", "monitor")
-        registry.register_key(extra.actor, extra.role, extra.public_key_b64, datetime.now(timezone.utc))
+        registry.register_key(extra.actor, extra.role, extra.public_key_b64, datetime.now(UTC))
         added += len(record.record(registry, signer=admin))
     finally:
         record.close()

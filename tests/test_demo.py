@@ -11,10 +11,11 @@ from uuid import UUID
 
 import pytest
 
-from record_rules import check_stream
+from sle_events.audit.verifier import verify_record
 from sle_events.demo import Rng, _all_streams, run_demo
 from sle_events.store.record import StudyRecord
-from sle_events.audit.verifier import verify_record
+
+from record_rules import check_stream
 
 pytestmark = pytest.mark.storage
 
@@ -65,10 +66,10 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     assert result.refused_as_expected == {"OutsideWindow": 1, "UntrustedKey": 1, "ReasonRequired": 1}
 
     events = [e for s in subjects for e in s]
-    out_of_window = [e for e in events if e.topic == "Subject.VisitRecorded"
-                     and not e.envelope["payload"]["in_window"]]
-    assert out_of_window and all(e.envelope["payload"]["deviation_flags"] == ["VISIT_OUT_OF_WINDOW"]
-                                 for e in out_of_window)
+    out_of_window = [e for e in events if e.topic == "Subject.VisitRecorded" and not e.envelope["payload"]["in_window"]]
+    assert out_of_window and all(
+        e.envelope["payload"]["deviation_flags"] == ["VISIT_OUT_OF_WINDOW"] for e in out_of_window
+    )
     for e in events:
         env = e.envelope
         recorded, occurred = (datetime.fromisoformat(env[k]) for k in ("recorded_at", "occurred_at"))

@@ -8,7 +8,7 @@ import gzip
 import json
 import subprocess
 import sys
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from pathlib import Path
 from uuid import UUID
 
@@ -17,20 +17,20 @@ import sqlalchemy as sa
 
 from projections.runner import ProjectionRunner
 from projections.schema import patient_state
+from sle_events.audit.verifier import verify_record
 from sle_events.domain.event_types import EVENT_TYPES, LEGACY_TOPICS, UnknownEventName, event_class, name_of
 from sle_events.domain.product import ProductLot
 from sle_events.domain.study import Study
 from sle_events.domain.subject import Subject
-from sle_events.signing.envelope import GENESIS, SealedEvent, seal
 from sle_events.signing.canonical import canonical_json
+from sle_events.signing.envelope import GENESIS, SealedEvent, seal
 from sle_events.store.codec import envelope_for
 from sle_events.store.errors import UnknownEventType
 from sle_events.store.record import StudyRecord
-from sle_events.audit.verifier import verify_record
 from tests.conftest import STUDY_CONFIG, count_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def signed_names() -> list[str]:
@@ -126,12 +126,23 @@ def load_legacy_rows(url: str) -> int:
     with gzip.open(FIXTURES / "pre-stable-names.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f]
     with record.recorder.datastore.engine.begin() as conn:
-        conn.execute(table.insert(), [
-            {"id": r["id"], "originator_id": UUID(r["stream"]), "originator_version": r["version"],
-             "topic": r["topic"], "state": r["state"].encode()} for r in rows
-        ])  # fmt: skip
+        conn.execute(
+            table.insert(),
+            [
+                {
+                    "id": r["id"],
+                    "originator_id": UUID(r["stream"]),
+                    "originator_version": r["version"],
+                    "topic": r["topic"],
+                    "state": r["state"].encode(),
+                }
+                for r in rows
+            ],
+        )
         if url.startswith("postgresql"):
-            conn.execute(sa.text("select setval(pg_get_serial_sequence('study_events', 'id'), max(id)) from study_events"))
+            conn.execute(
+                sa.text("select setval(pg_get_serial_sequence('study_events', 'id'), max(id)) from study_events")
+            )
     record.close()
     return len(rows)
 
@@ -148,8 +159,11 @@ def test_a_database_from_before_stable_names_verifies_loads_and_projects(db_url)
     record = StudyRecord(db_url)
     with record.recorder.datastore.engine.connect() as conn:
         streams = conn.execute(sa.text("select distinct topic from study_events")).scalars().all()
-        assert {t.split(":")[0] for t in streams} <= {"sle_events.domain.study", "sle_events.domain.subject",
-                                                     "sle_events.domain.product"}  # fmt: skip
+        assert {t.split(":")[0] for t in streams} <= {
+            "sle_events.domain.study",
+            "sle_events.domain.subject",
+            "sle_events.domain.product",
+        }
     subjects = []
     with record.recorder.datastore.engine.connect() as conn:
         ids = conn.execute(sa.select(record.table.c.originator_id).distinct()).scalars().all()

@@ -14,7 +14,7 @@ FORBIDDEN = {
     ("ledger", "projections"),
     ("projections", "cli"),
     ("store", "ledger"), ("store", "audit"), ("ledger", "audit"),  # the verifier sits above both
-}  # fmt: skip
+}  # fmt: skip  # one group of forbidden pairs per row
 
 
 def _package(module: str) -> str | None:
@@ -77,7 +77,7 @@ def test_no_import_cycle_between_packages():
     def visit(node: str, path: list[str]) -> None:
         for nxt in graph.get(node, {}):
             if nxt in path:
-                cycles.append(path[path.index(nxt):] + [nxt])
+                cycles.append(path[path.index(nxt) :] + [nxt])
             elif len(path) < 12:
                 visit(nxt, path + [nxt])
 
@@ -96,20 +96,24 @@ def test_reading_a_checkpoint_or_vkey_offline_imports_no_database_code(tmp_path)
     from sle_events.ledger import Checkpoint, Signer, sign_checkpoint
 
     signer = Signer.generate("sle.local/TEST")
-    note = sign_checkpoint(Checkpoint("sle.local/TEST", 0, bytes.fromhex(
-        "e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")), signer)  # fmt: skip
+    note = sign_checkpoint(
+        Checkpoint(
+            "sle.local/TEST", 0, bytes.fromhex("e3b0c44298fc1c149afbf4c8996fb92427ae41e4649b934ca495991b7852b855")
+        ),
+        signer,
+    )
     (tmp_path / "CHECKPOINT").write_text(note)
     (tmp_path / "vkey").write_text(signer.vkey + "\n")
     script = f"""
 import sys
 from sle_events.audit.offline import check_proof
 from sle_events.audit.trust import load_vkey, read_checkpoint_notes
-verifier = load_vkey({str(tmp_path / 'vkey')!r})
-[(label, note)] = read_checkpoint_notes({str(tmp_path / 'CHECKPOINT')!r})
+verifier = load_vkey({str(tmp_path / "vkey")!r})
+[(label, note)] = read_checkpoint_notes({str(tmp_path / "CHECKPOINT")!r})
 print(check_proof(note, verifier, verifier.name)[0])
 from typer.testing import CliRunner
 from sle_events.cli.main import app
-done = CliRunner().invoke(app, ["ledger", "verify-proof", {str(tmp_path / 'CHECKPOINT')!r}, "--vkey", {str(tmp_path / 'vkey')!r}])
+done = CliRunner().invoke(app, ["ledger", "verify-proof", {str(tmp_path / "CHECKPOINT")!r}, "--vkey", {str(tmp_path / "vkey")!r}])
 assert done.exit_code == 0, done.output
 loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "eventsourcing", "eventsourcing_sqlalchemy", "psycopg"))
 assert loaded == [], loaded

@@ -17,7 +17,7 @@ import threading
 import time
 import uuid
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
 
@@ -27,11 +27,12 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 from typer.testing import CliRunner
 
-from conftest import count_rows, execute_sql, position_of
+from sle_events.audit.ledger_check import verify_ledger
+from sle_events.audit.verifier import verify_record
 from sle_events.cli.main import app
 from sle_events.ledger import (
-    CompactRange,
     Checkpoint,
+    CompactRange,
     CosignatureVerifier,
     ProofError,
     Verifier,
@@ -43,20 +44,27 @@ from sle_events.ledger import (
     verify_consistency,
     verify_proof_file,
 )
-from sle_events.audit.ledger_check import verify_ledger
 from sle_events.ledger.log import Ledger, LedgerError, create_log_key, events_table, load_log_key
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
-from sle_events.audit.verifier import verify_record
+
+from conftest import count_rows, execute_sql, position_of
 
 pytestmark = pytest.mark.storage
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 T0 = NOW - timedelta(days=10)
 ORIGIN = "sle.local/ALLOMSC-SLE"
 LEDGER_KINDS = {
-    "ledger_leaf_missing_event", "ledger_leaf_mismatch", "ledger_order", "ledger_node_mismatch",
-    "ledger_state_mismatch", "event_not_in_ledger", "checkpoint_root_mismatch", "checkpoint_bad_signature",
-    "checkpoint_malformed", "inconsistent_with_saved_checkpoint",
-}  # fmt: skip
+    "ledger_leaf_missing_event",
+    "ledger_leaf_mismatch",
+    "ledger_order",
+    "ledger_node_mismatch",
+    "ledger_state_mismatch",
+    "event_not_in_ledger",
+    "checkpoint_root_mismatch",
+    "checkpoint_bad_signature",
+    "checkpoint_malformed",
+    "inconsistent_with_saved_checkpoint",
+}
 ROOT = Path(__file__).resolve().parent.parent
 SLE = str(Path(sys.executable).with_name("sle"))
 
@@ -69,10 +77,19 @@ SUBJECT = "Subject."
 FULL_PAYLOAD = {
     "Screened": {"rescreen_number": 0, "rescreen_of": None},
     "ConsentObtained": {"reconsent": False, "signed_by": "subject", "taken_by": "dr.wang"},
-    "LabResultRecorded": {"canonical_unit": "mg/dL", "flag": None, "lab_high": None, "lab_low": None,
-                          "loinc": "2160-0", "range_high": "1.2", "range_low": "0.6", "range_source": "default",
-                          "reported_at": None, "specimen_id": None},
-}  # fmt: skip
+    "LabResultRecorded": {
+        "canonical_unit": "mg/dL",
+        "flag": None,
+        "lab_high": None,
+        "lab_low": None,
+        "loinc": "2160-0",
+        "range_high": "1.2",
+        "range_low": "0.6",
+        "range_source": "default",
+        "reported_at": None,
+        "specimen_id": None,
+    },
+}
 
 
 @dataclass
@@ -89,11 +106,20 @@ def sealed(trial, stream: Stream, event_type: str, signer, payload: dict, occurr
     if event_type == "LabResultRecorded":
         payload.setdefault("canonical_value", payload["value"])
     envelope = {
-        "study": str(trial.study.id), "stream": str(stream.id), "version": stream.version + 1,
-        "type": SUBJECT + event_type, "schema": 1, "payload": payload, "occurred_at": occurred_at.isoformat(),
-        "recorded_at": datetime.now(timezone.utc).isoformat(), "actor": "-", "role": "-", "key": "-",
-        "reason": None, "prev": stream.head,
-    }  # fmt: skip
+        "study": str(trial.study.id),
+        "stream": str(stream.id),
+        "version": stream.version + 1,
+        "type": SUBJECT + event_type,
+        "schema": 1,
+        "payload": payload,
+        "occurred_at": occurred_at.isoformat(),
+        "recorded_at": datetime.now(UTC).isoformat(),
+        "actor": "-",
+        "role": "-",
+        "key": "-",
+        "reason": None,
+        "prev": stream.head,
+    }
     event = seal(envelope, signer)
     stream.version, stream.head = event.version, event.hash
     return event
@@ -103,15 +129,25 @@ def add_subject(trial, n: int, labs: int = 2) -> Stream:
     """Screened, consented, `labs` lab results: 2 + labs events in one stream, in three appends."""
     s = Stream(uuid.uuid4())
     when = T0 + timedelta(hours=n)
-    trial.record.append([sealed(trial, s, "Screened", trial.coordinator,
-                                {"site": "NJ01", "screening_number": f"SCR-{n:03d}"}, when)])  # fmt: skip
-    trial.record.append([sealed(trial, s, "ConsentObtained", trial.investigator, {"icf_version": "ICF v1.0"},
-                                when + timedelta(days=1))])  # fmt: skip
-    trial.record.append([
-        sealed(trial, s, "LabResultRecorded", trial.lab,
-               {"code": "CREAT", "value": str(Decimal("1.23") + i), "unit": "mg/dL"}, when + timedelta(days=2 + i))
-        for i in range(labs)
-    ])  # fmt: skip
+    trial.record.append(
+        [sealed(trial, s, "Screened", trial.coordinator, {"site": "NJ01", "screening_number": f"SCR-{n:03d}"}, when)]
+    )
+    trial.record.append(
+        [sealed(trial, s, "ConsentObtained", trial.investigator, {"icf_version": "ICF v1.0"}, when + timedelta(days=1))]
+    )
+    trial.record.append(
+        [
+            sealed(
+                trial,
+                s,
+                "LabResultRecorded",
+                trial.lab,
+                {"code": "CREAT", "value": str(Decimal("1.23") + i), "unit": "mg/dL"},
+                when + timedelta(days=2 + i),
+            )
+            for i in range(labs)
+        ]
+    )
     return s
 
 
@@ -135,8 +171,10 @@ def leaf_rows(url: str) -> list[tuple[int, int, bytes]]:
     engine = sa.create_engine(url)
     try:
         with engine.connect() as conn:
-            return [(i, p, bytes(h)) for i, p, h in
-                    conn.execute(sa.text("select idx, position, leaf_hash from ledger_leaves order by idx"))]  # fmt: skip
+            return [
+                (i, p, bytes(h))
+                for i, p, h in conn.execute(sa.text("select idx, position, leaf_hash from ledger_leaves order by idx"))
+            ]
     finally:
         engine.dispose()
 
@@ -164,8 +202,11 @@ def chain_findings(report) -> list:
 
 
 def cli(*args: str, env: dict[str, str] | None = None):
-    return CliRunner().invoke(app, list(args), env={"SLE_DATABASE_URL": None, "SLE_LOG_KEY": None,
-                                                    "SLE_LOG_ORIGIN": None, "COLUMNS": "200", **(env or {})})  # fmt: skip
+    return CliRunner().invoke(
+        app,
+        list(args),
+        env={"SLE_DATABASE_URL": None, "SLE_LOG_KEY": None, "SLE_LOG_ORIGIN": None, "COLUMNS": "200", **(env or {})},
+    )
 
 
 def one_line(text: str) -> str:
@@ -237,28 +278,47 @@ def test_cli_integrate_checkpoint_prove_and_verify_offline_with_only_the_vkey(tr
     # Growth: a consistency proof from the saved checkpoint to the new one, checked offline.
     add_subject(trial, 9, labs=3)
     cp2 = tmp_path / "cp2"
-    done = cli("ledger", "checkpoint", "--out", str(cp2), env={"SLE_DATABASE_URL": url, "SLE_LOG_KEY": str(key),
-                                                               "SLE_LOG_ORIGIN": ORIGIN})  # fmt: skip
+    done = cli(
+        "ledger",
+        "checkpoint",
+        "--out",
+        str(cp2),
+        env={"SLE_DATABASE_URL": url, "SLE_LOG_KEY": str(key), "SLE_LOG_ORIGIN": ORIGIN},
+    )
     assert done.exit_code == 0, done.output
     assert Checkpoint.parse(open_note(cp2.read_text(), Verifier.from_vkey(vkey))[0]).size == 21
     cons = tmp_path / "cons"
     done = cli("ledger", "consistency", "--old", str(cp1), "--out", str(cons), "--db", url)
     assert done.exit_code == 0, done.output
     assert cons.with_name("cons.checkpoint").read_text() == cp2.read_text()
-    done = cli("ledger", "verify-proof", str(cp2), "--vkey", vkey, "--old-checkpoint", str(cp1), "--consistency", str(cons))
+    done = cli(
+        "ledger", "verify-proof", str(cp2), "--vkey", vkey, "--old-checkpoint", str(cp1), "--consistency", str(cons)
+    )
     assert done.exit_code == 0, done.output
     assert "the tree of 21 extends the old checkpoint of 16" in done.stdout
     printed = cli("ledger", "consistency", "--old", str(cp1), "--db", url)
     assert printed.stdout == cons.read_text() and len(parse_consistency_proof(printed.stdout)) > 0
     # A proof against the checkpoint the auditor holds still works after the log grew.
     old_proof = tmp_path / "old.proof"
-    assert cli("ledger", "prove", f"{a.id}:3", "--checkpoint", str(cp1), "--out", str(old_proof), "--db", url).exit_code == 0
+    assert (
+        cli("ledger", "prove", f"{a.id}:3", "--checkpoint", str(cp1), "--out", str(old_proof), "--db", url).exit_code
+        == 0
+    )
     assert old_proof.read_text() == proof.read_text()
     # The newer inclusion proof also carries a checkpoint a consistency proof can be checked against.
     new_proof = tmp_path / "new.proof"
     assert cli("ledger", "prove", f"{a.id}:3", "--out", str(new_proof), "--db", url).exit_code == 0
-    done = cli("ledger", "verify-proof", str(new_proof), "--vkey", vkey, "--old-checkpoint", str(cp1),
-               "--consistency", str(cons))  # fmt: skip
+    done = cli(
+        "ledger",
+        "verify-proof",
+        str(new_proof),
+        "--vkey",
+        vkey,
+        "--old-checkpoint",
+        str(cp1),
+        "--consistency",
+        str(cons),
+    )
     assert done.exit_code == 0 and done.stdout.count("OK:") == 2
 
     # `sle verify` with the saved checkpoint: everything holds.
@@ -275,8 +335,16 @@ def test_cli_rotate_key_then_verify_with_the_old_vkey(trial, tmp_path):
     old_vkey = one_line(cli("ledger", "init", "--log-key", str(key), "--db", url).stdout)
     before = tmp_path / "before.cp"
     assert cli("ledger", "checkpoint", "--db", url, "--log-key", str(key), "--out", str(before)).exit_code == 0
-    witness = ("ledger", "witness", "--witness-key", str(tmp_path / "w.key"), "--state", str(tmp_path / "w.json"),
-               "--db", url)  # fmt: skip
+    witness = (
+        "ledger",
+        "witness",
+        "--witness-key",
+        str(tmp_path / "w.key"),
+        "--state",
+        str(tmp_path / "w.json"),
+        "--db",
+        url,
+    )
     assert cli(*witness, "--vkey", old_vkey).exit_code == 0  # the witness is told the log's key once
     new_vkey = one_line(cli("ledger", "init", "--log-key", str(nxt), "--db", url).stdout)
     done = cli("ledger", "rotate-key", "--db", url, "--log-key", str(key), "--new-key", str(nxt))
@@ -292,8 +360,19 @@ def test_cli_rotate_key_then_verify_with_the_old_vkey(trial, tmp_path):
     done = cli(*witness)
     assert done.exit_code == 0, done.output
     assert one_line(cli("ledger", "vkey", "--db", url).stdout) == new_vkey
-    done = cli("verify", "--db", url, "--workers", "1", "--checkpoint", str(before), "--checkpoint", str(after),
-               "--vkey", old_vkey)  # fmt: skip
+    done = cli(
+        "verify",
+        "--db",
+        url,
+        "--workers",
+        "1",
+        "--checkpoint",
+        str(before),
+        "--checkpoint",
+        str(after),
+        "--vkey",
+        old_vkey,
+    )
     assert done.exit_code == 0, done.output
 
 
@@ -305,12 +384,19 @@ def test_verify_proof_needs_no_database(trial, tmp_path):
     (tmp_path / "p").write_text(proof.text)
     (tmp_path / "p.leaf").write_bytes(proof.leaf_bytes)
     env = dict(os.environ, SLE_DATABASE_URL="postgresql+psycopg://nobody@127.0.0.1:1/none", NO_COLOR="1")
-    done = subprocess.run([SLE, "ledger", "verify-proof", "p", "--vkey", signer.vkey], cwd=tmp_path,
-                          capture_output=True, text=True, timeout=60, env=env)  # fmt: skip
+    done = subprocess.run(
+        [SLE, "ledger", "verify-proof", "p", "--vkey", signer.vkey],
+        cwd=tmp_path,
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env=env,
+    )
     assert done.returncode == 0, done.stderr
     assert done.stdout.startswith("OK: leaf 5 ")
-    usage = subprocess.run([SLE, "ledger", "verify-proof", "p"], cwd=tmp_path, capture_output=True, text=True,
-                           timeout=60, env=env)  # fmt: skip
+    usage = subprocess.run(
+        [SLE, "ledger", "verify-proof", "p"], cwd=tmp_path, capture_output=True, text=True, timeout=60, env=env
+    )
     assert usage.returncode == 2 and "--vkey" in usage.stderr
     ledger.close()
 
@@ -390,11 +476,16 @@ def test_bad_input_is_refused_with_a_clear_error_and_nothing_is_stored(trial, tm
     out = tmp_path / "p"
     s = subjects[0].id
     for args, code, message in [
-        (["nonsense"], 2, "neither"), ([f"{s}:0"], 2, "not a version"), (["not-a-uuid:2"], 2, "not a stream UUID"),
-        ([f"{s}:3", "--index", "1"], 2, "exactly one"), ([], 2, "exactly one"),
-        ([f"{s}:99"], 1, "no event"), (["100000"], 1, "no event at log position 100000"),
-        ([str(event_ids(url)[-1])], 1, "not integrated yet"), (["--index", "99"], 1, "does not exist"),
-    ]:  # fmt: skip
+        (["nonsense"], 2, "neither"),
+        ([f"{s}:0"], 2, "not a version"),
+        (["not-a-uuid:2"], 2, "not a stream UUID"),
+        ([f"{s}:3", "--index", "1"], 2, "exactly one"),
+        ([], 2, "exactly one"),
+        ([f"{s}:99"], 1, "no event"),
+        (["100000"], 1, "no event at log position 100000"),
+        ([str(event_ids(url)[-1])], 1, "not integrated yet"),
+        (["--index", "99"], 1, "does not exist"),
+    ]:
         done = cli("ledger", "prove", *args, "--out", str(out), "--db", url)
         assert done.exit_code == code and message in done.stderr, (args, done.output)
         assert not out.exists() and not out.with_name("p.leaf").exists()
@@ -433,7 +524,10 @@ def test_a_rotated_log_key_is_followed_from_either_vkey(trial, tmp_path):
     add_subject(trial, 7)
     ledger.integrate()
     rotation = ledger.rotate_key(old, new)
-    assert key_rotation(Checkpoint.parse(open_note(rotation.note, Verifier.from_vkey(new.vkey))[0])) == (old.vkey, new.vkey)
+    assert key_rotation(Checkpoint.parse(open_note(rotation.note, Verifier.from_vkey(new.vkey))[0])) == (
+        old.vkey,
+        new.vkey,
+    )
     open_note(rotation.note, Verifier.from_vkey(old.vkey))  # signed by both
     assert ledger.state().vkey == new.vkey
     with pytest.raises(LedgerError, match="signed by"):
@@ -456,8 +550,10 @@ def test_a_rotated_log_key_is_followed_from_either_vkey(trial, tmp_path):
     report = verify_record(trial.url, workers=1, checkpoint=saved, vkey=old.vkey)
     assert report.ok, report.findings
     other = create_log_key(tmp_path / "other.key", ORIGIN)  # same origin, not this log's key
-    assert {f.kind for f in verify_ledger(trial.url, vkey=other.vkey)} == {"checkpoint_bad_signature",
-                                                                           "ledger_state_mismatch"}  # fmt: skip
+    assert {f.kind for f in verify_ledger(trial.url, vkey=other.vkey)} == {
+        "checkpoint_bad_signature",
+        "ledger_state_mismatch",
+    }
 
 
 def test_a_rotation_forged_without_the_old_key_is_not_followed(trial, tmp_path):
@@ -474,8 +570,14 @@ def test_a_rotation_forged_without_the_old_key_is_not_followed(trial, tmp_path):
     forged = sign_checkpoint(Checkpoint(ORIGIN, size, root, (f"{KEY_ROTATION} {old.vkey} {evil.vkey}",)), evil)
     later = sign_checkpoint(Checkpoint(ORIGIN, size, root), evil)
     for note in (forged, later):
-        execute_sql(trial.url, "insert into ledger_checkpoints (size, root, note, issued_at) "
-                    "values (:size, :root, :note, :at)", size=size, root=root, note=note, at=datetime.now(timezone.utc))  # fmt: skip
+        execute_sql(
+            trial.url,
+            "insert into ledger_checkpoints (size, root, note, issued_at) values (:size, :root, :note, :at)",
+            size=size,
+            root=root,
+            note=note,
+            at=datetime.now(UTC),
+        )
     execute_sql(trial.url, "update ledger_state set vkey = :vkey", vkey=evil.vkey)
 
     findings = verify_ledger(trial.url, vkey=old.vkey)
@@ -497,11 +599,16 @@ def test_deleted_last_event_of_a_stream_is_found_by_the_ledger_only(trial, tmp_p
 
     report = verify_record(trial.url, workers=1)
     assert chain_findings(report) == []  # nothing after it points back: the chains cannot tell
-    assert located(report.findings) == {(str(b.id), 4, "ledger_leaf_missing_event"), (None, None, "checkpoint_root_mismatch")}
+    assert located(report.findings) == {
+        (str(b.id), 4, "ledger_leaf_missing_event"),
+        (None, None, "checkpoint_root_mismatch"),
+    }
     [gone] = [f for f in report.findings if f.kind == "ledger_leaf_missing_event"]
     assert gone.position == pos and f"leaf {index} logged {b.id} v4" in gone.detail
     assert index == 11
-    twelve, sixteen = sorted((f for f in report.findings if f.kind == "checkpoint_root_mismatch"), key=lambda f: f.detail)
+    twelve, sixteen = sorted(
+        (f for f in report.findings if f.kind == "checkpoint_root_mismatch"), key=lambda f: f.detail
+    )
     assert "size 12" in twelve.detail and "among leaves 8–11" in twelve.detail  # the checkpoint of size 8 still holds
     assert "size 16" in sixteen.detail and "covers 16 events but the record holds only 15" in sixteen.detail
     with pytest.raises(LedgerError, match="gone from the record"):
@@ -524,7 +631,8 @@ def test_the_position_of_a_deleted_newest_event_is_never_given_again(trial, tmp_
     ledger.close()
     report = verify_record(trial.url, workers=1)
     assert [(f.kind, f.position) for f in report.findings if f.kind.startswith("ledger_leaf")] == [
-        ("ledger_leaf_missing_event", newest)]  # fmt: skip
+        ("ledger_leaf_missing_event", newest)
+    ]
 
 
 def test_deleted_subject_is_located_event_by_event(trial, tmp_path):
@@ -532,14 +640,18 @@ def test_deleted_subject_is_located_event_by_event(trial, tmp_path):
     ledger, signer, _ = logged(trial, tmp_path, sizes=(6,))
     c = subjects[2]
     positions = {v: position_of(trial, c.id, v) for v in range(1, 5)}
-    execute_sql(trial.url, "delete from study_events where originator_id = (select originator_id from study_events "
-                "where id = :id)", id=positions[1])  # fmt: skip
+    execute_sql(
+        trial.url,
+        "delete from study_events where originator_id = (select originator_id from study_events where id = :id)",
+        id=positions[1],
+    )
     assert trial.rows() == 12
 
     report = verify_record(trial.url, workers=1)
     assert chain_findings(report) == []
     assert located(report.findings) == {(str(c.id), v, "ledger_leaf_missing_event") for v in positions} | {
-        (None, None, "checkpoint_root_mismatch")}  # fmt: skip
+        (None, None, "checkpoint_root_mismatch")
+    }
     for f in report.findings:
         if f.kind == "ledger_leaf_missing_event":
             assert f.position == positions[f.version] and "gone from the record" in f.detail
@@ -564,8 +676,11 @@ def test_swapped_event_positions_are_caught_at_both_places(trial, tmp_path):
 
     report = verify_record(trial.url, workers=1)
     assert chain_findings(report) == []  # each stream is still in version order with valid signatures
-    assert located(report.findings) == {(str(b.id), 3, "ledger_leaf_mismatch"), (str(a.id), 2, "ledger_leaf_mismatch"),
-                                        (None, None, "checkpoint_root_mismatch")}  # fmt: skip
+    assert located(report.findings) == {
+        (str(b.id), 3, "ledger_leaf_mismatch"),
+        (str(a.id), 2, "ledger_leaf_mismatch"),
+        (None, None, "checkpoint_root_mismatch"),
+    }
     by_position = {f.position: f for f in report.findings if f.kind == "ledger_leaf_mismatch"}
     assert by_position[pa].stream == str(b.id) and f"the ledger logged {a.id} v2 there" in by_position[pa].detail
     assert by_position[pb].stream == str(a.id) and f"the ledger logged {b.id} v3 there" in by_position[pb].detail
@@ -608,15 +723,17 @@ def test_edited_ledger_tables_are_found_and_no_proof_goes_through_them(trial, tm
     execute_sql(trial.url, "update ledger_checkpoints set note = :n where size = 10", n=forged)
 
     findings = verify_ledger(trial.url, vkey=signer.vkey)
-    assert sorted((f.kind, f.position) for f in findings) == sorted([
-        ("ledger_order", rows[6][1]),  # leaf 5 is missing before leaf 6
-        ("event_not_in_ledger", rows[5][1]),  # and its event is now held by no leaf
-        ("ledger_node_mismatch", rows[4][1]),  # the subtree over leaves 4-5 (its leaf 5 is a hole)
-        ("ledger_node_mismatch", rows[8][1]),  # the overwritten node over leaves 8-11 ...
-        ("ledger_node_mismatch", rows[8][1]),  # ... and its parent over leaves 8-15, which no longer hashes from it
-        ("ledger_state_mismatch", None),
-        ("checkpoint_bad_signature", None),
-    ])  # fmt: skip
+    assert sorted((f.kind, f.position) for f in findings) == sorted(
+        [
+            ("ledger_order", rows[6][1]),  # leaf 5 is missing before leaf 6
+            ("event_not_in_ledger", rows[5][1]),  # and its event is now held by no leaf
+            ("ledger_node_mismatch", rows[4][1]),  # the subtree over leaves 4-5 (its leaf 5 is a hole)
+            ("ledger_node_mismatch", rows[8][1]),  # the overwritten node over leaves 8-11 ...
+            ("ledger_node_mismatch", rows[8][1]),  # ... and its parent over leaves 8-15, which no longer hashes from it
+            ("ledger_state_mismatch", None),
+            ("checkpoint_bad_signature", None),
+        ]
+    )
     gone = next(f for f in findings if f.kind == "event_not_in_ledger")
     assert (gone.stream, gone.version) == (str(subjects[0].id), 2)  # leaf 5: after the study's 4 events, v1
     assert "ledger_leaves has no leaf 5" in next(f.detail for f in findings if f.kind == "ledger_order")
@@ -643,8 +760,10 @@ def rebuild_ledger_tree(url: str) -> None:
             conn.execute(sa.text("delete from ledger_nodes"))
             conn.execute(sa.text("insert into ledger_nodes (level, idx, hash) values (:level, :idx, :hash)"), nodes)
             state = cr.to_state()
-            conn.execute(sa.text("update ledger_state set frontier = :f, root = :r"),
-                         {"f": b"".join(state.hashes), "r": cr.root()})  # fmt: skip
+            conn.execute(
+                sa.text("update ledger_state set frontier = :f, root = :r"),
+                {"f": b"".join(state.hashes), "r": cr.root()},
+            )
     finally:
         engine.dispose()
 
@@ -663,13 +782,18 @@ def test_resigned_leaf_with_a_valid_chain_is_caught_only_by_the_checkpoints(tria
 
     report = verify_record(trial.url, workers=1)
     assert chain_findings(report) == []  # chain, signature, key and role all hold
-    assert located(report.findings) == {(str(a.id), 4, "ledger_leaf_mismatch"), (None, None, "checkpoint_root_mismatch")}
+    assert located(report.findings) == {
+        (str(a.id), 4, "ledger_leaf_mismatch"),
+        (None, None, "checkpoint_root_mismatch"),
+    }
     [leaf] = [f for f in report.findings if f.kind == "ledger_leaf_mismatch"]
     assert leaf.position == pos and f"leaf {index}" in leaf.detail
 
     # The DBA also rewrites the leaf hash and recomputes every ledger node: the ledger is self-consistent
     # again, and only the checkpoints signed before the change still tell.
-    execute_sql(trial.url, "update ledger_leaves set leaf_hash = :h where position = :p", h=leaf_hash(forged.sealed), p=pos)
+    execute_sql(
+        trial.url, "update ledger_leaves set leaf_hash = :h where position = :p", h=leaf_hash(forged.sealed), p=pos
+    )
     rebuild_ledger_tree(trial.url)
     findings = verify_ledger(trial.url)
     assert located(findings) == {(None, None, "checkpoint_root_mismatch")}
@@ -677,7 +801,11 @@ def test_resigned_leaf_with_a_valid_chain_is_caught_only_by_the_checkpoints(tria
     # Checkpoints of sizes 8, 12 and 16 no longer match; the one of size 4 still does, so the change is
     # located between leaves 4 and 7.
     details = sorted(f.detail for f in findings)
-    assert [d.split(",")[0] for d in details] == ["checkpoint #2 (size 8", "checkpoint #3 (size 12", "checkpoint #4 (size 16"]
+    assert [d.split(",")[0] for d in details] == [
+        "checkpoint #2 (size 8",
+        "checkpoint #3 (size 12",
+        "checkpoint #4 (size 16",
+    ]
     assert "among leaves 4–7" in details[0] and "up to size 4 still match" in details[0]
     saved = tmp_path / "auditor.cp"
     saved.write_text(notes[-1])
@@ -695,8 +823,11 @@ def test_rewritten_log_is_inconsistent_with_an_older_saved_checkpoint(trial, tmp
 
     # The operator deletes a subject, drops the ledger, re-integrates everything and signs with the right key.
     b = subjects[1]
-    execute_sql(trial.url, "delete from study_events where originator_id = (select originator_id from study_events "
-                "where id = :id)", id=position_of(trial, b.id, 1))  # fmt: skip
+    execute_sql(
+        trial.url,
+        "delete from study_events where originator_id = (select originator_id from study_events where id = :id)",
+        id=position_of(trial, b.id, 1),
+    )
     for table in ("ledger_checkpoints", "ledger_nodes", "ledger_leaves", "ledger_state"):
         execute_sql(trial.url, f"delete from {table}")
     add_subject(trial, 8, labs=3)  # and the log grows past the saved size again
@@ -719,8 +850,17 @@ def test_rewritten_log_is_inconsistent_with_an_older_saved_checkpoint(trial, tmp
     cons, new_cp = tmp_path / "cons", tmp_path / "new.cp"
     cons.write_text("".join(base64.b64encode(h).decode() + "\n" for h in rewritten.consistency_proof(16, 17)))
     new_cp.write_text(new_note)
-    done = cli("ledger", "verify-proof", str(new_cp), "--vkey", vkey, "--old-checkpoint", str(saved),
-               "--consistency", str(cons))  # fmt: skip
+    done = cli(
+        "ledger",
+        "verify-proof",
+        str(new_cp),
+        "--vkey",
+        vkey,
+        "--old-checkpoint",
+        str(saved),
+        "--consistency",
+        str(cons),
+    )
     assert done.exit_code == 1 and "NOT an extension of the old checkpoint" in done.stderr
     rewritten.close()
     ledger.close()
@@ -739,7 +879,7 @@ def test_concurrent_integrators_and_writers_never_double_assign(trial, tmp_path)
             for _ in range(30):
                 ledger.integrate(batch=2)
             ledger.close()
-        except BaseException as e:  # noqa: BLE001 - reported below
+        except BaseException as e:
             errors.append(e)
 
     threads = [threading.Thread(target=integrator) for _ in range(3)]
@@ -773,8 +913,15 @@ print("DONE", flush=True)
 def add_backlog(url: str, n: int) -> None:
     """n synthetic events behind the ledger: the sequencer treats the stored bytes as opaque leaves."""
     t = events_table()
-    rows = [{"originator_id": uuid.uuid4(), "originator_version": 1, "topic": "synthetic",
-             "state": b'{"synthetic":' + str(i).encode() + b"}" + os.urandom(64)} for i in range(n)]  # fmt: skip
+    rows = [
+        {
+            "originator_id": uuid.uuid4(),
+            "originator_version": 1,
+            "topic": "synthetic",
+            "state": b'{"synthetic":' + str(i).encode() + b"}" + os.urandom(64),
+        }
+        for i in range(n)
+    ]
     engine = sa.create_engine(url)
     try:
         with engine.begin() as conn:
@@ -784,8 +931,13 @@ def add_backlog(url: str, n: int) -> None:
 
 
 def integrate_until_killed(url: str, after_lines: int) -> int:
-    proc = subprocess.Popen([sys.executable, "-c", CRASH_CHILD, url, "100"], stdout=subprocess.PIPE,
-                            stderr=subprocess.PIPE, text=True, cwd=ROOT)  # fmt: skip
+    proc = subprocess.Popen(
+        [sys.executable, "-c", CRASH_CHILD, url, "100"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        cwd=ROOT,
+    )
     seen = 0
     try:
         assert proc.stdout is not None
@@ -847,8 +999,9 @@ def test_inclusion_and_consistency_proofs_of_random_events_verify(proved, data):
     verify_consistency(old.size, new.size, ledger.consistency_proof(old.size, new.size), old.root_hash, new.root_hash)
     if old.size < new.size:
         with pytest.raises(ProofError):
-            verify_consistency(old.size, new.size, ledger.consistency_proof(old.size, new.size), new.root_hash,
-                               old.root_hash)  # fmt: skip
+            verify_consistency(
+                old.size, new.size, ledger.consistency_proof(old.size, new.size), new.root_hash, old.root_hash
+            )
 
 
 @pytest.fixture
@@ -874,8 +1027,9 @@ def test_run_integrates_and_checkpoints_periodically_until_stopped(trial, tmp_pa
     ledger = Ledger.for_record(trial.record)  # on the record's own engine
     stop = threading.Event()
     cycles: list[tuple[int, object]] = []
-    runner = threading.Thread(target=ledger.run, args=(signer, 0.05),
-                              kwargs={"stop": stop, "on_cycle": lambda a, c: cycles.append((a, c))})  # fmt: skip
+    runner = threading.Thread(
+        target=ledger.run, args=(signer, 0.05), kwargs={"stop": stop, "on_cycle": lambda a, c: cycles.append((a, c))}
+    )
     runner.start()
     add_subject(trial, 2)
     deadline = time.monotonic() + 20
@@ -895,8 +1049,12 @@ def test_run_integrates_and_checkpoints_periodically_until_stopped(trial, tmp_pa
 
     # The command: SIGTERM stops it cleanly.
     add_subject(trial, 3)
-    proc = subprocess.Popen([SLE, "ledger", "run", "--db", trial.url, "--log-key", str(tmp_path / "log.key"),
-                             "--interval", "0.1"], stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True)  # fmt: skip
+    proc = subprocess.Popen(
+        [SLE, "ledger", "run", "--db", trial.url, "--log-key", str(tmp_path / "log.key"), "--interval", "0.1"],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+    )
     try:
         deadline = time.monotonic() + 30
         while ledger.latest_checkpoint().size < 16:
@@ -917,8 +1075,18 @@ def test_witness_cosigns_only_consistent_growth(trial, tmp_path):
     assert cli("ledger", "init", "--log-key", str(key), "--db", url).exit_code == 0
     assert cli("ledger", "checkpoint", "--db", url, "--log-key", str(key)).exit_code == 0
     wkey, wstate = tmp_path / "witness.key", tmp_path / "witness.json"
-    args = ["ledger", "witness", "--witness-key", str(wkey), "--name", "witness.example", "--state", str(wstate),
-            "--db", url]  # fmt: skip
+    args = [
+        "ledger",
+        "witness",
+        "--witness-key",
+        str(wkey),
+        "--name",
+        "witness.example",
+        "--state",
+        str(wstate),
+        "--db",
+        url,
+    ]
     first = cli(*args)
     assert first.exit_code == 0, first.output
     assert stat.S_IMODE(wkey.stat().st_mode) == 0o600 and json.loads(wstate.read_text())["size"] == 12
@@ -934,8 +1102,11 @@ def test_witness_cosigns_only_consistent_growth(trial, tmp_path):
     assert {s.name for s in sigs} == {ORIGIN, "witness.example"}
 
     # The log is rewritten (a subject deleted, ledger rebuilt, re-signed): the witness refuses.
-    execute_sql(url, "delete from study_events where originator_id = (select originator_id from study_events "
-                "where id = :id)", id=position_of(trial, subjects[0].id, 1))  # fmt: skip
+    execute_sql(
+        url,
+        "delete from study_events where originator_id = (select originator_id from study_events where id = :id)",
+        id=position_of(trial, subjects[0].id, 1),
+    )
     for table in ("ledger_checkpoints", "ledger_nodes", "ledger_leaves", "ledger_state"):
         execute_sql(url, f"delete from {table}")
     add_subject(trial, 6, labs=4)

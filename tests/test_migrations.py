@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from datetime import UTC
+
 import pytest
 import sqlalchemy as sa
 from alembic.autogenerate import compare_metadata
@@ -52,8 +54,12 @@ def test_upgrade_from_the_row_per_field_audit_table_reprojects_into_audit_events
         ProjectionRunner(db_url)
     engine = sa.create_engine(db_url)
     with engine.begin() as conn:
-        conn.execute(sa.text("insert into projection_tracking (name, position, updated_at) "
-                             "values ('audit_trail', 3, '2026-11-25T00:00:00+00:00')"))  # fmt: skip
+        conn.execute(
+            sa.text(
+                "insert into projection_tracking (name, position, updated_at) "
+                "values ('audit_trail', 3, '2026-11-25T00:00:00+00:00')"
+            )
+        )
     schema.upgrade(db_url)
     inspector = sa.inspect(engine)
     assert "audit_trail" in inspector.get_view_names() and "audit_trail" not in inspector.get_table_names()
@@ -84,26 +90,31 @@ def test_a_database_upgraded_to_head_verifies_clean(trial, db_url):
 def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(tmp_path):
     """0006 recreates an SQLite events table without AUTOINCREMENT: same rows and ids, same verification,
     and the position of a deleted newest event is not handed out again."""
-    from sle_events.store.record import StudyRecord
+    from datetime import datetime
+
     from sle_events.audit.verifier import verify_record
     from sle_events.domain.study import Study
     from sle_events.signing.keys import Signer
-    from datetime import datetime, timezone
+    from sle_events.store.record import StudyRecord
 
     url = f"sqlite:///{tmp_path / 'old.db'}"
     engine = sa.create_engine(url)
     with engine.begin() as conn:  # as eventsourcing-sqlalchemy made it
-        conn.exec_driver_sql("CREATE TABLE study_events (id INTEGER NOT NULL, originator_id BINARY(16) NOT NULL, "
-                             "originator_version INTEGER NOT NULL, topic TEXT NOT NULL, state BLOB NOT NULL, "
-                             "PRIMARY KEY (id))")  # fmt: skip
-        conn.exec_driver_sql("CREATE UNIQUE INDEX study_events_aggregate_idx ON study_events "
-                             "(originator_id, originator_version)")  # fmt: skip
+        conn.exec_driver_sql(
+            "CREATE TABLE study_events (id INTEGER NOT NULL, originator_id BINARY(16) NOT NULL, "
+            "originator_version INTEGER NOT NULL, topic TEXT NOT NULL, state BLOB NOT NULL, "
+            "PRIMARY KEY (id))"
+        )
+        conn.exec_driver_sql(
+            "CREATE UNIQUE INDEX study_events_aggregate_idx ON study_events (originator_id, originator_version)"
+        )
     record = StudyRecord(url)
     admin = Signer.generate("admin@site", "admin")
-    study = Study.create("ALLOMSC-SLE", "AlloMSC", admin.actor, admin.public_key_b64, datetime.now(timezone.utc))
+    study = Study.create("ALLOMSC-SLE", "AlloMSC", admin.actor, admin.public_key_b64, datetime.now(UTC))
     for n in range(3):
-        study.register_key(f"nurse{n}", "coordinator", Signer.generate(f"nurse{n}", "coordinator").public_key_b64,
-                           datetime.now(timezone.utc))  # fmt: skip
+        study.register_key(
+            f"nurse{n}", "coordinator", Signer.generate(f"nurse{n}", "coordinator").public_key_b64, datetime.now(UTC)
+        )
     record.record(study, signer=admin)
     record.close()
 
@@ -124,8 +135,9 @@ def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(
         conn.exec_driver_sql("delete from study_events where id = 4")
     record = StudyRecord(url)
     study = record.get(study.id)
-    study.register_key("dr.wang", "investigator", Signer.generate("dr.wang", "investigator").public_key_b64,
-                       datetime.now(timezone.utc))  # fmt: skip
+    study.register_key(
+        "dr.wang", "investigator", Signer.generate("dr.wang", "investigator").public_key_b64, datetime.now(UTC)
+    )
     [appended] = record.record(study, signer=admin)
     record.close()
     assert [r[0] for r in rows()] == [1, 2, 3, 5]

@@ -15,14 +15,15 @@ from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
+from test_projections import add_subject
 
-from conftest import execute_sql, position_of
 from projections.base import ProjectionHalted
 from projections.runner import REBUILDING, ProjectionRunner
 from projections.schema import audit_events, halted_streams, patient_state, subject_visits
 from sle_events.signing.envelope import format_time, seal, utc_now
 from sle_events.signing.keys import Signer
-from test_projections import add_subject
+
+from conftest import execute_sql, position_of
 
 pytestmark = pytest.mark.storage
 SLE = str(Path(sys.executable).with_name("sle"))
@@ -60,8 +61,14 @@ def store_by_sql(trial, sealed) -> None:
     engine = sa.create_engine(trial.url)
     try:
         with engine.begin() as conn:
-            conn.execute(trial.record.table.insert().values(originator_id=sealed.stream, originator_version=sealed.version,
-                                                            topic=sealed.topic, state=sealed.sealed))  # fmt: skip
+            conn.execute(
+                trial.record.table.insert().values(
+                    originator_id=sealed.stream,
+                    originator_version=sealed.version,
+                    topic=sealed.topic,
+                    state=sealed.sealed,
+                )
+            )
     finally:
         engine.dispose()
 
@@ -69,8 +76,13 @@ def store_by_sql(trial, sealed) -> None:
 def next_lab_event(trial, subject, signer: Signer, **payload: object):
     """A lab result sealed by `signer`, chained to the subject's newest event."""
     last = newest(trial, subject)
-    env = dict(last.envelope, version=last.version + 1, prev=last.hash, recorded_at=format_time(utc_now()),
-               payload=dict(last.envelope["payload"], **payload))  # fmt: skip
+    env = dict(
+        last.envelope,
+        version=last.version + 1,
+        prev=last.hash,
+        recorded_at=format_time(utc_now()),
+        payload=dict(last.envelope["payload"], **payload),
+    )
     return seal(env, signer)
 
 
@@ -117,8 +129,13 @@ def test_a_rebuild_worker_that_dies_fails_the_rebuild_instead_of_hanging(trial):
             sys.exit(0)
         sys.exit(1)
     """)
-    done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, timeout=60,
-                          cwd=Path(__file__).resolve().parents[1])  # fmt: skip
+    done = subprocess.run(
+        [sys.executable, "-c", script],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        cwd=Path(__file__).resolve().parents[1],
+    )
     assert done.returncode == 0, done.stderr
     assert "a rebuild worker process died" in done.stdout
 
@@ -129,8 +146,12 @@ def test_an_edited_newest_event_is_never_shown(trial):
     victim = subjects(trial, 2)[0]
     last = newest(trial, victim)
     assert b'"value":"1.2"' in last.sealed
-    execute_sql(trial.url, "update study_events set state = :state where id = :id",
-                state=last.sealed.replace(b'"value":"1.2"', b'"value":"0.4"'), id=position_of(trial, victim.id, last.version))  # fmt: skip
+    execute_sql(
+        trial.url,
+        "update study_events set state = :state where id = :id",
+        state=last.sealed.replace(b'"value":"1.2"', b'"value":"0.4"'),
+        id=position_of(trial, victim.id, last.version),
+    )
     where = f"(stream {victim.id} v{last.version})"
     for command in (["patients", "--json"], ["audit-trail", "--format", "json"], ["replay", "--subject", "SCR-900"]):
         read = sle(*command, "--db", trial.url)
@@ -187,8 +208,10 @@ def test_a_signed_lab_result_that_does_not_load_halts_only_its_subject(trial, wo
 
     runner = ProjectionRunner(trial.url)
     runner.catch_up()
-    incremental = {t.name: sorted(tuple(map(str, r.values())) for r in rows(trial.url, t))
-                   for t in (patient_state, subject_visits, halted_streams, audit_events)}  # fmt: skip
+    incremental = {
+        t.name: sorted(tuple(map(str, r.values())) for r in rows(trial.url, t))
+        for t in (patient_state, subject_visits, halted_streams, audit_events)
+    }
     runner.rebuild(workers=workers)
     for t in (patient_state, subject_visits, halted_streams, audit_events):
         assert sorted(tuple(map(str, r.values())) for r in rows(trial.url, t)) == incremental[t.name], t.name
@@ -216,11 +239,15 @@ def test_a_signed_lab_result_that_does_not_load_halts_only_its_subject(trial, wo
     assert [(h["subject"], h["version"]) for h in dashboard["halted_streams"]] == [("SCR-901", unloadable.version)]
     status = json.loads(sle("projections", "status", "--db", trial.url, "--json").stdout)
     assert {r["projection"]: [h["version"] for h in r["halted_streams"]] for r in status} == {
-        "audit_trail": [], "patient_state": [unloadable.version], "study_dashboard": [unloadable.version]}
+        "audit_trail": [],
+        "patient_state": [unloadable.version],
+        "study_dashboard": [unloadable.version],
+    }
     replay = sle("replay", "--subject", "SCR-901", "--db", trial.url)
     assert replay.returncode == 1 and f"v{unloadable.version}" in replay.stderr and "InvalidOperation" in replay.stderr
-    earlier = sle("replay", "--subject", "SCR-901", "--db", trial.url, "--as-of",
-                  format_time(utc_now() - timedelta(minutes=10)))  # fmt: skip
+    earlier = sle(
+        "replay", "--subject", "SCR-901", "--db", trial.url, "--as-of", format_time(utc_now() - timedelta(minutes=10))
+    )
     assert earlier.returncode in (0, 1) and "InvalidOperation" not in earlier.stderr
 
 
@@ -235,7 +262,9 @@ def test_a_halted_subject_loaded_by_a_later_run_halts_at_the_same_fact(trial):
     later = ProjectionRunner(trial.url)
     later.catch_up()
     assert {(h["projection"], h["version"]) for h in rows(trial.url, halted_streams)} == {
-        ("patient_state", unloadable.version), ("study_dashboard", unloadable.version)}
+        ("patient_state", unloadable.version),
+        ("study_dashboard", unloadable.version),
+    }
     [state] = rows(trial.url, patient_state, subject=str(bad.id))
     assert state["version"] == unloadable.version - 1
     later.close()

@@ -5,21 +5,22 @@ from __future__ import annotations
 
 import threading
 import time
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import STUDY_CONFIG, execute_sql
 from projections.audit_trail import AuditTrail, query
 from projections.base import ProjectionHalted
 from projections.runner import ProjectionRunner
 from projections.schema import audit_events, audit_trail
 from sle_events.domain.subject import Subject
 
+from conftest import STUDY_CONFIG, execute_sql
+
 pytestmark = pytest.mark.storage
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 def add_subject(trial, number: str, labs: int = 3) -> Subject:
@@ -36,8 +37,12 @@ def add_subject(trial, number: str, labs: int = 3) -> Subject:
 def dump(runner: ProjectionRunner) -> list[tuple]:
     cols = [c for c in audit_trail.c if c.name != "id"]
     with runner.engine.connect() as conn:
-        return [tuple(r) for r in conn.execute(sa.select(*cols).order_by(audit_trail.c.position, audit_trail.c.field,
-                                                                          audit_trail.c.record_id))]  # fmt: skip
+        return [
+            tuple(r)
+            for r in conn.execute(
+                sa.select(*cols).order_by(audit_trail.c.position, audit_trail.c.field, audit_trail.c.record_id)
+            )
+        ]
 
 
 def test_incremental_equals_rebuild(trial):
@@ -77,11 +82,17 @@ def test_corrections_and_voids_show_the_old_value_and_the_reason(trial, batch):
     the batch itself otherwise; both ways give the same rows."""
     s = add_subject(trial, "SCR-150", labs=2)
     first, second = [v for v, f in s.facts.items() if f.type == "LabResultRecorded"]
-    s.correct(first, {"value": Decimal("1.4")}, "transcription error: 1.4 on the lab report", NOW - timedelta(days=2),
-              config=STUDY_CONFIG)  # fmt: skip
+    s.correct(
+        first,
+        {"value": Decimal("1.4")},
+        "transcription error: 1.4 on the lab report",
+        NOW - timedelta(days=2),
+        config=STUDY_CONFIG,
+    )
     trial.record.record(s, signer=trial.investigator, reason="transcription error: 1.4 on the lab report")
-    s.correct(first, {"value": Decimal("1.5")}, "second look at the report", NOW - timedelta(days=1),
-              config=STUDY_CONFIG)  # fmt: skip
+    s.correct(
+        first, {"value": Decimal("1.5")}, "second look at the report", NOW - timedelta(days=1), config=STUDY_CONFIG
+    )
     trial.record.record(s, signer=trial.investigator, reason="second look at the report")
     s.void(second, "entered on the wrong subject", NOW - timedelta(days=1), config=STUDY_CONFIG)
     trial.record.record(s, signer=trial.investigator, reason="entered on the wrong subject")
@@ -94,10 +105,15 @@ def test_corrections_and_voids_show_the_old_value_and_the_reason(trial, batch):
             query(conn, change="edited")
     runner.close()
     assert corrections == [r for r in rows if r["change"] == "corrected"]
-    corrected = [(r["old_value"], r["new_value"], r["reason"], r["actor"]) for r in rows if r["change"] == "corrected"
-                 and r["field"] == "value"]  # fmt: skip
-    assert corrected == [("1.0", "1.4", "transcription error: 1.4 on the lab report", "dr.wang"),
-                         ("1.4", "1.5", "second look at the report", "dr.wang")]  # fmt: skip
+    corrected = [
+        (r["old_value"], r["new_value"], r["reason"], r["actor"])
+        for r in rows
+        if r["change"] == "corrected" and r["field"] == "value"
+    ]
+    assert corrected == [
+        ("1.0", "1.4", "transcription error: 1.4 on the lab report", "dr.wang"),
+        ("1.4", "1.5", "second look at the report", "dr.wang"),
+    ]
     assert {r["form"] for r in rows if r["change"] == "corrected"} == {"Subject.LabResultRecorded"}
     assert {r["record_id"] for r in rows if r["change"] == "corrected"} == {f"{s.id}:{first}"}
     voided = {r["field"]: (r["old_value"], r["new_value"]) for r in rows if r["change"] == "voided"}
@@ -130,8 +146,11 @@ def test_a_failing_batch_leaves_neither_rows_nor_position(trial):
 
 def test_broken_chain_halts_the_projection_with_a_clear_error(trial):
     s = add_subject(trial, "SCR-300", labs=3)
-    execute_sql(trial.url, "delete from study_events where originator_version = 4 and id = "
-                "(select max(id) from study_events where originator_version = 4)")  # a middle lab result
+    execute_sql(
+        trial.url,
+        "delete from study_events where originator_version = 4 and id = "
+        "(select max(id) from study_events where originator_version = 4)",
+    )  # a middle lab result
     runner = ProjectionRunner(trial.url, [AuditTrail()], batch=2)
     with pytest.raises(ProjectionHalted) as info:
         runner.catch_up()

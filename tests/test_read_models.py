@@ -11,7 +11,7 @@ import pytest
 import sqlalchemy as sa
 
 from projections.patient_state import summarise
-from projections.replay import events_as_of, find_subject, fold, replay
+from projections.replay import events_as_of, fold, replay
 from projections.runner import ProjectionRunner
 from projections.schema import audit_trail, patient_state, subject_adverse_events, subject_visits
 from sle_events.demo import run_demo
@@ -46,7 +46,10 @@ def test_every_projection_rebuilds_identical(demo_url):
     runner.rebuild()
     assert dump(runner) == incremental
     assert {r["projection"]: r["lag_events"] for r in runner.status()} == {
-        "audit_trail": 0, "patient_state": 0, "study_dashboard": 0}
+        "audit_trail": 0,
+        "patient_state": 0,
+        "study_dashboard": 0,
+    }
     runner.close()
 
 
@@ -76,11 +79,18 @@ def test_a_parallel_rebuild_beside_a_process_that_keeps_appending(db_url, tmp_pa
 
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "keys").mkdir()
-    writer = subprocess.Popen([sys.executable, str(root / "tests" / "crash_writer.py"), db_url, str(tmp_path / "keys")],
-                              stdout=subprocess.PIPE, stderr=subprocess.DEVNULL, text=True, cwd=root)  # fmt: skip
+    writer = subprocess.Popen(
+        [sys.executable, str(root / "tests" / "crash_writer.py"), db_url, str(tmp_path / "keys")],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.DEVNULL,
+        text=True,
+        cwd=root,
+    )
     acks = []
-    pump = threading.Thread(target=lambda: acks.extend(line for line in writer.stdout if line.startswith("ACK")),  # type: ignore[union-attr]
-                            daemon=True)  # fmt: skip
+    pump = threading.Thread(
+        target=lambda: acks.extend(line for line in writer.stdout if line.startswith("ACK")),  # type: ignore[union-attr]
+        daemon=True,
+    )
     pump.start()
     try:
         deadline = time.monotonic() + 30
@@ -108,12 +118,18 @@ def test_audit_trail_times_are_utc_and_the_same_instants_as_signed(demo_url):
     runner = ProjectionRunner(demo_url)
     runner.catch_up()
     with runner.engine.connect() as conn:
-        rows = conn.execute(sa.select(audit_trail.c.stream, audit_trail.c.event_id, audit_trail.c.occurred_at,
-                                      audit_trail.c.recorded_at).distinct()).all()  # fmt: skip
+        rows = conn.execute(
+            sa.select(
+                audit_trail.c.stream, audit_trail.c.event_id, audit_trail.c.occurred_at, audit_trail.c.recorded_at
+            ).distinct()
+        ).all()
     runner.close()
     record = StudyRecord(demo_url)
-    signed = {f"{e.envelope['stream']}:{e.version}": e.envelope["occurred_at"]
-              for stream in {r.stream for r in rows} for e in record.stream(UUID(stream))}  # fmt: skip
+    signed = {
+        f"{e.envelope['stream']}:{e.version}": e.envelope["occurred_at"]
+        for stream in {r.stream for r in rows}
+        for e in record.stream(UUID(stream))
+    }
     record.close()
     assert any(not t.endswith("+00:00") for t in signed.values()), "the demo signs local clinic times"
     for r in rows:
@@ -145,8 +161,9 @@ def test_replay_as_of_recorded_time_shows_what_the_database_said_then(demo_url):
     record = StudyRecord(demo_url)
     t = record.table
     with record.recorder.datastore.engine.connect() as conn:
-        corrected = conn.execute(sa.select(t.c.originator_id, t.c.state).where(t.c.topic == "Subject.Corrected")
-                                 .order_by(t.c.id).limit(1)).first()  # fmt: skip
+        corrected = conn.execute(
+            sa.select(t.c.originator_id, t.c.state).where(t.c.topic == "Subject.Corrected").order_by(t.c.id).limit(1)
+        ).first()
     assert corrected is not None, "the demo records corrections"
     stream = record.stream(corrected.originator_id)
     correction = next(e for e in stream if e.topic == "Subject.Corrected")
@@ -167,12 +184,18 @@ def test_replay_as_of_occurred_time_keeps_later_corrections_of_earlier_facts(dem
     record = StudyRecord(demo_url)
     t = record.table
     with record.recorder.datastore.engine.connect() as conn:
-        busiest = conn.execute(sa.select(t.c.originator_id).where(t.c.topic == "Subject.LabResultRecorded")
-                               .group_by(t.c.originator_id).order_by(sa.func.count().desc()).limit(1)).scalar()  # fmt: skip
+        busiest = conn.execute(
+            sa.select(t.c.originator_id)
+            .where(t.c.topic == "Subject.LabResultRecorded")
+            .group_by(t.c.originator_id)
+            .order_by(sa.func.count().desc())
+            .limit(1)
+        ).scalar()
     subject = record.get(busiest)
     stream = record.stream(subject.id)
-    times = sorted({parse_time("occurred_at", e.envelope["occurred_at"]) for e in stream
-                    if e.topic == "Subject.LabResultRecorded"})  # fmt: skip
+    times = sorted(
+        {parse_time("occurred_at", e.envelope["occurred_at"]) for e in stream if e.topic == "Subject.LabResultRecorded"}
+    )
     assert len(times) > 2
     midpoint = times[len(times) // 2]
     then = fold(events_as_of(stream, occurred_as_of=midpoint))

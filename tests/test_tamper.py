@@ -10,26 +10,27 @@ from __future__ import annotations
 
 import json
 from dataclasses import dataclass
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from uuid import UUID
 
 import pytest
 import sqlalchemy as sa
 
-from conftest import STUDY_CONFIG, execute_sql
+from sle_events.audit.findings import Report
+from sle_events.audit.verifier import verify_record
 from sle_events.domain.payloads import EligibilityChecklist
 from sle_events.domain.subject import Subject
 from sle_events.signing.envelope import open_sealed, seal
 from sle_events.signing.keys import Signer
 from sle_events.store.codec import envelope_for
 from sle_events.store.errors import UntrustedKey
-from sle_events.audit.findings import Report
-from sle_events.audit.verifier import verify_record
 from sle_events.store.streams import split_streams
 
+from conftest import STUDY_CONFIG, execute_sql
+
 pytestmark = pytest.mark.storage
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 T0 = NOW - timedelta(days=30)
 CREATININE = ("1.23", "1.34", "1.45")
 SUBJECT_TOPIC = "Subject."
@@ -98,11 +99,12 @@ def replace_in_state(url: str, position: int, old: str, new: str) -> None:
     before = state_at(url, position)
     assert before.count(old.encode()) == 1, f"{old!r} must occur exactly once in row {position}"
     if url.startswith("sqlite"):
-        sql = ("update study_events set state = cast(replace(cast(state as text), :old, :new) as blob) "
-               "where id = :id")  # fmt: skip
+        sql = "update study_events set state = cast(replace(cast(state as text), :old, :new) as blob) where id = :id"
     else:
-        sql = ("update study_events set state = convert_to(replace(convert_from(state, 'UTF8'), :old, :new), "
-               "'UTF8') where id = :id")  # fmt: skip
+        sql = (
+            "update study_events set state = convert_to(replace(convert_from(state, 'UTF8'), :old, :new), "
+            "'UTF8') where id = :id"
+        )
     execute_sql(url, sql, old=old, new=new, id=position)
     after = state_at(url, position)
     assert after == before.replace(old.encode(), new.encode())
@@ -171,8 +173,9 @@ def test_changed_topic_column_is_a_topic_mismatch(trial):
     built = built_and_verified(trial)
     c = built.subjects[2].id
     pos = position_of(trial, c, 5)
-    execute_sql(trial.url, "update study_events set topic = :topic where id = :id",
-                topic=SUBJECT_TOPIC + "Enrolled", id=pos)  # fmt: skip
+    execute_sql(
+        trial.url, "update study_events set topic = :topic where id = :id", topic=SUBJECT_TOPIC + "Enrolled", id=pos
+    )
 
     report = verify(trial.url)
     assert located(report) == {(str(c), 5, "topic_mismatch")}
@@ -221,7 +224,7 @@ def test_swapped_payloads_of_two_streams_are_both_flagged(trial):
     assert located(report) == {
         (str(a), 5, "row_mismatch"), (str(a), 5, "chain_broken"), (str(a), 6, "chain_broken"),
         (str(b), 5, "row_mismatch"), (str(b), 5, "chain_broken"), (str(b), 6, "chain_broken"),
-    }  # fmt: skip
+    }  # fmt: skip  # one row per swapped subject
     in_a = finding(report, a, 5, "row_mismatch")
     in_b = finding(report, b, 5, "row_mismatch")
     assert in_a.position == pa and in_b.position == pb
@@ -247,8 +250,11 @@ def test_event_inserted_by_sql_with_a_revoked_key_is_key_revoked(trial):
         trial.url,
         "insert into study_events (originator_id, originator_version, topic, state) "
         "select originator_id, :version, :topic, :state from study_events where id = :src",
-        version=2, topic=forged.topic, state=forged.sealed, src=position_of(trial, d, 1),
-    )  # fmt: skip
+        version=2,
+        topic=forged.topic,
+        state=forged.sealed,
+        src=position_of(trial, d, 1),
+    )
     assert [e.version for e in trial.record.stream(d)] == [1, 2]
 
     report = verify(trial.url)
@@ -279,8 +285,11 @@ def test_event_resigned_with_an_unregistered_key_is_key_unknown(trial):
 def test_deleted_registry_event_breaks_the_study_chain_and_unseats_its_key(trial):
     built = built_and_verified(trial)
     study = trial.study.id
-    registrations = [e for e in trial.record.stream(study)
-                     if e.topic == "Study.KeyRegistered" and e.envelope["payload"]["actor"] == "dr.wang"]  # fmt: skip
+    registrations = [
+        e
+        for e in trial.record.stream(study)
+        if e.topic == "Study.KeyRegistered" and e.envelope["payload"]["actor"] == "dr.wang"
+    ]
     [registration] = registrations
     signed_by_investigator = {
         (e.envelope["stream"], e.version)
@@ -289,8 +298,9 @@ def test_deleted_registry_event_breaks_the_study_chain_and_unseats_its_key(trial
         if e.key == trial.investigator.key_id
     }
     assert len(signed_by_investigator) == 9  # consent, eligibility and enrolment of three subjects
-    execute_sql(trial.url, "delete from study_events where id = :id",
-                id=position_of(trial, study, registration.version))  # fmt: skip
+    execute_sql(
+        trial.url, "delete from study_events where id = :id", id=position_of(trial, study, registration.version)
+    )
 
     report = verify(trial.url)
     gap = registration.version + 1

@@ -2,20 +2,20 @@
 
 from __future__ import annotations
 
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 from eventsourcing.domain import Aggregate, event
 
 from projections.audit_trail import AuditTrail, query
 from projections.runner import ProjectionRunner
+from sle_events.audit.verifier import verify_record
 from sle_events.domain.event_types import register_event_type
 from sle_events.signing.envelope import GENESIS, seal
 from sle_events.store.codec import envelope_for
-from sle_events.audit.verifier import verify_record
 
 pytestmark = pytest.mark.storage
-NOW = datetime.now(timezone.utc)
+NOW = datetime.now(UTC)
 
 
 class Specimen(Aggregate):

@@ -8,19 +8,20 @@ edited KeyRevoked topic reported a false `missing_event`, and a stalled integrat
 from __future__ import annotations
 
 import json
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 
 import pytest
 import sqlalchemy as sa
+from test_ledger_store import ORIGIN, add_subject, build, located, logged
+from test_tamper import replace_in_state
 from typer.testing import CliRunner
 
-from conftest import execute_sql, position_of
 from sle_events.audit.errors import UnusableInput
 from sle_events.audit.verifier import verify_record
 from sle_events.cli.main import app
 from sle_events.ledger.log import Ledger, create_log_key
-from test_tamper import replace_in_state
-from test_ledger_store import ORIGIN, add_subject, build, located, logged
+
+from conftest import execute_sql, position_of
 
 pytestmark = pytest.mark.storage
 
@@ -67,8 +68,12 @@ def test_all_ledger_tables_dropped_is_a_finding_for_an_auditor_holding_the_vkey(
 def test_a_subject_v1_topic_naming_study_created_is_a_topic_mismatch_not_a_crash(trial):
     subjects = build(trial)
     pos = position_of(trial, subjects[0].id, 1)
-    execute_sql(trial.url, "update study_events set topic = :t where id = :id",
-                t="sle_events.domain.study:Study.Created", id=pos)  # fmt: skip
+    execute_sql(
+        trial.url,
+        "update study_events set topic = :t where id = :id",
+        t="sle_events.domain.study:Study.Created",
+        id=pos,
+    )
     report = verify_record(trial.url, workers=1)
     assert located(report.findings) == {(str(subjects[0].id), 1, "topic_mismatch")}
     done = cli("verify", "--db", trial.url, "--workers", "1", "--json")
@@ -78,8 +83,9 @@ def test_a_subject_v1_topic_naming_study_created_is_a_topic_mismatch_not_a_crash
 def test_a_state_nested_100000_deep_is_a_finding_not_a_crash(trial):
     subjects = build(trial)
     pos = position_of(trial, subjects[1].id, 2)
-    execute_sql(trial.url, "update study_events set state = :s where id = :id",
-                s=b"[" * 100_000 + b"]" * 100_000, id=pos)  # fmt: skip
+    execute_sql(
+        trial.url, "update study_events set state = :s where id = :id", s=b"[" * 100_000 + b"]" * 100_000, id=pos
+    )
     report = verify_record(trial.url, workers=1)
     assert (str(subjects[1].id), 2, "malformed") in located(report.findings)
     assert (str(subjects[1].id), 3, "chain_broken") in located(report.findings)
@@ -114,12 +120,16 @@ def test_a_zeroed_leaf_hash_names_the_ledger_row_not_the_intact_event(trial, tmp
 
 def test_an_edited_key_revoked_topic_is_one_topic_mismatch_not_a_missing_event(trial):
     build(trial)
-    trial.study.revoke_key(trial.lab.key_id, "left the lab", datetime.now(timezone.utc))
+    trial.study.revoke_key(trial.lab.key_id, "left the lab", datetime.now(UTC))
     trial.record.record(trial.study, signer=trial.admin)
     version = trial.study.version
     pos = position_of(trial, trial.study.id, version)
-    execute_sql(trial.url, "update study_events set topic = :t where id = :id",
-                t="sle_events.domain.subject:Subject.Screened", id=pos)  # fmt: skip
+    execute_sql(
+        trial.url,
+        "update study_events set topic = :t where id = :id",
+        t="sle_events.domain.subject:Subject.Screened",
+        id=pos,
+    )
     report = verify_record(trial.url, workers=1)
     assert located(report.findings) == {(str(trial.study.id), version, "topic_mismatch")}
 
@@ -220,11 +230,20 @@ def test_a_forged_stored_verification_result_reads_unverifiable(trial, tmp_path)
     subjects = build(trial)
     auditor = Signer.generate("auditor.zhang", "auditor")
     auditor.save(tmp_path / "auditor.pem")
-    trial.study.register_key(auditor.actor, "auditor", auditor.public_key_b64, datetime.now(timezone.utc))
+    trial.study.register_key(auditor.actor, "auditor", auditor.public_key_b64, datetime.now(UTC))
     trial.record.record(trial.study, signer=trial.admin)
     replace_in_state(trial.url, position_of(trial, subjects[0].id, 3), '"unit":"mg/dL"', '"unit":"mg/dl"')
-    done = cli("verify", "--db", trial.url, "--workers", "1", "--sign-key", str(tmp_path / "auditor.pem"),
-               "--actor", auditor.actor)  # fmt: skip
+    done = cli(
+        "verify",
+        "--db",
+        trial.url,
+        "--workers",
+        "1",
+        "--sign-key",
+        str(tmp_path / "auditor.pem"),
+        "--actor",
+        auditor.actor,
+    )
     assert done.exit_code == 1
 
     def last():

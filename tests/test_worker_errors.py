@@ -42,21 +42,35 @@ def _needs_more_than_a_message(cls: type[BaseException]) -> bool:
 def test_every_exception_with_its_own_arguments_survives_pickling():
     classes = _exception_classes()
     assert len(classes) > 20, "the walk found the project's exceptions"
-    unsafe = [f"{c.__module__}.{c.__qualname__}" for c in classes
-              if _needs_more_than_a_message(c) and not issubclass(c, Picklable)]  # fmt: skip
+    unsafe = [
+        f"{c.__module__}.{c.__qualname__}"
+        for c in classes
+        if _needs_more_than_a_message(c) and not issubclass(c, Picklable)
+    ]
     assert unsafe == []
 
 
-@pytest.mark.parametrize("make", [
-    lambda: __import__("projections.base", fromlist=["x"]).ProjectionHalted(12, "s-1", 3, "hash chain broken"),
-    lambda: __import__("projections.base", fromlist=["x"]).StreamHalted(12, "s-1", 3, "payload does not load"),
-    lambda: __import__("sle_events.store.errors", fromlist=["x"]).UnknownStudy("no study", stream="s-2", version=1),
-    lambda: __import__("sle_events.domain.errors", fromlist=["x"]).InvalidQuantity("value", "x", "not a number"),
-    lambda: __import__("sle_events.domain.errors", fromlist=["x"]).ImplausibleValue(
-        "CREAT", Decimal("99"), (Decimal("0"), Decimal("20")), "mg/dL"),
-    lambda: __import__("sle_events.signing.canonical", fromlist=["x"]).NotCanonicalisable("payload.value", "NaN"),
-], ids=["ProjectionHalted", "StreamHalted", "UnknownStudy", "InvalidQuantity", "ImplausibleValue",
-        "NotCanonicalisable"])  # fmt: skip
+@pytest.mark.parametrize(
+    "make",
+    [
+        lambda: __import__("projections.base", fromlist=["x"]).ProjectionHalted(12, "s-1", 3, "hash chain broken"),
+        lambda: __import__("projections.base", fromlist=["x"]).StreamHalted(12, "s-1", 3, "payload does not load"),
+        lambda: __import__("sle_events.store.errors", fromlist=["x"]).UnknownStudy("no study", stream="s-2", version=1),
+        lambda: __import__("sle_events.domain.errors", fromlist=["x"]).InvalidQuantity("value", "x", "not a number"),
+        lambda: __import__("sle_events.domain.errors", fromlist=["x"]).ImplausibleValue(
+            "CREAT", Decimal("99"), (Decimal("0"), Decimal("20")), "mg/dL"
+        ),
+        lambda: __import__("sle_events.signing.canonical", fromlist=["x"]).NotCanonicalisable("payload.value", "NaN"),
+    ],
+    ids=[
+        "ProjectionHalted",
+        "StreamHalted",
+        "UnknownStudy",
+        "InvalidQuantity",
+        "ImplausibleValue",
+        "NotCanonicalisable",
+    ],
+)
 def test_a_worker_error_arrives_whole(make):
     sent = make()
     received = pickle.loads(pickle.dumps(sent))

@@ -7,6 +7,7 @@ Revision ID: 0010
 Revises: 0009
 Create Date: 2026-11-26
 """
+
 import sqlalchemy as sa
 from alembic import op
 

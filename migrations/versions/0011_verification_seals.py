@@ -4,6 +4,7 @@ Revision ID: 0011
 Revises: 0010
 Create Date: 2026-12-06
 """
+
 import sqlalchemy as sa
 from alembic import op
 
@@ -16,7 +17,9 @@ depends_on = None
 def upgrade() -> None:
     op.create_table(
         "verification_seals",
-        sa.Column("run_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=False),
+        sa.Column(
+            "run_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=False
+        ),
         sa.Column("signed", sa.LargeBinary, nullable=False),
         sa.Column("signature", sa.Text, nullable=False),
         sa.Column("actor", sa.Text, nullable=False),

@@ -16,12 +16,18 @@ from __future__ import annotations
 from typing import Any
 
 _EXPORTS = {
-    "Finding": "findings", "Report": "findings",
-    "AuditError": "errors", "UnusableInput": "errors", "ProofRejected": "errors", "exit_code": "errors",
-    "TrustRoot": "trust", "load_vkey": "trust",
-    "Verifier": "verifier", "verify_record": "verifier",
+    "Finding": "findings",
+    "Report": "findings",
+    "AuditError": "errors",
+    "UnusableInput": "errors",
+    "ProofRejected": "errors",
+    "exit_code": "errors",
+    "TrustRoot": "trust",
+    "load_vkey": "trust",
+    "Verifier": "verifier",
+    "verify_record": "verifier",
     "verify_ledger": "ledger_check",
-}  # fmt: skip
+}
 
 __all__ = sorted(_EXPORTS)
 

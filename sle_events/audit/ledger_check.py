@@ -22,19 +22,26 @@ import hashlib
 import os
 from array import array
 from bisect import bisect_left
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
-from datetime import datetime, timedelta, timezone
-from typing import Any, Callable, Iterable, Sequence
+from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import sqlalchemy as sa
 
 from sle_events.audit.errors import UnusableInput
 from sle_events.audit.findings import Finding
 from sle_events.audit.trust import TrustRoot, load_vkey, open_saved, read_checkpoint_notes
-from sle_events.signing.envelope import open_stored, parse_time
 from sle_events.ledger.checkpoint import Checkpoint, CheckpointError, KeyChain, follow_key_rotations, open_checkpoint
 from sle_events.ledger.merkle import EMPTY_ROOT, HASH_SIZE, pair_level, perfect_levels, range_nodes, root_at
-from sle_events.ledger.note import InvalidSignatureError, KeyFormatError, NoteError, UnverifiedNoteError, Verifier, parse_note
+from sle_events.ledger.note import (
+    InvalidSignatureError,
+    KeyFormatError,
+    NoteError,
+    UnverifiedNoteError,
+    Verifier,
+    parse_note,
+)
 from sle_events.ledger.tables import (
     EVENTS_TABLE,
     LEDGER_TABLES,
@@ -44,6 +51,7 @@ from sle_events.ledger.tables import (
     ledger_nodes,
     ledger_state,
 )
+from sle_events.signing.envelope import open_stored, parse_time
 
 __all__ = ["LedgerFindings", "verify_ledger"]
 
@@ -85,8 +93,15 @@ class _Audit:
     def rows(self, conn: Any, table: Any, query: Any) -> list[Any]:
         return list(conn.execute(query)) if table.name in self.present else []
 
-    def found(self, kind: str, detail: str, *, position: int | None = None, stream: str | None = None,
-              version: int | None = None) -> None:  # fmt: skip
+    def found(
+        self,
+        kind: str,
+        detail: str,
+        *,
+        position: int | None = None,
+        stream: str | None = None,
+        version: int | None = None,
+    ) -> None:
         self.findings.append(Finding(stream, version, kind, detail, position))
 
     def event_rows(self, positions: Iterable[int]) -> dict[int, tuple[str, int]]:
@@ -96,8 +111,11 @@ class _Audit:
         out: dict[int, tuple[str, int]] = {}
         with self.engine.connect() as conn:
             for k in range(0, len(wanted), 500):
-                rows = conn.execute(sa.select(ev.c.id, ev.c.originator_id, ev.c.originator_version)
-                                    .where(ev.c.id.in_(wanted[k : k + 500])))  # fmt: skip
+                rows = conn.execute(
+                    sa.select(ev.c.id, ev.c.originator_id, ev.c.originator_version).where(
+                        ev.c.id.in_(wanted[k : k + 500])
+                    )
+                )
                 out.update((p, (str(s), v)) for p, s, v in rows)
         return out
 
@@ -168,8 +186,10 @@ def _ledger_present(audit: _Audit, names: set[str], expected: bool) -> bool:
     audit.present = set(present)
     if present:
         for table in missing:  # checked as if empty: what it would have shown is then found elsewhere too
-            audit.found("ledger_table_missing", f"table {table} is gone while {', '.join(present)} remain: a ledger "
-                        "table was dropped")  # fmt: skip
+            audit.found(
+                "ledger_table_missing",
+                f"table {table} is gone while {', '.join(present)} remain: a ledger table was dropped",
+            )
         return True
     why = []
     if expected:
@@ -178,8 +198,12 @@ def _ledger_present(audit: _Audit, names: set[str], expected: bool) -> bool:
     if revision is not None and revision >= "0004":
         why.append(f"the schema is at revision {revision}, which has the ledger's tables")
     if why:
-        audit.found("ledger_missing", "this database has no ledger tables, but " + " and ".join(why) +
-                    ": the ledger was dropped (or this is not the database the auditor knows)")  # fmt: skip
+        audit.found(
+            "ledger_missing",
+            "this database has no ledger tables, but "
+            + " and ".join(why)
+            + ": the ledger was dropped (or this is not the database the auditor knows)",
+        )
     return False
 
 
@@ -196,20 +220,25 @@ def _check_pending(audit: _Audit, limit: timedelta, first: int) -> None:
     pending = audit.info.get("pending", 0)
     ev = audit.events
     with audit.engine.connect() as conn:
-        row = conn.execute(sa.select(ev.c.originator_id, ev.c.originator_version, ev.c.state)
-                           .where(ev.c.id == first)).first()  # fmt: skip
+        row = conn.execute(
+            sa.select(ev.c.originator_id, ev.c.originator_version, ev.c.state).where(ev.c.id == first)
+        ).first()
     try:
         recorded = parse_time("recorded_at", open_stored(bytes(row.state)).envelope["recorded_at"])
-    except Exception:  # noqa: BLE001 - unreadable bytes are the record check's finding
+    except Exception:
         return
-    waited = datetime.now(timezone.utc) - recorded
+    waited = datetime.now(UTC) - recorded
     audit.info["oldest_pending_seconds"] = round(waited.total_seconds())
     if waited > limit:
-        audit.found("ledger_pending_too_long",
-                    f"{pending} events are not integrated yet, the oldest (log position {first}, recorded "
-                    f"{recorded.isoformat()}) for {_span(waited)}, more than {_span(limit)}: until integrated, an "
-                    "event deleted by SQL leaves no trace; is `sle ledger run` running?",
-                    position=first, stream=str(row.originator_id), version=row.originator_version)  # fmt: skip
+        audit.found(
+            "ledger_pending_too_long",
+            f"{pending} events are not integrated yet, the oldest (log position {first}, recorded "
+            f"{recorded.isoformat()}) for {_span(waited)}, more than {_span(limit)}: until integrated, an "
+            "event deleted by SQL leaves no trace; is `sle ledger run` running?",
+            position=first,
+            stream=str(row.originator_id),
+            version=row.originator_version,
+        )
 
 
 def _span(t: timedelta) -> str:
@@ -217,8 +246,13 @@ def _span(t: timedelta) -> str:
     return f"{s // 3600} h {s % 3600 // 60} min" if s >= 3600 else f"{s // 60} min {s % 60} s"
 
 
-def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes: list[tuple[str, str]],
-         on_progress: Callable[[int, int], None] | None) -> None:  # fmt: skip
+def _run(
+    audit: _Audit,
+    has_ledger: bool,
+    verifier: Verifier | None,
+    saved_notes: list[tuple[str, str]],
+    on_progress: Callable[[int, int], None] | None,
+) -> None:
     engine, ev = audit.engine, audit.events
     info = audit.info
     info["ledger"] = has_ledger
@@ -229,8 +263,12 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
         with engine.connect() as conn:
             found = audit.rows(conn, ledger_state, sa.select(ledger_state).where(ledger_state.c.id == 1))
             state = found[0]._mapping if found else None
-            n_leaves = sum(r[0] for r in audit.rows(conn, ledger_leaves, sa.select(sa.func.count()).select_from(ledger_leaves)))
-            n_nodes = sum(r[0] for r in audit.rows(conn, ledger_nodes, sa.select(sa.func.count()).select_from(ledger_nodes)))
+            n_leaves = sum(
+                r[0] for r in audit.rows(conn, ledger_leaves, sa.select(sa.func.count()).select_from(ledger_leaves))
+            )
+            n_nodes = sum(
+                r[0] for r in audit.rows(conn, ledger_nodes, sa.select(sa.func.count()).select_from(ledger_nodes))
+            )
     else:
         n_leaves = n_nodes = 0
     if verifier is None and state is not None and state["vkey"]:
@@ -245,10 +283,15 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     checkpoints: list[Any] = []
     if has_ledger:
         with engine.connect() as conn:
-            checkpoints = audit.rows(conn, ledger_checkpoints, sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id))
+            checkpoints = audit.rows(
+                conn, ledger_checkpoints, sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id)
+            )
         if state is not None and state["vkey"] and not checkpoints and "ledger_checkpoints" in audit.present:
-            audit.found("ledger_checkpoints_emptied", "ledger_state names the log key that signed checkpoints, but "
-                        "ledger_checkpoints holds none: its rows were deleted")  # fmt: skip
+            audit.found(
+                "ledger_checkpoints_emptied",
+                "ledger_state names the log key that signed checkpoints, but "
+                "ledger_checkpoints holds none: its rows were deleted",
+            )
     # The log's keys, followed from the auditor's (or the recorded) key through rotation checkpoints.
     chain = None
     if verifier is not None:
@@ -257,8 +300,9 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
             info["log_keys"] = chain.keys
         current = chain.linked[-1] if chain.linked else verifier.vkey  # the newest key a held rotation links
         if state is not None and state["vkey"] and state["vkey"] != current:
-            audit.found("ledger_state_mismatch",
-                        f"ledger_state names the log key {state['vkey']}, not the expected {current}")  # fmt: skip
+            audit.found(
+                "ledger_state_mismatch", f"ledger_state names the log key {state['vkey']}, not the expected {current}"
+            )
 
     # --- the auditor's saved checkpoints verify first: bad input stops before any reading ---------------
     saved: list[tuple[str, Checkpoint]] = []
@@ -298,7 +342,8 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     logged_position = 0
     if has_ledger:
         stored_levels, stored_ok, logged_position, done = _check_ledger(
-            audit, state, ev_pos, ev_hash_b, done, total, on_progress)  # fmt: skip
+            audit, state, ev_pos, ev_hash_b, done, total, on_progress
+        )
     first_pending = bisect_left(ev_pos, logged_position + 1)
     info["pending"] = n_ev - first_pending
     if first_pending < n_ev:
@@ -327,16 +372,21 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
     results = []
     for label, cp in saved:
         if cp.size > n_ev:
-            audit.found("inconsistent_with_saved_checkpoint",
-                        f"saved checkpoint {label} covers {cp.size} events but the log now holds only {n_ev}: "
-                        f"{cp.size - n_ev} or more events were removed")  # fmt: skip
+            audit.found(
+                "inconsistent_with_saved_checkpoint",
+                f"saved checkpoint {label} covers {cp.size} events but the log now holds only {n_ev}: "
+                f"{cp.size - n_ev} or more events were removed",
+            )
             ok = False
         elif recomputed_root(cp.size) != cp.root_hash:
-            audit.found("inconsistent_with_saved_checkpoint",
-                        f"saved checkpoint {label} signs root {_b64(cp.root_hash)} for the first {cp.size} events, "
-                        f"but the events now give {_b64(recomputed_root(cp.size))}: history before log position "
-                        f"{ev_pos[cp.size - 1] if cp.size else 0} was rewritten, removed or reordered "
-                        "since the checkpoint was saved", position=None)  # fmt: skip
+            audit.found(
+                "inconsistent_with_saved_checkpoint",
+                f"saved checkpoint {label} signs root {_b64(cp.root_hash)} for the first {cp.size} events, "
+                f"but the events now give {_b64(recomputed_root(cp.size))}: history before log position "
+                f"{ev_pos[cp.size - 1] if cp.size else 0} was rewritten, removed or reordered "
+                "since the checkpoint was saved",
+                position=None,
+            )
             ok = False
         else:
             ok = True
@@ -345,8 +395,15 @@ def _run(audit: _Audit, has_ledger: bool, verifier: Verifier | None, saved_notes
         info["saved_checkpoints"] = results
 
 
-def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done: int, total: int,
-                  on_progress: Callable[[int, int], None] | None) -> tuple[list[bytes], bool, int, int]:  # fmt: skip
+def _check_ledger(
+    audit: _Audit,
+    state: Any,
+    ev_pos: array,
+    ev_hash: bytes,
+    done: int,
+    total: int,
+    on_progress: Callable[[int, int], None] | None,
+) -> tuple[list[bytes], bool, int, int]:
     engine = audit.engine
     found = audit.found
     n_ev = len(ev_pos)
@@ -356,9 +413,13 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
     lf_hash = bytearray()
     with engine.connect() as conn:
         lv = ledger_leaves.c
-        result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
-            sa.select(lv.idx, lv.position, lv.leaf_hash).order_by(lv.idx)
-        ) if "ledger_leaves" in audit.present else None
+        result = (
+            conn.execution_options(stream_results=True, yield_per=BATCH).execute(
+                sa.select(lv.idx, lv.position, lv.leaf_hash).order_by(lv.idx)
+            )
+            if "ledger_leaves" in audit.present
+            else None
+        )
         for part in result.partitions() if result is not None else ():
             for idx, position, h in part:
                 lf_idx.append(idx)
@@ -379,9 +440,13 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         expected = 0
         for k in range(n):
             if lf_idx[k] != expected:
-                found("ledger_order", f"ledger_leaves has no leaf {expected}" +
-                      (f"–{lf_idx[k] - 1}" if lf_idx[k] - 1 > expected else "") + ": leaf rows were deleted",
-                      position=lf_pos[k])  # fmt: skip
+                found(
+                    "ledger_order",
+                    f"ledger_leaves has no leaf {expected}"
+                    + (f"–{lf_idx[k] - 1}" if lf_idx[k] - 1 > expected else "")
+                    + ": leaf rows were deleted",
+                    position=lf_pos[k],
+                )
             expected = lf_idx[k] + 1
 
     # Leaves are in log order: leaf k holds the k-th smallest logged position.
@@ -391,11 +456,17 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         dups = {p for k, p in enumerate(in_order[1:]) if p == in_order[k]}
         for k in range(n):
             if lf_pos[k] != in_order[k] or lf_pos[k] in dups:
-                found("ledger_order", f"leaf {lf_idx[k]} holds log position {lf_pos[k]}, but in log order its place "
-                      f"belongs to position {in_order[k]}: the leaves were reordered", position=lf_pos[k])  # fmt: skip
+                found(
+                    "ledger_order",
+                    f"leaf {lf_idx[k]} holds log position {lf_pos[k]}, but in log order its place "
+                    f"belongs to position {in_order[k]}: the leaves were reordered",
+                    position=lf_pos[k],
+                )
 
     # Each leaf against the event at its position.
-    logged_position = max(int(state["position"]), lf_pos[-1] if n else 0) if state is not None else (lf_pos[-1] if n else 0)
+    logged_position = (
+        max(int(state["position"]), lf_pos[-1] if n else 0) if state is not None else (lf_pos[-1] if n else 0)
+    )
     if not (lf_pos == ev_pos[:n] and lf_hash_b == ev_hash[: n * _H]):
         ok = False
         missing: list[int] = []
@@ -412,41 +483,63 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         for k in missing:
             stream, version = logged.get(lf_idx[k], (None, None))
             what = f"{stream} v{version}" if stream else "an event"
-            found("ledger_leaf_missing_event",
-                  f"leaf {lf_idx[k]} logged {what} at log position {lf_pos[k]}; that event is gone from the record",
-                  position=lf_pos[k], stream=stream, version=version)  # fmt: skip
+            found(
+                "ledger_leaf_missing_event",
+                f"leaf {lf_idx[k]} logged {what} at log position {lf_pos[k]}; that event is gone from the record",
+                position=lf_pos[k],
+                stream=stream,
+                version=version,
+            )
         row_altered = _leaf_rows_altered(audit, state, changed, lf_idx, lf_pos, lf_hash_b, ev_pos, ev_hash)
         for k in changed:
             stream, version = now.get(lf_pos[k], (None, None))
             if k in row_altered:
-                found("ledger_leaf_row_altered",
-                      f"ledger_leaves row {lf_idx[k]} (log position {lf_pos[k]}, {stream} v{version}) holds leaf hash "
-                      f"{_b64(lf_hash_b[k * _H:(k + 1) * _H])}, but the event still hashes to what the tree above it "
-                      "was built from: the leaf row was edited, not the event", position=lf_pos[k], stream=stream,
-                      version=version)  # fmt: skip
+                found(
+                    "ledger_leaf_row_altered",
+                    f"ledger_leaves row {lf_idx[k]} (log position {lf_pos[k]}, {stream} v{version}) holds leaf hash "
+                    f"{_b64(lf_hash_b[k * _H : (k + 1) * _H])}, but the event still hashes to what the tree above it "
+                    "was built from: the leaf row was edited, not the event",
+                    position=lf_pos[k],
+                    stream=stream,
+                    version=version,
+                )
                 continue
             was_stream, was_version = logged.get(lf_idx[k], (None, None))
-            was = "" if (was_stream, was_version) == (stream, version) or was_stream is None else \
-                f" (the ledger logged {was_stream} v{was_version} there)"  # fmt: skip
-            found("ledger_leaf_mismatch",
-                  f"the event at log position {lf_pos[k]} ({stream} v{version}) does not hash to leaf {lf_idx[k]} "
-                  f"{_b64(lf_hash_b[k * _H:(k + 1) * _H])}{was}: it was altered, replaced or moved after it was logged",
-                  position=lf_pos[k], stream=stream, version=version)  # fmt: skip
+            was = (
+                ""
+                if (was_stream, was_version) == (stream, version) or was_stream is None
+                else f" (the ledger logged {was_stream} v{was_version} there)"
+            )
+            found(
+                "ledger_leaf_mismatch",
+                f"the event at log position {lf_pos[k]} ({stream} v{version}) does not hash to leaf {lf_idx[k]} "
+                f"{_b64(lf_hash_b[k * _H : (k + 1) * _H])}{was}: it was altered, replaced or moved after it was logged",
+                position=lf_pos[k],
+                stream=stream,
+                version=version,
+            )
         # Events at or below the last integrated position that no leaf holds: the sequencer cannot reach them.
         logged_set = sorted(lf_pos)
-        skipped = [p for p in ev_pos[: bisect_left(ev_pos, logged_position + 1)]
-                   if (i := bisect_left(logged_set, p)) == len(logged_set) or logged_set[i] != p]  # fmt: skip
+        skipped = [
+            p
+            for p in ev_pos[: bisect_left(ev_pos, logged_position + 1)]
+            if (i := bisect_left(logged_set, p)) == len(logged_set) or logged_set[i] != p
+        ]
     else:
         skipped = [p for p in ev_pos[n : bisect_left(ev_pos, logged_position + 1)]]
     if skipped:
         rows = audit.event_rows(skipped)
         for p in skipped:
             stream, version = rows.get(p, (None, None))
-            found("event_not_in_ledger",
-                  f"the event at log position {p} ({stream} v{version}) lies within the integrated part of the log "
-                  f"(up to position {logged_position}) but no leaf holds it: it was inserted behind the ledger's back "
-                  "or its leaf row was deleted",
-                  position=p, stream=stream, version=version)  # fmt: skip
+            found(
+                "event_not_in_ledger",
+                f"the event at log position {p} ({stream} v{version}) lies within the integrated part of the log "
+                f"(up to position {logged_position}) but no leaf holds it: it was inserted behind the ledger's back "
+                "or its leaf row was deleted",
+                position=p,
+                stream=stream,
+                version=version,
+            )
 
     # --- perfect subtrees against their children --------------------------------------------------------
     # Leaf hashes by index; a deleted leaf row leaves a hole of zeros, so only the subtrees above it differ.
@@ -465,9 +558,13 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
     extra: list[tuple[int, int]] = []
     with engine.connect() as conn:
         nd = ledger_nodes.c
-        result = conn.execution_options(stream_results=True, yield_per=BATCH).execute(
-            sa.select(nd.level, nd.idx, nd.hash).order_by(nd.level, nd.idx)
-        ) if "ledger_nodes" in audit.present else None
+        result = (
+            conn.execution_options(stream_results=True, yield_per=BATCH).execute(
+                sa.select(nd.level, nd.idx, nd.hash).order_by(nd.level, nd.idx)
+            )
+            if "ledger_nodes" in audit.present
+            else None
+        )
         level_rows: dict[int, list[bytes]] = {}
         for part in result.partitions() if result is not None else ():
             for level, idx, h in part:
@@ -483,8 +580,11 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
                 on_progress(done, total)
     for level, idx in extra:
         ok = False
-        found("ledger_node_mismatch", f"ledger_nodes holds a node (level {level}, index {idx}) outside the tree of "
-              f"{size} leaves: the ledger tables were altered")  # fmt: skip
+        found(
+            "ledger_node_mismatch",
+            f"ledger_nodes holds a node (level {level}, index {idx}) outside the tree of "
+            f"{size} leaves: the ledger tables were altered",
+        )
     level = 1
     while (size >> level) > 0:
         count = size >> level
@@ -501,8 +601,12 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
                 if not stored_list[i]:
                     ok = False
                     a, b = i << level, ((i + 1) << level) - 1
-                    found("ledger_node_mismatch", f"ledger_nodes lacks the perfect subtree (level {level}, index {i}) "
-                          f"over leaves {a}–{b}: the ledger tables were altered", position=pos_of[a])  # fmt: skip
+                    found(
+                        "ledger_node_mismatch",
+                        f"ledger_nodes lacks the perfect subtree (level {level}, index {i}) "
+                        f"over leaves {a}–{b}: the ledger tables were altered",
+                        position=pos_of[a],
+                    )
                     stored_list[i] = expected[i * _H : (i + 1) * _H]
             stored = b"".join(stored_list)
         if stored != expected:
@@ -512,10 +616,12 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
                     a, b = i << level, ((i + 1) << level) - 1
                     held = [p for p in pos_of[a : b + 1] if p] or [0]  # 0: a deleted leaf row
                     lo, hi = min(held), max(held)
-                    found("ledger_node_mismatch",
-                          f"the perfect subtree (level {level}, index {i}) over leaves {a}–{b} (log positions "
-                          f"{lo}–{hi}) does not hash from its two children: a node or a leaf under it was altered",
-                          position=lo)  # fmt: skip
+                    found(
+                        "ledger_node_mismatch",
+                        f"the perfect subtree (level {level}, index {i}) over leaves {a}–{b} (log positions "
+                        f"{lo}–{hi}) does not hash from its two children: a node or a leaf under it was altered",
+                        position=lo,
+                    )
         levels.append(stored)
         level += 1
 
@@ -528,8 +634,9 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
         if state["size"] != n:
             problems.append(f"it says {state['size']} leaves, ledger_leaves holds {n}")
         if n and state["position"] != lf_pos[-1]:
-            problems.append(f"it says the last integrated position is {state['position']}, the last leaf holds "
-                            f"{lf_pos[-1]}")  # fmt: skip
+            problems.append(
+                f"it says the last integrated position is {state['position']}, the last leaf holds {lf_pos[-1]}"
+            )
         frontier = bytes(state["frontier"])
         want = b"".join(_getter(levels)(lvl, i) for lvl, i in range_nodes(0, size))
         if frontier != want:
@@ -542,8 +649,16 @@ def _check_ledger(audit: _Audit, state: Any, ev_pos: array, ev_hash: bytes, done
     return levels, ok, logged_position, done
 
 
-def _leaf_rows_altered(audit: _Audit, state: Any, changed: list[int], lf_idx: array, lf_pos: array, lf_hash: bytes,
-                       ev_pos: array, ev_hash: bytes) -> set[int]:  # fmt: skip
+def _leaf_rows_altered(
+    audit: _Audit,
+    state: Any,
+    changed: list[int],
+    lf_idx: array,
+    lf_pos: array,
+    lf_hash: bytes,
+    ev_pos: array,
+    ev_hash: bytes,
+) -> set[int]:
     """Which of the `changed` leaves (event hash ≠ leaf hash) had their ledger_leaves row edited rather than
     their event: the event's hash, with its sibling leaf, still gives the stored parent node (or, for a lone
     last leaf, the stored frontier)."""
@@ -575,8 +690,15 @@ def _leaf_rows_altered(audit: _Audit, state: Any, changed: list[int], lf_idx: ar
     return out
 
 
-def _check_checkpoints(audit: _Audit, rows: list[Any], verifier: Verifier | None, chain: KeyChain | None,
-                       ev_pos: array, n_ev: int, recomputed_root: Callable[[int], bytes]) -> None:  # fmt: skip
+def _check_checkpoints(
+    audit: _Audit,
+    rows: list[Any],
+    verifier: Verifier | None,
+    chain: KeyChain | None,
+    ev_pos: array,
+    n_ev: int,
+    recomputed_root: Callable[[int], bytes],
+) -> None:
     found = audit.found
     audit.info["checkpoints"] = len(rows)
     if verifier is None and rows:
@@ -590,8 +712,10 @@ def _check_checkpoints(audit: _Audit, rows: list[Any], verifier: Verifier | None
             found("checkpoint_bad_signature", f"{where}: key rotation does not hold: {problems[i]}")
         key = chain.signer[i] if chain is not None else None
         if verifier is not None and key is None:
-            found("checkpoint_bad_signature", f"{where} is signed by a log key that no rotation signed by both "
-                  f"keys links to {verifier.vkey}")  # fmt: skip
+            found(
+                "checkpoint_bad_signature",
+                f"{where} is signed by a log key that no rotation signed by both keys links to {verifier.vkey}",
+            )
             continue
         try:
             if key is not None:
@@ -605,8 +729,11 @@ def _check_checkpoints(audit: _Audit, rows: list[Any], verifier: Verifier | None
             found("checkpoint_malformed", f"{where} is not a valid checkpoint of this log: {e}")
             continue
         if (cp.size, cp.root_hash) != (row.size, bytes(row.root)):
-            found("checkpoint_malformed", f"{where}: the size/root columns ({row.size}, {_b64(bytes(row.root))}) "
-                  f"differ from the signed note ({cp.size}, {_b64(cp.root_hash)})")  # fmt: skip
+            found(
+                "checkpoint_malformed",
+                f"{where}: the size/root columns ({row.size}, {_b64(bytes(row.root))}) "
+                f"differ from the signed note ({cp.size}, {_b64(cp.root_hash)})",
+            )
         if cp.size <= n_ev and recomputed_root(cp.size) == cp.root_hash:
             good_sizes.append(cp.size)
         else:
@@ -615,13 +742,18 @@ def _check_checkpoints(audit: _Audit, rows: list[Any], verifier: Verifier | None
     for row, cp in bad:
         where = f"checkpoint #{row.id} (size {cp.size}, issued {row.issued_at:%Y-%m-%d %H:%M:%S})"
         if cp.size > n_ev:
-            found("checkpoint_root_mismatch", f"{where} covers {cp.size} events but the record holds only {n_ev}: "
-                  "events it signed were deleted")  # fmt: skip
+            found(
+                "checkpoint_root_mismatch",
+                f"{where} covers {cp.size} events but the record holds only {n_ev}: events it signed were deleted",
+            )
             continue
         g = good_sizes[bisect_left(good_sizes, cp.size) - 1] if good_sizes and good_sizes[0] < cp.size else 0
         lo, hi = ev_pos[g], ev_pos[cp.size - 1]
-        found("checkpoint_root_mismatch",
-              f"{where} signs root {_b64(cp.root_hash)}, the events give {_b64(recomputed_root(cp.size))}: "
-              f"among leaves {g}–{cp.size - 1} (today's log positions {lo}–{hi}) an event was altered, deleted, "
-              f"inserted or moved after this checkpoint was signed"
-              + (f" (checkpoints up to size {g} still match)" if g else ""), position=lo)  # fmt: skip
+        found(
+            "checkpoint_root_mismatch",
+            f"{where} signs root {_b64(cp.root_hash)}, the events give {_b64(recomputed_root(cp.size))}: "
+            f"among leaves {g}–{cp.size - 1} (today's log positions {lo}–{hi}) an event was altered, deleted, "
+            f"inserted or moved after this checkpoint was signed"
+            + (f" (checkpoints up to size {g} still match)" if g else ""),
+            position=lo,
+        )

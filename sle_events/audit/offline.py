@@ -24,8 +24,15 @@ def is_inclusion_proof(text: str) -> bool:
     return text.startswith(TLOG_PROOF_HEADER + "\n")
 
 
-def check_proof(text: str, verifier: Verifier, origin: str, *, leaf: bytes | None = None,
-                old_checkpoint: str | None = None, consistency: str | None = None) -> list[str]:  # fmt: skip
+def check_proof(
+    text: str,
+    verifier: Verifier,
+    origin: str,
+    *,
+    leaf: bytes | None = None,
+    old_checkpoint: str | None = None,
+    consistency: str | None = None,
+) -> list[str]:
     """What the files prove, one line each; `ProofRejected` (with the reason) if they do not verify."""
 
     def why(e: Exception, what: str) -> str:
@@ -45,12 +52,15 @@ def check_proof(text: str, verifier: Verifier, origin: str, *, leaf: bytes | Non
         except (NoteError, CheckpointError) as e:
             raise ProofRejected(why(e, "the proof's checkpoint")) from None
         except RootMismatchError as e:
-            raise ProofRejected(why(e, "the leaf is not in the checkpoint's tree") +
-                                " (wrong leaf bytes or altered proof)") from None  # fmt: skip
+            raise ProofRejected(
+                why(e, "the leaf is not in the checkpoint's tree") + " (wrong leaf bytes or altered proof)"
+            ) from None
         except (ProofFileError, ProofError) as e:
             raise ProofRejected(f"the inclusion proof is not valid: {e}") from None
         cp = result.checkpoint
-        lines.append(f"OK: leaf {result.index}{_describe_leaf(leaf or b'')} is in the tree of {cp.size} signed by {cp.origin}")
+        lines.append(
+            f"OK: leaf {result.index}{_describe_leaf(leaf or b'')} is in the tree of {cp.size} signed by {cp.origin}"
+        )
     else:
         try:
             cp = open_checkpoint(text, verifier, origin)
@@ -79,5 +89,5 @@ def _describe_leaf(data: bytes) -> str:
     try:
         env = json.loads(data)["envelope"]
         return f" ({env['stream']} v{env['version']} {str(env['type']).rsplit(':', 1)[-1]})"
-    except Exception:  # noqa: BLE001 - not an envelope: nothing to describe
+    except Exception:
         return ""

@@ -17,17 +17,18 @@ import base64
 import bisect
 import copy
 import hashlib
+from collections.abc import Iterator
 from contextlib import contextmanager
-from typing import Any, Iterator
+from typing import Any
 from uuid import UUID
 
 from sqlalchemy import Connection, func, select
 
 from sle_events.audit.findings import Finding
+from sle_events.domain.event_types import UnknownEventName, type_name
 from sle_events.domain.study import KeyProblem, KeyRevoked, KeyRotatedOut, RoleNotAllowed, Study, UnknownKey
 from sle_events.signing.chain import BROKEN, GENESIS, link_problem
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_sealed, open_stored
-from sle_events.domain.event_types import UnknownEventName, type_name
 from sle_events.signing.keys import key_id, verify_signature
 from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from
 from sle_events.store.record import public_key
@@ -37,8 +38,12 @@ BATCH = 5000
 STUDY_CREATED = "Study.Created"
 Timelines = dict[str, tuple[list[int], list[Study]]]
 
-_KEY_KINDS = {UnknownKey: "key_unknown", KeyRevoked: "key_revoked", KeyRotatedOut: "key_rotated",
-              RoleNotAllowed: "role_not_allowed"}  # fmt: skip
+_KEY_KINDS = {
+    UnknownKey: "key_unknown",
+    KeyRevoked: "key_revoked",
+    KeyRotatedOut: "key_rotated",
+    RoleNotAllowed: "role_not_allowed",
+}
 
 
 def _type_name(topic: str) -> str:
@@ -93,8 +98,10 @@ class SignatureCheck:
         if key is None:
             key = self._keys[(id(registry), entry["key"])] = public_key(registry.public_key(entry["key"]))
         if not verify_signature(key, e.signature, e.signed):
-            return "bad_signature", (f"signature by {env['actor']} (key {env['key']}) does not verify: the signed "
-                                     "envelope (payload, type, times, ids or prev) was altered after signing")  # fmt: skip
+            return "bad_signature", (
+                f"signature by {env['actor']} (key {env['key']}) does not verify: the signed "
+                "envelope (payload, type, times, ids or prev) was altered after signing"
+            )
         return None
 
 
@@ -114,8 +121,9 @@ class StreamChecker:
     def found(self, stream: str, version: int | None, kind: str, detail: str, position: int) -> None:
         self.findings.append(Finding(stream, version, kind, detail, position))
 
-    def check(self, position: int, stream_id: UUID, version: int, topic: str, state: bytes,
-              registry: Study | None = None) -> SealedEvent | None:  # fmt: skip
+    def check(
+        self, position: int, stream_id: UUID, version: int, topic: str, state: bytes, registry: Study | None = None
+    ) -> SealedEvent | None:
         """Check one event; whatever its bytes hold, the answer is findings (a failing check is one too)."""
         stream = str(stream_id)
         self.events += 1
@@ -124,14 +132,20 @@ class StreamChecker:
             self.version, self.hash = self.heads.get(stream, (0, GENESIS))
         try:
             return self._check(position, stream, version, topic, state, registry)
-        except Exception as exc:  # noqa: BLE001 - any byte pattern is a finding, never a crash
-            self.found(stream, version, "malformed", f"the stored event cannot be checked: {type(exc).__name__}: "
-                       f"{str(exc)[:200]}", position)  # fmt: skip
+        except Exception as exc:
+            self.found(
+                stream,
+                version,
+                "malformed",
+                f"the stored event cannot be checked: {type(exc).__name__}: {str(exc)[:200]}",
+                position,
+            )
             self.version, self.hash = version, hashlib.sha256(state).hexdigest()
             return None
 
-    def _check(self, position: int, stream: str, version: int, topic: str, state: bytes,
-               registry: Study | None) -> SealedEvent | None:  # fmt: skip
+    def _check(
+        self, position: int, stream: str, version: int, topic: str, state: bytes, registry: Study | None
+    ) -> SealedEvent | None:
         found = self.found
         try:
             e = open_stored(state)
@@ -141,35 +155,64 @@ class StreamChecker:
             return None
         env = e.envelope
         if env["stream"] != stream or env["version"] != version:
-            found(stream, version, "row_mismatch",
-                  f"row says stream {stream} v{version}, the signed envelope says {env['stream']} v{env['version']}",
-                  position)  # fmt: skip
+            found(
+                stream,
+                version,
+                "row_mismatch",
+                f"row says stream {stream} v{version}, the signed envelope says {env['stream']} v{env['version']}",
+                position,
+            )
         if env["type"] != topic:
-            found(stream, version, "topic_mismatch",
-                  f"topic column {topic!r} differs from the signed event type {env['type']!r}", position)  # fmt: skip
+            found(
+                stream,
+                version,
+                "topic_mismatch",
+                f"topic column {topic!r} differs from the signed event type {env['type']!r}",
+                position,
+            )
         problem = link_problem(self.version, self.hash, version, env["prev"])
         if problem == BROKEN:
-            found(stream, version, "chain_broken",
-                  f"prev {env['prev'][:16]}… does not match the hash of v{self.version} ({self.hash[:16]}…): "
-                  "the previous event was altered, replaced or reordered", position)  # fmt: skip
+            found(
+                stream,
+                version,
+                "chain_broken",
+                f"prev {env['prev'][:16]}… does not match the hash of v{self.version} ({self.hash[:16]}…): "
+                "the previous event was altered, replaced or reordered",
+                position,
+            )
         elif problem is not None:
             missing = f"v{self.version + 1}" + (f"–v{version - 1}" if version - 1 > self.version + 1 else "")
-            found(stream, version, "missing_event",
-                  f"{missing} missing: the stream jumps from v{self.version} to v{version}", position)  # fmt: skip
+            found(
+                stream,
+                version,
+                "missing_event",
+                f"{missing} missing: the stream jumps from v{self.version} to v{version}",
+                position,
+            )
         self.version, self.hash = version, e.hash
         if self.study is None:
             self.study = env["study"]
         elif env["study"] != self.study:
-            found(stream, version, "study_mismatch",
-                  f"the event speaks for study {env['study']}, but the stream belongs to study {self.study} (its "
-                  "first event's)", position)  # fmt: skip
+            found(
+                stream,
+                version,
+                "study_mismatch",
+                f"the event speaks for study {env['study']}, but the stream belongs to study {self.study} (its "
+                "first event's)",
+                position,
+            )
         problem = self.signatures.problem(e, position, registry)
         if problem is None or problem[0] not in ("unknown_study", "unknown_event_type"):
             name = type_name(env["type"])
             if name.startswith("Study.") != (stream == env["study"]):
-                found(stream, version, "study_mismatch",
-                      f"{name} on stream {stream} of study {env['study']}: study facts live on the study's own "
-                      "stream, and only they do", position)  # fmt: skip
+                found(
+                    stream,
+                    version,
+                    "study_mismatch",
+                    f"{name} on stream {stream} of study {env['study']}: study facts live on the study's own "
+                    "stream, and only they do",
+                    position,
+                )
         if problem is not None:
             kind, detail = problem
             if kind == "bad_signature":
@@ -189,22 +232,35 @@ class StreamChecker:
 def registry_streams(engine: Any, table: Any) -> list[UUID]:
     """The streams whose signed first event is their own study's `Study.Created` (topics only nominate)."""
     with _connected(engine) as conn:
-        candidates = list(conn.execute(select(table.c.originator_id).where(registry_topic(table.c.topic)).distinct()).scalars())
+        candidates = list(
+            conn.execute(select(table.c.originator_id).where(registry_topic(table.c.topic)).distinct()).scalars()
+        )
         out = []
         for stream in candidates:
-            state = conn.execute(select(table.c.state).where(table.c.originator_id == stream,
-                                                             table.c.originator_version == 1)).scalar()  # fmt: skip
+            state = conn.execute(
+                select(table.c.state).where(table.c.originator_id == stream, table.c.originator_version == 1)
+            ).scalar()
             try:
                 env = open_stored(bytes(state)).envelope if state is not None else None
-            except Exception:  # noqa: BLE001 - unreadable: checked (and reported) as an ordinary stream
+            except Exception:
                 env = None
-            if env is not None and _type_name(env["type"]) == STUDY_CREATED and env["stream"] == env["study"] == str(stream):
+            if (
+                env is not None
+                and _type_name(env["type"]) == STUDY_CREATED
+                and env["stream"] == env["study"] == str(stream)
+            ):
                 out.append(stream)
     return sorted(out)
 
 
-def build_registry_timelines(engine: Any, table: Any, findings: list[Finding], *, registries: list[UUID] | None = None,
-                             admin_keys: frozenset[str] = frozenset()) -> tuple[Timelines, int]:  # fmt: skip
+def build_registry_timelines(
+    engine: Any,
+    table: Any,
+    findings: list[Finding],
+    *,
+    registries: list[UUID] | None = None,
+    admin_keys: frozenset[str] = frozenset(),
+) -> tuple[Timelines, int]:
     """Replay every study's registry stream in version order; keep the registry state after each valid event.
 
     With `admin_keys`, a study whose creation names another admin key has no trust root (`untrusted_root`).
@@ -235,10 +291,15 @@ def build_registry_timelines(engine: Any, table: Any, findings: list[Finding], *
                 if not isinstance(registry, Study):
                     raise MalformedEnvelope("its first event does not create a study")
                 if admin_keys and first.envelope["payload"].get("admin_public_key") not in admin_keys:
-                    checker.found(study_id, version, "untrusted_root", "the study's creation names an admin key "
-                                  "that is not in the auditor's trust root (--admin-key)", position)  # fmt: skip
+                    checker.found(
+                        study_id,
+                        version,
+                        "untrusted_root",
+                        "the study's creation names an admin key that is not in the auditor's trust root (--admin-key)",
+                        position,
+                    )
                     registry = None
-            except Exception as exc:  # noqa: BLE001 - reported as a finding
+            except Exception as exc:
                 checker.found(study_id, version, "malformed", f"study creation cannot be read: {exc}", position)
                 registry = None
         if registry is not None:
@@ -247,7 +308,9 @@ def build_registry_timelines(engine: Any, table: Any, findings: list[Finding], *
             checker.events += 1
             checker.stream, checker.version, checker.hash = study_id, version, hashlib.sha256(bytes(state)).hexdigest()
             if len(checker.findings) == before:
-                checker.found(study_id, version, "unknown_study", "registry event before the study's creation", position)
+                checker.found(
+                    study_id, version, "unknown_study", "registry event before the study's creation", position
+                )
         ok = len(checker.findings) == before or all(
             f.kind in ("missing_event", "chain_broken", "topic_mismatch") for f in checker.findings[before:]
         )
@@ -260,7 +323,7 @@ def build_registry_timelines(engine: Any, table: Any, findings: list[Finding], *
                 else:
                     state_after.version = version - 1  # tolerate a gap: it is already a finding
                     event.mutate(state_after)
-            except Exception as exc:  # noqa: BLE001 - a registry event that cannot apply grants nothing
+            except Exception as exc:
                 checker.found(study_id, version, "malformed", f"registry event cannot be applied: {exc}", position)
                 continue
             current[study_id] = state_after
@@ -290,9 +353,16 @@ def _unapproved_studies(rows: list[Any]) -> list[Finding]:
             except (KeyError, ValueError, TypeError):
                 continue  # an unreadable creation is reported as malformed
             if created and mine not in approvals:
-                findings.append(Finding(str(stream_id), 1, "study_not_approved",
-                                        f"study {mine[0]!r} (trust-root key {mine[1]}) was created in a database that "
-                                        "already held a study, without an existing admin's approval", position))  # fmt: skip
+                findings.append(
+                    Finding(
+                        str(stream_id),
+                        1,
+                        "study_not_approved",
+                        f"study {mine[0]!r} (trust-root key {mine[1]}) was created in a database that "
+                        "already held a study, without an existing admin's approval",
+                        position,
+                    )
+                )
             elif created:
                 approvals.remove(mine)
             created += 1
@@ -312,11 +382,14 @@ def heads_at(conn: Any, table: Any, streams: list[Any], after: int) -> dict[str,
     """Each stream's newest event at or below log position `after`: (version, hash), where its chain resumes."""
     heads: dict[str, tuple[int, str]] = {}
     for k in range(0, len(streams), 500):
-        newest = (select(table.c.originator_id, func.max(table.c.originator_version))
-                  .where(table.c.id <= after, table.c.originator_id.in_(streams[k : k + 500]))
-                  .group_by(table.c.originator_id))  # fmt: skip
+        newest = (
+            select(table.c.originator_id, func.max(table.c.originator_version))
+            .where(table.c.id <= after, table.c.originator_id.in_(streams[k : k + 500]))
+            .group_by(table.c.originator_id)
+        )
         for stream, version in list(conn.execute(newest)):
-            state = conn.execute(select(table.c.state).where(table.c.originator_id == stream,
-                                                             table.c.originator_version == version)).scalar()  # fmt: skip
+            state = conn.execute(
+                select(table.c.state).where(table.c.originator_id == stream, table.c.originator_version == version)
+            ).scalar()
             heads[str(stream)] = (version, hashlib.sha256(bytes(state)).hexdigest())
     return heads

@@ -36,15 +36,22 @@ def result_document(run_at: str, ok: bool, events: int, findings: list[Any]) -> 
     """The bytes a verifier signs: the run as stored (time, ok, count) and a digest of every finding."""
     rows = [[f.position, f.stream, f.version, f.kind, f.detail] for f in findings]
     digest = hashlib.sha256(canonical_json(rows)).hexdigest()
-    return canonical_json({"run_at": run_at, "ok": bool(ok), "events": int(events), "findings": len(rows),
-                            "findings_sha256": digest})  # fmt: skip
+    return canonical_json(
+        {"run_at": run_at, "ok": bool(ok), "events": int(events), "findings": len(rows), "findings_sha256": digest}
+    )
 
 
 def seal_result(conn: Any, run_id: int, document: bytes, signer: Signer) -> None:
     verification_seals.create(conn, checkfirst=True)
-    conn.execute(verification_seals.insert().values(run_id=run_id, signed=document, actor=signer.actor,
-                                                    key=signer.key_id,
-                                                    signature=base64.b64encode(signer.sign(document)).decode()))  # fmt: skip
+    conn.execute(
+        verification_seals.insert().values(
+            run_id=run_id,
+            signed=document,
+            actor=signer.actor,
+            key=signer.key_id,
+            signature=base64.b64encode(signer.sign(document)).decode(),
+        )
+    )
 
 
 def check_result(conn: Any, run_id: int, document: bytes) -> str | None:

@@ -53,8 +53,9 @@ class TrustRoot:
                 since_cp = Checkpoint.parse(parse_note(note)[0])
             except (NoteError, CheckpointError) as e:
                 raise UnusableInput(f"--since {label} is not a checkpoint: {e}") from None
-        return cls(frozenset(admin_keys or ()), verifier, tuple(notes), since_notes[0] if since_notes else None,
-                   since_cp)  # fmt: skip
+        return cls(
+            frozenset(admin_keys or ()), verifier, tuple(notes), since_notes[0] if since_notes else None, since_cp
+        )
 
     @property
     def has_log(self) -> bool:
@@ -76,7 +77,9 @@ def load_vkey(vkey: str | os.PathLike[str] | Verifier) -> Verifier:
                 return Verifier.from_vkey(path.read_text(encoding="utf-8").strip())
             except (KeyFormatError, UnicodeDecodeError, OSError) as e:
                 raise UnusableInput(f"{path} does not hold a log vkey: {e}") from None
-        raise UnusableInput(f"not a log vkey (want <origin>+<8 hex>+<base64>) nor a file holding one: {direct}") from None
+        raise UnusableInput(
+            f"not a log vkey (want <origin>+<8 hex>+<base64>) nor a file holding one: {direct}"
+        ) from None
 
 
 def read_checkpoint_notes(source: Any) -> list[tuple[str, str]]:
@@ -120,8 +123,11 @@ def check_auditor_input(checkpoints_from: Any, vkey: Any) -> list[tuple[str, Che
 def _check_notes(notes: list[tuple[str, str]], verifier: Verifier) -> list[tuple[str, Checkpoint]]:
     # A checkpoint signed by another key of this origin may come from either side of a key rotation: only the
     # log's own rotation checkpoints can say, so `verify_ledger` checks it against them.
-    return [(label, open_saved(label, note, [verifier])) for label, note in notes
-            if not _signed_by_another_key_of(note, verifier)]  # fmt: skip
+    return [
+        (label, open_saved(label, note, [verifier]))
+        for label, note in notes
+        if not _signed_by_another_key_of(note, verifier)
+    ]
 
 
 def _signed_by_another_key_of(note: str, verifier: Verifier) -> bool:
@@ -137,5 +143,6 @@ def open_saved(label: str, note: str, verifiers: list[Verifier]) -> Checkpoint:
     try:
         return open_checkpoint(note, verifiers, verifiers[0].name)
     except (NoteError, CheckpointError) as e:
-        raise UnusableInput(f"saved checkpoint {label} does not verify with "
-                               f"{' or '.join(v.vkey for v in verifiers)}: {e}") from None  # fmt: skip
+        raise UnusableInput(
+            f"saved checkpoint {label} does not verify with {' or '.join(v.vkey for v in verifiers)}: {e}"
+        ) from None

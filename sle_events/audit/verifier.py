@@ -20,8 +20,9 @@ from __future__ import annotations
 import multiprocessing
 import os
 import time
+from collections.abc import Callable
 from datetime import timedelta
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy import func, select
@@ -50,8 +51,13 @@ DEFAULT_PENDING_LIMIT = timedelta(minutes=15)
 class Verifier:
     """Verifies study records against one trust root. ``Verifier(TrustRoot.load(vkey=..., checkpoints=...))``."""
 
-    def __init__(self, trust: TrustRoot | None = None, *, workers: int | None = None,
-                 pending_limit: timedelta | None = DEFAULT_PENDING_LIMIT) -> None:  # fmt: skip
+    def __init__(
+        self,
+        trust: TrustRoot | None = None,
+        *,
+        workers: int | None = None,
+        pending_limit: timedelta | None = DEFAULT_PENDING_LIMIT,
+    ) -> None:
         self.trust = trust or TrustRoot()
         self.workers = workers or os.cpu_count() or 1
         self.pending_limit = pending_limit
@@ -72,24 +78,30 @@ class Verifier:
                 total = conn.execute(select(func.count()).select_from(table).where(table.c.id > after)).scalar() or 0
             # -- 2. the record
             registries = registry_streams(engine, table)
-            timelines, registry_events = build_registry_timelines(engine, table, report.findings, registries=registries,
-                                                                  admin_keys=self.trust.admin_keys)  # fmt: skip
+            timelines, registry_events = build_registry_timelines(
+                engine, table, report.findings, registries=registries, admin_keys=self.trust.admin_keys
+            )
             report.studies = len(timelines)
             if on_progress:
                 on_progress(registry_events, total + registry_events)
             ranges = split_streams(engine, table, self.workers, exclude=registries)
         finally:
             engine.dispose()
-        done, events, streams = self._check_streams(url, ranges, registries, timelines, after, on_progress,
-                                                    registry_events, total + registry_events)  # fmt: skip
+        done, events, streams = self._check_streams(
+            url, ranges, registries, timelines, after, on_progress, registry_events, total + registry_events
+        )
         report.findings.extend(done)
         report.events = registry_events + events
         report.streams = streams + len(registries)
         # -- 3. the ledger
         if has_ledger:
             base = report.events
-            ledger = verify_ledger(url, trust=self.trust, pending_limit=self.pending_limit,
-                                   on_progress=(lambda d, t: on_progress(base + d, base + t)) if on_progress else None)  # fmt: skip
+            ledger = verify_ledger(
+                url,
+                trust=self.trust,
+                pending_limit=self.pending_limit,
+                on_progress=(lambda d, t: on_progress(base + d, base + t)) if on_progress else None,
+            )
             report.findings.extend(ledger)
             report.ledger = ledger.info
         report.findings.sort(key=lambda f: (f.position or 0, f.stream or "", f.version or 0))
@@ -106,15 +118,24 @@ class Verifier:
         with engine.connect() as conn:
             position = conn.execute(select(table.c.id).order_by(table.c.id).offset(cp.size - 1).limit(1)).scalar()
             # Every event up to here is re-hashed against its leaf by the ledger check (no signature checks).
-            report.since["rehashed"] = conn.execute(select(func.count()).select_from(table)
-                                                    .where(table.c.id <= (position or 0))).scalar()  # fmt: skip
+            report.since["rehashed"] = conn.execute(
+                select(func.count()).select_from(table).where(table.c.id <= (position or 0))
+            ).scalar()
         # A log now shorter than the checkpoint is a finding of the ledger check; check everything here.
         report.since["position"] = position or 0
         return position or 0
 
-    def _check_streams(self, url: str, ranges: list[Any], registries: list[Any], timelines: Timelines, after: int,
-                       on_progress: Callable[[int, int], None] | None, done: int, total: int,
-                       ) -> tuple[list[Finding], int, int]:  # fmt: skip
+    def _check_streams(
+        self,
+        url: str,
+        ranges: list[Any],
+        registries: list[Any],
+        timelines: Timelines,
+        after: int,
+        on_progress: Callable[[int, int], None] | None,
+        done: int,
+        total: int,
+    ) -> tuple[list[Finding], int, int]:
         global _TIMELINES
         _TIMELINES = timelines  # set before forking so workers inherit it without pickling
         args = [(url, lo, hi, registries, after) for lo, hi in ranges]
@@ -142,8 +163,9 @@ class Verifier:
 _TIMELINES: Timelines = {}
 
 
-def _check_range(url: str, lo: Any, hi: Any, registries: list[Any], after: int,
-                 progress: Any) -> tuple[list[Finding], int, int]:  # fmt: skip
+def _check_range(
+    url: str, lo: Any, hi: Any, registries: list[Any], after: int, progress: Any
+) -> tuple[list[Finding], int, int]:
     engine = sa.create_engine(url)
     table = events_table()
     query = select(table.c.id, table.c.originator_id, table.c.originator_version, table.c.topic, table.c.state)
@@ -184,9 +206,17 @@ def _check_range(url: str, lo: Any, hi: Any, registries: list[Any], after: int,
     return checker.findings, checker.events, streams
 
 
-def verify_record(url: str, *, workers: int | None = None, on_progress: Callable[[int, int], None] | None = None,
-                  checkpoint: Any = None, vkey: Any = None, since: Any = None, admin_keys: Any = (),
-                  pending_limit: timedelta | None = DEFAULT_PENDING_LIMIT) -> Report:  # fmt: skip
+def verify_record(
+    url: str,
+    *,
+    workers: int | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+    checkpoint: Any = None,
+    vkey: Any = None,
+    since: Any = None,
+    admin_keys: Any = (),
+    pending_limit: timedelta | None = DEFAULT_PENDING_LIMIT,
+) -> Report:
     """Verify every event in the database at `url`; `on_progress(done, total)` is called as work advances.
 
     `checkpoint`: checkpoints an auditor saved (path, note text or a list); `vkey`: the log's vkey; `since`: a

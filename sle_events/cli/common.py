@@ -23,10 +23,26 @@ from rich.markup import escape
 from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
 
 __all__ = [
-    "DbOption", "JsonOption", "out", "err", "fail", "new_app", "database_url", "existing_database", "no_record_at",
-    "safe_url", "handled", "describe_error", "print_json", "write_stdout", "progress", "parse_instant", "signer",
-    "table", "print_table",
-]  # fmt: skip
+    "DbOption",
+    "JsonOption",
+    "out",
+    "err",
+    "fail",
+    "new_app",
+    "database_url",
+    "existing_database",
+    "no_record_at",
+    "safe_url",
+    "handled",
+    "describe_error",
+    "print_json",
+    "write_stdout",
+    "progress",
+    "parse_instant",
+    "signer",
+    "table",
+    "print_table",
+]
 
 SQLITE_SUFFIXES = (".db", ".sqlite", ".sqlite3")
 DEFAULT_DB_FILE = "sle-study.db"
@@ -51,9 +67,13 @@ class _Console(Console):
 out = _Console()
 err = _Console(stderr=True)
 
-DbOption = typer.Option(None, "--db", metavar="URL|FILE",
-                        help="SQLAlchemy URL (sqlite:///study.db, postgresql+psycopg://user@host/name) or the path "
-                        "of an SQLite file; default $SLE_DATABASE_URL, else ./sle-study.db")  # fmt: skip
+DbOption = typer.Option(
+    None,
+    "--db",
+    metavar="URL|FILE",
+    help="SQLAlchemy URL (sqlite:///study.db, postgresql+psycopg://user@host/name) or the path "
+    "of an SQLite file; default $SLE_DATABASE_URL, else ./sle-study.db",
+)
 JsonOption = typer.Option(False, "--json", help="print one JSON document instead of a table")
 
 
@@ -85,9 +105,14 @@ def write_stdout(text: str) -> None:
 def progress(label: str, enabled: bool = True) -> Progress:
     """A progress bar on stderr, shown only on a terminal."""
     return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, disable=not (enabled and err.is_terminal), transient=False,
-    )  # fmt: skip
+        TextColumn(f"[bold]{label}"),
+        BarColumn(),
+        MofNCompleteColumn(),
+        TimeRemainingColumn(),
+        console=err,
+        disable=not (enabled and err.is_terminal),
+        transient=False,
+    )
 
 
 # --------------------------------------------------------------------------------------------- the database
@@ -102,23 +127,30 @@ def database_url(db: str | None) -> str:
         path = Path(url).expanduser()
         if path.suffix.lower() in SQLITE_SUFFIXES or path.is_file():
             return f"sqlite:///{path.resolve()}"
-        fail(f"--db {url!r} is neither a database URL nor an SQLite file (.db); write e.g. "
-             "sqlite:///path/to/study.db or postgresql+psycopg://postgres@127.0.0.1:5432/study")  # fmt: skip
+        fail(
+            f"--db {url!r} is neither a database URL nor an SQLite file (.db); write e.g. "
+            "sqlite:///path/to/study.db or postgresql+psycopg://postgres@127.0.0.1:5432/study"
+        )
     scheme = url.split("://", 1)[0]
     if scheme in ("postgres", "postgresql", "postgresql+psycopg2"):
-        fail(f"{scheme}:// needs a driver this install does not use; write "
-             f"postgresql+psycopg://{url.split('://', 1)[1]}")  # fmt: skip
+        fail(
+            f"{scheme}:// needs a driver this install does not use; write postgresql+psycopg://{url.split('://', 1)[1]}"
+        )
     try:
         parsed = make_url(url)
         parsed.get_dialect().import_dbapi()
     except NoSuchModuleError:
         fail(f"unknown database kind {scheme!r} in --db; sle works with sqlite:/// and postgresql+psycopg://")
     except ArgumentError:
-        fail(f"--db {url!r} is not a database URL; write e.g. sqlite:///study.db or "
-             "postgresql+psycopg://postgres@127.0.0.1:5432/study")  # fmt: skip
+        fail(
+            f"--db {url!r} is not a database URL; write e.g. sqlite:///study.db or "
+            "postgresql+psycopg://postgres@127.0.0.1:5432/study"
+        )
     except ImportError as e:
-        fail(f"the database driver for {scheme}:// is not installed ({e.name}); sle works with sqlite:/// and "
-             "postgresql+psycopg://")  # fmt: skip
+        fail(
+            f"the database driver for {scheme}:// is not installed ({e.name}); sle works with sqlite:/// and "
+            "postgresql+psycopg://"
+        )
     return url
 
 
@@ -179,13 +211,17 @@ def describe_error(e: BaseException) -> tuple[int, str] | None:
     if isinstance(e, SubjectNotFound):  # a subject with nothing recorded by the moment asked for
         return 1, str(e)
     if isinstance(e, StudyNotApproved):
-        return 1, (f"{name}: {e}\nAn admin of an existing study approves it first: sle study approve-new --study ID "
-                   "--code CODE --new-admin ID --new-admin-public-key KEY --admin-key FILE --admin ID")  # fmt: skip
+        return 1, (
+            f"{name}: {e}\nAn admin of an existing study approves it first: sle study approve-new --study ID "
+            "--code CODE --new-admin ID --new-admin-public-key KEY --admin-key FILE --admin ID"
+        )
     if isinstance(e, (ProtocolViolation, RegistryError, KeyProblem, AppendRejected)):
         return 1, f"refused: {name}: {e}"
     if isinstance(e, ProjectionHalted):
-        return 1, (f"read models halted: {e}\n`sle verify` names what was altered; once the record is repaired, "
-                   "`sle projections rebuild`")  # fmt: skip
+        return 1, (
+            f"read models halted: {e}\n`sle verify` names what was altered; once the record is repaired, "
+            "`sle projections rebuild`"
+        )
     if isinstance(e, SchemaBehind):
         return 2, str(e)
     if isinstance(e, UnknownFilter):
@@ -241,8 +277,13 @@ def table(*columns: str, title: str | None = None) -> Any:
     from rich import box
     from rich.table import Column, Table
 
-    return Table(*(Column(c, overflow="fold") for c in columns), title=title, box=box.SIMPLE_HEAD,
-                 title_justify="left", pad_edge=False)  # fmt: skip
+    return Table(
+        *(Column(c, overflow="fold") for c in columns),
+        title=title,
+        box=box.SIMPLE_HEAD,
+        title_justify="left",
+        pad_edge=False,
+    )
 
 
 def print_table(t: Any, empty: str = "none") -> None:

@@ -22,10 +22,18 @@ def _progress(label: str, enabled: bool) -> Progress:
     return _common_progress(label, enabled)
 
 
-def _verify(url: str, as_json: bool, workers: int | None, checkpoint: list[Path] | None = None,
-            vkey: str | None = None, since: Path | None = None, max_pending: float | None = None,
-            sign_key: Path | None = None, actor: str | None = None,
-            admin_keys: list[str] | None = None) -> int:  # fmt: skip
+def _verify(
+    url: str,
+    as_json: bool,
+    workers: int | None,
+    checkpoint: list[Path] | None = None,
+    vkey: str | None = None,
+    since: Path | None = None,
+    max_pending: float | None = None,
+    sign_key: Path | None = None,
+    actor: str | None = None,
+    admin_keys: list[str] | None = None,
+) -> int:
     """Verify, print the report, keep the result; the exit code comes from `sle_events.audit.errors`."""
     from datetime import timedelta
 
@@ -47,13 +55,14 @@ def _verify(url: str, as_json: bool, workers: int | None, checkpoint: list[Path]
         with _progress("verifying", not as_json and err.is_terminal) as bar:
             task = bar.add_task("verify", total=None)
             report = Verifier(trust, workers=workers, pending_limit=limit).verify(
-                url, on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+                url, on_progress=lambda d, t: bar.update(task, completed=d, total=t)
+            )
     except AuditError as e:
         if as_json:  # a script reading --json gets JSON on every path
             print_json({"ok": False, "events": 0, "error": e.diagnostics(), "findings": []})
         err.print(f"[red]error:[/red] {escape(e.diagnostics())}")
         return exit_code(e)
-    except Exception as e:  # noqa: BLE001 - the tool failed, which is not a finding: its own exit code
+    except Exception as e:
         err.print(f"[red]sle verify failed (exit 3, no report):[/red] {type(e).__name__}: {escape(str(e))}")
         return exit_code(e)
     _keep_result(url, report, signer)
@@ -61,12 +70,18 @@ def _verify(url: str, as_json: bool, workers: int | None, checkpoint: list[Path]
         print_json(report.to_dict())
     else:
         rate = report.events / report.seconds if report.seconds else 0
-        out.print(f"{report.events} events in {report.streams} streams ({report.studies} studies) "
-                  f"checked in {report.seconds:.2f} s ({rate:,.0f} events/s)")  # fmt: skip
+        out.print(
+            f"{report.events} events in {report.streams} streams ({report.studies} studies) "
+            f"checked in {report.seconds:.2f} s ({rate:,.0f} events/s)"
+        )
         if report.since is not None:
-            out.print(escape(f"since checkpoint {report.since['checkpoint']} (size {report.since['size']}): events "
-                             f"after log position {report.since['position']} fully checked, "
-                             f"{report.since.get('rehashed', 0)} earlier events re-hashed against their ledger leaves"))  # fmt: skip
+            out.print(
+                escape(
+                    f"since checkpoint {report.since['checkpoint']} (size {report.since['size']}): events "
+                    f"after log position {report.since['position']} fully checked, "
+                    f"{report.since.get('rehashed', 0)} earlier events re-hashed against their ledger leaves"
+                )
+            )
         if report.ledger is not None:
             out.print(_ledger_line(report.ledger))
         if report.ok:
@@ -174,20 +189,20 @@ def verify(
         help="a checkpoint up to which you verified the record "
         "before: check only the events after it in full, re-hash the earlier "
         "ones against their ledger leaves",
-    ),  # fmt: skip
+    ),
     max_pending: float | None = typer.Option(
         None,
         "--max-pending",
         min=0,
         help="minutes an event may wait for ledger integration before it is a finding (default 15)",
-    ),  # fmt: skip
+    ),
     sign_key: Path | None = typer.Option(
         None,
         "--sign-key",
         help="your Ed25519 key (PEM), registered in the "
         "study as auditor, monitor or admin: the stored result is sealed with "
         "it, so the audit trail can tell a forged one",
-    ),  # fmt: skip
+    ),
     actor: str | None = typer.Option(None, "--actor", help="who you are (the id --sign-key is registered under)"),
     admin_key: list[str] | None = typer.Option(
         None,
@@ -195,7 +210,7 @@ def verify(
         help="a study admin's public key (base64) "
         "you trust: a study created with any other is untrusted_root "
         "(repeatable; default: each study's own creation)",
-    ),  # fmt: skip
+    ),
 ) -> None:
     """Re-read every stream; check canonical bytes, hashes, chains, keys, roles, signatures and the ledger.
     Exit 0 verified, 1 findings, 2 unusable input, 3 the tool failed."""
@@ -209,7 +224,7 @@ def demo(
     subjects: int = typer.Option(30, min=1, metavar="N", help="subjects to enroll (screen failures come on top)"),
     seed: int = typer.Option(20070311, metavar="S", help="random seed (same seed and keys, same trial)"),
     keys: Path = typer.Option(Path("demo-keys"), metavar="DIR", help="where the demo's private keys are kept (0600)"),
-) -> None:  # fmt: skip
+) -> None:
     """Record a synthetic trial (synthetic-cohort.md) through the trial's use cases, then verify it."""
     from sle_events.demo import run_demo
     from sle_events.store.record import StudyRecord
@@ -220,8 +235,9 @@ def demo(
     record = StudyRecord(url)
     with _progress("recording", err.is_terminal) as bar:
         task = bar.add_task("demo", total=subjects)
-        result = run_demo(record, keys, subjects=subjects, seed=seed,
-                          on_progress=lambda d, t: bar.update(task, completed=d, total=t))  # fmt: skip
+        result = run_demo(
+            record, keys, subjects=subjects, seed=seed, on_progress=lambda d, t: bar.update(task, completed=d, total=t)
+        )
     record.close()
     took = time.perf_counter() - started
     t = table("event type", "count", title=f"study {result.study_id}: {result.subjects} subjects")
@@ -247,10 +263,15 @@ def _refuse_a_used_database(url: str) -> None:
     if _no_record_at(url) is not None or _no_events_at(url) is not None:
         return
     parsed = make_url(url)
-    afresh = (f"delete {parsed.database} (and its demo-keys folder) or give another --db"
-              if parsed.get_backend_name() == "sqlite" else "give another --db (an empty database)")  # fmt: skip
-    fail(f"this database already holds a study record, so the demo will not record into it: see it with "
-         f"`sle patients`, `sle dashboard` or `sle verify`; to start afresh, {afresh}")  # fmt: skip
+    afresh = (
+        f"delete {parsed.database} (and its demo-keys folder) or give another --db"
+        if parsed.get_backend_name() == "sqlite"
+        else "give another --db (an empty database)"
+    )
+    fail(
+        f"this database already holds a study record, so the demo will not record into it: see it with "
+        f"`sle patients`, `sle dashboard` or `sle verify`; to start afresh, {afresh}"
+    )
 
 
 def _build_read_models(url: str) -> None:
@@ -279,9 +300,10 @@ app.add_typer(ledger_app, name="ledger")
 def keys_generate(
     out_file: Path = typer.Option(..., "--out", metavar="FILE", help="private key file to write (0600)"),
     actor: str = typer.Option(..., metavar="ID", help="user or service id"),
-    role: str = typer.Option(..., metavar="ROLE", help="role the key acts in (admin, coordinator, investigator, "
-                             "lab, data_manager, ...)"),
-) -> None:  # fmt: skip
+    role: str = typer.Option(
+        ..., metavar="ROLE", help="role the key acts in (admin, coordinator, investigator, lab, data_manager, ...)"
+    ),
+) -> None:
     """Make a key pair; write the private key (0600) and print the public key."""
     from sle_events.domain.roles import ROLES
     from sle_events.signing.keys import Signer

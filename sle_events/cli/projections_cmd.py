@@ -65,8 +65,14 @@ def projections_status(db: str | None = DbOption, as_json: bool = JsonOption) ->
         return
     t = table("projection", "position", "head", "lag (events)", "updated at", "halted", title="projections")
     for r in rows:
-        t.add_row(str(r["projection"]), str(r["position"]), str(r["head"]), str(r["lag_events"]), str(r["updated_at"]),
-                  escape(str(r["halted"] or "")))  # fmt: skip
+        t.add_row(
+            str(r["projection"]),
+            str(r["position"]),
+            str(r["head"]),
+            str(r["lag_events"]),
+            str(r["updated_at"]),
+            escape(str(r["halted"] or "")),
+        )
     print_table(t)
     _print_halted_streams([dict(s, projection=r["projection"]) for r in rows for s in r["halted_streams"]])
 
@@ -74,22 +80,34 @@ def projections_status(db: str | None = DbOption, as_json: bool = JsonOption) ->
 def _print_halted_streams(rows: list[dict[str, Any]]) -> None:
     if not rows:
         return
-    t = table(*(["projection"] if "projection" in rows[0] else []), "subject", "stream", "version", "log position",
-              "why", title="halted streams (rows as of the version before)")  # fmt: skip
+    t = table(
+        *(["projection"] if "projection" in rows[0] else []),
+        "subject",
+        "stream",
+        "version",
+        "log position",
+        "why",
+        title="halted streams (rows as of the version before)",
+    )
     for r in rows:
-        t.add_row(*([r["projection"]] if "projection" in r else []), r["subject"] or "", r["stream"], str(r["version"]),
-                  str(r["position"]), escape(r["detail"]))  # fmt: skip
+        t.add_row(
+            *([r["projection"]] if "projection" in r else []),
+            r["subject"] or "",
+            r["stream"],
+            str(r["version"]),
+            str(r["position"]),
+            escape(r["detail"]),
+        )
     out.print(t)
 
 
 @projections_app.command("rebuild")
 def projections_rebuild(
-    name: list[str] | None = typer.Argument(None, metavar="[NAME]...",
-                                               help="projections to rebuild (default: all)"),
+    name: list[str] | None = typer.Argument(None, metavar="[NAME]...", help="projections to rebuild (default: all)"),
     db: str | None = DbOption,
     verify: bool = typer.Option(False, "--verify", help="re-verify every signature first (slower)"),
     workers: int | None = typer.Option(None, min=1, metavar="N", help="processes to use (default: all cores)"),
-) -> None:  # fmt: skip
+) -> None:
     """Drop and rebuild projections from event 1 (checking every event's chain and signature)."""
     from projections.base import ProjectionHalted
     from projections.runner import RebuildFailed
@@ -104,8 +122,9 @@ def projections_rebuild(
     try:
         with progress("rebuilding") as bar:
             task = bar.add_task("rebuild", total=runner.head())
-            runner.rebuild(name or None, on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-                           workers=workers)  # fmt: skip
+            runner.rebuild(
+                name or None, on_progress=lambda d, t: bar.update(task, completed=d, total=t), workers=workers
+            )
     except (ProjectionHalted, RebuildFailed) as e:
         fail(str(e), 1)
     except ValueError as e:
@@ -174,8 +193,9 @@ def audit_trail(
     reader = _reader(db)
     try:
         with handled():
-            rows = reader.audit_trail(subject=subject, stream=stream, user=user, event_type=event_type, since=start,
-                                      until=end, change=change)  # fmt: skip
+            rows = reader.audit_trail(
+                subject=subject, stream=stream, user=user, event_type=event_type, since=start, until=end, change=change
+            )
     finally:
         reader.close()
     if fmt == "json":
@@ -187,25 +207,35 @@ def audit_trail(
         writer.writerows(rows)
         write_stdout(buffer.getvalue())
     else:
-        t = table("recorded at (UTC)", "subject", "visit", "item", "change", "old → new", "who", "reason",
-                  title="audit trail")  # fmt: skip
+        t = table(
+            "recorded at (UTC)", "subject", "visit", "item", "change", "old → new", "who", "reason", title="audit trail"
+        )
         for r in rows:
             who = r["printed_name"] if r["printed_name"] == r["actor"] else f"{r['printed_name']} ({r['actor']})"
-            t.add_row(r["recorded_at"], r["subject"] or "", r["visit"] or "", escape(r["item"] or ""), r["change"],
-                      escape(f"{r['old_value'] or ''} → {r['new_value'] or ''}"), escape(f"{who}, {r['role']}"),
-                      escape(r["reason"] or ""))  # fmt: skip
+            t.add_row(
+                r["recorded_at"],
+                r["subject"] or "",
+                r["visit"] or "",
+                escape(r["item"] or ""),
+                r["change"],
+                escape(f"{r['old_value'] or ''} → {r['new_value'] or ''}"),
+                escape(f"{who}, {r['role']}"),
+                escape(r["reason"] or ""),
+            )
         print_table(t, "none matched")
 
 
 def replay(
     subject: str = typer.Option(..., metavar="SUBJECT", help="screening number or subject (stream) id"),
-    as_of: str | None = typer.Option(None, "--as-of", metavar="TIME",
-                                        help="what the database said at this recorded time (ISO 8601 with offset)"),
-    occurred_as_of: str | None = typer.Option(None, "--occurred-as-of", metavar="TIME",
-                                                 help="what was true in the clinic then, given today's knowledge"),
+    as_of: str | None = typer.Option(
+        None, "--as-of", metavar="TIME", help="what the database said at this recorded time (ISO 8601 with offset)"
+    ),
+    occurred_as_of: str | None = typer.Option(
+        None, "--occurred-as-of", metavar="TIME", help="what was true in the clinic then, given today's knowledge"
+    ),
     as_json: bool = JsonOption,
     db: str | None = DbOption,
-) -> None:  # fmt: skip
+) -> None:
     """A subject's state as of a past moment, on either time axis (bitemporal)."""
     when, occurred = parse_instant(as_of, "--as-of"), parse_instant(occurred_as_of, "--occurred-as-of")
     from projections.read import StudyReader, display_value
@@ -220,8 +250,14 @@ def replay(
     if as_json:
         print_json(state)
         return
-    moment = " / ".join(x for x in (f"recorded {as_of}" if as_of else "",
-                                    f"occurred {occurred_as_of}" if occurred_as_of else "") if x) or "now"  # fmt: skip
+    moment = (
+        " / ".join(
+            x
+            for x in (f"recorded {as_of}" if as_of else "", f"occurred {occurred_as_of}" if occurred_as_of else "")
+            if x
+        )
+        or "now"
+    )
     t = table("field", "value", title=f"subject {state['screening_number']} as of {moment}")
     for k, v in state.items():
         if k in ("flags", "stale_results"):
@@ -229,8 +265,10 @@ def replay(
         elif k != "key_labs":
             t.add_row(k, "" if v is None else escape(str(v)))
     for code, lab in sorted(state["key_labs"].items()):
-        t.add_row(code, escape(f"{display_value(code, lab['value'])} {lab['unit']} ({lab['trend'] or 'first'}) "
-                               f"at {lab['at']}"))  # fmt: skip
+        t.add_row(
+            code,
+            escape(f"{display_value(code, lab['value'])} {lab['unit']} ({lab['trend'] or 'first'}) at {lab['at']}"),
+        )
     out.print(t)
 
 
@@ -252,18 +290,33 @@ def patients(
     if as_json:
         print_json(rows)
         return
-    t = table("subject", "status", "next visit (window)", "SLEDAI-2K", "renal response", "UPCR (mg/mg)",
-              "eGFR (mL/min/1.73 m²)", "open AEs (SAEs)", "stale results", title="patients")  # fmt: skip
+    t = table(
+        "subject",
+        "status",
+        "next visit (window)",
+        "SLEDAI-2K",
+        "renal response",
+        "UPCR (mg/mg)",
+        "eGFR (mL/min/1.73 m²)",
+        "open AEs (SAEs)",
+        "stale results",
+        title="patients",
+    )
     for r in rows:
         labs = r["key_labs"]
         window = f"{r['next_visit']} ({r['next_visit_earliest']} – {r['next_visit_latest']})" if r["next_visit"] else ""
         status_shown = f"{r['status']} (HALTED at v{r['halted']['version']})" if r["halted"] else r["status"]
-        t.add_row(r["screening_number"], status_shown, window,
-                  str(r["sledai_total"] if r["sledai_total"] is not None else ""), r["renal_response"] or "",
-                  display_value("UPCR", labs["UPCR"]["value"]) if "UPCR" in labs else "",
-                  display_value("EGFR", labs["EGFR"]["value"]) if "EGFR" in labs else "",
-                  f"{r['open_adverse_events']} ({r['open_serious_adverse_events']})",
-                  ", ".join(f"{x['code']} v{x['version']}" for x in r["stale_results"]))  # fmt: skip
+        t.add_row(
+            r["screening_number"],
+            status_shown,
+            window,
+            str(r["sledai_total"] if r["sledai_total"] is not None else ""),
+            r["renal_response"] or "",
+            display_value("UPCR", labs["UPCR"]["value"]) if "UPCR" in labs else "",
+            display_value("EGFR", labs["EGFR"]["value"]) if "EGFR" in labs else "",
+            f"{r['open_adverse_events']} ({r['open_serious_adverse_events']})",
+            ", ".join(f"{x['code']} v{x['version']}" for x in r["stale_results"]),
+        )
     print_table(t, "none matched" if status else "none")
     _print_halted_streams(halted)
 

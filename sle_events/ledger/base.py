@@ -2,16 +2,17 @@
 
 from __future__ import annotations
 
+from collections.abc import Iterator, Sequence
 from dataclasses import dataclass
-from datetime import datetime, timezone
+from datetime import UTC, datetime
 from pathlib import Path
-from typing import Any, Iterator, Sequence
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection, Engine
 
 from .checkpoint import Checkpoint
-from .merkle import HASH_SIZE, CompactRangeState, NodeID, range_nodes, root_at, root_of_leaves
+from .merkle import EMPTY_ROOT, HASH_SIZE, CompactRangeState, NodeID, range_nodes, root_at, root_of_leaves
 from .note import parse_note
 from .proof_file import TlogProof, format_consistency_proof
 from .tables import (
@@ -23,7 +24,6 @@ from .tables import (
     ledger_state,
     metadata,
 )
-from .merkle import EMPTY_ROOT
 
 BATCH = 5000
 """Events integrated per transaction."""
@@ -118,7 +118,7 @@ class Recomputed:
 
 
 def _utcnow() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def _frontier_bytes(state: CompactRangeState) -> bytes:
@@ -201,9 +201,18 @@ class LedgerBase:
         else:
             from sqlalchemy.dialects.sqlite import insert
         with self.engine.begin() as conn:
-            conn.execute(insert(ledger_state).values(
-                id=_STATE_ID, size=0, position=0, frontier=b"", root=EMPTY_ROOT, updated_at=_utcnow(),
-            ).on_conflict_do_nothing(index_elements=["id"]))  # fmt: skip
+            conn.execute(
+                insert(ledger_state)
+                .values(
+                    id=_STATE_ID,
+                    size=0,
+                    position=0,
+                    frontier=b"",
+                    root=EMPTY_ROOT,
+                    updated_at=_utcnow(),
+                )
+                .on_conflict_do_nothing(index_elements=["id"])
+            )
 
     # --- state ------------------------------------------------------------------------------------------
     def _read_state(self, conn: Connection, *, lock: bool = False) -> LedgerState:
@@ -211,8 +220,9 @@ class LedgerBase:
             if self.dialect == "sqlite":
                 # The first write of a transaction takes SQLite's write lock (held to commit); the read that
                 # follows then sees the latest committed state.
-                conn.execute(ledger_state.update().where(ledger_state.c.id == _STATE_ID)
-                             .values(size=ledger_state.c.size))  # fmt: skip
+                conn.execute(
+                    ledger_state.update().where(ledger_state.c.id == _STATE_ID).values(size=ledger_state.c.size)
+                )
             query = sa.select(ledger_state).where(ledger_state.c.id == _STATE_ID)
             if self.dialect != "sqlite":
                 query = query.with_for_update()
@@ -242,7 +252,6 @@ class LedgerBase:
             return conn.execute(
                 sa.select(sa.func.count()).select_from(self.events).where(self.events.c.id > position)
             ).scalar_one()
-
 
     # --- nodes ------------------------------------------------------------------------------------------
     def _fetch_nodes(self, conn: Connection, ids: Sequence[NodeID]) -> dict[NodeID, bytes]:
@@ -302,7 +311,6 @@ class LedgerBase:
             rows = conn.execute(sa.select(ledger_checkpoints).order_by(ledger_checkpoints.c.id))
             return [self._checkpoint_row(r) for r in rows]
 
-
     # --- recomputation ----------------------------------------------------------------------------------
     def recompute(self, size: int | None = None) -> Recomputed:
         """The tree as the events table says it should be: every event (or the first ``size``) in id order."""
@@ -320,4 +328,3 @@ class LedgerBase:
 
             root = root_of_leaves(leaves())
         return Recomputed(sum(counts), root)
-

@@ -208,8 +208,9 @@ def follow_key_rotations(notes: list[str], anchor: str) -> KeyChain:
                 problems.append((rotations[k][0], f"the rotation from {keys[k]} is not signed by both keys"))
                 break
             linked.add(k)
-    return KeyChain(keys, [keys[k] for k in sorted(linked)], [keys[p] if p in linked else None for p in period],
-                    problems)
+    return KeyChain(
+        keys, [keys[k] for k in sorted(linked)], [keys[p] if p in linked else None for p in period], problems
+    )
 
 
 def _signed_by_both(note: str, old: str, new: str) -> bool:
@@ -231,8 +232,7 @@ class ExtensionError(Picklable, CheckpointError):
         self.reason = reason
 
 
-def check_extension(old_size: int, old_root: bytes, new_size: int, new_root: bytes,
-                    proof: Iterable[bytes]) -> None:  # fmt: skip
+def check_extension(old_size: int, old_root: bytes, new_size: int, new_root: bytes, proof: Iterable[bytes]) -> None:
     """The one checkpoint-extension check: raise :class:`ExtensionError` unless the tree (``new_size``,
     ``new_root``) is append-only over (``old_size``, ``old_root``) by the RFC 9162 consistency ``proof``."""
     proof = [bytes(h) for h in proof]
@@ -241,18 +241,24 @@ def check_extension(old_size: int, old_root: bytes, new_size: int, new_root: byt
             raise ExtensionError("bad_proof", "expected an empty proof from the empty tree")
         return
     if new_size < old_size:
-        raise ExtensionError("rollback", f"the newer tree (size {new_size}) is smaller than the older one "
-                             f"({old_size}): the log was rolled back")  # fmt: skip
+        raise ExtensionError(
+            "rollback",
+            f"the newer tree (size {new_size}) is smaller than the older one ({old_size}): the log was rolled back",
+        )
     if new_size == old_size and new_root != old_root:
         raise ExtensionError("split_view", f"two different roots for size {new_size} (split view)")
     try:
         verify_consistency(old_size, new_size, proof, old_root, new_root)
     except RootMismatchError as e:
         b64 = base64.b64encode
-        raise ExtensionError("rewritten", f"the tree of size {new_size} is NOT an extension of the old checkpoint "
-                             f"(size {old_size}): the proof leads to root {b64(e.calculated).decode()}, expected "
-                             f"{b64(e.expected).decode()}; history was rewritten, or the proof is not for these "
-                             "trees") from None  # fmt: skip
+        raise ExtensionError(
+            "rewritten",
+            f"the tree of size {new_size} is NOT an extension of the old checkpoint "
+            f"(size {old_size}): the proof leads to root {b64(e.calculated).decode()}, expected "
+            f"{b64(e.expected).decode()}; history was rewritten, or the proof is not for these "
+            "trees",
+        ) from None
     except ProofError as e:
-        raise ExtensionError("bad_proof", f"the consistency proof from size {old_size} to {new_size} does not "
-                             f"verify: {e}") from None  # fmt: skip
+        raise ExtensionError(
+            "bad_proof", f"the consistency proof from size {old_size} to {new_size} does not verify: {e}"
+        ) from None

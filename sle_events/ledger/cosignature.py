@@ -119,7 +119,7 @@ class CosignatureVerifier(PublicKeyHolder):
 class CosignatureSigner:
     """Produces Ed25519 cosignature/v1 signatures.  The private key never appears in repr."""
 
-    __slots__ = ("_signer", "_key_id", "_clock")
+    __slots__ = ("_clock", "_key_id", "_signer")
 
     def __init__(
         self,
@@ -254,5 +254,7 @@ class Witness:
             check_extension(old_size, old_root, cp.size, cp.root_hash, proof)
         except ExtensionError as e:
             why = {"rollback": "rollback", "split_view": "split view"}.get(
-                e.reason, f"checkpoint of size {cp.size} is not proven consistent with the last cosigned size {old_size}")
+                e.reason,
+                f"checkpoint of size {cp.size} is not proven consistent with the last cosigned size {old_size}",
+            )
             raise WitnessError(f"refusing to cosign: {why}: {e}") from e

@@ -6,13 +6,14 @@ events read and hashed before the lock is taken (see `sle_events.ledger.log`).
 
 from __future__ import annotations
 
+from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any, Callable
+from typing import Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
 
-from .base import BATCH, _STATE_ID, LedgerState, _frontier_bytes, _utcnow
+from .base import _STATE_ID, BATCH, LedgerState, _frontier_bytes, _utcnow
 from .merkle import CompactRange, leaf_hash
 from .tables import ledger_state
 
@@ -24,7 +25,6 @@ class _Batch:
     nodes: list[tuple[int, int, bytes]]  # level, idx, hash
     frontier: CompactRange
     last_position: int
-
 
 
 class Integrating:
@@ -76,12 +76,22 @@ class Integrating:
                 batch = self._prepare(conn, locked, limit)
                 if not batch.leaves:
                     return 0
-            self._bulk_insert(conn, "ledger_leaves", ("idx", "position", "leaf_hash", "stream", "version"), batch.leaves)
+            self._bulk_insert(
+                conn, "ledger_leaves", ("idx", "position", "leaf_hash", "stream", "version"), batch.leaves
+            )
             self._bulk_insert(conn, "ledger_nodes", ("level", "idx", "hash"), batch.nodes)
             new = batch.frontier.to_state()
-            conn.execute(ledger_state.update().where(ledger_state.c.id == _STATE_ID).values(
-                size=new.size, position=batch.last_position, frontier=_frontier_bytes(new),
-                root=batch.frontier.root(), updated_at=_utcnow()))  # fmt: skip
+            conn.execute(
+                ledger_state.update()
+                .where(ledger_state.c.id == _STATE_ID)
+                .values(
+                    size=new.size,
+                    position=batch.last_position,
+                    frontier=_frontier_bytes(new),
+                    root=batch.frontier.root(),
+                    updated_at=_utcnow(),
+                )
+            )
         return len(batch.leaves)
 
     def integrate(

@@ -39,7 +39,9 @@ def load_log_key(path: str | os.PathLike[str]) -> Signer:
     try:
         st = path.stat()
     except FileNotFoundError:
-        raise LogKeyError(f"log key {path} does not exist (create it with `sle ledger init --log-key {path}`)") from None
+        raise LogKeyError(
+            f"log key {path} does not exist (create it with `sle ledger init --log-key {path}`)"
+        ) from None
     except OSError as e:
         raise LogKeyError(f"cannot read log key {path}: {e.strerror}") from None
     if not stat.S_ISREG(st.st_mode):
@@ -51,7 +53,8 @@ def load_log_key(path: str | os.PathLike[str]) -> Signer:
         text = path.read_text(encoding="ascii").strip()
         return Signer.from_skey(text)
     except (UnicodeDecodeError, KeyFormatError, ValueError):
-        raise LogKeyError(f"{path} is not a log signing key (want the PRIVATE+KEY+... form `sle ledger init` writes)") from None
+        raise LogKeyError(
+            f"{path} is not a log signing key (want the PRIVATE+KEY+... form `sle ledger init` writes)"
+        ) from None
     except OSError as e:
         raise LogKeyError(f"cannot read log key {path}: {e.strerror}") from None
-

@@ -63,11 +63,30 @@ from .tables import (
 )
 
 __all__ = [
-    "BATCH", "EVENTS_TABLE", "LedgerError", "LogKeyError", "Ledger", "LedgerState", "StoredCheckpoint",
-    "LeafRecord", "InclusionProof", "ConsistencyProof", "Recomputed", "metadata", "ledger_leaves",
-    "ledger_nodes", "ledger_state", "ledger_checkpoints", "LEDGER_TABLES", "events_table", "ledger_exists",
-    "create_log_key", "load_log_key", "default_origin", "parse_event_id",
-]  # fmt: skip
+    "BATCH",
+    "EVENTS_TABLE",
+    "LedgerError",
+    "LogKeyError",
+    "Ledger",
+    "LedgerState",
+    "StoredCheckpoint",
+    "LeafRecord",
+    "InclusionProof",
+    "ConsistencyProof",
+    "Recomputed",
+    "metadata",
+    "ledger_leaves",
+    "ledger_nodes",
+    "ledger_state",
+    "ledger_checkpoints",
+    "LEDGER_TABLES",
+    "events_table",
+    "ledger_exists",
+    "create_log_key",
+    "load_log_key",
+    "default_origin",
+    "parse_event_id",
+]
 
 
 class Ledger(Integrating, Publishing, Proving, LedgerBase):
@@ -76,7 +95,6 @@ class Ledger(Integrating, Publishing, Proving, LedgerBase):
     ``Ledger(url)`` opens (and by default creates) the ledger tables on the database at ``url``;
     ``Ledger(engine=...)`` shares an existing engine (e.g. ``StudyRecord.recorder.datastore.engine``).
     """
-
 
 
 _ORIGIN_CHARS = re.compile(r"[^A-Za-z0-9._~/-]+")
@@ -94,14 +112,18 @@ def default_origin(url: str) -> str:
 
                     ev = events_table()
                     with engine.connect() as conn:
-                        rows = conn.execute(sa.select(ev.c.state).where(ev.c.topic.in_(stored_topics("Study.Created")))).scalars().all()
+                        rows = (
+                            conn.execute(sa.select(ev.c.state).where(ev.c.topic.in_(stored_topics("Study.Created"))))
+                            .scalars()
+                            .all()
+                        )
                     if len(rows) == 1:
                         from sle_events.signing.envelope import open_sealed
 
                         name = open_sealed(bytes(rows[0])).envelope["payload"].get("code")
         finally:
             engine.dispose()
-    except Exception:  # noqa: BLE001 - fall back to the database name
+    except Exception:
         name = None
     if not name:
         u = sa.engine.make_url(url)

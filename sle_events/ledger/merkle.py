@@ -88,10 +88,7 @@ class RootMismatchError(Picklable, ProofError):
     def __init__(self, expected: bytes, calculated: bytes) -> None:
         self.expected = bytes(expected)
         self.calculated = bytes(calculated)
-        super().__init__(
-            f"calculated root {self.calculated.hex()} does not match expected root "
-            f"{self.expected.hex()}"
-        )
+        super().__init__(f"calculated root {self.calculated.hex()} does not match expected root {self.expected.hex()}")
 
 
 # --------------------------------------------------------------------------- hashing
@@ -325,8 +322,7 @@ class CompactRangeState:
             raise ValueError(f"negative size {self.size}")
         if len(self.hashes) != self.size.bit_count():
             raise ValueError(
-                f"a frontier of size {self.size} has {self.size.bit_count()} hashes, "
-                f"got {len(self.hashes)}"
+                f"a frontier of size {self.size} has {self.size.bit_count()} hashes, got {len(self.hashes)}"
             )
         for h in self.hashes:
             if len(h) != HASH_SIZE:
@@ -342,7 +338,7 @@ class CompactRange:
     written to a ``(level, index, hash)`` table that backs ``get_node``.
     """
 
-    __slots__ = ("_size", "_hashes")
+    __slots__ = ("_hashes", "_size")
 
     def __init__(self) -> None:
         self._size = 0
@@ -510,9 +506,7 @@ def _chain_border_right(seed: bytes, proof: Sequence[bytes]) -> bytes:
     return seed
 
 
-def root_from_inclusion_proof(
-    leaf_hash_: bytes, index: int, size: int, proof: Sequence[bytes]
-) -> bytes:
+def root_from_inclusion_proof(leaf_hash_: bytes, index: int, size: int, proof: Sequence[bytes]) -> bytes:
     """Root implied by an inclusion proof (requires ``0 <= index < size``)."""
     _check_u64("index", index)
     _check_u64("size", size)
@@ -528,18 +522,14 @@ def root_from_inclusion_proof(
     return _chain_border_right(res, proof[inner:])
 
 
-def verify_inclusion(
-    leaf_hash_: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes
-) -> None:
+def verify_inclusion(leaf_hash_: bytes, index: int, size: int, proof: Sequence[bytes], root: bytes) -> None:
     """Verify an RFC 9162 inclusion proof; raise :class:`ProofError` if it does not hold."""
     calculated = root_from_inclusion_proof(leaf_hash_, index, size, proof)
     if calculated != bytes(root):
         raise RootMismatchError(bytes(root), calculated)
 
 
-def root_from_consistency_proof(
-    size1: int, size2: int, proof: Sequence[bytes], root1: bytes
-) -> bytes:
+def root_from_consistency_proof(size1: int, size2: int, proof: Sequence[bytes], root1: bytes) -> bytes:
     """Root of tree ``size2`` implied by a consistency proof from (``size1``, ``root1``).
 
     Checks that the proof reproduces ``root1``.  Requires ``0 < size1 <= size2``.
@@ -582,9 +572,7 @@ def root_from_consistency_proof(
     return _chain_border_right(hash2, proof[inner:])
 
 
-def verify_consistency(
-    size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes
-) -> None:
+def verify_consistency(size1: int, size2: int, proof: Sequence[bytes], root1: bytes, root2: bytes) -> None:
     """Verify an RFC 9162 consistency proof; raise :class:`ProofError` if it does not hold.
 
     As in transparency-dev/merkle: ``size1 == 0`` always fails (even with ``size2 == 0``);

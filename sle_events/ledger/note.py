@@ -231,7 +231,7 @@ class PublicKeyHolder:
     """A named Ed25519 public key whose key ID is derived with the signature type byte `ALG` (shared by the note
     verifier and the cosignature verifier, which differ only in that byte and in what they verify)."""
 
-    __slots__ = ("_name", "_key_id", "_public_key", "_raw")
+    __slots__ = ("_key_id", "_name", "_public_key", "_raw")
     ALG = ALG_ED25519
 
     def __init__(self, name: str, public_key: bytes | Ed25519PublicKey) -> None:
@@ -283,9 +283,7 @@ class Verifier(PublicKeyHolder):
         return True
 
     def __eq__(self, other: object) -> bool:
-        return (
-            isinstance(other, Verifier) and self._name == other._name and self._raw == other._raw
-        )
+        return isinstance(other, Verifier) and self._name == other._name and self._raw == other._raw
 
     def __hash__(self) -> int:
         return hash((self._name, self._raw))
@@ -446,9 +444,7 @@ def _index_verifiers(verifiers: Iterable[NoteVerifier]) -> dict[tuple[str, int],
     return known
 
 
-def open_note(
-    note: str | bytes, verifiers: NoteVerifier | Iterable[NoteVerifier]
-) -> tuple[str, list[Signature]]:
+def open_note(note: str | bytes, verifiers: NoteVerifier | Iterable[NoteVerifier]) -> tuple[str, list[Signature]]:
     """Verify a signed note; return ``(text, verified signatures)``.
 
     * signatures whose (name, key ID) is unknown are ignored;
@@ -479,9 +475,7 @@ def open_note(
     return text, verified
 
 
-def sign_note(
-    text: str, signers: NoteSigner | Sequence[NoteSigner], existing: Sequence[Signature] = ()
-) -> str:
+def sign_note(text: str, signers: NoteSigner | Sequence[NoteSigner], existing: Sequence[Signature] = ()) -> str:
     """Sign ``text`` (which must end in a newline) and return the encoded note.
 
     ``existing`` signatures (e.g. from :func:`parse_note`) are kept, first, except those

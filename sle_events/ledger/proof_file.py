@@ -177,7 +177,4 @@ def parse_consistency_proof(data: str | bytes) -> list[bytes]:
         return []
     if not text.endswith("\n"):
         raise ProofFileError("consistency proof must end in a newline")
-    return [
-        _hash_line(line, f"consistency proof hash {i}")
-        for i, line in enumerate(text[:-1].split("\n"))
-    ]
+    return [_hash_line(line, f"consistency proof hash {i}") for i, line in enumerate(text[:-1].split("\n"))]

@@ -9,7 +9,15 @@ from sqlalchemy.engine import Connection
 
 from .base import ConsistencyProof, InclusionProof, LeafRecord, LedgerError, StoredCheckpoint, _utcnow
 from .checkpoint import Checkpoint, CheckpointError, check_extension, follow_key_rotations
-from .merkle import ProofError, consistency_proof, consistency_proof_nodes, inclusion_proof, inclusion_proof_nodes, leaf_hash, verify_inclusion
+from .merkle import (
+    ProofError,
+    consistency_proof,
+    consistency_proof_nodes,
+    inclusion_proof,
+    inclusion_proof_nodes,
+    leaf_hash,
+    verify_inclusion,
+)
 from .note import NoteError, Verifier, open_note, parse_note
 from .tables import ledger_checkpoints, ledger_leaves
 
@@ -44,8 +52,10 @@ class Proving:
         if cp.size > st.size:
             raise LedgerError(f"the given checkpoint covers {cp.size} leaves; this ledger has integrated {st.size}")
         if self._root_at(conn, cp.size) != cp.root_hash:
-            raise LedgerError(f"this log's tree at size {cp.size} does not have the given checkpoint's root: "
-                              "the log is not consistent with it")  # fmt: skip
+            raise LedgerError(
+                f"this log's tree at size {cp.size} does not have the given checkpoint's root: "
+                "the log is not consistent with it"
+            )
         return cp.size, cp.root_hash, note
 
     # --- leaves and proofs ------------------------------------------------------------------------------
@@ -76,8 +86,9 @@ class Proving:
         ev = self.events
         stream_id = stream if isinstance(stream, UUID) else UUID(str(stream))
         with self.engine.connect() as conn:
-            pos = conn.execute(sa.select(ev.c.id).where(ev.c.originator_id == stream_id,
-                                                        ev.c.originator_version == version)).scalar()  # fmt: skip
+            pos = conn.execute(
+                sa.select(ev.c.id).where(ev.c.originator_id == stream_id, ev.c.originator_version == version)
+            ).scalar()
         if pos is None:
             raise LedgerError(f"there is no event {stream_id} v{version}")
         return int(pos)
@@ -109,25 +120,33 @@ class Proving:
             leaf = self._leaf(conn, index=index, position=position)
             size, root, note = self._resolve_checkpoint(conn, checkpoint)
             if leaf.index >= size:
-                raise LedgerError(f"leaf {leaf.index} (log position {leaf.position}) is not covered by the "
-                                  f"checkpoint (size {size}) yet: run `sle ledger checkpoint`")  # fmt: skip
+                raise LedgerError(
+                    f"leaf {leaf.index} (log position {leaf.position}) is not covered by the "
+                    f"checkpoint (size {size}) yet: run `sle ledger checkpoint`"
+                )
             nodes = self._fetch_nodes(conn, inclusion_proof_nodes(leaf.index, size))
             hashes = inclusion_proof(leaf.index, size, lambda level, i: nodes[(level, i)])
             data: bytes | None = None
             if with_leaf:
                 state = conn.execute(sa.select(self.events.c.state).where(self.events.c.id == leaf.position)).scalar()
                 if state is None:
-                    raise LedgerError(f"the event of leaf {leaf.index} (log position {leaf.position}, "
-                                      f"{leaf.stream} v{leaf.version}) is gone from the record: run `sle verify`")  # fmt: skip
+                    raise LedgerError(
+                        f"the event of leaf {leaf.index} (log position {leaf.position}, "
+                        f"{leaf.stream} v{leaf.version}) is gone from the record: run `sle verify`"
+                    )
                 data = bytes(state)
                 if leaf_hash(data) != leaf.leaf_hash:
-                    raise LedgerError(f"the event at log position {leaf.position} no longer matches its logged leaf "
-                                      "hash: it was altered after it was logged; run `sle verify`")  # fmt: skip
+                    raise LedgerError(
+                        f"the event at log position {leaf.position} no longer matches its logged leaf "
+                        "hash: it was altered after it was logged; run `sle verify`"
+                    )
         try:
             verify_inclusion(leaf.leaf_hash, leaf.index, size, hashes, root)
         except ProofError as e:
-            raise LedgerError(f"the stored tree does not prove leaf {leaf.index} in its own checkpoint ({e}): "
-                              "the ledger tables were altered; run `sle verify`") from None  # fmt: skip
+            raise LedgerError(
+                f"the stored tree does not prove leaf {leaf.index} in its own checkpoint ({e}): "
+                "the ledger tables were altered; run `sle verify`"
+            ) from None
         return InclusionProof(leaf, size, tuple(hashes), note, data)
 
     def consistency_proof(self, old_size: int, new_size: int | None = None) -> list[bytes]:
@@ -136,8 +155,9 @@ class Proving:
             current = self._read_state(conn).size
             new_size = current if new_size is None else new_size
             if not 0 < old_size <= new_size <= current:
-                raise LedgerError(f"no consistency proof from size {old_size} to {new_size} "
-                                  f"(need 0 < old <= new <= {current})")  # fmt: skip
+                raise LedgerError(
+                    f"no consistency proof from size {old_size} to {new_size} (need 0 < old <= new <= {current})"
+                )
             nodes = self._fetch_nodes(conn, consistency_proof_nodes(old_size, new_size))
             return consistency_proof(old_size, new_size, lambda level, i: nodes[(level, i)])
 
@@ -157,8 +177,10 @@ class Proving:
                 size, root, note = self._resolve_checkpoint(conn, new_note)
                 new = StoredCheckpoint(0, size, root, note, _utcnow())
             if self._root_at(conn, new.size) != new.root:
-                raise LedgerError(f"this log's tree at size {new.size} does not have the root of the newest "
-                                  "checkpoint: the ledger was altered; run `sle verify`")  # fmt: skip
+                raise LedgerError(
+                    f"this log's tree at size {new.size} does not have the root of the newest "
+                    "checkpoint: the ledger was altered; run `sle verify`"
+                )
             if old_size > new.size:
                 raise LedgerError(f"the old checkpoint (size {old_size}) is newer than the new one ({new.size})")
             if old_size == 0:

@@ -5,12 +5,13 @@ from __future__ import annotations
 import signal
 import threading
 import time
+from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any, Callable, Iterator
+from typing import Any
 
 import sqlalchemy as sa
 
-from .base import BATCH, _STATE_ID, LedgerError, StoredCheckpoint, _utcnow
+from .base import _STATE_ID, BATCH, LedgerError, StoredCheckpoint, _utcnow
 from .checkpoint import KEY_ROTATION, Checkpoint, sign_checkpoint
 from .merkle import CompactRange, range_nodes
 from .note import Signer
@@ -30,7 +31,9 @@ class Publishing:
         is not the log's key or ``new`` is not another key of its origin."""
         return self.checkpoint(old, rotate_to=new)
 
-    def checkpoint(self, signer: Signer, origin: str | None = None, *, rotate_to: Signer | None = None) -> StoredCheckpoint:  # fmt: skip
+    def checkpoint(
+        self, signer: Signer, origin: str | None = None, *, rotate_to: Signer | None = None
+    ) -> StoredCheckpoint:
         """Sign and store a checkpoint for the current integrated size (`rotate_key` passes ``rotate_to``).
 
         Refuses (:class:`LedgerError`, nothing stored) if ``origin`` is not the key's name, if the ledger was
@@ -40,11 +43,12 @@ class Publishing:
         """
         origin = signer.name if origin is None else origin
         if origin != signer.name:
-            raise LedgerError(f"origin {origin!r} differs from the log key's name {signer.name!r}; "
-                              "the log key is made for one origin (sle ledger init --origin)")  # fmt: skip
+            raise LedgerError(
+                f"origin {origin!r} differs from the log key's name {signer.name!r}; "
+                "the log key is made for one origin (sle ledger init --origin)"
+            )
         if rotate_to is not None and (rotate_to.name != origin or rotate_to.vkey == signer.vkey):
-            raise LedgerError(f"the new log key must be another key for origin {origin!r} "
-                              f"(given {rotate_to.vkey})")  # fmt: skip
+            raise LedgerError(f"the new log key must be another key for origin {origin!r} (given {rotate_to.vkey})")
         vkey = signer.vkey
         with self.engine.begin() as conn:
             st = self._read_state(conn, lock=True)
@@ -56,19 +60,25 @@ class Publishing:
                 ids = range_nodes(0, st.size)
                 nodes = self._fetch_nodes(conn, ids)
                 if tuple(nodes[nid] for nid in ids) != st.frontier.hashes:
-                    raise LedgerError("ledger_nodes do not reproduce the stored frontier: the ledger tables were "
-                                      "altered; run `sle verify` before signing anything")  # fmt: skip
+                    raise LedgerError(
+                        "ledger_nodes do not reproduce the stored frontier: the ledger tables were "
+                        "altered; run `sle verify` before signing anything"
+                    )
             root = CompactRange.from_state(st.frontier).root()
             if root != st.root:
                 raise LedgerError("ledger_state root does not match its frontier: run `sle verify`")
             last = self._latest_checkpoint(conn)
             if last is not None:
                 if last.size > st.size:
-                    raise LedgerError(f"the last checkpoint covers {last.size} leaves but the tree has only "
-                                      f"{st.size}: the ledger was truncated; run `sle verify`")  # fmt: skip
+                    raise LedgerError(
+                        f"the last checkpoint covers {last.size} leaves but the tree has only "
+                        f"{st.size}: the ledger was truncated; run `sle verify`"
+                    )
                 if self._root_at(conn, last.size) != last.root:
-                    raise LedgerError(f"the stored tree at size {last.size} no longer has the root of checkpoint "
-                                      f"#{last.id}: the ledger was altered; run `sle verify`")  # fmt: skip
+                    raise LedgerError(
+                        f"the stored tree at size {last.size} no longer has the root of checkpoint "
+                        f"#{last.id}: the ledger was altered; run `sle verify`"
+                    )
             if rotate_to is None:
                 note = sign_checkpoint(Checkpoint(origin, st.size, root), signer)
             else:
@@ -76,16 +86,21 @@ class Publishing:
                 note = sign_checkpoint(Checkpoint(origin, st.size, root, (rotation,)), signer, rotate_to)
             issued = _utcnow()
             new_id = conn.execute(
-                ledger_checkpoints.insert().values(size=st.size, root=root, note=note, issued_at=issued)
+                ledger_checkpoints.insert()
+                .values(size=st.size, root=root, note=note, issued_at=issued)
                 .returning(ledger_checkpoints.c.id)
             ).scalar_one()
             if rotate_to is not None:
-                conn.execute(ledger_state.update().where(ledger_state.c.id == _STATE_ID)
-                             .values(vkey=rotate_to.vkey, origin=origin))  # fmt: skip
+                conn.execute(
+                    ledger_state.update()
+                    .where(ledger_state.c.id == _STATE_ID)
+                    .values(vkey=rotate_to.vkey, origin=origin)
+                )
             elif st.vkey is None or st.origin is None:
-                conn.execute(ledger_state.update().where(ledger_state.c.id == _STATE_ID).values(vkey=vkey, origin=origin))
+                conn.execute(
+                    ledger_state.update().where(ledger_state.c.id == _STATE_ID).values(vkey=vkey, origin=origin)
+                )
         return StoredCheckpoint(new_id, st.size, root, note, issued)
-
 
     # --- periodic mode ----------------------------------------------------------------------------------
     def run(

@@ -7,8 +7,17 @@ from sqlalchemy.engine import Engine
 
 from .merkle import HASH_SIZE
 
-__all__ = ["EVENTS_TABLE", "LEDGER_TABLES", "metadata", "ledger_leaves", "ledger_nodes", "ledger_state",
-           "ledger_checkpoints", "events_table", "ledger_exists"]  # fmt: skip
+__all__ = [
+    "EVENTS_TABLE",
+    "LEDGER_TABLES",
+    "metadata",
+    "ledger_leaves",
+    "ledger_nodes",
+    "ledger_state",
+    "ledger_checkpoints",
+    "events_table",
+    "ledger_exists",
+]
 
 EVENTS_TABLE = "study_events"
 STATE_ID = 1
@@ -60,7 +69,6 @@ ledger_checkpoints = sa.Table(
 LEDGER_TABLES = ("ledger_leaves", "ledger_nodes", "ledger_state", "ledger_checkpoints")
 
 
-
 def events_table() -> sa.Table:
     """The events table exactly as `StudyRecord` defines it (one definition, column types included)."""
     from sle_events.store.record import StudyRecord
@@ -71,4 +79,3 @@ def events_table() -> sa.Table:
 def ledger_exists(engine: Engine) -> bool:
     names = set(sa.inspect(engine).get_table_names())
     return all(t in names for t in LEDGER_TABLES)
-

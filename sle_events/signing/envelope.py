@@ -12,7 +12,7 @@ from __future__ import annotations
 
 import hashlib
 import re
-from datetime import datetime, timedelta, timezone
+from datetime import UTC, datetime, timedelta
 from typing import Any
 from uuid import UUID
 
@@ -22,9 +22,20 @@ from sle_events.signing.keys import Signer, b64, unb64
 GENESIS = "0" * 64
 
 ENVELOPE_FIELDS = (
-    "study", "stream", "version", "type", "schema", "payload",
-    "occurred_at", "recorded_at", "actor", "role", "key", "reason", "prev",
-)  # fmt: skip
+    "study",
+    "stream",
+    "version",
+    "type",
+    "schema",
+    "payload",
+    "occurred_at",
+    "recorded_at",
+    "actor",
+    "role",
+    "key",
+    "reason",
+    "prev",
+)
 
 _PREFIX = b'{"envelope":'
 _SIG_MARK = b',"signature":"'
@@ -37,7 +48,7 @@ class MalformedEnvelope(ValueError):
 
 
 def utc_now() -> datetime:
-    return datetime.now(timezone.utc)
+    return datetime.now(UTC)
 
 
 def format_time(value: datetime) -> str:
@@ -106,7 +117,7 @@ def nesting_depth(value: Any) -> int:
 class SealedEvent:
     """An envelope with its signature; `sealed` are the exact bytes stored and logged."""
 
-    __slots__ = ("envelope", "signed", "signature", "sealed", "_hash", "_stream")
+    __slots__ = ("_hash", "_stream", "envelope", "sealed", "signature", "signed")
 
     def __init__(self, envelope: dict[str, Any], signed: bytes, signature: bytes, sealed: bytes):
         self.envelope = envelope
@@ -117,7 +128,7 @@ class SealedEvent:
         self._stream: UUID | None = None
 
     @classmethod
-    def build(cls, envelope: dict[str, Any], signed: bytes, signature: bytes) -> "SealedEvent":
+    def build(cls, envelope: dict[str, Any], signed: bytes, signature: bytes) -> SealedEvent:
         sealed = _PREFIX + signed + _SIG_MARK + b64(signature).encode("ascii") + b'"}'
         return cls(envelope, signed, signature, sealed)
 

@@ -12,18 +12,18 @@ from __future__ import annotations
 import json
 import types
 import typing
+from collections.abc import Callable
 from datetime import date, datetime
 from decimal import Decimal
 from enum import Enum
-from functools import lru_cache
-from typing import Any, Callable
+from functools import cache
+from typing import Any
 from uuid import UUID
 
 from eventsourcing.utils import get_topic
 from pydantic import BaseModel, ConfigDict, ValidationError, create_model
 
 from sle_events.domain.event_types import LEGACY_TOPICS, UnknownEventName, event_class, name_of
-
 from sle_events.picklable import Picklable
 from sle_events.signing.canonical import FloatNotAllowed, NotCanonicalisable
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, format_time, parse_time
@@ -39,7 +39,7 @@ _json_dumps = json.JSONEncoder(ensure_ascii=False, allow_nan=False, separators=(
 
 def to_json_value(value: Any, path: str = "$") -> Any:
     """Encode one attribute value for a signed payload."""
-    if value is None or isinstance(value, (str, bool, int)) and not isinstance(value, Enum):
+    if value is None or (isinstance(value, (str, bool, int)) and not isinstance(value, Enum)):
         return value
     if isinstance(value, float):
         raise FloatNotAllowed(path, value)
@@ -92,7 +92,7 @@ def _decoder_for(hint: Any) -> Callable[[Any], Any] | None:
     return None
 
 
-@lru_cache(maxsize=None)
+@cache
 def _decoders(cls: type) -> dict[str, Callable[[Any], Any]]:
     hints = typing.get_type_hints(cls)
     found = {}
@@ -103,7 +103,7 @@ def _decoders(cls: type) -> dict[str, Callable[[Any], Any]]:
     return found
 
 
-@lru_cache(maxsize=None)
+@cache
 def _has_occurred_at(cls: type) -> bool:
     return "occurred_at" in typing.get_type_hints(cls)
 
@@ -151,14 +151,16 @@ def _payload_of(cls: type, env: dict[str, Any]) -> dict[str, Any]:
     class_version = getattr(cls, "class_version", 1)
     from_version = env["schema"]
     if from_version > class_version:
-        raise PayloadSchemaError(env["type"], "$", f"schema {from_version} is newer than this software's {class_version}")
+        raise PayloadSchemaError(
+            env["type"], "$", f"schema {from_version} is newer than this software's {class_version}"
+        )
     while from_version < class_version:
         getattr(cls, f"upcast_v{from_version}_v{from_version + 1}")(state)
         from_version += 1
     return state
 
 
-@lru_cache(maxsize=None)
+@cache
 def _aggregate_topic(cls: type) -> str | None:
     """For a created event, its aggregate class's topic, from the local class (never from stored bytes)."""
     if "originator_topic" not in typing.get_type_hints(cls):
@@ -166,10 +168,13 @@ def _aggregate_topic(cls: type) -> str | None:
     return get_topic(cls).rsplit(".", 1)[0]
 
 
-@lru_cache(maxsize=None)
+@cache
 def _payload_schema(cls: type) -> type[BaseModel]:
-    fields = {name: (hint, ...) for name, hint in typing.get_type_hints(cls).items()
-              if name not in OUTSIDE_PAYLOAD and name != "originator_id_type"}  # fmt: skip
+    fields = {
+        name: (hint, ...)
+        for name, hint in typing.get_type_hints(cls).items()
+        if name not in OUTSIDE_PAYLOAD and name != "originator_id_type"
+    }
     return create_model(  # type: ignore[call-overload,no-any-return]
         f"{cls.__qualname__}Payload", __config__=ConfigDict(extra="forbid", strict=True), **fields
     )
@@ -204,8 +209,9 @@ def check_payload(env: dict[str, Any]) -> None:
         except (MalformedEnvelope, NotCanonicalisable) as e:
             raise PayloadSchemaError(env["type"], name, str(e)) from None
         if again != payload[name]:
-            raise PayloadSchemaError(env["type"], name, f"{_short(payload[name])} is not written as the domain writes it "
-                                                    f"({_short(again)})")  # fmt: skip
+            raise PayloadSchemaError(
+                env["type"], name, f"{_short(payload[name])} is not written as the domain writes it ({_short(again)})"
+            )
 
 
 def _short(value: Any) -> str:

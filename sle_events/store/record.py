@@ -13,10 +13,11 @@ import copy
 import hashlib
 import os
 import threading
+from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import lru_cache
-from typing import Any, Callable, Iterable, Sequence
+from typing import Any
 from uuid import UUID
 
 import sqlalchemy.exc
@@ -27,8 +28,8 @@ from sqlalchemy import func, select
 
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, Study
-from sle_events.signing.chain import BROKEN, GAP, TAKEN, link_problem
 from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
+from sle_events.signing.chain import BROKEN, GAP, TAKEN, link_problem
 from sle_events.signing.envelope import (
     GENESIS,
     MalformedEnvelope,
@@ -43,7 +44,6 @@ from sle_events.signing.envelope import (
 )
 from sle_events.signing.keys import Signer, key_id, verify_signature
 from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from, envelope_for
-from sle_events.store.url import DEFAULT_DB_FILE, database_url  # noqa: F401 - re-exported
 from sle_events.store.errors import (
     BadSignature,
     ChainBroken,
@@ -57,6 +57,7 @@ from sle_events.store.errors import (
     VersionConflict,
     WrongStudy,
 )
+from sle_events.store.url import DEFAULT_DB_FILE, database_url  # noqa: F401 - re-exported
 
 STUDY_CREATED = "Study.Created"
 # Signatures are verified on a thread pool while the batch is checked and written, before commit. Over a
@@ -259,8 +260,9 @@ class StudyRecord(Application[UUID]):
         if not isinstance(e.signed, bytes) or not isinstance(e.signature, bytes) or not isinstance(e.sealed, bytes):
             raise MalformedEvent("signed bytes, signature and sealed bytes must be bytes", **where)
         if len(e.signed) > self.max_event_bytes:
-            raise MalformedEvent(f"the signed envelope has {len(e.signed):,} bytes; the limit is "
-                                 f"{self.max_event_bytes:,}", **where)  # fmt: skip
+            raise MalformedEvent(
+                f"the signed envelope has {len(e.signed):,} bytes; the limit is {self.max_event_bytes:,}", **where
+            )
         # The brackets in the signed bytes bound the depth: only a bracket-heavy event is walked.
         brackets = e.signed.count(b"[") + e.signed.count(b"{")
         if brackets > self.max_nesting and (depth := nesting_depth(e.envelope)) > self.max_nesting:
@@ -284,7 +286,9 @@ class StudyRecord(Application[UUID]):
                 positions.append(row.id)
         return positions
 
-    def _check(self, events: Sequence[SealedEvent]) -> tuple[dict[str, Study], dict[UUID, tuple[int, str, str]], list[Any]]:
+    def _check(
+        self, events: Sequence[SealedEvent]
+    ) -> tuple[dict[str, Study], dict[UUID, tuple[int, str, str]], list[Any]]:
         """Everything but the signatures, which `_start_verifying` checks meanwhile on other cores."""
         now = self.clock()
         studies: dict[str, Study] = {}
@@ -314,11 +318,15 @@ class StudyRecord(Application[UUID]):
                 study = self._study_for(e, study_id, where, events)
                 studies[study_id] = study
             if name.startswith("Study.") != (env["stream"] == study_id):
-                raise WrongStudy(f"{name} cannot be recorded on stream {env['stream']} of study {study_id}: study "
-                                 "facts live on the study's own stream, and only they do", **where)  # fmt: skip
+                raise WrongStudy(
+                    f"{name} cannot be recorded on stream {env['stream']} of study {study_id}: study "
+                    "facts live on the study's own stream, and only they do",
+                    **where,
+                )
             if env["payload"].get("study_id", study_id) != study_id:
-                raise WrongStudy(f"the payload names study {env['payload']['study_id']}, the envelope {study_id}",
-                                 **where)  # fmt: skip
+                raise WrongStudy(
+                    f"the payload names study {env['payload']['study_id']}, the envelope {study_id}", **where
+                )
             try:
                 entry = study.authorise(env["key"], env["actor"], env["role"], name)
             except KeyProblem as exc:
@@ -343,8 +351,11 @@ class StudyRecord(Application[UUID]):
             guesses.append(public_key(study.public_key(entry["key"])) if entry else None)
 
         def bad_in(lo: int, hi: int) -> list[int]:
-            return [i for i in range(lo, hi)
-                    if guesses[i] is not None and not verify_signature(guesses[i], events[i].signature, events[i].signed)]  # fmt: skip
+            return [
+                i
+                for i in range(lo, hi)
+                if guesses[i] is not None and not verify_signature(guesses[i], events[i].signature, events[i].signed)
+            ]
 
         step = -(-n // self._threads)
         return guesses, [self._pool.submit(bad_in, lo, min(lo + step, n)) for lo in range(0, n, step)]
@@ -400,25 +411,38 @@ class StudyRecord(Application[UUID]):
         t = self.table
         wanted = stored_topics("Study.Created") + stored_topics("Study.NewStudyApproved")
         with self.recorder.datastore.engine.connect() as conn:
-            stored = [open_stored(s).envelope for s in conn.execute(
-                select(t.c.state).where(t.c.topic.in_(wanted)).order_by(t.c.id)).scalars()]  # fmt: skip
+            stored = [
+                open_stored(s).envelope
+                for s in conn.execute(select(t.c.state).where(t.c.topic.in_(wanted)).order_by(t.c.id)).scalars()
+            ]
         before = [x.envelope for x in batch[: next(i for i, x in enumerate(batch) if x is e)]]
         seen = [env for env in stored + before if type_name(env["type"]) in ("Study.Created", "Study.NewStudyApproved")]
         if not any(type_name(env["type"]) == STUDY_CREATED for env in seen):
             return
         payload = e.envelope["payload"]
         mine = (payload["code"], key_id(base64.b64decode(payload["admin_public_key"])))
-        approvals = sum(1 for env in seen if type_name(env["type"]) == "Study.NewStudyApproved"
-                        and (env["payload"]["code"], env["payload"]["admin_key"]) == mine)  # fmt: skip
-        used = sum(1 for env in seen if type_name(env["type"]) == STUDY_CREATED
-                   and (env["payload"]["code"], key_id(base64.b64decode(env["payload"]["admin_public_key"]))) == mine)  # fmt: skip
+        approvals = sum(
+            1
+            for env in seen
+            if type_name(env["type"]) == "Study.NewStudyApproved"
+            and (env["payload"]["code"], env["payload"]["admin_key"]) == mine
+        )
+        used = sum(
+            1
+            for env in seen
+            if type_name(env["type"]) == STUDY_CREATED
+            and (env["payload"]["code"], key_id(base64.b64decode(env["payload"]["admin_public_key"]))) == mine
+        )
         if approvals <= used:
             raise StudyNotApproved(
                 f"this database already holds a study: creating study {payload['code']!r} with trust-root key "
-                f"{mine[1]} needs an existing study's admin to approve it first (sle study approve-new)", **where)
+                f"{mine[1]} needs an existing study's admin to approve it first (sle study approve-new)",
+                **where,
+            )
 
-    def _check_chain(self, e: SealedEvent, heads: dict[UUID, tuple[int, str, str]],
-                     where: dict[str, Any]) -> tuple[int, str, str]:  # fmt: skip
+    def _check_chain(
+        self, e: SealedEvent, heads: dict[UUID, tuple[int, str, str]], where: dict[str, Any]
+    ) -> tuple[int, str, str]:
         stream, version, prev, study = e.stream, e.version, e.envelope["prev"], e.envelope["study"]
         head = heads.get(stream) or self._heads.get(stream)
         if head is None or head[0] != version - 1:
@@ -431,8 +455,9 @@ class StudyRecord(Application[UUID]):
         if problem == BROKEN:
             raise ChainBroken(f"prev {prev[:12]}… does not match the hash of v{head[0]} ({head[1][:12]}…)", **where)
         if version > 1 and study != head[2]:
-            raise WrongStudy(f"stream {stream} belongs to study {head[2]}; an event of study {study} cannot join it",
-                             **where)  # fmt: skip
+            raise WrongStudy(
+                f"stream {stream} belongs to study {head[2]}; an event of study {study} cannot join it", **where
+            )
         return version, e.hash, study
 
     def _stored_head(self, stream: UUID, where: dict[str, Any]) -> tuple[int, str, str]:
@@ -442,12 +467,18 @@ class StudyRecord(Application[UUID]):
         try:
             study = open_stored(last[0].state).envelope["study"]
         except MalformedEnvelope as exc:
-            raise ChainBroken(f"the stream's stored head v{last[0].originator_version} cannot be read: {exc}",
-                              **where) from None  # fmt: skip
+            raise ChainBroken(
+                f"the stream's stored head v{last[0].originator_version} cannot be read: {exc}", **where
+            ) from None
         return last[0].originator_version, hashlib.sha256(last[0].state).hexdigest(), study
 
-    def _write(self, events: Sequence[SealedEvent], studies: dict[str, Study], heads: dict[UUID, tuple[int, str, str]],
-               signatures_hold: Callable[[], None]) -> list[int]:  # fmt: skip
+    def _write(
+        self,
+        events: Sequence[SealedEvent],
+        studies: dict[str, Study],
+        heads: dict[UUID, tuple[int, str, str]],
+        signatures_hold: Callable[[], None],
+    ) -> list[int]:
         stored = [StoredEvent(e.stream, e.version, e.topic, e.sealed) for e in events]
         expected = {sid: self._registry_version(sid, s, events) for sid, s in studies.items()}
         try:
@@ -460,7 +491,9 @@ class StudyRecord(Application[UUID]):
                 if not fast:
                     for sid, version in expected.items():
                         current = session.execute(
-                            select(func.max(self.table.c.originator_version)).where(self.table.c.originator_id == UUID(sid))
+                            select(func.max(self.table.c.originator_version)).where(
+                                self.table.c.originator_id == UUID(sid)
+                            )
                         ).scalar()
                         if current != version:
                             raise _RegistryMoved()

@@ -2,7 +2,8 @@
 
 from __future__ import annotations
 
-from typing import Any, Collection
+from collections.abc import Collection
+from typing import Any
 
 from sqlalchemy import func, select
 
@@ -15,8 +16,9 @@ def registry_topic(column: Any) -> Any:
     return column.in_(stored_topics("Study"))
 
 
-def split_streams(engine: Any, table: Any, parts: int, *, exclude: Collection[Any] = (),
-                  skip_registry: bool = False) -> list[tuple[Any, Any]]:  # fmt: skip
+def split_streams(
+    engine: Any, table: Any, parts: int, *, exclude: Collection[Any] = (), skip_registry: bool = False
+) -> list[tuple[Any, Any]]:
     """Contiguous ranges of stream ids holding about the same number of events (`None` = open end); streams in
     `exclude` (e.g. the study registries, checked apart) and, with `skip_registry`, registry events are not
     counted."""

@@ -7,7 +7,6 @@ import base64
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_vectors import load
 
 from sle_events.ledger.checkpoint import (
     MAX_TREE_SIZE,
@@ -24,6 +23,8 @@ from sle_events.ledger.note import (
     UnverifiedNoteError,
     parse_note,
 )
+
+from ledger_vectors import load
 
 BODY = load("checkpoint_and_tlog_proof.json")["checkpoint_body"]
 SUMDB = BODY["golang_mod_sumdb_tlog"]
@@ -80,9 +81,7 @@ def test_c2sp_checkpoint_example_parses() -> None:
 )
 def test_more_bad_bodies(body: str) -> None:
     root = base64.b64encode(ROOT).decode()
-    body = body.format(
-        root=root, root_nopad=root.rstrip("="), root_short=base64.b64encode(ROOT[:31]).decode()
-    )
+    body = body.format(root=root, root_nopad=root.rstrip("="), root_short=base64.b64encode(ROOT[:31]).decode())
     with pytest.raises(CheckpointError):
         Checkpoint.parse(body)
 
@@ -111,9 +110,7 @@ def test_constructor_validation(kwargs: dict) -> None:
         Checkpoint(**args)
 
 
-_origin = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=30
-)
+_origin = st.text(alphabet=st.characters(blacklist_categories=("Cs", "Cc")), min_size=1, max_size=30)
 
 
 @settings(max_examples=60, deadline=None)

@@ -7,7 +7,6 @@ import hashlib
 
 import pytest
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
-from ledger_vectors import load
 
 from sle_events.ledger.checkpoint import Checkpoint, open_checkpoint, sign_checkpoint
 from sle_events.ledger.cosignature import (
@@ -33,6 +32,8 @@ from sle_events.ledger.note import (
     parse_vkey,
     sign_note,
 )
+
+from ledger_vectors import load
 
 EX = load("signed_note.json")["c2sp"]["cosignature_example"]
 ORIGIN = "example.org/trial-log"
@@ -69,9 +70,7 @@ def test_cosignature_message_rules() -> None:
 def test_key_id_uses_type_0x04() -> None:
     key = Ed25519PrivateKey.generate()
     s = CosignatureSigner("witness.example/w1", key)
-    want = int.from_bytes(
-        hashlib.sha256(b"witness.example/w1\n\x04" + s.public_key).digest()[:4], "big"
-    )
+    want = int.from_bytes(hashlib.sha256(b"witness.example/w1\n\x04" + s.public_key).digest()[:4], "big")
     assert s.key_id == want == s.verifier().key_id
     name, kid, alg, raw = parse_vkey(s.vkey)
     assert (name, kid, alg, raw) == ("witness.example/w1", want, ALG_COSIGNATURE_V1, s.public_key)

@@ -8,7 +8,6 @@ import pickle
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_vectors import load
 
 from sle_events.ledger.note import (
     InvalidSignatureError,
@@ -26,6 +25,8 @@ from sle_events.ledger.note import (
     sign_note,
     vkey_for,
 )
+
+from ledger_vectors import load
 
 VEC = load("signed_note.json")
 C2SP = VEC["c2sp"]

@@ -7,7 +7,6 @@ import base64
 import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
-from ledger_vectors import b64, load
 
 from sle_events.ledger.checkpoint import Checkpoint, CheckpointError, sign_checkpoint
 from sle_events.ledger.merkle import MemoryTree, ProofError
@@ -19,6 +18,8 @@ from sle_events.ledger.proof_file import (
     parse_consistency_proof,
     verify_proof_file,
 )
+
+from ledger_vectors import b64, load
 
 VEC = load("checkpoint_and_tlog_proof.json")["tlog_proof"]
 SPEC = VEC["c2sp_spec_example"]
