@@ -54,7 +54,7 @@ def run(base: int, new: int, rounds: int, engine: str) -> dict[str, float]:
         since = verify_record(url, workers=CORES, vkey=key.vkey, since=saved)
         since_s.append(time.perf_counter() - t)
         assert full.ok and since.ok, (full.findings[:3], since.findings[:3])
-    ratios = sorted(f / s for f, s in zip(full_s, since_s))
+    ratios = sorted(f / s for f, s in zip(full_s, since_s, strict=True))
     return {
         "events": full.events,
         "new": since.events,

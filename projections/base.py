@@ -119,16 +119,16 @@ class Projection(ABC):
         for table in reversed(self.tables):
             conn.execute(table.delete())
 
-    def bind(self, record: Any) -> None:
+    def bind(self, record: Any) -> None:  # noqa: B027  # an optional hook: doing nothing is the default
         """Given the study record, for projections that need to load aggregates or study configuration."""
 
-    def forget(self) -> None:
+    def forget(self) -> None:  # noqa: B027  # an optional hook: doing nothing is the default
         """Drop in-memory caches (before a rebuild)."""
 
-    def hold_back(self) -> None:
+    def hold_back(self) -> None:  # noqa: B027  # an optional hook: doing nothing is the default
         """A rebuild begins: rows may be kept in memory until `flush` (nothing reads them before it ends)."""
 
-    def flush(self, conn: Connection) -> None:
+    def flush(self, conn: Connection) -> None:  # noqa: B027  # an optional hook: doing nothing is the default
         """Write what was held back since `hold_back`, and write as facts come again."""
 
 

@@ -240,7 +240,7 @@ def test_deep_nesting_is_malformed_not_a_recursion_error(trial):
         deep = [deep]
     env["payload"]["specimen_id"] = deep
     signed = b"[" * 100_000 + b"]" * 100_000  # what such an envelope's bytes would start like: too deep to walk
-    with pytest.raises(MalformedEvent, match="nests 100,?\\d* levels deep; the limit is 32"):
+    with pytest.raises(MalformedEvent, match=r"nests 100,?\d* levels deep; the limit is 32"):
         trial.record.append([SealedEvent.build(env, signed, good.signature)])
     assert trial.record.get(subject.id).version == 3
 

@@ -118,7 +118,7 @@ def float_somewhere(draw) -> tuple[Any, str]:
             value, path = [*before, value, *after], f"[{len(before)}]{path}"
         else:
             others = draw(st.dictionaries(keys, json_values, max_size=3))
-            key = draw(keys.filter(lambda k: k not in others))
+            key = draw(keys.filter(lambda k, others=others: k not in others))
             others[key] = value
             value, path = others, f".{key}{path}"
     return value, "$" + path

@@ -83,7 +83,7 @@ def test_moving_an_event_class_changes_no_signed_byte():
 
 
 def test_an_unknown_name_is_refused_with_the_name():
-    with pytest.raises(UnknownEventName, match="'Subject.LabResultsRecorded'"):
+    with pytest.raises(UnknownEventName, match=r"'Subject\.LabResultsRecorded'"):
         event_class("Subject.LabResultsRecorded")
 
 

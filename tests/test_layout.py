@@ -77,9 +77,9 @@ def test_no_import_cycle_between_packages():
     def visit(node: str, path: list[str]) -> None:
         for nxt in graph.get(node, {}):
             if nxt in path:
-                cycles.append(path[path.index(nxt) :] + [nxt])
+                cycles.append([*path[path.index(nxt) :], nxt])
             elif len(path) < 12:
-                visit(nxt, path + [nxt])
+                visit(nxt, [*path, nxt])
 
     for start in graph:
         visit(start, [start])
@@ -113,9 +113,11 @@ verifier = load_vkey({str(tmp_path / "vkey")!r})
 print(check_proof(note, verifier, verifier.name)[0])
 from typer.testing import CliRunner
 from sle_events.cli.main import app
-done = CliRunner().invoke(app, ["ledger", "verify-proof", {str(tmp_path / "CHECKPOINT")!r}, "--vkey", {str(tmp_path / "vkey")!r}])
+args = ["ledger", "verify-proof", {str(tmp_path / "CHECKPOINT")!r}, "--vkey", {str(tmp_path / "vkey")!r}]
+done = CliRunner().invoke(app, args)
 assert done.exit_code == 0, done.output
-loaded = sorted(m for m in sys.modules if m.split(".")[0] in ("sqlalchemy", "eventsourcing", "eventsourcing_sqlalchemy", "psycopg"))
+heavy = ("sqlalchemy", "eventsourcing", "eventsourcing_sqlalchemy", "psycopg")
+loaded = sorted(m for m in sys.modules if m.split(".")[0] in heavy)
 assert loaded == [], loaded
 """
     done = subprocess.run([sys.executable, "-c", script], capture_output=True, text=True, cwd=ROOT)

@@ -591,7 +591,7 @@ def test_a_rotation_forged_without_the_old_key_is_not_followed(trial, tmp_path):
 # --- tampering by SQL -----------------------------------------------------------------------------------------
 def test_deleted_last_event_of_a_stream_is_found_by_the_ledger_only(trial, tmp_path):
     subjects = build(trial)
-    ledger, signer, _ = logged(trial, tmp_path, sizes=(8, 12))
+    ledger, _signer, _ = logged(trial, tmp_path, sizes=(8, 12))
     b = subjects[1]
     pos = position_of(trial, b.id, 4)
     index = event_ids(trial.url).index(pos)
@@ -620,7 +620,7 @@ def test_the_position_of_a_deleted_newest_event_is_never_given_again(trial, tmp_
     """The next append after the log's newest event was deleted takes a new position (AUTOINCREMENT on SQLite,
     the sequence on PostgreSQL), so the ledger names the deleted event rather than its successor."""
     build(trial)
-    ledger, signer, _ = logged(trial, tmp_path)
+    ledger, _signer, _ = logged(trial, tmp_path)
     before = event_ids(trial.url)
     newest = before[-1]
     execute_sql(trial.url, "delete from study_events where id = :id", id=newest)
@@ -637,7 +637,7 @@ def test_the_position_of_a_deleted_newest_event_is_never_given_again(trial, tmp_
 
 def test_deleted_subject_is_located_event_by_event(trial, tmp_path):
     subjects = build(trial)
-    ledger, signer, _ = logged(trial, tmp_path, sizes=(6,))
+    ledger, _signer, _ = logged(trial, tmp_path, sizes=(6,))
     c = subjects[2]
     positions = {v: position_of(trial, c.id, v) for v in range(1, 5)}
     execute_sql(
@@ -668,7 +668,7 @@ def swap_event_positions(url: str, p1: int, p2: int) -> None:
 
 def test_swapped_event_positions_are_caught_at_both_places(trial, tmp_path):
     subjects = build(trial)
-    ledger, signer, _ = logged(trial, tmp_path)
+    ledger, _signer, _ = logged(trial, tmp_path)
     a, b = subjects[0], subjects[1]
     pa, pb = position_of(trial, a.id, 2), position_of(trial, b.id, 3)
     swap_event_positions(trial.url, pa, pb)
@@ -689,7 +689,7 @@ def test_swapped_event_positions_are_caught_at_both_places(trial, tmp_path):
 
 def test_swapped_ledger_leaf_rows_break_the_order_and_the_subtrees_above_them(trial, tmp_path):
     build(trial)
-    ledger, signer, _ = logged(trial, tmp_path)
+    ledger, _signer, _ = logged(trial, tmp_path)
     rows = leaf_rows(trial.url)
     i, j = 2, 9  # not siblings
     for x, y in ((i, -1), (j, i), (-1, j)):
@@ -1098,7 +1098,7 @@ def test_witness_cosigns_only_consistent_growth(trial, tmp_path):
     seed_signer = load_log_key(wkey)
     cosigner = CosignatureVerifier(seed_signer.name, seed_signer.public_key)
     vkey = Ledger(url).state().vkey
-    text, sigs = open_note(second.stdout, [Verifier.from_vkey(vkey), cosigner])
+    _text, sigs = open_note(second.stdout, [Verifier.from_vkey(vkey), cosigner])
     assert {s.name for s in sigs} == {ORIGIN, "witness.example"}
 
     # The log is rewritten (a subject deleted, ledger rebuilt, re-signed): the witness refuses.

@@ -138,7 +138,7 @@ def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(
     study.register_key(
         "dr.wang", "investigator", Signer.generate("dr.wang", "investigator").public_key_b64, datetime.now(UTC)
     )
-    [appended] = record.record(study, signer=admin)
+    [_appended] = record.record(study, signer=admin)
     record.close()
     assert [r[0] for r in rows()] == [1, 2, 3, 5]
     engine.dispose()

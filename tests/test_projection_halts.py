@@ -200,7 +200,7 @@ def test_a_key_registered_after_the_projection_started_is_trusted_from_its_posit
 @pytest.mark.parametrize("workers", [1, 2])
 def test_a_signed_lab_result_that_does_not_load_halts_only_its_subject(trial, workers):
     """Was: decimal.InvalidOperation from the folder, and `sle patients` failed for the whole study."""
-    first, bad, third = subjects(trial, 3)
+    first, bad, _third = subjects(trial, 3)
     good_version = newest(trial, bad).version
     unloadable = next_lab_event(trial, bad, trial.lab, value="not-a-number")
     store_by_sql(trial, unloadable)

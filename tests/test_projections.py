@@ -67,7 +67,7 @@ def test_audit_rows_say_who_when_why_and_both_times(trial):
         by_lab = query(conn, actor=trial.lab.actor)
         none = query(conn, since=(NOW + timedelta(days=1)).isoformat())
     runner.close()
-    value = [r for r in rows if r["field"] == "value"][0]
+    value = next(r for r in rows if r["field"] == "value")
     assert value["new_value"] == "1.0" and value["old_value"] is None and value["change"] == "recorded"
     assert value["actor"] == "lab.service" and value["role"] == "lab" and value["key"] == trial.lab.key_id
     assert value["occurred_at"] != value["recorded_at"] and value["recorded_at"].endswith("+00:00")

@@ -149,7 +149,7 @@ def test_patient_state_and_dashboard_match_the_subjects_own_history(demo_url):
         assert row["status"] == str(subject.status) and row["version"] == subject.version
         assert row["screening_number"] == subject.screening_number
         assert row["tx_date"] == (subject.tx_date.isoformat() if subject.tx_date else None)
-        for code, lab in json.loads(row["key_labs"]).items():
+        for _code, lab in json.loads(row["key_labs"]).items():
             assert lab["trend"] in (None, "up", "down", "same") and lab["value"] and lab["unit"]
         mine = {v: o for (s, v), o in visits.items() if s == row["subject"]}
         assert set(mine) == set(subject.visit_outcomes)

@@ -63,7 +63,7 @@ def build(trial) -> Built:
         s.confirm_eligibility(T0 + timedelta(days=7), checklist=ELIGIBLE)  # v3
         s.enroll(T0 + timedelta(days=8))  # v4
         rec.record(s, signer=trial.investigator)
-    for s, creatinine in zip(subjects, CREATININE):
+    for s, creatinine in zip(subjects, CREATININE, strict=True):
         s.record_lab_result("CREAT", Decimal(creatinine), "mg/dL", T0 + timedelta(days=9))  # v5
         s.record_lab_result("C3", Decimal("85.50"), "mg/dL", T0 + timedelta(days=9))  # v6
     rec.record(*subjects, signer=trial.lab)

@@ -159,7 +159,7 @@ def saved_checkpoint(trial, tmp_path):
 
 
 def test_since_checks_only_the_new_events_in_full_and_rehashes_the_rest(trial, tmp_path):
-    subjects, later, signer, saved = saved_checkpoint(trial, tmp_path)
+    _subjects, _later, signer, saved = saved_checkpoint(trial, tmp_path)
     report = verify_record(trial.url, workers=2, since=saved, vkey=signer.vkey)
     assert report.ok, report.findings
     assert report.since["size"] == 16 and report.since["rehashed"] == 16
@@ -183,7 +183,7 @@ def test_since_locates_an_edit_before_and_after_the_checkpoint(trial, tmp_path):
 
 
 def test_since_refuses_a_checkpoint_of_another_log_and_reports_a_rolled_back_one(trial, tmp_path):
-    subjects, later, signer, saved = saved_checkpoint(trial, tmp_path)
+    subjects, _later, signer, saved = saved_checkpoint(trial, tmp_path)
     other = create_log_key(tmp_path / "other.key", "sle.local/OTHER")
     with pytest.raises(UnusableInput, match="does not verify"):
         verify_record(trial.url, workers=1, since=saved, vkey=other.vkey)

@@ -1,4 +1,5 @@
-"""The ledger check (`sle verify`'s ledger half): recompute the Merkle tree from the events and hold the ledger against it.
+"""The ledger check (`sle verify`'s ledger half): recompute the Merkle tree from the events and hold the ledger
+against it.
 
 :func:`verify_ledger` trusts nothing the ledger stored. It re-hashes every event (in log order) into the tree
 the log *should* be, then checks:
@@ -526,7 +527,7 @@ def _check_ledger(
             if (i := bisect_left(logged_set, p)) == len(logged_set) or logged_set[i] != p
         ]
     else:
-        skipped = [p for p in ev_pos[n : bisect_left(ev_pos, logged_position + 1)]]
+        skipped = list(ev_pos[n : bisect_left(ev_pos, logged_position + 1)])
     if skipped:
         rows = audit.event_rows(skipped)
         for p in skipped:

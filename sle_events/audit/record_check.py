@@ -339,7 +339,7 @@ def _unapproved_studies(rows: list[Any]) -> list[Finding]:
     """Every study created after the database's first without an existing admin's unused approval, in log
     order (the append-time rule, `StudyRecord._check_new_study`)."""
     findings, approvals, created = [], [], 0
-    for position, stream_id, version, topic, state in sorted(rows, key=lambda r: r[0]):
+    for position, stream_id, version, _topic, state in sorted(rows, key=lambda r: r[0]):
         try:
             env = open_stored(bytes(state)).envelope
             name = type_name(env["type"])

@@ -148,9 +148,12 @@ class LedgerBase:
             if url is None:
                 raise ValueError("Ledger needs a database url or an engine")
             u = sa.engine.make_url(url)
-            if u.get_backend_name() == "sqlite" and u.database not in (None, "", ":memory:"):
-                if not Path(u.database).exists():  # do not leave an empty database file behind
-                    raise LedgerError(f"no database at {u.database}")
+            if (
+                u.get_backend_name() == "sqlite"
+                and u.database not in (None, "", ":memory:")
+                and not Path(u.database).exists()  # do not leave an empty database file behind
+            ):
+                raise LedgerError(f"no database at {u.database}")
             engine = sa.create_engine(url)
             self._owns_engine = True
         else:

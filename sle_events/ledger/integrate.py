@@ -55,10 +55,12 @@ class Integrating:
         if not rows:
             return
         if self.dialect == "postgresql":
-            with conn.connection.driver_connection.cursor() as cursor:  # type: ignore[union-attr]
-                with cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy:
-                    for row in rows:
-                        copy.write_row(row)
+            with (
+                conn.connection.driver_connection.cursor() as cursor,  # type: ignore[union-attr]
+                cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
+            ):
+                for row in rows:
+                    copy.write_row(row)
         else:
             marks = ", ".join("?" * len(columns))
             conn.exec_driver_sql(f"INSERT INTO {table} ({', '.join(columns)}) VALUES ({marks})", rows)

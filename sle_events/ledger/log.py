@@ -106,21 +106,21 @@ def default_origin(url: str) -> str:
     try:
         engine = sa.create_engine(url)
         try:
-            if not url.startswith("sqlite") or _sqlite_path(url).exists():
-                if EVENTS_TABLE in sa.inspect(engine).get_table_names():
-                    from sle_events.domain.event_types import stored_topics
+            exists = not url.startswith("sqlite") or _sqlite_path(url).exists()  # inspect() would create the file
+            if exists and EVENTS_TABLE in sa.inspect(engine).get_table_names():
+                from sle_events.domain.event_types import stored_topics
 
-                    ev = events_table()
-                    with engine.connect() as conn:
-                        rows = (
-                            conn.execute(sa.select(ev.c.state).where(ev.c.topic.in_(stored_topics("Study.Created"))))
-                            .scalars()
-                            .all()
-                        )
-                    if len(rows) == 1:
-                        from sle_events.signing.envelope import open_sealed
+                ev = events_table()
+                with engine.connect() as conn:
+                    rows = (
+                        conn.execute(sa.select(ev.c.state).where(ev.c.topic.in_(stored_topics("Study.Created"))))
+                        .scalars()
+                        .all()
+                    )
+                if len(rows) == 1:
+                    from sle_events.signing.envelope import open_sealed
 
-                        name = open_sealed(bytes(rows[0])).envelope["payload"].get("code")
+                    name = open_sealed(bytes(rows[0])).envelope["payload"].get("code")
         finally:
             engine.dispose()
     except Exception:

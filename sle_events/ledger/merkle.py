@@ -486,10 +486,7 @@ def _decomp_incl_proof(index: int, size: int) -> tuple[int, int]:
 
 def _chain_inner(seed: bytes, proof: Sequence[bytes], index: int) -> bytes:
     for i, h in enumerate(proof):
-        if (index >> i) & 1 == 0:
-            seed = node_hash(seed, h)
-        else:
-            seed = node_hash(h, seed)
+        seed = node_hash(seed, h) if (index >> i) & 1 == 0 else node_hash(h, seed)
     return seed
 
 

@@ -189,10 +189,13 @@ def check_payload(env: dict[str, Any]) -> None:
     except UnknownEventName as e:
         raise MalformedEnvelope(str(e)) from None
     payload = _payload_of(cls, env)
-    if _aggregate_topic(cls) is not None and env["type"] in LEGACY_TOPICS:
-        # Signed before stable names: the aggregate's Python path as the old code wrote it, ignored on reading.
-        if payload.pop("originator_topic", None) != env["type"].rsplit(".", 1)[0]:
-            raise PayloadSchemaError(env["type"], "originator_topic", "is not the aggregate this event type creates")
+    # Signed before stable names: the aggregate's Python path as the old code wrote it, ignored on reading.
+    if (
+        _aggregate_topic(cls) is not None
+        and env["type"] in LEGACY_TOPICS
+        and payload.pop("originator_topic", None) != env["type"].rsplit(".", 1)[0]
+    ):
+        raise PayloadSchemaError(env["type"], "originator_topic", "is not the aggregate this event type creates")
     schema = _payload_schema(cls)
     try:
         values = schema.model_validate_json(_json_dumps(payload), strict=True)

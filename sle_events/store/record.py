@@ -16,7 +16,7 @@ import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
-from functools import lru_cache
+from functools import lru_cache, partial
 from typing import Any
 from uuid import UUID
 
@@ -233,12 +233,12 @@ class StudyRecord(Application[UUID]):
         if not events:
             return []
         events = [self._as_signed(e) for e in events]
-        for attempt in range(3):
+        for _attempt in range(3):
             with self._lock:
                 try:
                     early = self._start_verifying(events)
                     studies, heads, keys = self._check(events)
-                    return self._write(events, studies, heads, lambda: self._finish_verifying(events, keys, early))
+                    return self._write(events, studies, heads, partial(self._finish_verifying, events, keys, early))
                 except _RegistryMoved:
                     self._forget_studies()  # someone else changed a key registry: check again
                 except (VersionConflict, ClockSkew):

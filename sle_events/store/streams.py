@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 from collections.abc import Collection
+from itertools import pairwise
 from typing import Any
 
 from sqlalchemy import func, select
@@ -41,4 +42,4 @@ def split_streams(
             bounds.append(stream_id)
         acc += count
     edges = [None, *bounds, None]
-    return list(zip(edges[:-1], edges[1:]))
+    return list(pairwise(edges))

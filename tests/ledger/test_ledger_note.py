@@ -214,7 +214,7 @@ def test_short_signature_and_too_many_signatures(alice: Signer) -> None:
     line = _signed(alice).split("\n\n")[-1]
     with pytest.raises(MalformedNoteError, match="more than 100"):
         parse_note(TEXT + "\n" + line * 101)
-    text, sigs = open_note(TEXT + "\n" + line * 16, [alice.verifier()])
+    _text, sigs = open_note(TEXT + "\n" + line * 16, [alice.verifier()])
     assert len(sigs) == 1  # duplicates verified, reported once
 
 

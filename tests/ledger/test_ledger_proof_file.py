@@ -130,7 +130,7 @@ def test_verify_rejects_index_beyond_size(log: tuple) -> None:
 def test_verify_rejects_wrong_proof_length(log: tuple) -> None:
     signer, tree, leaves, note = log
     hashes = tree.inclusion_proof(5)
-    for bad in (hashes[:-1], hashes + [hashes[0]], []):
+    for bad in (hashes[:-1], [*hashes, hashes[0]], []):
         text = TlogProof(5, tuple(bad), note).format()
         with pytest.raises(ProofError, match="wrong proof size"):
             verify_proof_file(text, leaves[5], signer.vkey)
@@ -139,7 +139,7 @@ def test_verify_rejects_wrong_proof_length(log: tuple) -> None:
 def test_verify_rejects_tampered_hash(log: tuple) -> None:
     signer, tree, leaves, note = log
     hashes = tree.inclusion_proof(5)
-    bad = [hashes[0][:-1] + bytes([hashes[0][-1] ^ 1])] + hashes[1:]
+    bad = [hashes[0][:-1] + bytes([hashes[0][-1] ^ 1]), *hashes[1:]]
     with pytest.raises(ProofError):
         verify_proof_file(TlogProof(5, tuple(bad), note).format(), leaves[5], signer.vkey)
 
