@@ -8,6 +8,7 @@ import sys
 import tempfile
 import time
 from pathlib import Path
+from typing import Any
 
 from bench.bench_append import signed_rates
 from bench.common import fresh, machine
@@ -15,7 +16,7 @@ from sle_events.demo import run_demo
 from sle_events.store.record import StudyRecord
 
 
-def run(subjects: int = 300, engines: tuple[str, ...] = ("sqlite", "postgresql")) -> list[dict[str, object]]:
+def run(subjects: int = 300, engines: tuple[str, ...] = ("sqlite", "postgresql")) -> list[dict[str, Any]]:
     rows = []
     for engine in engines:
         url = fresh(engine)

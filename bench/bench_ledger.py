@@ -84,7 +84,7 @@ def _appends(engine: str, with_ledger: bool) -> tuple[float, float, dict[str, An
         stop.set()
         stats = results.get(timeout=120)
         proc.join(60)
-        with record.recorder.datastore.engine.connect() as conn:
+        with record.engine.connect() as conn:
             events = conn.execute(sa.select(sa.func.count()).select_from(record.table)).scalar_one()
         assert stats["size"] == events, (stats, events)  # the ledger kept up and covers every event
     record.close()
@@ -135,7 +135,7 @@ def build_million(engine: str, n: int) -> tuple[str, float]:
     db = sa.create_engine(url)
     if engine == "postgresql":
         with db.begin() as conn:
-            cur = conn.connection.driver_connection.cursor()
+            cur = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]  # open: never None
             with cur.copy("COPY ledger_leaves (idx, position, leaf_hash) FROM STDIN") as copy:
                 for row in leaves:
                     copy.write_row(row)

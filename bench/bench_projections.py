@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import sys
 import time
+from typing import Any
 
 from bench.bench_verify import fill
 from bench.common import fresh, machine
@@ -42,7 +43,7 @@ def rebuild_rate(url: str, only: str | None = None) -> tuple[int, float, list[st
     return head, head / took, names
 
 
-def run(n: int = 20000) -> list[dict[str, object]]:
+def run(n: int = 20000) -> list[dict[str, Any]]:
     rows = []
     for engine in ("sqlite", "postgresql"):
         url = fresh(engine)
@@ -69,7 +70,7 @@ def main(n: int | None = None) -> None:
     print(f"# projection rebuild — {machine()}")
     for r in run(n):
         print(
-            f"{r['engine']:10} {r['events']} events: rebuild of {', '.join(r['projections'])} "  # type: ignore[arg-type]  # r['projections'] is the list of names
+            f"{r['engine']:10} {r['events']} events: rebuild of {', '.join(r['projections'])} "
             f"{r['rebuild']:8.0f}/s, bare read+decode {r['bare']:8.0f}/s, ratio {r['ratio']:.2f} (goal ≥ 0.50); "
             "each alone: " + ", ".join(f"{k} {v:.2f}" for k, v in r["alone"].items())
         )

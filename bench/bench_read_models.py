@@ -16,6 +16,7 @@ import sys
 import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
+from typing import Any
 
 from bench.common import fresh, machine
 from projections.patient_state import PatientState
@@ -64,7 +65,8 @@ def _fill(
         icf_versions=[IcfVersion(version="ICF v1.0", effective_from=start - timedelta(days=1))],
     )
     t = time.perf_counter()
-    done, subjects = 1, []
+    done = 1
+    subjects: list[Any] = []
     rng = random.Random(1)
     while done < events:
         day0 = sim() + timedelta(days=1)  # subjects follow one another in time

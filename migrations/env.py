@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import cast
+
 from alembic import context
 from sqlalchemy import create_engine
 
@@ -12,7 +14,7 @@ config = context.config
 
 def run_migrations_online() -> None:
     url = config.get_main_option("sqlalchemy.url")
-    engine = create_engine(url)
+    engine = create_engine(cast(str, url))  # always set by sle_events.schema.alembic_config
     with engine.connect() as connection:
         context.configure(
             connection=connection, target_metadata=target_metadata(), render_as_batch=True, compare_type=compare_type

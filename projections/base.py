@@ -145,7 +145,7 @@ def bulk_insert(conn: Connection, table: Table, columns: Sequence[str], rows: li
                 copy.write_row(row)
         return
     marks = ", ".join("?" for _ in columns)
-    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)  # type: ignore[arg-type]
+    conn.exec_driver_sql(f"INSERT INTO {table.name} ({names}) VALUES ({marks})", rows)
 
 
 class VerifyingReader:

@@ -34,7 +34,7 @@ def find_subject(record: StudyRecord, subject: str) -> UUID:
     except ValueError:
         pass
     t = record.table
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         rows = conn.execute(select(t.c.originator_id, t.c.state).where(t.c.topic.in_(SCREENED_TOPICS))).all()
     for stream_id, state in rows:
         if f'"screening_number":"{subject}"'.encode() in bytes(state):
@@ -60,7 +60,7 @@ def events_as_of(
         chosen = [e for e in chosen if parse_time("recorded_at", e.envelope["recorded_at"]) <= as_of]
     if occurred_as_of is not None:
         occurred = {e.version: parse_time("occurred_at", e.envelope["occurred_at"]) for e in chosen}
-        kept = []
+        kept: list[Any] = []
         for e in chosen:
             target = _targets(e.envelope)
             when = occurred.get(target, occurred[e.version]) if target is not None else occurred[e.version]
@@ -84,7 +84,7 @@ def fold(events: list[Fact | SealedEvent]) -> Any:
 
 def read_stream(record: StudyRecord, stream_id: UUID) -> list[Fact]:
     """A stream's events, each hash-chain and signature checked like every projected event."""
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         return VerifyingReader(record.table).stream(conn, stream_id)
 
 

@@ -71,7 +71,7 @@ def all_projections() -> list[Projection]:
 class ProjectionRunner:
     def __init__(self, url: str, projections: Sequence[Projection] | None = None, *, batch: int = BATCH) -> None:
         self.record = StudyRecord(url)
-        self.engine = self.record.recorder.datastore.engine
+        self.engine = self.record.engine
         self.events = self.record.table
         self.projections = list(projections) if projections is not None else all_projections()
         for p in self.projections:
@@ -406,7 +406,7 @@ def _fold_once(projections: Sequence[Projection], reader: VerifyingReader) -> No
     if folders:
         shared = SubjectFolder(reader)
         for p in folders:
-            p.share(shared)  # type: ignore[attr-defined]
+            p.share(shared)
 
 
 def _rebuild_worker(

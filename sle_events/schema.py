@@ -40,7 +40,7 @@ def _extra_metadata() -> list[MetaData]:
     return found
 
 
-def alembic_config(url: str):  # type: ignore[no-untyped-def]
+def alembic_config(url: str):
     from alembic.config import Config
 
     config = Config()
@@ -67,7 +67,7 @@ def current(url: str) -> str | None:
         engine.dispose()
 
 
-def compare_type(context, inspected_column, metadata_column, inspected_type, metadata_type):  # type: ignore[no-untyped-def]
+def compare_type(context, inspected_column, metadata_column, inspected_type, metadata_type):
     """Alembic type comparison that knows `UUIDType`: SQLite reflects its BINARY(16) as NUMERIC(16)."""
     from sqlalchemy_utils.types.uuid import UUIDType
 

@@ -96,7 +96,7 @@ def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-
 def position_of(trial: Any, stream: Any, version: int) -> int:
     """The log position of a stream's version in the trial's record."""
     t = trial.record.table
-    with trial.record.recorder.datastore.engine.connect() as conn:
+    with trial.record.engine.connect() as conn:
         return conn.execute(
             sa.select(t.c.id).where(t.c.originator_id == stream, t.c.originator_version == version)
         ).scalar_one()
@@ -150,7 +150,7 @@ def trial(db_url: str) -> Iterator[Trial]:
     record.record(study, signer=admin)
     yield Trial(db_url, record, study, admin, coordinator, investigator, lab)
     record.close()
-    record.recorder.datastore.engine.dispose()
+    record.engine.dispose()
 
 
 # A study configuration for tests that call Subject verbs directly (without sle_events.trial.Trial): site NJ01

@@ -42,7 +42,7 @@ def approve(record: StudyRecord, founder_keys: Path, admin: Signer, code: str) -
     """A database's later studies need its first study's admin to approve them (issue 11)."""
     founder = Signer.from_file(founder_keys / "admin.pem", SIGNERS["admin"][0], "admin")
     t = record.table
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         first = conn.execute(select(t.c.originator_id).where(t.c.topic == "Study.Created").order_by(t.c.id)).scalar()
     study = record.get(first)
     study.approve_new_study(code, admin.actor, admin.public_key_b64, datetime.now(UTC))

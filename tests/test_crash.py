@@ -109,12 +109,12 @@ def stored_versions(url: str) -> set[tuple[str, int]]:
     record = StudyRecord(url, verify_threads=1)
     t = record.table
     try:
-        with record.recorder.datastore.engine.connect() as conn:
+        with record.engine.connect() as conn:
             rows = conn.execute(sa.select(t.c.originator_id, t.c.originator_version))
             return {(str(stream), version) for stream, version in rows}
     finally:
         record.close()
-        record.recorder.datastore.engine.dispose()
+        record.engine.dispose()
 
 
 def check_after_crash(
@@ -191,7 +191,7 @@ def test_sigkilled_writer_keeps_every_acked_event_and_the_record_verifies(db_url
         added += len(record.record(registry, signer=admin))
     finally:
         record.close()
-        record.recorder.datastore.engine.dispose()
+        record.engine.dispose()
     for workers in (1, 2):
         report = verify_record(db_url, workers=workers)
         assert report.ok, report.findings[:5]

@@ -28,7 +28,7 @@ def _demo(tmp_path, name: str, subjects: int, seed: int):  # type: ignore[no-unt
         streams = [record.stream(s) for s in _all_streams(record, UUID(result.study_id))]
     finally:
         record.close()
-        record.recorder.datastore.engine.dispose()
+        record.engine.dispose()
     return url, result, streams
 
 

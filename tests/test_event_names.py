@@ -125,7 +125,7 @@ def load_legacy_rows(url: str) -> int:
     table = record.table
     with gzip.open(FIXTURES / "pre-stable-names.jsonl.gz", "rt") as f:
         rows = [json.loads(line) for line in f]
-    with record.recorder.datastore.engine.begin() as conn:
+    with record.engine.begin() as conn:
         conn.execute(
             table.insert(),
             [
@@ -157,7 +157,7 @@ def test_a_database_from_before_stable_names_verifies_loads_and_projects(db_url)
     assert report.events == n == count_rows(db_url)
 
     record = StudyRecord(db_url)
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         streams = conn.execute(sa.text("select distinct topic from study_events")).scalars().all()
         assert {t.split(":")[0] for t in streams} <= {
             "sle_events.domain.study",
@@ -165,7 +165,7 @@ def test_a_database_from_before_stable_names_verifies_loads_and_projects(db_url)
             "sle_events.domain.product",
         }
     subjects = []
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         ids = conn.execute(sa.select(record.table.c.originator_id).distinct()).scalars().all()
     for stream in ids:
         aggregate = record.get(stream)

@@ -160,7 +160,7 @@ def test_patient_state_and_dashboard_match_the_subjects_own_history(demo_url):
 def test_replay_as_of_recorded_time_shows_what_the_database_said_then(demo_url):
     record = StudyRecord(demo_url)
     t = record.table
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         corrected = conn.execute(
             sa.select(t.c.originator_id, t.c.state).where(t.c.topic == "Subject.Corrected").order_by(t.c.id).limit(1)
         ).first()
@@ -183,7 +183,7 @@ def test_replay_as_of_recorded_time_shows_what_the_database_said_then(demo_url):
 def test_replay_as_of_occurred_time_keeps_later_corrections_of_earlier_facts(demo_url):
     record = StudyRecord(demo_url)
     t = record.table
-    with record.recorder.datastore.engine.connect() as conn:
+    with record.engine.connect() as conn:
         busiest = conn.execute(
             sa.select(t.c.originator_id)
             .where(t.c.topic == "Subject.LabResultRecorded")

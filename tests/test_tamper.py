@@ -78,7 +78,7 @@ def build(trial) -> Built:
 def position_of(trial, stream: UUID, version: int) -> int:
     """The row's id (log position), looked up through the application's own column types."""
     t = trial.record.table
-    with trial.record.recorder.datastore.engine.connect() as conn:
+    with trial.record.engine.connect() as conn:
         return conn.execute(
             sa.select(t.c.id).where(t.c.originator_id == stream, t.c.originator_version == version)
         ).scalar_one()
@@ -149,7 +149,7 @@ def test_untampered_record_verifies_with_one_and_with_several_workers(trial):
     assert report.studies == 1
     assert report.streams == 5  # the study's registry and four subjects
     # The two-worker run really splits the subject streams over two processes.
-    engine = trial.record.recorder.datastore.engine
+    engine = trial.record.engine
     assert len(split_streams(engine, trial.record.table, 2, skip_registry=True)) == 2
 
 

@@ -110,7 +110,7 @@ def world(request: pytest.FixtureRequest, tmp_path_factory: pytest.TempPathFacto
         w.trial = w.new_trial()
         yield w
         record.close()
-        record.recorder.datastore.engine.dispose()
+        record.engine.dispose()
 
 
 # --------------------------------------------------------------------------- the worked course through the store

@@ -61,7 +61,7 @@ _H = HASH_SIZE
 _LEAF = hashlib.sha256(b"\x00")
 
 
-class LedgerFindings(list):  # type: ignore[type-arg]
+class LedgerFindings(list):
     """The findings (a list of :class:`Finding`), plus ``info``: counts and what was checked."""
 
     def __init__(self, findings: Iterable[Finding] = (), info: dict[str, Any] | None = None) -> None:
@@ -589,11 +589,11 @@ def _check_ledger(
     level = 1
     while (size >> level) > 0:
         count = size >> level
-        expected = pair_level(levels[-1][: count * 2 * _H])
+        expected_level = pair_level(levels[-1][: count * 2 * _H])
         row = level_rows.get(level, [])
         late = stored_nodes.get(level, {})
         if len(row) == count:
-            stored = b"".join(row)
+            stored_level = b"".join(row)
         else:  # some nodes are missing: fill them in from the children
             stored_list = row + [b""] * (count - len(row))
             for i, h in late.items():
@@ -608,12 +608,12 @@ def _check_ledger(
                         f"over leaves {a}–{b}: the ledger tables were altered",
                         position=pos_of[a],
                     )
-                    stored_list[i] = expected[i * _H : (i + 1) * _H]
-            stored = b"".join(stored_list)
-        if stored != expected:
+                    stored_list[i] = expected_level[i * _H : (i + 1) * _H]
+            stored_level = b"".join(stored_list)
+        if stored_level != expected_level:
             ok = False
             for i in range(count):
-                if stored[i * _H : (i + 1) * _H] != expected[i * _H : (i + 1) * _H]:
+                if stored_level[i * _H : (i + 1) * _H] != expected_level[i * _H : (i + 1) * _H]:
                     a, b = i << level, ((i + 1) << level) - 1
                     held = [p for p in pos_of[a : b + 1] if p] or [0]  # 0: a deleted leaf row
                     lo, hi = min(held), max(held)
@@ -623,7 +623,7 @@ def _check_ledger(
                         f"{lo}–{hi}) does not hash from its two children: a node or a leaf under it was altered",
                         position=lo,
                     )
-        levels.append(stored)
+        levels.append(stored_level)
         level += 1
 
     # --- the state row -------------------------------------------------------------------------------

@@ -201,8 +201,8 @@ class StreamChecker:
                 "first event's)",
                 position,
             )
-        problem = self.signatures.problem(e, position, registry)
-        if problem is None or problem[0] not in ("unknown_study", "unknown_event_type"):
+        signature_problem = self.signatures.problem(e, position, registry)
+        if signature_problem is None or signature_problem[0] not in ("unknown_study", "unknown_event_type"):
             name = type_name(env["type"])
             if name.startswith("Study.") != (stream == env["study"]):
                 found(
@@ -213,8 +213,8 @@ class StreamChecker:
                     "stream, and only they do",
                     position,
                 )
-        if problem is not None:
-            kind, detail = problem
+        if signature_problem is not None:
+            kind, detail = signature_problem
             if kind == "bad_signature":
                 try:
                     open_sealed(state)
@@ -314,7 +314,7 @@ def build_registry_timelines(
         ok = len(checker.findings) == before or all(
             f.kind in ("missing_event", "chain_broken", "topic_mismatch") for f in checker.findings[before:]
         )
-        if e is not None and ok:
+        if e is not None and ok and registry is not None:  # e is only set where registry is
             state_after = copy.deepcopy(registry)
             try:
                 event = domain_event_from(e)

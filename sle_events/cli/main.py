@@ -91,7 +91,7 @@ def _verify(
     return exit_code(report)
 
 
-def _result_signer(path: Path | None, actor: str | None):  # type: ignore[no-untyped-def]
+def _result_signer(path: Path | None, actor: str | None):
     """The verifier's own key (registered in the study as auditor, monitor or admin) to seal its result with."""
     from sle_events.audit.errors import UnusableInput
     from sle_events.signing.keys import Signer
@@ -129,7 +129,7 @@ def _findings_table(findings: list[Any]) -> Any:
     return t
 
 
-def _keep_result(url: str, report, signer=None) -> None:  # type: ignore[no-untyped-def]
+def _keep_result(url: str, report, signer=None) -> None:
     """Record the run for the audit trail, sealed by the verifier's key if it holds one (`audit.results`); an
     auditor without write access still gets the result printed."""
     from sqlalchemy import create_engine, select

@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator, Sequence
+from collections.abc import Iterable, Iterator, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime
 from pathlib import Path
@@ -178,7 +178,7 @@ class LedgerBase:
     @classmethod
     def for_record(cls, record: Any, *, create: bool = True) -> Any:
         """The ledger of a `StudyRecord`, on the record's own engine."""
-        return cls(record.url, engine=record.recorder.datastore.engine, create=create)
+        return cls(record.url, engine=record.engine, create=create)
 
     def close(self) -> None:
         if self._owns_engine:
@@ -199,10 +199,9 @@ class LedgerBase:
             except sa.exc.DBAPIError:
                 if not sa.inspect(self.engine).has_table(table.name):  # not just another process being first
                     raise
-        if self.dialect == "postgresql":
-            from sqlalchemy.dialects.postgresql import insert
-        else:
-            from sqlalchemy.dialects.sqlite import insert
+        from sqlalchemy.dialects import postgresql, sqlite
+
+        insert = postgresql.insert if self.dialect == "postgresql" else sqlite.insert
         with self.engine.begin() as conn:
             conn.execute(
                 insert(ledger_state)
@@ -272,7 +271,7 @@ class LedgerBase:
             terms = " OR ".join([f"(level = {ph} AND idx = {ph})"] * len(inner))
             parts.append(f"SELECT level, idx, hash FROM ledger_nodes WHERE {terms}")
             params += [x for nid in inner for x in nid]
-        rows = conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)) if parts else []
+        rows: Iterable[Any] = conn.exec_driver_sql(" UNION ALL ".join(parts), tuple(params)) if parts else []
         found = {(int(level), int(i)): bytes(h) for level, i, h in rows}
         missing = [nid for nid in ids if nid not in found]
         if missing:

@@ -8,7 +8,7 @@ from __future__ import annotations
 
 from collections.abc import Callable
 from dataclasses import dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 from sqlalchemy.engine import Connection
@@ -27,7 +27,13 @@ class _Batch:
     last_position: int
 
 
-class Integrating:
+if TYPE_CHECKING:  # the mixin works on LedgerBase's state; at run time Ledger inherits both
+    from .base import LedgerBase as _Ledger
+else:
+    _Ledger = object
+
+
+class Integrating(_Ledger):
     """`Ledger.integrate`."""
 
     def _prepare(self, conn: Connection, base: LedgerState, limit: int) -> _Batch:
@@ -56,7 +62,7 @@ class Integrating:
             return
         if self.dialect == "postgresql":
             with (
-                conn.connection.driver_connection.cursor() as cursor,  # type: ignore[union-attr]
+                conn.connection.driver_connection.cursor() as cursor,  # type: ignore[union-attr]  # open: never None
                 cursor.copy(f"COPY {table} ({', '.join(columns)}) FROM STDIN") as copy,
             ):
                 for row in rows:

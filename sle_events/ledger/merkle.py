@@ -115,7 +115,7 @@ def pair_level(level: bytes) -> bytes:
     left out; the caller promotes it or not)."""
     new = _NODE_STATE.copy
     mv = memoryview(level)
-    out = []
+    out: list[bytes] = []
     put = out.append
     step = 2 * HASH_SIZE
     for k in range(0, (len(level) // step) * step, step):

@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+from typing import TYPE_CHECKING
 from uuid import UUID
 
 import sqlalchemy as sa
@@ -21,8 +22,13 @@ from .merkle import (
 from .note import NoteError, Verifier, open_note, parse_note
 from .tables import ledger_checkpoints, ledger_leaves
 
+if TYPE_CHECKING:  # the mixin works on LedgerBase's state; at run time Ledger inherits both
+    from .base import LedgerBase as _Ledger
+else:
+    _Ledger = object
 
-class Proving:
+
+class Proving(_Ledger):
     """`Ledger.inclusion_proof`, `Ledger.consistency_proof`, `Ledger.prove_consistency`."""
 
     def _verifiers(self, conn: Connection) -> list[Verifier]:

@@ -7,7 +7,7 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 import sqlalchemy as sa
 
@@ -21,8 +21,24 @@ INTEGRATE_EVERY = 0.5
 """Seconds between integrations in `run`: new events get their leaves almost at once."""
 
 
-class Publishing:
+if TYPE_CHECKING:  # the mixin works on LedgerBase's state; at run time Ledger inherits both
+    from .base import LedgerBase as _Ledger
+else:
+    _Ledger = object
+
+
+class Publishing(_Ledger):
     """`Ledger.checkpoint`, `Ledger.rotate_key`, `Ledger.run`."""
+
+    if TYPE_CHECKING:  # Integrating's, which Ledger also inherits
+
+        def integrate(
+            self,
+            limit: int | None = None,
+            *,
+            batch: int = BATCH,
+            on_progress: Callable[[int, int], None] | None = None,
+        ) -> int: ...
 
     def rotate_key(self, old: Signer, new: Signer) -> StoredCheckpoint:
         """Hand the log to a new key (same origin): a checkpoint of the current tree whose extension line names

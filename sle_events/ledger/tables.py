@@ -73,7 +73,7 @@ def events_table() -> sa.Table:
     """The events table exactly as `StudyRecord` defines it (one definition, column types included)."""
     from sle_events.store.record import StudyRecord
 
-    return StudyRecord.events_table()  # type: ignore[no-any-return]
+    return StudyRecord.events_table()
 
 
 def ledger_exists(engine: Engine) -> bool:

@@ -13,7 +13,7 @@ from __future__ import annotations
 import hashlib
 import re
 from datetime import UTC, datetime, timedelta
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
 from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict, matches_canonical
@@ -147,15 +147,15 @@ class SealedEvent:
 
     @property
     def version(self) -> int:
-        return self.envelope["version"]
+        return cast(int, self.envelope["version"])  # checked when the envelope was sealed or opened
 
     @property
     def topic(self) -> str:
-        return self.envelope["type"]
+        return cast(str, self.envelope["type"])  # checked when the envelope was sealed or opened
 
     @property
     def key(self) -> str:
-        return self.envelope["key"]
+        return cast(str, self.envelope["key"])  # checked when the envelope was sealed or opened
 
     def __repr__(self) -> str:
         e = self.envelope

@@ -68,15 +68,15 @@ def to_json_value(value: Any, path: str = "$") -> Any:
 def _decoder_for(hint: Any) -> Callable[[Any], Any] | None:
     origin = typing.get_origin(hint)
     if origin in (typing.Union, types.UnionType):
-        args = [a for a in typing.get_args(hint) if a is not type(None)]
-        inner = _decoder_for(args[0]) if len(args) == 1 else None
-        return (lambda v: None if v is None else inner(v)) if inner else None
+        members = [a for a in typing.get_args(hint) if a is not type(None)]
+        member = _decoder_for(members[0]) if len(members) == 1 else None
+        return (lambda v: None if v is None else member(v)) if member else None
     if origin in (tuple, list):
-        args = typing.get_args(hint)
-        inner = _decoder_for(args[0]) if args else None
+        items = typing.get_args(hint)
+        item = _decoder_for(items[0]) if items else None
         if origin is tuple:
-            return (lambda v: tuple(inner(x) for x in v)) if inner else tuple
-        return (lambda v: [inner(x) for x in v]) if inner else None
+            return (lambda v: tuple(item(x) for x in v)) if item else tuple
+        return (lambda v: [item(x) for x in v]) if item else None
     if hint is Decimal:
         return Decimal
     if hint is datetime:
@@ -175,7 +175,7 @@ def _payload_schema(cls: type) -> type[BaseModel]:
         for name, hint in typing.get_type_hints(cls).items()
         if name not in OUTSIDE_PAYLOAD and name != "originator_id_type"
     }
-    return create_model(  # type: ignore[call-overload,no-any-return]
+    return create_model(  # type: ignore[call-overload]  # fields built at run time: no overload takes **dict
         f"{cls.__qualname__}Payload", __config__=ConfigDict(extra="forbid", strict=True), **fields
     )
 
@@ -241,6 +241,6 @@ def domain_event_from(sealed: SealedEvent) -> Any:
     state["timestamp"] = parse_time("recorded_at", env["recorded_at"])
     if _has_occurred_at(cls):
         state["occurred_at"] = parse_time("occurred_at", env["occurred_at"])
-    event = object.__new__(cls)
+    event: Any = object.__new__(cls)
     object.__setattr__(event, "__dict__", state)
     return event

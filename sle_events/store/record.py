@@ -17,13 +17,15 @@ from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
 from datetime import datetime, timedelta
 from functools import lru_cache, partial
-from typing import Any
+from typing import Any, cast
 from uuid import UUID
 
+import sqlalchemy
 import sqlalchemy.exc
 from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from eventsourcing.application import Application
 from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Transcoder
+from eventsourcing_sqlalchemy.recorders import SQLAlchemyApplicationRecorder
 from sqlalchemy import func, select
 
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
@@ -98,6 +100,8 @@ class StudyRecord(Application[UUID]):
     """Signed, hash-chained study events persisted with `eventsourcing` + `eventsourcing-sqlalchemy`."""
 
     name = "Study"  # tables: study_events
+    # The persistence module is always eventsourcing-sqlalchemy (set in __init__): its recorder, not the base type.
+    recorder: SQLAlchemyApplicationRecorder
 
     def __init__(
         self,
@@ -132,13 +136,21 @@ class StudyRecord(Application[UUID]):
         threads = verify_threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._threads = threads
-        self._parallel_min = PARALLEL_VERIFY_MIN.get(self.recorder.datastore.engine.dialect.name, 16)
+        self._parallel_min = PARALLEL_VERIFY_MIN.get(self.engine.dialect.name, 16)
+
+    @property
+    def engine(self) -> sqlalchemy.Engine:
+        """The database engine. eventsourcing-sqlalchemy types it `Engine | Connection | None`; a datastore
+        built from a URL (as here) always holds an Engine."""
+        return cast(sqlalchemy.Engine, self.recorder.datastore.engine)
 
     @staticmethod
-    def events_table():  # type: ignore[no-untyped-def]
+    def events_table() -> sqlalchemy.Table:
         """The events table's definition, as `eventsourcing-sqlalchemy` builds it (for Alembic)."""
         from eventsourcing_sqlalchemy.datastore import SQLAlchemyDatastore
-        from eventsourcing_sqlalchemy.models import StoredEventRecord
+
+        # The module opens with `# type: ignore` upstream, so mypy sees none of its names.
+        from eventsourcing_sqlalchemy.models import StoredEventRecord  # type: ignore[attr-defined]  # see above
 
         record_cls = SQLAlchemyDatastore.define_record_class(
             cls_name="StudyEvent", table_name="study_events", schema_name=None, base_cls=StoredEventRecord
@@ -276,7 +288,7 @@ class StudyRecord(Application[UUID]):
         """The log positions of exactly these sealed events, if every one is stored byte for byte."""
         t = self.table
         positions = []
-        with self.recorder.datastore.engine.connect() as conn:
+        with self.engine.connect() as conn:
             for e in events:
                 row = conn.execute(
                     select(t.c.id, t.c.state).where(t.c.originator_id == e.stream, t.c.originator_version == e.version)
@@ -346,9 +358,9 @@ class StudyRecord(Application[UUID]):
             return None
         guesses: list[Any] = []
         for e in events:
-            study = self._studies.get(e.envelope.get("study"))  # type: ignore[arg-type]
-            entry = study.keys.get(e.envelope.get("key")) if study is not None else None
-            guesses.append(public_key(study.public_key(entry["key"])) if entry else None)
+            study = self._studies.get(cast(str, e.envelope.get("study")))  # no study (None) is a miss like any other
+            entry = study.keys.get(cast(str, e.envelope.get("key"))) if study is not None else None
+            guesses.append(public_key(study.public_key(entry["key"])) if entry and study is not None else None)
 
         def bad_in(lo: int, hi: int) -> list[int]:
             return [
@@ -410,7 +422,7 @@ class StudyRecord(Application[UUID]):
         for its code and trust-root key, recorded by an existing study's admin (stored, or earlier in the batch)."""
         t = self.table
         wanted = stored_topics("Study.Created") + stored_topics("Study.NewStudyApproved")
-        with self.recorder.datastore.engine.connect() as conn:
+        with self.engine.connect() as conn:
             stored = [
                 open_stored(s).envelope
                 for s in conn.execute(select(t.c.state).where(t.c.topic.in_(wanted)).order_by(t.c.id)).scalars()
