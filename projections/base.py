@@ -139,7 +139,7 @@ def bulk_insert(conn: Connection, table: Table, columns: Sequence[str], rows: li
         return
     names = ", ".join(columns)
     if conn.dialect.name == "postgresql":
-        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]
+        cursor = conn.connection.driver_connection.cursor()  # type: ignore[union-attr]  # open: never None
         with cursor.copy(f"COPY {table.name} ({names}) FROM STDIN") as copy:
             for row in rows:
                 copy.write_row(row)

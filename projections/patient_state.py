@@ -12,7 +12,7 @@ from abc import abstractmethod
 from collections.abc import Sequence
 from datetime import date, timedelta
 from decimal import Decimal
-from typing import Any, NamedTuple
+from typing import Any, NamedTuple, overload
 from uuid import UUID
 
 from sqlalchemy import Connection, delete
@@ -72,13 +72,13 @@ class SubjectFolder:
 
     def _load(self, conn: Connection, stream: UUID, version: int) -> Any:
         subject = None
-        for fact in self.reader.stream(conn, stream, version):  # type: ignore[union-attr]
+        for fact in self.reader.stream(conn, stream, version):  # type: ignore[union-attr]  # bound by bind() first
             subject = fold_fact(subject, fact)
         return subject
 
     def study(self, study_id: str) -> Any:
         """The study's registry and configuration as its signed events have it now."""
-        return self.reader.signatures.latest(study_id)  # type: ignore[union-attr]
+        return self.reader.signatures.latest(study_id)  # type: ignore[union-attr]  # bound by bind() first
 
     def clear(self) -> None:
         self.subjects.clear()
@@ -101,6 +101,10 @@ def _iso(value: Any) -> str | None:
     return value.isoformat() if hasattr(value, "isoformat") else str(value)
 
 
+@overload
+def _num(value: None) -> None: ...
+@overload
+def _num(value: Decimal | str | int) -> str: ...
 def _num(value: Any) -> str | None:
     return None if value is None else format(Decimal(value), "f")
 

@@ -321,7 +321,7 @@ class ProjectionRunner:
                 while True:
                     finished, _ = wait(pending, timeout=0.05, return_when=FIRST_EXCEPTION)
                     while queue is not None and not queue.empty():
-                        advance(queue.get())  # type: ignore[misc]
+                        advance(queue.get())  # type: ignore[misc]  # queue is only made when advance is set
                     failed = [f.exception() for f in finished if f.exception() is not None]
                     if failed and failure is None:
                         failure = failed[0]

@@ -18,4 +18,4 @@ class Picklable:
 
     def __reduce__(self) -> tuple[Any, ...]:
         # BaseException.__new__ takes any arguments and sets `args`; __setstate__ restores the attributes.
-        return copyreg.__newobj__, (type(self), *self.args), dict(self.__dict__)  # type: ignore[attr-defined]
+        return copyreg.__newobj__, (type(self), *self.args), dict(self.__dict__)  # type: ignore[attr-defined]  # copyreg.__newobj__ is not in typeshed

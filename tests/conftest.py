@@ -87,7 +87,7 @@ def clean_postgres_url() -> str:
 
 
 @pytest.fixture(params=["sqlite", "postgresql"])
-def db_url(request: pytest.FixtureRequest, tmp_path) -> str:  # type: ignore[no-untyped-def]
+def db_url(request: pytest.FixtureRequest, tmp_path) -> str:
     if request.param == "sqlite":
         return f"sqlite:///{tmp_path / 'study.db'}"
     return clean_postgres_url()
@@ -155,7 +155,7 @@ def trial(db_url: str) -> Iterator[Trial]:
 
 # A study configuration for tests that call Subject verbs directly (without sle_events.trial.Trial): site NJ01
 # and ICF "ICF v1.0" approved long ago. Consent verbs need a study's ICF versions (T2).
-from sle_events.domain.study_config import IcfVersion, Site, StudyConfig  # noqa: E402
+from sle_events.domain.study_config import IcfVersion, Site, StudyConfig  # noqa: E402  # imported next to the configuration it builds
 
 STUDY_CONFIG = StudyConfig.build(
     sites=[Site(site_id="NJ01", name="Nanjing Drum Tower", timezone="Asia/Shanghai")],

@@ -79,7 +79,7 @@ def to_screened(number: str = "SCR-001", study: UUID = STUDY) -> Subject:
     return Subject.screen(study, "NJ01", number, SCREENED, config=CONFIG)
 
 
-def to_consented(**kw) -> Subject:  # type: ignore[no-untyped-def]
+def to_consented(**kw) -> Subject:
     s = to_screened(**kw)
     s.obtain_consent("ICF v1.0", CONSENTED, config=CONFIG, taken_by="dr.wang")
     return s
@@ -94,19 +94,19 @@ def with_screening_data(s: Subject, *, childbearing_potential: bool = True, sex:
     return s
 
 
-def to_eligible(**kw) -> Subject:  # type: ignore[no-untyped-def]
+def to_eligible(**kw) -> Subject:
     s = with_screening_data(to_consented(**kw))
     s.confirm_eligibility(ELIGIBLE, config=CONFIG, checklist=CHECKLIST)
     return s
 
 
-def to_enrolled(**kw) -> Subject:  # type: ignore[no-untyped-def]
+def to_enrolled(**kw) -> Subject:
     s = to_eligible(**kw)
     s.enroll(ENROLLED, config=CONFIG)
     return s
 
 
-def to_admitted(*, baseline: bool = True, **kw) -> Subject:  # type: ignore[no-untyped-def]
+def to_admitted(*, baseline: bool = True, **kw) -> Subject:
     s = to_enrolled(**kw)
     s.admit(ADMITTED, config=CONFIG)
     s.record_vital_signs(MEASURED, config=CONFIG, height_cm="158", weight_kg="52", temperature_c="36.8")
@@ -117,7 +117,7 @@ def to_admitted(*, baseline: bool = True, **kw) -> Subject:  # type: ignore[no-u
     return s
 
 
-def to_pretreated(**kw) -> Subject:  # type: ignore[no-untyped-def]
+def to_pretreated(**kw) -> Subject:
     s = to_admitted(**kw)
     s.give_pretreatment(CYC_START, CYC_STOP, "750", "1132.5", "CYC-2025-01", config=CONFIG)
     return s
@@ -138,7 +138,7 @@ def lot_for(subject: Subject, *, lot_id: str = "MSC-001", released_at: datetime 
     return ProductLot.record_release(subject.study_id, lot_id, subject.id, released_at, config=CONFIG, **results)
 
 
-def to_transplanted(**kw) -> tuple[Subject, ProductLot]:  # type: ignore[no-untyped-def]
+def to_transplanted(**kw) -> tuple[Subject, ProductLot]:
     s = to_pretreated(**kw)
     lot = lot_for(s)
     s.infuse_msc(MSC_START, MSC_STOP, lot, config=CONFIG)
@@ -146,7 +146,7 @@ def to_transplanted(**kw) -> tuple[Subject, ProductLot]:  # type: ignore[no-unty
     return s, lot
 
 
-def to_follow_up(**kw) -> Subject:  # type: ignore[no-untyped-def]
+def to_follow_up(**kw) -> Subject:
     s, _ = to_transplanted(**kw)
     s.discharge(DISCHARGED, config=CONFIG)
     return s
@@ -162,7 +162,7 @@ def new_study() -> UUID:
     return uuid4()
 
 
-def refused(aggregate, error: type[Exception], verb, *args, **kwargs):  # type: ignore[no-untyped-def]
+def refused(aggregate, error: type[Exception], verb, *args, **kwargs):
     """Call the verb, expect ``error``, and check that no event was created (version and pending events unchanged)."""
     version, pending = aggregate.version, len(aggregate.pending_events)
     with pytest.raises(error) as info:
@@ -174,7 +174,7 @@ def refused(aggregate, error: type[Exception], verb, *args, **kwargs):  # type: 
 
 
 @pytest.fixture
-def sim_clock():  # type: ignore[no-untyped-def]
+def sim_clock():
     """A simulated clock after the worked course (2025–2027), so no time of it lies in the future (R9)."""
     from sle_events.domain.clock import SimulatedClock, use_clock
 

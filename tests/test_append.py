@@ -208,7 +208,7 @@ def test_one_bad_event_refuses_the_whole_batch(trial):
 
 def test_float_in_payload_is_refused_before_signing(trial):
     subject = screened(trial)
-    subject.record_lab_result  # noqa: B018
+    subject.record_lab_result  # noqa: B018  # a lookup with no effect, kept as written (no behaviour change)
     event = subject.collect_events()[0]
     env = envelope_for(event, study=trial.study.id, prev=GENESIS, reason=None)
     env["payload"]["weight"] = 61.5
@@ -237,7 +237,7 @@ def test_float_attribute_is_refused_by_the_codec(trial):
     subject.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by="dr.wang")
     trial.record.record(subject, signer=trial.investigator)
     with pytest.raises(DomainFloatNotAllowed):  # the verb refuses a float before any event exists
-        subject.record_lab_result("C3", 85.5, "mg/dL", NOW)  # type: ignore[arg-type]
+        subject.record_lab_result("C3", 85.5, "mg/dL", NOW)
     assert subject.pending_events == []
     # An event made without its verb still cannot carry a float into a signed payload.
     subject._unscheduled_visit_recorded(visitnum=10.5, purpose="float smuggled past the verb", occurred_at=NOW)

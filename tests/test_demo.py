@@ -20,7 +20,7 @@ from record_rules import check_stream
 pytestmark = pytest.mark.storage
 
 
-def _demo(tmp_path, name: str, subjects: int, seed: int):  # type: ignore[no-untyped-def]
+def _demo(tmp_path, name: str, subjects: int, seed: int):
     url = f"sqlite:///{tmp_path / name}.db"
     record = StudyRecord(url)
     try:

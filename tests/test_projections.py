@@ -126,7 +126,7 @@ def test_a_failing_batch_leaves_neither_rows_nor_position(trial):
     add_subject(trial, "SCR-200")
 
     class Flaky(AuditTrail):
-        def apply(self, conn, facts):  # type: ignore[no-untyped-def]
+        def apply(self, conn, facts):
             super().apply(conn, facts)
             raise RuntimeError("power cut mid-batch")
 
@@ -231,7 +231,7 @@ def test_a_rebuild_that_fails_leaves_nothing_held_back_and_the_next_run_rebuilds
     calls = {"n": 0}
     original = PatientState.apply
 
-    def fails_on_the_third_batch(self, conn, facts):  # type: ignore[no-untyped-def]
+    def fails_on_the_third_batch(self, conn, facts):
         calls["n"] += 1
         if calls["n"] == 3:
             raise RuntimeError("disk full")

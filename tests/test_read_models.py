@@ -22,7 +22,7 @@ pytestmark = pytest.mark.storage
 
 
 @pytest.fixture
-def demo_url(db_url, tmp_path):  # type: ignore[no-untyped-def]
+def demo_url(db_url, tmp_path):
     record = StudyRecord(db_url)
     run_demo(record, tmp_path / "keys", subjects=3, seed=7)
     record.close()
@@ -88,7 +88,7 @@ def test_a_parallel_rebuild_beside_a_process_that_keeps_appending(db_url, tmp_pa
     )
     acks = []
     pump = threading.Thread(
-        target=lambda: acks.extend(line for line in writer.stdout if line.startswith("ACK")),  # type: ignore[union-attr]
+        target=lambda: acks.extend(line for line in writer.stdout if line.startswith("ACK")),  # type: ignore[union-attr]  # stdout=PIPE: never None
         daemon=True,
     )
     pump.start()

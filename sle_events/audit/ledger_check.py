@@ -720,7 +720,7 @@ def _check_checkpoints(
             continue
         try:
             if key is not None:
-                cp = open_checkpoint(row.note, Verifier.from_vkey(key), verifier.name)  # type: ignore[union-attr]
+                cp = open_checkpoint(row.note, Verifier.from_vkey(key), verifier.name)  # type: ignore[union-attr]  # key comes from the chain, built only with a verifier
             else:
                 cp = Checkpoint.parse(parse_note(row.note)[0])
         except (InvalidSignatureError, UnverifiedNoteError) as e:

@@ -110,7 +110,7 @@ class Verifier:
 
     def _since_position(self, engine: Any, table: Any, report: Report) -> int:
         """The log position of the last event the `since` checkpoint covers (0: it covers none)."""
-        label, cp = self.trust.since[0], self.trust.since_checkpoint  # type: ignore[index]
+        label, cp = self.trust.since[0], self.trust.since_checkpoint  # type: ignore[index]  # called only with --since
         assert cp is not None
         report.since = {"checkpoint": label, "size": cp.size, "position": 0}
         if cp.size == 0:
@@ -150,7 +150,7 @@ class Verifier:
                     if queue is not None:
                         while not queue.empty():
                             done += queue.get()
-                            on_progress(done, total)  # type: ignore[misc]
+                            on_progress(done, total)  # type: ignore[misc]  # queue is only made when on_progress is set
                     time.sleep(0.05)
                 results = [p.get() for p in pending]
         findings = [f for r in results for f in r[0]]

@@ -323,7 +323,7 @@ def keys_generate(
     print_json({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64})
 
 
-from sle_events.cli.projections_cmd import (  # noqa: E402
+from sle_events.cli.projections_cmd import (  # noqa: E402  # sub-commands imported where they are attached to app
     audit_trail,
     dashboard_cmd,
     db_app,
@@ -331,7 +331,7 @@ from sle_events.cli.projections_cmd import (  # noqa: E402
     projections_app,
     replay,
 )
-from sle_events.cli.study_cmd import correct, study_app, void  # noqa: E402
+from sle_events.cli.study_cmd import correct, study_app, void  # noqa: E402  # sub-commands imported where they are attached to app
 
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")

@@ -56,7 +56,7 @@ def check_assessment(
         raise InconsistentAssessment("CTCAE grade 5 (death related to the AE) goes with the 'death' criterion")
     rc = None if relatedness_cyc is None else codes(Relatedness, "relatedness_cyc", relatedness_cyc)
     rm = None if relatedness_msc is None else codes(Relatedness, "relatedness_msc", relatedness_msc)
-    return g, criteria, rc, rm  # type: ignore[return-value]  # codes() is typed StrEnum; these are Seriousness and Relatedness members
+    return g, criteria, rc, rm
 
 
 @dataclass

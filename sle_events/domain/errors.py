@@ -624,7 +624,7 @@ class PregnancyTestRequired(ProtocolViolation):
 
     code = "pregnancy_test_required"
 
-    def __init__(self, cyc_start: datetime, max_hours: int) -> None:
+    def __init__(self, cyc_start: datetime, max_hours: int | Decimal) -> None:
         self.cyc_start = cyc_start
         self.max_hours = max_hours
         super().__init__(

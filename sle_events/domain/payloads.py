@@ -10,7 +10,7 @@ from __future__ import annotations
 
 from datetime import date, datetime
 from enum import StrEnum
-from typing import Any, Literal
+from typing import Any, Literal, TypeVar
 
 from pydantic import BaseModel, ConfigDict
 
@@ -123,7 +123,7 @@ class DecidedBy(StrEnum):  # who decided a withdrawal (T12)
 
 
 class BiopsyClass(StrEnum):  # ISN/RPS 2003 (revised 2018)
-    I = "I"  # noqa: E741
+    I = "I"  # noqa: E741  # the ISN/RPS class is called I
     II = "II"
     III = "III"
     IV = "IV"
@@ -159,7 +159,10 @@ class SignedBy(StrEnum):  # who signed the consent form (T2)
     LEGAL_REPRESENTATIVE = "legal_representative"
 
 
-def codes(enum: type[StrEnum], field: str, value: Any) -> StrEnum:
+_Code = TypeVar("_Code", bound=StrEnum)
+
+
+def codes(enum: type[_Code], field: str, value: Any) -> _Code:
     """``value`` as a member of ``enum`` or :class:`~sle_events.domain.errors.InvalidChoice`."""
     from sle_events.domain.errors import InvalidChoice
 

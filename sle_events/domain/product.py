@@ -14,7 +14,7 @@ from collections.abc import Mapping
 from datetime import datetime
 from decimal import Decimal
 from enum import StrEnum
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import event
@@ -110,7 +110,7 @@ class ProductLot(TrialAggregate):
             settings=config.settings,
         )
         return cls._create(
-            cls.ReleaseTested,
+            cls.ReleaseTested,  # type: ignore[attr-defined]  # the event class @event("ReleaseTested") builds
             id=cls.id_for(study_id, lot_id),
             study_id=study_id,
             lot_id=lot_id,
@@ -177,7 +177,10 @@ class ProductLot(TrialAggregate):
         if self.subject_id != subject_id:
             raise LotUnavailable(self.lot_id, f"it was made for subject {self.subject_id}, not {subject_id}")
         if self.infused_into is not None:
-            raise LotUnavailable(self.lot_id, f"it was already infused at {self.infused_at.isoformat()}")
+            raise LotUnavailable(
+                self.lot_id,
+                f"it was already infused at {cast(datetime, self.infused_at).isoformat()}",  # set with infused_into
+            )
 
     @event("Infused")
     def _infused(self, subject_id: UUID, occurred_at: datetime) -> None:

@@ -27,7 +27,7 @@ from collections.abc import Iterable, Mapping
 from dataclasses import dataclass, field
 from datetime import date, datetime, timedelta
 from decimal import Decimal
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 
 from eventsourcing.domain import event
@@ -215,7 +215,7 @@ class Subject(TrialAggregate):
             if occurred_at < rescreen_of.exited_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
                 raise InconsistentTimestamps("screen failure", rescreen_of.exited_at, "re-screening", occurred_at)
         subject = cls._create(
-            cls.Screened,
+            cls.Screened,  # type: ignore[attr-defined]  # the event class @event("Screened") builds
             id=cls.id_for(study_id, screening_number.strip()),
             study_id=study_id,
             site=site,
@@ -631,10 +631,11 @@ class Subject(TrialAggregate):
             raise EnrollmentBeforeEligibility(self.status)
         self._status_in("enrollment", [S.ELIGIBLE])
         self._at("enrollment", occurred_at, config)
-        if occurred_at < self.eligible_at:  # type: ignore[operator]  # record type follows fact.type (see Fact)
-            raise InconsistentTimestamps("eligibility confirmed", self.eligible_at, "enrollment", occurred_at)
-        if not formulas.eligibility_still_valid(self.eligible_at, occurred_at, settings=config.settings):
-            raise EligibilityExpired(self.eligible_at, occurred_at, config.settings.eligibility_validity_days)
+        eligible_at = cast(datetime, self.eligible_at)  # status ELIGIBLE (checked above): it is set
+        if occurred_at < eligible_at:
+            raise InconsistentTimestamps("eligibility confirmed", eligible_at, "enrollment", occurred_at)
+        if not formulas.eligibility_still_valid(eligible_at, occurred_at, settings=config.settings):
+            raise EligibilityExpired(eligible_at, occurred_at, config.settings.eligibility_validity_days)
         if arm != ARM:
             raise InvalidChoice("arm", arm, [ARM])
         self._enrolled(arm=arm, occurred_at=occurred_at)
@@ -870,7 +871,7 @@ class Subject(TrialAggregate):
         measured = [
             (v, r)
             for v, r in self.records("VitalSignsRecorded")
-            if r.height_cm is not None
+            if r.height_cm is not None  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             and r.weight_kg is not None  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             and stay.admitted_at <= r.occurred_at <= start
         ]
@@ -901,7 +902,7 @@ class Subject(TrialAggregate):
             administered_mg=i["administered_mg"],
             route=i["route"],
             lot=i["lot"],
-            height_cm=vitals.height_cm,
+            height_cm=vitals.height_cm,  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             weight_kg=vitals.weight_kg,  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             measured_version=measured_version,
             settings=config.settings,
@@ -912,7 +913,8 @@ class Subject(TrialAggregate):
     def _baseline_collected(self, admitted_at: datetime, cyc_start: datetime) -> bool:
         """R3: baseline serology (anti-dsDNA, C3, C4) and renal specimens (creatinine, proteinuria) collected
         after admission and before the CYC start."""
-        codes_seen = {r.code for _, r in self.records("LabResultRecorded") if admitted_at <= r.occurred_at < cyc_start}
+        labs = self.records("LabResultRecorded")
+        codes_seen = {r.code for _, r in labs if admitted_at <= r.occurred_at < cyc_start}  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
         return all(c in codes_seen for c in treatment.BASELINE_SEROLOGY) and all(
             any(c in codes_seen for c in group) for group in treatment.BASELINE_RENAL
         )
@@ -989,6 +991,7 @@ class Subject(TrialAggregate):
                 f"the infusion was already given at {self.msc.occurred_at.isoformat()}",
             )
         self._status_in("MSC infusion", [S.PRETREATED])
+        cyc = cast(Pretreatment, self.cyc)  # status PRETREATED (checked above): the CYC fact exists
         if self.transplant_not_performed is not None:
             raise InvalidTransition(
                 "MSC infusion", self.status, [S.PRETREATED.value], "the transplant was recorded as not performed (T10)"
@@ -996,12 +999,12 @@ class Subject(TrialAggregate):
         lot.check_available_for(self.id)
         self._at("MSC infusion", occurred_at, config)
         stay = self.open_stay
-        if stay is None or not _in(self.cyc.occurred_at, stay) or occurred_at < stay.admitted_at:
+        if stay is None or not _in(cyc.occurred_at, stay) or occurred_at < stay.admitted_at:
             raise NotAdmitted("MSC infusion", "it is given during the in-patient stay of the pretreatment")
         record = treatment.check_infusion(
             started_at=occurred_at,
             stopped_at=stopped_at,
-            cyc_started_at=self.cyc.occurred_at,
+            cyc_started_at=cyc.occurred_at,
             lot_id=lot.lot_id,
             viable_cells=lot.viable_cells,
             viability_pct=lot.viability_pct,
@@ -1010,7 +1013,7 @@ class Subject(TrialAggregate):
             identity=lot.identity,
             endotoxin_eu_per_kg=lot.endotoxin_eu_per_kg,
             released_at=lot.released_at,
-            weight_kg=self.cyc.weight_kg,
+            weight_kg=cyc.weight_kg,
             settings=config.settings,
             volume_ml=volume_ml,
             premedication=premedication,
@@ -1031,7 +1034,8 @@ class Subject(TrialAggregate):
         formulas.require_aware("stopped_at", stop)
         if stop < start:
             raise InconsistentTimestamps("msc start", start, "msc stop", stop)
-        hours = formulas.check_cyc_msc_interval(self.cyc.occurred_at, start, settings=config.settings)
+        cyc = cast(Pretreatment, self.cyc)  # an infusion is being corrected: the CYC fact before it exists
+        hours = formulas.check_cyc_msc_interval(cyc.occurred_at, start, settings=config.settings)
         stay = next(s for s in self.stays if _in(original.occurred_at, s))
         if not _in(start, stay) or not _in(stop, stay):
             raise NotAdmitted("MSC infusion", "the corrected times fall outside the in-patient stay")
@@ -1188,8 +1192,8 @@ class Subject(TrialAggregate):
                 lab_high=lab_high,
                 range_low=range_low,
                 range_high=range_high,
-                range_source=range_source,
-                flag=flag,
+                range_source=range_source,  # type: ignore[arg-type]  # validated by the verb (see above)
+                flag=flag,  # type: ignore[arg-type]  # validated by the verb (see above)
                 reported_at=reported_at,
                 specimen_id=specimen_id,
             ),
@@ -1291,8 +1295,8 @@ class Subject(TrialAggregate):
                 out.append((v, r.code, r.canonical_value, r.occurred_at))  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             elif (
                 f.type == "DerivedResultRecorded"
-                and r.code in wanted
-                and r.value is not None
+                and r.code in wanted  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
+                and r.value is not None  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
                 and all(not self.facts[i].voided for i in r.inputs)  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
             ):
                 out.append((v, r.code, r.value, r.occurred_at))  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
@@ -1313,7 +1317,7 @@ class Subject(TrialAggregate):
             latest[(f.type, key)] = v
             inputs = [
                 i
-                for i in r.inputs
+                for i in r.inputs  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
                 if (g := self.facts.get(i)) is not None
                 and (g.voided or i in changed or any(c > v for c in g.corrections))
             ]
@@ -1348,16 +1352,18 @@ class Subject(TrialAggregate):
         base_e = [x for x in egfrs if x[3] <= self.cyc.occurred_at]
         now_u = [x for x in upcrs if x[3].date() == day]
         now_e = [x for x in egfrs if x[3].date() == day]
-        pick = lambda xs: xs[-1] if xs else None  # noqa: E731
+
+        def pick(xs: list[tuple[int, str, Decimal, datetime]]) -> tuple[int, str, Decimal, datetime] | None:
+            return xs[-1] if xs else None
+
         bu, be, cu, ce = pick(base_u), pick(base_e), pick(now_u), pick(now_e)
         days = (day - self.tx_date).days  # type: ignore[operator]  # record type follows fact.type (see Fact)
         if visit is not None and visit.startswith("M"):
             month = formulas.assessment_month(visit, settings=config.settings)
         else:
             month = formulas.assessment_month(None, days_since_tx=days, settings=config.settings)
-        status = formulas.renal_response(
-            *(None if x is None else x[2] for x in (bu, be, cu, ce)), month, settings=config.settings
-        )
+        bu_v, be_v, cu_v, ce_v = (None if x is None else x[2] for x in (bu, be, cu, ce))
+        status = formulas.renal_response(bu_v, be_v, cu_v, ce_v, month, settings=config.settings)
         record = RenalResponse(
             occurred_at=occurred_at,
             status=status.value,
@@ -1447,7 +1453,7 @@ class Subject(TrialAggregate):
                 treg_pct=treg_pct,
                 cd4_per_ul=cd4_per_ul,
                 treg_flag=treg_flag,
-                cd4_flag=cd4_flag,  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
+                cd4_flag=cd4_flag,
                 reported_at=reported_at,
             ),
         )
@@ -1543,7 +1549,11 @@ class Subject(TrialAggregate):
                     f"visit {defn.code}", self.status, [S.WITHDRAWN.value], "early termination follows a withdrawal"
                 )
             self._at(f"visit {defn.code}", at, config, reconsent=False, after_exit=AfterExit.SAFETY)
-            earliest, latest, in_window = visits.early_termination_window(defn, self.exited_at, at)
+            earliest, latest, in_window = visits.early_termination_window(
+                defn,
+                cast(datetime, self.exited_at),  # withdrawn (checked above): the exit time is set
+                at,
+            )
         return VisitRecord(
             occurred_at=at,
             visit=defn.code,
@@ -2103,7 +2113,7 @@ class Subject(TrialAggregate):
             raise NotCorrectable(version, fact.type, relied)
         formulas.check_not_in_future("occurred_at", occurred_at, clock.now(), settings=config.settings)
         inputs = corrections.merged_inputs(fact.record, spec, new_values)
-        new = getattr(self, self._CHECKS[fact.type])(config, inputs, replacing=version)
+        new: Record = getattr(self, self._CHECKS[fact.type])(config, inputs, replacing=version)
         changed = corrections.changed_values(fact.record, new)
         self._corrected(
             corrected_version=version,
@@ -2129,10 +2139,10 @@ class Subject(TrialAggregate):
         fact.corrections.append(version)
         if corrected_type == "VisitRecorded":
             self.flags = [(v, f) for v, f in self.flags if v != corrected_version]
-            self.flags.extend((corrected_version, f) for f in fact.record.deviation_flags)
+            self.flags.extend((corrected_version, f) for f in fact.record.deviation_flags)  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
         elif corrected_type == "CyclophosphamideGiven":
             self.flags = [(v, f) for v, f in self.flags if v != corrected_version]
-            self.flags.extend((corrected_version, f) for f in fact.record.flags)
+            self.flags.extend((corrected_version, f) for f in fact.record.flags)  # type: ignore[attr-defined]  # record type follows fact.type (see Fact)
 
     def void(self, version: int, reason: str, occurred_at: datetime, *, config: StudyConfig = DEFAULT_CONFIG) -> None:
         """R11: retire a fact entered in error (duplicate, wrong subject...) with a mandatory reason."""
@@ -2237,7 +2247,7 @@ class Subject(TrialAggregate):
         s = config.settings
         streak = visits.missed_in_a_row(config.visits, self.visit_outcomes)
         attended = [
-            self.facts[v].record.occurred_at
+            self.facts[v].record.occurred_at  # type: ignore[union-attr]  # record type follows fact.type (see Fact)
             for c, v in self.visit_versions.items()
             if self.visit_outcomes[c] == "attended" and not self.facts[v].voided
         ]

@@ -204,7 +204,7 @@ def test_malformed_signature_block(alice: Signer, mangle: object) -> None:
     note = _signed(alice)
     open_note(note, [alice.verifier()])
     with pytest.raises(MalformedNoteError):
-        open_note(mangle(note), [alice.verifier()])  # type: ignore[operator]
+        open_note(mangle(note), [alice.verifier()])  # type: ignore[operator]  # mangle is a parametrized lambda
 
 
 def test_short_signature_and_too_many_signatures(alice: Signer) -> None:
