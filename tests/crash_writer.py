@@ -44,6 +44,7 @@ def approve(record: StudyRecord, founder_keys: Path, admin: Signer, code: str) -
     t = record.table
     with record.engine.connect() as conn:
         first = conn.execute(select(t.c.originator_id).where(t.c.topic == "Study.Created").order_by(t.c.id)).scalar()
+    assert first is not None
     study = record.get(first)
     study.approve_new_study(code, admin.actor, admin.public_key_b64, datetime.now(UTC))
     ack(record.record(study, signer=founder))
@@ -62,8 +63,8 @@ def main(url: str, key_dir: Path, founder_keys: Path | None = None) -> None:
         approve(record, founder_keys, admin, "CRASH")
     now = datetime.now(UTC)
     study = Study.create("CRASH", "crash test", admin.actor, admin.public_key_b64, now)
-    for s in (coordinator, investigator, lab):
-        study.register_key(s.actor, s.role, s.public_key_b64, now)
+    for member in (coordinator, investigator, lab):
+        study.register_key(member.actor, member.role, member.public_key_b64, now)
     ack(record.record(study, signer=admin))
     sys.stdout.write(f"READY {study.id}\n")
     sys.stdout.flush()

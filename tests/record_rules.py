@@ -79,7 +79,7 @@ def check_stream(sealed: list[Any]) -> None:
         elif name == "Discharged":
             assert stay is not None
             if msc is not None and msc >= stay:
-                assert at_ >= msc_stop, "R6"
+                assert msc_stop is not None and at_ >= msc_stop, "R6"
             stay = None
         elif name == "CyclophosphamideGiven":
             assert cyc is None, "R4: one CYC per subject"

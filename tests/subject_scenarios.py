@@ -11,11 +11,12 @@ visit windows from TX = 2025-03-11.
 from __future__ import annotations
 
 from datetime import UTC, date, datetime, timedelta, timezone
+from typing import Any, TypeVar
 from uuid import UUID, uuid4
 
 import pytest
 
-from sle_events.domain.payloads import EligibilityChecklist
+from sle_events.domain.payloads import EligibilityChecklist, Record
 from sle_events.domain.product import ProductLot
 from sle_events.domain.study_config import IcfVersion, Site, StudyConfig
 from sle_events.domain.subject import Subject
@@ -124,7 +125,7 @@ def to_pretreated(**kw) -> Subject:
 
 
 def lot_for(subject: Subject, *, lot_id: str = "MSC-001", released_at: datetime = RELEASED, **changes) -> ProductLot:
-    results = dict(
+    results: dict[str, Any] = dict(
         donor_id="DONOR-7",
         hla_match="10/10",
         total_cells="6.0E7",
@@ -156,6 +157,17 @@ def visit_day(month: int, shift_days: int = 0, hour: int = 9) -> datetime:
     """The target day of month ``month`` (TX + 30·n) at ``hour``, shifted by ``shift_days``."""
     day = TX + timedelta(days=30 * month + shift_days)
     return datetime(day.year, day.month, day.day, hour, tzinfo=CST)
+
+
+R = TypeVar("R", bound=Record)
+
+
+def record_of(s: Subject, version: int, kind: type[R]) -> R:
+    """The current record of fact ``version``, checked to be a ``kind`` (``Fact.record`` is typed as any record;
+    which one follows from the fact's type)."""
+    record = s.facts[version].record
+    assert isinstance(record, kind), f"fact {version} holds {type(record).__name__}, not {kind.__name__}"
+    return record
 
 
 def new_study() -> UUID:

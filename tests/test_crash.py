@@ -133,7 +133,7 @@ def check_after_crash(
     # one batch (4 subjects x 3 lab results), each event at the head of its stream.
     extra = stored - before - set(acks)
     assert len(extra) <= 12, sorted(extra)
-    acked_head = {}
+    acked_head: dict[str, int] = {}
     for s, v in acks:
         acked_head[s] = max(v, acked_head.get(s, 0))
     assert all(v > acked_head.get(s, 0) for s, v in extra)

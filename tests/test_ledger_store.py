@@ -35,6 +35,7 @@ from sle_events.ledger import (
     CompactRange,
     CosignatureVerifier,
     ProofError,
+    Signer,
     Verifier,
     leaf_hash,
     open_checkpoint,
@@ -74,7 +75,7 @@ SLE = str(Path(sys.executable).with_name("sle"))
 # ledger logs bytes and the tests depend on the envelope format only, not on the domain's verbs.
 SUBJECT = "Subject."
 # Every field each type's schema requires (append refuses a payload missing one), filled in by `sealed`.
-FULL_PAYLOAD = {
+FULL_PAYLOAD: dict[str, dict[str, object]] = {
     "Screened": {"rescreen_number": 0, "rescreen_of": None},
     "ConsentObtained": {"reconsent": False, "signed_by": "subject", "taken_by": "dr.wang"},
     "LabResultRecorded": {
@@ -179,7 +180,7 @@ def leaf_rows(url: str) -> list[tuple[int, int, bytes]]:
         engine.dispose()
 
 
-def logged(trial, tmp_path: Path, sizes: tuple[int, ...] = ()) -> tuple[Ledger, object, list[str]]:
+def logged(trial, tmp_path: Path, sizes: tuple[int, ...] = ()) -> tuple[Ledger, Signer, list[str]]:
     """Integrate the whole record, issuing a checkpoint at each of `sizes` and at the end; return the notes."""
     signer = create_log_key(tmp_path / "log.key", ORIGIN)
     ledger = Ledger(trial.url)
@@ -495,13 +496,16 @@ def test_bad_input_is_refused_with_a_clear_error_and_nothing_is_stored(trial, tm
     junk.write_text("c2sp.org/tlog-proof@v1\nindex 01\n\nx\n")
     junk.with_name("junk.leaf").write_bytes(b"x")
     vkey = Ledger(url).state().vkey
+    assert vkey is not None
     done = cli("ledger", "verify-proof", str(junk), "--vkey", vkey)
     assert done.exit_code == 1 and "not a canonical uint64" in done.stderr
     assert cli("ledger", "verify-proof", str(junk), "--vkey", "nope").exit_code == 2
     assert cli("ledger", "verify-proof", str(junk), "--vkey", vkey, "--consistency", str(junk)).exit_code == 2
     # sle verify: a saved checkpoint without a vkey, or one signed by another key, is unusable input.
     cp = tmp_path / "cp"
-    cp.write_text(Ledger(url).latest_checkpoint().note)
+    latest = Ledger(url).latest_checkpoint()
+    assert latest is not None
+    cp.write_text(latest.note)
     done = cli("verify", "--db", url, "--workers", "1", "--checkpoint", str(cp))
     assert done.exit_code == 2 and "--vkey" in done.stderr
     done = cli("verify", "--db", url, "--workers", "1", "--checkpoint", str(cp), "--vkey", load_log_key(other).vkey)
@@ -654,6 +658,7 @@ def test_deleted_subject_is_located_event_by_event(trial, tmp_path):
     }
     for f in report.findings:
         if f.kind == "ledger_leaf_missing_event":
+            assert f.version is not None
             assert f.position == positions[f.version] and "gone from the record" in f.detail
     # The checkpoint of size 6 predates the subject: it still matches, only the final one does not.
     [cp] = [f for f in report.findings if f.kind == "checkpoint_root_mismatch"]
@@ -840,6 +845,7 @@ def test_rewritten_log_is_inconsistent_with_an_older_saved_checkpoint(trial, tmp
     report = verify_record(trial.url, workers=1, checkpoint=saved, vkey=vkey)
     assert located(report.findings) == {(None, None, "inconsistent_with_saved_checkpoint")}
     assert "history before log position" in report.findings[0].detail
+    assert report.ledger is not None
     assert report.ledger["saved_checkpoints"] == [{"checkpoint": str(saved), "size": 16, "consistent": False}]
 
     done = cli("verify", "--db", trial.url, "--workers", "1", "--checkpoint", str(saved), "--vkey", vkey)
@@ -1098,6 +1104,7 @@ def test_witness_cosigns_only_consistent_growth(trial, tmp_path):
     seed_signer = load_log_key(wkey)
     cosigner = CosignatureVerifier(seed_signer.name, seed_signer.public_key)
     vkey = Ledger(url).state().vkey
+    assert vkey is not None
     _text, sigs = open_note(second.stdout, [Verifier.from_vkey(vkey), cosigner])
     assert {s.name for s in sigs} == {ORIGIN, "witness.example"}
 

@@ -124,7 +124,9 @@ def test_sqlite_events_table_made_before_autoincrement_is_copied_over_as_it_was(
 
     def table_sql() -> str:
         with engine.connect() as conn:
-            return conn.exec_driver_sql("select sql from sqlite_master where name = 'study_events'").scalar()
+            sql = conn.exec_driver_sql("select sql from sqlite_master where name = 'study_events'").scalar()
+        assert sql is not None
+        return sql
 
     before = rows()
     assert len(before) == 4 and "AUTOINCREMENT" not in table_sql()
@@ -160,4 +162,6 @@ def test_read_models_missing_a_later_column_ask_for_an_upgrade(trial, db_url):
 def _head() -> str:
     from alembic.script import ScriptDirectory
 
-    return ScriptDirectory.from_config(schema.alembic_config("sqlite://")).get_current_head()
+    head = ScriptDirectory.from_config(schema.alembic_config("sqlite://")).get_current_head()
+    assert head is not None
+    return head

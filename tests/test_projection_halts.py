@@ -12,6 +12,7 @@ import sys
 import textwrap
 from datetime import timedelta
 from pathlib import Path
+from typing import cast
 
 import pytest
 import sqlalchemy as sa
@@ -20,7 +21,7 @@ from test_projections import add_subject
 from projections.base import ProjectionHalted
 from projections.runner import REBUILDING, ProjectionRunner
 from projections.schema import audit_events, halted_streams, patient_state, subject_visits
-from sle_events.signing.envelope import format_time, seal, utc_now
+from sle_events.signing.envelope import SealedEvent, format_time, seal, utc_now
 from sle_events.signing.keys import Signer
 
 from conftest import execute_sql, position_of
@@ -52,7 +53,7 @@ def rows(url: str, table: sa.Table, **where: object) -> list[dict]:
         engine.dispose()
 
 
-def newest(trial, subject) -> object:
+def newest(trial, subject) -> SealedEvent:
     return trial.record.stream(subject.id)[-1]
 
 
@@ -73,7 +74,7 @@ def store_by_sql(trial, sealed) -> None:
         engine.dispose()
 
 
-def next_lab_event(trial, subject, signer: Signer, **payload: object):
+def next_lab_event(trial, subject, signer: Signer, **payload: object) -> SealedEvent:
     """A lab result sealed by `signer`, chained to the subject's newest event."""
     last = newest(trial, subject)
     env = dict(
@@ -175,7 +176,7 @@ def test_an_event_forged_with_an_unregistered_key_is_never_shown(trial):
     with pytest.raises(ProjectionHalted, match="key_unknown") as info:
         runner.catch_up()
     assert (info.value.stream, info.value.version) == (str(victim.id), forged.version)
-    assert "key_unknown" in runner.status()[0]["halted"]
+    assert "key_unknown" in cast(str, runner.status()[0]["halted"])  # status() rows are dict[str, object]
     runner.close()
 
 

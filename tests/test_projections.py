@@ -241,6 +241,7 @@ def test_a_rebuild_that_fails_leaves_nothing_held_back_and_the_next_run_rebuilds
     with pytest.raises(RuntimeError, match="disk full"):
         runner.rebuild(workers=1)
     [projection] = runner.projections
+    assert isinstance(projection, PatientState)  # held and folder are PatientState's
     assert projection.held is None and not projection.folder.subjects
     assert rows() == [] and runner.position("patient_state") == -1  # REBUILDING: nothing half-written counts
     runner.catch_up()

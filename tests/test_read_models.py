@@ -86,7 +86,7 @@ def test_a_parallel_rebuild_beside_a_process_that_keeps_appending(db_url, tmp_pa
         text=True,
         cwd=root,
     )
-    acks = []
+    acks: list[str] = []
     pump = threading.Thread(
         target=lambda: acks.extend(line for line in writer.stdout if line.startswith("ACK")),  # type: ignore[union-attr]  # stdout=PIPE: never None
         daemon=True,
@@ -191,6 +191,7 @@ def test_replay_as_of_occurred_time_keeps_later_corrections_of_earlier_facts(dem
             .order_by(sa.func.count().desc())
             .limit(1)
         ).scalar()
+    assert busiest is not None
     subject = record.get(busiest)
     stream = record.stream(subject.id)
     times = sorted(

@@ -122,25 +122,27 @@ def drive(w: World, upto: str, trial: Trial | None = None, number: str | None = 
     t = trial or w.trial
     number = number or f"SCR-{next(_numbers):04d}"
     sid = t.screen("NJ01", number, sc.SCREENED, signer=w.coordinator)
+
+    def screening_data() -> None:
+        t.record_demographics(
+            sid, "F", date(1995, 6, 15), at("2025-02-03 10:30"), signer=w.coordinator, childbearing_potential=True
+        )
+        for c, v, u in (("UPCR", "2.6", "mg/mg"), ("CREAT", "0.70", "mg/dL")):
+            t.record_lab_result(sid, c, v, u, sc.SCREENING_LABS, signer=w.lab)
+        t.confirm_eligibility(sid, sc.ELIGIBLE, sc.CHECKLIST, signer=w.investigator)
+
+    def admission() -> None:
+        t.admit(sid, sc.ADMITTED, signer=w.coordinator)
+        t.record_vital_signs(sid, sc.MEASURED, signer=w.coordinator, height_cm="158", weight_kg="52")
+        t.record_pregnancy_test(sid, sc.MEASURED, "negative", signer=w.lab)
+        for c, v, u in sc.BASELINE_LABS:
+            t.record_lab_result(sid, c, v, u, sc.BASELINE, signer=w.lab)
+
     steps: list[Callable[[], Any]] = [
         lambda: t.obtain_consent(sid, "ICF v1.0", sc.CONSENTED, signer=w.investigator, taken_by="dr.wang"),
-        lambda: (
-            t.record_demographics(
-                sid, "F", date(1995, 6, 15), at("2025-02-03 10:30"), signer=w.coordinator, childbearing_potential=True
-            ),
-            [
-                t.record_lab_result(sid, c, v, u, sc.SCREENING_LABS, signer=w.lab)
-                for c, v, u in (("UPCR", "2.6", "mg/mg"), ("CREAT", "0.70", "mg/dL"))
-            ],
-            t.confirm_eligibility(sid, sc.ELIGIBLE, sc.CHECKLIST, signer=w.investigator),
-        ),
+        screening_data,
         lambda: t.enroll(sid, sc.ENROLLED, signer=w.investigator),
-        lambda: (
-            t.admit(sid, sc.ADMITTED, signer=w.coordinator),
-            t.record_vital_signs(sid, sc.MEASURED, signer=w.coordinator, height_cm="158", weight_kg="52"),
-            t.record_pregnancy_test(sid, sc.MEASURED, "negative", signer=w.lab),
-            [t.record_lab_result(sid, c, v, u, sc.BASELINE, signer=w.lab) for c, v, u in sc.BASELINE_LABS],
-        ),
+        admission,
         lambda: t.give_pretreatment(sid, sc.CYC_START, sc.CYC_STOP, "750", "1132.5", "CYC-L1", signer=w.investigator),
         lambda: (
             t.release_product_lot(

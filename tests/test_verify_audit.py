@@ -162,6 +162,7 @@ def test_since_checks_only_the_new_events_in_full_and_rehashes_the_rest(trial, t
     _subjects, _later, signer, saved = saved_checkpoint(trial, tmp_path)
     report = verify_record(trial.url, workers=2, since=saved, vkey=signer.vkey)
     assert report.ok, report.findings
+    assert report.since is not None
     assert report.since["size"] == 16 and report.since["rehashed"] == 16
     assert report.events == 4 + 8  # the registry (4) and the two new subjects (8)
     done = cli("verify", "--db", trial.url, "--since", str(saved), "--vkey", signer.vkey, "--workers", "1")

@@ -4,6 +4,7 @@ from __future__ import annotations
 
 from datetime import date, datetime, timedelta, timezone
 from decimal import Decimal
+from typing import Any
 
 import pytest
 
@@ -25,7 +26,8 @@ from sle_events.domain.sledai2k import DESCRIPTORS, MAX_TOTAL
 
 # =========================================================================== versions
 def test_every_formula_carries_a_version():
-    for fn, version in [
+    # Any: FORMULA_VERSION and FORMULA_ID are attributes formulas._formula sets on the function objects
+    formulas: list[tuple[Any, str]] = [
         (f.egfr_ckd_epi_2021, "egfr.ckd_epi_2021.v1"),
         (f.egfr_from_creatinine, "egfr.ckd_epi_2021.v1"),
         (f.bsa_mosteller, "bsa.mosteller.v1"),
@@ -41,7 +43,8 @@ def test_every_formula_carries_a_version():
         (f.length_of_stay_days, "time.length_of_stay.v1"),
         (f.visit_window, "time.visit_window.v1"),
         (f.percent_change, "percent_change.v1"),
-    ]:
+    ]
+    for fn, version in formulas:
         assert version == fn.FORMULA_VERSION
         assert f.FORMULA_VERSIONS[fn.FORMULA_ID] == version
     assert f.EGFR_FORMULA_VERSION == "egfr.ckd_epi_2021.v1"
@@ -256,7 +259,7 @@ GOOD_MARKERS = {
 
 
 def test_msc_release_pass_and_failures():
-    ok = dict(
+    ok: dict[str, Any] = dict(
         viability_pct="85",
         dose_1e6_per_kg="1.0",
         sterility_negative=True,
@@ -311,9 +314,10 @@ def test_renal_response_r8_low_baseline_not_evaluable():
 
 @pytest.mark.parametrize("missing", range(4))
 def test_renal_response_missing_input(missing):
-    args = [BASE_UPCR, BASE_EGFR, "0.4", "70"]
+    args: list[str | None] = [BASE_UPCR, BASE_EGFR, "0.4", "70"]
     args[missing] = None
-    assert f.renal_response(*args, 12) is RenalStatus.NOT_EVALUABLE
+    baseline_upcr, baseline_egfr, upcr, egfr = args
+    assert f.renal_response(baseline_upcr, baseline_egfr, upcr, egfr, 12) is RenalStatus.NOT_EVALUABLE
 
 
 @pytest.mark.parametrize(

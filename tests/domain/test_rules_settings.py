@@ -90,4 +90,4 @@ def test_inconsistent_settings_refused(overrides):
 
 def test_frozen():
     with pytest.raises(ValidationError):
-        DEFAULT_SETTINGS.stay_min_days = 2
+        DEFAULT_SETTINGS.stay_min_days = 2  # type: ignore[misc]  # frozen: the test checks the runtime refusal too

@@ -20,6 +20,7 @@ from sle_events.domain.errors import (
     UnknownDescriptor,
     UnknownEventVersion,
 )
+from sle_events.domain.payloads import LabResult, SledaiAssessment, VisitRecord
 
 import subject_scenarios as sc
 from subject_scenarios import (
@@ -92,7 +93,9 @@ def test_a_correction_that_would_break_a_rule_is_refused_like_the_original(value
 def test_unit_error_correction_converts_again():
     s = sc.to_consented()
     v = s.record_lab_result("C4", "0.12", "mg/dL", LATER)
-    assert s.correct(v, {"unit": "g/L"}, "unit error: reported g/L as mg/dL", FIX).canonical_value == Decimal("12.00")
+    corrected = s.correct(v, {"unit": "g/L"}, "unit error: reported g/L as mg/dL", FIX)
+    assert isinstance(corrected, LabResult)
+    assert corrected.canonical_value == Decimal("12.00")
 
 
 def test_void_retires_the_fact_and_the_original_event_stays():
@@ -110,11 +113,12 @@ def test_a_corrected_visit_date_recomputes_the_window_flag():
     v = s.visit_versions["M1"]
     assert (v, "VISIT_OUT_OF_WINDOW") in s.flags
     s.correct(v, {"occurred_at": visit_day(1, 1)}, "wrong date entered", visit_day(2))
-    assert s.facts[v].record.in_window and (v, "VISIT_OUT_OF_WINDOW") not in s.flags
+    assert sc.record_of(s, v, VisitRecord).in_window and (v, "VISIT_OUT_OF_WINDOW") not in s.flags
 
 
 def test_correcting_cyc_start_so_that_the_msc_window_breaks_is_refused():
     s, _ = sc.to_transplanted()
+    assert s.cyc_version is not None
     err = refused(
         s,
         OutsideWindow,
@@ -126,6 +130,7 @@ def test_correcting_cyc_start_so_that_the_msc_window_breaks_is_refused():
     )
     assert err.field == "CYC→MSC interval"
     s.correct(s.cyc_version, {"occurred_at": sc.CYC_START + timedelta(hours=1)}, "wrong start time", sc.DISCHARGED)
+    assert s.cyc is not None
     assert s.cyc.occurred_at == sc.CYC_START + timedelta(hours=1)
 
 
@@ -157,13 +162,16 @@ def test_correcting_the_msc_start_outside_18_to_36_h_is_refused():
 
 def test_correcting_cyc_dose_recomputes_the_flags():
     s = sc.to_pretreated()
+    assert s.cyc_version is not None
     s.correct(s.cyc_version, {"administered_mg": "1300"}, "pump log read", sc.CYC_STOP)
+    assert s.cyc is not None
     assert s.cyc.flags == ("CYC_DOSE_OUTSIDE_TOLERANCE",)
     assert (s.cyc_version, "CYC_DOSE_OUTSIDE_TOLERANCE") in s.flags
 
 
 def test_facts_the_cyc_relies_on_cannot_be_changed():
     s = sc.to_pretreated()
+    assert s.cyc is not None
     vitals = s.cyc.measured_version
     err = refused(s, NotCorrectable, s.correct, vitals, {"weight_kg": "60"}, "scale error", sc.CYC_STOP)
     assert "relies on it" in err.detail
@@ -175,7 +183,9 @@ def test_sledai_and_ae_entry_corrections_are_checked_again():
     s.assess_sledai(visit_day(1), ["SLED2K13"], visit="M1")
     v = s.version
     refused(s, UnknownDescriptor, s.correct, v, {"descriptors": ["SLED2K99"]}, "typo", visit_day(2))
-    assert s.correct(v, {"descriptors": ["SLED2K13", "SLED2K20"]}, "missed item", visit_day(2)).total == 6
+    corrected = s.correct(v, {"descriptors": ["SLED2K13", "SLED2K20"]}, "missed item", visit_day(2))
+    assert isinstance(corrected, SledaiAssessment)
+    assert corrected.total == 6
     ae = s.report_adverse_event("fever", visit_day(2).date(), visit_day(2, hour=12))
     entry = s.adverse_events[ae].entry_version
     s.correct(entry, {"term": "pyrexia", "grade_proposal": 2}, "coded term", visit_day(3))

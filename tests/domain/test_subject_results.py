@@ -23,6 +23,7 @@ from sle_events.domain.errors import (
     VisitBeforeTransplant,
 )
 from sle_events.domain.formulas import EGFR_FORMULA_VERSION, UPCR_FORMULA_VERSION
+from sle_events.domain.payloads import LabResult, TregPanel
 from sle_events.domain.quantities import display
 
 import subject_scenarios as sc
@@ -41,7 +42,7 @@ LATER = at("2025-02-05 09:00")
 def test_lab_result_is_normalised_ranged_and_flagged():
     s = sc.to_consented()
     v = s.record_lab_result("CREATSI", "150", "umol/L", LATER, reported_at=LATER + timedelta(hours=3))
-    lab = s.facts[v].record
+    lab = sc.record_of(s, v, LabResult)
     assert (lab.code, lab.loinc, lab.value, lab.unit, lab.canonical_unit) == (
         "CREATSI",
         "14682-9",
@@ -50,20 +51,20 @@ def test_lab_result_is_normalised_ranged_and_flagged():
         "umol/L",
     )
     assert lab.range_source == "default" and lab.flag == "H"
-    c4 = s.facts[s.record_lab_result("C4", "0.12", "g/L", LATER)].record
+    c4 = sc.record_of(s, s.record_lab_result("C4", "0.12", "g/L", LATER), LabResult)
     assert (c4.canonical_value, c4.canonical_unit, c4.flag) == (Decimal("12.00"), "mg/dL", "N")
 
 
 def test_the_reporting_labs_range_wins_over_labs_csv():
     s = sc.to_consented()
-    lab = s.facts[s.record_lab_result("DSDNA", "45", "[IU]/mL", LATER, lab_low="0", lab_high="100")].record
+    lab = sc.record_of(s, s.record_lab_result("DSDNA", "45", "[IU]/mL", LATER, lab_low="0", lab_high="100"), LabResult)
     assert (lab.range_source, lab.range_high, lab.flag) == ("lab", Decimal("100"), "N")
-    assert s.facts[s.record_lab_result("DSDNA", "45", "[IU]/mL", LATER)].record.flag == "H"  # default 0-30
+    assert sc.record_of(s, s.record_lab_result("DSDNA", "45", "[IU]/mL", LATER), LabResult).flag == "H"  # default 0-30
 
 
 def test_ana_titer_is_kept_as_its_denominator():
     s = sc.to_consented()
-    assert s.facts[s.record_lab_result("ANA", "1:320", "{titer}", LATER)].record.value == Decimal(320)
+    assert sc.record_of(s, s.record_lab_result("ANA", "1:320", "{titer}", LATER), LabResult).value == Decimal(320)
 
 
 @pytest.mark.parametrize(
@@ -112,6 +113,7 @@ def test_egfr_is_derived_from_creatinine_citing_its_inputs_and_formula(fid, valu
     demo = s.record_demographics(sex, birth, at("2025-02-03 10:30"), childbearing_potential=False)
     v = s.record_lab_result("CREAT" if unit == "mg/dL" else "CREATSI", value, unit, LATER)
     derived = s.derive_egfr(v)
+    assert derived.value is not None, fid
     assert display(derived.value) == egfr, fid
     assert derived.inputs == (v, demo) and derived.formula_version == EGFR_FORMULA_VERSION
     assert derived.occurred_at == LATER and derived.unit == "mL/min/{1.73_m2}"
@@ -123,6 +125,7 @@ def test_egfr_not_computable_is_recorded_with_its_reason():
     assert s.derive_egfr(v).not_computed_reason == "sex and date of birth are not recorded"
     s.record_demographics("U", date(1990, 1, 1), at("2025-02-03 10:30"), childbearing_potential=False)
     derived = s.derive_egfr(v)
+    assert derived.not_computed_reason is not None
     assert derived.value is None and "not 'F' or 'M'" in derived.not_computed_reason
     assert type(s.pending_events[-1]).__qualname__ == "Subject.DerivedResultRecorded"
 
@@ -141,11 +144,12 @@ def test_egfr_needs_a_creatinine_result():
         ("U3", ("1.2", "g/L"), ("8.0", "mmol/L"), "1.33"),
     ],
 )
-def test_upcr_is_derived_from_one_specimen(fid, protein, creat, upcr):
+def test_upcr_is_derived_from_one_specimen(fid, protein: tuple[str, str], creat: tuple[str, str], upcr):
     s = sc.to_consented()
     p = s.record_lab_result("UPROT", *protein, LATER)
     c = s.record_lab_result("UCREAT", *creat, LATER)
     derived = s.derive_upcr(p, c)
+    assert derived.value is not None, fid
     assert display(derived.value) == upcr and derived.inputs == (p, c)
     assert derived.formula_version == UPCR_FORMULA_VERSION
 
@@ -162,6 +166,7 @@ def test_treg_panel_is_recorded_with_its_flag_and_bounds():
     s = sc.to_consented()
     s.record_treg_panel(LATER, "2.8", "450", reported_at=LATER + timedelta(days=3))
     panel = s.records("TregPanelRecorded")[-1][1]
+    assert isinstance(panel, TregPanel)
     # labs.csv gives no consensus Treg range (no flag); CD4 450 is below 500 /uL
     assert (panel.treg_pct, panel.cd4_per_ul, panel.treg_flag, panel.cd4_flag) == (
         Decimal("2.8"),

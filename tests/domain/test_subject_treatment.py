@@ -109,6 +109,7 @@ def test_t10_only_after_pretreatment():
 def test_cyc_dose_from_bsa_mosteller_rounded_to_2_dp_fixture_b2():
     s = sc.to_pretreated()
     cyc = s.cyc
+    assert cyc is not None
     assert (cyc.bsa_m2, display(cyc.calculated_mg), cyc.administered_mg) == (
         Decimal("1.51"),
         "1132.50",
@@ -278,6 +279,7 @@ def test_lot_release_with_bad_values_is_refused(change, error):
 def test_t8_infusion_computes_the_dose_and_interval_fixtures_m2_w1():
     s, lot = sc.to_transplanted()
     msc = s.msc
+    assert msc is not None
     assert (display(msc.dose_1e6_per_kg), display(msc.cyc_to_msc_hours)) == ("1.10", "25.50")
     assert s.status == SubjectStatus.TRANSPLANTED and s.tx_date == sc.TX
     assert lot.status == LotStatus.INFUSED and lot.infused_into == s.id

@@ -26,6 +26,7 @@ from sle_events.ledger.note import (
     KeyFormatError,
     Signer,
     UnverifiedNoteError,
+    Verifier,
     key_id,
     open_note,
     parse_note,
@@ -182,8 +183,11 @@ def test_witness_follows_a_key_rotation_signed_by_both_keys_and_no_other(setup: 
     # Signed by the old key but not by the new one: refused too, and the witness keeps its key.
     with pytest.raises(WitnessError, match="not acceptable"):
         w.cosign(sign_checkpoint(Checkpoint(ORIGIN, size, log.tree.root(size), (line,)), old), [])
+    # log_verifier is typed as the NoteVerifier protocol (no vkey); the witness holds a Verifier
+    assert isinstance(w.log_verifier, Verifier) and w.state is not None
     assert w.log_verifier.vkey == old.vkey and w.state.size == 3
     w.cosign(sign_checkpoint(Checkpoint(ORIGIN, size, log.tree.root(size), (line,)), old, new), [])
+    assert isinstance(w.log_verifier, Verifier)
     assert w.log_verifier.vkey == new.vkey
     log.signer = new
     w.cosign(log.grow(2), log.tree.consistency_proof(3, 5))  # signed by the new key alone

@@ -280,7 +280,7 @@ def test_bad_skeys(skey: str) -> None:
 # --------------------------------------------------------------------------- round trip
 
 _line = st.text(
-    alphabet=st.characters(blacklist_categories=("Cs",), blacklist_characters="\n", min_codepoint=0x20),
+    alphabet=st.characters(blacklist_categories=["Cs"], blacklist_characters="\n", min_codepoint=0x20),
     max_size=40,
 )
 
