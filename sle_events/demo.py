@@ -62,6 +62,14 @@ PEOPLE = {
     "data_manager": ("dm.zhao", "data_manager"),
     "sponsor": ("pv.sponsor", "sponsor"),
 }
+# The printed names registered with the people's keys (21 CFR 11.50), shown by the audit trail. The lab's key is
+# its reporting interface's (a service: no printed name), and the admin is the trust root (`Study.Created`).
+PRINTED_NAMES = {
+    "coordinator": "Li Na",
+    "investigator": "Dr. Wang Li",
+    "data_manager": "Zhao Min",
+    "sponsor": "Chen Jing",
+}
 MASK64 = (1 << 64) - 1
 
 
@@ -1028,6 +1036,7 @@ def plan_follow_up(
         exit_kind, exit_month = "ltfu", disp.integer(4, 22)
     missed_last = False
     sae_forced = k == showcase
+    stale_shown = k != showcase  # the showcase's first monthly creatinine leaves a stale eGFR (below)
     for nadir_day in (7, 14):  # unscheduled CBC at the CYC nadir (synthetic-cohort.md §4.4)
         day = tx + timedelta(days=nadir_day)
         uns_at = story.at(day, 9.0)
@@ -1223,6 +1232,15 @@ def plan_follow_up(
         shown = dict(values)
         if wrong:
             shown[wrong] = swapped
+        stale = None
+        if not stale_shown:
+            # A mis-keyed creatinine, corrected by the lab days later without deriving the eGFR again: the eGFR
+            # derived from the wrong value is a stale result (`sle patients`, `sle dashboard`) for the monitor.
+            stale_shown = True
+            stale = _swap_last_digits(values["CREAT"])
+            if stale == values["CREAT"] or not _plausible("CREAT", stale):
+                stale = dec(float(values["CREAT"]) + 0.3, 2)
+            shown["CREAT"] = stale
         key = (k, month)
         story.add(
             reported,
@@ -1241,6 +1259,21 @@ def plan_follow_up(
                 f"{number} M{month} correction",
                 lambda kk=key, c=wrong, v=values[wrong], f_=fixed: t.correct(
                     sid(), demo.versions[kk][c], {"value": v}, "transcription error", f_, signer=s["lab"]
+                ),
+            )
+        if stale is not None:
+            stale_fixed = reported + timedelta(days=5)
+            story.add(
+                stale_fixed,
+                f"{number} M{month} creatinine correction (eGFR not derived again)",
+                lambda kk=key, v=values["CREAT"], f_=stale_fixed: t.correct(
+                    sid(),
+                    demo.versions[kk]["CREAT"],
+                    {"value": v},
+                    "transcription error",
+                    f_,
+                    signer=s["lab"],
+                    derive=False,
                 ),
             )
         if crng.chance(0.03):  # the lab sends one result twice; the duplicate is voided
@@ -1421,7 +1454,7 @@ def _run(
     seed: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> DemoResult:
-    people = [signers[n] for n in PEOPLE if n != "admin"]
+    people = [(signers[n], PRINTED_NAMES.get(n)) for n in PEOPLE if n != "admin"]
     setup_at = STUDY_START - timedelta(days=60)
     study_id = uuid5(DEMO_NAMESPACE, f"ALLOMSC-SLE/{seed}/{subjects}")
     trial = Trial.create(

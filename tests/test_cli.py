@@ -223,7 +223,7 @@ def test_study_commands_manage_the_key_registry(tmp_path, db_url):
     assert created.returncode == 0, created.stderr
     study = json.loads(created.stdout)["study"]
     admin_args = ("--admin-key", str(tmp_path / "admin.pem"), "--admin", "admin")
-    assert run("study", "register-key", "--study", study, "--actor", "lab1", "--role", "lab",
+    assert run("study", "register-key", "--study", study, "--actor", "lab1", "--role", "lab", "--service",
                "--public-key", lab["public_key"], *admin_args).returncode == 0  # fmt: skip
     assert run("study", "revoke-key", "--study", study, "--key", lab["key"], "--reason", "left", *admin_args).returncode == 0
     again = run("study", "revoke-key", "--study", study, "--key", lab["key"], "--reason", "x", *admin_args)
@@ -231,7 +231,7 @@ def test_study_commands_manage_the_key_registry(tmp_path, db_url):
     keys = json.loads(run("study", "keys", "--study", study, "--json").stdout)
     assert {k["actor"]: k["status"] for k in keys} == {"admin": "active", "lab1": "revoked"}
     newcomer = keygen("new.pem", "x", "lab")
-    impostor = run("study", "register-key", "--study", study, "--actor", "x", "--role", "lab",
+    impostor = run("study", "register-key", "--study", study, "--actor", "x", "--role", "lab", "--service",
                    "--public-key", newcomer["public_key"], "--admin-key", str(tmp_path / "lab.pem"), "--admin", "lab1")  # fmt: skip
     assert impostor.returncode == 1 and "UntrustedKey" in impostor.stderr
     assert verify_record(db_url, workers=1).ok

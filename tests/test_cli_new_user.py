@@ -152,7 +152,7 @@ def test_the_last_active_admin_key_cannot_be_revoked(tmp_path):
     clean_exit(refused, 1)
     assert "last active admin key" in refused.stderr
     clean_exit(sle("study", "register-key", "--actor", "root2", "--role", "admin", "--public-key",
-                   other["public_key"], *admin_args), 0)  # fmt: skip
+                   other["public_key"], "--printed-name", "Sun Qi", *admin_args), 0)  # fmt: skip
     clean_exit(sle("study", "revoke-key", "--key", admin["key"], "--reason", "handed over", *admin_args), 0)
 
 
@@ -236,6 +236,24 @@ def test_dashboard_visits_in_protocol_order_and_empty_sections_say_none(demo):
     assert any(line.endswith(": none") for line in printed.splitlines())
 
 
+def test_the_demo_leaves_a_stale_derived_result_and_registers_printed_names(demo):
+    patients = json.loads(sle("patients", "--db", demo[0], "--json").stdout)
+    stale = [(p["screening_number"], s) for p in patients for s in p["stale_results"]]
+    egfr = [(n, s) for n, s in stale if s["type"] == "DerivedResultRecorded" and s["code"] == "EGFR"]
+    assert egfr, stale  # a corrected creatinine whose eGFR was not derived again
+    dashboard = json.loads(sle("dashboard", "--db", demo[0], "--json").stdout)
+    assert sum(r["results"] for r in dashboard["stale_results"]) == len(stale)
+    number, item = egfr[0]
+    assert f"EGFR v{item['version']}" in sle("patients", "--db", demo[0], columns=200).stdout
+    corrected = json.loads(sle("audit-trail", "--db", demo[0], "--subject", number, "--change", "corrected",
+                               "--format", "json").stdout)  # fmt: skip
+    assert any(r["item"].startswith("CREAT") and r["reason"] == "transcription error" for r in corrected)
+    trail = json.loads(sle("audit-trail", "--db", demo[0], "--format", "json").stdout)
+    names = {(r["actor"], r["printed_name"]) for r in trail}
+    assert ("dr.wang", "Dr. Wang Li") in names and ("nurse.li", "Li Na") in names
+    assert ("lab.drum-tower", "lab.drum-tower") in names  # the lab's interface is a service: no printed name
+
+
 def test_replay_flags_name_their_visit(demo):
     state = json.loads(sle("replay", "--db", demo[0], "--subject", "NJ01-0002", "--json").stdout)
     assert state["flags"] and all("(" in f for f in state["flags"])
@@ -309,7 +327,17 @@ def test_data_managers_configure_the_study_and_correct_from_the_cli(db_url, tmp_
     for name, actor, role in (("dm.pem", "dm.zhao", "data_manager"), ("coord.pem", "nurse.li", "coordinator"),
                               ("lab.pem", "lab.one", "lab"), ("inv.pem", "dr.wang", "investigator")):  # fmt: skip
         public = key(name, actor, role)["public_key"]
-        clean_exit(sle("study", "register-key", "--actor", actor, "--role", role, "--public-key", public, *admin), 0)
+        register = ("study", "register-key", "--actor", actor, "--role", role, "--public-key", public, *admin)
+        if role == "lab":
+            clean_exit(sle(*register, "--service"), 0)
+            continue
+        nameless = sle(*register)  # a person's key needs their printed name
+        clean_exit(nameless, 2)
+        assert "--printed-name is needed" in nameless.stderr
+        clean_exit(sle(*register, "--printed-name", "Dr. Wang Li" if actor == "dr.wang" else actor.title()), 0)
+    registry = json.loads(sle("study", "keys", "--db", db_url, "--json").stdout)
+    assert {k["actor"]: k["printed_name"] for k in registry} == {
+        "root": None, "dm.zhao": "Dm.Zhao", "nurse.li": "Nurse.Li", "lab.one": None, "dr.wang": "Dr. Wang Li"}
     dm = ("--key-file", str(tmp_path / "dm.pem"), "--actor", "dm.zhao", "--db", db_url, "--json")
     added = sle("study", "add-site", "--site", "NJ01", "--name", "Drum Tower", "--timezone", "Asia/Shanghai", *dm)
     clean_exit(added, 0)
@@ -362,3 +390,65 @@ def test_data_managers_configure_the_study_and_correct_from_the_cli(db_url, tmp_
     assert "UnknownSubject" in unknown.stderr
     trail = json.loads(sle("audit-trail", "--db", db_url, "--subject", "NJ01-0001", "--format", "json").stdout)
     assert {r["change"] for r in trail} == {"recorded", "corrected", "voided"}
+    assert {(r["actor"], r["printed_name"]) for r in trail} == {
+        ("nurse.li", "Nurse.Li"), ("dr.wang", "Dr. Wang Li"), ("lab.one", "lab.one")}  # a service: its id
+    table = sle("audit-trail", "--db", db_url, "--subject", "NJ01-0001", "--user", "dr.wang", columns=200).stdout
+    assert "Dr. Wang Li (dr.wang), investigator" in table
+
+
+# --- printed names (21 CFR 11.50) in the key registry and the audit trail --------------------------------------
+@pytest.mark.storage
+def test_the_audit_trail_shows_the_printed_name_registered_with_the_signing_key(db_url):
+    """Also after a restart (a fresh reader that never saw the registry's events), in a rebuild split across
+    workers (whose subject ranges hold no registry event), and for a key registered before printed names."""
+    from projections.read import StudyReader
+    from projections.runner import ProjectionRunner
+    from sle_events.audit.verifier import verify_record
+    from sle_events.signing.envelope import seal
+    from sle_events.store.codec import envelope_for
+    from sle_events.store.record import StudyRecord
+
+    admin, dm = Signer.generate("root", "admin"), Signer.generate("dm.zhao", "data_manager")
+    nurse, lab = Signer.generate("nurse.li", "coordinator"), Signer.generate("lab.one", "lab")
+    doctor, old_doctor = Signer.generate("dr.wang", "investigator"), Signer.generate("dr.old", "investigator")
+    record = StudyRecord(db_url)
+    try:
+        trial = UseCases.create(record, code="S", title="T", admin=admin,
+                                people=[(dm, "Zhao Min"), (nurse, "Li Na"), lab])  # fmt: skip
+        trial.add_site("NJ01", "Drum Tower", "Asia/Shanghai", signer=dm)
+        trial.approve_icf_version("ICF v1.0", NOW - timedelta(days=30), signer=dm)
+        sid = trial.screen("NJ01", "NJ01-0001", NOW - timedelta(hours=5), signer=nurse)
+        # A key registered by software from before printed names: schema 1, no printed_name in what was signed.
+        study = record.get(trial.study_id)
+        study.register_key(old_doctor.actor, old_doctor.role, old_doctor.public_key_b64, NOW)
+        [event] = study.collect_events()
+        v1 = envelope_for(event, study=trial.study_id, prev=record.stream(trial.study_id)[-1].hash)
+        assert v1["schema"] == 2 and v1["payload"].pop("printed_name") is None
+        v1["schema"] = 1
+        record.append([seal(v1, admin)])
+        assert trial.study.keys[old_doctor.key_id]["printed_name"] is None  # upcast on reading
+        trial.register_key(doctor, admin=admin, printed_name="Dr.  Wang   Li")
+        with StudyReader(db_url) as reader:  # projects the registrations; the doctor has signed nothing yet
+            first = reader.audit_trail(subject="NJ01-0001")
+        trial.obtain_consent(sid, "ICF v1.0", NOW - timedelta(hours=4), signer=doctor, taken_by="dr.wang")
+        trial.record_lab_result(sid, "C3", "85", "mg/dL", NOW - timedelta(hours=3), signer=lab)
+        trial.record_vital_signs(sid, NOW - timedelta(hours=2), signer=old_doctor, weight_kg="55.0")
+    finally:
+        record.close()
+    assert {(r["actor"], r["printed_name"]) for r in first} == {("nurse.li", "Li Na")}
+    with StudyReader(db_url) as reader:  # a new process's projection: the registry's events are behind it
+        after_restart = {(r["actor"], r["printed_name"]) for r in reader.audit_trail(subject="NJ01-0001")}
+    # a person's printed name; a service's id; the id of a person registered before printed names were kept
+    assert after_restart == {("nurse.li", "Li Na"), ("dr.wang", "Dr. Wang Li"), ("lab.one", "lab.one"),
+                             ("dr.old", "dr.old")}  # fmt: skip
+    runner = ProjectionRunner(db_url)
+    try:
+        runner.rebuild(workers=2)
+    finally:
+        runner.close()
+    with StudyReader(db_url) as reader:
+        rebuilt = {(r["actor"], r["printed_name"]) for r in reader.audit_trail(subject="NJ01-0001")}
+        registry = reader.audit_trail(event_type="Study.KeyRegistered")
+    assert rebuilt == after_restart
+    assert {r["new_value"] for r in registry if r["field"] == "printed_name"} == {"Zhao Min", "Li Na", "Dr. Wang Li"}
+    assert verify_record(db_url, workers=1).ok  # the schema-1 registration verifies as it was signed

@@ -191,14 +191,32 @@ def register_key(
     public_key: str = typer.Option(
         ..., metavar="KEY", help="base64 Ed25519 public key (as `sle keys generate` prints it)"
     ),
+    printed_name: str | None = typer.Option(
+        None,
+        "--printed-name",
+        metavar="NAME",
+        help="the person's printed name, shown by the audit trail (21 CFR 11.50); needed for a person's key",
+    ),
+    service: bool = typer.Option(
+        False, "--service", help="the key is a service's (a lab interface, a verifier): it has no printed name"
+    ),
     admin_key: Path = AdminKeyOption,
     admin: str = AdminOption,
     db: str | None = DbOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Register a user's or service's public key with a role (a signed registry event)."""
-    kid = _on_study(db, study, admin_key, admin, "admin", lambda s, now: s.register_key(actor, role, public_key, now))
-    _done(as_json, {"key": kid, "actor": actor, "role": role}, f"registered {role} key {kid} for {actor}")
+    """Register a person's public key with their printed name, or a service's (--service), in a role (a signed
+    registry event)."""
+    if service and printed_name is not None:
+        fail("--printed-name is a person's; a --service key has none")
+    if not service and (printed_name is None or not printed_name.strip()):
+        fail(f"--printed-name is needed for a person's key (the audit trail shows it, 21 CFR 11.50), e.g. "
+             f'--printed-name "Dr. Wang Li"; for a service\'s key ({actor}) give --service')  # fmt: skip
+    kid = _on_study(db, study, admin_key, admin, "admin",
+                    lambda s, now: s.register_key(actor, role, public_key, now, printed_name=printed_name))  # fmt: skip
+    who = f"{printed_name} ({actor})" if printed_name else actor
+    _done(as_json, {"key": kid, "actor": actor, "role": role, "printed_name": printed_name},
+          f"registered {role} key {kid} for {who}")  # fmt: skip
 
 
 @study_app.command("rotate-key")
@@ -248,9 +266,9 @@ def keys(study: str | None = StudyOption, db: str | None = DbOption, as_json: bo
     if as_json:
         print_json(entries)
         return
-    t = table("key", "actor", "role", "status", title=f"key registry of study {study_id}")
+    t = table("key", "actor", "printed name", "role", "status", title=f"key registry of study {study_id}")
     for e in entries:
-        t.add_row(e["key"], e["actor"], e["role"], e["status"])
+        t.add_row(e["key"], e["actor"], e.get("printed_name") or "", e["role"], e["status"])
     print_table(t)
 
 
