@@ -24,12 +24,12 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
 
@@ -119,7 +119,7 @@ class Rng:
     def lognormal(self, median: float, gsd: float) -> float:
         return median * math.exp(self.normal(0.0, math.log(gsd)))
 
-    def pick(self, weighted: list[tuple[Any, float]]) -> Any:
+    def pick(self, weighted: Sequence[tuple[Any, float]]) -> Any:
         r, acc = self.random() * sum(w for _, w in weighted), 0.0
         for item, w in weighted:
             acc += w
@@ -144,7 +144,7 @@ class Command:
     recorded_at: datetime
     seq: int
     label: str = field(compare=False)
-    run: Callable[[], Any] = field(compare=False)
+    run: Callable[..., Any] = field(compare=False)
     expect: type[Exception] | None = field(compare=False, default=None)
 
 
@@ -183,7 +183,7 @@ class Plan:
         self.backlog = 0
 
     def add(
-        self, recorded_at: datetime, label: str, run: Callable[[], Any], expect: type[Exception] | None = None
+        self, recorded_at: datetime, label: str, run: Callable[..., Any], expect: type[Exception] | None = None
     ) -> datetime:
         recorded_at = recorded_at.astimezone(UTC)
         if recorded_at > self.data_cut:
@@ -226,8 +226,9 @@ class Story:
         return datetime(day.year, day.month, day.day, h, 0, tzinfo=self.tz) + timedelta(minutes=m)
 
     def add(
-        self, entered: datetime, label: str, run: Callable[[], Any], expect: type[Exception] | None = None
+        self, entered: datetime, label: str, run: Callable[..., Any], expect: type[Exception] | None = None
     ) -> datetime:
+        """``run`` is called with no arguments (a lambda's parameters, if any, bind loop values by default)."""
         when = max(entered.astimezone(UTC), self.cursor + timedelta(seconds=1))
         self.cursor = when
         return self.plan.add(when, label, run, expect)
@@ -460,7 +461,7 @@ class Demo:
         return [v for v, eff in self.icf_versions if eff <= when][-1]
 
 
-def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklist:  # type: ignore[assignment]  # an empty tuple as an immutable default
+def _checklist(labs_at: datetime, failed: Sequence[str] = ()) -> EligibilityChecklist:
     from sle_events.domain.eligibility import EXCLUSION, INCLUSION
 
     answers = {c: CriterionAnswer(met=c not in failed, evidence="source documents") for c in INCLUSION}
@@ -488,7 +489,8 @@ def screening_dates(seed: int, n: int) -> list[date]:
     """Weekday screening dates over 18 months, at half rate in months 0–3 (Poisson arrivals)."""
     rng = Rng(seed, "study", "screening")
     per_day = n / (ENROLLMENT_MONTHS * 30 - 45) if n else 1.0
-    days, d = [], STUDY_START.date()
+    days: list[date] = []
+    d = STUDY_START.date()
     while len(days) < n:
         rate = per_day * (0.5 if (d - STUDY_START.date()).days < 90 else 1.0)
         d += timedelta(days=max(1, round(-math.log(max(rng.random(), 1e-12)) / rate)))
@@ -1024,7 +1026,7 @@ def plan_follow_up(
     disp = Rng(demo.seed, k, "disposition")
     death_p = {"CR": 0.01, "PR": 0.03, "REL": 0.06, "NR": 0.09}[course.klass]
     withdraw_p = {"CR": 0.05, "PR": 0.05, "REL": 0.05, "NR": 0.12}[course.klass]
-    exit_month = None
+    exit_month = 0  # the month of the exit (with exit_kind)
     exit_kind = None
     if k == showcase + 1:
         exit_kind, exit_month = "withdraw", 8
@@ -1560,7 +1562,8 @@ def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:
     import sqlalchemy as sa
 
     t = record.table
-    with record.recorder.datastore.engine.connect() as conn:
+    engine = cast(Any, record.recorder).datastore.engine  # eventsourcing-sqlalchemy's recorder, typed as the base
+    with engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.c.originator_id, t.c.state).where(t.c.originator_version == 1).order_by(t.c.id)
         ).all()

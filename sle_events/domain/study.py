@@ -331,8 +331,14 @@ class Study(TrialAggregate):
 
     def _add_key(self, actor: str, role: str, public_key: str, printed_name: str | None = None) -> None:
         kid = key_id_of(_raw_public_key(public_key))
-        self.keys[kid] = {"key": kid, "actor": actor, "role": role, "public_key": public_key, "status": "active",
-                          "printed_name": printed_name}  # fmt: skip
+        self.keys[kid] = {
+            "key": kid,
+            "actor": actor,
+            "role": role,
+            "public_key": public_key,
+            "status": "active",
+            "printed_name": printed_name,
+        }
 
     def _active(self, key: str) -> dict[str, Any]:
         entry = self.keys.get(key)
