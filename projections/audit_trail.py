@@ -14,16 +14,36 @@ from collections.abc import Sequence
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import Connection, select
+from sqlalchemy import Connection, Table, func, select
 
 from projections.base import Fact, Projection, bulk_insert
 from projections.schema import audit_events, audit_trail, verification_findings, verification_runs
+from sle_events.audit.record_check import build_registry_timelines
 from sle_events.audit.results import check_result, result_document
 
 SIGNATURE_VERIFIED_AT_APPEND = "verified_at_append"
-COLUMNS = ("position", "event_id", "record_id", "study", "stream", "subject", "aggregate", "event_type", "visit",
-           "form", "change", "changes", "actor", "printed_name", "role", "key", "occurred_at", "recorded_at",
-           "reason", "signature_status")  # fmt: skip
+COLUMNS = (
+    "position",
+    "event_id",
+    "record_id",
+    "study",
+    "stream",
+    "subject",
+    "aggregate",
+    "event_type",
+    "visit",
+    "form",
+    "change",
+    "changes",
+    "actor",
+    "printed_name",
+    "role",
+    "key",
+    "occurred_at",
+    "recorded_at",
+    "reason",
+    "signature_status",
+)
 _dumps = json.JSONEncoder(ensure_ascii=False, separators=(",", ":")).encode
 
 
@@ -43,16 +63,31 @@ class AuditTrail(Projection):
     tables = (audit_events,)
     # Indexes for readers only: dropped during a rebuild and made again at the end (the record index stays:
     # corrections look up old values through it).
-    reader_indexes = ("audit_events_stream", "audit_events_subject", "audit_events_actor", "audit_events_recorded",
-                      "audit_events_type")  # fmt: skip
+    reader_indexes = (
+        "audit_events_stream",
+        "audit_events_subject",
+        "audit_events_actor",
+        "audit_events_recorded",
+        "audit_events_type",
+    )
 
     def __init__(self) -> None:
         self.subjects: dict[str, str | None] = {}  # stream -> screening number (None: not a subject)
-        self.printed_names: dict[str, str] = {}  # actor -> printed name, from the key registry
+        # (study, key id) -> the printed name registered with that key (None: a service's, or registered before
+        # printed names were), from the study registries as the verifier replays them; read again when a fact
+        # lies beyond what they were read from. Not from the facts of a batch: a restarted worker, or one
+        # rebuilding a range of subject streams, never sees the registry's events.
+        self.printed_names: dict[tuple[str, str], str | None] = {}
+        self._names_through = -1
+        self._events: Table | None = None
+
+    def bind(self, record: Any) -> None:
+        self._events = record.table
 
     def forget(self) -> None:
         self.subjects.clear()
         self.printed_names.clear()
+        self._names_through = -1
 
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
         rows: list[tuple[Any, ...]] = []
@@ -64,16 +99,13 @@ class AuditTrail(Projection):
             event_id = f"{stream}:{env['version']}"
             if type_name == "Subject.Screened":
                 self.subjects[stream] = payload.get("screening_number")
-            if type_name in ("Study.KeyRegistered", "Study.Created"):
-                actor = payload.get("actor") or payload.get("admin_actor")
-                name = payload.get("printed_name") or payload.get("admin_printed_name")
-                if actor and name:
-                    self.printed_names[actor] = name
             if isinstance(payload.get("corrected_version"), int):
                 record_id, change = f"{stream}:{payload['corrected_version']}", "corrected"
                 values = self._values(conn, latest, forms, record_id, fact)
-                changes = [[name, values.get(name), _text(value)]
-                           for name, value in sorted((payload.get("new_values") or {}).items())]  # fmt: skip
+                changes = [
+                    [name, values.get(name), _text(value)]
+                    for name, value in sorted((payload.get("new_values") or {}).items())
+                ]
             elif isinstance(payload.get("voided_version"), int):
                 record_id, change = f"{stream}:{payload['voided_version']}", "voided"
                 values = self._values(conn, latest, forms, record_id, fact)
@@ -82,28 +114,75 @@ class AuditTrail(Projection):
                 record_id, change, values = event_id, "recorded", {}
                 forms[record_id] = type_name
                 # Nothing entered, nothing to audit; and the library's own bookkeeping is not a field.
-                changes = [[name, None, _text(value)] for name, value in sorted(payload.items())
-                           if value is not None and not name.startswith("originator_")]  # fmt: skip
+                changes = [
+                    [name, None, _text(value)]
+                    for name, value in sorted(payload.items())
+                    if value is not None and not name.startswith("originator_")
+                ]
             values.update((name, new) for name, _, new in changes)
             latest[record_id] = values
-            rows.append((fact.position, event_id, record_id, env["study"], stream, self._subject(conn, stream),
-                         type_name.split(".", 1)[0], type_name, _text(payload.get("visit")), forms[record_id], change,
-                         _dumps(changes), env["actor"], self.printed_names.get(env["actor"], env["actor"]),
-                         env["role"], env["key"], _utc(env["occurred_at"]), env["recorded_at"], env["reason"],
-                         SIGNATURE_VERIFIED_AT_APPEND))  # fmt: skip
+            rows.append(
+                (
+                    fact.position,
+                    event_id,
+                    record_id,
+                    env["study"],
+                    stream,
+                    self._subject(conn, stream),
+                    type_name.split(".", 1)[0],
+                    type_name,
+                    _text(payload.get("visit")),
+                    forms[record_id],
+                    change,
+                    _dumps(changes),
+                    env["actor"],
+                    self._printed_name(conn, fact),
+                    env["role"],
+                    env["key"],
+                    _utc(env["occurred_at"]),
+                    env["recorded_at"],
+                    env["reason"],
+                    SIGNATURE_VERIFIED_AT_APPEND,
+                )
+            )
         bulk_insert(conn, audit_events, COLUMNS, rows)
+
+    def _printed_name(self, conn: Connection, fact: Fact) -> str:
+        """The printed name registered with the key that signed `fact`, else the signer's actor id."""
+        env = fact.envelope
+        key = (env["study"], env["key"])
+        if key not in self.printed_names and fact.position > self._names_through:
+            self._read_printed_names(conn)
+        return self.printed_names.get(key) or env["actor"]
+
+    def _read_printed_names(self, conn: Connection) -> None:
+        from sle_events.store.record import StudyRecord
+
+        events = self._events if self._events is not None else StudyRecord.events_table()
+        self._names_through = conn.execute(select(func.max(events.c.id))).scalar() or 0
+        timelines, _ = build_registry_timelines(conn, events, [])  # what the registries' valid events say
+        for study, (_, states) in timelines.items():
+            for kid, entry in states[-1].keys.items():  # every key ever registered stays in the registry
+                self.printed_names[(study, kid)] = entry.get("printed_name")
 
     def _subject(self, conn: Connection, stream: str) -> str | None:
         if stream not in self.subjects:
             # A subject's stream starts with Subject.Screened, so a stream without one is not a subject's.
             self.subjects[stream] = conn.execute(
-                select(audit_events.c.subject).where(audit_events.c.stream == stream,
-                                                     audit_events.c.subject.is_not(None)).limit(1)
-            ).scalar()  # fmt: skip
+                select(audit_events.c.subject)
+                .where(audit_events.c.stream == stream, audit_events.c.subject.is_not(None))
+                .limit(1)
+            ).scalar()
         return self.subjects[stream]
 
-    def _values(self, conn: Connection, latest: dict[str, dict[str, str | None]], forms: dict[str, str],
-                record_id: str, fact: Fact) -> dict[str, str | None]:  # fmt: skip
+    def _values(
+        self,
+        conn: Connection,
+        latest: dict[str, dict[str, str | None]],
+        forms: dict[str, str],
+        record_id: str,
+        fact: Fact,
+    ) -> dict[str, str | None]:
         """The record's latest value of each field (a copy), folded from its stored rows unless this batch
         has them; and its form, noted in `forms`."""
         if record_id in latest:
@@ -121,9 +200,17 @@ class AuditTrail(Projection):
 CHANGES = ("recorded", "corrected", "voided")
 
 
-def query(conn: Connection, *, subject: str | None = None, stream: str | None = None, actor: str | None = None,
-          event_type: str | None = None, since: datetime | str | None = None, until: datetime | str | None = None,
-          change: str | None = None) -> list[dict[str, Any]]:  # fmt: skip
+def query(
+    conn: Connection,
+    *,
+    subject: str | None = None,
+    stream: str | None = None,
+    actor: str | None = None,
+    event_type: str | None = None,
+    since: datetime | str | None = None,
+    until: datetime | str | None = None,
+    change: str | None = None,
+) -> list[dict[str, Any]]:
     """Audit-trail rows filtered by subject (screening number), stream, user, recorded-time range (instants with
     an offset, compared as instants), event type and kind of change (recorded, corrected, voided)."""
     since, until = _instant(since, "since"), _instant(until, "until")
@@ -158,7 +245,9 @@ def query(conn: Connection, *, subject: str | None = None, stream: str | None = 
             kinds = last["findings_by_position"].get(row["position"])
             row["last_verification"] = f"{'FAILED ' + ','.join(kinds) if kinds else 'ok'} at {last['run_at']}"
             if last["unverifiable"]:  # a result nobody can vouch for is shown as such
-                row["last_verification"] = f"UNVERIFIABLE ({last['unverifiable']}): stored as {row['last_verification']}"
+                row["last_verification"] = (
+                    f"UNVERIFIABLE ({last['unverifiable']}): stored as {row['last_verification']}"
+                )
     return rows
 
 
@@ -186,23 +275,41 @@ def last_verification(conn: Connection) -> dict[str, Any] | None:
         return None
     f = verification_findings
     by_position: dict[int, list[str]] = {}
-    stored = conn.execute(select(f.c.position, f.c.stream, f.c.version, f.c.kind, f.c.detail)
-                          .where(f.c.run_id == run.id).order_by(f.c.seq)).all()  # fmt: skip
+    stored = conn.execute(
+        select(f.c.position, f.c.stream, f.c.version, f.c.kind, f.c.detail)
+        .where(f.c.run_id == run.id)
+        .order_by(f.c.seq)
+    ).all()
     for row in stored:
         by_position.setdefault(row.position, []).append(row.kind)
-    why = check_result(conn, run.id, result_document(run.run_at, bool(run.ok), run.events, stored))
+    why = check_result(conn, run.id, result_document(run.run_at, bool(run.ok), run.events, list(stored)))
     return {"run_at": run.run_at, "ok": bool(run.ok), "findings_by_position": by_position, "unverifiable": why}
 
 
 def save_verification(conn: Connection, report: Any) -> int:
     """Keep a full verification's result (`sle verify`), so the audit trail can show it per event."""
     run_at = datetime.now(UTC).isoformat()
-    run_id = conn.execute(verification_runs.insert().values(
-        run_at=run_at, ok=int(report.ok), events=report.events, findings=len(report.findings)
-    )).inserted_primary_key[0]  # fmt: skip
+    inserted = conn.execute(
+        verification_runs.insert().values(
+            run_at=run_at, ok=int(report.ok), events=report.events, findings=len(report.findings)
+        )
+    ).inserted_primary_key
+    assert inserted is not None  # an INSERT of one row always has its primary key
+    run_id: int = inserted[0]
     if report.findings:
-        conn.execute(verification_findings.insert(), [
-            {"run_id": run_id, "seq": i, "position": f.position, "stream": f.stream, "version": f.version,
-             "kind": f.kind, "detail": f.detail} for i, f in enumerate(report.findings)
-        ])  # fmt: skip
+        conn.execute(
+            verification_findings.insert(),
+            [
+                {
+                    "run_id": run_id,
+                    "seq": i,
+                    "position": f.position,
+                    "stream": f.stream,
+                    "version": f.version,
+                    "kind": f.kind,
+                    "detail": f.detail,
+                }
+                for i, f in enumerate(report.findings)
+            ],
+        )
     return run_id

@@ -24,12 +24,12 @@ import hashlib
 import itertools
 import json
 import math
-from collections.abc import Callable
+from collections.abc import Callable, Sequence
 from dataclasses import dataclass, field
 from datetime import UTC, date, datetime, timedelta
 from decimal import ROUND_HALF_UP, Decimal
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 from uuid import UUID, uuid5
 from zoneinfo import ZoneInfo
 
@@ -61,6 +61,14 @@ PEOPLE = {
     "lab": ("lab.drum-tower", "lab"),
     "data_manager": ("dm.zhao", "data_manager"),
     "sponsor": ("pv.sponsor", "sponsor"),
+}
+# The printed names registered with the people's keys (21 CFR 11.50), shown by the audit trail. The lab's key is
+# its reporting interface's (a service: no printed name), and the admin is the trust root (`Study.Created`).
+PRINTED_NAMES = {
+    "coordinator": "Li Na",
+    "investigator": "Dr. Wang Li",
+    "data_manager": "Zhao Min",
+    "sponsor": "Chen Jing",
 }
 MASK64 = (1 << 64) - 1
 
@@ -111,7 +119,7 @@ class Rng:
     def lognormal(self, median: float, gsd: float) -> float:
         return median * math.exp(self.normal(0.0, math.log(gsd)))
 
-    def pick(self, weighted: list[tuple[Any, float]]) -> Any:
+    def pick(self, weighted: Sequence[tuple[Any, float]]) -> Any:
         r, acc = self.random() * sum(w for _, w in weighted), 0.0
         for item, w in weighted:
             acc += w
@@ -136,7 +144,7 @@ class Command:
     recorded_at: datetime
     seq: int
     label: str = field(compare=False)
-    run: Callable[[], Any] = field(compare=False)
+    run: Callable[..., Any] = field(compare=False)
     expect: type[Exception] | None = field(compare=False, default=None)
 
 
@@ -175,7 +183,7 @@ class Plan:
         self.backlog = 0
 
     def add(
-        self, recorded_at: datetime, label: str, run: Callable[[], Any], expect: type[Exception] | None = None
+        self, recorded_at: datetime, label: str, run: Callable[..., Any], expect: type[Exception] | None = None
     ) -> datetime:
         recorded_at = recorded_at.astimezone(UTC)
         if recorded_at > self.data_cut:
@@ -218,8 +226,9 @@ class Story:
         return datetime(day.year, day.month, day.day, h, 0, tzinfo=self.tz) + timedelta(minutes=m)
 
     def add(
-        self, entered: datetime, label: str, run: Callable[[], Any], expect: type[Exception] | None = None
+        self, entered: datetime, label: str, run: Callable[..., Any], expect: type[Exception] | None = None
     ) -> datetime:
+        """``run`` is called with no arguments (a lambda's parameters, if any, bind loop values by default)."""
         when = max(entered.astimezone(UTC), self.cursor + timedelta(seconds=1))
         self.cursor = when
         return self.plan.add(when, label, run, expect)
@@ -452,7 +461,7 @@ class Demo:
         return [v for v, eff in self.icf_versions if eff <= when][-1]
 
 
-def _checklist(labs_at: datetime, failed: list[str] = ()) -> EligibilityChecklist:  # type: ignore[assignment]  # an empty tuple as an immutable default
+def _checklist(labs_at: datetime, failed: Sequence[str] = ()) -> EligibilityChecklist:
     from sle_events.domain.eligibility import EXCLUSION, INCLUSION
 
     answers = {c: CriterionAnswer(met=c not in failed, evidence="source documents") for c in INCLUSION}
@@ -480,7 +489,8 @@ def screening_dates(seed: int, n: int) -> list[date]:
     """Weekday screening dates over 18 months, at half rate in months 0–3 (Poisson arrivals)."""
     rng = Rng(seed, "study", "screening")
     per_day = n / (ENROLLMENT_MONTHS * 30 - 45) if n else 1.0
-    days, d = [], STUDY_START.date()
+    days: list[date] = []
+    d = STUDY_START.date()
     while len(days) < n:
         rate = per_day * (0.5 if (d - STUDY_START.date()).days < 90 else 1.0)
         d += timedelta(days=max(1, round(-math.log(max(rng.random(), 1e-12)) / rate)))
@@ -1016,7 +1026,7 @@ def plan_follow_up(
     disp = Rng(demo.seed, k, "disposition")
     death_p = {"CR": 0.01, "PR": 0.03, "REL": 0.06, "NR": 0.09}[course.klass]
     withdraw_p = {"CR": 0.05, "PR": 0.05, "REL": 0.05, "NR": 0.12}[course.klass]
-    exit_month = None
+    exit_month = 0  # the month of the exit (with exit_kind)
     exit_kind = None
     if k == showcase + 1:
         exit_kind, exit_month = "withdraw", 8
@@ -1028,6 +1038,7 @@ def plan_follow_up(
         exit_kind, exit_month = "ltfu", disp.integer(4, 22)
     missed_last = False
     sae_forced = k == showcase
+    stale_shown = k != showcase  # the showcase's first monthly creatinine leaves a stale eGFR (below)
     for nadir_day in (7, 14):  # unscheduled CBC at the CYC nadir (synthetic-cohort.md §4.4)
         day = tx + timedelta(days=nadir_day)
         uns_at = story.at(day, 9.0)
@@ -1223,6 +1234,15 @@ def plan_follow_up(
         shown = dict(values)
         if wrong:
             shown[wrong] = swapped
+        stale = None
+        if not stale_shown:
+            # A mis-keyed creatinine, corrected by the lab days later without deriving the eGFR again: the eGFR
+            # derived from the wrong value is a stale result (`sle patients`, `sle dashboard`) for the monitor.
+            stale_shown = True
+            stale = _swap_last_digits(values["CREAT"])
+            if stale == values["CREAT"] or not _plausible("CREAT", stale):
+                stale = dec(float(values["CREAT"]) + 0.3, 2)
+            shown["CREAT"] = stale
         key = (k, month)
         story.add(
             reported,
@@ -1241,6 +1261,21 @@ def plan_follow_up(
                 f"{number} M{month} correction",
                 lambda kk=key, c=wrong, v=values[wrong], f_=fixed: t.correct(
                     sid(), demo.versions[kk][c], {"value": v}, "transcription error", f_, signer=s["lab"]
+                ),
+            )
+        if stale is not None:
+            stale_fixed = reported + timedelta(days=5)
+            story.add(
+                stale_fixed,
+                f"{number} M{month} creatinine correction (eGFR not derived again)",
+                lambda kk=key, v=values["CREAT"], f_=stale_fixed: t.correct(
+                    sid(),
+                    demo.versions[kk]["CREAT"],
+                    {"value": v},
+                    "transcription error",
+                    f_,
+                    signer=s["lab"],
+                    derive=False,
                 ),
             )
         if crng.chance(0.03):  # the lab sends one result twice; the duplicate is voided
@@ -1421,7 +1456,7 @@ def _run(
     seed: int,
     on_progress: Callable[[int, int], None] | None,
 ) -> DemoResult:
-    people = [signers[n] for n in PEOPLE if n != "admin"]
+    people = [(signers[n], PRINTED_NAMES.get(n)) for n in PEOPLE if n != "admin"]
     setup_at = STUDY_START - timedelta(days=60)
     study_id = uuid5(DEMO_NAMESPACE, f"ALLOMSC-SLE/{seed}/{subjects}")
     trial = Trial.create(
@@ -1527,7 +1562,8 @@ def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:
     import sqlalchemy as sa
 
     t = record.table
-    with record.recorder.datastore.engine.connect() as conn:
+    engine = cast(Any, record.recorder).datastore.engine  # eventsourcing-sqlalchemy's recorder, typed as the base
+    with engine.connect() as conn:
         rows = conn.execute(
             sa.select(t.c.originator_id, t.c.state).where(t.c.originator_version == 1).order_by(t.c.id)
         ).all()

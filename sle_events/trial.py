@@ -69,16 +69,18 @@ class Trial:
         code: str,
         title: str,
         admin: Signer,
-        people: Iterable[Signer] = (),
+        people: Iterable[Signer | tuple[Signer, str | None]] = (),
         occurred_at: datetime | None = None,
         permissions: dict[str, list[str]] | None = None,
         study_id: UUID | None = None,
     ) -> Trial:
-        """Create a study with ``admin`` as its trust root and register the keys of ``people`` (one batch)."""
+        """Create a study with ``admin`` as its trust root and register the keys of ``people`` (one batch): each a
+        ``(signer, printed name)`` of a person, or a service's signer alone (no printed name)."""
         when = occurred_at or clock.now()
         study = Study.create(code, title, admin.actor, admin.public_key_b64, when, permissions, study_id=study_id)
-        for person in people:
-            study.register_key(person.actor, person.role, person.public_key_b64, when)
+        for entry in people:
+            person, name = entry if isinstance(entry, tuple) else (entry, None)
+            study.register_key(person.actor, person.role, person.public_key_b64, when, printed_name=name)
         record.record(study, signer=admin)
         return cls(record, study.id)
 
@@ -97,10 +99,20 @@ class Trial:
         self.record.record(study, signer=signer)
         return result
 
-    def register_key(self, person: Signer, *, admin: Signer, occurred_at: datetime | None = None) -> str:
+    def register_key(
+        self,
+        person: Signer,
+        *,
+        admin: Signer,
+        occurred_at: datetime | None = None,
+        printed_name: str | None = None,
+    ) -> str:
+        """Register a person's key with their printed name, or a service's key (``printed_name`` None)."""
         return self._on_study(
             admin,
-            lambda s: s.register_key(person.actor, person.role, person.public_key_b64, occurred_at or clock.now()),
+            lambda s: s.register_key(
+                person.actor, person.role, person.public_key_b64, occurred_at or clock.now(), printed_name=printed_name
+            ),
         )
 
     def change_permissions(
@@ -649,14 +661,16 @@ class Trial:
         occurred_at: datetime | None = None,
         *,
         signer: Signer,
+        derive: bool = True,
     ) -> Any:
         """R11: correct the fact at ``version`` (only by a role that may record that fact); a corrected serum
-        creatinine also records a new eGFR citing the correction."""
+        creatinine also records a new eGFR citing the correction (unless ``derive`` is False: the eGFR derived
+        from the old value is then a stale result until one is derived again)."""
 
         def verb(s: Subject, c: StudyConfig) -> Any:
             kind = self._may_change(s, version, signer)
             record = s.correct(version, new_values, reason, occurred_at or clock.now(), config=c)
-            if kind == "LabResultRecorded":
+            if kind == "LabResultRecorded" and derive:
                 self._derive_after(s, version, c, signer)
             return record
 

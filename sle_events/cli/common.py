@@ -85,6 +85,15 @@ def new_app(**kwargs: Any) -> typer.Typer:
     return typer.Typer(**kwargs)
 
 
+def _argument_help_name(self: Any, ctx: Any) -> str | None:
+    """An argument's help line shows its metavar (PROOF_FILE), not a Python type (`<path>`, `<list[str]>`): typer
+    shows the type beside an argument even when it has a metavar, which options do not do."""
+    return None
+
+
+typer.core.TyperArgument.display_type_rich = _argument_help_name  # type: ignore[method-assign]  # see above
+
+
 def fail(message: str, code: int = 2) -> NoReturn:
     err.print(f"[red]error:[/red] {escape(message)}")
     raise typer.Exit(code)

@@ -1,8 +1,10 @@
 """`sle ledger ...`: the verifiable ledger (Merkle log, signed checkpoints, proofs) from the command line.
 
-Exit codes: 0 done / verified, 1 the operation failed or a proof does not verify (with the reason), 2 bad
-usage or unusable input (nothing is written then). The log key is read from ``--log-key`` or $SLE_LOG_KEY and
-never printed.
+Built on `sle_events.cli.common` like every command group: its `--db`, consoles, quiet closed pipes, error→exit
+code map, and `existing_database` (a ledger is kept beside an existing study record, so no command here creates
+a database). Exit codes: 0 done / verified, 1 the operation failed or a proof does not verify (with the
+reason), 2 bad usage or unusable input (nothing is written then). The log key is read from ``--log-key`` or
+$SLE_LOG_KEY and never printed. `verify-proof` needs no database and loads no database code.
 """
 
 from __future__ import annotations
@@ -10,85 +12,86 @@ from __future__ import annotations
 import base64
 import json
 import os
-import sys
+from collections.abc import Callable
 from pathlib import Path
-from typing import Any, Callable, NoReturn, Optional
+from typing import Any, NoReturn
 
 import typer
-from rich.console import Console
 from rich.markup import escape
-from rich.progress import BarColumn, MofNCompleteColumn, Progress, TextColumn, TimeRemainingColumn
+from rich.progress import Progress
 
-from sle_events.store.url import database_url
+from sle_events.cli.common import (
+    DbOption,
+    database_url,
+    err,
+    existing_database,
+    fail,
+    handled,
+    new_app,
+    progress,
+    safe_url,
+    write_stdout,
+)
 
-
-ledger_app = typer.Typer(
+ledger_app = new_app(
     no_args_is_help=True,
     help="Verifiable ledger: one Merkle log over every event, signed checkpoints, offline-checkable proofs.",
 )
-err = Console(stderr=True)
 
-DbOption = typer.Option(None, "--db", help="SQLAlchemy URL (default: $SLE_DATABASE_URL or ./sle-study.db)")
-LogKeyOption = typer.Option(None, "--log-key", envvar="SLE_LOG_KEY", show_envvar=True,
-                            help="the log's Ed25519 signing key file (0600)")  # fmt: skip
-OriginOption = typer.Option(None, "--origin", envvar="SLE_LOG_ORIGIN", show_envvar=True,
-                            help="checkpoint origin line (default sle.local/<study code or database name>)")  # fmt: skip
-BatchOption = typer.Option(5000, "--batch", min=1, help="events integrated per transaction")
+LogKeyOption = typer.Option(
+    None,
+    "--log-key",
+    metavar="FILE",
+    envvar="SLE_LOG_KEY",
+    show_envvar=True,
+    help="the log's Ed25519 signing key file (0600)",
+)
+OriginOption = typer.Option(
+    None,
+    "--origin",
+    metavar="ORIGIN",
+    envvar="SLE_LOG_ORIGIN",
+    show_envvar=True,
+    help="checkpoint origin line (default sle.local/<study code or database name>)",
+)
+BatchOption = typer.Option(5000, "--batch", min=1, metavar="N", help="events integrated per transaction")
 
 
-def _fail(message: str, code: int = 1) -> NoReturn:
-    err.print(f"[red]error:[/red] {escape(message)}")
-    raise typer.Exit(code)
+def _refuse(message: str) -> NoReturn:
+    """The operation failed, or a proof does not verify: exit 1 (bad usage and unusable input are `fail`'s 2)."""
+    fail(message, 1)
 
 
 def _progress(label: str) -> Progress:
-    return Progress(
-        TextColumn(f"[bold]{label}"), BarColumn(), MofNCompleteColumn(), TimeRemainingColumn(),
-        console=err, disable=not err.is_terminal, transient=False,
-    )  # fmt: skip
+    return progress(label)
 
 
-def _url(db: Optional[str]) -> str:
-    return database_url(db)
+def _ledger(db: str | None, *, create: bool) -> Any:
+    """Open the ledger of an existing study record (a missing database, or none there, is exit 2 and creates
+    nothing); no ledger yet is a failure (1)."""
+    from sle_events.ledger.log import Ledger, LedgerError
+
+    url = existing_database(db)
+    with handled():
+        try:
+            return Ledger(url, create=create)
+        except LedgerError as e:
+            if "no ledger yet" in str(e):
+                _refuse(str(e))
+            fail(f"{e} ({safe_url(url)})")
 
 
-def _ledger(db: Optional[str], *, create: bool) -> Any:
-    """Open the ledger; no database / no study record is bad input (2), no ledger yet a failure (1)."""
-    from sle_events.ledger.log import EVENTS_TABLE, Ledger, LedgerError
-
-    url = _url(db)
-    try:
-        return Ledger(url, create=create)
-    except LedgerError as e:
-        code = 1 if "no ledger yet" in str(e) else 2
-        _fail(f"{e} ({_safe_url(url)})" if code == 2 else str(e), code)
-    except Exception as e:  # noqa: BLE001 - unreachable server, bad URL...
-        _fail(f"cannot open the database {_safe_url(url)}: {type(e).__name__}: {e}; is it a study record "
-              f"(table {EVENTS_TABLE})?", 2)  # fmt: skip
-
-
-def _safe_url(url: str) -> str:
-    import sqlalchemy as sa
-
-    try:
-        return sa.engine.make_url(url).render_as_string(hide_password=True)
-    except Exception:  # noqa: BLE001
-        return "the given URL"
-
-
-def _signer(log_key: Optional[Path], origin: Optional[str]) -> Any:
+def _signer(log_key: Path | None, origin: str | None) -> Any:
     from sle_events.ledger.log import LogKeyError, load_log_key
 
     if log_key is None:
-        _fail("the log key is needed: --log-key FILE or $SLE_LOG_KEY (create one with `sle ledger init`)", 2)
+        fail("the log key is needed: --log-key FILE or $SLE_LOG_KEY (create one with `sle ledger init`)")
     try:
         signer = load_log_key(log_key)
     except LogKeyError as e:
-        _fail(str(e), 2)
+        fail(str(e))
     if origin is not None and origin != signer.name:
-        _fail(
-            f"origin {origin!r} differs from the log key's origin {signer.name!r} (the key is made for one origin)", 2
-        )
+        fail(f"origin {origin!r} differs from the log key's origin {signer.name!r} (the key is made for one origin)")
     return signer
 
 
@@ -96,11 +99,11 @@ def _read_text(path: Path, what: str) -> str:
     try:
         return path.read_text(encoding="utf-8")
     except FileNotFoundError:
-        _fail(f"{what} {path} does not exist", 2)
+        fail(f"{what} {path} does not exist")
     except UnicodeDecodeError:
-        _fail(f"{what} {path} is not UTF-8 text", 2)
+        fail(f"{what} {path} is not UTF-8 text")
     except OSError as e:
-        _fail(f"cannot read {what} {path}: {e.strerror}", 2)
+        fail(f"cannot read {what} {path}: {e.strerror}")
 
 
 def _write(path: Path, data: str | bytes) -> None:
@@ -110,7 +113,7 @@ def _write(path: Path, data: str | bytes) -> None:
         else:
             path.write_text(data, encoding="utf-8")
     except OSError as e:
-        _fail(f"cannot write {path}: {e.strerror}", 2)
+        fail(f"cannot write {path}: {e.strerror}")
 
 
 def _b64(h: bytes) -> str:
@@ -120,7 +123,8 @@ def _b64(h: bytes) -> str:
 def _integrate(ledger: Any, batch: int) -> int:
     with _progress("integrating") as bar:
         task = bar.add_task("integrate", total=None)
-        return ledger.integrate(batch=batch, on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+        added: int = ledger.integrate(batch=batch, on_progress=lambda d, t: bar.update(task, completed=d, total=t))
+        return added
 
 
 # --------------------------------------------------------------------------- commands
@@ -128,32 +132,31 @@ def _integrate(ledger: Any, batch: int) -> int:
 
 @ledger_app.command("init")
 def init(
-    log_key: Optional[Path] = LogKeyOption,
-    origin: Optional[str] = OriginOption,
-    db: Optional[str] = DbOption,
+    log_key: Path | None = LogKeyOption,
+    origin: str | None = OriginOption,
+    db: str | None = DbOption,
 ) -> None:
     """Create the log's signing key (a new 0600 file) and print its verifier key (vkey)."""
     from sle_events.ledger.log import LogKeyError, create_log_key, default_origin
 
     if log_key is None:
-        _fail("where to write the key: --log-key FILE or $SLE_LOG_KEY", 2)
+        fail("where to write the key: --log-key FILE or $SLE_LOG_KEY")
     if log_key.exists() or log_key.is_symlink():
-        _fail(f"{log_key} exists; refusing to overwrite a key", 2)
-    origin = origin or default_origin(_url(db))
+        fail(f"{log_key} exists; refusing to overwrite a key")
+    origin = origin or default_origin(database_url(db))
     try:
         signer = create_log_key(log_key, origin)
     except LogKeyError as e:
-        _fail(str(e), 2)
-    err.print(f"log key written to {escape(str(log_key))} (0600) for origin {escape(origin)}; "
-              "give auditors this vkey:")  # fmt: skip
-    print(signer.vkey)
+        fail(str(e))
+    err.print(f"log key written to {escape(str(log_key))} (0600) for origin {escape(origin)}; give auditors this vkey:")
+    write_stdout(signer.vkey + "\n")
 
 
 @ledger_app.command("vkey")
-def vkey(log_key: Optional[Path] = LogKeyOption, db: Optional[str] = DbOption) -> None:
+def vkey(log_key: Path | None = LogKeyOption, db: str | None = DbOption) -> None:
     """Print the log's verifier key (one line): from the log key, else the one the ledger recorded."""
     if log_key is not None:
-        print(_signer(log_key, None).vkey)
+        write_stdout(_signer(log_key, None).vkey + "\n")
         return
     ledger = _ledger(db, create=False)
     try:
@@ -161,58 +164,57 @@ def vkey(log_key: Optional[Path] = LogKeyOption, db: Optional[str] = DbOption) -
     finally:
         ledger.close()
     if not recorded:
-        _fail("no checkpoint has been signed yet, so the ledger has no vkey; pass --log-key", 1)
-    print(recorded)
+        _refuse("no checkpoint has been signed yet, so the ledger has no vkey; pass --log-key")
+    write_stdout(recorded + "\n")
 
 
 @ledger_app.command("integrate")
 def integrate(
-    db: Optional[str] = DbOption,
+    db: str | None = DbOption,
     batch: int = BatchOption,
-    limit: Optional[int] = typer.Option(None, min=0, help="integrate at most this many events"),
+    limit: int | None = typer.Option(None, min=0, metavar="N", help="integrate at most this many events"),
 ) -> None:
     """Give every new event the next leaf index (the single sequencer; safe to run concurrently)."""
     ledger = _ledger(db, create=True)
     try:
-        if limit is None:
-            added = _integrate(ledger, batch)
-        else:
-            added = ledger.integrate(limit, batch=batch)
-        state = ledger.state()
+        with handled():
+            added = _integrate(ledger, batch) if limit is None else ledger.integrate(limit, batch=batch)
+            state = ledger.state()
     finally:
         ledger.close()
-    print(f"integrated {added} events; tree size {state.size}, root {_b64(state.root)}")
+    write_stdout(f"integrated {added} events; tree size {state.size}, root {_b64(state.root)}\n")
 
 
 @ledger_app.command("checkpoint")
 def checkpoint(
-    db: Optional[str] = DbOption,
-    log_key: Optional[Path] = LogKeyOption,
-    origin: Optional[str] = OriginOption,
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the signed checkpoint to this file"),
+    db: str | None = DbOption,
+    log_key: Path | None = LogKeyOption,
+    origin: str | None = OriginOption,
+    out: Path | None = typer.Option(
+        None, "--out", metavar="FILE", help="also write the signed checkpoint to this file"
+    ),
     integrate_first: bool = typer.Option(True, "--integrate/--no-integrate", help="integrate new events first"),
     batch: int = BatchOption,
 ) -> None:
     """Sign a checkpoint (C2SP tlog-checkpoint in a signed note) for the integrated tree; print it."""
     signer = _signer(log_key, origin)
     cp = _issue(db, signer, batch if integrate_first else None, out, lambda ledger: ledger.checkpoint(signer, origin))
-    sys.stdout.write(cp.note)
+    write_stdout(cp.note)
 
 
-def _issue(
-    db: Optional[str], signer: Any, batch: Optional[int], out: Optional[Path], sign: Callable[[Any], Any]
-) -> Any:
+def _issue(db: str | None, signer: Any, batch: int | None, out: Path | None, sign: Callable[[Any], Any]) -> Any:
     """Integrate new events (unless `batch` is None), then `sign(ledger)` a checkpoint and write it to `out`."""
     from sle_events.ledger.log import LedgerError
 
     ledger = _ledger(db, create=True)
     try:
         _same_log(ledger, signer)
-        if batch is not None:
-            _integrate(ledger, batch)
-        cp = sign(ledger)
+        with handled():
+            if batch is not None:
+                _integrate(ledger, batch)
+            cp = sign(ledger)
     except LedgerError as e:
-        _fail(str(e), 1)
+        _refuse(str(e))
     finally:
         ledger.close()
     if out is not None:
@@ -222,14 +224,17 @@ def _issue(
 
 @ledger_app.command("rotate-key")
 def rotate_key(
-    db: Optional[str] = DbOption,
-    log_key: Optional[Path] = LogKeyOption,
+    db: str | None = DbOption,
+    log_key: Path | None = LogKeyOption,
     new_key: Path = typer.Option(
         ...,
         "--new-key",
+        metavar="FILE",
         help="the log's next key (make it with `sle ledger init --log-key NEW --origin <this log's origin>`)",
     ),
-    out: Optional[Path] = typer.Option(None, "--out", help="also write the rotation checkpoint to this file"),
+    out: Path | None = typer.Option(
+        None, "--out", metavar="FILE", help="also write the rotation checkpoint to this file"
+    ),
     batch: int = BatchOption,
 ) -> None:
     """Hand the log to a new key: a checkpoint naming the old and the new vkey, signed by both. Later
@@ -237,7 +242,7 @@ def rotate_key(
     old, new = _signer(log_key, None), _signer(new_key, None)
     cp = _issue(db, old, batch, out, lambda ledger: ledger.rotate_key(old, new))
     err.print(f"the log is now signed by {escape(new.vkey)}; give auditors this checkpoint and the new vkey")
-    sys.stdout.write(cp.note)
+    write_stdout(cp.note)
 
 
 def _same_log(ledger: Any, signer: Any) -> None:
@@ -245,7 +250,7 @@ def _same_log(ledger: Any, signer: Any) -> None:
     state = ledger.state()
     if state.vkey is not None and state.vkey != signer.vkey:
         ledger.close()
-        _fail(f"this ledger is signed by {state.vkey}; the given log key is {signer.vkey}", 2)
+        fail(f"this ledger is signed by {state.vkey}; the given log key is {signer.vkey}")
 
 
 def _event(ledger: Any, event_id: str) -> int:
@@ -254,55 +259,70 @@ def _event(ledger: Any, event_id: str) -> int:
     try:
         parsed = parse_event_id(event_id)
     except ValueError as e:
-        _fail(f"EVENT_ID: {e}", 2)
+        fail(f"EVENT_ID: {e}")
     if isinstance(parsed, int):
         return parsed
     try:
         return int(ledger.position_of(*parsed))
     except LedgerError as e:
-        _fail(str(e), 1)
+        _refuse(str(e))
 
 
 @ledger_app.command("prove")
 def prove(
-    event_id: Optional[str] = typer.Argument(None, help="<stream uuid>:<version>, or the event's log position"),
-    index: Optional[int] = typer.Option(None, "--index", min=0, help="leaf index instead of an event"),
-    out: Path = typer.Option(..., "--out", help="tlog-proof file to write; the leaf bytes go to FILE.leaf"),
-    against: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="prove against this saved checkpoint (default: the latest one issued)"
-    ),  # fmt: skip
-    db: Optional[str] = DbOption,
+    event_id: str | None = typer.Argument(
+        None, metavar="EVENT_ID", help="<stream uuid>:<version>, or the event's log position"
+    ),
+    index: int | None = typer.Option(None, "--index", min=0, metavar="N", help="leaf index instead of an event"),
+    out: Path = typer.Option(
+        ..., "--out", metavar="FILE", help="tlog-proof file to write; the leaf bytes go to FILE.leaf"
+    ),
+    against: Path | None = typer.Option(
+        None,
+        "--checkpoint",
+        metavar="FILE",
+        help="prove against this saved checkpoint (default: the latest one issued)",
+    ),
+    db: str | None = DbOption,
 ) -> None:
     """Write an inclusion proof (c2sp.org/tlog-proof@v1) for one event, and its exact leaf bytes."""
     from sle_events.ledger.log import LedgerError
 
     if (event_id is None) == (index is None):
-        _fail("give exactly one of EVENT_ID or --index N", 2)
+        fail("give exactly one of EVENT_ID or --index N")
     note = _read_text(against, "checkpoint") if against is not None else None
     ledger = _ledger(db, create=False)
     try:
-        position = _event(ledger, event_id) if event_id is not None else None
-        proof = ledger.inclusion_proof(position, index=index, checkpoint=note)
+        with handled():
+            position = _event(ledger, event_id) if event_id is not None else None
+            proof = ledger.inclusion_proof(position, index=index, checkpoint=note)
     except LedgerError as e:
-        _fail(str(e), 1)
+        _refuse(str(e))
     finally:
         ledger.close()
     leaf_file = out.with_name(out.name + ".leaf")
     _write(out, proof.text)
     _write(leaf_file, proof.leaf_bytes or b"")
     leaf = proof.leaf
-    err.print(f"leaf {leaf.index} (log position {leaf.position}, {leaf.stream} v{leaf.version}) in the tree of "
-              f"{proof.size}: proof {escape(str(out))}, leaf bytes {escape(str(leaf_file))}")  # fmt: skip
+    err.print(
+        f"leaf {leaf.index} (log position {leaf.position}, {leaf.stream} v{leaf.version}) in the tree of "
+        f"{proof.size}: proof {escape(str(out))}, leaf bytes {escape(str(leaf_file))}"
+    )
 
 
 @ledger_app.command("consistency")
 def consistency(
-    old: Path = typer.Option(..., "--old", help="a checkpoint saved earlier"),
-    new: Optional[Path] = typer.Option(None, "--new", help="prove up to this checkpoint (default: the latest)"),
-    out: Optional[Path] = typer.Option(
-        None, "--out", help="write the proof here (and the new checkpoint to FILE.checkpoint) instead of printing it"
-    ),  # fmt: skip
-    db: Optional[str] = DbOption,
+    old: Path = typer.Option(..., "--old", metavar="FILE", help="a checkpoint saved earlier"),
+    new: Path | None = typer.Option(
+        None, "--new", metavar="FILE", help="prove up to this checkpoint (default: the latest)"
+    ),
+    out: Path | None = typer.Option(
+        None,
+        "--out",
+        metavar="FILE",
+        help="write the proof here (and the new checkpoint to FILE.checkpoint) instead of printing it",
+    ),
+    db: str | None = DbOption,
 ) -> None:
     """Consistency proof (RFC 9162) from a saved checkpoint to the latest one: one base64 hash per line."""
     from sle_events.ledger.log import LedgerError
@@ -311,30 +331,39 @@ def consistency(
     new_note = _read_text(new, "checkpoint") if new is not None else None
     ledger = _ledger(db, create=False)
     try:
-        proof = ledger.prove_consistency(old_note, new_note)
+        with handled():
+            proof = ledger.prove_consistency(old_note, new_note)
     except LedgerError as e:
-        _fail(str(e), 1)
+        _refuse(str(e))
     finally:
         ledger.close()
     if out is None:
-        sys.stdout.write(proof.text)
+        write_stdout(proof.text)
         return
     _write(out, proof.text)
     _write(out.with_name(out.name + ".checkpoint"), proof.new.note)
-    err.print(f"consistency {proof.old_size} → {proof.new.size}: {len(proof.hashes)} hashes in {escape(str(out))}, "
-              f"the new checkpoint in {escape(str(out))}.checkpoint")  # fmt: skip
+    err.print(
+        f"consistency {proof.old_size} → {proof.new.size}: {len(proof.hashes)} hashes in {escape(str(out))}, "
+        f"the new checkpoint in {escape(str(out))}.checkpoint"
+    )
 
 
 @ledger_app.command("verify-proof")
 def verify_proof(
-    proof_file: Path = typer.Argument(..., help="a tlog-proof (from `prove`) or a signed checkpoint"),
-    vkey: str = typer.Option(..., "--vkey", help="the log's vkey, or a file holding it"),
-    leaf: Optional[Path] = typer.Option(None, "--leaf", help="the leaf bytes (default: PROOF_FILE.leaf)"),
-    old_checkpoint: Optional[Path] = typer.Option(None, "--old-checkpoint", help="a checkpoint saved earlier"),
-    consistency_file: Optional[Path] = typer.Option(
-        None, "--consistency", help="consistency proof from the old checkpoint to the one in PROOF_FILE"
-    ),  # fmt: skip
-    origin: Optional[str] = typer.Option(None, "--origin", help="expected origin (default: the vkey's name)"),
+    proof_file: Path = typer.Argument(
+        ..., metavar="PROOF_FILE", help="a tlog-proof (from `prove`) or a signed checkpoint"
+    ),
+    vkey: str = typer.Option(..., "--vkey", metavar="VKEY|FILE", help="the log's vkey, or a file holding it"),
+    leaf: Path | None = typer.Option(None, "--leaf", metavar="FILE", help="the leaf bytes (default: PROOF_FILE.leaf)"),
+    old_checkpoint: Path | None = typer.Option(
+        None, "--old-checkpoint", metavar="FILE", help="a checkpoint saved earlier"
+    ),
+    consistency_file: Path | None = typer.Option(
+        None, "--consistency", metavar="FILE", help="consistency proof from the old checkpoint to the one in PROOF_FILE"
+    ),
+    origin: str | None = typer.Option(
+        None, "--origin", metavar="ORIGIN", help="expected origin (default: the vkey's name)"
+    ),
 ) -> None:
     """Check a proof offline, with nothing but the log's vkey: no database needed."""
     from sle_events.audit.errors import ProofRejected, UnusableInput
@@ -344,9 +373,9 @@ def verify_proof(
     try:
         verifier = load_vkey(vkey)
     except UnusableInput as e:
-        _fail(f"--vkey: {e}", 2)
+        fail(f"--vkey: {e}")
     if (old_checkpoint is None) != (consistency_file is None):
-        _fail("--old-checkpoint and --consistency go together", 2)
+        fail("--old-checkpoint and --consistency go together")
     text = _read_text(proof_file, "proof")
     leaf_bytes = None
     if is_inclusion_proof(text):
@@ -354,32 +383,34 @@ def verify_proof(
         try:
             leaf_bytes = leaf_path.read_bytes()
         except OSError:
-            _fail(f"the leaf bytes are needed: {leaf_path} cannot be read (pass --leaf FILE)", 2)
+            fail(f"the leaf bytes are needed: {leaf_path} cannot be read (pass --leaf FILE)")
     old_text = _read_text(old_checkpoint, "old checkpoint") if old_checkpoint is not None else None
     proof_text = _read_text(consistency_file, "consistency proof") if consistency_file is not None else None
     try:
-        lines = check_proof(text, verifier, origin or verifier.name, leaf=leaf_bytes, old_checkpoint=old_text,
-                            consistency=proof_text)  # fmt: skip
+        lines = check_proof(
+            text, verifier, origin or verifier.name, leaf=leaf_bytes, old_checkpoint=old_text, consistency=proof_text
+        )
     except ProofRejected as e:
         err.print(f"[red]FAILED:[/red] {escape(str(e))}")
         raise typer.Exit(e.exit_code) from None
-    print("\n".join(lines))
+    write_stdout("\n".join(lines) + "\n")
 
 
 @ledger_app.command("run")
 def run(
-    db: Optional[str] = DbOption,
-    log_key: Optional[Path] = LogKeyOption,
-    origin: Optional[str] = OriginOption,
-    interval: float = typer.Option(5.0, "--interval", min=0.05, help="seconds between checkpoints"),
+    db: str | None = DbOption,
+    log_key: Path | None = LogKeyOption,
+    origin: str | None = OriginOption,
+    interval: float = typer.Option(5.0, "--interval", min=0.05, metavar="SECONDS", help="seconds between checkpoints"),
     integrate_every: float = typer.Option(
         0.5,
         "--integrate-every",
         min=0.05,
+        metavar="SECONDS",
         help="seconds between "
         "integrations (continuous by default: shortens the window in which an "
         "appended event can vanish without a trace)",
-    ),  # fmt: skip
+    ),
     batch: int = BatchOption,
 ) -> None:
     """Integrate new events continuously and sign a checkpoint every --interval seconds until SIGINT/SIGTERM."""
@@ -408,7 +439,7 @@ def run(
             on_error=problem,
         )
     except LedgerError as e:
-        _fail(str(e), 1)
+        _refuse(str(e))
     finally:
         ledger.close()
     err.print("stopped")
@@ -416,20 +447,32 @@ def run(
 
 @ledger_app.command("witness")
 def witness(
-    witness_key: Path = typer.Option(..., "--witness-key", help="the witness's key file (created 0600 if missing)"),
-    name: Optional[str] = typer.Option(None, "--name", help="witness name for a new key (default witness.local)"),
-    vkey: Optional[str] = typer.Option(
-        None, "--vkey", help="the log's vkey or a file holding it (default: the one the ledger recorded)"
-    ),  # fmt: skip
-    state_file: Path = typer.Option(..., "--state", help="JSON file: the last checkpoint this witness cosigned"),
-    checkpoint_file: Optional[Path] = typer.Option(
-        None, "--checkpoint", help="checkpoint to cosign (default: the ledger's latest)"
-    ),  # fmt: skip
-    consistency_file: Optional[Path] = typer.Option(
-        None, "--consistency", help="proof from the last cosigned checkpoint (default: asked from the ledger)"
-    ),  # fmt: skip
-    out: Optional[Path] = typer.Option(None, "--out", help="write the cosigned checkpoint here"),
-    db: Optional[str] = DbOption,
+    witness_key: Path = typer.Option(
+        ..., "--witness-key", metavar="FILE", help="the witness's key file (created 0600 if missing)"
+    ),
+    name: str | None = typer.Option(
+        None, "--name", metavar="NAME", help="witness name for a new key (default witness.local)"
+    ),
+    vkey: str | None = typer.Option(
+        None,
+        "--vkey",
+        metavar="VKEY|FILE",
+        help="the log's vkey or a file holding it (default: the one the ledger recorded)",
+    ),
+    state_file: Path = typer.Option(
+        ..., "--state", metavar="FILE", help="JSON file: the last checkpoint this witness cosigned"
+    ),
+    checkpoint_file: Path | None = typer.Option(
+        None, "--checkpoint", metavar="FILE", help="checkpoint to cosign (default: the ledger's latest)"
+    ),
+    consistency_file: Path | None = typer.Option(
+        None,
+        "--consistency",
+        metavar="FILE",
+        help="proof from the last cosigned checkpoint (default: asked from the ledger)",
+    ),
+    out: Path | None = typer.Option(None, "--out", metavar="FILE", help="write the cosigned checkpoint here"),
+    db: str | None = DbOption,
 ) -> None:
     """Cosign a checkpoint (tlog-cosignature) only if it extends the last one this witness cosigned."""
     from sle_events.audit.errors import UnusableInput
@@ -445,41 +488,41 @@ def witness(
     vkey = vkey or followed  # the log key this witness followed to, through the log's key rotations
     note = _read_text(checkpoint_file, "checkpoint") if checkpoint_file is not None else None
     proof_text = _read_text(consistency_file, "consistency proof") if consistency_file is not None else None
-    ledger = None
+    ledger: Any = None  # opened only when the database is needed
     if vkey is None or note is None or (proof_text is None and state is not None):
         ledger = _ledger(db, create=False)
     try:
         if vkey is None:
-            vkey = ledger.state().vkey  # type: ignore[union-attr]
+            vkey = ledger.state().vkey
             if not vkey:
-                _fail("the ledger has no vkey yet; pass --vkey", 2)
+                fail("the ledger has no vkey yet; pass --vkey")
         try:
             log_verifier = load_vkey(vkey)
         except UnusableInput as e:
-            _fail(f"--vkey: {e}", 2)
+            fail(f"--vkey: {e}")
         if state_origin is not None and state_origin != log_verifier.name:
-            _fail(f"the witness state {state_file} is for log {state_origin!r}, not {log_verifier.name!r}", 2)
+            fail(f"the witness state {state_file} is for log {state_origin!r}, not {log_verifier.name!r}")
         if note is None:
-            latest = ledger.latest_checkpoint()  # type: ignore[union-attr]
+            latest = ledger.latest_checkpoint()
             if latest is None:
-                _fail("no checkpoint has been issued yet", 1)
+                _refuse("no checkpoint has been issued yet")
             note = latest.note
         try:
             new_size = Checkpoint.parse(parse_note(note)[0]).size
         except ValueError as e:
-            _fail(f"not a checkpoint: {e}", 1)
+            _refuse(f"not a checkpoint: {e}")
         if proof_text is not None:
             try:
                 proof = parse_consistency_proof(proof_text)
             except ProofFileError as e:
-                _fail(f"consistency proof: {e}", 1)
+                _refuse(f"consistency proof: {e}")
         elif state is None or state.size == 0 or state.size > new_size:
             proof = []
         else:
             try:
-                proof = ledger.consistency_proof(state.size, new_size)  # type: ignore[union-attr]
+                proof = ledger.consistency_proof(state.size, new_size)
             except LedgerError as e:
-                _fail(str(e), 1)
+                _refuse(str(e))
     finally:
         if ledger is not None:
             ledger.close()
@@ -488,17 +531,20 @@ def witness(
         cosigned = w.cosign(note, proof)
     except WitnessError as e:
         err.print(f"[red]REFUSED:[/red] {escape(str(e))}")
-        raise typer.Exit(1)
+        raise typer.Exit(1) from None
     new_state = w.state
     assert new_state is not None
-    _save_witness_state(state_file, log_verifier.name, new_state, w.log_verifier.vkey)  # type: ignore[attr-defined]
+    # the log's key as the witness now follows it: a note Verifier (from load_vkey), which the protocol type
+    # NoteVerifier does not promise to carry a vkey
+    now_following: str = w.log_verifier.vkey  # type: ignore[attr-defined]  # see above
+    _save_witness_state(state_file, log_verifier.name, new_state, now_following)
     if out is not None:
         _write(out, cosigned)
     err.print(f"cosigned size {new_state.size} as {escape(signer.name)} ({escape(signer.vkey)})")
-    sys.stdout.write(cosigned)
+    write_stdout(cosigned)
 
 
-def _witness_signer(path: Path, name: Optional[str]) -> Any:
+def _witness_signer(path: Path, name: str | None) -> Any:
     from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PrivateKey
 
     from sle_events.ledger.cosignature import CosignatureSigner
@@ -510,14 +556,14 @@ def _witness_signer(path: Path, name: Optional[str]) -> Any:
         try:
             create_log_key(path, name or "witness.local")
         except LogKeyError as e:
-            _fail(str(e).replace("origin", "witness name"), 2)
+            fail(str(e).replace("origin", "witness name"))
         created = True
     try:
         key = load_log_key(path)
     except LogKeyError as e:
-        _fail(str(e).replace("log key", "witness key").replace("log signing key", "witness key"), 2)
+        fail(str(e).replace("log key", "witness key").replace("log signing key", "witness key"))
     if name is not None and name != key.name:
-        _fail(f"the witness key is for {key.name!r}, not {name!r}", 2)
+        fail(f"the witness key is for {key.name!r}, not {name!r}")
     seed = b64decode_strict(key.export_skey().split("+", 4)[4])[1:]  # PRIVATE+KEY+name+id+base64
     signer = CosignatureSigner(key.name, Ed25519PrivateKey.from_private_bytes(seed))
     if created:
@@ -536,11 +582,13 @@ def _witness_state(path: Path) -> Any:
         state = WitnessState(int(doc["size"]), b64decode_strict(doc["root"]))
         return state, doc.get("origin"), doc.get("log_vkey")
     except (OSError, ValueError, KeyError, TypeError) as e:
-        _fail(f"witness state {path} is unreadable: {e}", 2)
+        fail(f"witness state {path} is unreadable: {e}")
 
 
 def _save_witness_state(path: Path, origin: str, state: Any, log_vkey: str) -> None:
     tmp = path.with_name(path.name + ".tmp")
-    _write(tmp, json.dumps({"origin": origin, "size": state.size, "root": _b64(state.root_hash),
-                            "log_vkey": log_vkey}) + "\n")  # fmt: skip
+    _write(
+        tmp,
+        json.dumps({"origin": origin, "size": state.size, "root": _b64(state.root_hash), "log_vkey": log_vkey}) + "\n",
+    )
     os.replace(tmp, path)

@@ -186,6 +186,7 @@ def verify(
     since: Path | None = typer.Option(
         None,
         "--since",
+        metavar="FILE",
         help="a checkpoint up to which you verified the record "
         "before: check only the events after it in full, re-hash the earlier "
         "ones against their ledger leaves",
@@ -193,20 +194,25 @@ def verify(
     max_pending: float | None = typer.Option(
         None,
         "--max-pending",
+        metavar="MINUTES",
         min=0,
         help="minutes an event may wait for ledger integration before it is a finding (default 15)",
     ),
     sign_key: Path | None = typer.Option(
         None,
         "--sign-key",
+        metavar="PEM",
         help="your Ed25519 key (PEM), registered in the "
         "study as auditor, monitor or admin: the stored result is sealed with "
         "it, so the audit trail can tell a forged one",
     ),
-    actor: str | None = typer.Option(None, "--actor", help="who you are (the id --sign-key is registered under)"),
+    actor: str | None = typer.Option(
+        None, "--actor", metavar="ID", help="who you are (the id --sign-key is registered under)"
+    ),
     admin_key: list[str] | None = typer.Option(
         None,
         "--admin-key",
+        metavar="KEY",
         help="a study admin's public key (base64) "
         "you trust: a study created with any other is untrusted_root "
         "(repeatable; default: each study's own creation)",

@@ -30,8 +30,9 @@ from sle_events.cli.common import (
 
 study_app = new_app(no_args_is_help=True, help="Studies, their trust root, key registry and configuration.")
 
-StudyOption = typer.Option(None, "--study", metavar="ID|CODE",
-                           help="study id or code (default: the database's only study)")  # fmt: skip
+StudyOption = typer.Option(
+    None, "--study", metavar="ID|CODE", help="study id or code (default: the database's only study)"
+)
 AdminKeyOption = typer.Option(..., "--admin-key", metavar="FILE", help="the admin's private key file (0600)")
 AdminOption = typer.Option(..., "--admin", metavar="ID", help="the admin's user id")
 KeyOption = typer.Option(..., "--key-file", metavar="FILE", help="your private key file (0600)")
@@ -55,16 +56,26 @@ def list_studies(url: str) -> list[dict[str, Any]]:
     engine = create_engine(url)
     try:
         with engine.connect() as conn:
-            rows = conn.execute(select(t.c.state).where(t.c.topic.in_(stored_topics("Study.Created")))
-                                .order_by(t.c.id)).scalars().all()  # fmt: skip
+            rows = (
+                conn.execute(select(t.c.state).where(t.c.topic.in_(stored_topics("Study.Created"))).order_by(t.c.id))
+                .scalars()
+                .all()
+            )
     finally:
         engine.dispose()
     studies = []
     for state in rows:
         env = open_sealed(bytes(state)).envelope
         p = env["payload"]
-        studies.append({"study": env["study"], "code": p.get("code"), "title": p.get("title"),
-                        "admin": p.get("admin_actor"), "created_at": env["recorded_at"]})  # fmt: skip
+        studies.append(
+            {
+                "study": env["study"],
+                "code": p.get("code"),
+                "title": p.get("title"),
+                "admin": p.get("admin_actor"),
+                "created_at": env["recorded_at"],
+            }
+        )
     return studies
 
 
@@ -119,8 +130,10 @@ def create(
     if not _record_absent(url):
         same = [s for s in list_studies(url) if s["code"] == code]
         if same:
-            fail(f"this database already holds study {code} ({same[0]['study']}); choose another --code "
-                 "(`sle study list`)")  # fmt: skip
+            fail(
+                f"this database already holds study {code} ({same[0]['study']}); choose another --code "
+                "(`sle study list`)"
+            )
     with handled():
         record = StudyRecord(url)
         try:
@@ -137,8 +150,9 @@ def _record_absent(url: str) -> bool:
     return no_record_at(url) is not None
 
 
-def _on_study(db: str | None, study: str | None, key: Path, actor: str, role: str,
-              change: Callable[[Any, datetime], Any]) -> Any:  # fmt: skip
+def _on_study(
+    db: str | None, study: str | None, key: Path, actor: str, role: str, change: Callable[[Any, datetime], Any]
+) -> Any:
     """Load the study, apply `change`, record it signed by the key; typed errors become exit codes."""
     from sle_events.store.record import StudyRecord
 
@@ -174,8 +188,14 @@ def approve_new(
     trust root does, signed and logged by an existing study's admin)."""
     if any(s["code"] == code for s in list_studies(existing_database(db))):
         fail(f"this database already holds a study {code}; a new study needs a code of its own")
-    kid = _on_study(db, study, admin_key, admin, "admin",
-                    lambda s, now: s.approve_new_study(code, new_admin, new_admin_public_key, now))  # fmt: skip
+    kid = _on_study(
+        db,
+        study,
+        admin_key,
+        admin,
+        "admin",
+        lambda s, now: s.approve_new_study(code, new_admin, new_admin_public_key, now),
+    )
     _done(
         as_json,
         {"approved": code, "admin": new_admin, "key": kid},
@@ -191,14 +211,43 @@ def register_key(
     public_key: str = typer.Option(
         ..., metavar="KEY", help="base64 Ed25519 public key (as `sle keys generate` prints it)"
     ),
+    printed_name: str | None = typer.Option(
+        None,
+        "--printed-name",
+        metavar="NAME",
+        help="the person's printed name, shown by the audit trail (21 CFR 11.50); needed for a person's key",
+    ),
+    service: bool = typer.Option(
+        False, "--service", help="the key is a service's (a lab interface, a verifier): it has no printed name"
+    ),
     admin_key: Path = AdminKeyOption,
     admin: str = AdminOption,
     db: str | None = DbOption,
     as_json: bool = JsonOption,
 ) -> None:
-    """Register a user's or service's public key with a role (a signed registry event)."""
-    kid = _on_study(db, study, admin_key, admin, "admin", lambda s, now: s.register_key(actor, role, public_key, now))
-    _done(as_json, {"key": kid, "actor": actor, "role": role}, f"registered {role} key {kid} for {actor}")
+    """Register a person's public key with their printed name, or a service's (--service), in a role (a signed
+    registry event)."""
+    if service and printed_name is not None:
+        fail("--printed-name is a person's; a --service key has none")
+    if not service and (printed_name is None or not printed_name.strip()):
+        fail(
+            f"--printed-name is needed for a person's key (the audit trail shows it, 21 CFR 11.50), e.g. "
+            f'--printed-name "Dr. Wang Li"; for a service\'s key ({actor}) give --service'
+        )
+    kid = _on_study(
+        db,
+        study,
+        admin_key,
+        admin,
+        "admin",
+        lambda s, now: s.register_key(actor, role, public_key, now, printed_name=printed_name),
+    )
+    who = f"{printed_name} ({actor})" if printed_name else actor
+    _done(
+        as_json,
+        {"key": kid, "actor": actor, "role": role, "printed_name": printed_name},
+        f"registered {role} key {kid} for {who}",
+    )
 
 
 @study_app.command("rotate-key")
@@ -248,9 +297,9 @@ def keys(study: str | None = StudyOption, db: str | None = DbOption, as_json: bo
     if as_json:
         print_json(entries)
         return
-    t = table("key", "actor", "role", "status", title=f"key registry of study {study_id}")
+    t = table("key", "actor", "printed name", "role", "status", title=f"key registry of study {study_id}")
     for e in entries:
-        t.add_row(e["key"], e["actor"], e["role"], e["status"])
+        t.add_row(e["key"], e["actor"], e.get("printed_name") or "", e["role"], e["status"])
     print_table(t)
 
 

@@ -116,13 +116,23 @@ class Study(TrialAggregate):
         return cls(code, title, admin_actor, admin_public_key, occurred_at, permissions)
 
     # --- verbs -----------------------------------------------------------------------------------------
-    def register_key(self, actor: str, role: str, public_key: str, occurred_at: datetime) -> str:
+    def register_key(
+        self, actor: str, role: str, public_key: str, occurred_at: datetime, printed_name: str | None = None
+    ) -> str:
+        """Register the public key of a person (with their printed name, 21 CFR 11.50: the audit trail shows it)
+        or of a service (no printed name) in a role. Returns the key's id."""
         if role not in ROLES:
             raise RegistryError(f"unknown role {role!r}; roles are {sorted(ROLES)}")
+        if printed_name is not None:
+            if not isinstance(printed_name, str) or not printed_name.strip():
+                raise RegistryError("a printed name, when given, is the holder's name (not blank)")
+            printed_name = " ".join(printed_name.split())
         kid = key_id_of(_raw_public_key(public_key))
         if kid in self.keys:
             raise RegistryError(f"key {kid} is already registered")
-        self._key_registered(actor=actor, role=role, public_key=public_key, occurred_at=occurred_at)
+        self._key_registered(
+            actor=actor, role=role, public_key=public_key, occurred_at=occurred_at, printed_name=printed_name
+        )
         return kid
 
     def rotate_key(self, old_key: str, public_key: str, occurred_at: datetime) -> str:
@@ -166,15 +176,31 @@ class Study(TrialAggregate):
         self._permissions_changed(event_type=event_type, roles=sorted(roles), occurred_at=occurred_at)
 
     # --- facts -----------------------------------------------------------------------------------------
-    @event("KeyRegistered")
-    def _key_registered(self, actor: str, role: str, public_key: str, occurred_at: datetime) -> None:
-        self._add_key(actor, role, public_key)
+    class KeyRegistered(TrialAggregate.Event):
+        """Schema 2 adds the holder's printed name (None for a service, and for keys registered before)."""
+
+        class_version = 2
+        actor: str
+        role: str
+        public_key: str
+        occurred_at: datetime
+        printed_name: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["printed_name"] = None  # signed before printed names were recorded
+
+    @event(KeyRegistered)
+    def _key_registered(
+        self, actor: str, role: str, public_key: str, occurred_at: datetime, printed_name: str | None
+    ) -> None:
+        self._add_key(actor, role, public_key, printed_name)
 
     @event("KeyRotated")
     def _key_rotated(self, old_key: str, public_key: str, occurred_at: datetime) -> None:
         old = self.keys[old_key]
         old["status"] = "rotated"
-        self._add_key(old["actor"], old["role"], public_key)
+        self._add_key(old["actor"], old["role"], public_key, old.get("printed_name"))  # the same holder
 
     @event("KeyRevoked")
     def _key_revoked(self, key: str, reason: str, occurred_at: datetime) -> None:
@@ -271,14 +297,15 @@ class Study(TrialAggregate):
     @property
     def config(self) -> StudyConfig:
         """The study's configuration as it stands (cached until the next configuration event)."""
-        if getattr(self, "_config", None) is None:
-            self._config = StudyConfig.build(
+        config: StudyConfig | None = getattr(self, "_config", None)
+        if config is None:
+            config = self._config = StudyConfig.build(
                 settings=getattr(self, "settings", DEFAULT_SETTINGS),
                 sites=getattr(self, "sites", {}).values(),
                 icf_versions=getattr(self, "icf_versions", ()),
                 schedule=getattr(self, "schedule", None),
             )
-        return self._config
+        return config
 
     # --- questions -------------------------------------------------------------------------------------
     def authorise(self, key: str, actor: str, role: str, type_name: str) -> dict[str, Any]:
@@ -302,9 +329,16 @@ class Study(TrialAggregate):
     def public_key(self, key: str) -> bytes:
         return base64.b64decode(self.keys[key]["public_key"])
 
-    def _add_key(self, actor: str, role: str, public_key: str) -> None:
+    def _add_key(self, actor: str, role: str, public_key: str, printed_name: str | None = None) -> None:
         kid = key_id_of(_raw_public_key(public_key))
-        self.keys[kid] = {"key": kid, "actor": actor, "role": role, "public_key": public_key, "status": "active"}
+        self.keys[kid] = {
+            "key": kid,
+            "actor": actor,
+            "role": role,
+            "public_key": public_key,
+            "status": "active",
+            "printed_name": printed_name,
+        }
 
     def _active(self, key: str) -> dict[str, Any]:
         entry = self.keys.get(key)
