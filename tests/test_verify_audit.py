@@ -211,11 +211,15 @@ def test_ledger_run_integrates_continuously_between_checkpoints(trial, tmp_path)
     worker = threading.Thread(target=ledger.run, args=(signer, 3600), kwargs={"stop": stop, "integrate_every": 0.05})
     worker.start()
     try:
-        add_subject(trial, 7, labs=1)  # long before the next checkpoint is due
         deadline = time.monotonic() + 10
-        while ledger.pending() and time.monotonic() < deadline:
+        while not ledger.checkpoints() and time.monotonic() < deadline:  # the first cycle: integrate, checkpoint
             time.sleep(0.05)
-        assert ledger.pending() == 0 and len(ledger.checkpoints()) == 1
+        assert len(ledger.checkpoints()) == 1
+        before = ledger.size
+        add_subject(trial, 7, labs=1)  # 3 events, long before the next checkpoint is due
+        while (ledger.pending() or ledger.size < before + 3) and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert ledger.pending() == 0 and ledger.size == before + 3 and len(ledger.checkpoints()) == 1
     finally:
         stop.set()
         worker.join()
