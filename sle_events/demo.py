@@ -1467,6 +1467,7 @@ def _run(
         people=people,
         occurred_at=setup_at,
         study_id=study_id,
+        admin_printed_name="Zhou Min",
     )
     dm = signers["data_manager"]
     sites = SITES[:1] if subjects <= 50 else SITES

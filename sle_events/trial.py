@@ -73,11 +73,21 @@ class Trial:
         occurred_at: datetime | None = None,
         permissions: dict[str, list[str]] | None = None,
         study_id: UUID | None = None,
+        admin_printed_name: str | None = None,
     ) -> Trial:
-        """Create a study with ``admin`` as its trust root and register the keys of ``people`` (one batch): each a
-        ``(signer, printed name)`` of a person, or a service's signer alone (no printed name)."""
+        """Create a study with ``admin`` as its trust root (with their printed name) and register the keys of
+        ``people`` (one batch): each a ``(signer, printed name)`` of a person, or a service's signer alone."""
         when = occurred_at or clock.now()
-        study = Study.create(code, title, admin.actor, admin.public_key_b64, when, permissions, study_id=study_id)
+        study = Study.create(
+            code,
+            title,
+            admin.actor,
+            admin.public_key_b64,
+            when,
+            permissions,
+            study_id=study_id,
+            admin_printed_name=admin_printed_name,
+        )
         for entry in people:
             person, name = entry if isinstance(entry, tuple) else (entry, None)
             study.register_key(person.actor, person.role, person.public_key_b64, when, printed_name=name)

@@ -292,6 +292,7 @@ def test_the_demo_leaves_a_stale_derived_result_and_registers_printed_names(demo
     trail = json.loads(sle("audit-trail", "--db", demo[0], "--format", "json").stdout)
     names = {(r["actor"], r["printed_name"]) for r in trail}
     assert ("dr.wang", "Dr. Wang Li") in names and ("nurse.li", "Li Na") in names
+    assert ("admin@drum-tower", "Zhou Min") in names  # the founding admin, named in Study.Created (schema 2)
     assert ("lab.drum-tower", "lab.drum-tower") in names  # the lab's interface is a service: no printed name
 
 

@@ -119,6 +119,9 @@ def create(
     title: str = typer.Option(..., metavar="TEXT", help="official title"),
     admin_key: Path = typer.Option(..., metavar="FILE", help="the admin's private key file: the study's trust root"),
     admin: str = AdminOption,
+    printed_name: str | None = typer.Option(
+        None, "--printed-name", metavar="NAME", help="the admin's printed name, shown beside what their key signs"
+    ),
     db: str | None = DbOption,
 ) -> None:
     """Create a study whose trust root is the admin's public key; prints the study id (JSON)."""
@@ -137,7 +140,9 @@ def create(
     with handled():
         record = StudyRecord(url)
         try:
-            study = Study.create(code, title, admin, key.public_key_b64, datetime.now(UTC))
+            study = Study.create(
+                code, title, admin, key.public_key_b64, datetime.now(UTC), admin_printed_name=printed_name
+            )
             record.record(study, signer=key)
         finally:
             record.close()

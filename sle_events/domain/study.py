@@ -60,10 +60,34 @@ def _raw_public_key(public_key: str) -> bytes:
     return raw
 
 
+def _printed_name(name: str | None) -> str | None:
+    if name is None:
+        return None
+    if not isinstance(name, str) or not name.strip():
+        raise RegistryError("a printed name, when given, is the holder's name (not blank)")
+    return " ".join(name.split())
+
+
 class Study(TrialAggregate):
     """A trial, its trust root, its key registry and its table of who may record what."""
 
-    @event("Created")
+    class Created(TrialAggregate.Created):
+        """Schema 2 adds the founding admin's printed name (None for studies created before)."""
+
+        class_version = 2
+        code: str
+        title: str
+        admin_actor: str
+        admin_public_key: str
+        occurred_at: datetime
+        permissions: dict[str, list[str]] | None
+        admin_printed_name: str | None
+
+        @staticmethod
+        def upcast_v1_v2(state: dict[str, Any]) -> None:
+            state["admin_printed_name"] = None  # created before printed names were recorded
+
+    @event(Created)
     def __init__(
         self,
         code: str,
@@ -72,11 +96,12 @@ class Study(TrialAggregate):
         admin_public_key: str,
         occurred_at: datetime,
         permissions: dict[str, list[str]] | None = None,
+        admin_printed_name: str | None = None,
     ) -> None:
         self.code = code
         self.title = title
         self.keys: dict[str, dict[str, Any]] = {}
-        self._add_key(admin_actor, ADMIN, admin_public_key)
+        self._add_key(admin_actor, ADMIN, admin_public_key, admin_printed_name)
         self.permissions = {k: list(v) for k, v in (permissions or DEFAULT_PERMISSIONS).items()}
         self.sites: dict[str, Site] = {}
         self.icf_versions: list[IcfVersion] = []
@@ -95,11 +120,14 @@ class Study(TrialAggregate):
         permissions: dict[str, list[str]] | None = None,
         *,
         study_id: UUID | None = None,
+        admin_printed_name: str | None = None,
     ) -> Study:
-        """A new study; ``study_id`` fixes its stream id (a replayable demo), else a random one."""
+        """A new study; ``study_id`` fixes its stream id (a replayable demo), else a random one. The founding
+        admin's printed name (21 CFR 11.50) is shown beside what their key signs."""
         if not code.strip():
             raise RegistryError("a study needs a code")
         _raw_public_key(admin_public_key)
+        admin_printed_name = _printed_name(admin_printed_name)
         for type_name, roles in (permissions or {}).items():
             cls._check_roles(type_name, roles)
         if study_id is not None:
@@ -112,8 +140,9 @@ class Study(TrialAggregate):
                 admin_public_key=admin_public_key,
                 occurred_at=occurred_at,
                 permissions=permissions,
+                admin_printed_name=admin_printed_name,
             )
-        return cls(code, title, admin_actor, admin_public_key, occurred_at, permissions)
+        return cls(code, title, admin_actor, admin_public_key, occurred_at, permissions, admin_printed_name)
 
     # --- verbs -----------------------------------------------------------------------------------------
     def register_key(
@@ -123,10 +152,7 @@ class Study(TrialAggregate):
         or of a service (no printed name) in a role. Returns the key's id."""
         if role not in ROLES:
             raise RegistryError(f"unknown role {role!r}; roles are {sorted(ROLES)}")
-        if printed_name is not None:
-            if not isinstance(printed_name, str) or not printed_name.strip():
-                raise RegistryError("a printed name, when given, is the holder's name (not blank)")
-            printed_name = " ".join(printed_name.split())
+        printed_name = _printed_name(printed_name)
         kid = key_id_of(_raw_public_key(public_key))
         if kid in self.keys:
             raise RegistryError(f"key {kid} is already registered")
