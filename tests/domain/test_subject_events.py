@@ -180,7 +180,11 @@ def test_each_event_type_round_trips_with_occurred_at_and_schema(built, event_ty
     e = matches[0]
     env = envelope_for(e, study=sc.STUDY, prev=GENESIS)
     assert isinstance(e.occurred_at, datetime) and e.occurred_at.utcoffset() is not None
-    assert env["schema"] == getattr(type(e), "class_version", 1) == (2 if event_type in ("Study.KeyRegistered", "Study.Created") else 1)
+    assert (
+        env["schema"]
+        == getattr(type(e), "class_version", 1)
+        == (2 if event_type in ("Study.KeyRegistered", "Study.Created") else 1)
+    )
     back = domain_event_from(open_sealed(seal(env, SIGNER).sealed))
     assert type(back) is type(e)
     assert dict(vars(back).items()) == dict(vars(e).items())
