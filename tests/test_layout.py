@@ -14,6 +14,10 @@ FORBIDDEN = {
     ("ledger", "projections"),
     ("projections", "cli"),
     ("store", "ledger"), ("store", "audit"), ("ledger", "audit"),  # the verifier sits above both
+    ("domain", "api"), ("store", "api"), ("projections", "api"), ("exports", "api"), ("api", "cli"),  # HTTP on top
+    ("domain", "exports"), ("projections", "exports"), ("exports", "cli"), ("exports", "web"),
+    ("domain", "web"), ("projections", "web"), ("web", "cli"),
+    ("client", "store"), ("client", "api"), ("client", "cli"),  # a service's client needs no server code
 }  # fmt: skip  # one group of forbidden pairs per row
 
 
