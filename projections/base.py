@@ -110,6 +110,9 @@ class Projection(ABC):
     name: ClassVar[str]
     tables: ClassVar[tuple[Table, ...]]
     reader_indexes: ClassVar[tuple[str, ...]] = ()  # not needed while projecting: dropped during a rebuild
+    # Rows that depend on one stream only can be rebuilt by ranges of streams side by side; others read the log
+    # in one pass (projections/casebook.py joins a subject's stream with its casebook stream).
+    partitionable: ClassVar[bool] = True
 
     @abstractmethod
     def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:

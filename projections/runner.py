@@ -65,6 +65,9 @@ def all_projections() -> list[Projection]:
         found += [PatientState(), StudyDashboard()]
     except ImportError:
         pass
+    from projections.casebook import CasebookReview
+
+    found.append(CasebookReview())
     return found
 
 
@@ -284,11 +287,18 @@ class ProjectionRunner:
             if on_progress:
                 on_progress(min(done, head), head)  # positions may have gaps: count, capped
 
+        # A projection whose rows join several streams (`partitionable = False`) reads the whole log in one pass.
+        whole = [p for p in chosen if not p.partitionable]
+        parted = [p for p in chosen if p.partitionable]
         try:
-            if len(ranges) == 1:
-                _project_range(self, chosen, ranges[0], head, advance)
+            if whole:
+                _project_range(self, whole, (None, None), head, advance if not parted else None)
+            if not parted:
+                pass
+            elif len(ranges) == 1:
+                _project_range(self, parted, ranges[0], head, advance)
             else:
-                self._rebuild_in_workers(chosen_names, ranges, head, advance if on_progress else None)
+                self._rebuild_in_workers([p.name for p in parted], ranges, head, advance if on_progress else None)
         except ProjectionHalted as halted:
             self._halt(chosen_names, halted)
             raise

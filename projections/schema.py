@@ -221,3 +221,77 @@ subject_adverse_events = Table(
     Column("serious", Integer, nullable=False),
     Column("open", Integer, nullable=False),
 )
+
+# Casebook review (projections/casebook.py): investigators' sign-offs, and freezes, locks and unlocks.
+# One row per sign-off; never deleted: a later change or an unlock marks it invalidated, naming the event.
+casebook_signoffs = Table(
+    "casebook_signoffs",
+    metadata,
+    Column("signoff_id", String(64), primary_key=True),  # "<casebook stream>:<version>"
+    Column("study", String(36), nullable=False),
+    Column("subject", String(36), nullable=False),
+    Column("screening_number", String(64)),
+    Column("site", String(32)),
+    Column("scope", String(16), nullable=False),  # casebook | visit
+    Column("visit", String(16)),
+    Column("meaning", String(32), nullable=False),  # review | approval | responsibility
+    Column("signature_def", String(32), nullable=False),  # the SignatureDef OID (SD.INV.REVIEW ...)
+    Column("actor", String(128), nullable=False),
+    Column("printed_name", String(256), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("key", String(32), nullable=False),
+    Column("signed_at", String(40), nullable=False),  # with the site's offset, as signed
+    Column("recorded_at", String(40), nullable=False),
+    Column("content_hash", String(64), nullable=False),
+    Column("hash_method", String(64), nullable=False),
+    Column("covers", Text, nullable=False),  # JSON [{stream, through_version, versions}]
+    Column("through_version", _ID, nullable=False),
+    Column("status", String(16), nullable=False),  # valid | invalidated
+    Column("invalidated_by", String(64)),  # event id of the change or unlock
+    Column("invalidated_reason", Text),
+    Column("invalidated_at", String(40)),
+    Column("position", _ID, nullable=False),
+    Index("casebook_signoffs_subject", "subject", "position"),
+)
+
+# One row per subject: lock levels, sign-off status, flags (safety facts recorded on locked data).
+casebook_state = Table(
+    "casebook_state",
+    metadata,
+    Column("subject", String(36), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("screening_number", String(64), nullable=False),
+    Column("subject_version", _ID, nullable=False),
+    Column("lock_level", String(16)),  # the subject's own: null | frozen | locked
+    Column("study_lock_level", String(16)),  # the whole study's
+    Column(
+        "signoff_status", String(32), nullable=False
+    ),  # not signed | signed | new data since sign-off | needs re-signing
+    Column("last_signoff", String(64)),
+    Column("signed_through_version", _ID),
+    Column("signed_by", String(256)),
+    Column("signed_at", String(40)),
+    Column("visit_days", Text, nullable=False),  # JSON visit -> [dates]: which facts belong to a signed visit
+    Column("flags", Text, nullable=False),  # JSON list
+    Column("position", _ID, nullable=False),
+    Index("casebook_state_screening", "study", "screening_number"),
+)
+
+# Every freeze, lock and unlock (subject null: the whole study), with its reason.
+casebook_locks = Table(
+    "casebook_locks",
+    metadata,
+    Column("event_id", String(64), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("subject", String(36)),
+    Column("screening_number", String(64)),
+    Column("action", String(16), nullable=False),  # frozen | locked | unlocked
+    Column("reason", Text),
+    Column("actor", String(128), nullable=False),
+    Column("role", String(32), nullable=False),
+    Column("at", String(40), nullable=False),
+    Column("recorded_at", String(40), nullable=False),
+    Column("position", _ID, nullable=False),
+    Index("casebook_locks_study", "study", "position"),
+)

@@ -25,6 +25,18 @@ from typing import Any, TypeVar, cast
 from uuid import UUID
 
 from sle_events.domain import clock, lab_results
+from sle_events.domain.casebook import (
+    SIGNATURE_DEFS,
+    Casebook,
+    CoveredStream,
+    LockStateError,
+    OpenQueriesBlockLock,
+    RoleMayNotSign,
+    SigningKeyNotUsable,
+    UnknownMeaning,
+    content_hash,
+    visit_versions,
+)
 from sle_events.domain.errors import (
     DuplicateScreeningNumber,
     LotUnavailable,
@@ -33,6 +45,7 @@ from sle_events.domain.errors import (
     UnknownEventVersion,
     UnknownSubject,
 )
+from sle_events.domain.event_types import type_name
 from sle_events.domain.payloads import EligibilityChecklist, LabResult
 from sle_events.domain.product import ProductLot
 from sle_events.domain.roles import DEFAULT_PERMISSIONS
@@ -40,8 +53,9 @@ from sle_events.domain.settings import StudySettings
 from sle_events.domain.study import Study
 from sle_events.domain.study_config import StudyConfig, VisitSchedule
 from sle_events.domain.subject import Subject
-from sle_events.signing.envelope import SealedEvent
+from sle_events.signing.envelope import SealedEvent, parse_time
 from sle_events.signing.keys import Signer
+from sle_events.store.casebook import open_queries_blocking_lock
 from sle_events.store.errors import VersionConflict
 from sle_events.store.record import StudyRecord
 
@@ -744,3 +758,112 @@ class Trial:
 
     def complete_study(self, subject_id: UUID, occurred_at: datetime, *, signer: Signer) -> None:
         self._subject_verb(subject_id, signer, lambda s, c: s.complete_study(occurred_at, config=c))
+
+    # ------------------------------------------------------------------------------------------ sign-off and lock
+    def casebook(self, subject: UUID | str | None) -> Casebook | None:
+        """A subject's casebook review stream (``None``: the study-wide one), or None before its first act."""
+        sid = None if subject is None else self.subject_id(subject)
+        stream = Casebook.study_id_for(self.study_id) if sid is None else Casebook.id_for(self.study_id, sid)
+        if not self._exists(stream):
+            return None
+        book = self._cache.get(stream) or self.record.get(stream)
+        self._remember(book)
+        return cast(Casebook, book)
+
+    def _on_casebook(self, subject: UUID | str | None, signer: Signer, verb: Callable[[Casebook], T]) -> T:
+        sid = None if subject is None else self._load(subject, Subject).id
+        book = self.casebook(sid) or Casebook.open(self.study_id, sid, clock.now())
+        return self._record(signer, [book], lambda: verb(book))
+
+    def sign_off(
+        self,
+        subject: UUID | str,
+        *,
+        signer: Signer,
+        meaning: str = "review",
+        visit: str | None = None,
+        occurred_at: datetime | None = None,
+    ) -> int:
+        """21 CFR 11.50/11.70/11.200: the investigator signs off the subject's casebook (or one ``visit``) with a
+        meaning of the study's SignatureDefs, bound to the content hash of exactly the events it covers. The
+        signer's key must come from a passphrase-encrypted key file opened at this signing (``Signer.from_file(
+        ..., passphrase=...)``): the id and the passphrase are the two components. Returns the sign-off's
+        version on the subject's casebook stream."""
+        study = self.study
+        allowed = study.permissions.get("Casebook.SignedOff", DEFAULT_PERMISSIONS["Casebook.SignedOff"])
+        if signer.role not in allowed:
+            raise RoleMayNotSign(signer.role, allowed)
+        entry = study.keys.get(signer.key_id)
+        if entry is None or entry["actor"] != signer.actor or entry["role"] != signer.role:
+            raise SigningKeyNotUsable(f"key {signer.key_id} is not registered to {signer.actor} as {signer.role}")
+        if entry["status"] != "active":
+            raise SigningKeyNotUsable(f"key {signer.key_id} of {signer.actor} was {entry['status']}")
+        if not signer.passphrase_protected:
+            raise SigningKeyNotUsable(
+                "a sign-off needs the signer's passphrase-encrypted key file, opened with its passphrase at each "
+                "signing (sle keys generate --passphrase)"
+            )
+        if meaning not in SIGNATURE_DEFS:
+            raise UnknownMeaning(meaning)
+        subject_state: Subject = self._load(subject, Subject)
+        sid = subject_state.id
+        stream = self.record.stream(sid)
+        through = len(stream)
+        if visit is None:
+            cover = CoveredStream(stream=str(sid), through_version=through)
+        else:
+            facts = [
+                (
+                    e.version,
+                    type_name(e.topic),
+                    e.envelope["payload"],
+                    parse_time("occurred_at", e.envelope["occurred_at"]),
+                )
+                for e in stream
+            ]
+            cover = CoveredStream(stream=str(sid), through_version=through, versions=visit_versions(facts, visit))
+        digest = content_hash([cover], {(str(sid), e.version): e.sealed for e in stream})
+        printed = entry.get("printed_name") or ""
+        when = occurred_at or clock.now()
+        return self._on_casebook(
+            sid,
+            signer,
+            lambda b: b.sign_off(
+                when, meaning=meaning, printed_name=printed, covers=[cover], content_hash=digest, visit=visit
+            ),
+        )
+
+    def freeze(
+        self,
+        subject: UUID | str | None = None,
+        *,
+        signer: Signer,
+        reason: str | None = None,
+        occurred_at: datetime | None = None,
+    ) -> None:
+        """No new clinical facts on the subject (``None``: the whole study) until it is unlocked; an SAE can still be
+        reported (flagged). Queries and source data verification go on."""
+        self._on_casebook(subject, signer, lambda b: b.freeze(occurred_at or clock.now(), reason))
+
+    def lock(
+        self,
+        subject: UUID | str | None = None,
+        *,
+        signer: Signer,
+        reason: str | None = None,
+        occurred_at: datetime | None = None,
+    ) -> None:
+        """Lock the subject (``None``: the study): refused while a query on it is not closed."""
+        sid = None if subject is None else self.subject_id(subject)
+        blocking = open_queries_blocking_lock(self.record, self.study_id, sid)
+        if blocking:
+            raise OpenQueriesBlockLock("the study" if sid is None else f"subject {subject}", blocking)
+        self._on_casebook(subject, signer, lambda b: b.lock(occurred_at or clock.now(), reason))
+
+    def unlock(
+        self, subject: UUID | str | None = None, *, signer: Signer, reason: str, occurred_at: datetime | None = None
+    ) -> None:
+        """An audited unlock with a mandatory reason; every sign-off made before it is invalidated."""
+        if self.casebook(subject) is None:
+            raise LockStateError(("the study" if subject is None else f"subject {subject}") + " is not locked")
+        self._on_casebook(subject, signer, lambda b: b.unlock(occurred_at or clock.now(), reason))

@@ -47,7 +47,7 @@ def test_every_name_ever_signed_still_resolves():
 def test_every_registered_name_is_in_the_list_of_signed_names():
     # A name added to the registry is added to the list too, and from then on must always resolve.
     # (Other tests register names of their own aggregates: only the trial's records count here.)
-    trial_names = {n for n in EVENT_TYPES if n.split(".")[0] in ("Study", "Subject", "ProductLot")}
+    trial_names = {n for n in EVENT_TYPES if n.split(".")[0] in ("Study", "Subject", "ProductLot", "Casebook")}
     assert trial_names <= set(signed_names())
 
 
@@ -65,7 +65,7 @@ def test_names_are_trial_vocabulary_not_python_paths():
         if name.startswith("Specimen."):
             continue  # a test's own aggregate (test_upcasting)
         record, fact = name.split(".")
-        assert ":" not in name and record in ("Study", "Subject", "ProductLot") and fact[0].isupper()
+        assert ":" not in name and record in ("Study", "Subject", "ProductLot", "Casebook") and fact[0].isupper()
 
 
 def test_moving_an_event_class_changes_no_signed_byte():

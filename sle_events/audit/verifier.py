@@ -38,6 +38,7 @@ from sle_events.audit.record_check import (
     heads_at,
     registry_streams,
 )
+from sle_events.audit.signoff_check import check_signoffs
 from sle_events.audit.trust import TrustRoot
 from sle_events.ledger.tables import EVENTS_TABLE, LEDGER_TABLES, events_table
 from sle_events.store.streams import split_streams
@@ -91,6 +92,13 @@ class Verifier:
             url, ranges, registries, timelines, after, on_progress, registry_events, total + registry_events
         )
         report.findings.extend(done)
+        # -- 2b. investigators' sign-offs: the data they signed still hash to what they signed
+        engine = sa.create_engine(url)
+        try:
+            with engine.connect() as conn:
+                report.findings.extend(check_signoffs(conn, table))
+        finally:
+            engine.dispose()
         report.events = registry_events + events
         report.streams = streams + len(registries)
         # -- 3. the ledger

@@ -16,6 +16,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sle_events.domain.casebook import Casebook
 from sle_events.domain.product import ProductLot
 from sle_events.domain.study import Study
 from sle_events.domain.subject import Subject
@@ -70,6 +71,8 @@ EVENT_TYPES: dict[str, type] = {
         Withdrawn LostToFollowUp Returned DeathRecorded StudyCompleted""",
     ),
     **_facts("ProductLot", ProductLot, "ReleaseTested Infused"),
+    # investigator sign-off, freeze, lock and unlock (regulated acts on their own stream, never the subject's)
+    **_facts("Casebook", Casebook, "Opened SignedOff Frozen Locked Unlocked"),
 }
 
 # Where each record's classes lived when types were Python paths (fixed strings: they describe stored bytes).
@@ -79,6 +82,7 @@ _LEGACY_MODULES = {
     "ProductLot": "sle_events.domain.product",
 }
 _NAMED_SINCE = {"Study.NewStudyApproved"}  # facts added after stable names: they never had a Python path
+_NAMED_SINCE |= {f"Casebook.{fact}" for fact in ("Opened", "SignedOff", "Frozen", "Locked", "Unlocked")}
 #: old stored topic -> name
 LEGACY_TOPICS: dict[str, str] = {
     f"{_LEGACY_MODULES[name.split('.', 1)[0]]}:{name}": name for name in EVENT_TYPES if name not in _NAMED_SINCE

@@ -81,5 +81,11 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "Subject.Returned": [I],
     "Subject.DeathRecorded": [I],
     "Subject.StudyCompleted": [I],
+    # casebook sign-off (investigator, 21 CFR 11.50) and freeze / lock / unlock (data manager)
+    "Casebook.Opened": [I, DM],
+    "Casebook.SignedOff": [I],
+    "Casebook.Frozen": [DM],
+    "Casebook.Locked": [DM],
+    "Casebook.Unlocked": [DM],
 }
 del I, C, L, DM, SP

@@ -72,3 +72,24 @@ class InvalidPayload(MalformedEvent):
     """The payload does not match its event type's schema, or is not written as the domain writes it."""
 
     kind = "invalid_payload"
+
+
+# --- casebook sign-off and lock (sle_events/domain/casebook.py) ---------------------------------------------
+class CasebookLocked(AppendRejected):
+    """A clinical fact on a subject (or in a study) that is frozen or locked: refused until an audited unlock.
+    Safety facts (an SAE and the AE it grows from) are still taken, and flagged."""
+
+    kind = "casebook_locked"
+
+
+class LockBlockedByOpenQueries(AppendRejected):
+    """A lock while queries on the subject (or the study) are not closed."""
+
+    kind = "open_queries_block_lock"
+
+
+class SignOffMismatch(AppendRejected):
+    """A sign-off whose content hash is not that of the data it names, or that names data of another subject,
+    or a casebook fact on a stream that is not the casebook of the subject its payload names."""
+
+    kind = "signoff_mismatch"

@@ -28,6 +28,7 @@ from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Trans
 from eventsourcing_sqlalchemy.recorders import SQLAlchemyApplicationRecorder
 from sqlalchemy import func, select
 
+from sle_events.domain.casebook import SAFETY_FACTS, CoveredStream, lock_level, stricter
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, Study
 from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
@@ -45,13 +46,17 @@ from sle_events.signing.envelope import (
     utc_now,
 )
 from sle_events.signing.keys import Signer, key_id, verify_signature
+from sle_events.store.casebook import casebook_stream, lock_levels, open_queries_blocking_lock, recompute_content_hash
 from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from, envelope_for
 from sle_events.store.errors import (
     BadSignature,
+    CasebookLocked,
     ChainBroken,
     ClockSkew,
     InvalidPayload,
+    LockBlockedByOpenQueries,
     MalformedEvent,
+    SignOffMismatch,
     StudyNotApproved,
     UnknownEventType,
     UnknownStudy,
@@ -344,6 +349,8 @@ class StudyRecord(Application[UUID]):
             except KeyProblem as exc:
                 raise UntrustedKey(str(exc), **where) from exc
             keys.append(public_key(study.public_key(entry["key"])))
+            if name.startswith("Casebook."):
+                self._check_casebook_act(e, name, where)
             if env["stream"] == study_id and env["version"] > 1:
                 # Registry changes take effect for the rest of the batch.
                 studies[study_id] = study = copy.deepcopy(study)
@@ -509,6 +516,8 @@ class StudyRecord(Application[UUID]):
                         ).scalar()
                         if current != version:
                             raise _RegistryMoved()
+                # Under the write lock, so no freeze or lock can slip in between this check and the commit.
+                self._check_casebook_locks(session, events, ids)
                 # The rows are written but not committed: a bad signature rolls them back.
                 signatures_hold()
         except (IntegrityError, sqlalchemy.exc.IntegrityError) as exc:
@@ -538,6 +547,66 @@ class StudyRecord(Application[UUID]):
         """The registry stream's version once this batch is stored."""
         in_batch = [e.version for e in events if e.envelope["stream"] == sid]
         return max(in_batch) if in_batch else study.version
+
+    # --- sign-off and lock (sle_events/domain/casebook.py) ------------------------------------------------
+    def _check_casebook_act(self, e: SealedEvent, name: str, where: dict[str, Any]) -> None:
+        """A casebook fact lives on the casebook stream of the subject its payload names; a sign-off's content
+        hash is that of the stored data it names, of that subject; a lock waits for every query to be closed."""
+        env, payload = e.envelope, e.envelope["payload"]
+        subject = payload.get("subject_id")
+        if env["stream"] != str(casebook_stream(env["study"], subject)):
+            raise SignOffMismatch(
+                f"{name} for subject {subject} belongs on stream {casebook_stream(env['study'], subject)}", **where
+            )
+        if name == "Casebook.SignedOff":
+            covers = [CoveredStream.model_validate(c) for c in payload["covers"]]
+            if any(c.stream != subject or any(v < 1 or v > c.through_version for v in c.covered()) for c in covers):
+                raise SignOffMismatch("a sign-off covers versions of its own subject's stream only", **where)
+            with self.engine.connect() as conn:
+                digest, missing = recompute_content_hash(conn, self.table, covers)
+            if digest != payload["content_hash"]:
+                why = f"covered events not recorded: {', '.join(missing[:5])}" if missing else f"they hash to {digest}"
+                raise SignOffMismatch(
+                    f"the sign-off's content hash {payload['content_hash'][:16]}… is not that of the data it "
+                    f"names ({why})",
+                    **where,
+                )
+        elif name == "Casebook.Locked":
+            blocking = open_queries_blocking_lock(self, env["study"], subject)
+            if blocking:
+                what = "the study" if subject is None else f"subject {subject}"
+                raise LockBlockedByOpenQueries(
+                    f"{what} cannot be locked while {len(blocking)} queries are not closed", **where
+                )
+
+    def _check_casebook_locks(self, session: Any, events: Sequence[SealedEvent], ids: list[int]) -> None:
+        """Refuse a clinical fact on a frozen or locked subject or study (committed before this batch, or
+        earlier in it). Safety facts (`SAFETY_FACTS`) are taken: an SAE is reportable at any time."""
+        clinical = [
+            e for e in events if (n := type_name(e.envelope["type"])).startswith("Subject.") and n not in SAFETY_FACTS
+        ]
+        if not clinical:
+            return
+        clinical_ids = {id(e) for e in clinical}
+        wanted = {casebook_stream(e.envelope["study"], s) for e in clinical for s in (e.envelope["stream"], None)}
+        levels = lock_levels(session, self.table, wanted, before=ids[0] if ids else None)
+        for e in events:
+            env = e.envelope
+            name = type_name(env["type"])
+            if name in ("Casebook.Frozen", "Casebook.Locked", "Casebook.Unlocked"):
+                levels[e.stream] = lock_level([(name, env["payload"])])
+            elif id(e) in clinical_ids:
+                mine = levels.get(casebook_stream(env["study"], env["stream"]))
+                study = levels.get(casebook_stream(env["study"], None))
+                level = stricter(mine, study)
+                if level is not None:
+                    what = "the study is" if study == level else "this subject is"
+                    raise CasebookLocked(
+                        f"{name} refused: {what} {level}; clinical data cannot be added or changed until a data "
+                        "manager unlocks it with a reason (an SAE can still be reported)",
+                        stream=env["stream"],
+                        version=env["version"],
+                    )
 
 
 class _RegistryMoved(Exception):
