@@ -7,6 +7,9 @@ altered by SQL after sign-off is reported by `sle verify`."""
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import subprocess
 import sys
 import types
 from dataclasses import dataclass
@@ -41,6 +44,7 @@ from conftest import count_rows, execute_sql, position_of
 
 pytestmark = pytest.mark.storage
 PASSPHRASE = "correct horse battery"
+SLE = str(Path(sys.executable).with_name("sle"))
 
 
 @dataclass
@@ -135,8 +139,6 @@ def test_an_auditor_recomputes_the_content_hash_from_raw_rows(book):
     book.trial.sign_off(book.subject, signer=book.investigator)
     engine = sa.create_engine(book.url)
     with engine.connect() as conn:  # nothing of sle_events: SQL, JSON and SHA-256 as documented
-        import json
-
         signed = json.loads(
             bytes(
                 conn.execute(sa.text("select state from study_events where topic = 'Casebook.SignedOff'")).scalar_one()
@@ -348,3 +350,69 @@ def test_locking_with_open_queries_is_refused(book, monkeypatch):
         book.trial.record.append(sealed)
     assert book.rows() == rows
     book.trial.freeze(book.subject, signer=book.dm)  # a freeze does not wait for queries
+
+
+# ----------------------------------------------------------------------------------------------- the CLI
+def sle(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
+    env = dict(os.environ, COLUMNS="200", NO_COLOR="1")
+    env.pop("SLE_DATABASE_URL", None)
+    return subprocess.run([SLE, *args], capture_output=True, text=True, timeout=120, env=env, input=stdin)
+
+
+def test_sle_keys_generate_with_a_passphrase_writes_an_encrypted_key_file(tmp_path):
+    out = tmp_path / "dr.li.pem"
+    done = sle(
+        "keys", "generate", "--out", str(out), "--actor", "dr.li", "--role", "investigator", "--passphrase",
+        "--passphrase-stdin", stdin=PASSPHRASE + "\n",
+    )  # fmt: skip  # one option per pair reads better than one per line
+    assert done.returncode == 0, done.stderr
+    assert json.loads(done.stdout)["passphrase_protected"] is True
+    assert out.read_bytes().startswith(b"-----BEGIN ENCRYPTED PRIVATE KEY-----")
+    assert Signer.from_file(out, "dr.li", "investigator", passphrase=PASSPHRASE).passphrase_protected
+    short = sle(
+        "keys", "generate", "--out", str(tmp_path / "x.pem"), "--actor", "x", "--role", "investigator",
+        "--passphrase", "--passphrase-stdin", stdin="short\n",
+    )  # fmt: skip  # as above
+    assert short.returncode == 2 and "at least 8" in short.stderr and not (tmp_path / "x.pem").exists()
+
+
+def test_sle_sign_lock_and_unlock(book):
+    book.trial.record.close()  # the commands run in their own processes
+    dm_key = book.folder / "dm.pem"
+    book.dm.save(dm_key)
+    lab_key = book.folder / "lab.pem"
+    book.lab.save(lab_key)
+    inv = ["--key-file", str(book.folder / "dr.wang.pem"), "--actor", "dr.wang", "--db", book.url]
+    dm = ["--key-file", str(dm_key), "--actor", "dm.zhao", "--db", book.url]
+    rows = book.rows()
+    wrong = sle("sign", "--subject", "NJ01-0007", *inv, "--passphrase-stdin", stdin="not it\n")
+    assert wrong.returncode == 1 and "WrongPassphrase" in wrong.stderr and book.rows() == rows
+    typo = sle("sign", "--subject", "NJ01-0007", "--meaning", "agree", *inv, "--passphrase-stdin", stdin=PASSPHRASE)
+    assert typo.returncode == 2 and "review, approval, responsibility" in typo.stderr
+    signed = sle(
+        "sign", "--subject", "NJ01-0007", "--meaning", "approval", *inv, "--passphrase-stdin", "--json",
+        stdin=PASSPHRASE + "\n",
+    )  # fmt: skip  # as above
+    assert signed.returncode == 0, signed.stderr
+    doc = json.loads(signed.stdout)
+    assert (doc["printed_name"], doc["signature_def"], doc["scope"]) == ("Dr. Wang Li", "SD.INV.APPROVE", "casebook")
+    pending = sle("sign", "--pending", "--json", "--db", book.url)
+    assert pending.returncode == 0 and json.loads(pending.stdout) == []
+
+    locked = sle("lock", "--subject", "NJ01-0007", "--reason", "ready for analysis", *dm, "--json")
+    assert locked.returncode == 0, locked.stderr
+    refused = sle(
+        "correct", "--subject", "NJ01-0007", "--version", "3", "--set", "value=1.01", "--reason", "typo",
+        "--key-file", str(lab_key), "--actor", "lab.drum-tower", "--role", "lab", "--db", book.url,
+    )  # fmt: skip  # as above
+    assert refused.returncode == 1 and "CasebookLocked" in refused.stderr
+    status = json.loads(sle("lock", "--status", "--json", "--db", book.url).stdout)
+    assert status["subjects"][0]["level"] == "locked" and status["history"][0]["reason"] == "ready for analysis"
+    no_reason = sle("unlock", "--subject", "NJ01-0007", *dm)
+    assert no_reason.returncode == 2  # --reason is required
+    unlocked = sle("unlock", "--subject", "NJ01-0007", "--reason", "late creatinine", *dm)
+    assert unlocked.returncode == 0, unlocked.stderr
+    pending = json.loads(sle("sign", "--pending", "--json", "--db", book.url).stdout)
+    assert [(r["screening_number"], r["signoff_status"]) for r in pending] == [("NJ01-0007", "needs re-signing")]
+    table_out = sle("sign", "--pending", "--db", book.url)
+    assert "needs re-signing" in table_out.stdout and max(len(line) for line in table_out.stdout.splitlines()) <= 200

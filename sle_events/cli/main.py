@@ -309,16 +309,35 @@ def keys_generate(
     role: str = typer.Option(
         ..., metavar="ROLE", help="role the key acts in (admin, coordinator, investigator, lab, data_manager, ...)"
     ),
+    passphrase: bool = typer.Option(
+        False,
+        "--passphrase",
+        help="encrypt the key file with a passphrase (asked for twice, hidden): an investigator's signing key, "
+        "whose passphrase is asked for at each sign-off",
+    ),
+    passphrase_stdin: bool = typer.Option(
+        False, "--passphrase-stdin", help="with --passphrase: read it from the first line of standard input"
+    ),
 ) -> None:
-    """Make a key pair; write the private key (0600) and print the public key."""
+    """Make a key pair; write the private key (0600, encrypted with --passphrase) and print the public key."""
+    from sle_events.cli.casebook_cmd import _passphrase
     from sle_events.domain.roles import ROLES
-    from sle_events.signing.keys import Signer
+    from sle_events.signing.keys import MIN_PASSPHRASE, Signer
 
     if role not in ROLES:
         fail(f"unknown role {role!r}; roles are {', '.join(sorted(ROLES))}")
+    if passphrase_stdin and not passphrase:
+        fail("--passphrase-stdin goes with --passphrase")
+    secret = None
+    if passphrase:
+        secret = _passphrase(passphrase_stdin, "passphrase for the new key file")
+        if not passphrase_stdin and secret != _passphrase(False, "the same passphrase again"):
+            fail("the two passphrases differ; nothing was written")
+        if len(secret) < MIN_PASSPHRASE:
+            fail(f"a passphrase has at least {MIN_PASSPHRASE} characters; nothing was written")
     signer = Signer.generate(actor, role)
     try:
-        signer.save(out_file)
+        signer.save(out_file, passphrase=secret)
     except FileExistsError:
         fail(f"{out_file} exists; refusing to overwrite a key")
     except OSError as e:
@@ -326,9 +345,11 @@ def keys_generate(
             f"cannot write {out_file}: {e.strerror}"
             + (" (create its folder first)" if not out_file.parent.exists() else "")
         )
-    print_json({"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64})
+    doc = {"actor": actor, "role": role, "key": signer.key_id, "public_key": signer.public_key_b64}
+    print_json(doc if secret is None else {**doc, "passphrase_protected": True})
 
 
+from sle_events.cli.casebook_cmd import lock, sign, unlock  # noqa: E402  # sub-commands imported where they are attached to app
 from sle_events.cli.projections_cmd import (  # noqa: E402  # sub-commands imported where they are attached to app
     audit_trail,
     dashboard_cmd,
@@ -348,3 +369,6 @@ app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
 app.command("correct")(correct)
 app.command("void")(void)
+app.command("sign")(sign)
+app.command("lock")(lock)
+app.command("unlock")(unlock)

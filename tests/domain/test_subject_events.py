@@ -10,6 +10,7 @@ from typing import Any
 import pytest
 from eventsourcing.domain import CanMutateAggregate
 
+from sle_events.domain.casebook import Casebook, CoveredStream
 from sle_events.domain.product import ProductLot
 from sle_events.domain.roles import DEFAULT_PERMISSIONS, ROLES
 from sle_events.domain.settings import StudySettings
@@ -41,6 +42,7 @@ def event_types(cls: type) -> list[str]:
 
 
 ALL_TYPES = event_types(Subject) + event_types(ProductLot) + event_types(Study)
+ALL_TYPES += event_types(Casebook)  # sign-off, freeze, lock, unlock (sle_events/domain/casebook.py)
 
 
 def course() -> dict[str, Any]:
@@ -128,7 +130,24 @@ def course() -> dict[str, Any]:
         safety_follow_up_agreed=True,
     )
     gone.record_death(visit_day(5), "sepsis")
-    return {"study": study, "a": a, "lot": lot, "failed": failed, "again": again, "tnp": tnp, "gone": gone}
+    book = Casebook.open(a.study_id, a.id, visit_day(48, 33))
+    covers = [CoveredStream(stream=str(a.id), through_version=a.version)]
+    book.sign_off(
+        visit_day(48, 33), meaning="approval", printed_name="Dr. Wang Li", covers=covers, content_hash="ab" * 32
+    )
+    book.freeze(visit_day(48, 34), "interim analysis")
+    book.unlock(visit_day(48, 35), "late lab result")
+    book.lock(visit_day(48, 36))
+    return {
+        "study": study,
+        "a": a,
+        "lot": lot,
+        "failed": failed,
+        "again": again,
+        "tnp": tnp,
+        "gone": gone,
+        "casebook": book,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +185,7 @@ def test_the_course_covers_every_event_type(built):
     assert sorted(set(ALL_TYPES) - seen) == []
 
 
-@pytest.mark.parametrize("name", ["study", "a", "lot", "failed", "again", "tnp", "gone"])
+@pytest.mark.parametrize("name", ["study", "a", "lot", "failed", "again", "tnp", "gone", "casebook"])
 def test_replaying_the_signed_stream_rebuilds_the_same_aggregate(built, name):
     original = built["aggregates"][name]
     replayed, _ = _replay(built["events"][name])
