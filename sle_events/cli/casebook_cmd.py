@@ -100,7 +100,7 @@ def sign(
         return
     if subject is None or key_file is None or actor is None:
         fail("sle sign needs --subject, --key-file and --actor (or --pending for the work list)")
-    from sle_events.domain.casebook import SIGNATURE_DEFS
+    from sle_events.domain.casebook import SIGNATURE_DEFS, Casebook
 
     if meaning not in SIGNATURE_DEFS:
         fail(f"--meaning {meaning!r}: one of {', '.join(SIGNATURE_DEFS)}")
@@ -110,7 +110,7 @@ def sign(
         try:
             sid = trial.subject_id(subject)
             version = trial.sign_off(sid, signer=who, meaning=meaning, visit=visit)
-            book = trial.record.stream(trial.casebook(sid).id)[-1].envelope  # type: ignore[union-attr]  # just signed
+            book = trial.record.stream(Casebook.id_for(trial.study_id, sid))[-1].envelope
         finally:
             trial.record.close()
     p = book["payload"]
