@@ -160,15 +160,22 @@ class DemoResult:
     digest: str = ""
 
 
+#: the demo investigator's key file is encrypted with this passphrase: a sign-off needs it (21 CFR 11.200)
+DEMO_PASSPHRASE = "demo: not a secret"
+
+
 def demo_signers(key_dir: Path) -> dict[str, Signer]:
-    """The demo's key holders; private keys live in ``key_dir`` (0600), never in the store."""
+    """The demo's key holders; private keys live in ``key_dir`` (0600), never in the store. The investigator's is
+    encrypted with `DEMO_PASSPHRASE` (an older demo-keys folder's plain one still signs everything but sign-offs)."""
     key_dir.mkdir(parents=True, exist_ok=True)
     signers = {}
     for name, (actor, role) in PEOPLE.items():
         path = key_dir / f"{name}.pem"
+        secret = DEMO_PASSPHRASE if name == "investigator" else None
         if not path.exists():
-            Signer.generate(actor, role).save(path)
-        signers[name] = Signer.from_file(path, actor, role)
+            Signer.generate(actor, role).save(path, passphrase=secret)
+        encrypted = b"ENCRYPTED" in path.read_bytes()[:64]
+        signers[name] = Signer.from_file(path, actor, role, passphrase=secret if encrypted else None)
     return signers
 
 
@@ -1491,6 +1498,7 @@ def _run(
     enrolled, screened, k = 0, 0, 0
     dates = screening_dates(seed, max(1, round(subjects / 0.72)) + 8)
     showcase = 0
+    enrolled_sids: list[Callable[[], UUID]] = []
     while enrolled < subjects:
         k += 1
         day = dates[min(k - 1, len(dates) - 1)] + timedelta(days=max(0, k - len(dates)))
@@ -1520,6 +1528,7 @@ def _run(
         enrolled += 1
         if showcase == 0:
             showcase = k_used
+        enrolled_sids.append(sid)
         plan_treatment(demo, k_used, sid, story, eligible_at, number, showcase)
 
     # replay every command in the order it was entered, on the simulated clock
@@ -1542,6 +1551,7 @@ def _run(
         if on_progress and (i % 250 == 0 or i == len(commands) - 1):
             on_progress(i + 1, len(commands))
 
+    regulated_acts(trial, signers, sim, data_cut, [sid() for sid in enrolled_sids[:3]], refused)
     result = DemoResult(
         str(study_id), enrolled, 0, screened=screened, refused_as_expected=refused, backlog=plan.backlog
     )
@@ -1553,6 +1563,8 @@ def _run(
             result.events += 1
             if not name.startswith("Study.Key") and name != "Study.Created":
                 env = {k: v for k, v in e.envelope.items() if k not in ("key", "prev")}
+                if name == "Casebook.SignedOff":  # hashes the signed bytes: other keys, another hash
+                    env["payload"] = {k: v for k, v in env["payload"].items() if k != "content_hash"}
                 digest.update(json.dumps(env, sort_keys=True).encode())
     result.digest = digest.hexdigest()
     return result
@@ -1575,3 +1587,69 @@ def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:
         if open_stored(bytes(state)).envelope["study"] == str(study_id):
             out.append(stream)
     return out
+
+
+# =========================================================================== the regulated acts (after the data cut)
+def regulated_acts(
+    trial: Trial,
+    signers: dict[str, Signer],
+    sim: domain_clock.SimulatedClock,
+    data_cut: datetime,
+    subjects: list[UUID],
+    refused: dict[str, int],
+) -> None:
+    """The database review after the data cut (docs/regulated-acts.md): the investigator signs off the first
+    enrolled subjects' casebooks (and one visit), a lab correction invalidates one sign-off and it is signed
+    again, a data manager locks a subject (a clinical fact is then refused, an AE is still reported and
+    flagged), and another subject is locked and unlocked with a reason, leaving its sign-off to be re-signed."""
+    inv, dm, lab = signers["investigator"], signers["data_manager"], signers["lab"]
+    if not inv.passphrase_protected:
+        return  # an old demo-keys folder: its investigator key has no passphrase, so it cannot sign off
+    at = data_cut + timedelta(days=7)
+
+    def step(hours: float) -> datetime:
+        nonlocal at
+        at += timedelta(hours=hours)
+        sim.set(at)
+        return at
+
+    first, second, third = [*subjects, None, None, None][:3]
+    for subject, meaning in ((first, "approval"), (second, "review"), (third, "responsibility")):
+        if subject is not None:
+            step(1)
+            trial.sign_off(subject, signer=inv, meaning=meaning)
+    if first is not None and any(f.type == "VisitRecorded" for f in trial.subject(first).facts.values()):
+        step(1)
+        trial.sign_off(first, signer=inv, meaning="review", visit="M1")
+    if second is not None:
+        creat = [
+            (v, f.record)
+            for v, f in trial.subject(second).facts.items()
+            if f.type == "LabResultRecorded" and not f.voided and getattr(f.record, "code", None) == "CREAT"
+        ]
+        if creat:
+            version, lab_result = creat[-1]
+            value = Decimal(str(lab_result.value))  # type: ignore[union-attr]  # a LabResultRecorded's record
+            step(24)
+            trial.correct(
+                second, version, {"value": str(value + Decimal("0.01"))}, "re-read from the source report", signer=lab
+            )
+            step(24)
+            trial.sign_off(second, signer=inv, meaning="review")  # signed again over the corrected data
+    if first is not None:
+        step(2)
+        trial.lock(first, signer=dm, reason="casebook signed off; ready for the interim analysis")
+        step(1)
+        try:
+            trial.record_lab_result(first, "C3", "95", "mg/dL", at - timedelta(hours=1), signer=lab)
+        except AppendRejected as exc:  # CasebookLocked: a locked subject takes no new clinical data
+            refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
+        else:
+            raise RuntimeError("a lab result on a locked subject should have been refused")
+        step(1)
+        trial.report_adverse_event(first, "herpes zoster", (at - timedelta(days=1)).date(), at, signer=inv)
+    if third is not None:
+        step(2)
+        trial.freeze(third, signer=dm, reason="interim analysis")
+        step(24)
+        trial.unlock(third, signer=dm, reason="central-lab creatinine of the last visit to be re-entered")

@@ -63,7 +63,14 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     assert types["Subject.Withdrawn"] >= 1 and types["Subject.VisitMissed"] >= 1
     assert types["Subject.Corrected"] >= 1 and types["Subject.MainStudyCompleted"] >= 1
     assert types["Subject.ConsentObtained"] > types["Subject.Screened"] - types["Subject.ScreenFailed"]  # re-consent
-    assert result.refused_as_expected == {"OutsideWindow": 1, "UntrustedKey": 1, "ReasonRequired": 1}
+    assert result.refused_as_expected == {
+        "OutsideWindow": 1,
+        "UntrustedKey": 1,
+        "ReasonRequired": 1,
+        "CasebookLocked": 1,  # a lab result on the locked subject (docs/regulated-acts.md)
+    }
+    # sign-offs (one invalidated by a correction and signed again, one by an unlock), a lock, a freeze, an unlock
+    assert types["Casebook.SignedOff"] == 5 and types["Casebook.Locked"] == 1 and types["Casebook.Unlocked"] == 1
 
     events = [e for s in subjects for e in s]
     out_of_window = [e for e in events if e.topic == "Subject.VisitRecorded" and not e.envelope["payload"]["in_window"]]
@@ -75,7 +82,7 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
         recorded, occurred = (datetime.fromisoformat(env[k]) for k in ("recorded_at", "occurred_at"))
         assert recorded >= occurred - timedelta(minutes=5)  # R9
         if e.topic == "Subject.Corrected":
-            assert env["reason"] in ("transcription error",)
+            assert env["reason"] in ("transcription error", "re-read from the source report")
     by_subject = {s[0].envelope["stream"]: [e.topic.rsplit(".", 1)[-1] for e in s] for s in subjects}
     for names in by_subject.values():
         assert names.count("CyclophosphamideGiven") <= 1

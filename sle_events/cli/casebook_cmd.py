@@ -56,6 +56,11 @@ def _protected_signer(key: Path, actor: str, role: str, passphrase: str) -> Any:
         fail(f"cannot use {role} key {key}: {why}")
 
 
+def _short_time(text: str) -> str:
+    """`2010-12-30T07:00:00+00:00` as `2010-12-30 07:00+00:00` (80 columns; --json keeps the full time)."""
+    return f"{text[:10]} {text[11:16]}{text[-6:] if text[-6] in '+-' else ''}"
+
+
 def _read(url: str, fn: Any, **kwargs: Any) -> Any:
     from projections.read import StudyReader
 
@@ -94,7 +99,7 @@ def sign(
             return
         t = table("subject", "site", "status", "last signed", "lock", title="awaiting sign-off")
         for r in rows:
-            last = f"{r['signed_by']} {r['signed_at']}" if r["signed_by"] else ""
+            last = f"{r['signed_by']}, {_short_time(r['signed_at'])}" if r["signed_by"] else ""
             t.add_row(r["screening_number"], r["site"], r["signoff_status"], last, r["level"] or "")
         print_table(t)
         return
@@ -214,7 +219,9 @@ def _lock_status(url: str, subject: str | None, as_json: bool) -> None:
     print_table(t)
     h = table("at", "what", "action", "by", "reason", title="locks and unlocks")
     for r in history:
-        h.add_row(r["at"], r["screening_number"] or "the study", r["action"], r["actor"], r["reason"] or "")
+        h.add_row(
+            _short_time(r["at"]), r["screening_number"] or "the study", r["action"], r["actor"], r["reason"] or ""
+        )
     print_table(h)
     if not history:
         err.print("nothing was ever frozen or locked")
