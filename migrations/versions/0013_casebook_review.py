@@ -17,7 +17,21 @@ depends_on = None
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+def _missing(table: str) -> bool:
+    """Tables are also created on first use (the embedded default): then only the revision is recorded."""
+    return not sa.inspect(op.get_bind()).has_table(table)
+
+
 def upgrade() -> None:
+    if _missing("casebook_signoffs"):
+        _signoffs()
+    if _missing("casebook_state"):
+        _state()
+    if _missing("casebook_locks"):
+        _locks()
+
+
+def _signoffs() -> None:
     op.create_table(
         "casebook_signoffs",
         sa.Column("signoff_id", sa.String(64), primary_key=True),
@@ -46,6 +60,9 @@ def upgrade() -> None:
         sa.Column("position", _ID, nullable=False),
     )
     op.create_index("casebook_signoffs_subject", "casebook_signoffs", ["subject", "position"])
+
+
+def _state() -> None:
     op.create_table(
         "casebook_state",
         sa.Column("subject", sa.String(36), primary_key=True),
@@ -65,6 +82,9 @@ def upgrade() -> None:
         sa.Column("position", _ID, nullable=False),
     )
     op.create_index("casebook_state_screening", "casebook_state", ["study", "screening_number"])
+
+
+def _locks() -> None:
     op.create_table(
         "casebook_locks",
         sa.Column("event_id", sa.String(64), primary_key=True),
