@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sle_events.picklable import Picklable
 
 
@@ -72,3 +74,16 @@ class InvalidPayload(MalformedEvent):
     """The payload does not match its event type's schema, or is not written as the domain writes it."""
 
     kind = "invalid_payload"
+
+
+class ActRefused(AppendRejected):
+    """An SDV mark or a query act that its verb would have refused (data that does not exist, a closed query
+    answered, a close by someone other than the raiser, an unknown query): ``violation`` is the domain's
+    specific `ProtocolViolation` (its ``code`` says which)."""
+
+    kind = "act_refused"
+
+    def __init__(self, message: str, *, violation: Any = None, stream: str | None = None, version: int | None = None):
+        self.violation = violation
+        self.code = getattr(violation, "code", "act_refused")
+        super().__init__(message, stream=stream, version=version)

@@ -59,6 +59,7 @@ from sle_events.store.errors import (
     VersionConflict,
     WrongStudy,
 )
+from sle_events.store.review import check_review_act, is_review_act
 from sle_events.store.url import DEFAULT_DB_FILE, database_url  # noqa: F401 - re-exported
 
 STUDY_CREATED = "Study.Created"
@@ -349,6 +350,8 @@ class StudyRecord(Application[UUID]):
                 studies[study_id] = study = copy.deepcopy(study)
                 domain_event_from(e).mutate(study)
             heads[e.stream] = self._check_chain(e, heads, where)
+            if is_review_act(name):  # after the chain: an exact resend is still a VersionConflict (an idempotent retry)
+                check_review_act(self, e, name, events, where)  # SDV and queries: the verbs' rules, signed anywhere
         return studies, heads, keys
 
     def _start_verifying(self, events: Sequence[SealedEvent]) -> tuple[list[Any], list[Any]] | None:

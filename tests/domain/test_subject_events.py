@@ -11,6 +11,7 @@ import pytest
 from eventsourcing.domain import CanMutateAggregate
 
 from sle_events.domain.product import ProductLot
+from sle_events.domain.review import Query, SourceVerification
 from sle_events.domain.roles import DEFAULT_PERMISSIONS, ROLES
 from sle_events.domain.settings import StudySettings
 from sle_events.domain.study import Study
@@ -41,6 +42,7 @@ def event_types(cls: type) -> list[str]:
 
 
 ALL_TYPES = event_types(Subject) + event_types(ProductLot) + event_types(Study)
+ALL_TYPES += event_types(SourceVerification) + event_types(Query)  # regulated acts on the data (review.py)
 
 
 def course() -> dict[str, Any]:
@@ -128,7 +130,26 @@ def course() -> dict[str, Any]:
         safety_follow_up_agreed=True,
     )
     gone.record_death(visit_day(5), "sepsis")
-    return {"study": study, "a": a, "lot": lot, "failed": failed, "again": again, "tnp": tnp, "gone": gone}
+
+    # source data verification and a query's whole life, each on a stream of its own
+    review_at = visit_day(48, 33)
+    sdv = SourceVerification.open(a.study_id, a.id, review_at)
+    sdv.verify(a, [(creat, None), (creat, "value")], by="cra", occurred_at=review_at, hash_of=lambda v: f"{v:064x}")
+    query = Query.raise_on(a.study_id, a, creat, "source says 0.72?", by="cra", occurred_at=review_at, field="value")
+    query.answer("corrected", by="nurse", occurred_at=review_at)
+    query.close("resolved", by="cra", role="monitor", occurred_at=review_at)
+    query.reopen("still unclear", by="cra", role="monitor", occurred_at=review_at)
+    return {
+        "study": study,
+        "a": a,
+        "lot": lot,
+        "failed": failed,
+        "again": again,
+        "tnp": tnp,
+        "gone": gone,
+        "sdv": sdv,
+        "query": query,
+    }
 
 
 @pytest.fixture(scope="module")
@@ -166,7 +187,7 @@ def test_the_course_covers_every_event_type(built):
     assert sorted(set(ALL_TYPES) - seen) == []
 
 
-@pytest.mark.parametrize("name", ["study", "a", "lot", "failed", "again", "tnp", "gone"])
+@pytest.mark.parametrize("name", ["study", "a", "lot", "failed", "again", "tnp", "gone", "sdv", "query"])
 def test_replaying_the_signed_stream_rebuilds_the_same_aggregate(built, name):
     original = built["aggregates"][name]
     replayed, _ = _replay(built["events"][name])
