@@ -785,7 +785,7 @@ class Trial:
             if not found:
                 raise UnknownFact(subject.screening_number, 0, f"no source-data fact belongs to visit {visit!r}")
             wanted += found
-        sdv = self.source_verification(subject.id) or SourceVerification.open(self.study_id, subject.id, when)
+        sdv = self.source_verification(subject.id) or SourceVerification.open(self.study_id, subject, when)
         marks = sdv.verify(
             subject,
             [(v, field) for v in wanted],

@@ -116,7 +116,7 @@ def sealed_by(site: Site, aggregate: object, signer: Signer) -> list[SealedEvent
     """Seal an aggregate's pending events as a client would, without appending them."""
     from sle_events.store.codec import envelope_for
 
-    out = []
+    out: list[SealedEvent] = []
     for ev in aggregate.collect_events():  # type: ignore[attr-defined]
         prev = out[-1].hash if out else site.trial.record.head_hash(ev.originator_id, ev.originator_version - 1)
         out.append(seal(envelope_for(ev, study=site.trial.study_id, prev=prev), signer))
@@ -138,7 +138,8 @@ def test_a_fact_verified_then_corrected_is_changed_since_verified_until_verified
     t.verify_source(site.subject, [site.creat], signer=site.monitor)  # the whole fact again
     assert status_of(site, site.creat) == (SdvStatus.VERIFIED, ())
     # the SDV stream is the subject's own, derived from its id, and the clinical stream holds no SDV fact
-    assert t.source_verification(site.subject).id == SourceVerification.id_for(t.study_id, site.subject)
+    sdv = t.source_verification(site.subject)
+    assert sdv is not None and sdv.id == SourceVerification.id_for(t.study_id, site.subject)
     assert not any(e.topic.startswith("SourceVerification") for e in t.record.stream(site.subject))
 
 
@@ -185,6 +186,7 @@ def test_append_refuses_an_sdv_mark_signed_elsewhere_for_data_that_does_not_exis
     t = site.trial
     t.verify_source(site.subject, [site.creat], signer=site.monitor)
     sdv = t.source_verification(site.subject)
+    assert sdv is not None
     stream = t.record.stream(sdv.id)
     before = site.rows()
     bad_items = [
@@ -194,14 +196,16 @@ def test_append_refuses_an_sdv_mark_signed_elsewhere_for_data_that_does_not_exis
         [{"version": site.egfr, "type": "DerivedResultRecorded", "field": None, "hash": "0" * 64}],  # not source
     ]
     for items in bad_items:
-        sdv._verified(subject_version=site.egfr, items=[SdvItem(**i) for i in items], visit=None, by="cra.huang",
+        items_ = [SdvItem(**i) for i in items]
+        sdv._verified(subject_id=site.subject, subject_version=site.egfr, items=items_, visit=None, by="cra.huang",
                       occurred_at=NOW)  # fmt: skip
         with pytest.raises(ActRefused) as e:
             t.record.record(sdv, signer=site.monitor)
         assert isinstance(e.value.violation, UnknownFact) and e.value.code == "unknown_fact"
         sdv = t.source_verification(site.subject)
+        assert sdv is not None
     # a second SDV stream for the subject (any other id) is refused too
-    rogue = SourceVerification.open(t.study_id, site.subject, NOW)
+    rogue = SourceVerification.open(t.study_id, t.subject(site.subject), NOW)
     events = sealed_by(site, rogue, site.monitor)
     other = resealed(events[0], site.monitor, stream=str(uuid4()))
     with pytest.raises(ActRefused, match="derived from its id"):
@@ -268,7 +272,7 @@ def test_append_refuses_query_acts_signed_elsewhere(site: Site):
     qid = t.raise_query(site.subject, site.creat, "Please confirm.", signer=site.monitor)
     t.close_query(qid, "Confirmed.", signer=site.monitor)
     before = site.rows()
-    refusals = []
+    refusals: list[tuple[list[SealedEvent], type[Exception]]] = []
     # answering a closed query: the verb would refuse, so the event is built below it
     q = t.query(qid)
     q._answered(text="late", by="nurse.li", occurred_at=NOW)
@@ -326,7 +330,7 @@ def test_automatic_queries_are_raised_once_and_closed_when_the_cause_is_gone(sit
     assert len(done["raised"]) == 1 and not done["closed"]
     [q] = t.open_queries(site.subject)
     assert (q.cause, q.target_version, q.raised_by) == (f"stale/v{site.egfr}", site.egfr, "edc.checks")
-    assert q.id == Query.automatic_id(t.study_id, site.subject, q.cause)
+    assert q.id == Query.automatic_id(t.study_id, site.subject, f"stale/v{site.egfr}")
     before = site.rows()
     assert t.run_automatic_queries(signer=site.checks) == {"raised": [], "closed": [], "reopened": []}
     assert site.rows() == before  # idempotent

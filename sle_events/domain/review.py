@@ -52,6 +52,7 @@ __all__ = [
     "SourceVerification",
     "automatic_causes",
     "check_act",
+    "fact_status",
     "sdv_progress",
     "sdv_status",
 ]
@@ -117,19 +118,25 @@ class SourceVerification(TrialAggregate):
         return uuid5(study_id, f"sdv/{subject_id}")
 
     @classmethod
-    def open(cls, study_id: UUID, subject_id: UUID, occurred_at: datetime) -> SourceVerification:
+    def open(cls, study_id: UUID, subject: Any, occurred_at: datetime) -> SourceVerification:
         return cls._create(
             cls.Opened,  # type: ignore[attr-defined]  # the event class @event("Opened") builds
-            id=cls.id_for(study_id, subject_id),
+            id=cls.id_for(study_id, subject.id),
             study_id=study_id,
-            subject_id=subject_id,
+            subject_id=subject.id,
+            screening_number=subject.screening_number,
+            site=subject.site,
             occurred_at=occurred_at,
         )
 
     @event("Opened")
-    def __init__(self, study_id: UUID, subject_id: UUID, occurred_at: datetime) -> None:
+    def __init__(
+        self, study_id: UUID, subject_id: UUID, screening_number: str, site: str, occurred_at: datetime
+    ) -> None:
         self.study_id = study_id
         self.subject_id = subject_id
+        self.screening_number = screening_number  # the subject's, for read models fed one stream at a time
+        self.site = site
         # fact version -> field (None: the whole fact) -> the subject's version when it was verified
         self.marks: dict[int, dict[str | None, int]] = {}
 
@@ -157,6 +164,7 @@ class SourceVerification(TrialAggregate):
             raise MissingValue("facts to verify", "source data verification")
         built = [marks[k] for k in sorted(marks, key=lambda k: (k[0], k[1] or ""))]
         self._verified(
+            subject_id=subject.id,
             subject_version=subject.version,
             items=built,
             visit=visit,
@@ -167,7 +175,13 @@ class SourceVerification(TrialAggregate):
 
     @event("Verified")
     def _verified(
-        self, subject_version: int, items: list[SdvItem], visit: str | None, by: str, occurred_at: datetime
+        self,
+        subject_id: UUID,
+        subject_version: int,
+        items: list[SdvItem],
+        visit: str | None,
+        by: str,
+        occurred_at: datetime,
     ) -> None:
         for item in items:
             self.marks.setdefault(item.version, {})[item.field] = subject_version
@@ -204,32 +218,39 @@ def facts_of_visit(subject: Any, visit: str) -> list[int]:
     ]
 
 
-def sdv_status(subject: Any, sdv: SourceVerification | None) -> list[FactSdv]:
-    """Each source-data fact of the subject with its SDV status. A correction recorded after the mark that covers
-    a field it changed makes the fact CHANGED_SINCE_VERIFIED until that field (or the whole fact) is verified
-    again."""
-    marks = sdv.marks if sdv is not None else {}
+def last_changes(subject: Any, fact: Any) -> dict[str, int]:
+    """Field -> the subject's version of the last correction that changed it."""
     changed_by = getattr(subject, "changed_fields", {})
+    return {name: c for c in fact.corrections for name in changed_by.get(c, ())}
+
+
+def fact_status(last_changed: Mapping[str, int], marks: Mapping[str | None, int]) -> tuple[SdvStatus, tuple[str, ...]]:
+    """A fact's SDV status from when each field last changed and its marks (field, None for the whole fact ->
+    the subject's version when verified): a field changed after the mark that covers it is *changed since
+    verified* until it (or the whole fact) is verified again."""
+    whole = marks.get(None)
+    changed = []
+    for name, c in sorted(last_changed.items()):
+        cover = max((x for x in (whole, marks.get(name)) if x is not None), default=None)
+        if cover is not None and cover < c:
+            changed.append(name)
+    if changed:
+        return SdvStatus.CHANGED, tuple(changed)
+    if whole is not None:
+        return SdvStatus.VERIFIED, ()
+    return (SdvStatus.PARTIAL if marks else SdvStatus.PENDING), ()
+
+
+def sdv_status(subject: Any, sdv: SourceVerification | None) -> list[FactSdv]:
+    """Each source-data fact of the subject (not voided) with its SDV status (:func:`fact_status`)."""
+    marks = sdv.marks if sdv is not None else {}
     days = visit_days(subject)
     out = []
     for v, f in sorted(subject.facts.items()):
         if f.type in NOT_SOURCE_DATA or f.voided:
             continue
-        m = marks.get(v, {})
-        whole = m.get(None)
-        changed: list[str] = []
-        for c in f.corrections:
-            for name in changed_by.get(c, ()):
-                cover = max((x for x in (whole, m.get(name)) if x is not None), default=None)
-                if cover is not None and cover < c and name not in changed:
-                    changed.append(name)
-        if changed:
-            status = SdvStatus.CHANGED
-        elif whole is not None:
-            status = SdvStatus.VERIFIED
-        else:
-            status = SdvStatus.PARTIAL if m else SdvStatus.PENDING
-        out.append(FactSdv(v, f.type, visit_of(f, days), status, tuple(changed)))
+        status, changed = fact_status(last_changes(subject, f), marks.get(v, {}))
+        out.append(FactSdv(v, f.type, visit_of(f, days), status, changed))
     return out
 
 
@@ -279,6 +300,8 @@ class Query(TrialAggregate):
             id=query_id or uuid4(),
             study_id=study_id,
             subject_id=subject.id,
+            screening_number=subject.screening_number,
+            site=subject.site,
             version=version,
             fact=fact.type,
             field=field,
@@ -293,6 +316,8 @@ class Query(TrialAggregate):
         self,
         study_id: UUID,
         subject_id: UUID,
+        screening_number: str,
+        site: str,
         version: int,
         fact: str,
         field: str | None,
@@ -303,6 +328,8 @@ class Query(TrialAggregate):
     ) -> None:
         self.study_id = study_id
         self.subject_id = subject_id
+        self.screening_number = screening_number  # the subject's, for read models fed one stream at a time
+        self.site = site
         self.target_version = version
         self.fact = fact
         self.field = field
@@ -428,6 +455,10 @@ def check_act(
     ``hash_of(version)`` the hash of the subject's stored fact. Raises a `ProtocolViolation`."""
     if payload.get("by") is not None and payload.get("by") != actor:
         raise ActorMismatch(str(payload.get("by")), actor)
+    if subject is not None and "screening_number" in payload:
+        named = (payload["screening_number"], payload["site"])
+        if named != (subject.screening_number, subject.site):
+            raise UnknownSubject(f"{named[0]} at {named[1]} (subject {subject.id} is {subject.screening_number})")
     if name == "Query.Raised":
         if subject is None:
             raise UnknownSubject(payload.get("subject_id"))
@@ -451,8 +482,8 @@ def check_act(
     if name == "SourceVerification.Verified":
         if not isinstance(before, SourceVerification):
             raise UnknownSubject(stream)
-        if subject is None or subject.id != before.subject_id:
-            raise UnknownSubject(before.subject_id)
+        if subject is None or subject.id != before.subject_id or payload["subject_id"] != str(before.subject_id):
+            raise UnknownSubject(payload["subject_id"])
         if not isinstance(payload["subject_version"], int) or not (0 < payload["subject_version"] <= subject.version):
             raise UnknownFact(
                 subject.screening_number, payload["subject_version"], "the subject's record has no such version yet"

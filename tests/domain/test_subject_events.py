@@ -133,7 +133,7 @@ def course() -> dict[str, Any]:
 
     # source data verification and a query's whole life, each on a stream of its own
     review_at = visit_day(48, 33)
-    sdv = SourceVerification.open(a.study_id, a.id, review_at)
+    sdv = SourceVerification.open(a.study_id, a, review_at)
     sdv.verify(a, [(creat, None), (creat, "value")], by="cra", occurred_at=review_at, hash_of=lambda v: f"{v:064x}")
     query = Query.raise_on(a.study_id, a, creat, "source says 0.72?", by="cra", occurred_at=review_at, field="value")
     query.answer("corrected", by="nurse", occurred_at=review_at)
