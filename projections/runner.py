@@ -65,6 +65,9 @@ def all_projections() -> list[Projection]:
         found += [PatientState(), StudyDashboard()]
     except ImportError:
         pass
+    from projections.review import ReviewActs, SdvFacts  # SDV and queries
+
+    found += [ReviewActs(), SdvFacts()]
     return found
 
 

@@ -353,3 +353,78 @@ def test_a_data_manager_may_close_an_automatic_query_but_not_a_monitor(site: Sit
     t.close_query(qid, "Accepted as is.", signer=site.dm)
     # closed by a person: the checks do not re-open it while its cause remains
     assert t.run_automatic_queries(signer=site.checks) == {"raised": [], "closed": [], "reopened": []}
+
+
+# ======================================================================= read models
+def _review_tables(url: str) -> dict[str, list[tuple[object, ...]]]:
+    import sqlalchemy as sa
+
+    from projections.schema import review_queries, sdv_facts, sdv_marks
+
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return {
+                t.name: sorted(tuple(str(v) for v in r) for r in conn.execute(sa.select(t)))
+                for t in (review_queries, sdv_marks, sdv_facts)
+            }
+    finally:
+        engine.dispose()
+
+
+def test_read_models_show_query_state_and_sdv_progress_and_a_rebuild_gives_the_same_rows(site: Site):
+    from projections.read import StudyReader, UnknownFilter
+    from projections.runner import ProjectionRunner
+
+    t = site.trial
+    t.verify_source(site.subject, [1, 2, site.creat], signer=site.monitor)
+    t.correct(site.subject, site.creat, {"value": "1.01"}, "transcription error", signer=site.lab, derive=False)
+    answered = t.raise_query(site.subject, site.creat, "Source says 1.01?", field="value", signer=site.monitor)
+    t.answer_query(answered, "Corrected.", signer=site.coordinator)
+    closed = t.raise_query(site.subject, 1, "Screening date?", signer=site.dm)
+    t.close_query(closed, "Seen in the source.", signer=site.dm)
+    [automatic] = t.run_automatic_queries(signer=site.checks)["raised"]
+    with StudyReader(site.url) as reader:
+        rows = {r["query_id"]: r for r in reader.queries()}
+        assert {rows[str(q)]["status"] for q in (answered, closed, automatic)} == {"ANSWERED", "CLOSED", "OPEN"}
+        a = rows[str(answered)]
+        assert (a["screening_number"], a["site"], a["version"], a["field"], a["raised_by"], a["last_by"]) == (
+            "NJ01-0007",
+            "NJ01",
+            site.creat,
+            "value",
+            "cra.huang",
+            "nurse.li",
+        )
+        assert rows[str(automatic)]["cause"] == f"stale/v{site.egfr}"
+        assert {r["query_id"] for r in reader.queries(open_only=True)} == {str(answered), str(automatic)}
+        assert [r["query_id"] for r in reader.queries(subject="NJ01-0007", status="CLOSED")] == [str(closed)]
+        with pytest.raises(UnknownFilter, match="unknown query status .open.*OPEN, ANSWERED, CLOSED"):
+            reader.queries(status="open")
+        with pytest.raises(UnknownFilter, match="NJ01-0007"):
+            reader.queries(subject="NJ01-9999")
+        patient = reader.patient("NJ01-0007")
+        assert patient["queries"] == {"OPEN": 1, "ANSWERED": 1, "CLOSED": 1}
+        assert patient["sdv"]["VERIFIED"] == 2 and patient["sdv"]["CHANGED_SINCE_VERIFIED"] == 1
+        [changed] = [r for r in reader.sdv(pending=True) if r["status"] == "CHANGED_SINCE_VERIFIED"]
+        assert (changed["version"], changed["changed_fields"], changed["verified_by"]) == (
+            site.creat,
+            ["canonical_value", "value"],
+            "cra.huang",
+        )
+        assert all(r["status"] != "VERIFIED" for r in reader.sdv(pending=True))
+        [by_site] = reader.sdv_progress("site")
+        assert by_site["site"] == "NJ01" and by_site["VERIFIED"] == 2
+        dash = reader.dashboard()
+        assert dash["queries_by_site"] == [{"site": "NJ01", "OPEN": 1, "ANSWERED": 1, "CLOSED": 1, "automatic_open": 1}]
+        assert dash["sdv_by_site"] == [by_site]
+        trail = reader.audit_trail(subject="NJ01-0007", event_type="Query.Answered")
+        assert {r["actor"] for r in trail} == {"nurse.li"} and any(r["new_value"] == "Corrected." for r in trail)
+        assert reader.audit_trail(subject="NJ01-0007", event_type="SourceVerification.Verified")
+    incremental = _review_tables(site.url)
+    runner = ProjectionRunner(site.url)
+    try:
+        runner.rebuild(workers=2)
+    finally:
+        runner.close()
+    assert _review_tables(site.url) == incremental
