@@ -16,7 +16,22 @@ depends_on = None
 _ID = sa.BigInteger().with_variant(sa.Integer(), "sqlite")
 
 
+def _missing(name: str) -> bool:
+    # Tables are created on first use (the embedded default): an upgrade after that only records the revision.
+    return not sa.inspect(op.get_bind()).has_table(name)
+
+
 def upgrade() -> None:
+    if _missing("review_queries"):
+        _create_review_queries()
+    if _missing("sdv_marks"):
+        _create_sdv_marks()
+    if _missing("sdv_facts"):
+        _create_sdv_facts()
+    # The new projections start from event 1 on their own (no tracking row yet).
+
+
+def _create_review_queries() -> None:
     op.create_table(
         "review_queries",
         sa.Column("query_id", sa.String(36), primary_key=True),
@@ -41,6 +56,9 @@ def upgrade() -> None:
     )
     op.create_index("review_queries_subject", "review_queries", ["study", "subject"])
     op.create_index("review_queries_status", "review_queries", ["study", "status"])
+
+
+def _create_sdv_marks() -> None:
     op.create_table(
         "sdv_marks",
         sa.Column("subject", sa.String(36), primary_key=True),
@@ -53,6 +71,9 @@ def upgrade() -> None:
         sa.Column("verified_at", sa.String(40), nullable=False),
         sa.Column("position", _ID, nullable=False),
     )
+
+
+def _create_sdv_facts() -> None:
     op.create_table(
         "sdv_facts",
         sa.Column("subject", sa.String(36), primary_key=True),
@@ -65,7 +86,6 @@ def upgrade() -> None:
         sa.Column("last_changed", sa.Text, nullable=False),
     )
     op.create_index("sdv_facts_site", "sdv_facts", ["study", "site"])
-    # The new projections start from event 1 on their own (no tracking row yet).
 
 
 def downgrade() -> None:

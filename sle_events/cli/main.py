@@ -348,3 +348,8 @@ app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
 app.command("correct")(correct)
 app.command("void")(void)
+from sle_events.cli.review_cmd import queries_cmd, query_app, sdv  # noqa: E402  # SDV and queries, attached here
+
+app.command("sdv")(sdv)
+app.add_typer(query_app, name="query")
+app.command("queries")(queries_cmd)
