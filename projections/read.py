@@ -77,7 +77,8 @@ def visit_order(code: str) -> tuple[int, float, str]:
 
 def _one_of(what: str, value: str, known: list[str], hint: str = "") -> UnknownFilter:
     shown = ", ".join(known[:20]) + (f" … ({len(known)} in all)" if len(known) > 20 else "")
-    return UnknownFilter(f"unknown {what} {value!r}{hint}; {what}s: {shown or 'none in this record'}")
+    plural = what + ("es" if what.endswith("s") else "s")  # statuses
+    return UnknownFilter(f"unknown {what} {value!r}{hint}; {plural}: {shown or 'none in this record'}")
 
 
 def _instant(value: datetime | str | None, name: str) -> datetime | None:

@@ -923,3 +923,9 @@ class Trial:
                 for stream, state in rows
                 if open_stored(state).envelope["study"] == str(self.study_id)
             ]
+
+    def derive_egfr_again(self, subject_id: UUID | str, creatinine_version: int, *, signer: Signer) -> Any:
+        """Derive the eGFR again from a (corrected) creatinine: what resolves a stale derived result."""
+        return self._subject_verb(
+            self.subject_id(subject_id), signer, lambda s, c: s.derive_egfr(creatinine_version, config=c)
+        )

@@ -232,12 +232,18 @@ def queries_cmd(
     if as_json:
         print_json(rows)
         return
-    t = table("query", "subject", "on", "status", "raised by", "last", "text", title="queries")
+    if not rows:
+        out.print("queries: " + ("none matched" if (open_only or subject or status) else "none"))
+        return
+    # One block per query (a table of seven columns does not fit 80 columns): what, where, state, then the text.
     for r in rows:
         target = f"v{r['version']} {r['fact']}" + (f".{r['field']}" if r["field"] else "")
-        last = f"{r['last_act']} by {r['last_by']}" + (f": {r['last_text']}" if r["last_act"] != "raised" else "")
-        raiser = r["raised_by"] + (" (auto)" if r["cause"] else "")
-        t.add_row(
-            r["query_id"][:8], r["screening_number"], target, r["status"], raiser, escape(last), escape(r["text"])
+        raiser = r["raised_by"] + (" (automatic)" if r["cause"] else "")
+        out.print(
+            f"[bold]{r['query_id'][:8]}[/bold]  {escape(r['screening_number'])}  {escape(target)}  "
+            f"[bold]{r['status']}[/bold]"
         )
-    print_table(t, "none matched" if (open_only or subject or status) else "none")
+        out.print(f"    raised by {escape(raiser)} {r['raised_at'][:10]}: {escape(r['text'])}", highlight=False)
+        if r["last_act"] != "raised":
+            out.print(f"    {r['last_act']} by {escape(r['last_by'])}: {escape(r['last_text'])}", highlight=False)
+    out.print(f"{len(rows)} queries", highlight=False)
