@@ -25,6 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
+from projections import review
 from projections.audit_trail import CHANGES, COLUMNS, query
 from projections.dashboard import dashboard
 from projections.patient_state import PatientState, summarise
@@ -76,7 +77,8 @@ def visit_order(code: str) -> tuple[int, float, str]:
 
 def _one_of(what: str, value: str, known: list[str], hint: str = "") -> UnknownFilter:
     shown = ", ".join(known[:20]) + (f" … ({len(known)} in all)" if len(known) > 20 else "")
-    return UnknownFilter(f"unknown {what} {value!r}{hint}; {what}s: {shown or 'none in this record'}")
+    plural = what + ("es" if what.endswith("s") else "s")  # statuses
+    return UnknownFilter(f"unknown {what} {value!r}{hint}; {plural}: {shown or 'none in this record'}")
 
 
 def _instant(value: datetime | str | None, name: str) -> datetime | None:
@@ -182,9 +184,11 @@ class StudyReader:
         with self.engine.connect() as conn:
             rows = [dict(r._mapping) for r in conn.execute(q)]
             halted = self.halted_streams(conn)
+            counts = review.query_counts_by_subject(conn)
         today = date.today()
         by_stream = {h["stream"]: h for h in halted}
         for r in rows:
+            r["queries"] = counts.get(r["subject"], dict.fromkeys(review.QUERY_STATUSES, 0))
             decode_json_fields(r)
             r["days_since_transplant"] = (today - date.fromisoformat(r["tx_date"])).days if r["tx_date"] else None
             h = by_stream.get(r["subject"])
@@ -195,6 +199,9 @@ class StudyReader:
         """One subject's patient state, by screening number or subject (stream) id."""
         for row in self.patients():
             if subject in (row["screening_number"], row["subject"]):
+                with self.engine.connect() as conn:
+                    row["sdv"] = review.sdv_progress(review.sdv_facts_status(conn, subject=row["subject"]))[0:1]
+                row["sdv"] = row["sdv"][0] if row["sdv"] else None
                 return row
         with self.engine.connect() as conn:
             raise _one_of("subject", subject, self._subjects(conn))
@@ -219,9 +226,44 @@ class StudyReader:
         by grade, stale results by site, halted streams."""
         with self.engine.connect() as conn:
             data = dashboard(conn)
+            data.update(review.review_dashboard(conn))  # queries and SDV by site
         for section in ("visit_compliance", "lab_completeness"):
             data[section].sort(key=lambda r: (visit_order(r["visit"]), r.get("outcome") or ""))
         return data
+
+    # ----------------------------------------------------------------------------------------- SDV and queries
+    def _subject_stream(self, conn: Connection, subject: str) -> str:
+        """A subject's stream id from its screening number or id (UnknownFilter naming the subjects otherwise)."""
+        ps = patient_state
+        found = conn.execute(
+            select(ps.c.subject).where((ps.c.screening_number == subject) | (ps.c.subject == subject))
+        ).scalar()
+        if found is None:
+            raise _one_of("subject", subject, self._subjects(conn), " (give a screening number)")
+        return str(found)
+
+    def queries(
+        self, *, subject: str | None = None, status: str | None = None, open_only: bool = False
+    ) -> list[dict[str, Any]]:
+        """Queries (`review_queries` rows), in the order raised; ``open_only``: OPEN or ANSWERED."""
+        if status is not None and status not in review.QUERY_STATUSES:
+            raise _one_of("query status", status, list(review.QUERY_STATUSES))
+        with self.engine.connect() as conn:
+            stream = self._subject_stream(conn, subject) if subject is not None else None
+            return review.queries(conn, subject=stream, status=status, open_only=open_only)
+
+    def sdv(self, *, subject: str | None = None, pending: bool = False) -> list[dict[str, Any]]:
+        """Each source-data fact with its SDV status; ``pending``: those not VERIFIED (the monitor's work list)."""
+        with self.engine.connect() as conn:
+            stream = self._subject_stream(conn, subject) if subject is not None else None
+            rows = review.sdv_facts_status(conn, subject=stream)
+        return [r for r in rows if r["status"] != "VERIFIED"] if pending else rows
+
+    def sdv_progress(self, by: str = "subject", *, subject: str | None = None) -> list[dict[str, Any]]:
+        """SDV progress by ``subject``, ``visit`` or ``site``."""
+        if by not in review.SDV_GROUPS:
+            raise _one_of("grouping", by, list(review.SDV_GROUPS))
+        return review.sdv_progress(self.sdv(subject=subject), by)
 
     # ----------------------------------------------------------------------------------------- replay
     def replay(

@@ -68,6 +68,9 @@ def all_projections() -> list[Projection]:
     from projections.casebook import CasebookReview
 
     found.append(CasebookReview())
+    from projections.review import ReviewActs, SdvFacts  # SDV and queries
+
+    found += [ReviewActs(), SdvFacts()]
     return found
 
 

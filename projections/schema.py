@@ -295,3 +295,65 @@ casebook_locks = Table(
     Column("position", _ID, nullable=False),
     Index("casebook_locks_study", "study", "position"),
 )
+
+# Source data verification and queries (projections/review.py). Each table is fed by one kind of stream, so a
+# parallel rebuild (streams in ranges) gives the same rows: queries and SDV marks by their own streams (which
+# carry the subject's screening number and site), the facts to verify by the subject's stream.
+review_queries = Table(
+    "review_queries",
+    metadata,
+    Column("query_id", String(36), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("subject", String(36), nullable=False),  # the subject's stream
+    Column("screening_number", String(64), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("version", _ID, nullable=False),  # the fact queried: its version on the subject's stream
+    Column("fact", String(64), nullable=False),  # its type (LabResultRecorded)
+    Column("field", String(64)),
+    Column("text", Text, nullable=False),
+    Column(
+        "cause", String(128)
+    ),  # automatic queries: stale/v12, flag/v30/VISIT_OUT_OF_WINDOW; null if raised by a person
+    Column("status", String(16), nullable=False),  # OPEN | ANSWERED | CLOSED
+    Column("raised_by", String(128), nullable=False),
+    Column("raised_at", String(40), nullable=False),  # occurred-at, UTC
+    Column("last_act", String(16), nullable=False),  # raised | answered | closed | reopened
+    Column("last_by", String(128), nullable=False),
+    Column("last_text", Text, nullable=False),
+    Column("last_at", String(40), nullable=False),
+    Column("acts", Integer, nullable=False),
+    Column("position", _ID, nullable=False),
+    Index("review_queries_subject", "study", "subject"),
+    Index("review_queries_status", "study", "status"),
+)
+
+# The latest SDV mark of each fact (field "" = the whole fact) of a subject.
+sdv_marks = Table(
+    "sdv_marks",
+    metadata,
+    Column("subject", String(36), primary_key=True),
+    Column("version", _ID, primary_key=True),
+    Column("field", String(64), primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("subject_version", _ID, nullable=False),  # the subject's version when verified
+    Column("hash", String(64), nullable=False),
+    Column("verified_by", String(128), nullable=False),
+    Column("verified_at", String(40), nullable=False),
+    Column("position", _ID, nullable=False),
+)
+
+# Every source-data fact of every subject (not voided; not a correction, void or computed result) and when each
+# of its fields was last changed by a correction: with sdv_marks, the SDV status (domain.review.fact_status).
+sdv_facts = Table(
+    "sdv_facts",
+    metadata,
+    Column("subject", String(36), primary_key=True),
+    Column("version", _ID, primary_key=True),
+    Column("study", String(36), nullable=False),
+    Column("site", String(32), nullable=False),
+    Column("screening_number", String(64), nullable=False),
+    Column("type", String(64), nullable=False),
+    Column("visit", String(16)),
+    Column("last_changed", Text, nullable=False),  # JSON {field: version of the correction that last changed it}
+    Index("sdv_facts_site", "study", "site"),
+)

@@ -37,7 +37,7 @@ from sle_events.domain import bounds
 from sle_events.domain import clock as domain_clock
 from sle_events.domain import errors as E
 from sle_events.domain.event_types import type_name
-from sle_events.domain.payloads import CriterionAnswer, EligibilityChecklist
+from sle_events.domain.payloads import CriterionAnswer, EligibilityChecklist, LabResult
 from sle_events.signing.keys import Signer
 from sle_events.store.errors import AppendRejected, UntrustedKey
 from sle_events.store.record import StudyRecord
@@ -61,6 +61,9 @@ PEOPLE = {
     "lab": ("lab.drum-tower", "lab"),
     "data_manager": ("dm.zhao", "data_manager"),
     "sponsor": ("pv.sponsor", "sponsor"),
+    # source data verification and queries: the monitor (CRA), and the study's checking service (automatic queries)
+    "monitor": ("cra.huang", "monitor"),
+    "checks": ("edc.checks", "data_manager"),
 }
 # The printed names registered with the people's keys (21 CFR 11.50), shown by the audit trail. The lab's key is
 # its reporting interface's (a service: no printed name), and the admin is the trust root (`Study.Created`).
@@ -69,6 +72,7 @@ PRINTED_NAMES = {
     "investigator": "Dr. Wang Li",
     "data_manager": "Zhao Min",
     "sponsor": "Chen Jing",
+    "monitor": "Huang Wei",
 }
 MASK64 = (1 << 64) - 1
 
@@ -1428,8 +1432,103 @@ def _plausible(code: str, value: str) -> bool:
         return False
 
 
+def _entered(sid: Callable[[], UUID]) -> bool:
+    """Whether a planned subject's screening was entered (before the data cut)."""
+    try:
+        sid()
+    except KeyError:
+        return False
+    return True
+
+
 def _open_ae(trial: Trial, subject: UUID) -> str:
     return [a.ae_id for a in trial.subject(subject).adverse_events.values() if a.serious and a.open][-1]
+
+
+# =========================================================================== monitoring: SDV and queries
+def review_acts(
+    demo: Demo, sim: domain_clock.SimulatedClock, start: datetime, enrolled: list[UUID], refused: dict[str, int]
+) -> None:
+    """A monitoring visit after the data cut (sle_events/domain/review.py): automatic queries from the record,
+    SDV of the first subject's whole record and of the second's M1, a query answered and a correction made
+    after SDV (changed since verified, then verified again), queries in every state (open, answered, closed,
+    re-opened, an automatic one closed because its cause is gone, one closed by the data manager), and two
+    acts refused (SDV of data that does not exist, answering a closed query)."""
+    from sle_events.domain.review import facts_of_visit
+
+    trial, who = demo.trial, demo.signers
+    monitor, dm, checks, lab = who["monitor"], who["data_manager"], who["checks"], who["lab"]
+    a, b = enrolled[0], enrolled[1 % len(enrolled)]
+
+    def at(days: int, hour: int) -> datetime:
+        when = start + timedelta(days=days, hours=hour)
+        sim.set(when)
+        return when
+
+    def query_id(n: int) -> UUID:  # deterministic, so the demo's digest is
+        return uuid5(DEMO_NAMESPACE, f"query/{demo.seed}/{n}")
+
+    def creatinines(sid: UUID) -> list[int]:
+        return [v for v, r in trial.subject(sid).records("LabResultRecorded") if getattr(r, "code", "") == "CREAT"]
+
+    def refuse(kind: type[Exception], run: Callable[[], Any]) -> None:
+        try:
+            run()
+        except kind as exc:
+            refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
+        else:
+            raise RuntimeError(f"the demo's monitoring act should have been refused with {kind.__name__}")
+
+    def corrected_value(sid: UUID, version: int) -> str:
+        lab = cast(LabResult, trial.subject(sid).facts[version].record)  # a creatinine: a LabResultRecorded
+        value = Decimal(str(lab.value))
+        return str(value + Decimal("0.01"))
+
+    at(1, 9)
+    trial.run_automatic_queries(signer=checks)
+    at(1, 10)
+    trial.verify_source(a, [f.version for f in trial.sdv_status(a)], signer=monitor)
+    cb = creatinines(b)[min(1, len(creatinines(b)) - 1)]
+    at(1, 11)
+    trial.verify_source(b, sorted({cb, *facts_of_visit(trial.subject(b), "M1")}), signer=monitor)
+    refuse(E.UnknownFact, lambda: trial.verify_source(a, [trial.subject(a).version + 100], signer=monitor))
+    at(1, 12)
+    q1 = trial.raise_query(
+        b, cb, "Creatinine differs from the lab report in the source.", field="value", query_id=query_id(1),
+        signer=monitor,
+    )  # fmt: skip
+    vitals = [v for v, _ in trial.subject(a).records("VitalSignsRecorded")]
+    q2 = trial.raise_query(
+        a, vitals[0] if vitals else 1, "Weight not found in the source notes.", query_id=query_id(2), signer=monitor
+    )
+    q3 = trial.raise_query(a, 1, "Screening date before the ICF date on file?", query_id=query_id(3), signer=dm)
+    at(2, 9)
+    trial.answer_query(q1, "Transcription error: corrected from the lab report.", signer=who["coordinator"])
+    trial.correct(b, cb, {"value": corrected_value(b, cb)}, "transcription error", signer=lab)  # after SDV
+    at(2, 10)
+    trial.answer_query(q2, "Weight is in the nursing chart, page 3.", signer=who["investigator"])
+    trial.answer_query(q3, "ICF signed the same morning, before screening.", signer=who["coordinator"])
+    at(3, 9)
+    trial.verify_source(b, [cb], signer=monitor)  # the corrected fact verified again
+    trial.close_query(q1, "Correction verified against the source.", signer=monitor)
+    at(3, 10)
+    trial.close_query(q2, "Seen in the nursing chart.", signer=monitor)
+    at(3, 11)
+    trial.reopen_query(q2, "The chart page shows height, not weight.", signer=monitor)
+    refuse(E.QueryStateConflict, lambda: trial.answer_query(q1, "late", signer=who["coordinator"]))
+    ca = creatinines(a)[-1]
+    at(3, 12)
+    trial.correct(a, ca, {"value": corrected_value(a, ca)}, "transcription error", signer=lab)  # not re-verified
+    at(4, 9)  # the showcase's stale eGFR is derived again: its automatic query closes itself
+    for stale in trial.subject(a).stale_results():
+        if stale["type"] == "DerivedResultRecorded" and stale["code"] == "EGFR":
+            trial.derive_egfr_again(a, stale["changed_inputs"][0], signer=lab)
+    at(4, 10)
+    trial.run_automatic_queries(signer=checks)
+    at(4, 11)
+    window = [q for q in trial.open_queries() if q.cause and "VISIT_OUT_OF_WINDOW" in q.cause]
+    if window:
+        trial.close_query(window[0].id, "Visit date confirmed with the site: a deviation.", signer=dm)
 
 
 # =========================================================================== running it
@@ -1498,7 +1597,7 @@ def _run(
     enrolled, screened, k = 0, 0, 0
     dates = screening_dates(seed, max(1, round(subjects / 0.72)) + 8)
     showcase = 0
-    enrolled_sids: list[Callable[[], UUID]] = []
+    enrolled_ids: list[Any] = []  # each enrolled subject's id, when its screening has been entered
     while enrolled < subjects:
         k += 1
         day = dates[min(k - 1, len(dates) - 1)] + timedelta(days=max(0, k - len(dates)))
@@ -1528,8 +1627,8 @@ def _run(
         enrolled += 1
         if showcase == 0:
             showcase = k_used
-        enrolled_sids.append(sid)
         plan_treatment(demo, k_used, sid, story, eligible_at, number, showcase)
+        enrolled_ids.append(sid)
 
     # replay every command in the order it was entered, on the simulated clock
     commands = sorted(plan.commands)
@@ -1551,7 +1650,9 @@ def _run(
         if on_progress and (i % 250 == 0 or i == len(commands) - 1):
             on_progress(i + 1, len(commands))
 
-    regulated_acts(trial, signers, sim, data_cut, [sid() for sid in enrolled_sids[:3]], refused)
+    screened_ids = [f() for f in enrolled_ids if _entered(f)]
+    review_acts(demo, sim, max(data_cut, domain_clock.now()), screened_ids, refused)  # SDV and queries
+    regulated_acts(trial, signers, sim, domain_clock.now() + timedelta(days=7), screened_ids, refused)  # sign-off, lock
     result = DemoResult(
         str(study_id), enrolled, 0, screened=screened, refused_as_expected=refused, backlog=plan.backlog
     )
@@ -1565,6 +1666,9 @@ def _run(
                 env = {k: v for k, v in e.envelope.items() if k not in ("key", "prev")}
                 if name == "Casebook.SignedOff":  # hashes the signed bytes: other keys, another hash
                     env["payload"] = {k: v for k, v in env["payload"].items() if k != "content_hash"}
+                if name == "SourceVerification.Verified":  # a mark's hash is of signed bytes: other keys, other hash
+                    items = [{k: v for k, v in i.items() if k != "hash"} for i in env["payload"]["items"]]
+                    env["payload"] = {**env["payload"], "items": items}
                 digest.update(json.dumps(env, sort_keys=True).encode())
     result.digest = digest.hexdigest()
     return result
@@ -1594,18 +1698,22 @@ def regulated_acts(
     trial: Trial,
     signers: dict[str, Signer],
     sim: domain_clock.SimulatedClock,
-    data_cut: datetime,
+    start: datetime,
     subjects: list[UUID],
     refused: dict[str, int],
 ) -> None:
-    """The database review after the data cut (docs/regulated-acts.md): the investigator signs off the first
-    enrolled subjects' casebooks (and one visit), a lab correction invalidates one sign-off and it is signed
-    again, a data manager locks a subject (a clinical fact is then refused, an AE is still reported and
-    flagged), and another subject is locked and unlocked with a reason, leaving its sign-off to be re-signed."""
+    """The database review after the monitoring visit (docs/regulated-acts.md): the investigator signs off the
+    first enrolled subjects' casebooks (and one visit), a lab correction invalidates one sign-off and it is
+    signed again, a lock of a subject with open queries is refused, a data manager locks a subject without (a
+    clinical fact is then refused, an AE is still reported and flagged), and another subject is frozen and
+    unlocked with a reason, leaving its sign-off to be re-signed."""
+    from sle_events.domain.casebook import OpenQueriesBlockLock
+    from sle_events.store.casebook import open_queries_blocking_lock
+
     inv, dm, lab = signers["investigator"], signers["data_manager"], signers["lab"]
     if not inv.passphrase_protected:
         return  # an old demo-keys folder: its investigator key has no passphrase, so it cannot sign off
-    at = data_cut + timedelta(days=7)
+    at = start
 
     def step(hours: float) -> datetime:
         nonlocal at
@@ -1636,18 +1744,34 @@ def regulated_acts(
             )
             step(24)
             trial.sign_off(second, signer=inv, meaning="review")  # signed again over the corrected data
-    if first is not None:
+
+    def queried(sid: UUID) -> bool:
+        return bool(open_queries_blocking_lock(trial.record, trial.study_id, sid))
+
+    if first is not None and queried(first):
+        step(1)
+        try:  # the monitor's queries on it are still open
+            trial.lock(first, signer=dm, reason="ready for the interim analysis")
+        except OpenQueriesBlockLock as exc:
+            refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
+        else:
+            raise RuntimeError("a lock with open queries should have been refused")
+    lockable = next((sid for sid in subjects if not queried(sid) and sid != third), None)
+    if lockable is not None:
+        if lockable not in (first, second):
+            step(1)
+            trial.sign_off(lockable, signer=inv, meaning="approval")
         step(2)
-        trial.lock(first, signer=dm, reason="casebook signed off; ready for the interim analysis")
+        trial.lock(lockable, signer=dm, reason="casebook signed off, no open queries: ready for the interim analysis")
         step(1)
         try:
-            trial.record_lab_result(first, "C3", "95", "mg/dL", at - timedelta(hours=1), signer=lab)
+            trial.record_lab_result(lockable, "C3", "95", "mg/dL", at - timedelta(hours=1), signer=lab)
         except AppendRejected as exc:  # CasebookLocked: a locked subject takes no new clinical data
             refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
         else:
             raise RuntimeError("a lab result on a locked subject should have been refused")
         step(1)
-        trial.report_adverse_event(first, "herpes zoster", (at - timedelta(days=1)).date(), at, signer=inv)
+        trial.report_adverse_event(lockable, "herpes zoster", (at - timedelta(days=1)).date(), at, signer=inv)
     if third is not None:
         step(2)
         trial.freeze(third, signer=dm, reason="interim analysis")

@@ -24,7 +24,9 @@ from datetime import date, datetime
 from typing import Any, TypeVar, cast
 from uuid import UUID
 
-from sle_events.domain import clock, lab_results
+from sqlalchemy import select
+
+from sle_events.domain import clock, lab_results, review
 from sle_events.domain.casebook import (
     SIGNATURE_DEFS,
     Casebook,
@@ -43,18 +45,22 @@ from sle_events.domain.errors import (
     ProtocolViolation,
     RoleMayNotCorrect,
     UnknownEventVersion,
+    UnknownFact,
+    UnknownQuery,
     UnknownSubject,
 )
-from sle_events.domain.event_types import type_name
+from sle_events.domain.event_types import stored_topics, type_name
 from sle_events.domain.payloads import EligibilityChecklist, LabResult
 from sle_events.domain.product import ProductLot
+from sle_events.domain.review import FactSdv, Query, QueryStatus, SdvItem, SourceVerification, sdv_status
 from sle_events.domain.roles import DEFAULT_PERMISSIONS
 from sle_events.domain.settings import StudySettings
 from sle_events.domain.study import Study
 from sle_events.domain.study_config import StudyConfig, VisitSchedule
 from sle_events.domain.subject import Subject
-from sle_events.signing.envelope import SealedEvent, parse_time
+from sle_events.signing.envelope import SealedEvent, open_stored, parse_time
 from sle_events.signing.keys import Signer
+from sle_events.store import review as review_store
 from sle_events.store.casebook import open_queries_blocking_lock
 from sle_events.store.errors import VersionConflict
 from sle_events.store.record import StudyRecord
@@ -867,3 +873,181 @@ class Trial:
         if self.casebook(subject) is None:
             raise LockStateError(("the study" if subject is None else f"subject {subject}") + " is not locked")
         self._on_casebook(subject, signer, lambda b: b.unlock(occurred_at or clock.now(), reason))
+
+    # ------------------------------------------------------------------------------------------ SDV and queries
+    # Regulated acts on the data (sle_events/domain/review.py): each on a stream of its own, never the subject's.
+    def source_verification(self, subject_id: UUID | str) -> SourceVerification | None:
+        """The subject's SDV marks (None before the first)."""
+        stream = SourceVerification.id_for(self.study_id, self.subject_id(subject_id))
+        return self.record.get(stream) if self._exists(stream) else None
+
+    def sdv_status(self, subject_id: UUID | str) -> list[FactSdv]:
+        """Each source-data fact of the subject: PENDING, PARTIAL, VERIFIED or CHANGED_SINCE_VERIFIED."""
+        subject = self._load(subject_id, Subject)
+        return sdv_status(subject, self.source_verification(subject.id))
+
+    def verify_source(
+        self,
+        subject_id: UUID | str,
+        versions: Iterable[int] = (),
+        *,
+        signer: Signer,
+        field: str | None = None,
+        visit: str | None = None,
+        occurred_at: datetime | None = None,
+    ) -> list[SdvItem]:
+        """A monitor marks facts of the subject's record verified against the source: ``versions`` (with ``field``:
+        that field of each), or every source-data fact of ``visit``. Refused (nothing stored): a version the
+        record does not have, a voided fact, a field the fact does not have, a visit with no facts."""
+        subject = self._load(subject_id, Subject)
+        when = occurred_at or clock.now()
+        wanted = list(versions)
+        if visit is not None:
+            found = review.facts_of_visit(subject, visit)
+            if not found:
+                raise UnknownFact(subject.screening_number, 0, f"no source-data fact belongs to visit {visit!r}")
+            wanted += found
+        sdv = self.source_verification(subject.id) or SourceVerification.open(self.study_id, subject, when)
+        marks = sdv.verify(
+            subject,
+            [(v, field) for v in wanted],
+            by=signer.actor,
+            occurred_at=when,
+            hash_of=lambda v: self.record.head_hash(subject.id, v),
+            visit=visit,
+            config=self.config,
+        )
+        self.record.record(sdv, signer=signer)
+        return marks
+
+    def query(self, query_id: UUID | str) -> Query:
+        """A query by its id (`UnknownQuery` if there is none)."""
+        try:
+            stream = query_id if isinstance(query_id, UUID) else UUID(str(query_id).strip())
+        except ValueError:
+            raise UnknownQuery(query_id) from None
+        found = self.record.get(stream) if self._exists(stream) else None
+        if not isinstance(found, Query) or found.study_id != self.study_id:
+            raise UnknownQuery(query_id)
+        return found
+
+    def raise_query(
+        self,
+        subject_id: UUID | str,
+        version: int,
+        text: str,
+        *,
+        signer: Signer,
+        field: str | None = None,
+        query_id: UUID | None = None,
+        occurred_at: datetime | None = None,
+    ) -> UUID:
+        """A monitor or data manager raises a query on a fact (and field) of the subject's record. Returns its id."""
+        subject = self._load(subject_id, Subject)
+        q = Query.raise_on(
+            self.study_id,
+            subject,
+            version,
+            text,
+            by=signer.actor,
+            occurred_at=occurred_at or clock.now(),
+            field=field,
+            query_id=query_id,
+            config=self.config,
+        )
+        self.record.record(q, signer=signer)
+        return q.id
+
+    def answer_query(
+        self, query_id: UUID | str, text: str, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> None:
+        q = self.query(query_id)
+        q.answer(text, by=signer.actor, occurred_at=occurred_at or clock.now(), config=self.config)
+        self.record.record(q, signer=signer)
+
+    def close_query(
+        self, query_id: UUID | str, text: str, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> None:
+        """The raiser (or, for an automatic query, a data manager) closes the query."""
+        q = self.query(query_id)
+        q.close(text, by=signer.actor, role=signer.role, occurred_at=occurred_at or clock.now(), config=self.config)
+        self.record.record(q, signer=signer)
+
+    def reopen_query(
+        self, query_id: UUID | str, text: str, *, signer: Signer, occurred_at: datetime | None = None
+    ) -> None:
+        q = self.query(query_id)
+        q.reopen(text, by=signer.actor, role=signer.role, occurred_at=occurred_at or clock.now(), config=self.config)
+        self.record.record(q, signer=signer)
+
+    def queries(self, subject_id: UUID | str | None = None) -> list[Query]:
+        """Every query of the study (or subject), in the order raised."""
+        sid = None if subject_id is None else self.subject_id(subject_id)
+        return review_store.queries(self.record, self.study_id, sid)
+
+    def open_queries(self, subject_id: UUID | str | None = None) -> list[Query]:
+        """The queries not closed (OPEN or ANSWERED): what blocks a lock."""
+        return [q for q in self.queries(subject_id) if q.is_open]
+
+    def run_automatic_queries(
+        self, *, signer: Signer, subjects: Iterable[UUID | str] | None = None, occurred_at: datetime | None = None
+    ) -> dict[str, list[UUID]]:
+        """Raise a query for every cause the record itself holds (stale derived results, out-of-window visits,
+        flagged values), close the automatic queries whose cause is gone (saying so), and re-open those it
+        closed whose cause came back. Idempotent: a second run changes nothing. ``signer`` is the study's
+        checking service (a data-manager key without a printed name) or a data manager."""
+        when = occurred_at or clock.now()
+        done: dict[str, list[UUID]] = {"raised": [], "closed": [], "reopened": []}
+        existing = {q.id: q for q in self.queries() if q.cause is not None}
+        ids = sorted(set(self._subject_streams())) if subjects is None else [self.subject_id(s) for s in subjects]
+        for sid in ids:
+            subject = self._load(sid, Subject)
+            causes = review.automatic_causes(subject)
+            touched: list[Query] = []
+            for key, cause in causes.items():
+                qid = Query.automatic_id(self.study_id, subject.id, key)
+                q = existing.get(qid)
+                if q is None:
+                    q = Query.raise_on(
+                        self.study_id, subject, cause.version, cause.text, by=signer.actor, occurred_at=when,
+                        query_id=qid, cause=key, config=self.config,
+                    )  # fmt: skip
+                    done["raised"].append(qid)
+                    touched.append(q)
+                elif q.status == QueryStatus.CLOSED and q.thread[-1][1] == signer.actor:
+                    q.reopen(f"the cause is back: {cause.text}", by=signer.actor, role=signer.role, occurred_at=when)
+                    done["reopened"].append(qid)
+                    touched.append(q)
+            for qid, q in existing.items():
+                if q.subject_id == subject.id and q.is_open and q.cause not in causes:
+                    q.close(
+                        f"closed automatically: the cause ({q.cause}) is no longer in the record",
+                        by=signer.actor,
+                        role=signer.role,
+                        occurred_at=when,
+                    )
+                    done["closed"].append(qid)
+                    touched.append(q)
+            if touched:
+                self.record.record(*touched, signer=signer)
+        return done
+
+    def _subject_streams(self) -> list[UUID]:
+        t = self.record.table
+        with self.record.engine.connect() as conn:
+            rows = conn.execute(
+                select(t.c.originator_id, t.c.state).where(
+                    t.c.topic.in_(stored_topics("Subject.Screened")), t.c.originator_version == 1
+                )
+            )
+            return [
+                UUID(str(stream))
+                for stream, state in rows
+                if open_stored(state).envelope["study"] == str(self.study_id)
+            ]
+
+    def derive_egfr_again(self, subject_id: UUID | str, creatinine_version: int, *, signer: Signer) -> Any:
+        """Derive the eGFR again from a (corrected) creatinine: what resolves a stale derived result."""
+        return self._subject_verb(
+            self.subject_id(subject_id), signer, lambda s, c: s.derive_egfr(creatinine_version, config=c)
+        )

@@ -11,7 +11,6 @@ import json
 import os
 import subprocess
 import sys
-import types
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -332,24 +331,29 @@ def test_a_locked_study_refuses_screening_and_lock_state_errors(book):
     book.trial.screen("NJ01", "NJ01-0008", book.now - timedelta(hours=1), signer=book.coordinator)
 
 
-def test_locking_with_open_queries_is_refused(book, monkeypatch):
-    # Until the query module (branch sdv) is merged, stand in for its documented read function.
-    module = types.ModuleType("sle_events.store.review")
-    module.open_queries = lambda record, study_id, subject_id=None: [types.SimpleNamespace(id="q-1")]  # type: ignore[attr-defined]
-    monkeypatch.setitem(sys.modules, "sle_events.store.review", module)
+def test_locking_with_open_queries_is_refused(book):
+    query = book.trial.raise_query(book.subject, 3, "Creatinine differs from the source?", signer=book.dm)
     rows = book.rows()
-    with pytest.raises(OpenQueriesBlockLock, match="q-1"):
+    with pytest.raises(OpenQueriesBlockLock, match=str(query)):
         book.trial.lock(book.subject, signer=book.dm)
+    with pytest.raises(OpenQueriesBlockLock):
+        book.trial.lock(signer=book.dm)  # the study: any query of it
     cb = Casebook.open(book.trial.study_id, book.subject, book.now)
     cb.lock(book.now)
     sealed, prev = [], "0" * 64
     for event in cb.collect_events():
         sealed.append(seal(envelope_for(event, study=book.trial.study_id, prev=prev), book.dm))
         prev = sealed[-1].hash
-    with pytest.raises(LockBlockedByOpenQueries):
+    with pytest.raises(LockBlockedByOpenQueries):  # a lock signed elsewhere: the same rule at append
         book.trial.record.append(sealed)
     assert book.rows() == rows
     book.trial.freeze(book.subject, signer=book.dm)  # a freeze does not wait for queries
+    book.trial.answer_query(query, "Re-read: 1.10 is right.", signer=book.coordinator)
+    with pytest.raises(OpenQueriesBlockLock):  # answered is not closed
+        book.trial.lock(book.subject, signer=book.dm)
+    book.trial.close_query(query, "Confirmed.", signer=book.dm)
+    book.trial.lock(book.subject, signer=book.dm, reason="queries closed")
+    assert book.read(casebook_rows)[0]["lock_level"] == "locked"
 
 
 # ----------------------------------------------------------------------------------------------- the CLI

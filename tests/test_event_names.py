@@ -20,6 +20,7 @@ from projections.schema import patient_state
 from sle_events.audit.verifier import verify_record
 from sle_events.domain.event_types import EVENT_TYPES, LEGACY_TOPICS, UnknownEventName, event_class, name_of
 from sle_events.domain.product import ProductLot
+from sle_events.domain.review import Query, SourceVerification
 from sle_events.domain.study import Study
 from sle_events.domain.subject import Subject
 from sle_events.signing.canonical import canonical_json
@@ -31,6 +32,7 @@ from tests.conftest import STUDY_CONFIG, count_rows
 
 FIXTURES = Path(__file__).parent / "fixtures"
 NOW = datetime.now(UTC)
+TRIAL_RECORDS = ("Study", "Subject", "ProductLot", "SourceVerification", "Query", "Casebook")
 
 
 def signed_names() -> list[str]:
@@ -47,13 +49,13 @@ def test_every_name_ever_signed_still_resolves():
 def test_every_registered_name_is_in_the_list_of_signed_names():
     # A name added to the registry is added to the list too, and from then on must always resolve.
     # (Other tests register names of their own aggregates: only the trial's records count here.)
-    trial_names = {n for n in EVENT_TYPES if n.split(".")[0] in ("Study", "Subject", "ProductLot", "Casebook")}
+    trial_names = {n for n in EVENT_TYPES if n.split(".")[0] in TRIAL_RECORDS}
     assert trial_names <= set(signed_names())
 
 
 def test_every_fact_of_the_aggregates_has_a_name():
     # Facts the verbs can produce: nested event classes other than the library's unused defaults.
-    for aggregate in (Study, Subject, ProductLot):
+    for aggregate in (Study, Subject, ProductLot, SourceVerification, Query):
         for attr, value in vars(aggregate).items():
             if isinstance(value, type) and issubclass(value, aggregate.Event) and attr not in ("Event", "Created"):
                 assert name_of(value) == f"{aggregate.__name__}.{attr}"
@@ -65,7 +67,7 @@ def test_names_are_trial_vocabulary_not_python_paths():
         if name.startswith("Specimen."):
             continue  # a test's own aggregate (test_upcasting)
         record, fact = name.split(".")
-        assert ":" not in name and record in ("Study", "Subject", "ProductLot", "Casebook") and fact[0].isupper()
+        assert ":" not in name and record in TRIAL_RECORDS and fact[0].isupper()
 
 
 def test_moving_an_event_class_changes_no_signed_byte():

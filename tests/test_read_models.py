@@ -49,6 +49,8 @@ def test_every_projection_rebuilds_identical(demo_url):
         "audit_trail": 0,
         "patient_state": 0,
         "study_dashboard": 0,
+        "review_acts": 0,
+        "sdv_facts": 0,
     }
     runner.close()
 

@@ -372,3 +372,8 @@ app.command("void")(void)
 app.command("sign")(sign)
 app.command("lock")(lock)
 app.command("unlock")(unlock)
+from sle_events.cli.review_cmd import queries_cmd, query_app, sdv  # noqa: E402  # SDV and queries, attached here
+
+app.command("sdv")(sdv)
+app.add_typer(query_app, name="query")
+app.command("queries")(queries_cmd)

@@ -846,3 +846,77 @@ class UnknownSubject(ProtocolViolation):
     def __init__(self, subject: Any) -> None:
         self.subject = str(subject)
         super().__init__(f"subject {self.subject} is not in this study's record", subject=self.subject)
+
+
+# --------------------------------------------------------------------------- source data verification and queries
+class UnknownFact(ProtocolViolation):
+    """SDV of (or a query on) data that does not exist: no such fact on the subject's record, a field it does not
+    have, a fact that was voided, or one whose signed bytes are not the ones named."""
+
+    code = "unknown_fact"
+
+    def __init__(self, subject: Any, version: int, detail: str) -> None:
+        self.subject = str(subject)
+        self.version = version
+        self.detail = detail
+        super().__init__(
+            f"subject {self.subject} has no verifiable fact at v{version}: {detail}",
+            subject=self.subject,
+            version=version,
+            detail=detail,
+        )
+
+
+class UnknownQuery(ProtocolViolation):
+    code = "unknown_query"
+
+    def __init__(self, query_id: Any) -> None:
+        self.query_id = str(query_id)
+        super().__init__(f"query {self.query_id} is not in this study's record", query_id=self.query_id)
+
+
+class QueryStateConflict(ProtocolViolation):
+    """The query's state does not allow this act (answering or closing a closed query, re-opening an open one)."""
+
+    code = "query_state_conflict"
+
+    def __init__(self, query_id: Any, action: str, status: str) -> None:
+        self.query_id = str(query_id)
+        self.action = action
+        self.status = status
+        super().__init__(
+            f"query {self.query_id} is {status}: it cannot be {action}",
+            query_id=self.query_id,
+            action=action,
+            status=status,
+        )
+
+
+class NotTheRaiser(ProtocolViolation):
+    """Only the raiser closes or re-opens a query (a data manager also may, for an automatic query)."""
+
+    code = "not_the_raiser"
+
+    def __init__(self, query_id: Any, action: str, actor: str, raised_by: str) -> None:
+        self.query_id = str(query_id)
+        self.action = action
+        self.actor = actor
+        self.raised_by = raised_by
+        super().__init__(
+            f"{actor} may not {action} query {self.query_id}: only its raiser {raised_by} may",
+            query_id=self.query_id,
+            action=action,
+            actor=actor,
+            raised_by=raised_by,
+        )
+
+
+class ActorMismatch(ProtocolViolation):
+    """A regulated act names someone other than its signer as the person acting."""
+
+    code = "actor_mismatch"
+
+    def __init__(self, named: str, signer: str) -> None:
+        self.named = named
+        self.signer = signer
+        super().__init__(f"the act names {named} but was signed by {signer}", named=named, signer=signer)

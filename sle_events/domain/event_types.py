@@ -18,6 +18,7 @@ from typing import Any
 
 from sle_events.domain.casebook import Casebook
 from sle_events.domain.product import ProductLot
+from sle_events.domain.review import Query, SourceVerification
 from sle_events.domain.study import Study
 from sle_events.domain.subject import Subject
 
@@ -73,6 +74,9 @@ EVENT_TYPES: dict[str, type] = {
     **_facts("ProductLot", ProductLot, "ReleaseTested Infused"),
     # investigator sign-off, freeze, lock and unlock (regulated acts on their own stream, never the subject's)
     **_facts("Casebook", Casebook, "Opened SignedOff Frozen Locked Unlocked"),
+    # source data verification and queries (sle_events/domain/review.py): never on the subject's own stream
+    **_facts("SourceVerification", SourceVerification, "Opened Verified"),
+    **_facts("Query", Query, "Raised Answered Closed Reopened"),
 }
 
 # Where each record's classes lived when types were Python paths (fixed strings: they describe stored bytes).
@@ -83,6 +87,7 @@ _LEGACY_MODULES = {
 }
 _NAMED_SINCE = {"Study.NewStudyApproved"}  # facts added after stable names: they never had a Python path
 _NAMED_SINCE |= {f"Casebook.{fact}" for fact in ("Opened", "SignedOff", "Frozen", "Locked", "Unlocked")}
+_NAMED_SINCE |= {n for n in EVENT_TYPES if n.split(".", 1)[0] in ("SourceVerification", "Query")}
 #: old stored topic -> name
 LEGACY_TOPICS: dict[str, str] = {
     f"{_LEGACY_MODULES[name.split('.', 1)[0]]}:{name}": name for name in EVENT_TYPES if name not in _NAMED_SINCE

@@ -87,5 +87,12 @@ DEFAULT_PERMISSIONS: dict[str, list[str]] = {
     "Casebook.Frozen": [DM],
     "Casebook.Locked": [DM],
     "Casebook.Unlocked": [DM],
+    # source data verification and queries (monitor, data manager; site staff answer)
+    "SourceVerification.Opened": [MONITOR],
+    "SourceVerification.Verified": [MONITOR],
+    "Query.Raised": [MONITOR, DM],
+    "Query.Answered": [C, I],
+    "Query.Closed": [MONITOR, DM],
+    "Query.Reopened": [MONITOR, DM],
 }
 del I, C, L, DM, SP

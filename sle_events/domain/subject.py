@@ -274,6 +274,8 @@ class Subject(TrialAggregate):
         self.adverse_events: dict[str, AdverseEventState] = {}
         self.deviations: dict[int, dict[str, Any]] = {}
         self.flags: list[tuple[int, str]] = []
+        # Correction version -> the fields it changed (source data verification: "changed since verified").
+        self.changed_fields: dict[int, tuple[str, ...]] = {}
         # disposition
         self.exited_at: datetime | None = None
         self.withdrawal: dict[str, Any] | None = None
@@ -2135,6 +2137,7 @@ class Subject(TrialAggregate):
     ) -> None:
         version = self._fact("Corrected")
         fact = self.facts[corrected_version]
+        self.changed_fields[version] = tuple(sorted(new_values))  # as signed (canonical JSON sorts keys)
         fact.record = corrections.apply(fact.record, new_values)  # type: ignore[arg-type]  # record type follows fact.type (see Fact)
         fact.corrections.append(version)
         if corrected_type == "VisitRecorded":

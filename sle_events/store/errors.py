@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+from typing import Any
+
 from sle_events.picklable import Picklable
 
 
@@ -93,3 +95,16 @@ class SignOffMismatch(AppendRejected):
     or a casebook fact on a stream that is not the casebook of the subject its payload names."""
 
     kind = "signoff_mismatch"
+
+
+class ActRefused(AppendRejected):
+    """An SDV mark or a query act that its verb would have refused (data that does not exist, a closed query
+    answered, a close by someone other than the raiser, an unknown query): ``violation`` is the domain's
+    specific `ProtocolViolation` (its ``code`` says which)."""
+
+    kind = "act_refused"
+
+    def __init__(self, message: str, *, violation: Any = None, stream: str | None = None, version: int | None = None):
+        self.violation = violation
+        self.code = getattr(violation, "code", "act_refused")
+        super().__init__(message, stream=stream, version=version)

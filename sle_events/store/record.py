@@ -64,6 +64,7 @@ from sle_events.store.errors import (
     VersionConflict,
     WrongStudy,
 )
+from sle_events.store.review import check_review_act, is_review_act
 from sle_events.store.url import DEFAULT_DB_FILE, database_url  # noqa: F401 - re-exported
 
 STUDY_CREATED = "Study.Created"
@@ -349,13 +350,15 @@ class StudyRecord(Application[UUID]):
             except KeyProblem as exc:
                 raise UntrustedKey(str(exc), **where) from exc
             keys.append(public_key(study.public_key(entry["key"])))
-            if name.startswith("Casebook."):
-                self._check_casebook_act(e, name, where)
             if env["stream"] == study_id and env["version"] > 1:
                 # Registry changes take effect for the rest of the batch.
                 studies[study_id] = study = copy.deepcopy(study)
                 domain_event_from(e).mutate(study)
             heads[e.stream] = self._check_chain(e, heads, where)
+            if name.startswith("Casebook."):  # after the chain, as review acts: a resend is an idempotent retry
+                self._check_casebook_act(e, name, where)
+            if is_review_act(name):  # after the chain: an exact resend is still a VersionConflict (an idempotent retry)
+                check_review_act(self, e, name, events, where)  # SDV and queries: the verbs' rules, signed anywhere
         return studies, heads, keys
 
     def _start_verifying(self, events: Sequence[SealedEvent]) -> tuple[list[Any], list[Any]] | None:

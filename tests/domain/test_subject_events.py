@@ -12,6 +12,7 @@ from eventsourcing.domain import CanMutateAggregate
 
 from sle_events.domain.casebook import Casebook, CoveredStream
 from sle_events.domain.product import ProductLot
+from sle_events.domain.review import Query, SourceVerification
 from sle_events.domain.roles import DEFAULT_PERMISSIONS, ROLES
 from sle_events.domain.settings import StudySettings
 from sle_events.domain.study import Study
@@ -43,6 +44,7 @@ def event_types(cls: type) -> list[str]:
 
 ALL_TYPES = event_types(Subject) + event_types(ProductLot) + event_types(Study)
 ALL_TYPES += event_types(Casebook)  # sign-off, freeze, lock, unlock (sle_events/domain/casebook.py)
+ALL_TYPES += event_types(SourceVerification) + event_types(Query)  # regulated acts on the data (review.py)
 
 
 def course() -> dict[str, Any]:
@@ -138,6 +140,15 @@ def course() -> dict[str, Any]:
     book.freeze(visit_day(48, 34), "interim analysis")
     book.unlock(visit_day(48, 35), "late lab result")
     book.lock(visit_day(48, 36))
+
+    # source data verification and a query's whole life, each on a stream of its own
+    review_at = visit_day(48, 33)
+    sdv = SourceVerification.open(a.study_id, a, review_at)
+    sdv.verify(a, [(creat, None), (creat, "value")], by="cra", occurred_at=review_at, hash_of=lambda v: f"{v:064x}")
+    query = Query.raise_on(a.study_id, a, creat, "source says 0.72?", by="cra", occurred_at=review_at, field="value")
+    query.answer("corrected", by="nurse", occurred_at=review_at)
+    query.close("resolved", by="cra", role="monitor", occurred_at=review_at)
+    query.reopen("still unclear", by="cra", role="monitor", occurred_at=review_at)
     return {
         "study": study,
         "a": a,
@@ -147,6 +158,8 @@ def course() -> dict[str, Any]:
         "tnp": tnp,
         "gone": gone,
         "casebook": book,
+        "sdv": sdv,
+        "query": query,
     }
 
 
@@ -185,7 +198,7 @@ def test_the_course_covers_every_event_type(built):
     assert sorted(set(ALL_TYPES) - seen) == []
 
 
-@pytest.mark.parametrize("name", ["study", "a", "lot", "failed", "again", "tnp", "gone", "casebook"])
+@pytest.mark.parametrize("name", ["study", "a", "lot", "failed", "again", "tnp", "gone", "casebook", "sdv", "query"])
 def test_replaying_the_signed_stream_rebuilds_the_same_aggregate(built, name):
     original = built["aggregates"][name]
     replayed, _ = _replay(built["events"][name])

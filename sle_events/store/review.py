@@ -1,0 +1,101 @@
+"""SDV marks and queries as the store holds them: the append-time check of acts signed elsewhere, and the open
+queries of a study or subject (what blocks a lock).
+
+The rules themselves are the domain's (:func:`sle_events.domain.review.check_act`); this module only gathers
+what they look at: the stream's state before the event (stored events, then earlier events of the same batch),
+the subject it concerns and the hashes of the subject's stored facts.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Sequence
+from typing import TYPE_CHECKING, Any
+from uuid import UUID
+
+from sqlalchemy import select
+
+from sle_events.domain.errors import ProtocolViolation
+from sle_events.domain.event_types import stored_topics
+from sle_events.domain.review import Query, check_act
+from sle_events.domain.subject import Subject
+from sle_events.signing.envelope import SealedEvent, open_stored
+from sle_events.store.codec import domain_event_from
+from sle_events.store.errors import ActRefused
+
+if TYPE_CHECKING:
+    from sle_events.store.record import StudyRecord
+
+__all__ = ["REVIEW_RECORDS", "check_review_act", "is_review_act", "open_queries", "queries"]
+
+REVIEW_RECORDS = ("SourceVerification.", "Query.")
+
+
+def is_review_act(name: str) -> bool:
+    return name.startswith(REVIEW_RECORDS)
+
+
+def _stored(record: StudyRecord, stream: UUID) -> Any:
+    """The aggregate as stored, or None if the stream has no events."""
+    if not record.recorder.select_events(stream, limit=1):
+        return None
+    return record.get(stream)
+
+
+def check_review_act(
+    record: StudyRecord, e: SealedEvent, name: str, batch: Sequence[SealedEvent], where: dict[str, Any]
+) -> None:
+    """Refuse (`ActRefused`) an SDV or query event that its verb would have refused."""
+    env = e.envelope
+    payload = env["payload"]
+    stream = UUID(env["stream"])
+    try:
+        before = _stored(record, stream) if env["version"] > 1 else None
+        for x in batch:
+            if x is e:
+                break
+            if x.stream == e.stream:
+                before = domain_event_from(x).mutate(before)
+        subject_id = payload.get("subject_id") or getattr(before, "subject_id", None)
+        subject = None
+        if subject_id is not None:
+            subject = _stored(record, UUID(str(subject_id)))
+            if not isinstance(subject, Subject) or str(subject.study_id) != env["study"]:
+                subject = None
+        sid = subject.id if subject is not None else None
+        check_act(
+            name,
+            payload,
+            actor=env["actor"],
+            role=env["role"],
+            stream=stream,
+            study_id=UUID(env["study"]),
+            before=before,
+            subject=subject,
+            hash_of=(lambda v: record.head_hash(sid, v)) if sid is not None else None,
+        )
+    except ProtocolViolation as exc:
+        raise ActRefused(str(exc), violation=exc, **where) from None
+
+
+def queries(record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | None = None) -> list[Query]:
+    """Every query of the study (or of one subject), folded from the stored ``Query.*`` events in log order."""
+    t = record.table
+    found: dict[UUID, Any] = {}
+    with record.engine.connect() as conn:
+        rows = conn.execute(
+            select(t.c.originator_id, t.c.state).where(t.c.topic.in_(stored_topics("Query"))).order_by(t.c.id)
+        )
+        for stream, state in rows:
+            sealed = open_stored(state)
+            if sealed.envelope["study"] != str(study_id):
+                continue
+            found[stream] = domain_event_from(sealed).mutate(found.get(stream))
+    wanted = None if subject_id is None else str(subject_id)
+    return [q for q in found.values() if wanted is None or str(q.subject_id) == wanted]
+
+
+def open_queries(record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | None = None) -> list[Query]:
+    """The queries of the study (or of one subject) that are not closed (OPEN or ANSWERED): what blocks a lock.
+    Each is a `sle_events.domain.review.Query` (``id``, ``subject_id``, ``status``, ``target_version``,
+    ``field``, ``text``, ``raised_by``, ``cause``)."""
+    return [q for q in queries(record, study_id, subject_id) if q.is_open]
