@@ -98,7 +98,7 @@ class AuditTrail(Projection):
             env, payload, type_name, stream = fact.envelope, fact.payload, fact.type_name, fact.stream
             event_id = f"{stream}:{env['version']}"
             # A subject's own stream, or an act on a subject on a stream of its own (a query, the SDV marks)
-            if type_name in ("Subject.Screened", "Query.Raised", "SourceVerification.Opened"):
+            if type_name in ("Subject.Screened", "Query.Raised", "SourceVerification.Opened", "Casebook.Opened"):
                 self.subjects[stream] = payload.get("screening_number")
             if isinstance(payload.get("corrected_version"), int):
                 record_id, change = f"{stream}:{payload['corrected_version']}", "corrected"

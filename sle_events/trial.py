@@ -777,8 +777,10 @@ class Trial:
         return cast(Casebook, book)
 
     def _on_casebook(self, subject: UUID | str | None, signer: Signer, verb: Callable[[Casebook], T]) -> T:
-        sid = None if subject is None else self._load(subject, Subject).id
-        book = self.casebook(sid) or Casebook.open(self.study_id, sid, clock.now())
+        loaded = None if subject is None else self._load(subject, Subject)
+        sid = None if loaded is None else loaded.id
+        number = None if loaded is None else loaded.screening_number
+        book = self.casebook(sid) or Casebook.open(self.study_id, sid, clock.now(), number)
         return self._record(signer, [book], lambda: verb(book))
 
     def sign_off(

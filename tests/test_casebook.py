@@ -132,6 +132,10 @@ def test_a_sign_off_is_on_the_casebook_stream_with_its_manifestation(book):
     [row] = book.read(signoff_rows)
     assert (row["status"], row["printed_name"], row["screening_number"]) == ("valid", "Dr. Wang Li", "NJ01-0007")
     assert book.read(casebook_rows)[0]["signoff_status"] == "signed"
+    with StudyReader(book.url) as reader:  # the audit trail shows the act under the subject's screening number
+        trail = reader.audit_trail(subject="NJ01-0007", event_type="Casebook.SignedOff")
+    assert {r["field"] for r in trail} >= {"content_hash", "meaning", "printed_name"}
+    assert {r["printed_name"] for r in trail} == {"Dr. Wang Li"}
 
 
 def test_an_auditor_recomputes_the_content_hash_from_raw_rows(book):

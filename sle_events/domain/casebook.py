@@ -249,20 +249,27 @@ class Casebook(TrialAggregate):
         return uuid5(study_id, "casebook/study")
 
     @classmethod
-    def open(cls, study_id: UUID, subject_id: UUID | None, occurred_at: datetime) -> Casebook:
+    def open(
+        cls, study_id: UUID, subject_id: UUID | None, occurred_at: datetime, screening_number: str | None = None
+    ) -> Casebook:
+        """The subject's casebook stream (its screening number is carried for the audit trail), or the study's."""
         stream = cls.study_id_for(study_id) if subject_id is None else cls.id_for(study_id, subject_id)
         return cls._create(
             cls.Opened,  # type: ignore[attr-defined]  # the event class @event("Opened") builds
             id=stream,
             study_id=study_id,
             subject_id=subject_id,
+            screening_number=screening_number,
             occurred_at=occurred_at,
         )
 
     @event("Opened")
-    def __init__(self, study_id: UUID, subject_id: UUID | None, occurred_at: datetime) -> None:
+    def __init__(
+        self, study_id: UUID, subject_id: UUID | None, screening_number: str | None, occurred_at: datetime
+    ) -> None:
         self.study_id = study_id
         self.subject_id = subject_id
+        self.screening_number = screening_number
         self.level: str | None = None
         self.signoffs: dict[int, dict[str, Any]] = {}  # version of the sign-off -> what it says
         self.lock_history: list[tuple[int, str, str | None]] = []  # (version, level or "unlocked", reason)
