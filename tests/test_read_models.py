@@ -13,7 +13,15 @@ import sqlalchemy as sa
 from projections.patient_state import summarise
 from projections.replay import events_as_of, fold, replay
 from projections.runner import ProjectionRunner
-from projections.schema import audit_trail, patient_state, subject_adverse_events, subject_visits
+from projections.schema import (
+    audit_trail,
+    casebook_locks,
+    casebook_signoffs,
+    casebook_state,
+    patient_state,
+    subject_adverse_events,
+    subject_visits,
+)
 from sle_events.demo import run_demo
 from sle_events.signing.envelope import parse_time
 from sle_events.store.record import StudyRecord
@@ -35,6 +43,9 @@ def dump(runner: ProjectionRunner) -> dict[str, list[tuple]]:
         for table in (patient_state, subject_visits, subject_adverse_events, audit_trail):
             cols = [c for c in table.c if c.name != "id"]
             tables[table.name] = sorted(tuple(map(str, r)) for r in conn.execute(sa.select(*cols)))
+        for table in (casebook_signoffs, casebook_state, casebook_locks):  # sign-offs and locks of the demo
+            cols = [c for c in table.c if c.name != "id"]
+            tables[table.name] = sorted(tuple(map(str, r)) for r in conn.execute(sa.select(*cols)))
     return tables
 
 
@@ -51,6 +62,7 @@ def test_every_projection_rebuilds_identical(demo_url):
         "study_dashboard": 0,
         "review_acts": 0,
         "sdv_facts": 0,
+        "casebook": 0,
     }
     runner.close()
 
