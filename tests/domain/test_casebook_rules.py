@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import hashlib
 from datetime import UTC, datetime, timedelta
+from typing import Any
 from uuid import UUID
 
 import pytest
@@ -28,7 +29,7 @@ M1 = datetime(2024, 3, 1, 9, 0, tzinfo=UTC)
 
 
 def test_a_visit_covers_what_names_it_what_happened_near_it_and_their_corrections():
-    facts = [
+    facts: list[tuple[int, str, dict[str, Any], datetime]] = [
         (1, "Subject.Screened", {}, M1 - timedelta(days=90)),
         (2, "Subject.VisitRecorded", {"visit": "M1"}, M1),
         (3, "Subject.LabResultRecorded", {}, M1 + timedelta(days=1)),  # within 2 days: the visit's
