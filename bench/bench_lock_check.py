@@ -8,6 +8,7 @@ write transaction) against the same appends with the check switched off, alterna
 from __future__ import annotations
 
 import sys
+from functools import partial
 from statistics import median
 from typing import Any
 
@@ -23,14 +24,19 @@ def measure(url: str, n: int, rounds: int = 3) -> tuple[float, float, list[float
     def unchecked(*args: Any) -> None:
         return None
 
+    def append_each(events: list[Any]) -> None:
+        for e in events:
+            record.append([e])
+
     ratios, on_rates, off_rates = [], [], []
     try:
         for _ in range(rounds):
             rates = {}
             for side in ("off", "on"):
                 events = work.sign(n)
-                record._check_casebook_locks = checked if side == "on" else unchecked  # type: ignore[method-assign]  # A/B
-                rates[side] = rate(n, lambda events=events: [record.append([e]) for e in events])
+                switch: Any = checked if side == "on" else unchecked
+                record._check_casebook_locks = switch  # type: ignore[method-assign]  # the A/B switch
+                rates[side] = rate(n, partial(append_each, events))
             on_rates.append(rates["on"])
             off_rates.append(rates["off"])
             ratios.append(rates["on"] / rates["off"])
