@@ -615,3 +615,33 @@ def test_no_tile_path_is_a_folder_of_another():
     for p in paths:
         parts = p.split("/")
         assert not any("/".join(parts[:k]) in names for k in range(1, len(parts)))
+
+
+@pytest.mark.storage
+def test_cli_writes_the_static_tile_tree(trial, tmp_path):
+    from typer.testing import CliRunner
+
+    from sle_events.cli.main import app
+
+    def sle(*args: str):
+        env = {"SLE_DATABASE_URL": None, "SLE_LOG_KEY": None, "SLE_LOG_ORIGIN": None, "COLUMNS": "80"}
+        return CliRunner().invoke(app, ["ledger", *args], env=env)
+
+    out = tmp_path / "log"
+    add_events(trial.url, 296)
+    Ledger(trial.url).close()
+    r = sle("tiles", "--out", str(out), "--db", trial.url)
+    assert r.exit_code == 1 and "no checkpoint" in r.output and not out.exists()
+    signer = Signer.generate(ORIGIN)
+    with Ledger(trial.url) as ledger:
+        grow(ledger, signer, 300)
+    r = sle("tiles", "--out", str(out), "--db", trial.url, "--entries")
+    assert r.exit_code == 0, r.output
+    size = sum(f.stat().st_size for f in out.rglob("*") if f.is_file())
+    assert r.output == f"tree size 300: 3 hash tiles, 2 entry bundles, {size} bytes in {out}\n"
+    TilesClient(lambda p: (out / p).read_bytes(), signer.vkey).audit()
+    (tmp_path / "file").write_text("")
+    r = sle("tiles", "--out", str(tmp_path / "file"), "--db", trial.url)
+    assert r.exit_code == 2 and "not a folder" in r.output
+    r = sle("tiles", "--out", str(out), "--db", trial.url, "--entires")
+    assert r.exit_code == 2 and "Traceback" not in r.output
