@@ -37,7 +37,7 @@ from sqlalchemy.engine import Connection
 
 from .base import LedgerError, StoredCheckpoint
 from .checkpoint import MAX_TREE_SIZE
-from .merkle import HASH_SIZE, leaf_hash
+from .merkle import HASH_SIZE, leaf_hash, pair_level, root_at
 from .tables import ledger_leaves, ledger_nodes
 
 if TYPE_CHECKING:
@@ -396,6 +396,67 @@ class WrittenTiles:
 _CHUNK = 64  # tiles read per query when exporting
 
 
+def _read_tiles(
+    ledger: LedgerBase, conn: Connection, refs: list[TileRef]
+) -> Iterator[list[tuple[TileRef, list[bytes]]]]:
+    """The hashes (or entries) of each tile of ``refs``, consecutive tiles of one level read with one query."""
+    i = 0
+    while i < len(refs):
+        j = i
+        while j < len(refs) and j - i < _CHUNK and refs[j].level == refs[i].level:
+            j += 1
+        group = refs[i:j]
+        first, count = group[0].start, sum(r.count for r in group)
+        level = group[0].level
+        items = _entries(ledger, conn, first, count) if level is None else _hashes(conn, level, first, count)
+        yield [(ref, items[ref.start - first : ref.start - first + ref.count]) for ref in group]
+        i = j
+
+
+def _mth(hashes: list[bytes]) -> bytes:
+    """Merkle tree hash of a power-of-two run of hashes."""
+    buf = b"".join(hashes)
+    while len(buf) > HASH_SIZE:
+        buf = pair_level(buf)
+    return buf
+
+
+def _check_tree(ledger: LedgerBase, conn: Connection, latest: StoredCheckpoint) -> None:
+    """The tiles of the checkpoint's tree agree with each other (each full tile hashes to its hash one level
+    up) and hash to the checkpoint's root: an export never publishes a checkpoint its tiles do not prove."""
+    cp = latest.checkpoint  # what clients read: the signed text
+    if (cp.size, cp.root_hash) != (latest.size, latest.root):
+        raise LedgerError(f"checkpoint #{latest.id} differs from its own note: run `sle verify`")
+    tops: dict[int, list[bytes]] = {}  # level -> the root of each full tile of the level below, in order
+    partial: dict[int, tuple[int, list[bytes]]] = {}  # level -> (first index, hashes) of its partial tile
+    for batch in _read_tiles(ledger, conn, list(tiles_for_size(cp.size))):
+        for ref, hashes in batch:
+            level = ref.level or 0
+            if level:
+                expected = tops.get(level, [])[ref.start : ref.start + ref.count]
+                bad = next((k for k, h in enumerate(hashes) if k >= len(expected) or expected[k] != h), None)
+                if bad is not None:
+                    raise LedgerError(
+                        f"hash {bad} of {ref.path} is not the root of the tile below it: the ledger tables were "
+                        "altered; run `sle verify`"
+                    )
+            if ref.width is None:
+                tops.setdefault(level + 1, []).append(_mth(hashes))
+            else:
+                partial[level] = (ref.start, hashes)
+
+    def get_node(k: int, i: int) -> bytes:  # range nodes of the tree lie in the partial tiles (bits of the size)
+        level, r = divmod(k, TILE_HEIGHT)
+        first, hashes = partial[level]
+        return _mth(hashes[(i << r) - first : ((i + 1) << r) - first])
+
+    if root_at(cp.size, get_node) != cp.root_hash:
+        raise LedgerError(
+            f"the tiles of the tree of {cp.size} leaves do not hash to the checkpoint's root: the ledger tables "
+            "were altered; run `sle verify`"
+        )
+
+
 def _write_file(root: Path, rel: str, data: bytes) -> int:
     path = root / rel
     path.parent.mkdir(parents=True, exist_ok=True)
@@ -414,36 +475,25 @@ def write_tiles(
 ) -> WrittenTiles:
     """Write the log as static files under ``out`` (``checkpoint``, ``tile/...``), servable as is by any web
     server: every tile of the latest checkpoint's tree, full and partial, and with ``entries`` the entry bundles
-    too (the signed events: study data, so only on request). The checkpoint is written last, so the folder
-    never names a tree whose tiles are not all there. ``on_progress(done, total)`` counts tiles."""
+    too (the signed events: study data, so only on request). The stored tiles are first checked against each
+    other and the checkpoint's root (:class:`LedgerError` and nothing written if they disagree); the checkpoint
+    is written last, so the folder never names a tree whose tiles are not all there. ``on_progress(done,
+    total)`` counts tiles written."""
     root = Path(out)
     with ledger.engine.connect() as conn:
         latest = _latest(ledger, conn)
+        _check_tree(ledger, conn, latest)  # before anything is written: never overwrite good tiles with bad ones
         refs = list(tiles_for_size(latest.size))
         if entries:
             refs += [TileRef(None, r.index, r.width) for r in refs if r.level == 0]
-        total, done, written = len(refs), 0, 0
-        i = 0
-        while i < len(refs):
-            # Consecutive tiles of one kind and level are read with one query.
-            j = i
-            while j < len(refs) and j - i < _CHUNK and refs[j].level == refs[i].level:
-                j += 1
-            group = refs[i:j]
-            first, count = group[0].start, sum(r.count for r in group)
-            if group[0].level is None:
-                items = _entries(ledger, conn, first, count)
-            else:
-                items = _hashes(conn, group[0].level, first, count)
-            for ref in group:
-                k = ref.start - first
-                part = items[k : k + ref.count]
-                data = format_entry_bundle(part) if ref.level is None else b"".join(part)
+        done, written = 0, 0
+        for batch in _read_tiles(ledger, conn, refs):
+            for ref, items in batch:
+                data = format_entry_bundle(items) if ref.level is None else b"".join(items)
                 written += _write_file(root, ref.path, data)
-            done += len(group)
+            done += len(batch)
             if on_progress is not None:
-                on_progress(done, total)
-            i = j
+                on_progress(done, len(refs))
     written += _write_file(root, "checkpoint", latest.note.encode("utf-8"))
     n_bundles = sum(1 for r in refs if r.is_entries)
     return WrittenTiles(latest.size, latest.note, len(refs) - n_bundles, n_bundles, written)

@@ -645,3 +645,27 @@ def test_cli_writes_the_static_tile_tree(trial, tmp_path):
     assert r.exit_code == 2 and "not a folder" in r.output
     r = sle("tiles", "--out", str(out), "--db", trial.url, "--entires")
     assert r.exit_code == 2 and "Traceback" not in r.output
+
+
+@pytest.mark.storage
+@pytest.mark.parametrize(
+    ("sql", "problem"),
+    [
+        ("update ledger_nodes set hash = :h where level = 8 and idx = 0", "hash 0 of tile/1/000.p/1 is not the root"),
+        ("update ledger_leaves set leaf_hash = :h where idx = 5", "hash 0 of tile/1/000.p/1 is not the root"),
+        ("update ledger_leaves set leaf_hash = :h where idx = 299", "do not hash to the checkpoint's root"),
+        ("update ledger_checkpoints set root = :h", "differs from its own note"),
+    ],
+)
+def test_an_export_of_altered_ledger_tables_is_refused_and_writes_nothing(trial, tmp_path, sql, problem):
+    add_events(trial.url, 296)
+    signer = Signer.generate(ORIGIN)
+    ledger = Ledger(trial.url)
+    grow(ledger, signer, 300)
+    out = tmp_path / "log"
+    write_tiles(ledger, out)
+    before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
+    execute_sql(trial.url, sql, h=b"\x07" * 32)
+    with pytest.raises(LedgerError, match=problem):
+        write_tiles(ledger, out)
+    assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the good export is kept
