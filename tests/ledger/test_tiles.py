@@ -258,6 +258,15 @@ def grow(ledger: Ledger, signer: Signer, size: int) -> None:
     ledger.checkpoint(signer)
 
 
+def log_of_300(trial) -> tuple[Ledger, Signer]:
+    """The study's 4 signed events and 296 synthetic ones, checkpointed: tiles 0/000, 0/001.p/44, 1/000.p/1."""
+    add_events(trial.url, 296)
+    signer = Signer.generate(ORIGIN)
+    ledger = Ledger(trial.url)
+    grow(ledger, signer, 300)
+    return ledger, signer
+
+
 # --------------------------------------------------------------------------- paths (no database)
 
 
@@ -395,10 +404,7 @@ def test_serving_headers_and_the_checkpoint_body(trial):
 
 @pytest.mark.storage
 def test_only_tiles_covered_by_the_latest_checkpoint_are_served(trial):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     ledger.integrate()  # integrated but not checkpointed: still not served
     assert ledger.size == 300
     add_events(trial.url, 300)
@@ -430,10 +436,7 @@ def test_only_tiles_covered_by_the_latest_checkpoint_are_served(trial):
 
 @pytest.mark.storage
 def test_a_tampered_tile_is_detected_by_the_client(trial):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     fetch = served(ledger)
     TilesClient(fetch, signer.vkey).audit()
 
@@ -475,10 +478,7 @@ def test_a_tampered_tile_is_detected_by_the_client(trial):
 @pytest.mark.storage
 def test_altered_or_deleted_events_make_their_bundle_unservable(trial):
     """Hash tiles stay servable (and verify); the bundle holding the altered event is refused, never served."""
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     with ledger.engine.connect() as conn:
         positions = list(conn.execute(sa.text("select position from ledger_leaves order by idx")).scalars())
     execute_sql(
@@ -518,10 +518,7 @@ def test_an_event_too_long_for_a_bundle_is_refused_but_its_hash_is_served(trial)
 
 @pytest.mark.storage
 def test_static_export_is_a_tile_tree_the_client_verifies(trial, tmp_path):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     out = tmp_path / "log"
     progress: list[tuple[int, int]] = []
     written = write_tiles(ledger, out, entries=True, on_progress=lambda d, t: progress.append((d, t)))
@@ -658,10 +655,7 @@ def test_cli_writes_the_static_tile_tree(trial, tmp_path):
     ],
 )
 def test_an_export_of_altered_ledger_tables_is_refused_and_writes_nothing(trial, tmp_path, sql, problem):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, _ = log_of_300(trial)
     out = tmp_path / "log"
     write_tiles(ledger, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
