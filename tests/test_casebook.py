@@ -245,6 +245,10 @@ def test_append_refuses_a_sign_off_whose_hash_is_not_its_datas_or_by_a_role_that
         book.trial.record.append(_client_signed_sign_off(book, book.investigator, content_hash="0" * 64))
     with pytest.raises(UntrustedKey, match="may not record Casebook"):
         book.trial.record.append(_client_signed_sign_off(book, book.coordinator))
+    with pytest.raises(SignOffMismatch, match="manifestation"):  # a printed name the key was not registered with
+        book.trial.record.append(_client_signed_sign_off(book, book.investigator, printed_name="Dr. Somebody Else"))
+    with pytest.raises(SignOffMismatch, match="manifestation"):  # a SignatureDef that is not its meaning's
+        book.trial.record.append(_client_signed_sign_off(book, book.investigator, signature_def="SD.INV.APPROVE"))
     assert book.rows() == rows
     book.trial.record.append(_client_signed_sign_off(book, book.investigator))
     assert book.rows() == rows + 2

@@ -8,6 +8,8 @@ Its checks, in the order they run (as sigstore-python's `Verifier` numbers its o
    of the trust root, when one is given), then every other stream in parallel: canonical form, row, topic,
    chain, key, role, signature (`record_check`). With `since`, only the events after the saved checkpoint
    are checked this way; every earlier event is re-hashed against its ledger leaf in step 3.
+   Then every investigator's sign-off: the data it covers must still hash to its signed content hash
+   (`signoff_check`: `signed_content_changed`).
 3. The ledger: the tree recomputed from every stored event against the leaves, nodes, state and stored
    checkpoints, the saved checkpoints and how long events wait for integration (`ledger_check`). It runs
    whenever the database has (or had) a ledger or the trust root names a log.

@@ -28,7 +28,14 @@ from eventsourcing.persistence import IntegrityError, Mapper, StoredEvent, Trans
 from eventsourcing_sqlalchemy.recorders import SQLAlchemyApplicationRecorder
 from sqlalchemy import func, select
 
-from sle_events.domain.casebook import SAFETY_FACTS, CoveredStream, lock_level, stricter
+from sle_events.domain.casebook import (
+    CONTENT_HASH_METHOD,
+    SAFETY_FACTS,
+    SIGNATURE_DEFS,
+    CoveredStream,
+    lock_level,
+    stricter,
+)
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import KeyProblem, Study
 from sle_events.signing.canonical import NotCanonicalisable, matches_canonical
@@ -356,7 +363,7 @@ class StudyRecord(Application[UUID]):
                 domain_event_from(e).mutate(study)
             heads[e.stream] = self._check_chain(e, heads, where)
             if name.startswith("Casebook."):  # after the chain, as review acts: a resend is an idempotent retry
-                self._check_casebook_act(e, name, where)
+                self._check_casebook_act(e, name, where, entry)
             if is_review_act(name):  # after the chain: an exact resend is still a VersionConflict (an idempotent retry)
                 check_review_act(self, e, name, events, where)  # SDV and queries: the verbs' rules, signed anywhere
         return studies, heads, keys
@@ -552,9 +559,10 @@ class StudyRecord(Application[UUID]):
         return max(in_batch) if in_batch else study.version
 
     # --- sign-off and lock (sle_events/domain/casebook.py) ------------------------------------------------
-    def _check_casebook_act(self, e: SealedEvent, name: str, where: dict[str, Any]) -> None:
-        """A casebook fact lives on the casebook stream of the subject its payload names; a sign-off's content
-        hash is that of the stored data it names, of that subject; a lock waits for every query to be closed."""
+    def _check_casebook_act(self, e: SealedEvent, name: str, where: dict[str, Any], key: dict[str, Any]) -> None:
+        """A casebook fact lives on the casebook stream of the subject its payload names; a sign-off shows the
+        printed name registered with its key, the SignatureDef of its meaning and the content hash of the stored
+        data it names, of that subject; a lock waits for every query to be closed."""
         env, payload = e.envelope, e.envelope["payload"]
         subject = payload.get("subject_id")
         if env["stream"] != str(casebook_stream(env["study"], subject)):
@@ -562,6 +570,20 @@ class StudyRecord(Application[UUID]):
                 f"{name} for subject {subject} belongs on stream {casebook_stream(env['study'], subject)}", **where
             )
         if name == "Casebook.SignedOff":
+            manifest = (payload["printed_name"], payload["signature_def"], payload["hash_method"], payload["scope"])
+            meaning = SIGNATURE_DEFS.get(payload["meaning"])
+            expected = (
+                key.get("printed_name"),
+                meaning.oid if meaning else None,
+                CONTENT_HASH_METHOD,
+                "visit" if payload["visit"] else "casebook",
+            )
+            if manifest != expected:
+                raise SignOffMismatch(
+                    f"the sign-off's manifestation {manifest} is not what the record says of it {expected} (printed "
+                    "name registered with the key, SignatureDef of the meaning, hash method, scope)",
+                    **where,
+                )
             covers = [CoveredStream.model_validate(c) for c in payload["covers"]]
             if any(c.stream != subject or any(v < 1 or v > c.through_version for v in c.covered()) for c in covers):
                 raise SignOffMismatch("a sign-off covers versions of its own subject's stream only", **where)
