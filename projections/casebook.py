@@ -31,7 +31,7 @@ from projections.base import Fact, Projection
 from projections.schema import casebook_locks, casebook_signoffs, casebook_state, projection_tracking
 from sle_events.domain.casebook import CHANGE_FACTS, SAFETY_FACTS, VISIT_NEAR_DAYS, stricter
 
-__all__ = ["CasebookReview", "casebook_rows", "lock_rows", "pending_signoffs", "signoff_rows"]
+__all__ = ["CasebookReview", "casebook_dashboard", "casebook_rows", "lock_rows", "pending_signoffs", "signoff_rows"]
 
 REBUILDING = -1
 NOT_SIGNED, SIGNED, NEW_DATA, NEEDS_RESIGNING = "not signed", "signed", "new data since sign-off", "needs re-signing"
@@ -378,3 +378,18 @@ def lock_rows(conn: Connection, *, subject: str | None = None) -> list[dict[str,
     if subject is not None:
         q = q.where((t.c.subject == subject) | (t.c.screening_number == subject))
     return [dict(r._mapping) for r in conn.execute(q)]
+
+
+def casebook_dashboard(conn: Connection) -> dict[str, list[dict[str, Any]]]:
+    """The dashboard's sign-off and lock section: per site, subjects by sign-off status and lock level."""
+    by_site: dict[str, dict[str, Any]] = {}
+    for r in casebook_rows(conn):
+        site = by_site.setdefault(
+            r["site"],
+            {"site": r["site"], "subjects": 0, **dict.fromkeys((SIGNED, NEW_DATA, NEEDS_RESIGNING, NOT_SIGNED), 0)},
+        )
+        site["subjects"] += 1
+        site[r["signoff_status"]] += 1
+        site["frozen"] = site.get("frozen", 0) + (r["level"] == "frozen")
+        site["locked"] = site.get("locked", 0) + (r["level"] == "locked")
+    return {"signoff_and_lock_by_site": [by_site[s] for s in sorted(by_site)]}

@@ -25,7 +25,7 @@ from typing import Any
 
 from sqlalchemy import Connection, select
 
-from projections import review
+from projections import casebook, review
 from projections.audit_trail import CHANGES, COLUMNS, query
 from projections.dashboard import dashboard
 from projections.patient_state import PatientState, summarise
@@ -185,10 +185,23 @@ class StudyReader:
             rows = [dict(r._mapping) for r in conn.execute(q)]
             halted = self.halted_streams(conn)
             counts = review.query_counts_by_subject(conn)
+            books = {b["subject"]: b for b in casebook.casebook_rows(conn)}  # sign-off and lock
         today = date.today()
         by_stream = {h["stream"]: h for h in halted}
         for r in rows:
             r["queries"] = counts.get(r["subject"], dict.fromkeys(review.QUERY_STATUSES, 0))
+            book = books.get(r["subject"])
+            r["casebook"] = (
+                {k: book[k] for k in ("signoff_status", "level", "signed_by", "signed_at", "flags")}
+                if book
+                else {
+                    "signoff_status": casebook.NOT_SIGNED,
+                    "level": None,
+                    "signed_by": None,
+                    "signed_at": None,
+                    "flags": [],
+                }
+            )
             decode_json_fields(r)
             r["days_since_transplant"] = (today - date.fromisoformat(r["tx_date"])).days if r["tx_date"] else None
             h = by_stream.get(r["subject"])
@@ -227,6 +240,7 @@ class StudyReader:
         with self.engine.connect() as conn:
             data = dashboard(conn)
             data.update(review.review_dashboard(conn))  # queries and SDV by site
+            data.update(casebook.casebook_dashboard(conn))  # sign-off and lock by site
         for section in ("visit_compliance", "lab_completeness"):
             data[section].sort(key=lambda r: (visit_order(r["visit"]), r.get("outcome") or ""))
         return data

@@ -321,6 +321,10 @@ def test_unlock_needs_a_reason_and_invalidates_earlier_sign_offs(book):
     assert row["status"] == "invalidated" and "late creatinine" in row["invalidated_reason"]
     assert book.read(casebook_rows)[0]["signoff_status"] == "needs re-signing"
     assert [r["action"] for r in book.read(lock_rows)] == ["locked", "unlocked"]
+    with StudyReader(book.url) as reader:  # patient state and the dashboard show it too
+        assert reader.patient("NJ01-0007")["casebook"]["signoff_status"] == "needs re-signing"
+        [site] = reader.dashboard()["signoff_and_lock_by_site"]
+        assert (site["site"], site["needs re-signing"], site["locked"]) == ("NJ01", 1, 0)
     book.trial.record_lab_result(book.subject, "C3", "80", "mg/dL", book.now - timedelta(hours=1), signer=book.lab)
 
 

@@ -306,6 +306,9 @@ def patients(
         labs = r["key_labs"]
         window = f"{r['next_visit']} ({r['next_visit_earliest']} – {r['next_visit_latest']})" if r["next_visit"] else ""
         status_shown = f"{r['status']} (HALTED at v{r['halted']['version']})" if r["halted"] else r["status"]
+        book = r.get("casebook") or {}
+        if book.get("level") or book.get("signoff_status") == "needs re-signing":  # sign-off and lock
+            status_shown += f" ({', '.join(x for x in (book.get('level'), book.get('signoff_status')) if x)})"
         t.add_row(
             r["screening_number"],
             status_shown,
