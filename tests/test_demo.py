@@ -63,7 +63,17 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     assert types["Subject.Withdrawn"] >= 1 and types["Subject.VisitMissed"] >= 1
     assert types["Subject.Corrected"] >= 1 and types["Subject.MainStudyCompleted"] >= 1
     assert types["Subject.ConsentObtained"] > types["Subject.Screened"] - types["Subject.ScreenFailed"]  # re-consent
-    assert result.refused_as_expected == {"OutsideWindow": 1, "UntrustedKey": 1, "ReasonRequired": 1}
+    assert result.refused_as_expected == {
+        "OutsideWindow": 1,
+        "UntrustedKey": 1,
+        "ReasonRequired": 1,
+        "UnknownFact": 1,  # SDV of data that does not exist
+        "QueryStateConflict": 1,  # answering a closed query
+    }
+    # the monitoring visit: SDV and queries in every state, each act on a stream of its own
+    assert types["SourceVerification.Opened"] == 2 and types["SourceVerification.Verified"] >= 3
+    assert types["Query.Raised"] >= 4 and types["Query.Answered"] >= 3
+    assert types["Query.Closed"] >= 3 and types["Query.Reopened"] >= 1
 
     events = [e for s in subjects for e in s]
     out_of_window = [e for e in events if e.topic == "Subject.VisitRecorded" and not e.envelope["payload"]["in_window"]]

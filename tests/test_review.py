@@ -19,6 +19,7 @@ from sle_events.domain.errors import (
     QueryStateConflict,
     UnknownFact,
     UnknownQuery,
+    UnknownSubject,
 )
 from sle_events.domain.review import Query, QueryStatus, SdvItem, SdvStatus, SourceVerification, sdv_progress
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
@@ -295,6 +296,9 @@ def test_append_refuses_query_acts_signed_elsewhere(site: Site):
     [raised] = sealed_by(site, fresh, site.monitor)
     payload = {**raised.envelope["payload"], "version": 99}
     refusals.append(([resealed(raised, site.monitor, payload=payload)], UnknownFact))
+    # a query naming another subject's screening number (read models trust it: it must be the subject's)
+    wrong = {**raised.envelope["payload"], "screening_number": "NJ01-9999"}
+    refusals.append(([resealed(raised, site.monitor, payload=wrong)], UnknownSubject))
     # a query signed by one monitor in another's name
     refusals.append(([resealed(raised, site.monitor2)], ActorMismatch))
     for events, kind in refusals:
