@@ -508,3 +508,29 @@ def test_the_cli_marks_sdv_raises_answers_closes_reopens_and_lists_with_json(sit
     assert code == 2 and "OPEN, ANSWERED, CLOSED" in err
     code, out, err = _sle("sdv", "--pending", *db)
     assert code == 0 and "CHANGED" in out and "(canonical_value," in out and "PENDING" in out
+
+
+def test_sdv_facts_followed_in_small_batches_equal_a_rebuild(site: Site):
+    from projections.runner import ProjectionRunner
+
+    t = site.trial
+    runner = ProjectionRunner(site.url, batch=2)
+    try:
+        runner.catch_up()
+        t.verify_source(site.subject, [1, site.creat], signer=site.monitor)
+        runner.catch_up()
+        t.correct(site.subject, site.creat, {"value": "1.01"}, "transcription error", signer=site.lab)
+        creat2 = t.record_lab_result(
+            site.subject, "CREAT", "0.90", "mg/dL", NOW - timedelta(minutes=30), signer=site.lab
+        )
+        runner.catch_up()
+        t.void(site.subject, creat2, "wrong subject", signer=site.lab)
+        t.raise_query(site.subject, site.creat, "Source?", signer=site.monitor)
+        runner.catch_up()
+        incremental = _review_tables(site.url)
+        assert any(row[1] == str(site.creat) for row in incremental["sdv_facts"])
+        assert not any(row[1] == str(creat2) for row in incremental["sdv_facts"])  # voided: not to verify
+        runner.rebuild()
+    finally:
+        runner.close()
+    assert _review_tables(site.url) == incremental
