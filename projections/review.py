@@ -134,27 +134,73 @@ class SdvFacts(SubjectProjection):
     name = "sdv_facts"
     tables = (sdv_facts,)
 
+    EVERYTHING = 0  # in `touched`: rewrite all the subject's rows (a visit moved, so facts may change visit)
+
+    def __init__(self) -> None:
+        super().__init__()
+        self.touched: dict[str, set[int]] = {}  # this batch: subject stream -> versions whose rows may change
+        self.full = False
+
+    def apply(self, conn: Connection, facts: Sequence[Fact]) -> None:
+        # A subject with hundreds of facts gains one at a time: rewrite only the rows the batch's facts touch
+        # (themselves, and what they correct or void), taken from the batch so a retried batch does the same.
+        for fact in facts:
+            if not fact.type_name.startswith("Subject."):
+                continue
+            touched = self.touched.setdefault(fact.stream, set())
+            p = fact.payload
+            touched.add(fact.version)
+            touched.update(p[k] for k in ("corrected_version", "voided_version") if isinstance(p.get(k), int))
+            if "VisitRecorded" in (fact.type_name, p.get("corrected_type"), p.get("voided_type")):
+                touched.add(self.EVERYTHING)
+        try:
+            super().apply(conn, facts)
+        finally:
+            if self.held is None:
+                self.touched.clear()
+
+    def hold_back(self) -> None:
+        super().hold_back()
+        self.touched.clear()
+
+    def flush(self, conn: Connection) -> None:
+        self.full = True  # a rebuild: every held subject's rows, once
+        try:
+            super().flush(conn)
+        finally:
+            self.full = False
+            self.touched.clear()
+
     def write(self, conn: Connection, changed: dict[str, tuple[Any, int]]) -> None:
+        t = sdv_facts
         rows = []
         for stream, (subject, _) in changed.items():
+            touched = self.touched.get(stream, {self.EVERYTHING})
+            if self.full or self.EVERYTHING in touched:
+                versions = sorted(subject.facts)
+                conn.execute(delete(t).where(t.c.subject == stream))
+            else:
+                versions = sorted(v for v in touched if v in subject.facts)
+                conn.execute(delete(t).where(t.c.subject == stream, t.c.version.in_(versions)))
             days = visit_days(subject)
-            rows += [
-                {
-                    "subject": stream,
-                    "version": v,
-                    "study": str(subject.study_id),
-                    "site": subject.site,
-                    "screening_number": subject.screening_number,
-                    "type": f.type,
-                    "visit": visit_of(f, days),
-                    "last_changed": json.dumps(last_changes(subject, f), sort_keys=True),
-                }
-                for v, f in sorted(subject.facts.items())
-                if f.type not in NOT_SOURCE_DATA and not f.voided
-            ]
-        conn.execute(delete(sdv_facts).where(sdv_facts.c.subject.in_(list(changed))))
+            for v in versions:
+                f = subject.facts[v]
+                if f.type in NOT_SOURCE_DATA or f.voided:
+                    continue
+                rows.append(
+                    {
+                        "subject": stream,
+                        "version": v,
+                        "study": str(subject.study_id),
+                        "site": subject.site,
+                        "screening_number": subject.screening_number,
+                        "type": f.type,
+                        "visit": visit_of(f, days),
+                        "last_changed": json.dumps(last_changes(subject, f), sort_keys=True),
+                    }
+                )
         if rows:
-            conn.execute(sdv_facts.insert(), rows)
+            conn.execute(t.insert(), rows)
 
 
 # ============================================================================================ reading

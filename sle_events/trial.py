@@ -910,12 +910,13 @@ class Trial:
                 raise UnknownFact(subject.screening_number, 0, f"no source-data fact belongs to visit {visit!r}")
             wanted += found
         sdv = self.source_verification(subject.id) or SourceVerification.open(self.study_id, subject, when)
+        hashes = review_store.fact_hashes(self.record, subject.id, wanted)
         marks = sdv.verify(
             subject,
             [(v, field) for v in wanted],
             by=signer.actor,
             occurred_at=when,
-            hash_of=lambda v: self.record.head_hash(subject.id, v),
+            hash_of=lambda v: hashes.get(v, ""),
             visit=visit,
             config=self.config,
         )

@@ -74,6 +74,10 @@ def test_a_demo_trial_verifies_breaks_no_rule_and_shows_the_protocol(tmp_path):
     }
     # sign-offs (one invalidated by a correction and signed again, one by an unlock), a lock, a freeze, an unlock
     assert types["Casebook.SignedOff"] >= 5 and types["Casebook.Locked"] == 1 and types["Casebook.Unlocked"] == 1
+    # the monitoring visit: SDV and queries in every state, each act on a stream of its own
+    assert types["SourceVerification.Opened"] == 2 and types["SourceVerification.Verified"] >= 3
+    assert types["Query.Raised"] >= 4 and types["Query.Answered"] >= 3
+    assert types["Query.Closed"] >= 3 and types["Query.Reopened"] >= 1
 
     events = [e for s in subjects for e in s]
     out_of_window = [e for e in events if e.topic == "Subject.VisitRecorded" and not e.envelope["payload"]["in_window"]]

@@ -19,6 +19,7 @@ from sle_events.domain.errors import (
     QueryStateConflict,
     UnknownFact,
     UnknownQuery,
+    UnknownSubject,
 )
 from sle_events.domain.review import Query, QueryStatus, SdvItem, SdvStatus, SourceVerification, sdv_progress
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
@@ -295,6 +296,9 @@ def test_append_refuses_query_acts_signed_elsewhere(site: Site):
     [raised] = sealed_by(site, fresh, site.monitor)
     payload = {**raised.envelope["payload"], "version": 99}
     refusals.append(([resealed(raised, site.monitor, payload=payload)], UnknownFact))
+    # a query naming another subject's screening number (read models trust it: it must be the subject's)
+    wrong = {**raised.envelope["payload"], "screening_number": "NJ01-9999"}
+    refusals.append(([resealed(raised, site.monitor, payload=wrong)], UnknownSubject))
     # a query signed by one monitor in another's name
     refusals.append(([resealed(raised, site.monitor2)], ActorMismatch))
     for events, kind in refusals:
@@ -425,6 +429,108 @@ def test_read_models_show_query_state_and_sdv_progress_and_a_rebuild_gives_the_s
     runner = ProjectionRunner(site.url)
     try:
         runner.rebuild(workers=2)
+    finally:
+        runner.close()
+    assert _review_tables(site.url) == incremental
+
+
+# ======================================================================= the CLI
+def _sle(*args: str) -> tuple[int, str, str]:
+    import os
+    import subprocess
+    import sys
+    from pathlib import Path
+
+    env = dict(os.environ, COLUMNS="80", NO_COLOR="1")
+    env.pop("SLE_DATABASE_URL", None)
+    done = subprocess.run(
+        [str(Path(sys.executable).with_name("sle")), *args], capture_output=True, text=True, timeout=120, env=env
+    )
+    return done.returncode, done.stdout, done.stderr
+
+
+def test_the_cli_marks_sdv_raises_answers_closes_reopens_and_lists_with_json(site: Site, tmp_path):
+    import json
+
+    keys = {}
+    for name in ("monitor", "coordinator", "dm", "checks", "lab"):
+        keys[name] = tmp_path / f"{name}.pem"
+        site.people[name].save(keys[name])
+    db = ["--db", site.url]
+
+    def as_(name: str) -> list[str]:
+        signer = site.people[name]
+        return ["--key-file", str(keys[name]), "--actor", signer.actor, "--role", signer.role]
+
+    code, out, err = _sle("sdv", "--subject", "NJ01-0007", "--version", str(site.creat), *as_("monitor"), *db, "--json")
+    assert code == 0, err
+    assert json.loads(out)["verified"][0]["version"] == site.creat
+    code, out, err = _sle("sdv", "--subject", "NJ01-0007", "--version", "99", *as_("monitor"), *db)
+    assert code == 1 and "UnknownFact" in err and "versions 1–" in err
+    code, out, err = _sle("sdv", "--subject", "NJ01-0007", *as_("monitor"), *db)
+    assert code == 2 and "--version" in err  # nothing to mark: usage
+    code, out, err = _sle("sdv", "--pending", *db, "--json")
+    assert code == 0 and site.creat not in {r["version"] for r in json.loads(out)}
+    code, out, err = _sle("sdv", "--by", "site", *db)
+    assert code == 0 and "NJ01" in out and max(len(line) for line in out.splitlines()) <= 80
+
+    code, out, err = _sle(
+        "query", "raise", "--subject", "NJ01-0007", "--version", str(site.creat), "--field", "value",
+        "--text", "Source says 1.01?", *as_("monitor"), *db, "--json",
+    )  # fmt: skip
+    assert code == 0, err
+    qid = json.loads(out)["query"]
+    code, out, err = _sle("query", "answer", "--id", qid, "--text", "Checked.", *as_("coordinator"), *db)
+    assert code == 0, err
+    code, out, err = _sle("query", "close", "--id", qid, "--text", "Not mine.", *as_("dm"), *db)
+    assert code == 1 and "NotTheRaiser" in err
+    code, out, err = _sle("query", "close", "--id", qid, "--text", "Resolved.", *as_("monitor"), *db, "--json")
+    assert code == 0 and json.loads(out) == {"query": qid, "status": "CLOSED"}
+    code, out, err = _sle("query", "answer", "--id", qid, "--text", "Late.", *as_("coordinator"), *db)
+    assert code == 1 and "QueryStateConflict" in err
+    code, out, err = _sle("query", "answer", "--id", str(uuid4()), "--text", "?", *as_("coordinator"), *db)
+    assert code == 1 and "UnknownQuery" in err
+    code, out, err = _sle("query", "reopen", "--id", qid, "--text", "Still wrong.", *as_("monitor"), *db)
+    assert code == 0, err
+    site.trial.correct(
+        site.subject, site.creat, {"value": "1.01"}, "transcription error", signer=site.lab, derive=False
+    )
+    code, out, err = _sle("query", "auto", *as_("checks"), *db, "--json")
+    assert code == 0 and len(json.loads(out)["raised"]) == 1, err
+    code, out, err = _sle("query", "auto", *as_("checks"), *db, "--json")
+    assert json.loads(out) == {"raised": [], "closed": [], "reopened": []}
+    code, out, err = _sle("queries", "--open", *db, "--json")
+    assert code == 0 and {r["status"] for r in json.loads(out)} == {"OPEN"} and len(json.loads(out)) == 2
+    code, out, err = _sle("queries", *db)
+    assert code == 0 and qid[:8] in out and "reopened by cra.huang" in out
+    assert max(len(line) for line in out.splitlines()) <= 80
+    code, out, err = _sle("queries", "--status", "open", *db)
+    assert code == 2 and "OPEN, ANSWERED, CLOSED" in err
+    code, out, err = _sle("sdv", "--pending", *db)
+    assert code == 0 and "CHANGED" in out and "(canonical_value," in out and "PENDING" in out
+
+
+def test_sdv_facts_followed_in_small_batches_equal_a_rebuild(site: Site):
+    from projections.runner import ProjectionRunner
+
+    t = site.trial
+    runner = ProjectionRunner(site.url, batch=2)
+    try:
+        runner.catch_up()
+        t.verify_source(site.subject, [1, site.creat], signer=site.monitor)
+        runner.catch_up()
+        t.correct(site.subject, site.creat, {"value": "1.01"}, "transcription error", signer=site.lab)
+        creat2 = t.record_lab_result(
+            site.subject, "CREAT", "0.90", "mg/dL", NOW - timedelta(minutes=30), signer=site.lab
+        )
+        runner.catch_up()
+        t.void(site.subject, creat2, "wrong subject", signer=site.lab)
+        t.raise_query(site.subject, site.creat, "Source?", signer=site.monitor)
+        runner.catch_up()
+        incremental = _review_tables(site.url)
+        assert any(row[1] == str(site.creat) for row in incremental["sdv_facts"])
+        assert not any(row[1] == str(creat2) for row in incremental["sdv_facts"])  # voided: not to verify
+        runner.rebuild()
     finally:
         runner.close()
     assert _review_tables(site.url) == incremental

@@ -99,7 +99,7 @@ def sdv(
     if pending:
         t = table("subject", "site", "visit", "version", "fact", "status", title="SDV pending")
         for r in rows:
-            status = r["status"]
+            status = r["status"].replace("_SINCE_VERIFIED", "")  # CHANGED (since verified): 80 columns
             if r["changed_fields"]:
                 status += f" ({', '.join(r['changed_fields'])})"
             t.add_row(r["screening_number"], r["site"], r["visit"] or "", f"v{r['version']}", r["type"], status)
