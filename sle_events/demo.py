@@ -1756,7 +1756,10 @@ def regulated_acts(
             refused[type(exc).__name__] = refused.get(type(exc).__name__, 0) + 1
         else:
             raise RuntimeError("a lock with open queries should have been refused")
-    lockable = next((sid for sid in subjects if not queried(sid) and sid != third), None)
+    # a subject still in the study (a lab result would be refused by R8 after exit, not by the lock)
+    lockable = next(
+        (sid for sid in subjects if sid != third and not trial.subject(sid).exited and not queried(sid)), None
+    )
     if lockable is not None:
         if lockable not in (first, second):
             step(1)
