@@ -451,6 +451,7 @@ class _SubjectWriter:
         self.stats = stats
         self.visit_codes = {v.code: v.oid for v in meta.visits}
         self.visit_order = {v.oid: i for i, v in enumerate(meta.visits)}
+        self.oid_attrs: dict[str, str] = {}
 
     def subject(self, subject: Any, events: list[_Event]) -> str:
         ext = self.ext
@@ -608,11 +609,14 @@ class _SubjectWriter:
         tt = f' TransactionType="{kind}"' if kind else ""
         unit_oid = self.meta.unit_oid(unit) if value is not None else None
         mu = f'<MeasurementUnitRef MeasurementUnitOID="{unit_oid}"/>' if unit_oid else ""
+        oid_attr = self.oid_attrs.get(oid)
+        if oid_attr is None:
+            oid_attr = self.oid_attrs[oid] = attr(oid)
         if value is None:
-            body = f"<ItemData ItemOID={attr(oid)}{tt}"
+            body = f"<ItemData ItemOID={oid_attr}{tt}"
             body += ' IsNull="Yes">' if kind == "Update" else ">"
         else:
-            body = f"<ItemData ItemOID={attr(oid)}{tt} Value={attr(value)}>"
+            body = f"<ItemData ItemOID={oid_attr}{tt} Value={attr(value)}>"
         return f"{body}{audit}{mu}{notes}</ItemData>"
 
     def _snapshot(self, records: dict[int, _Record]) -> Iterator[str]:
@@ -737,7 +741,7 @@ def _instant(value: str | None, findings: list[Finding], where: str) -> datetime
 
 def read_snapshot(path: Path) -> dict[str, dict[tuple[str, str, str], dict[str, str]]]:
     """subject key -> (study event OID, item group OID, repeat key) -> item OID -> value."""
-    from lxml import etree  # type: ignore[import-untyped]  # lxml ships no type stubs
+    from lxml import etree
 
     out: dict[str, dict[tuple[str, str, str], dict[str, str]]] = {}
     subject: dict[tuple[str, str, str], dict[str, str]] = {}
