@@ -19,6 +19,7 @@ runs in a child process that reports its own peak RSS (`ru_maxrss`).
 from __future__ import annotations
 
 import json
+import os
 import random
 import statistics
 import subprocess
@@ -35,6 +36,7 @@ import sqlalchemy as sa
 
 from bench.common import fresh, machine
 
+ROUNDS = int(os.environ.get("SLE_BENCH_ROUNDS", "3"))
 ANALYTES = (("CREAT", "mg/dL", 60, 250, 100), ("C3", "mg/dL", 40, 150, 1), ("C4", "mg/dL", 5, 40, 1))
 
 
@@ -284,13 +286,15 @@ def demo(subjects: int, reuse: tuple[str, Path] | None) -> None:
 
         position = latest_checkpoint(url).position
         rounds: dict[str, list[float]] = {"baseline": [], "transactional": [], "snapshot": []}
+        cpu: dict[str, list[float]] = {"transactional": [], "snapshot": []}
         shares: dict[str, list[float]] = {"transactional": [], "snapshot": []}
         last: dict[str, Any] = {}
-        for _ in range(3):
+        for _ in range(ROUNDS):
             rounds["baseline"].append(bare_read(url, position))
             for kind in ("transactional", "snapshot"):
                 stats = export_once(url, kind)
                 rounds[kind].append(stats.seconds)
+                cpu[kind].append(stats.cpu_seconds)
                 shares[kind].append(stats.reading_seconds / stats.seconds)
                 last[kind] = stats
         base = statistics.median(rounds["baseline"])
@@ -298,7 +302,7 @@ def demo(subjects: int, reuse: tuple[str, Path] | None) -> None:
         for kind in ("transactional", "snapshot"):
             s = last[kind]
             print(
-                f"{engine:10} {kind:13} {spread(rounds[kind])}, ratio to bare read "
+                f"{engine:10} {kind:13} {spread(rounds[kind])} (CPU {spread(cpu[kind])}), ratio to bare read "
                 f"{statistics.median(rounds[kind]) / base:.1f}×; reading events "
                 f"{statistics.median(shares[kind]):.0%} / XML {1 - statistics.median(shares[kind]):.0%}; "
                 f"{s.subjects} subjects, {s.item_data:,} ItemData, {s.bytes / 1e6:.0f} MB"
@@ -314,6 +318,7 @@ from sle_events.exports.scope import ExportScope
 url, kind, out = sys.argv[1:4]
 stats = export_odm(url, Path(out), file_type=kind, scope=ExportScope().resolve(url), checkpoint=latest_checkpoint(url))
 print(json.dumps({"rss_mb": resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024, "seconds": stats.seconds,
+                  "cpu": stats.cpu_seconds,
                   "reading": stats.reading_seconds, "events": stats.events, "bytes": stats.bytes}))
 """
 
@@ -337,7 +342,8 @@ def rss(sizes: list[int]) -> None:
             out.unlink()
             print(
                 f"{size:>9,} events {kind:13} peak RSS {r['rss_mb']:.0f} MB, {r['seconds']:.0f} s "
-                f"({r['events'] / r['seconds']:,.0f} events/s, reading {r['reading'] / r['seconds']:.0%}), "
+                f"(CPU {r['cpu']:.0f} s; {r['events'] / r['seconds']:,.0f} events/s, reading "
+                f"{r['reading'] / r['seconds']:.0%}), "
                 f"{r['bytes'] / 1e6:.0f} MB written"
             )
 
