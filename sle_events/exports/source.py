@@ -1,0 +1,185 @@
+"""What every export reads: the subjects in scope, each as its signed facts and the aggregate they fold to.
+
+Read through the projections (`StudyReader`, the verifying stream reader, `fold`), so an export sees exactly
+what the read models see: every event's chain and signature checked, corrections applied, voided facts gone.
+A subject's current records are the domain's own (`Subject.facts`); facts without a record (consent,
+enrolment, an AE assessment...) are read from their signed payload.
+"""
+
+from __future__ import annotations
+
+from collections.abc import Callable, Iterator
+from dataclasses import dataclass, field
+from datetime import datetime
+from typing import Any
+from uuid import UUID
+
+from sqlalchemy import inspect, select
+
+from projections.base import Fact
+from projections.read import StudyReader
+from projections.replay import fold, read_stream
+from sle_events.ledger.tables import ledger_checkpoints, ledger_leaves
+from sle_events.signing.envelope import parse_time
+
+__all__ = ["ExportSource", "SubjectData", "Item", "ScopeProblem"]
+
+
+class ScopeProblem(ValueError):
+    """A scope that names nothing (an unknown subject or site) or reversed dates: nothing is written."""
+
+
+@dataclass(frozen=True)
+class Item:
+    """One current (not voided) fact of a subject: the signed event, its type, its record or payload."""
+
+    fact: Fact
+    type: str  # `LabResultRecorded` (the subject's fact type, without `Subject.`)
+    record: Any  # the domain's current record (corrections applied), or None
+    ledger_index: int | None
+
+    @property
+    def payload(self) -> dict[str, Any]:
+        return self.fact.payload
+
+    @property
+    def version(self) -> int:
+        return self.fact.version
+
+    @property
+    def occurred_at(self) -> datetime:
+        if self.record is not None:
+            return self.record.occurred_at  # type: ignore[no-any-return]  # every record carries it
+        return parse_time("occurred_at", self.fact.envelope["occurred_at"])
+
+    @property
+    def recorded_at(self) -> datetime:
+        return parse_time("recorded_at", self.fact.envelope["recorded_at"])
+
+
+@dataclass
+class SubjectData:
+    """One subject in scope: its signed facts, the aggregate they fold to, and its current items."""
+
+    stream: str
+    screening_number: str
+    site: str
+    aggregate: Any
+    facts: list[Fact]
+    items: list[Item] = field(default_factory=list)
+    ledger_index: dict[int, int] = field(default_factory=dict)  # version → leaf index
+
+    def of(self, *types: str) -> list[Item]:
+        return [i for i in self.items if i.type in types]
+
+    def first(self, type_: str) -> Item | None:
+        found = self.of(type_)
+        return found[0] if found else None
+
+
+class ExportSource:
+    """The study and the subjects an export covers, read from `url` through the read models.
+
+    `subjects` (screening numbers or stream ids), `site` and `start`/`end` (occurred-at, inclusive) narrow it;
+    a value that names nothing is a `ScopeProblem` raised here, before anything is written."""
+
+    def __init__(
+        self,
+        url: str,
+        *,
+        subjects: list[str] | None = None,
+        site: str | None = None,
+        start: datetime | None = None,
+        end: datetime | None = None,
+    ) -> None:
+        if start is not None and end is not None and start > end:
+            raise ScopeProblem(f"--from {start.isoformat()} is after --to {end.isoformat()}")
+        self.start, self.end, self.site = start, end, site
+        self.reader = StudyReader(url)
+        try:
+            rows = self.reader.patients()
+            if not rows:
+                raise ScopeProblem("the record holds no subjects")
+            self.study = self.reader.record.study(rows[0]["study"])
+            known_sites = sorted(self.study.sites)
+            if site is not None and site not in known_sites:
+                raise ScopeProblem(f"unknown site {site!r}; sites: {', '.join(known_sites)}")
+            chosen = [r for r in rows if site is None or r["site"] == site]
+            if subjects:
+                by_key = {r["screening_number"]: r for r in rows} | {str(r["subject"]): r for r in rows}
+                missing = [s for s in subjects if s not in by_key]
+                if missing:
+                    names = ", ".join(sorted(r["screening_number"] for r in rows)[:20])
+                    raise ScopeProblem(f"unknown subject {', '.join(missing)}; subjects: {names} …")
+                wanted = {str(by_key[s]["subject"]) for s in subjects}
+                chosen = [r for r in chosen if str(r["subject"]) in wanted]
+                if not chosen:
+                    raise ScopeProblem(f"no subject {', '.join(subjects)} at site {site}")
+            self.rows = chosen
+            self.has_ledger = inspect(self.reader.engine).has_table(ledger_leaves.name)
+        except BaseException:
+            self.reader.close()
+            raise
+
+    def close(self) -> None:
+        self.reader.close()
+
+    def __enter__(self) -> ExportSource:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.close()
+
+    @property
+    def record(self) -> Any:
+        return self.reader.record
+
+    def __len__(self) -> int:
+        return len(self.rows)
+
+    def in_period(self, when: datetime) -> bool:
+        return (self.start is None or when >= self.start) and (self.end is None or when <= self.end)
+
+    def subjects(self, progress: Callable[[int], None] | None = None) -> Iterator[SubjectData]:
+        """Each subject in scope, in screening-number order; `progress(1)` after each."""
+        for row in self.rows:
+            yield self.subject(row)
+            if progress is not None:
+                progress(1)
+
+    def subject(self, row: dict[str, Any]) -> SubjectData:
+        stream = str(row["subject"])
+        facts = read_stream(self.record, UUID(stream))
+        aggregate = fold(facts)
+        index: dict[int, int] = {}
+        if self.has_ledger:  # a record without a ledger (a demo, say): no leaf indexes to name
+            with self.reader.engine.connect() as conn:
+                q = select(ledger_leaves.c.version, ledger_leaves.c.idx).where(ledger_leaves.c.stream == stream)
+                index = {int(v): int(i) for v, i in conn.execute(q)}
+        data = SubjectData(stream, row["screening_number"], row["site"], aggregate, facts, ledger_index=index)
+        for f in facts:
+            known = aggregate.facts.get(f.version)
+            if known is None or known.voided:
+                continue
+            item = Item(f, known.type, known.record, index.get(f.version))
+            # DM-level facts (screening, demographics) always belong; the rest only within the period
+            if item.type in ("Screened", "DemographicsRecorded") or self.in_period(item.occurred_at):
+                data.items.append(item)
+        return data
+
+    def checkpoint(self) -> dict[str, Any] | None:
+        """The ledger's latest signed checkpoint (size, root, note), if the ledger has one."""
+        c = ledger_checkpoints
+        if not self.has_ledger:
+            return None
+        with self.reader.engine.connect() as conn:
+            row = conn.execute(
+                select(c.c.size, c.c.root, c.c.note, c.c.issued_at).order_by(c.c.id.desc()).limit(1)
+            ).first()
+        return dict(row._mapping) if row is not None else None
+
+    def signer_name(self, envelope: dict[str, Any]) -> str:
+        """`Dr. Wang Li (dr.wang)` for a person's key, the actor id for a service or an unnamed key."""
+        key = self.study.keys.get(envelope["key"]) or {}
+        name = key.get("printed_name")
+        return f"{name} ({envelope['actor']})" if name else str(envelope["actor"])
