@@ -19,14 +19,11 @@ from sqlalchemy import inspect, select
 from projections.base import Fact
 from projections.read import StudyReader
 from projections.replay import fold, read_stream
+from sle_events.exports.scope import ExportScope
 from sle_events.ledger.tables import ledger_checkpoints, ledger_leaves
 from sle_events.signing.envelope import parse_time
 
-__all__ = ["ExportSource", "SubjectData", "Item", "ScopeProblem"]
-
-
-class ScopeProblem(ValueError):
-    """A scope that names nothing (an unknown subject or site) or reversed dates: nothing is written."""
+__all__ = ["ExportSource", "SubjectData", "Item"]
 
 
 @dataclass(frozen=True)
@@ -80,42 +77,23 @@ class SubjectData:
 class ExportSource:
     """The study and the subjects an export covers, read from `url` through the read models.
 
-    `subjects` (screening numbers or stream ids), `site` and `start`/`end` (occurred-at, inclusive) narrow it;
-    a value that names nothing is a `ScopeProblem` raised here, before anything is written."""
+    `scope` (an `ExportScope`; resolved here if it is not yet) narrows it to a subject or a site and a window
+    of recording times; `upto_position` (the manifest's checkpoint position) to the events the signed
+    checkpoint covers, so the export shows exactly what the manifest vouches for. A scope that names nothing
+    is an `ExportScopeError` raised here, before anything is written."""
 
-    def __init__(
-        self,
-        url: str,
-        *,
-        subjects: list[str] | None = None,
-        site: str | None = None,
-        start: datetime | None = None,
-        end: datetime | None = None,
-    ) -> None:
-        if start is not None and end is not None and start > end:
-            raise ScopeProblem(f"--from {start.isoformat()} is after --to {end.isoformat()}")
-        self.start, self.end, self.site = start, end, site
+    def __init__(self, url: str, scope: ExportScope | None = None, *, upto_position: int | None = None) -> None:
+        scope = scope or ExportScope()
+        self.scope = scope if scope.resolved else scope.resolve(url)
+        self.upto_position = upto_position
         self.reader = StudyReader(url)
         try:
-            rows = self.reader.patients()
-            if not rows:
-                raise ScopeProblem("the record holds no subjects")
-            self.study = self.reader.record.study(rows[0]["study"])
-            known_sites = sorted(self.study.sites)
-            if site is not None and site not in known_sites:
-                raise ScopeProblem(f"unknown site {site!r}; sites: {', '.join(known_sites)}")
-            chosen = [r for r in rows if site is None or r["site"] == site]
-            if subjects:
-                by_key = {r["screening_number"]: r for r in rows} | {str(r["subject"]): r for r in rows}
-                missing = [s for s in subjects if s not in by_key]
-                if missing:
-                    names = ", ".join(sorted(r["screening_number"] for r in rows)[:20])
-                    raise ScopeProblem(f"unknown subject {', '.join(missing)}; subjects: {names} …")
-                wanted = {str(by_key[s]["subject"]) for s in subjects}
-                chosen = [r for r in chosen if str(r["subject"]) in wanted]
-                if not chosen:
-                    raise ScopeProblem(f"no subject {', '.join(subjects)} at site {site}")
-            self.rows = chosen
+            self.study = self.reader.record.study(self.scope.study_id)
+            self.rows = [
+                r
+                for r in self.reader.patients()
+                if str(r["study"]) == self.scope.study_id and self.scope.covers_subject(r["site"], str(r["subject"]))
+            ]
             self.has_ledger = inspect(self.reader.engine).has_table(ledger_leaves.name)
         except BaseException:
             self.reader.close()
@@ -137,19 +115,23 @@ class ExportSource:
     def __len__(self) -> int:
         return len(self.rows)
 
-    def in_period(self, when: datetime) -> bool:
-        return (self.start is None or when >= self.start) and (self.end is None or when <= self.end)
-
     def subjects(self, progress: Callable[[int], None] | None = None) -> Iterator[SubjectData]:
-        """Each subject in scope, in screening-number order; `progress(1)` after each."""
+        """Each subject in scope, in screening-number order; `progress(1)` after each. A subject screened
+        after the checkpoint is not in the export."""
         for row in self.rows:
-            yield self.subject(row)
+            data = self.subject(row)
+            if data.facts:
+                yield data
             if progress is not None:
                 progress(1)
 
     def subject(self, row: dict[str, Any]) -> SubjectData:
         stream = str(row["subject"])
         facts = read_stream(self.record, UUID(stream))
+        if self.upto_position is not None:  # a prefix of the stream: positions grow with versions
+            facts = [f for f in facts if f.position <= self.upto_position]
+        if not facts:
+            return SubjectData(stream, row["screening_number"], row["site"], None, [])
         aggregate = fold(facts)
         index: dict[int, int] = {}
         if self.has_ledger:  # a record without a ledger (a demo, say): no leaf indexes to name
@@ -162,8 +144,8 @@ class ExportSource:
             if known is None or known.voided:
                 continue
             item = Item(f, known.type, known.record, index.get(f.version))
-            # DM-level facts (screening, demographics) always belong; the rest only within the period
-            if item.type in ("Screened", "DemographicsRecorded") or self.in_period(item.occurred_at):
+            # who the subject is (screening, demographics) always belongs; the rest only if recorded in the window
+            if item.type in ("Screened", "DemographicsRecorded") or self.scope.covers_time(item.recorded_at):
                 data.items.append(item)
         return data
 
