@@ -213,10 +213,10 @@ def build_bundle(source: ExportSource, s: SubjectData) -> dict[str, Any]:
 
     entries = {i.version: i for i in s.of("AdverseEventReported")}
     for ae in a.adverse_events.values():
-        i = entries.get(ae.entry_version)
-        if ae.voided or i is None:
+        entry = entries.get(ae.entry_version)
+        if ae.voided or entry is None:
             continue
-        r = i.record
+        r = entry.record
         resource: dict[str, Any] = {
             "resourceType": "AdverseEvent",
             "identifier": {"system": "urn:sle:adverse-event", "value": f"{s.screening_number}/{ae.ae_id}"},
@@ -224,7 +224,7 @@ def build_bundle(source: ExportSource, s: SubjectData) -> dict[str, Any]:
             "event": {"text": r.term},
             "subject": subject_ref,
             "date": r.onset.isoformat(),
-            "recordedDate": _when(i.recorded_at),
+            "recordedDate": _when(entry.recorded_at),
             "study": [_ref(study_uid)],
         }
         if ae.grade is not None:
@@ -245,8 +245,8 @@ def build_bundle(source: ExportSource, s: SubjectData) -> dict[str, Any]:
                 )
         if suspects:
             resource["suspectEntity"] = suspects
-        uid = b.add(_id(i.fact.event_id, "AdverseEvent"), resource)
-        b.provenance(uid, i)
+        uid = b.add(_id(entry.fact.event_id, "AdverseEvent"), resource)
+        b.provenance(uid, entry)
 
     return {
         "resourceType": "Bundle",

@@ -184,12 +184,13 @@ class Timeline:
         if when is None:
             return None
         day = _date_of(when)
-        if not self.stays or day < self.stays[0].admitted_at.date():  # type: ignore[operator]
+        assert day is not None  # `when` is not None
+        if not self.stays or day < self.stays[0].admitted_at.date():
             return "SCREENING"
         last = self.stays[-1].discharged_at
-        if last is None or day <= last.date():  # type: ignore[operator]
+        if last is None or day <= last.date():
             return "TREATMENT"
-        if self.main_done is None or day <= self.main_done.date():  # type: ignore[operator]
+        if self.main_done is None or day <= self.main_done.date():
             return "FOLLOW-UP"
         return "LONG-TERM FOLLOW-UP"
 

@@ -46,7 +46,7 @@ class Item:
     @property
     def occurred_at(self) -> datetime:
         if self.record is not None:
-            return self.record.occurred_at  # type: ignore[no-any-return]  # every record carries it
+            return self.record.occurred_at  # every record carries it
         return parse_time("occurred_at", self.fact.envelope["occurred_at"])
 
     @property
@@ -88,7 +88,7 @@ class ExportSource:
         self.upto_position = upto_position
         self.reader = StudyReader(url)
         try:
-            self.study = self.reader.record.study(self.scope.study_id)
+            self.study = self.reader.record.study(str(self.scope.study_id))
             self.rows = [
                 r
                 for r in self.reader.patients()
@@ -132,7 +132,7 @@ class ExportSource:
             facts = [f for f in facts if f.position <= self.upto_position]
         if not facts:
             return SubjectData(stream, row["screening_number"], row["site"], None, [])
-        aggregate = fold(facts)
+        aggregate = fold(list(facts))
         index: dict[int, int] = {}
         if self.has_ledger:  # a record without a ledger (a demo, say): no leaf indexes to name
             with self.reader.engine.connect() as conn:
