@@ -27,6 +27,7 @@ from sle_events.cli.common import (
     out,
     parse_instant,
     print_json,
+    progress,
     table,
 )
 
@@ -166,3 +167,45 @@ def verify(
             "and its signer's key is registered in it[/green]"
         )
     raise typer.Exit(1 if findings else 0)
+
+
+@export_app.command("odm")
+def odm(
+    file_type: str = typer.Option(
+        ..., "--type", metavar="snapshot|transactional", help="current values, or every change with its audit record"
+    ),
+    out_file: Path = typer.Option(
+        ..., "--out", metavar="FILE", help="the ODM XML file to write (its manifest goes beside it)"
+    ),
+    db: str | None = DbOption,
+    key: Path = KeyOption,
+    subject: str | None = SubjectOption,
+    site: str | None = SiteOption,
+    recorded_from: str | None = FromOption,
+    recorded_to: str | None = ToOption,
+) -> None:
+    """CDISC ODM 1.3.2: the study's metadata, users, sites and clinical data (transactional: every change with
+    its audit record, Archival="Yes"), built from the ledger's latest checkpoint, with a signed manifest."""
+    from sle_events.exports.odm import OdmExportError, export_odm
+
+    if file_type not in ("snapshot", "transactional"):
+        fail(f"--type {file_type!r}: give snapshot or transactional")
+    ctx = prepare_export(db, key, out_file, subject, site, recorded_from, recorded_to)
+    try:
+        with progress("ODM " + file_type) as bar:
+            task = bar.add_task("subjects", total=None)
+            stats = export_odm(
+                ctx.url,
+                out_file,
+                file_type=file_type,  # type: ignore[arg-type]  # checked above
+                scope=ctx.scope,
+                checkpoint=ctx.checkpoint,
+                on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+            )
+    except OdmExportError as e:
+        fail(str(e), 1)
+    finish_export(ctx, [out_file], f"odm-{file_type}")
+    out.print(
+        f"{stats.subjects} subjects, {stats.written_events} facts and changes, {stats.item_data} ItemData "
+        f"({stats.bytes / 1e6:.1f} MB) in {stats.seconds:.1f} s → {out_file}"
+    )
