@@ -12,6 +12,7 @@ same bundle; ids are derived from the stream and version, so a re-export gives t
 from __future__ import annotations
 
 import json
+import shutil
 import uuid
 from collections.abc import Callable
 from datetime import date, datetime
@@ -20,9 +21,11 @@ from pathlib import Path
 from typing import Any
 
 from sle_events.domain import labs
-from sle_events.exports.source import ExportSource, Item, SubjectData
+from sle_events.exports.manifest import ExportCheckpoint
+from sle_events.exports.scope import ExportScope
+from sle_events.exports.source import ExportSource, Item, SubjectData, partial, progress_counter, publish
 
-__all__ = ["build_bundle", "write_fhir", "LOINC", "UCUM", "ANALYTE_SYSTEM"]
+__all__ = ["build_bundle", "write_fhir", "export_fhir", "LOINC", "UCUM", "ANALYTE_SYSTEM"]
 
 LOINC = "http://loinc.org"
 UCUM = "http://unitsofmeasure.org"
@@ -325,3 +328,24 @@ def _json(value: Any) -> Any:
     if isinstance(value, datetime | date):
         return value.isoformat()
     raise TypeError(f"not JSON: {type(value).__name__}")
+
+
+def export_fhir(
+    url: str,
+    out: Path,
+    *,
+    scope: ExportScope | None = None,
+    checkpoint: ExportCheckpoint | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """The FHIR export of the record at `url` into folder `out` (new or empty), from the events `checkpoint`
+    covers (all of them without one); nothing appears under `out` if it fails."""
+    with ExportSource(url, scope, upto_position=checkpoint.position if checkpoint else None) as source:
+        tmp = partial(out)
+        try:
+            files = write_fhir(source, tmp, progress_counter(source, on_progress))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    publish(tmp, out)
+    return [out / f.name for f in files]

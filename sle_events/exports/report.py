@@ -13,7 +13,7 @@ default: a 300-subject record holds ~1.6 million recorded values, which no one r
 report holds them all).
 
 Deterministic: the same data give the same bytes. reportlab runs in invariant mode with the creation date taken
-from the data (the checkpoint's time, else the newest event's), and the plots are PNGs drawn by Agg with no
+from the data (the newest event's recorded time), and the plots are PNGs drawn by Agg with no
 metadata. One figure is reused for every subject (creating a figure is most of matplotlib's cost).
 """
 
@@ -27,9 +27,11 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
-from sle_events.exports.source import ExportSource, SubjectData
+from sle_events.exports.manifest import ExportCheckpoint
+from sle_events.exports.scope import ExportScope
+from sle_events.exports.source import ExportSource, SubjectData, partial, progress_counter, publish
 
-__all__ = ["write_report", "PLOTS", "AUDIT_DETAIL"]
+__all__ = ["write_report", "export_report", "PLOTS", "AUDIT_DETAIL"]
 
 AUDIT_DETAIL = ("all", "changes")
 #: the plots of each subject: (title, [(label, analyte code)], y unit)
@@ -206,7 +208,7 @@ def _front(source: ExportSource, st: dict[str, Any], checkpoint: Any, data_time:
         Paragraph(
             _esc(
                 f"Study {study.code}. Report of {source.scope.describe()}: {len(source)} subject(s). Data as of "
-                f"{data_time.isoformat()} (the ledger checkpoint below, or the newest event in scope)."
+                f"{data_time.isoformat()} (the newest event shown)."
             ),
             st["body"],
         ),
@@ -442,6 +444,7 @@ def write_report(
     *,
     audit: str | None = None,
     progress: Callable[[int], None] | None = None,
+    signed: ExportCheckpoint | None = None,
 ) -> Path:
     """Write the PDF report of `source` to file `out` (the subject report if the scope names one subject, else
     the study report). `audit`: "all" or "changes" (default: all for one subject, changes for the study)."""
@@ -454,15 +457,13 @@ def write_report(
     if detail not in AUDIT_DETAIL:
         raise ValueError(f"audit detail {detail!r}: one of {', '.join(AUDIT_DETAIL)}")
     st = _styles()
-    checkpoint = source.checkpoint()
+    checkpoint = {"size": signed.size, "note": signed.note} if signed is not None else source.checkpoint()
     subjects = list(source.subjects(progress))
-    newest = max(
+    # the report's date is the data's: the newest event it shows (never the clock: same data, same bytes)
+    data_time = max(
         (datetime.fromisoformat(f.envelope["recorded_at"]) for s in subjects for f in s.facts),
         default=datetime(2000, 1, 1, tzinfo=UTC),
     )
-    data_time = checkpoint["issued_at"] if checkpoint is not None else newest
-    if data_time.tzinfo is None:  # SQLite hands back naive UTC
-        data_time = data_time.replace(tzinfo=UTC)
 
     if one_subject:
         trail = {
@@ -525,4 +526,26 @@ def write_report(
         invariant=1,
     )
     doc.build(story, onFirstPage=first_page, onLaterPages=later_pages)
+    return out
+
+
+def export_report(
+    url: str,
+    out: Path,
+    *,
+    scope: ExportScope | None = None,
+    checkpoint: ExportCheckpoint | None = None,
+    audit: str | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> Path:
+    """The PDF report of the record at `url` as file `out`, from the events `checkpoint` covers (all of them
+    without one); nothing appears at `out` if it fails."""
+    with ExportSource(url, scope, upto_position=checkpoint.position if checkpoint else None) as source:
+        tmp = partial(out)
+        try:
+            write_report(source, tmp, audit=audit, progress=progress_counter(source, on_progress), signed=checkpoint)
+        except BaseException:
+            tmp.unlink(missing_ok=True)
+            raise
+    publish(tmp, out)
     return out

@@ -16,6 +16,7 @@ from __future__ import annotations
 import csv
 import io
 import re
+import shutil
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from datetime import date, datetime
@@ -26,7 +27,9 @@ from typing import Any
 from sle_events.domain import labs
 from sle_events.domain.formulas import study_day
 from sle_events.domain.sledai2k import load_descriptors
-from sle_events.exports.source import ExportSource, Item, SubjectData
+from sle_events.exports.manifest import ExportCheckpoint
+from sle_events.exports.scope import ExportScope
+from sle_events.exports.source import ExportSource, Item, SubjectData, partial, progress_counter, publish
 
 __all__ = [
     "Dataset",
@@ -36,6 +39,7 @@ __all__ = [
     "build_datasets",
     "check_datasets",
     "write_sdtm",
+    "export_sdtm",
     "cdisc_unit",
 ]
 
@@ -1123,3 +1127,25 @@ def write_sdtm(source: ExportSource, out: Path, progress: Callable[[int], None] 
     except SdtmProblem as e:
         raise SdtmRefused([Finding("SDTM", "", "", str(e))]) from None
     return write_datasets(datasets, out)
+
+
+def export_sdtm(
+    url: str,
+    out: Path,
+    *,
+    scope: ExportScope | None = None,
+    checkpoint: ExportCheckpoint | None = None,
+    on_progress: Callable[[int, int], None] | None = None,
+) -> list[Path]:
+    """The SDTM export of the record at `url` into folder `out` (new or empty), from the events `checkpoint`
+    covers (all of them without one). Nothing appears under `out` unless every dataset passed its checks:
+    `SdtmRefused` (what, where, why) otherwise; a scope naming nothing is `ExportScopeError`."""
+    with ExportSource(url, scope, upto_position=checkpoint.position if checkpoint else None) as source:
+        tmp = partial(out)
+        try:
+            files = write_sdtm(source, tmp, progress_counter(source, on_progress))
+        except BaseException:
+            shutil.rmtree(tmp, ignore_errors=True)
+            raise
+    publish(tmp, out)
+    return [out / f.name for f in files]

@@ -8,9 +8,12 @@ enrolment, an AE assessment...) are read from their signed payload.
 
 from __future__ import annotations
 
+import os
+import shutil
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
+from pathlib import Path
 from typing import Any
 from uuid import UUID
 
@@ -23,7 +26,7 @@ from sle_events.exports.scope import ExportScope
 from sle_events.ledger.tables import ledger_checkpoints, ledger_leaves
 from sle_events.signing.envelope import parse_time
 
-__all__ = ["ExportSource", "SubjectData", "Item"]
+__all__ = ["ExportSource", "SubjectData", "Item", "progress_counter", "publish", "partial"]
 
 
 @dataclass(frozen=True)
@@ -165,3 +168,33 @@ class ExportSource:
         key = self.study.keys.get(envelope["key"]) or {}
         name = key.get("printed_name")
         return f"{name} ({envelope['actor']})" if name else str(envelope["actor"])
+
+
+def progress_counter(source: ExportSource, on_progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
+    """`on_progress(done, total)` (the ODM export's form) as the per-subject step `ExportSource.subjects` calls."""
+    done = [0]
+
+    def step(n: int) -> None:
+        done[0] += n
+        if on_progress is not None:
+            on_progress(done[0], len(source))
+
+    return step
+
+
+def publish(tmp: Path, out: Path) -> None:
+    """Move a finished export from its `.partial` name to `out` (an empty folder there is replaced): a failed
+    export leaves no file under the name asked for."""
+    if out.is_dir() and not any(out.iterdir()):
+        out.rmdir()
+    os.replace(tmp, out)
+
+
+def partial(out: Path) -> Path:
+    """Where an export is written until it is complete; an older leftover is removed first."""
+    tmp = out.with_name(out.name + ".partial")
+    if tmp.is_dir():
+        shutil.rmtree(tmp)
+    elif tmp.exists():
+        tmp.unlink()
+    return tmp
