@@ -94,7 +94,12 @@ class _Plotter:
         self.fig.tight_layout(pad=0.6)
         buf = io.BytesIO()
         self.fig.savefig(buf, format="png", metadata={"Software": None})
-        return buf.getvalue()
+        # RGB without the alpha channel: half the bytes in the PDF and no soft mask beside each plot
+        from PIL import Image as PILImage
+
+        rgb = io.BytesIO()
+        PILImage.open(io.BytesIO(buf.getvalue())).convert("RGB").save(rgb, format="PNG", optimize=False)
+        return rgb.getvalue()
 
     def close(self) -> None:
         self.plt.close(self.fig)
