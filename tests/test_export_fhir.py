@@ -107,7 +107,7 @@ def test_provenance_names_the_signer_and_the_ledger_index(bundles, demo_ledger):
     engine.dispose()
     checked = 0
     for bundle in bundles.values():
-        targets = Counter()
+        targets: Counter[str] = Counter()
         for prov in _resources(bundle, "Provenance"):
             targets.update(t["reference"] for t in prov["target"])
             agent = prov["agent"][0]

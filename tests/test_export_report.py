@@ -7,6 +7,7 @@ from __future__ import annotations
 import shutil
 import subprocess
 from pathlib import Path
+from typing import Any
 
 import pytest
 from PIL import Image
@@ -44,14 +45,14 @@ def _pages_with_plots(pdf: Path, folder: Path) -> list[int]:
     folder.mkdir(exist_ok=True)
     subprocess.run(["pdftoppm", "-r", "50", "-png", str(pdf), str(folder / "page")], check=True, timeout=300)
     found = []
-    for n, png in enumerate(sorted(folder.glob("page-*.png")), start=1):
-        colours = Image.open(png).convert("RGB").getcolors(maxcolors=1 << 20) or []
+    for page, png in enumerate(sorted(folder.glob("page-*.png")), start=1):
+        colours: list[Any] = Image.open(png).convert("RGB").getcolors(1 << 20) or []
         # anti-aliasing blends thin lines with white: classify by hue, not by exact colour
-        blue = sum(n for n, (r, g, b) in colours if b > r + 80 and b > g + 30)
-        red = sum(n for n, (r, g, b) in colours if r > 150 and r - g > 60 and r - b > 60 and b >= 30)
-        near = {name for name, n in (("blue", blue), ("red", red)) if n >= 10}
+        blue = sum(k for k, (r, g, b) in colours if b > r + 80 and b > g + 30)
+        red = sum(k for k, (r, g, b) in colours if r > 150 and r - g > 60 and r - b > 60 and b >= 30)
+        near = {name for name, k in (("blue", blue), ("red", red)) if k >= 10}
         if near == {"blue", "red"}:  # plotted results and the transplant marker
-            found.append(n)
+            found.append(page)
     return found
 
 

@@ -314,12 +314,17 @@ def write_fhir(source: ExportSource, out: Path, progress: Callable[[int], None] 
     """A Bundle per subject in scope, `<out>/<screening number>.json`. Returns the files written."""
     out.mkdir(parents=True, exist_ok=True)
     written = []
-    for s in source.subjects(progress):
-        path = out / f"{s.screening_number}.json"
-        text = json.dumps(build_bundle(source, s), indent=1, sort_keys=True, ensure_ascii=False, default=_json)
-        path.write_text(text + "\n", encoding="utf-8")
+    for name, text in source.map(bundle_text, progress):
+        path = out / f"{name}.json"
+        path.write_text(text, encoding="utf-8")
         written.append(path)
     return written
+
+
+def bundle_text(source: ExportSource, s: SubjectData) -> tuple[str, str]:
+    """(screening number, the bundle as JSON text), run in the export's worker processes."""
+    text = json.dumps(build_bundle(source, s), indent=1, sort_keys=True, ensure_ascii=False, default=_json)
+    return s.screening_number, text + "\n"
 
 
 def _json(value: Any) -> Any:

@@ -42,12 +42,14 @@ PLOTS = (
     ("C3 / C4", [("C3", "C3"), ("C4", "C4")], "mg/dL"),
     ("Treg %", [("Treg", "TREGPCT")], "% of CD4+"),
 )
+DPI = 90
 ROWS_PER_TABLE = 60  # long tables in chunks: reportlab splits one huge table in quadratic time
 
 
 # ------------------------------------------------------------------------------------------------ plots
 class _Plotter:
-    """One matplotlib figure of five panels, redrawn for each subject."""
+    """One matplotlib figure of five panels whose lines are given each subject's data in turn: creating
+    figures, axes, lines and tight layouts is most of matplotlib's cost, redrawing the same artists is not."""
 
     def __init__(self) -> None:
         import matplotlib
@@ -57,49 +59,62 @@ class _Plotter:
 
         plt.rcParams.update({"svg.hashsalt": "sle-report", "font.size": 7, "axes.titlesize": 8})
         self.plt = plt
-        self.fig, axes = plt.subplots(1, len(PLOTS), figsize=(11.0, 2.1), dpi=110)
+        self.fig, axes = plt.subplots(1, len(PLOTS), figsize=(11.0, 2.1), dpi=DPI)
+        self.fig.subplots_adjust(left=0.05, right=0.99, bottom=0.2, top=0.88, wspace=0.38)
         self.axes = list(axes)
-
-    def png(self, series: dict[str, list[tuple[float, float]]], markers: list[tuple[float, str]], xlabel: str) -> bytes:
+        self.lines: list[list[Any]] = []
+        self.empty: list[Any] = []
+        self.markers: list[Any] = []
         for ax, (title, lines, unit) in zip(self.axes, PLOTS, strict=True):
-            ax.clear()
             ax.set_title(title)
-            ax.set_xlabel(xlabel)
             ax.set_ylabel(unit)
             ax.grid(True, linewidth=0.3, alpha=0.5)
-            for day, label in markers:
-                if label == "TX":
-                    ax.axvline(day, color="#c0392b", linestyle="--", linewidth=1.0)
-                else:
-                    ax.axvline(day, color="#999999", linestyle=":", linewidth=0.5)
-            drawn = False
-            for label, code in lines:
-                points = series.get(code) or []
-                if points:
-                    ax.plot(
-                        [p[0] for p in points],
-                        [p[1] for p in points],
-                        marker="o",
-                        markersize=2.2,
-                        linewidth=1.0,
-                        label=label,
-                    )
-                    drawn = True
-            if not drawn:
+            self.lines.append(
+                [ax.plot([], [], marker="o", markersize=2.2, linewidth=1.0, label=label)[0] for label, _ in lines]
+            )
+            if len(lines) > 1:
+                ax.legend(loc="upper right", fontsize=6, frameon=False)
+            self.empty.append(
                 ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes, color="#888888")
-            elif len(lines) > 1:
-                ax.legend(loc="best", fontsize=6, frameon=False)
-            if any(label == "TX" for _, label in markers):
-                ax.text(0.0, 1.0, " TX", color="#c0392b", fontsize=6, transform=ax.get_xaxis_transform(), va="top")
-        self.fig.tight_layout(pad=0.6)
-        buf = io.BytesIO()
-        self.fig.savefig(buf, format="png", metadata={"Software": None})
-        # RGB without the alpha channel: half the bytes in the PDF and no soft mask beside each plot
+            )
+
+    def png(self, series: dict[str, list[tuple[float, float]]], markers: list[tuple[float, str]], xlabel: str) -> bytes:
+        for m in self.markers:
+            m.remove()
+        self.markers = []
+        visits = [day for day, label in markers if label != "TX"]
+        tx = [day for day, label in markers if label == "TX"]
+        for ax, lines, (_, wanted, _) in zip(self.axes, self.lines, PLOTS, strict=True):
+            ax.set_xlabel(xlabel)
+            drawn = False
+            for line, (_, code) in zip(lines, wanted, strict=True):
+                points = series.get(code) or []
+                line.set_data([p[0] for p in points], [p[1] for p in points])
+                drawn = drawn or bool(points)
+            self.empty[self.axes.index(ax)].set_visible(not drawn)
+            ax.relim()
+            ax.autoscale_view()
+            if not drawn:
+                ax.set_xlim(0, 1)
+                ax.set_ylim(0, 1)
+            trans = ax.get_xaxis_transform()  # x in days, y across the panel
+            if visits:
+                self.markers.append(
+                    ax.vlines(visits, 0, 1, transform=trans, colors="#999999", linestyles=":", linewidth=0.5)
+                )
+            if tx:
+                self.markers.append(
+                    ax.vlines(tx, 0, 1, transform=trans, colors="#c0392b", linestyles="--", linewidth=1.0)
+                )
+                self.markers.append(ax.text(tx[0], 1.0, " TX", color="#c0392b", fontsize=6, transform=trans, va="top"))
+        self.fig.canvas.draw()
         from PIL import Image as PILImage
 
-        rgb = io.BytesIO()
-        PILImage.open(io.BytesIO(buf.getvalue())).convert("RGB").save(rgb, format="PNG", optimize=False)
-        return rgb.getvalue()
+        # RGB without the alpha channel (no soft mask beside each plot in the PDF), encoded once
+        rgba = PILImage.frombuffer("RGBA", self.fig.canvas.get_width_height(), self.fig.canvas.buffer_rgba())
+        buf = io.BytesIO()
+        rgba.convert("RGB").save(buf, format="PNG", compress_level=6)
+        return buf.getvalue()
 
     def close(self) -> None:
         self.plt.close(self.fig)
@@ -401,34 +416,38 @@ def _audit_rows(rows: list[dict[str, Any]], detail: str) -> list[list[str]]:
     return out
 
 
-def _subject_section(
-    source: ExportSource,
-    s: SubjectData,
-    st: dict[str, Any],
-    plotter: _Plotter,
-    audit: list[dict[str, Any]],
-    detail: str,
-) -> list[Any]:
+_plotter: _Plotter | None = None  # one figure per process, reused for every subject
+
+
+def subject_part(source: ExportSource, s: SubjectData) -> dict[str, Any]:
+    """What the report shows of one subject apart from its audit trail: run in the export's worker processes
+    (reading and folding the subject and drawing its plots are most of the report's time)."""
+    global _plotter
+    if _plotter is None:
+        _plotter = _Plotter()
+    series, markers, origin = _series(s)
+    return {
+        "screening_number": s.screening_number,
+        "heading": f"Site {s.site}; status {s.aggregate.status.value}; {len(s.facts)} signed events "
+        f"(stream {s.stream}). Times are site-local with their UTC offset in the timeline, UTC in the audit trail.",
+        "png": _plotter.png(series, markers, f"days from {origin}"),
+        "timeline": _timeline(s),
+        "newest": max(datetime.fromisoformat(f.envelope["recorded_at"]) for f in s.facts),
+    }
+
+
+def _subject_section(part: dict[str, Any], st: dict[str, Any], audit: list[dict[str, Any]], detail: str) -> list[Any]:
     from reportlab.platypus import CondPageBreak, Image, Paragraph
 
-    a = s.aggregate
     story: list[Any] = [
         CondPageBreak(200),
-        Paragraph(_esc(f"Subject {s.screening_number}"), st["h1"]),
-        Paragraph(
-            _esc(
-                f"Site {s.site}; status {a.status.value}; {len(s.facts)} signed events (stream {s.stream}). "
-                f"Times are site-local with their UTC offset in the timeline, UTC in the audit trail."
-            ),
-            st["small"],
-        ),
+        Paragraph(_esc(f"Subject {part['screening_number']}"), st["h1"]),
+        Paragraph(_esc(part["heading"]), st["small"]),
+        Paragraph("Lab trends (red dashed: AlloMSC infusion; dotted: visits)", st["h2"]),
+        Image(io.BytesIO(part["png"]), width=770, height=770 * 2.1 / 11.0),
+        Paragraph("Timeline", st["h2"]),
     ]
-    series, markers, origin = _series(s)
-    png = plotter.png(series, markers, f"days from {origin}")
-    story.append(Paragraph("Lab trends (red dashed: AlloMSC infusion; dotted: visits)", st["h2"]))
-    story.append(Image(io.BytesIO(png), width=770, height=770 * 2.1 / 11.0))
-    story.append(Paragraph("Timeline", st["h2"]))
-    story += _table(["occurred", "what", "detail"], _timeline(s), [100, 130, 420])
+    story += _table(["occurred", "what", "detail"], part["timeline"], [100, 130, 420])
     title = "Audit trail" if detail == "all" else "Audit trail: corrections and voids"
     story.append(Paragraph(title, st["h2"]))
     rows = _audit_rows(audit, detail)
@@ -463,25 +482,22 @@ def write_report(
         raise ValueError(f"audit detail {detail!r}: one of {', '.join(AUDIT_DETAIL)}")
     st = _styles()
     checkpoint = {"size": signed.size, "note": signed.note} if signed is not None else source.checkpoint()
-    subjects = list(source.subjects(progress))
+    parts = list(source.map(subject_part, progress))
     # the report's date is the data's: the newest event it shows (never the clock: same data, same bytes)
-    data_time = max(
-        (datetime.fromisoformat(f.envelope["recorded_at"]) for s in subjects for f in s.facts),
-        default=datetime(2000, 1, 1, tzinfo=UTC),
-    )
+    data_time = max((p["newest"] for p in parts), default=datetime(2000, 1, 1, tzinfo=UTC))
 
     if one_subject:
         trail = {
-            s.screening_number: [
+            p["screening_number"]: [
                 r
-                for r in source.reader.audit_trail(subject=s.screening_number)
+                for r in source.reader.audit_trail(subject=p["screening_number"])
                 if source.scope.covers_time(r["recorded_at"]) and (detail == "all" or r["change"] != "recorded")
             ]
-            for s in subjects
+            for p in parts
         }
     else:
         trail = defaultdict(list)
-        wanted = {s.screening_number for s in subjects}
+        wanted = {p["screening_number"] for p in parts}
         changes = ("corrected", "voided") if detail == "changes" else (None,)
         for change in changes:
             for r in source.reader.audit_trail(change=change):
@@ -493,12 +509,8 @@ def write_report(
     story = _front(source, st, checkpoint, data_time)
     if not one_subject:
         story += _study_summary(source, st)
-    plotter = _Plotter()
-    try:
-        for s in subjects:
-            story += _subject_section(source, s, st, plotter, trail.get(s.screening_number, []), detail)
-    finally:
-        plotter.close()
+    for part in parts:
+        story += _subject_section(part, st, trail.get(part["screening_number"], []), detail)
 
     epoch = int(data_time.timestamp())
     title = f"{source.study.code} report: {source.scope.describe()}"
@@ -530,7 +542,14 @@ def write_report(
         creator="sle export report",
         invariant=1,
     )
-    doc.build(story, onFirstPage=first_page, onLaterPages=later_pages)
+    from reportlab import rl_config
+
+    was = rl_config.useA85
+    rl_config.useA85 = 0  # binary image streams: ASCII85 only makes them bigger, and is pure Python here
+    try:
+        doc.build(story, onFirstPage=first_page, onLaterPages=later_pages)
+    finally:
+        rl_config.useA85 = was
     return out
 
 

@@ -1013,16 +1013,23 @@ SORT_KEYS = {
 
 def build_datasets(source: ExportSource, progress: Callable[[int], None] | None = None) -> dict[str, Dataset]:
     """Every domain's dataset for the subjects in scope, sorted by its keys."""
-    studyid = source.study.code
     out = {name: Dataset(name, label, variables) for name, (label, variables) in DATASETS.items()}
-    for s in source.subjects(progress):
-        t = Timeline(s, studyid)
-        out["DM"].rows.append(_dm(s, t, studyid, source.study))
-        for name, build in BUILDERS.items():
-            out[name].rows.extend(build(s, t, studyid))
+    for rows in source.map(subject_rows, progress):
+        for name, found in rows.items():
+            out[name].rows.extend(found)
     for name, ds in out.items():
         keys = SORT_KEYS.get(name, ("USUBJID", f"{name}SEQ"))
         ds.rows.sort(key=lambda r: tuple(_sortable(r.get(k)) for k in keys))
+    return out
+
+
+def subject_rows(source: ExportSource, s: SubjectData) -> dict[str, list[dict[str, Any]]]:
+    """One subject's rows of every domain (run in the export's worker processes)."""
+    studyid = source.study.code
+    t = Timeline(s, studyid)
+    out = {"DM": [_dm(s, t, studyid, source.study)]}
+    for name, build in BUILDERS.items():
+        out[name] = build(s, t, studyid)
     return out
 
 

@@ -14,17 +14,22 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 from datetime import datetime
 from pathlib import Path
-from typing import Any
+from typing import Any, TypeVar
 from uuid import UUID
 
 from sqlalchemy import inspect, select
 
-from projections.base import Fact
+from projections.base import Fact, VerifyingReader
 from projections.read import StudyReader
-from projections.replay import fold, read_stream
+from projections.replay import fold
 from sle_events.exports.scope import ExportScope
 from sle_events.ledger.tables import ledger_checkpoints, ledger_leaves
 from sle_events.signing.envelope import parse_time
+
+T = TypeVar("T")
+MAX_WORKERS = 4
+PARALLEL_FROM = 12  # fewer subjects than this are exported in-process (starting workers costs seconds)
+CHUNK = 8  # subjects per task
 
 __all__ = ["ExportSource", "SubjectData", "Item", "progress_counter", "publish", "partial"]
 
@@ -85,11 +90,23 @@ class ExportSource:
     checkpoint covers, so the export shows exactly what the manifest vouches for. A scope that names nothing
     is an `ExportScopeError` raised here, before anything is written."""
 
-    def __init__(self, url: str, scope: ExportScope | None = None, *, upto_position: int | None = None) -> None:
+    def __init__(
+        self,
+        url: str,
+        scope: ExportScope | None = None,
+        *,
+        upto_position: int | None = None,
+        catch_up: bool = True,
+        workers: int | None = None,
+    ) -> None:
         scope = scope or ExportScope()
+        self.url = url
         self.scope = scope if scope.resolved else scope.resolve(url)
         self.upto_position = upto_position
-        self.reader = StudyReader(url)
+        self.workers = workers if workers is not None else min(os.cpu_count() or 1, MAX_WORKERS)
+        self.reader = StudyReader(url, catch_up=catch_up)
+        # one verifying reader for every subject: the key registries' timelines are built once, not per stream
+        self.verifying = VerifyingReader(self.reader.record.table)
         try:
             self.study = self.reader.record.study(str(self.scope.study_id))
             self.rows = [
@@ -128,9 +145,35 @@ class ExportSource:
             if progress is not None:
                 progress(1)
 
+    def map(
+        self, fn: Callable[[ExportSource, SubjectData], T], progress: Callable[[int], None] | None = None
+    ) -> Iterator[T]:
+        """`fn(source, subject)` for each subject in scope, in screening-number order, on `workers` processes
+        (each reads its subjects itself: reading, checking and folding is most of an export's time). `fn`
+        must be a module-level function; a handful of subjects are done here, without a pool."""
+        if self.workers <= 1 or len(self.rows) < PARALLEL_FROM:
+            for data in self.subjects(progress):
+                yield fn(self, data)
+            return
+        from concurrent.futures import ProcessPoolExecutor
+        from multiprocessing import get_context
+
+        chunks = [self.rows[i : i + CHUNK] for i in range(0, len(self.rows), CHUNK)]
+        with ProcessPoolExecutor(
+            self.workers,
+            mp_context=get_context("fork"),  # as the verifier and rebuild do; each worker opens its own engine
+            initializer=_worker_start,
+            initargs=(self.url, self.scope, self.upto_position),
+        ) as pool:
+            for rows, results in zip(chunks, pool.map(_worker_run, [(fn, c) for c in chunks]), strict=True):
+                yield from results
+                if progress is not None:
+                    progress(len(rows))
+
     def subject(self, row: dict[str, Any]) -> SubjectData:
         stream = str(row["subject"])
-        facts = read_stream(self.record, UUID(stream))
+        with self.reader.engine.connect() as conn:
+            facts = self.verifying.stream(conn, UUID(stream))
         if self.upto_position is not None:  # a prefix of the stream: positions grow with versions
             facts = [f for f in facts if f.position <= self.upto_position]
         if not facts:
@@ -168,6 +211,26 @@ class ExportSource:
         key = self.study.keys.get(envelope["key"]) or {}
         name = key.get("printed_name")
         return f"{name} ({envelope['actor']})" if name else str(envelope["actor"])
+
+
+_worker_source: ExportSource | None = None
+
+
+def _worker_start(url: str, scope: ExportScope, upto_position: int | None) -> None:
+    global _worker_source
+    # the parent brought the read models up to date; a worker only reads
+    _worker_source = ExportSource(url, scope, upto_position=upto_position, catch_up=False, workers=1)
+
+
+def _worker_run(task: tuple[Callable[[ExportSource, SubjectData], T], list[dict[str, Any]]]) -> list[T]:
+    fn, rows = task
+    assert _worker_source is not None  # set by _worker_start
+    out = []
+    for row in rows:
+        data = _worker_source.subject(row)
+        if data.facts:
+            out.append(fn(_worker_source, data))
+    return out
 
 
 def progress_counter(source: ExportSource, on_progress: Callable[[int, int], None] | None) -> Callable[[int], None]:
