@@ -139,3 +139,22 @@ def test_cli_report_with_its_manifest(demo_ledger, tmp_path):
         env=env,
     )
     assert bad.returncode == 2 and ".pdf" in bad.stderr and not (tmp_path / "r.txt").exists()
+
+
+def test_a_panel_empty_for_one_subject_draws_the_next_ones_results():
+    """The figure is reused: a panel left empty (fixed limits) must scale to the next subject's data again."""
+    import io
+
+    from sle_events.exports.report import _Plotter
+
+    plotter = _Plotter()
+    try:
+        plotter.png({}, [], "days")
+        png = plotter.png({"TREGPCT": [(30.0, 4.0), (90.0, 7.0)]}, [(0.0, "TX")], "days")
+    finally:
+        plotter.close()
+    image = Image.open(io.BytesIO(png)).convert("RGB")
+    w, h = image.size
+    treg_panel = image.crop((w * 4 // 5, 0, w, h))
+    colours: list[Any] = treg_panel.getcolors(1 << 20) or []
+    assert sum(k for k, (r, g, b) in colours if b > r + 80 and b > g + 30) >= 10

@@ -92,6 +92,7 @@ class _Plotter:
                 line.set_data([p[0] for p in points], [p[1] for p in points])
                 drawn = drawn or bool(points)
             self.empty[self.axes.index(ax)].set_visible(not drawn)
+            ax.set_autoscale_on(True)  # an empty panel before fixed its limits
             ax.relim()
             ax.autoscale_view()
             if not drawn:
