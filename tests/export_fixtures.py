@@ -34,16 +34,28 @@ def _pg_database(name: str) -> Iterator[str]:
             pytest.fail(f"PostgreSQL is required (SLE_REQUIRE_POSTGRES=1) but unreachable at {BASE_PG_URL}: {problem}")
         pytest.skip(f"PostgreSQL unreachable at {BASE_PG_URL}: {problem}")
     db = f"sle_test_{os.getpid()}_{name}"
-    engine = _admin_engine()
-    with engine.connect() as conn:
-        conn.execute(sa.text(f'drop database if exists "{db}" with (force)'))
-        conn.execute(sa.text(f'create database "{db}"'))
+    _admin(f'drop database if exists "{db}" with (force)', f'create database "{db}"')
     try:
         yield str(sa.engine.make_url(BASE_PG_URL).set(database=db))
     finally:
-        with engine.connect() as conn:
-            conn.execute(sa.text(f'drop database if exists "{db}" with (force)'))
-        engine.dispose()
+        _admin(f'drop database if exists "{db}" with (force)')
+
+
+def _admin(*statements: str) -> None:
+    """On a connection of its own, retried: a benchmark's reset of the server's `test` database ends every
+    session connected to it, this one's included."""
+    for attempt in range(3):
+        engine = _admin_engine()
+        try:
+            with engine.connect() as conn:
+                for statement in statements:
+                    conn.execute(sa.text(statement))
+            return
+        except sa.exc.OperationalError:
+            if attempt == 2:
+                raise
+        finally:
+            engine.dispose()
 
 
 def make_demo_ledger(engine: str, folder: Path, name: str, subjects: int) -> Iterator[DemoLedger]:

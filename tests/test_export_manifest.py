@@ -16,6 +16,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 
 from sle_events.exports.manifest import (
     Exporter,
@@ -215,3 +216,24 @@ def test_a_revoked_key_is_refused_and_found(demo_ledger, tmp_path):
         load_exporter(demo_ledger.keys / "data_manager.pem", demo_ledger.url, study_id=scope.study_id, checkpoint=cp)
     assert manifest_path(demo_ledger.folder / "x.xml").name == "x.xml.manifest.json"
     shutil.rmtree(tmp_path, ignore_errors=True)
+    # A log rewritten under the export: its tree no longer gives the checkpoint's root.
+    engine = sa.create_engine(demo_ledger.url)
+    with engine.begin() as conn:
+        conn.execute(sa.text("update ledger_nodes set hash = :h"), {"h": bytes(32)})
+    engine.dispose()
+    found = verify_export(manifest, vkey=demo_ledger.vkey, db_url=demo_ledger.url)
+    assert "log_does_not_extend_checkpoint" in kinds(found)
+
+
+def test_sle_demo_sets_up_the_ledger_so_a_newcomer_can_export_and_prove(db_url, tmp_path):
+    keys = tmp_path / "keys"
+    done = sle("demo", "--db", db_url, "--keys", str(keys), "--subjects", "1")
+    assert done.returncode == 0, done.stderr
+    vkey = sle("ledger", "vkey", "--db", db_url).stdout.strip()
+    assert vkey.startswith("sle.local/ALLOMSC-SLE+") and vkey in done.stdout.replace("\n", "")
+    assert (keys / "log.key").stat().st_mode & 0o077 == 0
+    out = tmp_path / "odm.xml"
+    made = sle("export", "odm", "--type", "snapshot", "--db", db_url, "--key", str(keys / "data_manager.pem"),
+               "--out", str(out))  # fmt: skip
+    assert made.returncode == 0, made.stderr
+    assert sle("export", "verify", str(out), "--vkey", vkey, "--db", db_url).returncode == 0

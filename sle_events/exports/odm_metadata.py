@@ -13,6 +13,7 @@ from __future__ import annotations
 
 import enum
 import json
+import re
 import types
 import typing
 from collections.abc import Iterable, Iterator
@@ -54,13 +55,20 @@ _SKIP_FIELDS = frozenset({"originator_id_type", "originator_topic", "originator_
 _CONTROL = {i: f"\\u{i:04x}" for i in range(32) if i not in (9, 10, 13)}
 
 
+_SPECIAL = re.compile(r'[&<>"\x00-\x1f]')  # most values need no escaping: the fast path skips it
+
+
 def text(value: str) -> str:
     """Element text: escaped, with the control characters XML 1.0 cannot carry written as ``\\uXXXX``."""
+    if not _SPECIAL.search(value):
+        return value
     return _escape(value.translate(_CONTROL))
 
 
 def attr(value: str) -> str:
     """A double-quoted attribute value (tabs and line ends kept as character references)."""
+    if not _SPECIAL.search(value):
+        return '"' + value + '"'
     return '"' + _escape(value.translate(_CONTROL), {'"': "&quot;", "\n": "&#10;", "\r": "&#13;", "\t": "&#9;"}) + '"'
 
 
