@@ -18,6 +18,7 @@ import statistics
 import tempfile
 import time
 from collections.abc import Callable
+from functools import partial
 from pathlib import Path
 
 from bench.common import machine
@@ -76,9 +77,9 @@ def main() -> None:
         t = time.perf_counter()
         events = baseline(url, cp.position)
         runs["baseline"].append(time.perf_counter() - t)
-        runs["sdtm"].append(timed(lambda o=out: export_sdtm(url, o / "sdtm", checkpoint=cp)))
-        runs["fhir"].append(timed(lambda o=out: export_fhir(url, o / "fhir", checkpoint=cp)))
-        runs["report"].append(timed(lambda o=out: export_report(url, o / "study.pdf", checkpoint=cp)))
+        runs["sdtm"].append(timed(partial(export_sdtm, url, out / "sdtm", checkpoint=cp)))
+        runs["fhir"].append(timed(partial(export_fhir, url, out / "fhir", checkpoint=cp)))
+        runs["report"].append(timed(partial(export_report, url, out / "study.pdf", checkpoint=cp)))
         size = (out / "study.pdf").stat().st_size
         print(
             f"round {r + 1}: baseline {runs['baseline'][-1]:.1f} s, SDTM {runs['sdtm'][-1]:.1f} s, "

@@ -112,7 +112,8 @@ class _Plotter:
         from PIL import Image as PILImage
 
         # RGB without the alpha channel (no soft mask beside each plot in the PDF), encoded once
-        rgba = PILImage.frombuffer("RGBA", self.fig.canvas.get_width_height(), self.fig.canvas.buffer_rgba())
+        canvas: Any = self.fig.canvas  # Agg: it has the pixel buffer
+        rgba = PILImage.frombuffer("RGBA", canvas.get_width_height(), canvas.buffer_rgba())
         buf = io.BytesIO()
         rgba.convert("RGB").save(buf, format="PNG", compress_level=6)
         return buf.getvalue()
