@@ -236,3 +236,18 @@ def test_cli_sdtm_writes_a_manifest_that_verifies(demo_ledger, tmp_path):
     assert (out / "export.manifest.json").exists() and (out / "lb.xpt").exists()
     v = sle("export", "verify", str(out), "--vkey", demo_ledger.vkey, "--db", demo_ledger.url)
     assert v.returncode == 0, v.stdout + v.stderr
+
+
+def test_worker_processes_give_the_same_datasets(demo_ledger, monkeypatch):
+    """A large scope is read on worker processes (`ExportSource.map`): the same rows, in the same order."""
+    import sle_events.exports.source as source_module
+
+    with ExportSource(demo_ledger.url, workers=1) as source:
+        alone = build_datasets(source)
+    monkeypatch.setattr(source_module, "PARALLEL_FROM", 1)
+    monkeypatch.setattr(source_module, "CHUNK", 1)
+    steps: list[int] = []
+    with ExportSource(demo_ledger.url, workers=2) as source:
+        pooled = build_datasets(source, steps.append)
+        assert sum(steps) == len(source) and len(steps) == len(source)
+    assert {k: d.rows for k, d in pooled.items()} == {k: d.rows for k, d in alone.items()}

@@ -1013,7 +1013,7 @@ SORT_KEYS = {
 
 def build_datasets(source: ExportSource, progress: Callable[[int], None] | None = None) -> dict[str, Dataset]:
     """Every domain's dataset for the subjects in scope, sorted by its keys."""
-    out = {name: Dataset(name, label, variables) for name, (label, variables) in DATASETS.items()}
+    out = {name: Dataset(name, label, list(variables)) for name, (label, variables) in DATASETS.items()}
     for rows in source.map(subject_rows, progress):
         for name, found in rows.items():
             out[name].rows.extend(found)
