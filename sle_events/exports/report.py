@@ -43,6 +43,8 @@ PLOTS = (
     ("Treg %", [("Treg", "TREGPCT")], "% of CD4+"),
 )
 DPI = 90
+#: the fields a reader looks for first in a recorded fact's one-line summary (the rest follow in their order)
+FIRST_FIELDS = ("code", "value", "unit", "flag", "visit", "term", "grade", "total", "status", "treg_pct")
 ROWS_PER_TABLE = 60  # long tables in chunks: reportlab splits one huge table in quadratic time
 
 
@@ -196,9 +198,28 @@ def _table(header: list[str], rows: list[list[Any]], widths: Sequence[float], fo
         rows = [["(none)"] + [""] * (len(header) - 1)]
     out = []
     for start in range(0, len(rows), ROWS_PER_TABLE):
-        chunk = [[_latin(c) for c in r] for r in rows[start : start + ROWS_PER_TABLE]]
+        chunk = [
+            [_fit(_latin(c), w - 4, font) for c, w in zip(r, widths, strict=False)]
+            for r in rows[start : start + ROWS_PER_TABLE]
+        ]
         out.append(Table([header, *chunk], colWidths=widths, repeatRows=1, style=style, hAlign="LEFT"))
     return out
+
+
+def _fit(text: str, width: float, font: float) -> str:
+    """Text cut to what fits in a column (plain table cells do not wrap: they would run into the next one)."""
+    from reportlab.pdfbase.pdfmetrics import stringWidth
+
+    if stringWidth(text, "Helvetica", font) <= width:
+        return text
+    lo, hi = 0, len(text)
+    while lo < hi:  # the longest prefix that fits with its "..."
+        mid = (lo + hi + 1) // 2
+        if stringWidth(text[:mid] + "...", "Helvetica", font) <= width:
+            lo = mid
+        else:
+            hi = mid - 1
+    return text[:lo] + "..."
 
 
 def _clip(text: Any, n: int) -> str:
@@ -392,14 +413,13 @@ def _audit_rows(rows: list[dict[str, Any]], detail: str) -> list[list[str]]:
         who = f"{r['printed_name']} ({r['actor']})" if r["printed_name"] != r["actor"] else r["actor"]
         if one is None:
             what = r["form"].split(".", 1)[-1] + (f" {r['visit']}" if r["visit"] else "")
-            values = "; ".join(f"{g['field']}={_value(g['new_value'])}" for g in group if g["new_value"] is not None)
+            shown = sorted(group, key=lambda g: FIRST_FIELDS.index(g["field"]) if g["field"] in FIRST_FIELDS else 99)
+            values = "; ".join(f"{g['field']}={_value(g['new_value'])}" for g in shown if g["new_value"] is not None)
             change = _clip(values, 110)
         else:
             what = f"{r['change']}: {r['item']}"
             change = f"{_value(r['old_value'])} -> {_value(r['new_value'])}"
-        status = (
-            "signature verified at append" if r["signature_status"] == "verified_at_append" else r["signature_status"]
-        )
+        status = "verified at append" if r["signature_status"] == "verified_at_append" else r["signature_status"]
         lv = r.get("last_verification") or ""
         if lv.startswith("FAILED"):
             status += f"; {lv}"
@@ -453,7 +473,7 @@ def _subject_section(part: dict[str, Any], st: dict[str, Any], audit: list[dict[
     title = "Audit trail" if detail == "all" else "Audit trail: corrections and voids"
     story.append(Paragraph(title, st["h2"]))
     rows = _audit_rows(audit, detail)
-    widths = [60, 60, 92, 50, 165, 150, 105, 100]
+    widths = [58, 58, 88, 48, 120, 246, 86, 82]
     story += _table(
         ["recorded (UTC)", "occurred (UTC)", "who", "role", "what", "values / old -> new", "why", "signature"],
         rows,
