@@ -209,3 +209,101 @@ def odm(
         f"{stats.subjects} subjects, {stats.written_events} facts and changes, {stats.item_data} ItemData "
         f"({stats.bytes / 1e6:.1f} MB) in {stats.seconds:.1f} s → {out_file}"
     )
+
+
+@export_app.command("sdtm")
+def sdtm(
+    out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="a new or empty folder for the datasets"),
+    db: str | None = DbOption,
+    key: Path = KeyOption,
+    subject: str | None = SubjectOption,
+    site: str | None = SiteOption,
+    recorded_from: str | None = FromOption,
+    recorded_to: str | None = ToOption,
+) -> None:
+    """CDISC SDTM (DM, DS, SV, IE, EX, AE, CM, MH, LB, VS, QS) as SAS Transport v5 (.xpt) and CSV, checked
+    against the XPT v5 limits before anything is written, with a signed manifest in the folder."""
+    from sle_events.exports.sdtm import SdtmRefused, export_sdtm
+
+    ctx = prepare_export(db, key, out_dir, subject, site, recorded_from, recorded_to, folder=True)
+    try:
+        with progress("SDTM") as bar:
+            task = bar.add_task("subjects", total=None)
+            files = export_sdtm(
+                ctx.url,
+                out_dir,
+                scope=ctx.scope,
+                checkpoint=ctx.checkpoint,
+                on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+            )
+    except SdtmRefused as e:
+        fail(str(e), 1)
+    finish_export(ctx, files, "sdtm")
+
+
+@export_app.command("fhir")
+def fhir(
+    out_dir: Path = typer.Option(..., "--out", metavar="DIR", help="a new or empty folder for the bundles"),
+    db: str | None = DbOption,
+    key: Path = KeyOption,
+    subject: str | None = SubjectOption,
+    site: str | None = SiteOption,
+    recorded_from: str | None = FromOption,
+    recorded_to: str | None = ToOption,
+) -> None:
+    """FHIR R4 JSON: a Bundle per subject (ResearchStudy, ResearchSubject, Patient by screening number,
+    Observations with LOINC and UCUM, AdverseEvents, MedicationAdministrations, Provenance naming each signer
+    and ledger index), with a signed manifest in the folder."""
+    from sle_events.exports.fhir import export_fhir
+
+    ctx = prepare_export(db, key, out_dir, subject, site, recorded_from, recorded_to, folder=True)
+    with progress("FHIR") as bar:
+        task = bar.add_task("subjects", total=None)
+        files = export_fhir(
+            ctx.url,
+            out_dir,
+            scope=ctx.scope,
+            checkpoint=ctx.checkpoint,
+            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+        )
+    finish_export(ctx, files, "fhir")
+
+
+@export_app.command("report")
+def report(
+    out_file: Path = typer.Option(..., "--out", metavar="FILE.pdf", help="the PDF to write (its manifest beside)"),
+    db: str | None = DbOption,
+    key: Path = KeyOption,
+    subject: str | None = SubjectOption,
+    site: str | None = SiteOption,
+    recorded_from: str | None = FromOption,
+    recorded_to: str | None = ToOption,
+    audit: str | None = typer.Option(
+        None,
+        "--audit-trail",
+        metavar="all|changes",
+        help="every recorded fact and change, or only corrections and voids (default: all for one subject, "
+        "changes for the study)",
+    ),
+) -> None:
+    """The PDF report for monitors and inspectors: verification result, ledger checkpoint, key registry; per
+    subject lab-trend plots, timeline and audit trail; the study report adds enrolment, visit compliance, AE
+    and response summaries. With a signed manifest beside it."""
+    from sle_events.exports.report import AUDIT_DETAIL, export_report
+
+    if audit is not None and audit not in AUDIT_DETAIL:
+        fail(f"--audit-trail {audit!r}: give {' or '.join(AUDIT_DETAIL)}")
+    if out_file.suffix.lower() != ".pdf":
+        fail(f"--out {out_file}: give a file name ending in .pdf")
+    ctx = prepare_export(db, key, out_file, subject, site, recorded_from, recorded_to)
+    with progress("report") as bar:
+        task = bar.add_task("subjects", total=None)
+        export_report(
+            ctx.url,
+            out_file,
+            scope=ctx.scope,
+            checkpoint=ctx.checkpoint,
+            audit=audit,
+            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+        )
+    finish_export(ctx, [out_file], "report")
