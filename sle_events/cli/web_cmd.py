@@ -8,7 +8,7 @@ from urllib.parse import urlencode, urlsplit
 
 import typer
 
-from sle_events.cli.common import fail, new_app, out, print_json, signer
+from sle_events.cli.common import err, fail, new_app, print_json, signer
 
 web_app = new_app(no_args_is_help=True, help="The read-only web view (served by `sle serve` under /web).")
 
@@ -38,7 +38,7 @@ def link(
     if parts.scheme not in ("http", "https") or not parts.netloc:
         fail(f"--url must be the web view's http(s) address, e.g. {DEFAULT_URL}; got {url!r}")
     if parts.scheme == "http" and parts.hostname not in ("127.0.0.1", "localhost", "::1"):
-        out.print("[yellow]warning:[/yellow] plain http beyond this machine: the session cookie can be read on the way")
+        err.print("[yellow]warning:[/yellow] plain http beyond this machine: the session cookie can be read on the way")
     # The key's actor and role are not needed to sign: the registry tells the server whose key it is.
     token = make_token(signer(key, "web-sign-in", "monitor"), study, lifetime=timedelta(minutes=minutes))
     base = url.rstrip("/").removesuffix("/signin")

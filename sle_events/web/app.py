@@ -62,11 +62,18 @@ def create_web_app(
     env.globals["dose"] = lambda value: display_value("MSCDOSE", value) if value else ""
     state: dict[str, Any] = {}
 
+    def close() -> None:
+        """Close the database connections (a mounted app's lifespan is not run: the host app calls this)."""
+        for name in ("data", "record"):
+            held = state.pop(name, None)
+            if held is not None:
+                held.close()
+        state.pop("sessions", None)
+
     @contextlib.asynccontextmanager
     async def lifespan(app: Starlette) -> AsyncIterator[None]:
         yield
-        for held in state.values():
-            held.close()
+        close()
 
     def data() -> WebData:
         if "data" not in state:
@@ -261,6 +268,7 @@ def create_web_app(
     app = Starlette(routes=routes, lifespan=lifespan)
     app.state.web_data = data
     app.state.sessions = sessions
+    app.state.close = close
     return app
 
 

@@ -144,13 +144,22 @@ class WebData:
         self.reader = StudyReader(url, catch_up=False)
         self.record = self.reader.record
         self.engine = self.reader.engine
-        self.ledger = Ledger(engine=self.engine, create=False)
+        self._ledger: Ledger | None = None
         self._lock = threading.Lock()
         self._seen_head = -1
         self._folded: dict[str, tuple[int, Any]] = {}  # stream -> (version, subject aggregate): current folds
 
     def close(self) -> None:
         self.reader.close()
+
+    @property
+    def ledger(self) -> Ledger | None:
+        """The record's ledger, once it has one (a record is usable before its first integration)."""
+        from sle_events.ledger.tables import ledger_exists
+
+        if self._ledger is None and ledger_exists(self.engine):
+            self._ledger = Ledger(engine=self.engine, create=False)
+        return self._ledger
 
     def fresh(self) -> None:
         """Bring the read models up to date when the record has moved on (the projections' own catch-up)."""
@@ -512,6 +521,8 @@ class WebData:
             raise NotFound(f"no event at log position {position} in this study")
         audit = dict(row._mapping) if row is not None else {}
         try:
+            if self.ledger is None:
+                raise LedgerError("this record has no ledger yet: run `sle ledger integrate`")
             proof = self.ledger.inclusion_proof(position, with_leaf=False)
             proof_doc: dict[str, Any] = {
                 "index": proof.index,
@@ -533,6 +544,8 @@ class WebData:
     def proof_text(self, study: str, position: int) -> str:
         self.event_study_check(study, position)
         try:
+            if self.ledger is None:
+                raise LedgerError("this record has no ledger yet")
             return self.ledger.inclusion_proof(position).text
         except LedgerError as e:
             raise NotFound(str(e)) from None
@@ -568,16 +581,15 @@ class WebData:
         }
 
     def ledger_summary(self) -> dict[str, Any]:
-        from sle_events.ledger.tables import ledger_exists
-
-        if not ledger_exists(self.engine):
+        ledger = self.ledger
+        if ledger is None:
             return {"present": False}
-        state = self.ledger.state()
-        latest = self.ledger.latest_checkpoint()
+        state = ledger.state()
+        latest = ledger.latest_checkpoint()
         return {
             "present": True,
             "size": state.size,
-            "pending": self.ledger.pending(),
+            "pending": ledger.pending(),
             "vkey": state.vkey,
             "origin": state.origin,
             "checkpoint": latest,
