@@ -51,9 +51,12 @@ def create_web_app(
     *,
     session_ttl: timedelta = DEFAULT_SESSION_TTL,
     secure_cookies: bool | None = None,
+    catch_up: bool = False,
 ) -> Starlette:
     """The web view of the study record at `db_url`. `secure_cookies` (default: when the request came over
-    https) marks the session cookie Secure."""
+    https) marks the session cookie Secure. The view reads the read models that `sle projections run` keeps
+    up to date and says how far behind they are; `catch_up=True` (a demo, a test) brings them up to date itself
+    when the record has moved on."""
     env = Environment(
         loader=FileSystemLoader(HERE / "templates"),
         autoescape=select_autoescape(default=True, default_for_string=True),
@@ -77,7 +80,7 @@ def create_web_app(
 
     def data() -> WebData:
         if "data" not in state:
-            state["data"] = WebData(db_url)
+            state["data"] = WebData(db_url, catch_up=catch_up)
         return state["data"]
 
     def sessions() -> SessionStore:
@@ -115,8 +118,9 @@ def create_web_app(
                 return response
             try:
                 as_of = parse_as_of(request.query_params.get("as_of"), request.query_params.get("axis"))
-                await run_in_threadpool(data().fresh)
+                behind = await run_in_threadpool(data().fresh)
                 context = await run_in_threadpool(build, request, session, as_of)
+                context["behind"] = behind
             except UnknownFilter as e:
                 return render(
                     request, "error.html", 400, session=session, as_of=AsOf(), title="Not understood", message=str(e)

@@ -18,16 +18,33 @@ from uuid import UUID
 import sqlalchemy as sa
 
 from projections.audit_trail import CHANGES, last_verification
+from projections.base import ProjectionHalted
 from projections.dashboard import dashboard as dashboard_rows
 from projections.dashboard import visit_rows
 from projections.patient_state import current_records, lab_series, summarise
-from projections.read import StudyReader, UnknownFilter, _name_items, decode_json_fields, display_value, visit_order
+from projections.read import (
+    LAB_FORMS,
+    StudyReader,
+    UnknownFilter,
+    _name_items,
+    decode_json_fields,
+    display_value,
+    visit_order,
+)
 from projections.replay import events_as_of, fold, read_stream
-from projections.schema import audit_events, audit_trail, patient_state, verification_findings, verification_runs
+from projections.schema import (
+    audit_events,
+    audit_trail,
+    patient_state,
+    projection_tracking,
+    verification_findings,
+    verification_runs,
+)
 from sle_events.ledger.base import LedgerError
 from sle_events.ledger.log import Ledger
 
 PAGE_SIZE = 50
+INLINE_FOLDS = 3  # subjects a page may fold itself; more are folded in the background
 TREND_LABS = ("EGFR", "UPCR", "DSDNA", "C3", "C4", "TREGPCT")
 LAB_NAMES = {
     "EGFR": "eGFR",
@@ -140,14 +157,16 @@ def _utc(text: str | None) -> datetime | None:
 class WebData:
     """The read side of one database for the web view (one per app; thread-safe for reads)."""
 
-    def __init__(self, url: str) -> None:
+    def __init__(self, url: str, *, catch_up: bool = False) -> None:
         self.reader = StudyReader(url, catch_up=False)
         self.record = self.reader.record
         self.engine = self.reader.engine
+        self.catch_up = catch_up
         self._ledger: Ledger | None = None
         self._lock = threading.Lock()
         self._seen_head = -1
         self._folded: dict[str, tuple[int, Any]] = {}  # stream -> (version, subject aggregate): current folds
+        self._warming: threading.Thread | None = None
 
     def close(self) -> None:
         self.reader.close()
@@ -161,15 +180,29 @@ class WebData:
             self._ledger = Ledger(engine=self.engine, create=False)
         return self._ledger
 
-    def fresh(self) -> None:
-        """Bring the read models up to date when the record has moved on (the projections' own catch-up)."""
-        head = self.reader.runner.head()
-        if head == self._seen_head:
-            return
-        with self._lock:
-            if head != self._seen_head:
+    def fresh(self) -> int:
+        """How many events the read models are behind the record (0: up to date). The view reads what the
+        projections' worker (`sle projections run`) wrote and never writes them itself, unless it was made with
+        `catch_up=True` (a demo or a test). A halted read model raises ProjectionHalted: nothing is shown."""
+        from projections.runner import REBUILDING
+
+        with self.engine.connect() as conn:
+            head = conn.execute(sa.select(sa.func.max(self.record.table.c.id))).scalar() or 0
+            tracked = conn.execute(sa.select(projection_tracking.c.position, projection_tracking.c.halted)).all()
+        for _, halted in tracked:
+            if halted:
+                raise ProjectionHalted(**json.loads(halted))
+        positions = [p for p, _ in tracked]
+        if len(positions) < len(self.reader.runner.projections) or REBUILDING in positions:
+            behind = head
+        else:
+            behind = head - min(positions, default=0)
+        if behind and self.catch_up and head != self._seen_head:
+            with self._lock:
                 self.reader.runner.catch_up()
                 self._seen_head = head
+            return 0
+        return max(behind, 0)
 
     # ------------------------------------------------------------------------------------------ subjects
     def subject_rows(self, study: str) -> list[dict[str, Any]]:
@@ -236,10 +269,20 @@ class WebData:
         if as_of.when is None:
             with self.engine.connect() as conn:
                 data = dashboard_rows(conn, study)
-            states = self.subject_rows(study)
-            serious = self._subjects_with_serious_aes(study)
-            aggregates = {s: self.folded(s, v, as_of) for s, v in serious}
+            ps = patient_state
+            with self.engine.connect() as conn:
+                states = [
+                    {"subject": r.subject, "screening_number": r.screening_number, "site": r.site,
+                     "stale_results": json.loads(r.stale_results or "[]")}
+                    for r in conn.execute(
+                        sa.select(ps.c.subject, ps.c.screening_number, ps.c.site, ps.c.stale_results)
+                        .where(ps.c.study == study)
+                        .order_by(ps.c.screening_number)
+                    )
+                ]  # fmt: skip
+            aggregates, folding = self._serious_folds(study)
         else:
+            folding = 0
             folded = self.summaries_as_of(study, as_of)
             data = _dashboard_from(folded)
             states = [s for s, _ in folded]
@@ -271,11 +314,41 @@ class WebData:
             "stale": stale,
             "saes": saes,
             "overdue_saes": [s for s in saes if s["status"] in ("OVERDUE", "OPEN")],
+            "sae_folding": folding,
             "aes_by_grade": data["adverse_events_by_grade"],
             "halted": data["halted_streams"],
             "queries": self.query_counts(study, as_of),
             "subjects": len(states),
         }
+
+    def _serious_folds(self, study: str) -> tuple[dict[str, Any], int]:
+        """The folded subjects that have a serious AE (the SAE clock needs the domain's own fold), and how many
+        are still being folded. A few missing folds (a subject that moved on) are made now; many (a server just
+        started) in the background, so no page waits for a whole study to be folded."""
+        serious = self._subjects_with_serious_aes(study)
+        missing = [(s, v) for s, v in serious if self._folded.get(s, (None,))[0] != v]
+        if len(missing) > INLINE_FOLDS:
+            self._fold_in_background(missing)
+        else:
+            for stream, version in missing:
+                self.folded(stream, version, AsOf())
+        ready = {s: self._folded[s][1] for s, _ in serious if s in self._folded}
+        return ready, len(serious) - len(ready)
+
+    def _fold_in_background(self, missing: list[tuple[str, int]]) -> None:
+        with self._lock:
+            if self._warming is not None and self._warming.is_alive():
+                return
+
+            def warm() -> None:
+                for stream, version in missing:
+                    try:
+                        self.folded(stream, version, AsOf())
+                    except Exception:  # a stream that cannot be folded shows on its own subject page
+                        continue
+
+            self._warming = threading.Thread(target=warm, name="sle-web-fold", daemon=True)
+            self._warming.start()
 
     def _subjects_with_serious_aes(self, study: str) -> list[tuple[str, int]]:
         from projections.schema import subject_adverse_events as sae
@@ -325,17 +398,19 @@ class WebData:
 
     # ------------------------------------------------------------------------------------------ queries etc.
     def status_facts(self, study: str, stream: str | None, as_of: AsOf) -> dict[str, list[dict[str, Any]]]:
-        """Sign-off, SDV and query facts (STATUS_KINDS), by kind; empty where the record has none yet."""
+        """Sign-off, SDV and query facts (STATUS_KINDS), by kind; empty where the record has none yet. The names
+        come from the registry of event types, so a fact added to the domain shows here without a change."""
+        from sle_events.domain.event_types import EVENT_TYPES
+
+        wanted = {t: kind for t in EVENT_TYPES for kind, pattern in STATUS_KINDS.items() if pattern.search(t)}
+        found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in STATUS_KINDS}
+        if not wanted:
+            return found
         ae = audit_events
+        q = sa.select(ae).where(ae.c.study == study, ae.c.event_type.in_(list(wanted))).order_by(ae.c.position)
+        if stream is not None:
+            q = q.where(ae.c.stream == stream)
         with self.engine.connect() as conn:
-            types = [t for (t,) in conn.execute(sa.select(ae.c.event_type).where(ae.c.study == study).distinct())]
-            wanted = {t: kind for t in types for kind, pattern in STATUS_KINDS.items() if pattern.search(t)}
-            found: dict[str, list[dict[str, Any]]] = {kind: [] for kind in STATUS_KINDS}
-            if not wanted:
-                return found
-            q = sa.select(ae).where(ae.c.study == study, ae.c.event_type.in_(list(wanted))).order_by(ae.c.position)
-            if stream is not None:
-                q = q.where(ae.c.stream == stream)
             for r in conn.execute(q):
                 row = dict(r._mapping)
                 if not _in_time(row, as_of):
@@ -426,48 +501,64 @@ class WebData:
 
     # ------------------------------------------------------------------------------------------ audit trail
     def audit(self, study: str, filters: dict[str, str], as_of: AsOf) -> dict[str, Any]:
-        """One page of the filtered audit trail, old → new (keyset pages: `after` / `before` a row)."""
-        t = audit_trail
-        q = sa.select(t).where(t.c.study == study)
+        """One page of the filtered audit trail, old → new (keyset pages: `after` / `before` a row).
+
+        The events are chosen first (`audit_events`, one row per event, by its indexes) and only the page's
+        events are unnested into one row per changed field: a page costs the same early or late in a long trail."""
+        ae = audit_events
+        q = sa.select(ae.c.position).where(ae.c.study == study)
         if filters.get("subject"):
-            q = q.where(t.c.subject == filters["subject"])
+            q = q.where(ae.c.subject == filters["subject"])
         if filters.get("user"):
-            q = q.where(t.c.actor == filters["user"])
+            q = q.where(ae.c.actor == filters["user"])
         if filters.get("change"):
             if filters["change"] not in CHANGES:
                 raise UnknownFilter(f"unknown change {filters['change']!r}; changes: {', '.join(CHANGES)}")
-            q = q.where(t.c.change == filters["change"])
+            q = q.where(ae.c.change == filters["change"])
         if filters.get("type"):
-            q = q.where(t.c.event_type == filters["type"])
-        if filters.get("item"):
-            q = q.where(_item_condition(filters["item"]))
+            q = q.where(ae.c.event_type == filters["type"])
+        item = filters.get("item") or ""
+        if item:
+            q = q.where(_item_events(item))
         for name, column, end in (
-            ("recorded_from", t.c.recorded_at, False),
-            ("recorded_to", t.c.recorded_at, True),
-            ("occurred_from", t.c.occurred_at, False),
-            ("occurred_to", t.c.occurred_at, True),
+            ("recorded_from", ae.c.recorded_at, False),
+            ("recorded_to", ae.c.recorded_at, True),
+            ("occurred_from", ae.c.occurred_at, False),
+            ("occurred_to", ae.c.occurred_at, True),
         ):
             if filters.get(name):
                 when = parse_instant(filters[name], name.replace("_", " "), end_of_day=end)
                 q = q.where(column <= _text(when) if end else column >= _text(when))
         if as_of.recorded is not None:
-            q = q.where(t.c.recorded_at <= _text(as_of.recorded))
+            q = q.where(ae.c.recorded_at <= _text(as_of.recorded))
         if as_of.occurred is not None:
-            q = q.where(t.c.occurred_at <= _text(as_of.occurred))
-        backwards = False
-        if filters.get("after"):
-            pos, seq = _cursor(filters["after"])
-            q = q.where(sa.tuple_(t.c.position, t.c.seq) > sa.tuple_(sa.literal(pos), sa.literal(seq)))
-        elif filters.get("before"):
-            pos, seq = _cursor(filters["before"])
-            q = q.where(sa.tuple_(t.c.position, t.c.seq) < sa.tuple_(sa.literal(pos), sa.literal(seq)))
-            backwards = True
-        order = (t.c.position.desc(), t.c.seq.desc()) if backwards else (t.c.position, t.c.seq)
-        q = q.order_by(*order).limit(PAGE_SIZE + 1)
+            q = q.where(ae.c.occurred_at <= _text(as_of.occurred))
+        backwards = bool(filters.get("before")) and not filters.get("after")
+        cursor = (
+            _cursor(filters["after"] if filters.get("after") else filters["before"])
+            if (filters.get("after") or filters.get("before"))
+            else None
+        )
+        if cursor is not None:
+            q = q.where(ae.c.position <= cursor[0] if backwards else ae.c.position >= cursor[0])
+        q = q.order_by(ae.c.position.desc() if backwards else ae.c.position)
         with self.engine.connect() as conn:
             self._check_filters(conn, study, filters)
-            rows = [dict(r._mapping) for r in conn.execute(q)]
-            more = len(rows) > PAGE_SIZE
+            rows: list[dict[str, Any]] = []
+            offset, more = 0, False
+            batch = PAGE_SIZE + 1
+            while True:  # events until a page of field rows (an event has one row per changed field, or none)
+                positions = [p for (p,) in conn.execute(q.limit(batch).offset(offset))]
+                if positions:
+                    rows += self._field_rows(conn, positions, item)
+                if cursor is not None:
+                    rows = [r for r in rows if ((r["position"], r["seq"]) < cursor if backwards
+                                                 else (r["position"], r["seq"]) > cursor)]  # fmt: skip
+                rows.sort(key=lambda r: (r["position"], r["seq"]), reverse=backwards)
+                if len(rows) > PAGE_SIZE or len(positions) < batch:
+                    more = len(rows) > PAGE_SIZE
+                    break
+                offset += batch
             rows = rows[:PAGE_SIZE]
             if backwards:
                 rows.reverse()
@@ -475,13 +566,21 @@ class WebData:
             last = last_verification(conn)
         for row in rows:
             row["last_verification"] = _verified(row["position"], last, short=True)
-        first_page = not filters.get("after") and not (backwards and not more)
+        first_page = cursor is None or (backwards and not more)
         return {
             "rows": rows,
             "verification": _run_summary(last),
             "next": f"{rows[-1]['position']}.{rows[-1]['seq']}" if rows and (more or backwards) else None,
             "previous": f"{rows[0]['position']}.{rows[0]['seq']}" if rows and not first_page else None,
         }
+
+    def _field_rows(self, conn: sa.Connection, positions: list[int], item: str) -> list[dict[str, Any]]:
+        t = audit_trail
+        rows = [dict(r._mapping) for r in conn.execute(sa.select(t).where(t.c.position.in_(positions)))]
+        if item:
+            labs = _lab_records(conn, {r["record_id"] for r in rows}, item)
+            rows = [r for r in rows if r["field"] == item or r["record_id"] in labs]
+        return rows
 
     def _check_filters(self, conn: sa.Connection, study: str, filters: dict[str, str]) -> None:
         ae = audit_events
@@ -608,15 +707,56 @@ def _cursor(text: str) -> tuple[int, int]:
         raise UnknownFilter(f"{text!r} is not a page position") from None
 
 
-def _item_condition(item: str) -> Any:
-    """Rows that changed `item`: a field name, or a lab result (and its corrections) of an analyte code."""
-    t, ae = audit_trail, audit_events
-    code = item.split(" ", 1)[0].upper()
-    lab_records = sa.select(ae.c.event_id).where(
-        ae.c.event_type.in_(("Subject.LabResultRecorded", "Subject.DerivedResultRecorded")),
-        ae.c.changes.like(f'%["code",%"{code}"]%'),
+def _code(item: str) -> str:
+    return item.split(" ", 1)[0].upper()
+
+
+def _lab_result_events(item: str) -> Any:
+    """The lab results (and derived results) of an analyte code, as a subquery of their event ids."""
+    ae = audit_events
+    return sa.select(ae.c.event_id).where(
+        ae.c.event_type.in_(LAB_FORMS),
+        ae.c.changes.like(f'%["code",%"{_code(item)}"]%'),
     )
-    return sa.or_(t.c.field == item, t.c.record_id.in_(lab_records))
+
+
+def _item_events(item: str) -> Any:
+    """Events that may have changed `item` (a field name, or an analyte code: its results and their
+    corrections); their field rows are filtered exactly afterwards. The original of each row is looked up
+    through the record index (a recorded fact's record id is its own event id), so a page stops early."""
+    ae = audit_events
+    original = audit_events.alias("original")
+    lab = (
+        sa.select(sa.literal(1))
+        .where(
+            original.c.record_id == ae.c.record_id,
+            original.c.event_id == original.c.record_id,
+            original.c.event_type.in_(LAB_FORMS),
+            original.c.changes.like(f'%["code",%"{_code(item)}"]%'),
+        )
+        .exists()
+    )
+    return sa.or_(ae.c.changes.like(f'%["{item}",%'), lab)
+
+
+def _lab_records(conn: sa.Connection, records: set[str], item: str) -> set[str]:
+    """Which of these record ids are lab results of the analyte `item`."""
+    ae = audit_events
+    found: set[str] = set()
+    ids = sorted(records)
+    for i in range(0, len(ids), 500):
+        found.update(
+            e
+            for (e,) in conn.execute(
+                sa.select(ae.c.event_id).where(
+                    ae.c.record_id.in_(ids[i : i + 500]),
+                    ae.c.event_id == ae.c.record_id,
+                    ae.c.event_type.in_(LAB_FORMS),
+                    ae.c.changes.like(f'%["code",%"{_code(item)}"]%'),
+                )
+            )
+        )
+    return found
 
 
 def _verified(position: int, last: dict[str, Any] | None, *, short: bool = False) -> str:

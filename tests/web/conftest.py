@@ -6,9 +6,9 @@ import warnings
 from collections.abc import Iterator
 
 import pytest
-from webkit import WebStudy, make_web_study
 
 from sle_events.web import create_web_app
+from web.webkit import WebStudy, make_web_study
 
 
 @pytest.fixture

@@ -12,12 +12,12 @@ from datetime import UTC, datetime, timedelta
 from pathlib import Path
 
 import pytest
-from webkit import WebStudy
 
 from sle_events.signing.canonical import canonical_json
 from sle_events.signing.keys import Signer
 from sle_events.web.app import COOKIE
 from sle_events.web.signin import BadToken, make_token, read_token
+from web.webkit import WebStudy
 
 pytestmark = pytest.mark.storage
 

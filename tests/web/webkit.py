@@ -17,6 +17,7 @@ from typing import Any
 
 import sqlalchemy as sa
 
+from projections.runner import ProjectionRunner
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 from sle_events.trial import Trial
@@ -38,6 +39,7 @@ class WebStudy:
     subject: str = "NJ01-0007"
     other_subject: str = "SH01-0001"
     positions: dict[str, int] = field(default_factory=dict)
+    before_correction: datetime | None = None
 
     def token(self, who: str = "monitor", study: str | None = None, **kw: Any) -> str:
         return make_token(self.people[who], study, **kw)
@@ -104,8 +106,13 @@ def make_web_study(url: str) -> WebStudy:
         sid, "ICF v1.1", now - timedelta(days=3, hours=-1), signer=p["investigator"], taken_by="dr.wang"
     )
     for days, value in ((2, "1.10"), (1, "1.30")):
-        trial.record_lab_result("NJ01-0007", "CREAT", value, "mg/dL", now - timedelta(days=days), signer=p["lab"])
-    lab_version = trial.subject(sid).version - 1  # the second creatinine (an eGFR followed it)
+        trial.record_lab_result(sid, "CREAT", value, "mg/dL", now - timedelta(days=days), signer=p["lab"])
+    lab_version = trial.subject(sid).version - 1  # the second creatinine (a derived eGFR, without a value, followed)
+    for days, value in ((2, "85"), (1, "62")):  # C3 falling: a trend to plot
+        trial.record_lab_result(sid, "C3", value, "mg/dL", now - timedelta(days=days, hours=-1), signer=p["lab"])
+    time.sleep(0.01)
+    before_correction = datetime.now(UTC)  # recorded time: the database held 1.30 then
+    time.sleep(0.01)
     trial.correct(sid, lab_version, {"value": "1.03"}, "<script>alert(1)</script> transcription", signer=p["lab"])
 
     trial.approve_new_study("OTHER-STUDY", "admin@ruijin", p["other_admin"].public_key_b64, signer=p["admin"])
@@ -125,7 +132,19 @@ def make_web_study(url: str) -> WebStudy:
         ).scalar_one()
         own_position = conn.execute(sa.select(sa.func.max(t.c.id)).where(t.c.originator_id == sid)).scalar_one()
     record.close()
-    return WebStudy(url, trial, other, people, positions={"own": own_position, "other": other_position})
+    runner = ProjectionRunner(url)  # what `sle projections run` does beside the view
+    try:
+        runner.catch_up()
+    finally:
+        runner.close()
+    return WebStudy(
+        url,
+        trial,
+        other,
+        people,
+        positions={"own": own_position, "other": other_position},
+        before_correction=before_correction,
+    )
 
 
 # ---------------------------------------------------------------------------------------------- browser
