@@ -42,6 +42,7 @@ from projections.schema import (
 )
 from sle_events.ledger.base import LedgerError
 from sle_events.ledger.log import Ledger
+from sle_events.web.sessions import RegistryCache
 
 PAGE_SIZE = 50
 INLINE_FOLDS = 3  # subjects a page may fold itself; more are folded in the background
@@ -167,6 +168,8 @@ class WebData:
         self._seen_head = -1
         self._folded: dict[str, tuple[int, Any]] = {}  # stream -> (version, subject aggregate): current folds
         self._warming: threading.Thread | None = None
+        self._verification: tuple[tuple[Any, ...], dict[str, Any]] | None = None
+        self.registries = RegistryCache(self.record)
 
     def close(self) -> None:
         self.reader.close()
@@ -597,12 +600,21 @@ class WebData:
                 raise UnknownFilter(f"unknown event type {filters['type']!r}")
 
     def filter_choices(self, study: str) -> dict[str, list[str]]:
-        ae = audit_events
+        """The audit trail's choices: the study's key holders (its registry), the subject facts the domain
+        knows, the study's subjects; none of them needs a scan of the trail."""
+        from sle_events.domain.event_types import EVENT_TYPES
+
+        ps = patient_state
         with self.engine.connect() as conn:
-            users = [u for (u,) in conn.execute(sa.select(ae.c.actor).where(ae.c.study == study).distinct())]
-            types = [t for (t,) in conn.execute(sa.select(ae.c.event_type).where(ae.c.study == study).distinct())]
-        subjects = [r["screening_number"] for r in self.subject_rows(study)]
-        return {"users": sorted(users), "types": sorted(types), "subjects": subjects, "changes": list(CHANGES)}
+            subjects = [
+                s
+                for (s,) in conn.execute(
+                    sa.select(ps.c.screening_number).where(ps.c.study == study).order_by(ps.c.screening_number)
+                )
+            ]
+        users = sorted({entry["actor"] for entry in self.registries.get(study).keys.values()})
+        types = sorted(t for t in EVENT_TYPES if t.startswith(("Subject.", "ProductLot.")))
+        return {"users": users, "types": types, "subjects": subjects, "changes": list(CHANGES)}
 
     # ------------------------------------------------------------------------------------------ one event
     def event(self, study: str, position: int) -> dict[str, Any]:
@@ -657,6 +669,28 @@ class WebData:
 
     # ------------------------------------------------------------------------------------------ verification
     def verification(self) -> dict[str, Any]:
+        """The last verification and the ledger (cached until a run, a checkpoint or an event is added)."""
+        ledger = self.ledger
+        with self.engine.connect() as conn:
+            key: tuple[Any, ...] = (
+                conn.execute(sa.select(sa.func.max(verification_runs.c.id))).scalar(),
+                conn.execute(sa.select(sa.func.max(self.record.table.c.id))).scalar(),
+            )
+            if ledger is not None:
+                from sle_events.ledger.tables import ledger_checkpoints, ledger_state
+
+                key += (
+                    conn.execute(sa.select(sa.func.max(ledger_checkpoints.c.id))).scalar(),
+                    conn.execute(sa.select(ledger_state.c.size)).scalar(),
+                )
+        cached = self._verification
+        if cached is not None and cached[0] == key:
+            return cached[1]
+        found = self._verification_now()
+        self._verification = (key, found)
+        return found
+
+    def _verification_now(self) -> dict[str, Any]:
         runs, f = verification_runs, verification_findings
         with self.engine.connect() as conn:
             run = conn.execute(sa.select(runs).order_by(runs.c.id.desc()).limit(1)).first()

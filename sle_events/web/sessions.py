@@ -54,6 +54,31 @@ class Session:
         return f"{self.printed_name} ({self.actor})" if self.printed_name else self.actor
 
 
+class RegistryCache:
+    """Studies' key registries as they stand now: each loaded again whenever its stream has moved on (a key
+    registered, revoked or rotated, perhaps by another process), which one indexed query tells."""
+
+    def __init__(self, record: StudyRecord) -> None:
+        self.record = record
+        self._lock = threading.Lock()
+        self._studies: dict[str, tuple[int, Any]] = {}  # study id -> (registry stream version, Study)
+
+    def get(self, study_id: str) -> Any:
+        t = self.record.table
+        with self.record.engine.connect() as conn:
+            version = conn.execute(
+                sa.select(sa.func.max(t.c.originator_version)).where(t.c.originator_id == UUID(study_id))
+            ).scalar()
+        with self._lock:
+            cached = self._studies.get(study_id)
+            if cached is not None and cached[0] == version:
+                return cached[1]
+        study: Any = self.record.repository.get(UUID(study_id))
+        with self._lock:
+            self._studies[study_id] = (study.version, study)
+        return study
+
+
 def _hash(cookie: str) -> str:
     return hashlib.sha256(cookie.encode()).hexdigest()
 
@@ -63,8 +88,7 @@ class SessionStore:
         self.record = record
         self.engine = record.engine
         self.ttl = ttl
-        self._lock = threading.Lock()
-        self._registries: dict[str, tuple[int, Any]] = {}  # study id -> (registry stream version, Study)
+        self._registries = RegistryCache(record)
         metadata.create_all(self.engine, checkfirst=True)
 
     # ------------------------------------------------------------------------------------------ studies
@@ -82,21 +106,8 @@ class SessionStore:
         return found
 
     def registry(self, study_id: str) -> Any:
-        """The study's key registry as it stands now: loaded again whenever its stream has moved on (a key
-        registered, revoked or rotated by another process)."""
-        t = self.record.table
-        with self.engine.connect() as conn:
-            version = conn.execute(
-                sa.select(sa.func.max(t.c.originator_version)).where(t.c.originator_id == UUID(study_id))
-            ).scalar()
-        with self._lock:
-            cached = self._registries.get(study_id)
-            if cached is not None and cached[0] == version:
-                return cached[1]
-        study: Any = self.record.repository.get(UUID(study_id))
-        with self._lock:
-            self._registries[study_id] = (study.version, study)
-        return study
+        """The study's key registry as it stands now (see `RegistryCache`)."""
+        return self._registries.get(study_id)
 
     def _resolve_study(self, given: str | None, key: str) -> dict[str, str]:
         studies = self.studies()
@@ -205,5 +216,5 @@ class SessionStore:
         if entry["actor"] != row.actor or entry["role"] != row.role:
             self.sign_out(cookie)
             raise NotSignedIn("your session was ended: your key's registration changed; sign in again")
-        code = next((s["code"] for s in self.studies() if s["study"] == row.study), row.study)
+        code = str(self.registry(row.study).code)
         return Session(row.study, code, row.key, row.actor, row.role, row.printed_name, expires)

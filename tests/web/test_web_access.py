@@ -256,3 +256,30 @@ def test_sle_web_link_prints_a_link_the_view_accepts(client, web_study, tmp_path
     missing = run_sle("web", "link", "--key", str(tmp_path / "nope.pem"))
     assert missing.returncode == 2 and "cannot use" in missing.stderr + missing.stdout
     assert "Traceback" not in missing.stderr
+
+
+def test_mounted_under_web_in_another_app(web_study):
+    """As `sle serve` mounts it: links, redirects and the cookie's path carry the /web prefix."""
+    import warnings
+
+    from starlette.applications import Starlette
+    from starlette.routing import Mount
+
+    from sle_events.web import create_web_app
+
+    with warnings.catch_warnings():
+        warnings.simplefilter("ignore")
+        from starlette.testclient import TestClient
+
+    web = create_web_app(web_study.url)
+    host = Starlette(routes=[Mount("/web", app=web)])
+    with TestClient(host, follow_redirects=False) as client:
+        assert client.get("/web/").status_code == 401
+        r = client.post("/web/signin", data={"token": web_study.token()})
+        assert r.status_code == 303 and r.headers["location"] == "/web/"
+        assert "path=/web/" in r.headers["set-cookie"].lower()
+        page = client.get("/web/")
+        assert page.status_code == 200
+        assert 'href="/web/static/style.css"' in page.text and 'href="/web/audit"' in page.text
+        assert client.get("/web/static/style.css").status_code == 200
+    web.state.close()
