@@ -358,10 +358,12 @@ from sle_events.cli.projections_cmd import (  # noqa: E402  # sub-commands impor
     replay,
 )
 from sle_events.cli.study_cmd import correct, study_app, void  # noqa: E402  # sub-commands imported where they are attached to app
+from sle_events.cli.web_cmd import web_app  # noqa: E402  # sub-commands imported where they are attached to app
 
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(projections_app, name="projections")
+app.add_typer(web_app, name="web")
 app.command("audit-trail")(audit_trail)
 app.command("replay")(replay)
 app.command("patients")(patients)
