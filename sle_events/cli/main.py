@@ -14,6 +14,7 @@ from sle_events.cli.common import DbOption, JsonOption, database_url, err, fail,
 from sle_events.cli.common import no_record_at as _no_record_at
 from sle_events.cli.common import progress as _common_progress
 from sle_events.cli.ledger_cmd import ledger_app
+from sle_events.cli.serve_cmd import serve
 
 app = new_app(no_args_is_help=True, help="Signed, event-sourced study record.")
 
@@ -344,6 +345,7 @@ app.add_typer(study_app, name="study")
 app.add_typer(projections_app, name="projections")
 app.command("audit-trail")(audit_trail)
 app.command("replay")(replay)
+app.command("serve")(serve)
 app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
 app.command("correct")(correct)

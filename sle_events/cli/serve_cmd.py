@@ -1,0 +1,54 @@
+"""`sle serve`: the HTTP API (sle_events.api) under uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from sle_events.cli.common import DbOption, database_url, err, fail
+
+URL_VARIABLE = "SLE_DATABASE_URL"
+
+
+def app_from_env():  # uvicorn's factory for worker processes: each opens the database named in the environment
+    from sle_events.api import create_app
+
+    return create_app(os.environ[URL_VARIABLE])
+
+
+def serve(
+    db: str | None = DbOption,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(1, min=1, max=64, help="worker processes (PostgreSQL only; SQLite has one writer)"),
+) -> None:
+    """Serve the study record over HTTP: signed requests, client-signed events (docs/api.md)."""
+    import uvicorn
+
+    url = database_url(db)
+    if url.startswith("sqlite") and workers > 1:
+        err.print(
+            f"[yellow]SQLite has a single writer: serving with 1 worker process, not {workers} "
+            "(use PostgreSQL for more)[/yellow]"
+        )
+        workers = 1
+    try:
+        from sle_events.api import create_app
+
+        app = create_app(url) if workers == 1 else None
+    except Exception as e:  # an unreachable or unusable database: say so, no traceback
+        fail(f"cannot open the study record at {url}: {type(e).__name__}: {e}")
+    err.print(f"serving {url.split('@')[-1]} on http://{host}:{port} with {workers} worker(s)")
+    if app is not None:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    else:
+        os.environ[URL_VARIABLE] = url
+        uvicorn.run(
+            "sle_events.cli.serve_cmd:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+        )
