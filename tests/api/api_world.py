@@ -60,8 +60,8 @@ class ApiWorld:
         return Subject(self.study.id, "NJ01", number, NOW - timedelta(days=1))
 
 
-@pytest.fixture
-def world(db_url: str) -> Iterator[ApiWorld]:
+@pytest.fixture(name="world")
+def world_fixture(db_url: str) -> Iterator[ApiWorld]:
     record = StudyRecord(db_url)
     signers = {role: Signer.generate(f"{role}.user", role) for role in ROLES}
     study = Study.create("ALLOMSC-SLE", "AlloMSC", signers["admin"].actor, signers["admin"].public_key_b64, NOW)

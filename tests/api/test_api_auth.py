@@ -5,7 +5,7 @@ from __future__ import annotations
 from datetime import UTC, datetime, timedelta
 
 import pytest
-from api_world import NOW, ROLES, world  # noqa: F401 - the fixture
+from api_world import NOW, ROLES, world_fixture  # noqa: F401 - the `world` fixture
 from http_message_signatures import HTTPMessageSigner, algorithms
 
 from sle_events.api.auth import READ_ROLES

@@ -8,7 +8,7 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
-from api_world import NOW, world  # noqa: F401 - the fixture
+from api_world import NOW, world_fixture  # noqa: F401 - the `world` fixture
 
 from sle_events.api.problems import PROBLEM_BASE
 from sle_events.client import ApiProblem
