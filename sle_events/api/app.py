@@ -406,11 +406,16 @@ def create_app(
 
     def _reading(fn: Callable[[Any], Any]) -> Any:
         from projections.read import UnknownFilter
+        from projections.replay import SubjectNotFound
 
         try:
             return _jsonable(fn(api.reader()))
         except UnknownFilter as exc:
             raise Problem("unknown_filter", str(exc)) from None
+        except SubjectNotFound as exc:
+            raise Problem("not_found", str(exc)) from None
+        except ValueError as exc:  # a time that is not ISO 8601 with an offset, and the like
+            raise Problem("validation", str(exc)) from None
 
     @app.get("/v1/studies/{study}/patients", responses=_ok(_PAGE_SCHEMA), summary="Every subject's patient state")
     async def patients(study: str, request: Request, status: str | None = None) -> Any:
