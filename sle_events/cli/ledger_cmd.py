@@ -592,3 +592,37 @@ def _save_witness_state(path: Path, origin: str, state: Any, log_vkey: str) -> N
         json.dumps({"origin": origin, "size": state.size, "root": _b64(state.root_hash), "log_vkey": log_vkey}) + "\n",
     )
     os.replace(tmp, path)
+
+
+@ledger_app.command("tiles")
+def tiles(
+    out: Path = typer.Option(..., "--out", metavar="DIR", help="folder for `checkpoint` and `tile/...`"),
+    db: str | None = DbOption,
+    entries: bool = typer.Option(
+        False, "--entries/--no-entries", help="also write the entry bundles (the signed events: study data)"
+    ),
+) -> None:
+    """Write the log as static C2SP tlog-tiles files (the latest checkpoint and every tile of its tree), to
+    serve as they are or hand to an auditor. Entries only with --entries: they are the study's events."""
+    from sle_events.ledger.log import LedgerError
+    from sle_events.ledger.tiles import TileError, write_tiles
+
+    if out.exists() and not out.is_dir():
+        fail(f"--out {out} exists and is not a folder")
+    ledger = _ledger(db, create=False)
+    try:
+        with handled(), _progress("writing tiles") as bar:
+            task = bar.add_task("tiles", total=None)
+            written = write_tiles(
+                ledger, out, entries=entries, on_progress=lambda d, t: bar.update(task, completed=d, total=t)
+            )
+    except (LedgerError, TileError) as e:
+        _refuse(str(e))
+    except OSError as e:
+        _refuse(f"cannot write {out}: {e.strerror or e}")
+    finally:
+        ledger.close()
+    write_stdout(
+        f"tree size {written.size}: {written.tiles} hash tiles, {written.bundles} entry bundles, "
+        f"{written.bytes} bytes in {out}\n"
+    )
