@@ -149,6 +149,15 @@ class Api:
         )
         return caller, study
 
+    def log_reader(self, request: Request, body: bytes) -> Caller:
+        """Entry bundles hold every study's events: only a database of one study serves them, to its readers."""
+        studies = self.other_studies("")
+        if len(studies) != 1:
+            raise Problem("forbidden", "this database holds several studies: its entry bundles are not served")
+        caller, _ = self.caller(request, str(studies[0].id), body)
+        require_role(caller, "ledger")
+        return caller
+
     # --- writing ---------------------------------------------------------------------------------------
     def append(self, study: Study, caller: Caller, body: bytes) -> tuple[int, dict[str, Any]]:
         events = self._sealed_events(body)
@@ -518,6 +527,29 @@ def create_app(
             },
         )
 
+    # ------------------------------------------------------------------- the log as C2SP tlog-tiles (one per database)
+    @app.get(
+        "/v1/log/checkpoint",
+        responses={200: {"description": "the latest signed checkpoint", "content": {"text/plain": {}}}, **_errors(404)},
+        summary="tlog-tiles: the latest checkpoint (no signature needed: hashes only)",
+    )
+    async def log_checkpoint() -> Response:
+        return await run_in_threadpool(_tile, api, None)
+
+    @app.get(
+        "/v1/log/tile/{path:path}",
+        responses={
+            200: {"description": "a hash tile or entry bundle", "content": {"application/octet-stream": {}}},
+            **_errors(401, 403, 404, 500),
+        },
+        summary="tlog-tiles: hash tiles (open) and entry bundles (signed request: the events themselves)",
+    )
+    async def log_tile(path: str, request: Request) -> Response:
+        if path.startswith("entries/"):
+            body = await body_of(request, write=False)
+            await run_in_threadpool(api.log_reader, request, body)
+        return await run_in_threadpool(_tile, api, f"tile/{path}")
+
     for prefix, sub_app in (mounts or {}).items():
         mount_sub_app(app, prefix, sub_app)
     return app
@@ -538,6 +570,22 @@ def _ledger(api: Api, fn: Callable[[Any], Any]) -> Any:
         raise Problem("ledger", str(exc)) from None
     except sa.exc.OperationalError:
         raise Problem("ledger", "this database has no ledger: run `sle ledger init`") from None
+
+
+def _tile(api: Api, path: str | None) -> Response:
+    from sle_events.ledger.log import Ledger, LedgerError
+    from sle_events.ledger.tiles import TileError, serve_checkpoint, serve_tile
+
+    try:
+        ledger = Ledger(engine=api.engine, create=False)
+        served = serve_checkpoint(ledger) if path is None else serve_tile(ledger, path)
+    except TileError as exc:
+        raise Problem("not_found", str(exc)) from None
+    except LedgerError as exc:
+        if "no ledger" in str(exc):
+            raise Problem("not_found", str(exc)) from None
+        raise Problem("ledger_damaged", str(exc)) from None
+    return Response(served.body, headers=served.headers, media_type=served.media_type)
 
 
 def _checkpoint(ledger: Any) -> dict[str, Any]:

@@ -57,6 +57,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not_found": (404, "Not found"),
     "unknown_filter": (422, "Unknown filter value"),
     "ledger": (409, "Ledger cannot answer"),
+    "ledger_damaged": (500, "Ledger tables cannot produce this resource"),
 }
 
 

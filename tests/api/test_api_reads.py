@@ -147,3 +147,45 @@ def test_ledger_checkpoint_inclusion_and_consistency(world, tmp_path):
         client.get("/ledger/inclusion")
     assert caught.value.status == 422
     ledger.close()
+
+
+def test_the_log_as_tlog_tiles(world, tmp_path):
+    """Checkpoint and hash tiles are open (hashes only); an entry bundle holds the events and needs a signature."""
+    record_subject(world, results=2)
+    http = world.http
+    assert http.get("/v1/log/checkpoint").status_code == 404  # no checkpoint yet
+    log_key = create_log_key(tmp_path / "log.key", "sle.local/test")
+    ledger = Ledger(world.url)
+    ledger.integrate()
+    checkpoint = ledger.checkpoint(log_key)
+    response = http.get("/v1/log/checkpoint")
+    assert response.status_code == 200 and response.text == checkpoint.note
+    assert response.headers["content-type"].startswith("text/plain")
+    size = checkpoint.size
+    tile = http.get(f"/v1/log/tile/0/000.p/{size}")
+    assert tile.status_code == 200 and tile.headers["content-type"] == "application/octet-stream"
+    events = [bytes(e.sealed) for s in _streams(world) for e in world.record.stream(s)]
+    hashes = {tile.content[i : i + 32] for i in range(0, len(tile.content), 32)}
+    assert hashes == {leaf_hash(e) for e in events}
+    assert http.get(f"/v1/log/tile/0/000.p/{size + 1}").status_code == 404  # not covered by the checkpoint
+    assert http.get("/v1/log/tile/0/0000").status_code == 404  # not the shortest path
+    path = f"/v1/log/tile/entries/000.p/{size}"
+    unsigned = http.get(path)
+    assert unsigned.status_code == 401
+    lab = world.client("lab").request("GET", path)
+    assert lab.status_code == 200
+    data, entries, i = lab.content, [], 0
+    while i < len(data):
+        n = int.from_bytes(data[i : i + 2], "big")
+        entries.append(data[i + 2 : i + 2 + n])
+        i += 2 + n
+    assert sorted(entries) == sorted(events)
+    ledger.close()
+
+
+def _streams(world):
+    import sqlalchemy as sa
+
+    t = world.record.table
+    with world.record.engine.connect() as conn:
+        return list(conn.execute(sa.select(t.c.originator_id).distinct()).scalars())
