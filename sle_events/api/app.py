@@ -493,12 +493,20 @@ def create_app(
         await read_caller(request, study, "verification")
         return await run_in_threadpool(_last_verification, api)
 
-    @app.get("/v1/studies/{study}/ledger/checkpoint", responses=_ok(), summary="The latest signed checkpoint")
+    @app.get(
+        "/v1/studies/{study}/ledger/checkpoint",
+        responses={**_ok(), **_errors(409)},
+        summary="The latest signed checkpoint",
+    )
     async def checkpoint(study: str, request: Request) -> Any:
         await read_caller(request, study, "ledger")
         return await run_in_threadpool(_ledger, api, lambda lg: _checkpoint(lg))
 
-    @app.get("/v1/studies/{study}/ledger/inclusion", responses=_ok(), summary="Inclusion proof for an event")
+    @app.get(
+        "/v1/studies/{study}/ledger/inclusion",
+        responses={**_ok(), **_errors(409)},
+        summary="Inclusion proof for an event",
+    )
     async def inclusion(
         study: str,
         request: Request,
@@ -509,7 +517,7 @@ def create_app(
         await read_caller(request, study, "ledger")
         return await run_in_threadpool(_ledger, api, lambda lg: _inclusion(lg, study, position, stream, version))
 
-    @app.get("/v1/studies/{study}/ledger/consistency", responses=_ok(), summary="Consistency proof")
+    @app.get("/v1/studies/{study}/ledger/consistency", responses={**_ok(), **_errors(409)}, summary="Consistency proof")
     async def consistency(
         study: str,
         request: Request,
@@ -530,7 +538,10 @@ def create_app(
     # ------------------------------------------------------------------- the log as C2SP tlog-tiles (one per database)
     @app.get(
         "/v1/log/checkpoint",
-        responses={200: {"description": "the latest signed checkpoint", "content": {"text/plain": {}}}, **_errors(404)},
+        responses={
+            200: {"description": "the latest signed checkpoint", "content": {"text/plain": {}}},
+            **_errors(404, 500),
+        },
         summary="tlog-tiles: the latest checkpoint (no signature needed: hashes only)",
     )
     async def log_checkpoint() -> Response:
