@@ -12,6 +12,8 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
+from datetime import timedelta
+from functools import partial
 from typing import Any
 from uuid import UUID
 
@@ -38,6 +40,7 @@ API_VERSION = "1"
 MAX_BODY = 16 << 20  # a 100-event batch of lab results is ~150 KiB
 MAX_BATCH = 1000
 PAGE = 100
+DEMO_CLOCK_SKEW = timedelta(days=365 * 100)
 MAX_PAGE = 1000
 
 _PROBLEM_SCHEMA = {
@@ -136,8 +139,13 @@ class Api:
             ).scalars()
             return [self.record.study(str(i)) for i in ids if str(i) != study_id]
 
-    def caller(self, request: Request, study_id: str, body: bytes) -> tuple[Caller, Study]:
-        study = self.study(study_id)
+    def caller(self, request: Request, study_id: str, body: bytes, *, write: bool = False) -> tuple[Caller, Study]:
+        try:
+            study = self.study(study_id)
+        except Problem:
+            # A new study's first batch is signed by its own trust root, which no registry holds yet.
+            if not write or (study := self._created_in(study_id, body)) is None:
+                raise
         caller = authenticate(
             method=request.method,
             url=str(request.url),
@@ -148,6 +156,26 @@ class Api:
             engine=self.engine,
         )
         return caller, study
+
+    def _created_in(self, study_id: str, body: bytes) -> Study | None:
+        """The study as the batch's first event (its `Study.Created`, version 1) creates it, if it does; append
+        then checks that creation like any other (signature, approval by an existing study's admin)."""
+        from sle_events.store.codec import domain_event_from
+
+        try:
+            first = self._sealed_events(body)[0]
+            env = first.envelope
+            if (type_name(env["type"]), env["stream"], env["study"], env["version"]) != (
+                "Study.Created",
+                study_id,
+                study_id,
+                1,
+            ):
+                return None
+            study = domain_event_from(first).mutate(None)
+        except (Problem, UnknownEventName, ValueError, TypeError, KeyError):
+            return None
+        return study if isinstance(study, Study) else None
 
     def log_reader(self, request: Request, body: bytes) -> Caller:
         """Entry bundles hold every study's events: only a database of one study serves them, to its readers."""
@@ -171,7 +199,7 @@ class Api:
                     version=e.envelope["version"],
                 )
             try:
-                names.append(type_name(e.topic))
+                names.append((type_name(e.topic), e.key))
             except UnknownEventName as exc:
                 raise Problem(
                     "unknown_event_type", str(exc), stream=e.envelope["stream"], version=e.envelope["version"]
@@ -305,9 +333,15 @@ def create_app(
     record: StudyRecord | None = None,
     max_body: int = MAX_BODY,
     mounts: Mapping[str, ASGIApp] | None = None,
+    demo_clock: bool = False,
 ) -> FastAPI:
-    """The API over the study record at `url` (or an open `record`)."""
+    """The API over the study record at `url` (or an open `record`).
+
+    `demo_clock`: accept any `recorded_at` (the demo records years of a simulated trial in minutes). Never for a
+    real study: it switches off the store's backdating check."""
     api = Api(url, record)
+    if demo_clock:
+        api.record.clock_skew = DEMO_CLOCK_SKEW
     app = FastAPI(
         title="sle-events study record API",
         version=API_VERSION,
@@ -380,7 +414,7 @@ def create_app(
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Response:
         body = await body_of(request, write=True)
-        caller, s = await run_in_threadpool(api.caller, request, study, body)
+        caller, s = await run_in_threadpool(partial(api.caller, request, study, body, write=True))
         if idempotency_key is None:
             raise Problem("idempotency_key_missing", "a write needs an Idempotency-Key header")
         digest = idem.request_hash(request.method, request.url.path, request.url.query, body)

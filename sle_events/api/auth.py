@@ -158,8 +158,10 @@ def require_role(caller: Caller, endpoint: str) -> None:
         raise Problem("forbidden", f"role {caller.role} may not read {endpoint.replace('_', ' ')}")
 
 
-def require_write(caller: Caller, study: Study, type_names: list[str]) -> None:
-    """The caller's role may record every event type of the batch, by the study's signed permission table."""
-    for name in type_names:
-        if caller.role not in study.permissions.get(name, []):
-            raise Problem("forbidden", f"role {caller.role} may not record {name} in this study")
+def require_write(caller: Caller, study: Study, events: list[tuple[str, str]]) -> None:
+    """A caller relaying events another key signed (e.g. an EDC front end) may send only types its own role may
+    record, by the study's signed permission table. Events it signed itself are left to `append`, which refuses
+    a type its role may not record as `UntrustedKey` (also 403), exactly as in process."""
+    for name, key in events:
+        if key != caller.key_id and caller.role not in study.permissions.get(name, []):
+            raise Problem("forbidden", f"role {caller.role} may not send {name} in this study (signed by key {key})")

@@ -9,12 +9,13 @@ import typer
 from sle_events.cli.common import DbOption, database_url, err, fail
 
 URL_VARIABLE = "SLE_DATABASE_URL"
+DEMO_VARIABLE = "SLE_API_DEMO_CLOCK"
 
 
 def app_from_env():  # uvicorn's factory for worker processes: each opens the database named in the environment
     from sle_events.api import create_app
 
-    return create_app(os.environ[URL_VARIABLE])
+    return create_app(os.environ[URL_VARIABLE], demo_clock=os.environ.get(DEMO_VARIABLE) == "1")
 
 
 def serve(
@@ -22,6 +23,9 @@ def serve(
     host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
     port: int = typer.Option(8000, min=1, max=65535),
     workers: int = typer.Option(1, min=1, max=64, help="worker processes (PostgreSQL only; SQLite has one writer)"),
+    demo_clock: bool = typer.Option(
+        False, "--demo-clock", help="accept any recorded_at, for `sle demo --api` only: never for a real study"
+    ),
 ) -> None:
     """Serve the study record over HTTP: signed requests, client-signed events (docs/api.md)."""
     import uvicorn
@@ -36,14 +40,17 @@ def serve(
     try:
         from sle_events.api import create_app
 
-        app = create_app(url) if workers == 1 else None
+        app = create_app(url, demo_clock=demo_clock) if workers == 1 else None
     except Exception as e:  # an unreachable or unusable database: say so, no traceback
         fail(f"cannot open the study record at {url}: {type(e).__name__}: {e}")
+    if demo_clock:
+        err.print("[red]DEMO CLOCK: recorded_at is not checked against this server's clock (backdating allowed)[/red]")
     err.print(f"serving {url.split('@')[-1]} on http://{host}:{port} with {workers} worker(s)")
     if app is not None:
         uvicorn.run(app, host=host, port=port, log_level="warning")
     else:
         os.environ[URL_VARIABLE] = url
+        os.environ[DEMO_VARIABLE] = "1" if demo_clock else "0"
         uvicorn.run(
             "sle_events.cli.serve_cmd:app_from_env",
             factory=True,
