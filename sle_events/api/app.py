@@ -144,8 +144,10 @@ class Api:
             study = self.study(study_id)
         except Problem:
             # A new study's first batch is signed by its own trust root, which no registry holds yet.
-            if not write or (study := self._created_in(study_id, body)) is None:
+            created = self._created_in(study_id, body) if write else None
+            if created is None:
                 raise
+            study = created
         caller = authenticate(
             method=request.method,
             url=str(request.url),
