@@ -19,6 +19,7 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolver, InvalidSignature, algorithms
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
+from sle_events.api.idempotency import relaxed
 from sle_events.api.problems import Problem
 from sle_events.domain.roles import (
     ADMIN,
@@ -145,6 +146,7 @@ def _refuse_replay(engine: sa.Engine, key_id: str, nonce: str, created: int, now
     horizon = int((now - MAX_AGE - CLOCK_SKEW).timestamp())
     try:
         with engine.begin() as conn:
+            relaxed(conn)
             conn.execute(api_nonces.insert().values(key_id=key_id, nonce=nonce, created=created))
             # Nonces older than any acceptable signature can go: such a request is refused by its age anyway.
             if created % 16 == 0:
