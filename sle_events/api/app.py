@@ -362,6 +362,16 @@ def create_app(
         field = ".".join(str(x) for x in first.get("loc", ()))
         return _problem_response(Problem("validation", f"{field}: {first.get('msg', 'invalid')}", field=field))
 
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A defect, never the caller's input (the schemathesis run checks that): still problem+json.
+        return _problem_response(
+            Problem(
+                "internal",
+                f"{type(exc).__name__}: the server failed (a defect); retrying with the same Idempotency-Key is safe",
+            )
+        )
+
     @app.exception_handler(StarletteHTTPException)
     async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
         kind = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type"}.get(exc.status_code)

@@ -58,6 +58,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "unknown_filter": (422, "Unknown filter value"),
     "ledger": (409, "Ledger cannot answer"),
     "ledger_damaged": (500, "Ledger tables cannot produce this resource"),
+    "internal": (500, "Internal error"),
 }
 
 
