@@ -17,6 +17,7 @@ import signal
 import socket
 import subprocess
 import sys
+import tempfile
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -60,15 +61,19 @@ def free_port() -> int:
         return int(s.getsockname()[1])
 
 
+SERVER_LOG = Path(tempfile.gettempdir()) / "bench_api_server.log"
+
+
 def start_server(url: str, workers: int) -> tuple[subprocess.Popen, str]:
     port = free_port()
     sle = str(Path(sys.executable).with_name("sle"))
-    server = subprocess.Popen(
-        [sle, "serve", "--db", url, "--port", str(port), "--workers", str(workers)],
-        stdout=subprocess.DEVNULL,
-        stderr=subprocess.DEVNULL,
-        start_new_session=True,
-    )
+    with SERVER_LOG.open("w") as log:  # the server's own errors, should any occur
+        server = subprocess.Popen(
+            [sle, "serve", "--db", url, "--port", str(port), "--workers", str(workers)],
+            stdout=log,
+            stderr=log,
+            start_new_session=True,
+        )
     base = f"http://127.0.0.1:{port}"
     for _ in range(200):
         try:

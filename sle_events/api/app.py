@@ -362,6 +362,17 @@ def create_app(
         field = ".".join(str(x) for x in first.get("loc", ()))
         return _problem_response(Problem("validation", f"{field}: {first.get('msg', 'invalid')}", field=field))
 
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.TimeoutError)
+    async def _busy(request: Request, exc: Exception) -> JSONResponse:
+        # The database refused a connection or the pool stayed full: load, not the request. Append is one
+        # transaction, and a retry with the same Idempotency-Key is safe (a stored batch gets its positions back).
+        response = _problem_response(
+            Problem("unavailable", f"the database is busy or unreachable ({type(exc).__name__})")
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
     @app.exception_handler(Exception)
     async def _bug(request: Request, exc: Exception) -> JSONResponse:
         # A defect, never the caller's input (the schemathesis run checks that): still problem+json.

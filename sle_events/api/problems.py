@@ -59,6 +59,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "ledger": (409, "Ledger cannot answer"),
     "ledger_damaged": (500, "Ledger tables cannot produce this resource"),
     "internal": (500, "Internal error"),
+    "unavailable": (503, "Database busy or unreachable"),
 }
 
 
