@@ -105,6 +105,15 @@ def _ok(schema: dict[str, Any] | None = None, status: int = 200) -> dict[int | s
     }
 
 
+def prepare_database(engine: sa.Engine) -> None:
+    """The API's own tables (revision 0012 creates them too). Several workers starting at once may race to
+    create them: whoever loses finds them there."""
+    try:
+        api_metadata.create_all(engine, checkfirst=True)
+    except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+        api_metadata.create_all(engine, checkfirst=True)
+
+
 class Api:
     """What the routes share: the study record, the read models, the ledger."""
 
@@ -112,7 +121,7 @@ class Api:
         self.record = record or StudyRecord(url)
         self.url = self.record.url
         self.engine = self.record.engine
-        api_metadata.create_all(self.engine, checkfirst=True)
+        prepare_database(self.engine)
         self._reader: Any = None
         self._reader_lock = threading.Lock()
 

@@ -41,6 +41,16 @@ def serve(
         from sle_events.api import create_app
 
         app = create_app(url, demo_clock=demo_clock) if workers == 1 else None
+        if app is None:  # the tables once, here, rather than by every worker at once
+            from sqlalchemy import create_engine
+
+            from sle_events.api.app import prepare_database
+            from sle_events.store.record import StudyRecord
+
+            StudyRecord(url).close()  # the events table, as the library creates it
+            engine = create_engine(url)
+            prepare_database(engine)
+            engine.dispose()
     except Exception as e:  # an unreachable or unusable database: say so, no traceback
         fail(f"cannot open the study record at {url}: {type(e).__name__}: {e}")
     if demo_clock:
