@@ -267,8 +267,8 @@ def _hashes(conn: Connection, level: int, start: int, count: int) -> list[bytes]
     else:
         idx = ledger_nodes.c.idx
         query = sa.select(idx, ledger_nodes.c.hash).where(ledger_nodes.c.level == TILE_HEIGHT * level)
-    rows = conn.execute(query.where(idx >= start, idx < start + count).order_by(idx)).all()
-    if len(rows) != count or any(int(i) != start + k for k, (i, _) in enumerate(rows)):
+    rows = conn.execute(query.where(idx >= start, idx < start + count).order_by(idx)).tuples().all()
+    if [i for i, _ in rows] != list(range(start, start + count)):
         raise LedgerError(
             f"ledger hashes of level {TILE_HEIGHT * level} from {start} to {start + count - 1} are missing: "
             "the ledger tables were altered; run `sle verify`"
@@ -285,30 +285,34 @@ def _entries(ledger: LedgerBase, conn: Connection, start: int, count: int) -> li
     """The leaf inputs (events' stored bytes) of leaves ``start .. start+count-1``, each checked against its
     logged leaf hash: an altered or deleted event makes the bundle unservable rather than wrong."""
     lv, ev = ledger_leaves.c, ledger.events.c
-    rows = conn.execute(
-        sa.select(lv.idx, lv.position, lv.leaf_hash, ev.state)
-        .select_from(ledger_leaves.outerjoin(ledger.events, ev.id == lv.position))
-        .where(lv.idx >= start, lv.idx < start + count)
-        .order_by(lv.idx)
-    ).all()
-    if len(rows) != count or any(int(r.idx) != start + k for k, r in enumerate(rows)):
+    rows = (
+        conn.execute(
+            sa.select(lv.idx, lv.position, lv.leaf_hash, ev.state)
+            .select_from(ledger_leaves.outerjoin(ledger.events, ev.id == lv.position))
+            .where(lv.idx >= start, lv.idx < start + count)
+            .order_by(lv.idx)
+        )
+        .tuples()
+        .all()
+    )
+    if [r[0] for r in rows] != list(range(start, start + count)):
         raise LedgerError(
             f"ledger leaves {start} to {start + count - 1} are missing: "
             "the ledger tables were altered; run `sle verify`"
         )
     out = []
-    for r in rows:
-        if r.state is None:
-            raise LedgerError(f"the event of leaf {r.idx} (log position {r.position}) is gone: run `sle verify`")
-        data = bytes(r.state)
-        if leaf_hash(data) != bytes(r.leaf_hash):
+    for idx, position, stored, state in rows:
+        if state is None:
+            raise LedgerError(f"the event of leaf {idx} (log position {position}) is gone: run `sle verify`")
+        data = bytes(state)
+        if leaf_hash(data) != bytes(stored):
             raise LedgerError(
-                f"the event at log position {r.position} no longer matches leaf {r.idx}: it was altered after "
+                f"the event at log position {position} no longer matches leaf {idx}: it was altered after "
                 "it was logged; run `sle verify`"
             )
         if len(data) > MAX_ENTRY_BYTES:
             raise EntryTooLargeError(
-                f"the event of leaf {r.idx} (log position {r.position}) has {len(data)} bytes; a tlog-tiles "
+                f"the event of leaf {idx} (log position {position}) has {len(data)} bytes; a tlog-tiles "
                 f"entry bundle carries at most {MAX_ENTRY_BYTES}"
             )
         out.append(data)
@@ -421,16 +425,19 @@ def _mth(hashes: list[bytes]) -> bytes:
     return buf
 
 
-def _check_tree(ledger: LedgerBase, conn: Connection, latest: StoredCheckpoint) -> None:
+def _check_tree(ledger: LedgerBase, conn: Connection, latest: StoredCheckpoint) -> dict[TileRef, bytes]:
     """The tiles of the checkpoint's tree agree with each other (each full tile hashes to its hash one level
-    up) and hash to the checkpoint's root: an export never publishes a checkpoint its tiles do not prove."""
+    up) and hash to the checkpoint's root: an export never publishes a checkpoint its tiles do not prove.
+    Returns the checked tiles' bytes (32 bytes per leaf and a little more)."""
     cp = latest.checkpoint  # what clients read: the signed text
     if (cp.size, cp.root_hash) != (latest.size, latest.root):
         raise LedgerError(f"checkpoint #{latest.id} differs from its own note: run `sle verify`")
     tops: dict[int, list[bytes]] = {}  # level -> the root of each full tile of the level below, in order
     partial: dict[int, tuple[int, list[bytes]]] = {}  # level -> (first index, hashes) of its partial tile
+    checked: dict[TileRef, bytes] = {}
     for batch in _read_tiles(ledger, conn, list(tiles_for_size(cp.size))):
         for ref, hashes in batch:
+            checked[ref] = b"".join(hashes)
             level = ref.level or 0
             if level:
                 expected = tops.get(level, [])[ref.start : ref.start + ref.count]
@@ -455,6 +462,7 @@ def _check_tree(ledger: LedgerBase, conn: Connection, latest: StoredCheckpoint) 
             f"the tiles of the tree of {cp.size} leaves do not hash to the checkpoint's root: the ledger tables "
             "were altered; run `sle verify`"
         )
+    return checked
 
 
 def _write_file(root: Path, rel: str, data: bytes) -> int:
@@ -482,18 +490,19 @@ def write_tiles(
     root = Path(out)
     with ledger.engine.connect() as conn:
         latest = _latest(ledger, conn)
-        _check_tree(ledger, conn, latest)  # before anything is written: never overwrite good tiles with bad ones
-        refs = list(tiles_for_size(latest.size))
-        if entries:
-            refs += [TileRef(None, r.index, r.width) for r in refs if r.level == 0]
-        done, written = 0, 0
-        for batch in _read_tiles(ledger, conn, refs):
+        hash_tiles = _check_tree(ledger, conn, latest)  # before anything is written: never overwrite good
+        bundles = [TileRef(None, r.index, r.width) for r in hash_tiles if r.level == 0] if entries else []
+        total, done, written = len(hash_tiles) + len(bundles), 0, 0
+        for ref, data in hash_tiles.items():
+            written += _write_file(root, ref.path, data)
+            done += 1
+            if on_progress is not None and (done % _CHUNK == 0 or done == len(hash_tiles)):
+                on_progress(done, total)
+        for batch in _read_tiles(ledger, conn, bundles):
             for ref, items in batch:
-                data = format_entry_bundle(items) if ref.level is None else b"".join(items)
-                written += _write_file(root, ref.path, data)
+                written += _write_file(root, ref.path, format_entry_bundle(items))
             done += len(batch)
             if on_progress is not None:
-                on_progress(done, len(refs))
+                on_progress(done, total)
     written += _write_file(root, "checkpoint", latest.note.encode("utf-8"))
-    n_bundles = sum(1 for r in refs if r.is_entries)
-    return WrittenTiles(latest.size, latest.note, len(refs) - n_bundles, n_bundles, written)
+    return WrittenTiles(latest.size, latest.note, len(hash_tiles), len(bundles), written)

@@ -45,6 +45,7 @@ from sle_events.ledger.tiles import (
 from sle_events.signing.envelope import open_sealed
 
 from conftest import execute_sql
+from ledger_vectors import load
 
 ORIGIN = "sle.local/ALLOMSC-SLE"
 
@@ -73,8 +74,8 @@ def client_path(level: int | str, n: int, width: int | None = None) -> str:
     return f"tile/{level}/{encoded}" + ("" if width is None else f".p/{width}")
 
 
-def client_open_checkpoint(note: bytes, vkey: str, origin: str) -> tuple[int, bytes]:
-    """signed-note + tlog-checkpoint: verify the log's Ed25519 signature over the text, then read it."""
+def client_verify_note(note: bytes, vkey: str) -> str:
+    """signed-note: the text, if the note carries a good Ed25519 signature by the vkey's key."""
     name, key_id_hex, key_b64 = vkey.split("+", 2)
     key = base64.b64decode(key_b64)
     assert key[0] == 0x01 and len(key) == 33, "an Ed25519 vkey"
@@ -96,7 +97,12 @@ def client_open_checkpoint(note: bytes, vkey: str, origin: str) -> tuple[int, by
                 raise TileCheckFailed("bad signature by the log key", "checkpoint") from None
     if not good:
         raise TileCheckFailed("no signature by the log key", "checkpoint")
-    lines = text.split("\n")
+    return text
+
+
+def client_open_checkpoint(note: bytes, vkey: str, origin: str) -> tuple[int, bytes]:
+    """tlog-checkpoint: origin, size and root from the signed text only."""
+    lines = client_verify_note(note, vkey).split("\n")
     if lines[0] != origin:
         raise TileCheckFailed(f"origin {lines[0]!r}", "checkpoint")
     return int(lines[1]), base64.b64decode(lines[2])
@@ -258,6 +264,15 @@ def grow(ledger: Ledger, signer: Signer, size: int) -> None:
     ledger.checkpoint(signer)
 
 
+def log_of_300(trial) -> tuple[Ledger, Signer]:
+    """The study's 4 signed events and 296 synthetic ones, checkpointed: tiles 0/000, 0/001.p/44, 1/000.p/1."""
+    add_events(trial.url, 296)
+    signer = Signer.generate(ORIGIN)
+    ledger = Ledger(trial.url)
+    grow(ledger, signer, 300)
+    return ledger, signer
+
+
 # --------------------------------------------------------------------------- paths (no database)
 
 
@@ -395,10 +410,7 @@ def test_serving_headers_and_the_checkpoint_body(trial):
 
 @pytest.mark.storage
 def test_only_tiles_covered_by_the_latest_checkpoint_are_served(trial):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     ledger.integrate()  # integrated but not checkpointed: still not served
     assert ledger.size == 300
     add_events(trial.url, 300)
@@ -430,10 +442,7 @@ def test_only_tiles_covered_by_the_latest_checkpoint_are_served(trial):
 
 @pytest.mark.storage
 def test_a_tampered_tile_is_detected_by_the_client(trial):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     fetch = served(ledger)
     TilesClient(fetch, signer.vkey).audit()
 
@@ -475,10 +484,7 @@ def test_a_tampered_tile_is_detected_by_the_client(trial):
 @pytest.mark.storage
 def test_altered_or_deleted_events_make_their_bundle_unservable(trial):
     """Hash tiles stay servable (and verify); the bundle holding the altered event is refused, never served."""
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     with ledger.engine.connect() as conn:
         positions = list(conn.execute(sa.text("select position from ledger_leaves order by idx")).scalars())
     execute_sql(
@@ -518,10 +524,7 @@ def test_an_event_too_long_for_a_bundle_is_refused_but_its_hash_is_served(trial)
 
 @pytest.mark.storage
 def test_static_export_is_a_tile_tree_the_client_verifies(trial, tmp_path):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, signer = log_of_300(trial)
     out = tmp_path / "log"
     progress: list[tuple[int, int]] = []
     written = write_tiles(ledger, out, entries=True, on_progress=lambda d, t: progress.append((d, t)))
@@ -658,10 +661,7 @@ def test_cli_writes_the_static_tile_tree(trial, tmp_path):
     ],
 )
 def test_an_export_of_altered_ledger_tables_is_refused_and_writes_nothing(trial, tmp_path, sql, problem):
-    add_events(trial.url, 296)
-    signer = Signer.generate(ORIGIN)
-    ledger = Ledger(trial.url)
-    grow(ledger, signer, 300)
+    ledger, _ = log_of_300(trial)
     out = tmp_path / "log"
     write_tiles(ledger, out)
     before = {p: p.read_bytes() for p in out.rglob("*") if p.is_file()}
@@ -669,3 +669,39 @@ def test_an_export_of_altered_ledger_tables_is_refused_and_writes_nothing(trial,
     with pytest.raises(LedgerError, match=problem):
         write_tiles(ledger, out)
     assert {p: p.read_bytes() for p in out.rglob("*") if p.is_file()} == before  # the good export is kept
+
+
+def test_the_client_verifies_the_c2sp_signed_note_example():
+    example = load("signed_note.json")["c2sp"]["signed_note_example"]
+    assert client_verify_note(example["note"].encode(), example["vkey"]) == example["expect_text"]
+    with pytest.raises(TileCheckFailed, match="bad signature"):
+        client_verify_note(example["note"].replace("example", "exemple", 1).encode(), example["vkey"])
+
+
+@pytest.mark.storage
+def test_tiles_of_the_reference_tree_give_its_published_roots(db_url):
+    """transparency-dev/merkle's reference tree (8 leaf inputs, the empty one too, and the root of every
+    prefix) logged as events: tiles, bundles and the client's roots match the published values."""
+    from sle_events.store.record import StudyRecord
+
+    ref = load("merkle_reference_tree.json")["reference_tree"]
+    leaves = [bytes.fromhex(x) for x in ref["leaf_inputs_hex"]]
+    record = StudyRecord(db_url)
+    record.close()
+    record.engine.dispose()
+    engine = sa.create_engine(db_url)
+    with engine.begin() as conn:
+        for leaf in leaves:  # one by one: ids in this order
+            row = {"originator_id": uuid.uuid4(), "originator_version": 1, "topic": "synthetic", "state": leaf}
+            conn.execute(events_table().insert(), [row])
+    engine.dispose()
+    signer = Signer.generate(ORIGIN)
+    with Ledger(db_url) as ledger:
+        for size in range(len(leaves) + 1):
+            grow(ledger, signer, size)
+            client = TilesClient(served(ledger), signer.vkey)
+            assert client.root.hex() == ref["root_hashes_hex"][size]
+            client.audit()
+            if size:
+                assert serve_tile(ledger, tile_path(0, 0, size)).body.hex() == "".join(ref["node_hashes_hex"][0][:size])
+                assert client.entries(0) == leaves[:size]
