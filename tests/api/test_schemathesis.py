@@ -27,15 +27,18 @@ from sle_events.domain.study import Study
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
 
-from conftest import count_rows
+from conftest import clean_postgres_url, count_rows
 
 ROLES = ("auditor", "coordinator", "lab")
 MAX_EXAMPLES = 15  # per operation: bounded for CI
 
 
-@pytest.fixture(scope="module")
-def api_world(tmp_path_factory):
-    url = f"sqlite:///{tmp_path_factory.mktemp('schemathesis') / 'study.db'}"
+@pytest.fixture(scope="module", params=["sqlite", "postgresql"])
+def api_world(request, tmp_path_factory):
+    if request.param == "sqlite":
+        url = f"sqlite:///{tmp_path_factory.mktemp('schemathesis') / 'study.db'}"
+    else:
+        url = clean_postgres_url()
     record = StudyRecord(url)
     now = datetime.now(UTC)
     admin = Signer.generate("admin", "admin")
@@ -59,6 +62,7 @@ def _operations(app):
     return operations
 
 
+@pytest.mark.storage
 def test_no_input_yields_a_5xx_and_a_refusal_stores_nothing(api_world):
     for operation in _operations(api_world["app"]):
 
