@@ -33,7 +33,7 @@ from sle_events.domain.study import Study
 from sle_events.schema import api_metadata
 from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_sealed, open_stored
-from sle_events.store.errors import AppendRejected, ChainBroken, UnknownStudy, VersionConflict
+from sle_events.store.errors import AppendRejected, ChainBroken, VersionConflict
 from sle_events.store.record import StudyRecord
 
 API_VERSION = "1"
@@ -123,6 +123,7 @@ class Api:
         self.engine = self.record.engine
         prepare_database(self.engine)
         self._reader: Any = None
+        self._studies: dict[str, Study] = {}  # study id -> its registry at its stream's version
         self._reader_lock = threading.Lock()
 
     def close(self) -> None:
@@ -132,11 +133,29 @@ class Api:
 
     # --- studies and callers -------------------------------------------------------------------------
     def study(self, study_id: str) -> Study:
+        """The study's registry as the database holds it now: another process (a worker, `sle study
+        revoke-key`) may have changed it, so its stream's version is asked each time and the study rebuilt when it
+        moved (a revoked key is refused from the next request on)."""
         try:
-            UUID(study_id)
-            return self.record.study(study_id)
-        except (ValueError, UnknownStudy):
+            stream = UUID(study_id)
+        except ValueError:
             raise Problem("not_found", f"there is no study {study_id} here") from None
+        t = self.record.table
+        with self.engine.connect() as conn:
+            version = conn.execute(
+                sa.select(sa.func.max(t.c.originator_version)).where(t.c.originator_id == stream)
+            ).scalar()
+        cached = self._studies.get(study_id)
+        if cached is not None and cached.version == version:
+            return cached
+        try:
+            study = self.record.get(stream)
+        except Exception:  # the library's AggregateNotFound, or a stream that is no study
+            study = None
+        if not isinstance(study, Study):
+            raise Problem("not_found", f"there is no study {study_id} here")
+        self._studies[study_id] = study
+        return study
 
     def other_studies(self, study_id: str) -> list[Study]:
         t = self.record.table
@@ -146,7 +165,8 @@ class Api:
                     t.c.topic.in_(stored_topics("Study.Created")), t.c.originator_version == 1
                 )
             ).scalars()
-            return [self.record.study(str(i)) for i in ids if str(i) != study_id]
+            others = [str(i) for i in ids if str(i) != study_id]
+        return [self.study(i) for i in others]
 
     def caller(self, request: Request, study_id: str, body: bytes, *, write: bool = False) -> tuple[Caller, Study]:
         try:

@@ -14,6 +14,7 @@ from sle_events.client import Client, sign_request
 from sle_events.domain.study import Study
 from sle_events.signing.envelope import seal
 from sle_events.signing.keys import Signer
+from sle_events.store.record import StudyRecord
 
 from conftest import count_rows
 
@@ -179,3 +180,18 @@ def test_nobody_reads_or_writes_another_study(world):
         assert (response.status_code, kind_of(response)) == (403, "other_study")
     # and its own study answers it
     assert Client("http://testserver", admin2, other.id, http=world.http).get("/keys")["study"] == str(other.id)
+
+
+def test_a_key_revoked_by_another_process_is_refused_from_the_next_request(world):
+    """The server's registry is not a stale copy: `sle study revoke-key` (another process) takes effect at once."""
+    assert world.client("lab").request("GET", keys_path(world)).status_code == 200
+    elsewhere = StudyRecord(world.url)  # another writer on the same database
+    try:
+        study = elsewhere.get(world.study.id)
+        study.revoke_key(world.signers["lab"].key_id, "interface retired", NOW)
+        elsewhere.record(study, signer=world.signers["admin"])
+    finally:
+        elsewhere.close()
+        elsewhere.engine.dispose()
+    response = world.client("lab").request("GET", keys_path(world))
+    assert (response.status_code, kind_of(response)) == (401, "key_revoked")
