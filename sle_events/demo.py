@@ -1433,9 +1433,15 @@ def run_demo(
     subjects: int = 30,
     seed: int = 20070311,
     on_progress: Callable[[int, int], None] | None = None,
+    api: Any = None,
 ) -> DemoResult:
-    """Record a synthetic trial of ``subjects`` enrolled subjects into ``record``; deterministic for ``seed``."""
+    """Record a synthetic trial of ``subjects`` enrolled subjects into ``record``; deterministic for ``seed``.
+
+    ``api``: a `sle serve` URL (or an httpx client bound to the app): every batch is first sent there, signed by its
+    signer's key, and kept in ``record`` only once the server stored it (see `send_over_http`)."""
     signers = demo_signers(key_dir)
+    if api is not None:
+        send_over_http(record, api, signers)
     sim = domain_clock.SimulatedClock(STUDY_START - timedelta(days=60))
     data_cut = (STUDY_START + timedelta(days=30 * DATA_CUT_MONTHS)).astimezone(UTC)
     store_clock = record.clock
@@ -1556,6 +1562,39 @@ def _run(
                 digest.update(json.dumps(env, sort_keys=True).encode())
     result.digest = digest.hexdigest()
     return result
+
+
+def send_over_http(record: StudyRecord, api: Any, signers: dict[str, Signer]) -> None:
+    """Route `record`'s appends through the HTTP API first: each batch is posted, signed by the key that sealed it,
+    and stored locally only once the server stored it (a refusal comes back as its `AppendRejected` class)."""
+    from sle_events.client import ApiProblem, Client
+    from sle_events.store import errors as store_errors
+
+    by_key = {s.key_id: s for s in signers.values()}
+    clients: dict[str, Client] = {}
+    local_append = record.append
+    kinds = {
+        c.kind: c
+        for c in vars(store_errors).values()
+        if isinstance(c, type) and issubclass(c, store_errors.AppendRejected)
+    }
+
+    def append(events: Sequence[Any]) -> list[int]:
+        if events:
+            env = events[0].envelope
+            key = env["key"]
+            if key not in clients:
+                base, http = (api, None) if isinstance(api, str) else ("http://testserver", api)
+                clients[key] = Client(base, by_key[key], env["study"], http=http)
+            try:
+                clients[key].append(list(events))
+            except ApiProblem as exc:
+                raise kinds.get(exc.kind, store_errors.MalformedEvent)(
+                    f"the API refused: {exc}", stream=exc.problem.get("stream"), version=exc.problem.get("version")
+                ) from None
+        return local_append(events)
+
+    record.append = append  # type: ignore[method-assign]  # this record's appends go to the server first
 
 
 def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:

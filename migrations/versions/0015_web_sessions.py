@@ -1,7 +1,7 @@
 """The web view's sign-in sessions and used sign-in nonces (`sle web link`, `sle_events/web/`).
 
 Revision ID: 0015
-Revises: 0011
+Revises: 0012
 Create Date: 2026-12-06
 """
 
@@ -9,7 +9,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0015"
-down_revision = "0011"
+down_revision = "0012"
 branch_labels = None
 depends_on = None
 

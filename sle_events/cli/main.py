@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -15,6 +17,7 @@ from sle_events.cli.common import no_record_at as _no_record_at
 from sle_events.cli.common import progress as _common_progress
 from sle_events.cli.export_cmd import export_app
 from sle_events.cli.ledger_cmd import ledger_app
+from sle_events.cli.serve_cmd import serve
 
 app = new_app(no_args_is_help=True, help="Signed, event-sourced study record.")
 
@@ -231,6 +234,9 @@ def demo(
     subjects: int = typer.Option(30, min=1, metavar="N", help="subjects to enroll (screen failures come on top)"),
     seed: int = typer.Option(20070311, metavar="S", help="random seed (same seed and keys, same trial)"),
     keys: Path = typer.Option(Path("demo-keys"), metavar="DIR", help="where the demo's private keys are kept (0600)"),
+    api: str | None = typer.Option(
+        None, "--api", metavar="URL", help="record over HTTP through `sle serve --demo-clock` at URL; --db keeps a copy"
+    ),
 ) -> None:
     """Record a synthetic trial (synthetic-cohort.md) through the trial's use cases, then verify it."""
     from sle_events.demo import run_demo
@@ -240,10 +246,15 @@ def demo(
     _refuse_a_used_database(url)
     started = time.perf_counter()
     record = StudyRecord(url)
-    with _progress("recording", err.is_terminal) as bar:
+    with _progress("recording", err.is_terminal) as bar, _server_errors(api):
         task = bar.add_task("demo", total=subjects)
         result = run_demo(
-            record, keys, subjects=subjects, seed=seed, on_progress=lambda d, t: bar.update(task, completed=d, total=t)
+            record,
+            keys,
+            subjects=subjects,
+            seed=seed,
+            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+            api=api,
         )
     record.close()
     took = time.perf_counter() - started
@@ -251,7 +262,7 @@ def demo(
     for name, count in sorted(result.events_by_type.items()):
         t.add_row(name, str(count))
     out.print(t)
-    out.print(f"{result.events} signed events in {took:.2f} s → {url}")
+    out.print(f"{result.events} signed events in {took:.2f} s → {url}" + (f" (sent through {api})" if api else ""))
     refused = ", ".join(f"{k} {v}" for k, v in sorted(result.refused_as_expected.items())) or "none"
     out.print(
         f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
@@ -270,6 +281,20 @@ def demo(
             )
         )
     raise typer.Exit(code)
+
+
+@contextmanager
+def _server_errors(api: str | None) -> Iterator[None]:
+    """`sle demo --api`: a server that cannot be reached or refuses the demo is exit 2 with why, not a traceback."""
+    if api is None:
+        yield
+        return
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPError as e:
+        fail(f"cannot reach the API at {api}: {e} (is `sle serve --demo-clock` running there?)")
 
 
 def _set_up_ledger(url: str, keys: Path) -> str:
@@ -366,6 +391,7 @@ app.add_typer(projections_app, name="projections")
 app.add_typer(web_app, name="web")
 app.command("audit-trail")(audit_trail)
 app.command("replay")(replay)
+app.command("serve")(serve)
 app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
 app.command("correct")(correct)
