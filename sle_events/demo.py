@@ -43,7 +43,7 @@ from sle_events.store.errors import AppendRejected, UntrustedKey
 from sle_events.store.record import StudyRecord
 from sle_events.trial import Trial
 
-__all__ = ["run_demo", "DemoResult", "demo_signers", "Rng"]
+__all__ = ["run_demo", "DemoResult", "demo_signers", "Rng", "setup_demo_ledger"]
 
 DEMO_NAMESPACE = UUID("5f1e7a52-9c1b-4d55-9a0e-1c9b5e0d2007")
 STUDY_START = datetime(2007, 3, 12, 9, 0, tzinfo=ZoneInfo("Asia/Shanghai"))
@@ -1539,9 +1539,15 @@ def run_demo(
     subjects: int = 30,
     seed: int = 20070311,
     on_progress: Callable[[int, int], None] | None = None,
+    api: Any = None,
 ) -> DemoResult:
-    """Record a synthetic trial of ``subjects`` enrolled subjects into ``record``; deterministic for ``seed``."""
+    """Record a synthetic trial of ``subjects`` enrolled subjects into ``record``; deterministic for ``seed``.
+
+    ``api``: a `sle serve` URL (or an httpx client bound to the app): every batch is first sent there, signed by its
+    signer's key, and kept in ``record`` only once the server stored it (see `send_over_http`)."""
     signers = demo_signers(key_dir)
+    if api is not None:
+        send_over_http(record, api, signers)
     sim = domain_clock.SimulatedClock(STUDY_START - timedelta(days=60))
     data_cut = (STUDY_START + timedelta(days=30 * DATA_CUT_MONTHS)).astimezone(UTC)
     store_clock = record.clock
@@ -1674,6 +1680,39 @@ def _run(
     return result
 
 
+def send_over_http(record: StudyRecord, api: Any, signers: dict[str, Signer]) -> None:
+    """Route `record`'s appends through the HTTP API first: each batch is posted, signed by the key that sealed it,
+    and stored locally only once the server stored it (a refusal comes back as its `AppendRejected` class)."""
+    from sle_events.client import ApiProblem, Client
+    from sle_events.store import errors as store_errors
+
+    by_key = {s.key_id: s for s in signers.values()}
+    clients: dict[str, Client] = {}
+    local_append = record.append
+    kinds = {
+        c.kind: c
+        for c in vars(store_errors).values()
+        if isinstance(c, type) and issubclass(c, store_errors.AppendRejected)
+    }
+
+    def append(events: Sequence[Any]) -> list[int]:
+        if events:
+            env = events[0].envelope
+            key = env["key"]
+            if key not in clients:
+                base, http = (api, None) if isinstance(api, str) else ("http://testserver", api)
+                clients[key] = Client(base, by_key[key], env["study"], http=http)
+            try:
+                clients[key].append(list(events))
+            except ApiProblem as exc:
+                raise kinds.get(exc.kind, store_errors.MalformedEvent)(
+                    f"the API refused: {exc}", stream=exc.problem.get("stream"), version=exc.problem.get("version")
+                ) from None
+        return local_append(events)
+
+    record.append = append  # type: ignore[method-assign]  # this record's appends go to the server first
+
+
 def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:
     """Every stream of this study: the study's and those whose first event names it, in log order."""
     import sqlalchemy as sa
@@ -1780,3 +1819,20 @@ def regulated_acts(
         trial.freeze(third, signer=dm, reason="interim analysis")
         step(24)
         trial.unlock(third, signer=dm, reason="central-lab creatinine of the last visit to be re-entered")
+
+
+# =========================================================================== the demo's ledger
+LOG_KEY_FILE = "log.key"
+
+
+def setup_demo_ledger(url: str, key_dir: Path) -> str:
+    """Give the demo record its ledger: a log key in ``key_dir`` (0600, made once), every event integrated and a
+    signed checkpoint, so a newcomer can export and prove straight away. Returns the log's vkey."""
+    from sle_events.ledger.log import Ledger, create_log_key, default_origin, load_log_key
+
+    path = key_dir / LOG_KEY_FILE
+    signer = load_log_key(path) if path.exists() else create_log_key(path, default_origin(url))
+    with Ledger(url) as ledger:
+        ledger.integrate()
+        ledger.checkpoint(signer)
+    return str(signer.vkey)

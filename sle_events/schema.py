@@ -9,10 +9,33 @@ from __future__ import annotations
 from importlib import resources
 from pathlib import Path
 
+import sqlalchemy as sa
 from sqlalchemy import MetaData
 
 # The revisions ship as the package `migrations` (in a wheel as in a checkout): found by import, not by a path.
 MIGRATIONS = Path(str(resources.files("migrations")))
+
+
+# The HTTP API's Idempotency-Key records and the request signatures it has seen (replays), per caller key.
+api_metadata = MetaData()
+api_idempotency = sa.Table(
+    "api_idempotency",
+    api_metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),  # the caller's registered key
+    sa.Column("idempotency_key", sa.String(255), primary_key=True),
+    sa.Column("request_hash", sa.String(64), nullable=False),  # SHA-256 of method, path, query and body
+    sa.Column("state", sa.String(16), nullable=False),  # in_flight | done
+    sa.Column("status", sa.Integer, nullable=True),
+    sa.Column("response", sa.LargeBinary, nullable=True),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+)
+api_nonces = sa.Table(
+    "api_nonces",
+    api_metadata,
+    sa.Column("key_id", sa.String(64), primary_key=True),
+    sa.Column("nonce", sa.String(128), primary_key=True),
+    sa.Column("created", sa.BigInteger, nullable=False, index=True),  # the signature's `created` (Unix seconds)
+)
 
 
 def target_metadata() -> MetaData:
@@ -29,8 +52,9 @@ def target_metadata() -> MetaData:
 def _extra_metadata() -> list[MetaData]:
     from sle_events.audit.results import metadata as results_metadata
     from sle_events.ledger.tables import metadata as ledger_metadata
+    from sle_events.web.tables import metadata as web_metadata
 
-    found = [ledger_metadata, results_metadata]
+    found = [ledger_metadata, results_metadata, api_metadata, web_metadata]
     try:
         from projections.schema import metadata as projection_metadata
 

@@ -2,7 +2,7 @@
 freeze, lock and unlock (projections/casebook.py). The projection fills them from event 1.
 
 Revision ID: 0013
-Revises: 0011
+Revises: 0015
 Create Date: 2026-12-06
 """
 
@@ -10,7 +10,7 @@ import sqlalchemy as sa
 from alembic import op
 
 revision = "0013"
-down_revision = "0011"
+down_revision = "0015"  # re-chained after main's 0012 → 0015 (merged 06:40)
 branch_labels = None
 depends_on = None
 

@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Iterator
+from contextlib import contextmanager
 from pathlib import Path
 from typing import Any
 
@@ -13,7 +15,9 @@ from rich.progress import Progress
 from sle_events.cli.common import DbOption, JsonOption, database_url, err, fail, new_app, out, print_json, table
 from sle_events.cli.common import no_record_at as _no_record_at
 from sle_events.cli.common import progress as _common_progress
+from sle_events.cli.export_cmd import export_app
 from sle_events.cli.ledger_cmd import ledger_app
+from sle_events.cli.serve_cmd import serve
 
 app = new_app(no_args_is_help=True, help="Signed, event-sourced study record.")
 
@@ -230,6 +234,9 @@ def demo(
     subjects: int = typer.Option(30, min=1, metavar="N", help="subjects to enroll (screen failures come on top)"),
     seed: int = typer.Option(20070311, metavar="S", help="random seed (same seed and keys, same trial)"),
     keys: Path = typer.Option(Path("demo-keys"), metavar="DIR", help="where the demo's private keys are kept (0600)"),
+    api: str | None = typer.Option(
+        None, "--api", metavar="URL", help="record over HTTP through `sle serve --demo-clock` at URL; --db keeps a copy"
+    ),
 ) -> None:
     """Record a synthetic trial (synthetic-cohort.md) through the trial's use cases, then verify it."""
     from sle_events.demo import run_demo
@@ -239,10 +246,15 @@ def demo(
     _refuse_a_used_database(url)
     started = time.perf_counter()
     record = StudyRecord(url)
-    with _progress("recording", err.is_terminal) as bar:
+    with _progress("recording", err.is_terminal) as bar, _server_errors(api):
         task = bar.add_task("demo", total=subjects)
         result = run_demo(
-            record, keys, subjects=subjects, seed=seed, on_progress=lambda d, t: bar.update(task, completed=d, total=t)
+            record,
+            keys,
+            subjects=subjects,
+            seed=seed,
+            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+            api=api,
         )
     record.close()
     took = time.perf_counter() - started
@@ -250,16 +262,48 @@ def demo(
     for name, count in sorted(result.events_by_type.items()):
         t.add_row(name, str(count))
     out.print(t)
-    out.print(f"{result.events} signed events in {took:.2f} s → {url}")
+    out.print(f"{result.events} signed events in {took:.2f} s → {url}" + (f" (sent through {api})" if api else ""))
     refused = ", ".join(f"{k} {v}" for k, v in sorted(result.refused_as_expected.items())) or "none"
     out.print(
         f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
         f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}"
     )
-    code = _verify(url, False, None)
+    vkey = _set_up_ledger(url, keys)
+    code = _verify(url, False, None, vkey=vkey)
     if code == 0:
         _build_read_models(url)
+        out.print(
+            escape(
+                f"ledger: every event integrated, a signed checkpoint; the log key is {keys / 'log.key'} and its "
+                f"vkey (give it to auditors):\n{vkey}\n"
+                f"export and check: sle export odm --type transactional --key {keys / 'data_manager.pem'} "
+                f"--out odm.xml, then sle export verify odm.xml --vkey <the vkey>"
+            )
+        )
     raise typer.Exit(code)
+
+
+@contextmanager
+def _server_errors(api: str | None) -> Iterator[None]:
+    """`sle demo --api`: a server that cannot be reached or refuses the demo is exit 2 with why, not a traceback."""
+    if api is None:
+        yield
+        return
+    import httpx
+
+    try:
+        yield
+    except httpx.HTTPError as e:
+        fail(f"cannot reach the API at {api}: {e} (is `sle serve --demo-clock` running there?)")
+
+
+def _set_up_ledger(url: str, keys: Path) -> str:
+    """The demo's ledger (`sle_events.demo.setup_demo_ledger`): a newcomer can export and prove straight away."""
+    from sle_events.demo import setup_demo_ledger
+
+    with _progress("ledger", err.is_terminal) as bar:
+        bar.add_task("integrating and signing a checkpoint", total=None)
+        return setup_demo_ledger(url, keys)
 
 
 def _refuse_a_used_database(url: str) -> None:
@@ -300,6 +344,7 @@ def _build_read_models(url: str) -> None:
 keys_app = new_app(help="Ed25519 keys of users and services.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(export_app, name="export")
 
 
 @keys_app.command("generate")
@@ -359,12 +404,15 @@ from sle_events.cli.projections_cmd import (  # noqa: E402  # sub-commands impor
     replay,
 )
 from sle_events.cli.study_cmd import correct, study_app, void  # noqa: E402  # sub-commands imported where they are attached to app
+from sle_events.cli.web_cmd import web_app  # noqa: E402  # sub-commands imported where they are attached to app
 
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(projections_app, name="projections")
+app.add_typer(web_app, name="web")
 app.command("audit-trail")(audit_trail)
 app.command("replay")(replay)
+app.command("serve")(serve)
 app.command("patients")(patients)
 app.command("dashboard")(dashboard_cmd)
 app.command("correct")(correct)

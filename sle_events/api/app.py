@@ -1,0 +1,734 @@
+"""The HTTP API: `create_app(url)` builds the FastAPI application `sle serve` runs.
+
+Writes take envelopes their signers sealed (the server never holds a user's key) and hand them to
+`StudyRecord.append`, which checks them exactly as it checks any caller's. Every request is signed (`auth`);
+every refusal is problem+json (`problems`) and stores nothing. Other ASGI apps (the web view) mount under a
+prefix of their own: `create_app(url, mounts={"/web": web_app})` or `mount_sub_app(app, "/web", web_app)`.
+"""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import threading
+from collections.abc import Callable, Mapping
+from datetime import timedelta
+from functools import partial
+from typing import Any
+from uuid import UUID
+
+import sqlalchemy as sa
+from fastapi import FastAPI, Header, Query, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse, Response
+from starlette.concurrency import run_in_threadpool
+from starlette.exceptions import HTTPException as StarletteHTTPException
+from starlette.types import ASGIApp
+
+from sle_events.api import idempotency as idem
+from sle_events.api.auth import Caller, authenticate, require_role, require_write
+from sle_events.api.problems import PROBLEM_JSON, PROBLEMS, Problem, from_rejection
+from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
+from sle_events.domain.study import Study
+from sle_events.schema import api_metadata
+from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict
+from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_sealed, open_stored
+from sle_events.store.errors import AppendRejected, ChainBroken, VersionConflict
+from sle_events.store.record import StudyRecord
+
+API_VERSION = "1"
+MAX_BODY = 16 << 20  # a 100-event batch of lab results is ~150 KiB
+MAX_BATCH = 1000
+PAGE = 100
+DEMO_CLOCK_SKEW = timedelta(days=365 * 100)
+MAX_PAGE = 1000
+
+_PROBLEM_SCHEMA = {
+    "type": "object",
+    "required": ["type", "title", "status", "detail"],
+    "properties": {
+        "type": {"type": "string"},
+        "title": {"type": "string"},
+        "status": {"type": "integer"},
+        "detail": {"type": "string"},
+        "instance": {"type": "string"},
+        "stream": {"type": "string"},
+        "version": {"type": "integer"},
+        "current_version": {"type": "integer"},
+        "current_hash": {"type": "string"},
+        "field": {"type": "string"},
+    },
+}
+_SEALED_SCHEMA = {
+    "type": "object",
+    "required": ["envelope", "signature"],
+    "properties": {"envelope": {"type": "object"}, "signature": {"type": "string"}},
+}
+_APPEND_BODY = {
+    "required": True,
+    "content": {
+        "application/json": {
+            "schema": {
+                "oneOf": [
+                    _SEALED_SCHEMA,
+                    {
+                        "type": "object",
+                        "required": ["events"],
+                        "properties": {"events": {"type": "array", "items": _SEALED_SCHEMA, "maxItems": MAX_BATCH}},
+                    },
+                ]
+            }
+        }
+    },
+}
+
+
+def _errors(*statuses: int) -> dict[int | str, dict[str, Any]]:
+    return {
+        s: {"description": "problem details (RFC 9457)", "content": {PROBLEM_JSON: {"schema": _PROBLEM_SCHEMA}}}
+        for s in statuses
+    }
+
+
+_AUTH_ERRORS = (400, 401, 403, 404, 413, 415, 422)
+_PAGE_SCHEMA = {
+    "type": "object",
+    "required": ["items", "next"],
+    "properties": {"items": {"type": "array", "items": {"type": "object"}}, "next": {"type": ["integer", "null"]}},
+}
+
+
+def _ok(schema: dict[str, Any] | None = None, status: int = 200) -> dict[int | str, dict[str, Any]]:
+    return {
+        status: {"description": "OK", "content": {"application/json": {"schema": schema or {"type": "object"}}}},
+        **_errors(*_AUTH_ERRORS),
+    }
+
+
+def prepare_database(engine: sa.Engine) -> None:
+    """The API's own tables (revision 0012 creates them too). Several workers starting at once may race to
+    create them: whoever loses finds them there."""
+    try:
+        api_metadata.create_all(engine, checkfirst=True)
+    except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
+        api_metadata.create_all(engine, checkfirst=True)
+
+
+class Api:
+    """What the routes share: the study record, the read models, the ledger."""
+
+    def __init__(self, url: str | None, record: StudyRecord | None = None) -> None:
+        self.record = record or StudyRecord(url)
+        self.url = self.record.url
+        self.engine = self.record.engine
+        prepare_database(self.engine)
+        self._reader: Any = None
+        self._studies: dict[str, Study] = {}  # study id -> its registry at its stream's version
+        self._reader_lock = threading.Lock()
+
+    def close(self) -> None:
+        if self._reader is not None:
+            self._reader.close()
+        self.record.close()
+
+    # --- studies and callers -------------------------------------------------------------------------
+    def study(self, study_id: str) -> Study:
+        """The study's registry as the database holds it now: another process (a worker, `sle study
+        revoke-key`) may have changed it, so its stream's version is asked each time and the study rebuilt when it
+        moved (a revoked key is refused from the next request on)."""
+        try:
+            stream = UUID(study_id)
+        except ValueError:
+            raise Problem("not_found", f"there is no study {study_id} here") from None
+        t = self.record.table
+        with self.engine.connect() as conn:
+            version = conn.execute(
+                sa.select(sa.func.max(t.c.originator_version)).where(t.c.originator_id == stream)
+            ).scalar()
+        cached = self._studies.get(study_id)
+        if cached is not None and cached.version == version:
+            return cached
+        try:
+            study = self.record.get(stream)
+        except Exception:  # the library's AggregateNotFound, or a stream that is no study
+            study = None
+        if not isinstance(study, Study):
+            raise Problem("not_found", f"there is no study {study_id} here")
+        self._studies[study_id] = study
+        return study
+
+    def other_studies(self, study_id: str) -> list[Study]:
+        t = self.record.table
+        with self.engine.connect() as conn:
+            ids = conn.execute(
+                sa.select(t.c.originator_id).where(
+                    t.c.topic.in_(stored_topics("Study.Created")), t.c.originator_version == 1
+                )
+            ).scalars()
+            others = [str(i) for i in ids if str(i) != study_id]
+        return [self.study(i) for i in others]
+
+    def caller(self, request: Request, study_id: str, body: bytes, *, write: bool = False) -> tuple[Caller, Study]:
+        try:
+            study = self.study(study_id)
+        except Problem:
+            # A new study's first batch is signed by its own trust root, which no registry holds yet.
+            created = self._created_in(study_id, body) if write else None
+            if created is None:
+                raise
+            study = created
+        caller = authenticate(
+            method=request.method,
+            url=str(request.url),
+            headers=request.headers,
+            body=body,
+            study=study,
+            others=lambda: self.other_studies(study_id),
+            engine=self.engine,
+        )
+        return caller, study
+
+    def _created_in(self, study_id: str, body: bytes) -> Study | None:
+        """The study as the batch's first event (its `Study.Created`, version 1) creates it, if it does; append
+        then checks that creation like any other (signature, approval by an existing study's admin)."""
+        from sle_events.store.codec import domain_event_from
+
+        try:
+            first = self._sealed_events(body)[0]
+            env = first.envelope
+            if (type_name(env["type"]), env["stream"], env["study"], env["version"]) != (
+                "Study.Created",
+                study_id,
+                study_id,
+                1,
+            ):
+                return None
+            study = domain_event_from(first).mutate(None)
+        except (Problem, UnknownEventName, ValueError, TypeError, KeyError):
+            return None
+        return study if isinstance(study, Study) else None
+
+    def log_reader(self, request: Request, body: bytes) -> Caller:
+        """Entry bundles hold every study's events: only a database of one study serves them, to its readers."""
+        studies = self.other_studies("")
+        if len(studies) != 1:
+            raise Problem("forbidden", "this database holds several studies: its entry bundles are not served")
+        caller, _ = self.caller(request, str(studies[0].id), body)
+        require_role(caller, "ledger")
+        return caller
+
+    # --- writing ---------------------------------------------------------------------------------------
+    def append(self, study: Study, caller: Caller, body: bytes) -> tuple[int, dict[str, Any]]:
+        events = self._sealed_events(body)
+        names = []
+        for e in events:
+            if e.envelope["study"] != str(study.id):
+                raise Problem(
+                    "wrong_study",
+                    f"the event names study {e.envelope['study']}; this is study {study.id}",
+                    stream=e.envelope["stream"],
+                    version=e.envelope["version"],
+                )
+            try:
+                names.append((type_name(e.topic), e.key))
+            except UnknownEventName as exc:
+                raise Problem(
+                    "unknown_event_type", str(exc), stream=e.envelope["stream"], version=e.envelope["version"]
+                ) from None
+        require_write(caller, study, names)
+        try:
+            positions = self.record.append(events)
+        except (VersionConflict, ChainBroken) as exc:
+            version, digest = self.head(UUID(exc.stream)) if exc.stream else (None, None)
+            raise from_rejection(exc, current_version=version, current_hash=digest) from None
+        except AppendRejected as exc:
+            raise from_rejection(exc) from None
+        return 201, {
+            "events": [
+                {"stream": e.envelope["stream"], "version": e.version, "position": p, "hash": e.hash}
+                for e, p in zip(events, positions, strict=True)
+            ]
+        }
+
+    @staticmethod
+    def _sealed_events(body: bytes) -> list[SealedEvent]:
+        try:
+            data = loads_strict(body)
+        except (ValueError, NotCanonicalisable, UnicodeDecodeError, RecursionError) as exc:
+            raise Problem("malformed", f"the body is not JSON without floats: {exc}") from None
+        if isinstance(data, dict) and "envelope" in data:
+            items = [data]
+        elif isinstance(data, dict) and set(data) == {"events"} and isinstance(data["events"], list):
+            items = data["events"]
+        else:
+            raise Problem(
+                "validation", 'send one sealed event {"envelope", "signature"} or {"events": [...]}', field="body"
+            )
+        if not 1 <= len(items) <= MAX_BATCH:
+            raise Problem("validation", f"a batch holds 1 to {MAX_BATCH} events, not {len(items)}", field="events")
+        out = []
+        for i, item in enumerate(items):
+            try:
+                out.append(open_sealed(canonical_json(item)))
+            except (MalformedEnvelope, NotCanonicalisable, RecursionError) as exc:
+                raise Problem("malformed", f"event {i}: {exc}", field=f"events[{i}]") from None
+        return out
+
+    def head(self, stream: UUID) -> tuple[int, str]:
+        """The stream's stored head: (version, hash), (0, genesis) for none."""
+        last = self.record.recorder.select_events(stream, desc=True, limit=1)
+        if not last:
+            return 0, "0" * 64
+        return last[0].originator_version, hashlib.sha256(last[0].state).hexdigest()
+
+    # --- reading ---------------------------------------------------------------------------------------
+    def reader(self) -> Any:
+        """The read models, caught up to the record's newest event (one reader per process, one catch-up at a
+        time)."""
+        from projections.read import StudyReader
+
+        with self._reader_lock:
+            if self._reader is None:
+                self._reader = StudyReader(self.url, catch_up=False)
+            self._reader.runner.catch_up()
+            return self._reader
+
+    def stream_page(self, study_id: str, stream: str, after: int, limit: int) -> dict[str, Any]:
+        try:
+            stream_id = UUID(stream)
+        except ValueError:
+            raise Problem("not_found", f"there is no stream {stream}") from None
+        t = self.record.table
+        with self.engine.connect() as conn:
+            first = conn.execute(
+                sa.select(t.c.state).where(t.c.originator_id == stream_id, t.c.originator_version == 1)
+            ).scalar()
+            if first is None or open_stored(bytes(first)).envelope["study"] != study_id:
+                raise Problem("not_found", f"study {study_id} has no stream {stream}")
+            rows = conn.execute(
+                sa.select(t.c.id, t.c.state)
+                .where(t.c.originator_id == stream_id, t.c.id > after)
+                .order_by(t.c.id)
+                .limit(limit + 1)
+            ).all()
+        version, digest = self.head(stream_id)
+        items = [{"position": r.id, **json.loads(bytes(r.state))} for r in rows[:limit]]
+        return {
+            "stream": stream,
+            "version": version,
+            "hash": digest,
+            "items": items,
+            "next": rows[limit - 1].id if len(rows) > limit else None,
+        }
+
+    def keys(self, study: Study) -> dict[str, Any]:
+        return {
+            "study": str(study.id),
+            "items": [{**entry, "key": kid} for kid, entry in sorted(study.keys.items())],
+        }
+
+
+def _page(rows: list[dict[str, Any]], after: int, limit: int, key: str = "position") -> dict[str, Any]:
+    """Rows after log position `after`, at most `limit` whole positions' worth (a position's rows stay together)."""
+    rows = [r for r in rows if (r.get(key) or 0) > after]
+    out: list[dict[str, Any]] = []
+    positions: list[int] = []
+    for r in rows:
+        p = r.get(key) or 0
+        if not positions or positions[-1] != p:
+            if len(positions) == limit:
+                return {"items": _jsonable(out), "next": positions[-1]}
+            positions.append(p)
+        out.append(r)
+    return {"items": _jsonable(out), "next": None}
+
+
+def _jsonable(value: Any) -> Any:
+    return json.loads(json.dumps(value, default=str))
+
+
+def _problem_response(problem: Problem, instance: str | None = None) -> JSONResponse:
+    return JSONResponse(problem.body(instance), status_code=problem.status, media_type=PROBLEM_JSON)
+
+
+def mount_sub_app(app: FastAPI, prefix: str, sub_app: ASGIApp) -> None:
+    """Mount another ASGI app (e.g. the web view) under `prefix`; the API's routes stay under /v1."""
+    if not prefix.startswith("/") or prefix.startswith("/v1"):
+        raise ValueError(f"mount prefix {prefix!r} must start with / and not be the API's /v1")
+    app.mount(prefix, sub_app)
+
+
+def create_app(
+    url: str | None = None,
+    *,
+    record: StudyRecord | None = None,
+    max_body: int = MAX_BODY,
+    mounts: Mapping[str, ASGIApp] | None = None,
+    demo_clock: bool = False,
+) -> FastAPI:
+    """The API over the study record at `url` (or an open `record`).
+
+    `demo_clock`: accept any `recorded_at` (the demo records years of a simulated trial in minutes). Never for a
+    real study: it switches off the store's backdating check."""
+    api = Api(url, record)
+    if demo_clock:
+        api.record.clock_skew = DEMO_CLOCK_SKEW
+    app = FastAPI(
+        title="sle-events study record API",
+        version=API_VERSION,
+        description="Signed study events over HTTP: RFC 9421 request signatures, problem+json errors. See docs/api.md.",
+    )
+    app.state.api = api
+    app.router.add_event_handler("shutdown", api.close)
+
+    @app.exception_handler(Problem)
+    async def _problem(request: Request, exc: Problem) -> JSONResponse:
+        return _problem_response(exc, request.url.path)
+
+    @app.exception_handler(RequestValidationError)
+    async def _invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+        first = exc.errors()[0] if exc.errors() else {}
+        field = ".".join(str(x) for x in first.get("loc", ()))
+        return _problem_response(Problem("validation", f"{field}: {first.get('msg', 'invalid')}", field=field))
+
+    @app.exception_handler(sa.exc.OperationalError)
+    @app.exception_handler(sa.exc.TimeoutError)
+    async def _busy(request: Request, exc: Exception) -> JSONResponse:
+        # The database refused a connection or the pool stayed full: load, not the request. Append is one
+        # transaction, and a retry with the same Idempotency-Key is safe (a stored batch gets its positions back).
+        response = _problem_response(
+            Problem("unavailable", f"the database is busy or unreachable ({type(exc).__name__})")
+        )
+        response.headers["Retry-After"] = "1"
+        return response
+
+    @app.exception_handler(Exception)
+    async def _bug(request: Request, exc: Exception) -> JSONResponse:
+        # A defect, never the caller's input (the schemathesis run checks that): still problem+json.
+        return _problem_response(
+            Problem(
+                "internal",
+                f"{type(exc).__name__}: the server failed (a defect); retrying with the same Idempotency-Key is safe",
+            )
+        )
+
+    @app.exception_handler(StarletteHTTPException)
+    async def _http(request: Request, exc: StarletteHTTPException) -> JSONResponse:
+        kind = {404: "not_found", 413: "payload_too_large", 415: "unsupported_media_type"}.get(exc.status_code)
+        if kind is None:
+            body = {
+                "type": "about:blank",
+                "title": str(exc.detail),
+                "status": exc.status_code,
+                "detail": str(exc.detail),
+            }
+            return JSONResponse(body, status_code=exc.status_code, media_type=PROBLEM_JSON)
+        return _problem_response(Problem(kind, str(exc.detail)))
+
+    async def body_of(request: Request, *, write: bool) -> bytes:
+        declared = request.headers.get("content-length")
+        if declared is not None and declared.isdigit() and int(declared) > max_body:
+            raise Problem("payload_too_large", f"the body has {int(declared):,} bytes; the limit is {max_body:,}")
+        chunks, size = [], 0
+        async for chunk in request.stream():
+            size += len(chunk)
+            if size > max_body:
+                raise Problem("payload_too_large", f"the body exceeds the limit of {max_body:,} bytes")
+            chunks.append(chunk)
+        body = b"".join(chunks)
+        media = request.headers.get("content-type", "").split(";")[0].strip().lower()
+        if write and media != "application/json":
+            raise Problem("unsupported_media_type", f"send application/json, not {media or 'no content type'}")
+        if not write and body:
+            raise Problem("validation", "a read takes no body", field="body")
+        return body
+
+    async def read_caller(request: Request, study: str, endpoint: str) -> tuple[Caller, Study]:
+        body = await body_of(request, write=False)
+        caller, s = await run_in_threadpool(api.caller, request, study, body)
+        require_role(caller, endpoint)
+        return caller, s
+
+    # --------------------------------------------------------------------------------------------- writes
+    @app.post(
+        "/v1/studies/{study}/events",
+        status_code=201,
+        responses={
+            **_ok({"type": "object", "required": ["events"], "properties": {"events": {"type": "array"}}}, 201),
+            **_errors(409, 422),
+        },
+        openapi_extra={"requestBody": _APPEND_BODY},
+        summary="Append one sealed event or a batch (all or nothing)",
+    )
+    async def append_events(
+        study: str,
+        request: Request,
+        idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
+    ) -> Response:
+        body = await body_of(request, write=True)
+        caller, s = await run_in_threadpool(partial(api.caller, request, study, body, write=True))
+        if idempotency_key is None:
+            raise Problem("idempotency_key_missing", "a write needs an Idempotency-Key header")
+        digest = idem.request_hash(request.method, request.url.path, request.url.query, body)
+        stored = await run_in_threadpool(idem.claim, api.engine, caller.key_id, idempotency_key, digest)
+        if stored is not None:
+            status, data = stored
+            return Response(data, status_code=status, media_type="application/json" if status < 400 else PROBLEM_JSON)
+        try:
+            status, payload = await run_in_threadpool(api.append, s, caller, body)
+        except Problem as p:
+            status, payload = p.status, p.body(request.url.path)
+        except BaseException:
+            await run_in_threadpool(idem.release, api.engine, caller.key_id, idempotency_key)
+            raise
+        data = json.dumps(payload).encode()
+        await run_in_threadpool(idem.finish, api.engine, caller.key_id, idempotency_key, status, data)
+        return Response(data, status_code=status, media_type="application/json" if status < 400 else PROBLEM_JSON)
+
+    # --------------------------------------------------------------------------------------------- reads
+    After = Query(0, ge=0, le=2**62, description="cursor: the log position after which to start")
+    Limit = Query(PAGE, ge=1, le=MAX_PAGE)
+
+    @app.get("/v1/studies/{study}/streams/{stream}", responses=_ok(), summary="A stream's sealed events")
+    async def stream_events(study: str, stream: str, request: Request, after: int = After, limit: int = Limit) -> Any:
+        await read_caller(request, study, "stream")
+        return await run_in_threadpool(api.stream_page, study, stream, after, limit)
+
+    @app.get("/v1/studies/{study}/keys", responses=_ok(), summary="The study's key registry")
+    async def keys(study: str, request: Request) -> Any:
+        _, s = await read_caller(request, study, "keys")
+        return api.keys(s)
+
+    def _reading(fn: Callable[[Any], Any]) -> Any:
+        from projections.read import UnknownFilter
+        from projections.replay import SubjectNotFound
+
+        try:
+            return _jsonable(fn(api.reader()))
+        except UnknownFilter as exc:
+            raise Problem("unknown_filter", str(exc)) from None
+        except SubjectNotFound as exc:
+            raise Problem("not_found", str(exc)) from None
+        except ValueError as exc:  # a time that is not ISO 8601 with an offset, and the like
+            raise Problem("validation", str(exc)) from None
+
+    @app.get("/v1/studies/{study}/patients", responses=_ok(_PAGE_SCHEMA), summary="Every subject's patient state")
+    async def patients(study: str, request: Request, status: str | None = None) -> Any:
+        await read_caller(request, study, "patients")
+        rows = await run_in_threadpool(_reading, lambda r: r.patients(status=status))
+        return {"items": [r for r in rows if r.get("study") in (None, study)], "next": None}
+
+    @app.get("/v1/studies/{study}/patients/{subject}", responses=_ok(), summary="One subject's patient state")
+    async def patient(study: str, subject: str, request: Request) -> Any:
+        await read_caller(request, study, "patients")
+        row = await run_in_threadpool(_reading, lambda r: r.patient(subject))
+        if row.get("study") not in (None, study):
+            raise Problem("not_found", f"study {study} has no subject {subject}")
+        return row
+
+    @app.get("/v1/studies/{study}/dashboard", responses=_ok(), summary="The study dashboard")
+    async def dashboard(study: str, request: Request) -> Any:
+        await read_caller(request, study, "dashboard")
+        return await run_in_threadpool(_reading, lambda r: r.dashboard())
+
+    @app.get("/v1/studies/{study}/patients/{subject}/as-of", responses=_ok(), summary="As-of replay")
+    async def replay(
+        study: str,
+        subject: str,
+        request: Request,
+        recorded: str | None = Query(None, description="as the record stood at this instant (ISO 8601)"),
+        occurred: str | None = Query(None, description="as true in the clinic at this instant (ISO 8601)"),
+    ) -> Any:
+        await read_caller(request, study, "replay")
+        state = await run_in_threadpool(_reading, lambda r: r.replay(subject, as_of=recorded, occurred_as_of=occurred))
+        if state.get("study") not in (None, study):
+            raise Problem("not_found", f"study {study} has no subject {subject}")
+        return state
+
+    @app.get("/v1/studies/{study}/audit-trail", responses=_ok(_PAGE_SCHEMA), summary="The audit trail")
+    async def audit_trail(
+        study: str,
+        request: Request,
+        subject: str | None = None,
+        stream: str | None = None,
+        user: str | None = None,
+        event_type: str | None = None,
+        since: str | None = None,
+        until: str | None = None,
+        change: str | None = None,
+        after: int = After,
+        limit: int = Limit,
+    ) -> Any:
+        await read_caller(request, study, "audit_trail")
+        rows = await run_in_threadpool(
+            _reading,
+            lambda r: r.audit_trail(
+                subject=subject,
+                stream=stream,
+                user=user,
+                event_type=event_type,
+                since=since,
+                until=until,
+                change=change,
+            ),
+        )
+        return _page([r for r in rows if r.get("study") in (None, study)], after, limit)
+
+    @app.get("/v1/studies/{study}/verification", responses=_ok(), summary="The last verification result")
+    async def verification(study: str, request: Request) -> Any:
+        await read_caller(request, study, "verification")
+        return await run_in_threadpool(_last_verification, api)
+
+    @app.get(
+        "/v1/studies/{study}/ledger/checkpoint",
+        responses={**_ok(), **_errors(409)},
+        summary="The latest signed checkpoint",
+    )
+    async def checkpoint(study: str, request: Request) -> Any:
+        await read_caller(request, study, "ledger")
+        return await run_in_threadpool(_ledger, api, lambda lg: _checkpoint(lg))
+
+    @app.get(
+        "/v1/studies/{study}/ledger/inclusion",
+        responses={**_ok(), **_errors(409)},
+        summary="Inclusion proof for an event",
+    )
+    async def inclusion(
+        study: str,
+        request: Request,
+        position: int | None = Query(None, ge=1, le=2**62),
+        stream: str | None = None,
+        version: int | None = Query(None, ge=1, le=2**31),
+    ) -> Any:
+        await read_caller(request, study, "ledger")
+        return await run_in_threadpool(_ledger, api, lambda lg: _inclusion(lg, study, position, stream, version))
+
+    @app.get("/v1/studies/{study}/ledger/consistency", responses={**_ok(), **_errors(409)}, summary="Consistency proof")
+    async def consistency(
+        study: str,
+        request: Request,
+        old_size: int = Query(..., ge=1, le=2**62),
+        new_size: int | None = Query(None, ge=1, le=2**62),
+    ) -> Any:
+        await read_caller(request, study, "ledger")
+        return await run_in_threadpool(
+            _ledger,
+            api,
+            lambda lg: {
+                "old_size": old_size,
+                "new_size": new_size or lg.size,
+                "hashes": [_b64(h) for h in lg.consistency_proof(old_size, new_size)],
+            },
+        )
+
+    # ------------------------------------------------------------------- the log as C2SP tlog-tiles (one per database)
+    @app.get(
+        "/v1/log/checkpoint",
+        responses={
+            200: {"description": "the latest signed checkpoint", "content": {"text/plain": {}}},
+            **_errors(404, 500),
+        },
+        summary="tlog-tiles: the latest checkpoint (no signature needed: hashes only)",
+    )
+    async def log_checkpoint() -> Response:
+        return await run_in_threadpool(_tile, api, None)
+
+    @app.get(
+        "/v1/log/tile/{path:path}",
+        responses={
+            200: {"description": "a hash tile or entry bundle", "content": {"application/octet-stream": {}}},
+            **_errors(401, 403, 404, 500),
+        },
+        summary="tlog-tiles: hash tiles (open) and entry bundles (signed request: the events themselves)",
+    )
+    async def log_tile(path: str, request: Request) -> Response:
+        if path.startswith("entries/"):
+            body = await body_of(request, write=False)
+            await run_in_threadpool(api.log_reader, request, body)
+        return await run_in_threadpool(_tile, api, f"tile/{path}")
+
+    for prefix, sub_app in (mounts or {}).items():
+        mount_sub_app(app, prefix, sub_app)
+    return app
+
+
+def _b64(data: bytes) -> str:
+    import base64
+
+    return base64.b64encode(data).decode("ascii")
+
+
+def _ledger(api: Api, fn: Callable[[Any], Any]) -> Any:
+    from sle_events.ledger.log import Ledger, LedgerError
+
+    try:
+        return fn(Ledger(engine=api.engine, create=False))
+    except LedgerError as exc:
+        raise Problem("ledger", str(exc)) from None
+    except sa.exc.OperationalError:
+        raise Problem("ledger", "this database has no ledger: run `sle ledger init`") from None
+
+
+def _tile(api: Api, path: str | None) -> Response:
+    from sle_events.ledger.log import Ledger, LedgerError
+    from sle_events.ledger.tiles import TileError, serve_checkpoint, serve_tile
+
+    try:
+        ledger = Ledger(engine=api.engine, create=False)
+        served = serve_checkpoint(ledger) if path is None else serve_tile(ledger, path)
+    except TileError as exc:
+        raise Problem("not_found", str(exc)) from None
+    except LedgerError as exc:
+        if "no ledger" in str(exc):
+            raise Problem("not_found", str(exc)) from None
+        raise Problem("ledger_damaged", str(exc)) from None
+    return Response(served.body, headers=served.headers, media_type=served.media_type)
+
+
+def _checkpoint(ledger: Any) -> dict[str, Any]:
+    from sle_events.ledger.log import LedgerError
+
+    latest = ledger.latest_checkpoint()
+    if latest is None:
+        raise LedgerError("no checkpoint has been issued yet: run `sle ledger checkpoint`")
+    return {"size": latest.size, "root": _b64(latest.root), "note": latest.note, "issued_at": str(latest.issued_at)}
+
+
+def _inclusion(ledger: Any, study: str, position: int | None, stream: str | None, version: int | None) -> Any:
+    if (position is None) == (stream is None or version is None):
+        raise Problem("validation", "give position, or stream and version", field="position")
+    if position is None:
+        try:
+            position = ledger.position_of(stream, version)
+        except ValueError:
+            raise Problem("validation", f"stream {stream!r} is not a UUID", field="stream") from None
+    proof = ledger.inclusion_proof(position)
+    leaf = proof.leaf_bytes or b""
+    if leaf and open_stored(leaf).envelope["study"] != study:
+        raise Problem("not_found", f"study {study} has no event at log position {position}")
+    return {
+        "index": proof.index,
+        "position": proof.position,
+        "size": proof.size,
+        "hashes": [_b64(h) for h in proof.hashes],
+        "checkpoint": proof.checkpoint,
+        "proof": proof.text,
+        "leaf": _b64(leaf),
+    }
+
+
+def _last_verification(api: Api) -> dict[str, Any]:
+    from projections.audit_trail import last_verification
+
+    try:
+        with api.engine.connect() as conn:
+            last = last_verification(conn)
+    except sa.exc.SQLAlchemyError:
+        last = None
+    if last is None:
+        return {"run_at": None, "ok": None, "findings": 0, "unverifiable": None}
+    findings = sum(len(v) for v in last["findings_by_position"].values())
+    return {"run_at": last["run_at"], "ok": last["ok"], "findings": findings, "unverifiable": last["unverifiable"]}
+
+
+assert all(k in PROBLEMS for k in ("malformed", "wrong_study", "unknown_event_type"))

@@ -1,0 +1,169 @@
+"""Who is calling: RFC 9421 HTTP Message Signatures (Ed25519) by a key the study registered, and what that key's
+role may do.
+
+A request is signed over `@method`, `@path`, `@query` (and, with a body, `content-type` and `content-digest`,
+RFC 9530) with the parameters `created`, `keyid` (the registered key id), `alg="ed25519"` and a `nonce`; it is
+accepted for `MAX_AGE` after `created`, and a (key, nonce) pair only once (kept in the database, so every worker
+refuses a replay). The verification itself is `http-message-signatures`'."""
+
+from __future__ import annotations
+
+from collections.abc import Callable
+from dataclasses import dataclass
+from datetime import UTC, datetime, timedelta
+from typing import Any
+
+import sqlalchemy as sa
+import sqlalchemy.exc
+from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
+from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolver, InvalidSignature, algorithms
+from http_message_signatures.exceptions import HTTPMessageSignaturesException
+
+from sle_events.api.idempotency import relaxed
+from sle_events.api.problems import Problem
+from sle_events.domain.roles import (
+    ADMIN,
+    AUDITOR,
+    COORDINATOR,
+    DATA_MANAGER,
+    INVESTIGATOR,
+    LAB,
+    MONITOR,
+    SPONSOR,
+)
+from sle_events.domain.study import Study
+from sle_events.schema import api_nonces
+
+MAX_AGE = timedelta(minutes=5)
+CLOCK_SKEW = timedelta(seconds=30)
+READ_COMPONENTS = ("@method", "@path", "@query")
+WRITE_COMPONENTS = (*READ_COMPONENTS, "content-type", "content-digest")
+
+# Reads: endpoint -> roles that may call it (writes follow the study's signed permission table instead).
+EVERYONE = frozenset({ADMIN, INVESTIGATOR, COORDINATOR, LAB, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR})
+CLINICAL_READERS = frozenset({ADMIN, INVESTIGATOR, COORDINATOR, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR})
+READ_ROLES: dict[str, frozenset[str]] = {
+    "stream": EVERYONE,  # a writer needs its stream's head (version, hash)
+    "keys": EVERYONE,
+    "ledger": EVERYONE,
+    "patients": frozenset(CLINICAL_READERS | {LAB}),  # a lab service finds its subject by screening number
+    "dashboard": CLINICAL_READERS,
+    "replay": CLINICAL_READERS,
+    "audit_trail": frozenset({ADMIN, INVESTIGATOR, COORDINATOR, MONITOR, AUDITOR, DATA_MANAGER}),
+    "verification": frozenset({ADMIN, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR}),
+}
+
+
+@dataclass(frozen=True)
+class Caller:
+    key_id: str
+    actor: str
+    role: str
+    study: str
+
+
+class _Message:
+    """What `http-message-signatures` reads of a request."""
+
+    def __init__(self, method: str, url: str, headers: Any) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+
+
+class _StudyKeys(HTTPSignatureKeyResolver):
+    """Resolves a `keyid` in the registries of the studies given, first match; remembers why a key is unusable."""
+
+    def __init__(self, study: Study, others: Callable[[], list[Study]]) -> None:
+        self.study = study
+        self.others = others  # looked at only for a key the study does not hold
+        self.found: tuple[Study, dict[str, Any]] | None = None
+        self.problem: Problem | None = None
+
+    def resolve_public_key(self, key_id: str) -> Ed25519PublicKey | None:
+        for study in [self.study] if key_id in self.study.keys else [self.study, *self.others()]:
+            entry = study.keys.get(key_id)
+            if entry is None:
+                continue
+            if entry["status"] == "revoked":
+                self.problem = Problem("key_revoked", f"key {key_id} was revoked")
+                return None
+            if entry["status"] == "rotated":
+                self.problem = Problem("key_rotated", f"key {key_id} was rotated out; sign with its successor")
+                return None
+            self.found = (study, entry)
+            return Ed25519PublicKey.from_public_bytes(study.public_key(key_id))
+        self.problem = Problem("key_unknown", f"key {key_id} is not registered in this study")
+        return None
+
+    def resolve_private_key(self, key_id: str) -> Any:  # pragma: no cover - the server never signs
+        raise NotImplementedError
+
+
+class _Verifier(HTTPMessageVerifier):
+    max_clock_skew = CLOCK_SKEW
+
+
+def authenticate(
+    *,
+    method: str,
+    url: str,
+    headers: Any,
+    body: bytes,
+    study: Study,
+    others: Callable[[], list[Study]],
+    engine: sa.Engine,
+    now: datetime | None = None,
+) -> Caller:
+    """The registered key that signed this request, or a 401/403 `Problem`."""
+    if "signature-input" not in headers or "signature" not in headers:
+        raise Problem("signature_missing", "sign the request (RFC 9421, Ed25519, keyid = your registered key id)")
+    keys = _StudyKeys(study, others)
+    verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=keys)
+    required = WRITE_COMPONENTS if body else READ_COMPONENTS
+    try:
+        results = verifier.verify(
+            _Message(method, url, headers), max_age=MAX_AGE, require_components=required, body=body or None
+        )
+    except (InvalidSignature, HTTPMessageSignaturesException, ValueError) as exc:
+        if keys.problem is not None:
+            raise keys.problem from None
+        raise Problem("signature_invalid", f"request signature does not verify: {exc}") from None
+    params = results[0].parameters
+    nonce = params.get("nonce")
+    if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:
+        raise Problem("signature_invalid", "the signature needs a nonce parameter (8 to 128 characters)")
+    assert keys.found is not None  # verified, so the resolver found the key
+    home, entry = keys.found
+    key_id = str(params["keyid"])
+    _refuse_replay(engine, key_id, nonce, int(params["created"]), now or datetime.now(UTC))
+    if home is not study:
+        raise Problem("other_study", f"key {key_id} belongs to another study; nobody reads or writes another study")
+    return Caller(key_id=key_id, actor=entry["actor"], role=entry["role"], study=str(study.id))
+
+
+def _refuse_replay(engine: sa.Engine, key_id: str, nonce: str, created: int, now: datetime) -> None:
+    horizon = int((now - MAX_AGE - CLOCK_SKEW).timestamp())
+    try:
+        with engine.begin() as conn:
+            relaxed(conn)
+            conn.execute(api_nonces.insert().values(key_id=key_id, nonce=nonce, created=created))
+            # Nonces older than any acceptable signature can go: such a request is refused by its age anyway.
+            if created % 16 == 0:
+                conn.execute(api_nonces.delete().where(api_nonces.c.created < horizon))
+    except sqlalchemy.exc.IntegrityError:
+        raise Problem("replay", f"nonce {nonce!r} of key {key_id} was already used: a replayed request") from None
+
+
+def require_role(caller: Caller, endpoint: str) -> None:
+    if caller.role not in READ_ROLES[endpoint]:
+        raise Problem("forbidden", f"role {caller.role} may not read {endpoint.replace('_', ' ')}")
+
+
+def require_write(caller: Caller, study: Study, events: list[tuple[str, str]]) -> None:
+    """A caller relaying events another key signed (e.g. an EDC front end) may send only types its own role may
+    record, by the study's signed permission table. Events it signed itself are left to `append`, which refuses
+    a type its role may not record as `UntrustedKey` (also 403), exactly as in process."""
+    for name, key in events:
+        if key != caller.key_id and caller.role not in study.permissions.get(name, []):
+            raise Problem("forbidden", f"role {caller.role} may not send {name} in this study (signed by key {key})")

@@ -1,0 +1,71 @@
+"""`sle serve`: the HTTP API (sle_events.api) under uvicorn."""
+
+from __future__ import annotations
+
+import os
+
+import typer
+
+from sle_events.cli.common import DbOption, database_url, err, fail
+
+URL_VARIABLE = "SLE_DATABASE_URL"
+DEMO_VARIABLE = "SLE_API_DEMO_CLOCK"
+
+
+def app_from_env():  # uvicorn's factory for worker processes: each opens the database named in the environment
+    from sle_events.api import create_app
+
+    return create_app(os.environ[URL_VARIABLE], demo_clock=os.environ.get(DEMO_VARIABLE) == "1")
+
+
+def serve(
+    db: str | None = DbOption,
+    host: str = typer.Option("127.0.0.1", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(8000, min=1, max=65535),
+    workers: int = typer.Option(1, min=1, max=64, help="worker processes (PostgreSQL only; SQLite has one writer)"),
+    demo_clock: bool = typer.Option(
+        False, "--demo-clock", help="accept any recorded_at, for `sle demo --api` only: never for a real study"
+    ),
+) -> None:
+    """Serve the study record over HTTP: signed requests, client-signed events (docs/api.md)."""
+    import uvicorn
+
+    url = database_url(db)
+    if url.startswith("sqlite") and workers > 1:
+        err.print(
+            f"[yellow]SQLite has a single writer: serving with 1 worker process, not {workers} "
+            "(use PostgreSQL for more)[/yellow]"
+        )
+        workers = 1
+    try:
+        from sle_events.api import create_app
+
+        app = create_app(url, demo_clock=demo_clock) if workers == 1 else None
+        if app is None:  # the tables once, here, rather than by every worker at once
+            from sqlalchemy import create_engine
+
+            from sle_events.api.app import prepare_database
+            from sle_events.store.record import StudyRecord
+
+            StudyRecord(url).close()  # the events table, as the library creates it
+            engine = create_engine(url)
+            prepare_database(engine)
+            engine.dispose()
+    except Exception as e:  # an unreachable or unusable database: say so, no traceback
+        fail(f"cannot open the study record at {url}: {type(e).__name__}: {e}")
+    if demo_clock:
+        err.print("[red]DEMO CLOCK: recorded_at is not checked against this server's clock (backdating allowed)[/red]")
+    err.print(f"serving {url.split('@')[-1]} on http://{host}:{port} with {workers} worker(s)")
+    if app is not None:
+        uvicorn.run(app, host=host, port=port, log_level="warning")
+    else:
+        os.environ[URL_VARIABLE] = url
+        os.environ[DEMO_VARIABLE] = "1" if demo_clock else "0"
+        uvicorn.run(
+            "sle_events.cli.serve_cmd:app_from_env",
+            factory=True,
+            host=host,
+            port=port,
+            workers=workers,
+            log_level="warning",
+        )

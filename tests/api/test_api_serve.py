@@ -1,0 +1,121 @@
+"""`sle serve` as a real server: several worker processes on PostgreSQL serialise appends in the database (two
+clients racing on one subject: exactly one 201 and one 409); SQLite runs one writer and says so."""
+
+from __future__ import annotations
+
+import os
+import signal
+import socket
+import subprocess
+import sys
+import time
+from concurrent.futures import ThreadPoolExecutor
+from datetime import UTC, datetime, timedelta
+from pathlib import Path
+
+import httpx
+import pytest
+
+from sle_events.client import ApiProblem, Client
+from sle_events.domain.study import Study
+from sle_events.domain.subject import Subject
+from sle_events.signing.envelope import seal
+from sle_events.signing.keys import Signer
+from sle_events.store.codec import envelope_for
+from sle_events.store.record import StudyRecord
+
+from conftest import STUDY_CONFIG, clean_postgres_url, count_rows
+
+pytestmark = pytest.mark.storage
+SLE = str(Path(sys.executable).with_name("sle"))
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return int(s.getsockname()[1])
+
+
+def start(url: str, port: int, workers: int) -> subprocess.Popen:
+    server = subprocess.Popen(
+        [SLE, "serve", "--db", url, "--port", str(port), "--workers", str(workers)],
+        stdout=subprocess.PIPE,
+        stderr=subprocess.PIPE,
+        text=True,
+        env={**os.environ, "COLUMNS": "200"},
+        start_new_session=True,
+    )
+    deadline = time.monotonic() + 60
+    while time.monotonic() < deadline:
+        try:
+            httpx.get(f"http://127.0.0.1:{port}/v1/log/checkpoint", timeout=1)
+            return server
+        except httpx.HTTPError:
+            if server.poll() is not None:
+                raise AssertionError(server.stderr.read() if server.stderr else "server exited") from None
+            time.sleep(0.3)
+    stop(server)
+    raise AssertionError("sle serve did not answer within 60 s")
+
+
+def stop(server: subprocess.Popen) -> str:
+    os.killpg(server.pid, signal.SIGTERM)  # the server and its worker processes, which it started
+    _, err = server.communicate(timeout=30)
+    return err
+
+
+def test_two_clients_racing_on_one_subject_over_several_workers(tmp_path):
+    url = clean_postgres_url()
+    now = datetime.now(UTC)
+    admin = Signer.generate("admin", "admin")
+    coordinator = Signer.generate("nurse.li", "coordinator")
+    investigator = Signer.generate("dr.wang", "investigator")
+    record = StudyRecord(url)
+    study = Study.create("ALLOMSC-SLE", "AlloMSC", admin.actor, admin.public_key_b64, now)
+    for s in (coordinator, investigator):
+        study.register_key(s.actor, s.role, s.public_key_b64, now)
+    record.record(study, signer=admin)
+    subjects = []
+    for i in range(8):
+        subject = Subject(study.id, "NJ01", f"NJ01-{i:04d}", now - timedelta(days=1))
+        record.record(subject, signer=coordinator)
+        subjects.append(subject)
+    record.close()
+    record.engine.dispose()
+    port = free_port()
+    server = start(url, port, workers=3)
+    try:
+        base = f"http://127.0.0.1:{port}"
+        with Client(base, coordinator, study.id) as nurse, Client(base, investigator, study.id) as doctor:
+            outcomes = []
+            for subject in subjects:
+                head = nurse.head(subject.id)
+                subject.obtain_consent("ICF v1.0", now - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
+                [consent] = subject.collect_events()
+                env = envelope_for(consent, study=study.id, prev=head[1])
+                rivals = [(nurse, seal(env, coordinator)), (doctor, seal(env, investigator))]  # both at version 2
+
+                def send(pair):
+                    client, event = pair
+                    try:
+                        client.append([event])
+                        return 201
+                    except ApiProblem as exc:
+                        assert exc.kind == "version_conflict", exc.problem
+                        assert exc.problem["current_version"] == 2
+                        return exc.status
+
+                with ThreadPoolExecutor(2) as pool:
+                    outcomes.append(sorted(pool.map(send, rivals)))
+        assert outcomes == [[201, 409]] * len(subjects)
+        assert count_rows(url) == 3 + 2 * len(subjects)  # the study's events, one screening and one consent each
+    finally:
+        stop(server)
+
+
+def test_sqlite_serves_one_writer_and_says_so(tmp_path):
+    url = f"sqlite:///{tmp_path / 'study.db'}"
+    port = free_port()
+    server = start(url, port, workers=4)
+    err = stop(server)
+    assert "SQLite has a single writer: serving with 1 worker process, not 4" in " ".join(err.split())

@@ -1,0 +1,180 @@
+"""Appending over HTTP: what `StudyRecord.append` accepts is accepted, what it refuses is the matching
+problem+json, and a refusal stores nothing."""
+
+from __future__ import annotations
+
+import json
+from datetime import timedelta
+from decimal import Decimal
+
+import pytest
+from api_world import NOW, world_fixture  # noqa: F401 - the `world` fixture
+
+from sle_events.api.problems import PROBLEM_BASE
+from sle_events.client import ApiProblem
+from sle_events.signing.envelope import seal
+from sle_events.store.codec import envelope_for
+
+from conftest import STUDY_CONFIG, count_rows
+
+pytestmark = pytest.mark.storage
+
+
+def post(world, role, body: bytes, *, key: str | None = "k-1", content_type: str = "application/json"):
+    headers = {"Content-Type": content_type}
+    if key is not None:
+        headers["Idempotency-Key"] = key
+    return world.client(role).request("POST", f"/v1/studies/{world.study.id}/events", body=body, headers=headers)
+
+
+def body_of(*events) -> bytes:
+    if len(events) == 1:
+        return events[0].sealed
+    return json.dumps({"events": [json.loads(e.sealed) for e in events]}).encode()
+
+
+def problem(response, status: int, kind: str) -> dict:
+    assert response.status_code == status, response.text
+    assert response.headers["content-type"] == "application/problem+json"
+    doc = response.json()
+    assert doc["type"] == PROBLEM_BASE + kind, doc
+    assert doc["status"] == status and doc["title"] and doc["detail"]
+    return doc
+
+
+def test_one_event_is_stored_at_its_log_position(world):
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    before = count_rows(world.url)
+    stored = world.client("coordinator").append([event])
+    assert count_rows(world.url) == before + 1
+    assert stored == [{"stream": str(subject.id), "version": 1, "position": stored[0]["position"], "hash": event.hash}]
+    assert world.record.stream(subject.id)[0].sealed == event.sealed  # the very bytes the coordinator signed
+
+
+def test_a_batch_is_all_or_nothing(world):
+    subject = world.new_subject()
+    [screened] = world.sealed(subject, "coordinator")
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
+    [consent] = world.sealed(subject, "investigator", prev=screened.hash)
+    subject.record_lab_result("CREAT", Decimal("1.23"), "mg/dL", NOW - timedelta(hours=10))
+    lab_events = world.sealed(subject, "lab", prev=consent.hash)
+    forged = type(consent).build(consent.envelope, consent.signed, bytes(64))  # a signature that does not verify
+    before = count_rows(world.url)
+    doc = problem(post(world, "investigator", body_of(screened, forged), key="b1"), 422, "bad_signature")
+    assert doc["version"] == 2
+    assert count_rows(world.url) == before
+    # a lab service may not send a screening (even signed by others): refused as a whole, before append
+    problem(post(world, "lab", body_of(screened, consent), key="b2"), 403, "forbidden")
+    assert count_rows(world.url) == before
+    response = post(world, "investigator", body_of(screened, consent), key="b3")
+    assert response.status_code == 201, response.text
+    assert [e["version"] for e in response.json()["events"]] == [1, 2]
+    assert world.client("lab").append(lab_events)[0]["version"] == 3
+
+
+def test_a_conflict_is_409_with_the_streams_current_version_and_hash(world):
+    subject = world.new_subject()
+    [screened] = world.sealed(subject, "coordinator")
+    world.client("coordinator").append([screened])
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
+    [consent] = subject.collect_events()
+    env = envelope_for(consent, study=world.study.id, prev=screened.hash)
+    first = seal(env, world.signers["investigator"])
+    rival = seal(env, world.signers["coordinator"])  # the same version 2, signed by another hand
+    world.client("investigator").append([first])
+    before = count_rows(world.url)
+    doc = problem(post(world, "coordinator", body_of(rival), key="r1"), 409, "version_conflict")
+    assert (doc["current_version"], doc["current_hash"]) == (2, first.hash)
+    assert count_rows(world.url) == before
+    with pytest.raises(ApiProblem) as caught:
+        world.client("coordinator").append([rival])
+    assert caught.value.kind == "version_conflict" and caught.value.status == 409
+
+
+def test_an_exact_retry_of_a_stored_event_gets_its_position_again(world):
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    first = world.client("coordinator").append([event])
+    before = count_rows(world.url)
+    assert world.client("coordinator").append([event]) == first  # a new Idempotency-Key: append's own retry rule
+    assert count_rows(world.url) == before
+
+
+@pytest.mark.parametrize(
+    ("mutate", "status", "kind"),
+    [
+        (lambda env: env.update(type="Subject.Teleported"), 422, "unknown_event_type"),
+        (lambda env: env.update(recorded_at=(NOW - timedelta(hours=2)).isoformat()), 422, "clock_skew"),
+        (lambda env: env["payload"].update(site_id=7), 422, "invalid_payload"),
+        (lambda env: env.update(study="00000000-0000-4000-8000-000000000000"), 422, "wrong_study"),
+        (lambda env: env.update(prev="1" * 64), 422, "malformed"),  # version 1 must have the genesis prev
+    ],
+)
+def test_each_rejection_has_its_own_problem_type(world, mutate, status, kind):
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    env = json.loads(event.signed)
+    mutate(env)
+    try:
+        bad = seal(env, world.signers["coordinator"])
+        body = bad.sealed
+    except ValueError:
+        body = json.dumps({"envelope": env, "signature": "AAAA"}).encode()
+    before = count_rows(world.url)
+    problem(post(world, "coordinator", body), status, kind)
+    assert count_rows(world.url) == before
+
+
+@pytest.mark.parametrize(
+    ("body", "kind"),
+    [
+        (b"{not json", "malformed"),
+        (b'{"envelope": {"version": 1.5}, "signature": "x"}', "malformed"),  # floats are never signed
+        (b"[]", "validation"),
+        (b'{"events": []}', "validation"),
+        (b'{"events": [1, 2]}', "malformed"),
+    ],
+)
+def test_a_body_that_is_no_sealed_event_is_422_naming_why(world, body, kind):
+    before = count_rows(world.url)
+    problem(post(world, "coordinator", body), 422, kind)
+    assert count_rows(world.url) == before
+
+
+def test_body_limit_and_content_type(world):
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    problem(post(world, "coordinator", event.sealed, content_type="text/plain"), 415, "unsupported_media_type")
+    problem(post(world, "coordinator", b" " * (17 << 20)), 413, "payload_too_large")
+    assert world.record.stream(subject.id) == []
+
+
+def test_idempotency_key(world):
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    problem(post(world, "coordinator", event.sealed, key=None), 400, "idempotency_key_missing")
+    first = post(world, "coordinator", event.sealed, key="idem-1")
+    assert first.status_code == 201
+    before = count_rows(world.url)
+    again = post(world, "coordinator", event.sealed, key="idem-1")
+    assert (again.status_code, again.content) == (201, first.content)
+    assert count_rows(world.url) == before
+    other = world.new_subject("NJ01-0002")
+    [other_event] = world.sealed(other, "coordinator")
+    problem(post(world, "coordinator", other_event.sealed, key="idem-1"), 422, "idempotency_key_reused")
+    # the same key by another caller is another key: scoped to the caller's key id
+    assert post(world, "investigator", other_event.sealed, key="idem-1").status_code == 201
+    assert count_rows(world.url) == before + 1
+
+
+def test_a_key_in_flight_is_409(world):
+    from sle_events.api import idempotency as idem
+
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    path = f"/v1/studies/{world.study.id}/events"
+    digest = idem.request_hash("POST", path, "", event.sealed)
+    assert idem.claim(world.record.engine, world.signers["coordinator"].key_id, "busy", digest) is None
+    problem(post(world, "coordinator", event.sealed, key="busy"), 409, "idempotency_in_flight")
+    assert world.record.stream(subject.id) == []
