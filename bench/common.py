@@ -111,3 +111,13 @@ class SignedWorkload:
             self.heads[subject.id] = sealed.hash
             out.append(sealed)
         return out
+
+
+def free_port_url() -> tuple[str, int]:
+    """A loopback URL on a free port, for a server a benchmark starts (web view)."""
+    import socket
+
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        port = int(s.getsockname()[1])
+    return f"http://127.0.0.1:{port}", port

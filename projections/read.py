@@ -315,7 +315,10 @@ def _name_items(conn: Connection, rows: list[dict[str, Any]]) -> None:
     for i in range(0, len(record_ids), 500):
         chunk = record_ids[i : i + 500]
         for event_id, changes, occurred in conn.execute(
-            select(t.c.event_id, t.c.changes, t.c.occurred_at).where(t.c.event_id.in_(chunk))
+            # A recorded fact's record id is its own event id: found through the record index.
+            select(t.c.event_id, t.c.changes, t.c.occurred_at).where(
+                t.c.record_id.in_(chunk), t.c.event_id == t.c.record_id
+            )
         ):
             originals[event_id] = ({name: new for name, _, new in json.loads(changes)}, occurred)
     streams = sorted({r["stream"] for r in rows if r["record_id"] in originals})

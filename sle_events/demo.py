@@ -43,7 +43,7 @@ from sle_events.store.errors import AppendRejected, UntrustedKey
 from sle_events.store.record import StudyRecord
 from sle_events.trial import Trial
 
-__all__ = ["run_demo", "DemoResult", "demo_signers", "Rng"]
+__all__ = ["run_demo", "DemoResult", "demo_signers", "Rng", "setup_demo_ledger"]
 
 DEMO_NAMESPACE = UUID("5f1e7a52-9c1b-4d55-9a0e-1c9b5e0d2007")
 STUDY_START = datetime(2007, 3, 12, 9, 0, tzinfo=ZoneInfo("Asia/Shanghai"))
@@ -1681,3 +1681,20 @@ def _all_streams(record: StudyRecord, study_id: UUID) -> list[UUID]:
         if open_stored(bytes(state)).envelope["study"] == str(study_id):
             out.append(stream)
     return out
+
+
+# =========================================================================== the demo's ledger
+LOG_KEY_FILE = "log.key"
+
+
+def setup_demo_ledger(url: str, key_dir: Path) -> str:
+    """Give the demo record its ledger: a log key in ``key_dir`` (0600, made once), every event integrated and a
+    signed checkpoint, so a newcomer can export and prove straight away. Returns the log's vkey."""
+    from sle_events.ledger.log import Ledger, create_log_key, default_origin, load_log_key
+
+    path = key_dir / LOG_KEY_FILE
+    signer = load_log_key(path) if path.exists() else create_log_key(path, default_origin(url))
+    with Ledger(url) as ledger:
+        ledger.integrate()
+        ledger.checkpoint(signer)
+    return str(signer.vkey)

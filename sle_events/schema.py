@@ -29,8 +29,9 @@ def target_metadata() -> MetaData:
 def _extra_metadata() -> list[MetaData]:
     from sle_events.audit.results import metadata as results_metadata
     from sle_events.ledger.tables import metadata as ledger_metadata
+    from sle_events.web.tables import metadata as web_metadata
 
-    found = [ledger_metadata, results_metadata]
+    found = [ledger_metadata, results_metadata, web_metadata]
     try:
         from projections.schema import metadata as projection_metadata
 

@@ -271,7 +271,9 @@ def _event(ledger: Any, event_id: str) -> int:
 @ledger_app.command("prove")
 def prove(
     event_id: str | None = typer.Argument(
-        None, metavar="EVENT_ID", help="<stream uuid>:<version>, or the event's log position"
+        None,
+        metavar="EVENT_ID",
+        help="<stream uuid>:<version>, the event's log position, or an ODM SourceID (ledger:<index>;event:...)",
     ),
     index: int | None = typer.Option(None, "--index", min=0, metavar="N", help="leaf index instead of an event"),
     out: Path = typer.Option(
@@ -290,6 +292,16 @@ def prove(
 
     if (event_id is None) == (index is None):
         fail("give exactly one of EVENT_ID or --index N")
+    named: tuple[str, int] | None = None  # the event an ODM SourceID names beside its leaf index
+    if event_id is not None and event_id.strip().startswith("ledger:"):
+        from sle_events.exports.odm import parse_source_id
+
+        try:
+            index, stream, version = parse_source_id(event_id)
+        except ValueError as e:
+            fail(f"EVENT_ID: {e}")
+        event_id = None
+        named = (str(stream), version) if stream is not None and version is not None else None
     note = _read_text(against, "checkpoint") if against is not None else None
     ledger = _ledger(db, create=False)
     try:
@@ -300,6 +312,11 @@ def prove(
         _refuse(str(e))
     finally:
         ledger.close()
+    if named is not None and (proof.leaf.stream, proof.leaf.version) != named:
+        _refuse(
+            f"the SourceID names event {named[0]}:{named[1]}, but leaf {proof.leaf.index} of this log is "
+            f"{proof.leaf.stream}:{proof.leaf.version}: the export was not built from this log"
+        )
     leaf_file = out.with_name(out.name + ".leaf")
     _write(out, proof.text)
     _write(leaf_file, proof.leaf_bytes or b"")

@@ -13,6 +13,7 @@ from rich.progress import Progress
 from sle_events.cli.common import DbOption, JsonOption, database_url, err, fail, new_app, out, print_json, table
 from sle_events.cli.common import no_record_at as _no_record_at
 from sle_events.cli.common import progress as _common_progress
+from sle_events.cli.export_cmd import export_app
 from sle_events.cli.ledger_cmd import ledger_app
 
 app = new_app(no_args_is_help=True, help="Signed, event-sourced study record.")
@@ -256,10 +257,28 @@ def demo(
         f"{result.screened} screened, {result.subjects} enrolled; deliberately invalid commands refused: "
         f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}"
     )
-    code = _verify(url, False, None)
+    vkey = _set_up_ledger(url, keys)
+    code = _verify(url, False, None, vkey=vkey)
     if code == 0:
         _build_read_models(url)
+        out.print(
+            escape(
+                f"ledger: every event integrated, a signed checkpoint; the log key is {keys / 'log.key'} and its "
+                f"vkey (give it to auditors):\n{vkey}\n"
+                f"export and check: sle export odm --type transactional --key {keys / 'data_manager.pem'} "
+                f"--out odm.xml, then sle export verify odm.xml --vkey <the vkey>"
+            )
+        )
     raise typer.Exit(code)
+
+
+def _set_up_ledger(url: str, keys: Path) -> str:
+    """The demo's ledger (`sle_events.demo.setup_demo_ledger`): a newcomer can export and prove straight away."""
+    from sle_events.demo import setup_demo_ledger
+
+    with _progress("ledger", err.is_terminal) as bar:
+        bar.add_task("integrating and signing a checkpoint", total=None)
+        return setup_demo_ledger(url, keys)
 
 
 def _refuse_a_used_database(url: str) -> None:
@@ -300,6 +319,7 @@ def _build_read_models(url: str) -> None:
 keys_app = new_app(help="Ed25519 keys of users and services.")
 app.add_typer(keys_app, name="keys")
 app.add_typer(ledger_app, name="ledger")
+app.add_typer(export_app, name="export")
 
 
 @keys_app.command("generate")
@@ -338,10 +358,12 @@ from sle_events.cli.projections_cmd import (  # noqa: E402  # sub-commands impor
     replay,
 )
 from sle_events.cli.study_cmd import correct, study_app, void  # noqa: E402  # sub-commands imported where they are attached to app
+from sle_events.cli.web_cmd import web_app  # noqa: E402  # sub-commands imported where they are attached to app
 
 app.add_typer(db_app, name="db")
 app.add_typer(study_app, name="study")
 app.add_typer(projections_app, name="projections")
+app.add_typer(web_app, name="web")
 app.command("audit-trail")(audit_trail)
 app.command("replay")(replay)
 app.command("patients")(patients)
