@@ -19,11 +19,11 @@ from __future__ import annotations
 
 import json
 from collections.abc import Sequence
-from datetime import UTC, datetime
 from typing import Any
 
 from sqlalchemy import Connection, delete, func, select, update
 
+from projections.audit_trail import _utc  # occurred-at in UTC, as the audit trail shows it
 from projections.base import Fact, Projection
 from projections.patient_state import SubjectProjection
 from projections.schema import review_queries, sdv_facts, sdv_marks
@@ -45,10 +45,6 @@ QUERY_STATUSES = ("OPEN", "ANSWERED", "CLOSED")
 SDV_GROUPS = ("subject", "visit", "site")
 _ACTS = {"Query.Answered": "answered", "Query.Closed": "closed", "Query.Reopened": "reopened"}
 _STATUS_AFTER = {"answered": "ANSWERED", "closed": "CLOSED", "reopened": "OPEN"}
-
-
-def _utc(text: str) -> str:
-    return datetime.fromisoformat(text).astimezone(UTC).isoformat()
 
 
 class ReviewActs(Projection):

@@ -143,7 +143,16 @@ def test_demo_records_a_trial_that_verifies_and_no_private_key_leaves_the_key_fi
     assert "verified" in done.stdout
 
     pems = sorted(p.name for p in keys.glob("*.pem"))
-    assert pems == ["admin.pem", "coordinator.pem", "data_manager.pem", "investigator.pem", "lab.pem", "sponsor.pem"]
+    assert pems == [
+        "admin.pem",
+        "checks.pem",  # the study's checking service (automatic queries)
+        "coordinator.pem",
+        "data_manager.pem",
+        "investigator.pem",
+        "lab.pem",
+        "monitor.pem",
+        "sponsor.pem",
+    ]
     for p in keys.glob("*.pem"):
         assert stat.S_IMODE(p.stat().st_mode) == 0o600, p
 

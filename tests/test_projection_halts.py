@@ -224,7 +224,7 @@ def test_a_signed_lab_result_that_does_not_load_halts_only_its_subject(trial, wo
     assert states["SCR-901"]["version"] == good_version  # as of the version before
     assert states["SCR-900"]["version"] == newest(trial, first).version == states["SCR-902"]["version"]
     halted = rows(trial.url, halted_streams)
-    assert {h["projection"] for h in halted} == {"patient_state", "study_dashboard"}
+    assert {h["projection"] for h in halted} == {"patient_state", "study_dashboard", "sdv_facts"}
     for h in halted:
         assert (h["stream"], h["subject"], h["version"], h["position"]) == (str(bad.id), "SCR-901", *where.values())
         assert "LabResultRecorded" in h["detail"] and "InvalidOperation" in h["detail"]
@@ -243,6 +243,8 @@ def test_a_signed_lab_result_that_does_not_load_halts_only_its_subject(trial, wo
         "audit_trail": [],
         "patient_state": [unloadable.version],
         "study_dashboard": [unloadable.version],
+        "review_acts": [],
+        "sdv_facts": [unloadable.version],  # the facts to verify stop at the same fact
     }
     replay = sle("replay", "--subject", "SCR-901", "--db", trial.url)
     assert replay.returncode == 1 and f"v{unloadable.version}" in replay.stderr and "InvalidOperation" in replay.stderr
@@ -265,6 +267,7 @@ def test_a_halted_subject_loaded_by_a_later_run_halts_at_the_same_fact(trial):
     assert {(h["projection"], h["version"]) for h in rows(trial.url, halted_streams)} == {
         ("patient_state", unloadable.version),
         ("study_dashboard", unloadable.version),
+        ("sdv_facts", unloadable.version),
     }
     [state] = rows(trial.url, patient_state, subject=str(bad.id))
     assert state["version"] == unloadable.version - 1

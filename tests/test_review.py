@@ -299,6 +299,10 @@ def test_append_refuses_query_acts_signed_elsewhere(site: Site):
     # a query naming another subject's screening number (read models trust it: it must be the subject's)
     wrong = {**raised.envelope["payload"], "screening_number": "NJ01-9999"}
     refusals.append(([resealed(raised, site.monitor, payload=wrong)], UnknownSubject))
+    # an "automatic" query under an id of the raiser's choosing (a data manager could then close it)
+    fake = Query.raise_on(t.study_id, t.subject(site.subject), site.creat, "auto?", by="dm.zhao", occurred_at=NOW,
+                          cause="stale/v5")  # fmt: skip
+    refusals.append((sealed_by(site, fake, site.dm), UnknownQuery))
     # a query signed by one monitor in another's name
     refusals.append(([resealed(raised, site.monitor2)], ActorMismatch))
     for events, kind in refusals:

@@ -467,6 +467,10 @@ def check_act(
             raise UnknownFact(
                 subject.screening_number, payload["version"], f"it is a {fact.type}, not {payload['fact']}"
             )
+        cause = payload["cause"]
+        if cause is not None and stream != Query.automatic_id(study_id, subject.id, cause):
+            # an automatic query's id is its cause's: so it is raised once, and only then may a data manager close it
+            raise UnknownQuery(f"{stream} (an automatic query's id is derived from its subject and cause {cause!r})")
         return
     if name.startswith("Query."):
         if not isinstance(before, Query):
