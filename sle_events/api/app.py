@@ -57,6 +57,7 @@ _PROBLEM_SCHEMA = {
         "current_version": {"type": "integer"},
         "current_hash": {"type": "string"},
         "field": {"type": "string"},
+        "code": {"type": "string"},
     },
 }
 _SEALED_SCHEMA = {
@@ -321,6 +322,28 @@ class Api:
             "next": rows[limit - 1].id if len(rows) > limit else None,
         }
 
+    def study_subject(self, study_id: str, subject: str | None) -> str | None:
+        """A subject of this study (screening number or id) as its stream id; `not_found` for one it lacks (never
+        naming another study's subjects)."""
+        if subject is None:
+            return None
+        from projections.schema import patient_state as ps
+
+        with self.reader().engine.connect() as conn:
+            found = conn.execute(
+                sa.select(ps.c.subject).where(
+                    ps.c.study == study_id, (ps.c.screening_number == subject) | (ps.c.subject == subject)
+                )
+            ).scalar()
+        if found is None:
+            raise Problem("not_found", f"study {study_id} has no subject {subject}")
+        return str(found)
+
+    def acts(self, fn: Callable[..., Any], **kw: Any) -> Any:
+        """A read of the regulated acts' read models (projections.casebook / projections.review)."""
+        with self.reader().engine.connect() as conn:
+            return _jsonable(fn(conn, **kw))
+
     def keys(self, study: Study) -> dict[str, Any]:
         return {
             "study": str(study.id),
@@ -356,6 +379,10 @@ def mount_sub_app(app: FastAPI, prefix: str, sub_app: ASGIApp) -> None:
     if not prefix.startswith("/") or prefix.startswith("/v1"):
         raise ValueError(f"mount prefix {prefix!r} must start with / and not be the API's /v1")
     app.mount(prefix, sub_app)
+    # A mounted app's own lifespan is not run: one that offers `state.close` (the web view) is closed with the API.
+    close = getattr(getattr(sub_app, "state", None), "close", None)
+    if callable(close):
+        app.router.add_event_handler("shutdown", close)
 
 
 def create_app(
@@ -621,6 +648,106 @@ def create_app(
             },
         )
 
+    # ------------------------------------------------------------------- the regulated acts (docs/regulated-acts.md)
+    @app.get("/v1/studies/{study}/casebook", responses=_ok(_PAGE_SCHEMA), summary="Sign-off and lock state by subject")
+    async def casebook_state(study: str, request: Request, subject: str | None = None) -> Any:
+        from projections.casebook import casebook_rows, lock_rows
+
+        await read_caller(request, study, "casebook")
+        stream = await run_in_threadpool(api.study_subject, study, subject)
+        rows = await run_in_threadpool(partial(api.acts, casebook_rows, subject=stream))
+        locks = await run_in_threadpool(partial(api.acts, lock_rows))
+        return {
+            "items": [r for r in rows if r.get("study") == study],
+            "study_locks": [x for x in locks if x["study"] == study and x["subject"] is None],  # whole-study acts
+            "next": None,
+        }
+
+    @app.get("/v1/studies/{study}/casebook/{subject}", responses=_ok(), summary="A subject's sign-offs and locks")
+    async def casebook_subject(study: str, subject: str, request: Request) -> Any:
+        from projections.casebook import casebook_rows, lock_rows, signoff_rows
+
+        await read_caller(request, study, "casebook")
+        stream = await run_in_threadpool(api.study_subject, study, subject)
+        state = await run_in_threadpool(partial(api.acts, casebook_rows, subject=stream))
+        signoffs = await run_in_threadpool(partial(api.acts, signoff_rows, subject=stream))
+        locks = await run_in_threadpool(partial(api.acts, lock_rows, subject=stream))
+        return {"state": state[0] if state else None, "signoffs": signoffs, "locks": locks}
+
+    @app.get("/v1/studies/{study}/sdv", responses=_ok(_PAGE_SCHEMA), summary="Source data verification by fact")
+    async def sdv_facts(
+        study: str,
+        request: Request,
+        subject: str | None = None,
+        pending: bool = Query(False, description="only facts not VERIFIED (the monitor's work list)"),
+    ) -> Any:
+        from projections.review import sdv_facts_status
+
+        await read_caller(request, study, "sdv")
+        stream = await run_in_threadpool(api.study_subject, study, subject)
+        rows = await run_in_threadpool(partial(api.acts, sdv_facts_status, study=study, subject=stream))
+        return {"items": [r for r in rows if not pending or r["status"] != "VERIFIED"], "next": None}
+
+    @app.get("/v1/studies/{study}/sdv/progress", responses=_ok(_PAGE_SCHEMA), summary="SDV progress")
+    async def sdv_progress(
+        study: str,
+        request: Request,
+        by: str = Query("subject", description="subject, visit or site"),
+        subject: str | None = None,
+    ) -> Any:
+        from projections.review import SDV_GROUPS, sdv_facts_status
+        from projections.review import sdv_progress as progress
+
+        await read_caller(request, study, "sdv")
+        if by not in SDV_GROUPS:
+            raise Problem("unknown_filter", f"SDV progress is by {', '.join(SDV_GROUPS)}, not {by!r}", field="by")
+        stream = await run_in_threadpool(api.study_subject, study, subject)
+        rows = await run_in_threadpool(partial(api.acts, sdv_facts_status, study=study, subject=stream))
+        return {"items": progress(rows, by), "next": None}
+
+    @app.get("/v1/studies/{study}/queries", responses=_ok(_PAGE_SCHEMA), summary="Queries (open or all)")
+    async def queries(
+        study: str,
+        request: Request,
+        subject: str | None = None,
+        status: str | None = Query(None, description="OPEN, ANSWERED or CLOSED"),
+        open: bool = Query(False, description="only queries not closed (OPEN or ANSWERED): what blocks a lock"),
+    ) -> Any:
+        from projections.review import QUERY_STATUSES
+        from projections.review import queries as query_rows
+
+        await read_caller(request, study, "queries")
+        if status is not None and status not in QUERY_STATUSES:
+            raise Problem("unknown_filter", f"a query's status is one of {', '.join(QUERY_STATUSES)}", field="status")
+        stream = await run_in_threadpool(api.study_subject, study, subject)
+        rows = await run_in_threadpool(
+            partial(api.acts, query_rows, study=study, subject=stream, status=status, open_only=open)
+        )
+        return {"items": rows, "next": None}
+
+    # ---------------------------------------------------------------- exports (docs/exports.md: the caller signs)
+    @app.get(
+        "/v1/studies/{study}/exports/{kind}",
+        responses={**_ok(), **_errors(409)},
+        summary="An export's files and the checkpoint they were built from (the caller signs the manifest)",
+    )
+    async def export(
+        study: str,
+        kind: str,
+        request: Request,
+        subject: str | None = None,
+        site: str | None = None,
+        recorded_from: str | None = Query(None, description="events recorded at or after (ISO 8601 with offset)"),
+        recorded_to: str | None = Query(None, description="events recorded before (ISO 8601 with offset)"),
+    ) -> Any:
+        from sle_events.exports.remote import EXPORT_KINDS
+
+        caller, s = await read_caller(request, study, "export")
+        if kind not in EXPORT_KINDS:
+            raise Problem("not_found", f"there is no export {kind!r}; there are {', '.join(EXPORT_KINDS)}")
+        entry = s.keys[caller.key_id]
+        return await run_in_threadpool(_export, api, study, kind, (subject, site, recorded_from, recorded_to), entry)
+
     # ------------------------------------------------------------------- the log as C2SP tlog-tiles (one per database)
     @app.get(
         "/v1/log/checkpoint",
@@ -715,6 +842,32 @@ def _inclusion(ledger: Any, study: str, position: int | None, stream: str | None
         "proof": proof.text,
         "leaf": _b64(leaf),
     }
+
+
+def _export(api: Api, study: str, kind: str, asked: tuple[str | None, ...], entry: dict[str, Any]) -> dict[str, Any]:
+    """Build the export for the caller whose registry `entry` is given (sle_events.exports.remote)."""
+    from datetime import datetime
+
+    from sle_events.exports.manifest import ExportError
+    from sle_events.exports.odm import OdmExportError
+    from sle_events.exports.remote import build_export
+    from sle_events.exports.scope import ExportScope, ExportScopeError
+    from sle_events.exports.sdtm import SdtmRefused
+
+    subject, site, recorded_from, recorded_to = asked
+    try:
+        times = [None if t is None else datetime.fromisoformat(t) for t in (recorded_from, recorded_to)]
+        scope = ExportScope(subject, site, times[0], times[1], study=study).resolve(api.url)
+    except (ValueError, ExportScopeError) as exc:  # ExportScopeError is a ValueError too
+        raise Problem("validation", str(exc)) from None
+    try:
+        return build_export(
+            api.url, kind, scope, public_key=entry["public_key"], printed_name=entry.get("printed_name")
+        )
+    except ExportError as exc:
+        raise Problem("export_refused", str(exc)) from None
+    except (OdmExportError, SdtmRefused) as exc:  # a builder's own check failed: nothing was served
+        raise Problem("export_refused", f"{type(exc).__name__}: {exc}") from None
 
 
 def _last_verification(api: Api) -> dict[str, Any]:

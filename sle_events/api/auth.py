@@ -51,6 +51,12 @@ READ_ROLES: dict[str, frozenset[str]] = {
     "replay": CLINICAL_READERS,
     "audit_trail": frozenset({ADMIN, INVESTIGATOR, COORDINATOR, MONITOR, AUDITOR, DATA_MANAGER}),
     "verification": frozenset({ADMIN, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR}),
+    # the regulated acts' state: who signs, locks, verifies and answers needs it; a lab service does not
+    "casebook": CLINICAL_READERS,
+    "sdv": CLINICAL_READERS,
+    "queries": CLINICAL_READERS,
+    # whole-study data sets (ODM, SDTM, FHIR, the PDF report): those who hand data on, and those who inspect
+    "export": frozenset({ADMIN, DATA_MANAGER, SPONSOR, AUDITOR}),
 }
 
 

@@ -9,12 +9,16 @@ from __future__ import annotations
 from typing import Any
 
 from sle_events.store.errors import (
+    ActRefused,
     AppendRejected,
     BadSignature,
+    CasebookLocked,
     ChainBroken,
     ClockSkew,
     InvalidPayload,
+    LockBlockedByOpenQueries,
     MalformedEvent,
+    SignOffMismatch,
     StudyNotApproved,
     UnknownEventType,
     UnknownStudy,
@@ -39,6 +43,11 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     ClockSkew.kind: (422, "Clock skew"),
     WrongStudy.kind: (422, "Wrong study"),
     StudyNotApproved.kind: (403, "Study not approved"),
+    # the regulated acts (docs/regulated-acts.md): the record's state refuses the fact, or the act is not one
+    CasebookLocked.kind: (409, "Casebook frozen or locked"),
+    LockBlockedByOpenQueries.kind: (409, "Open queries block the lock"),
+    SignOffMismatch.kind: (422, "Sign-off does not match the data"),
+    ActRefused.kind: (422, "SDV or query act refused"),
     # the HTTP layer's own
     "signature_missing": (401, "Request signature missing"),
     "signature_invalid": (401, "Request signature invalid"),
@@ -57,6 +66,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
     "not_found": (404, "Not found"),
     "unknown_filter": (422, "Unknown filter value"),
     "ledger": (409, "Ledger cannot answer"),
+    "export_refused": (409, "Export cannot be made"),
     "ledger_damaged": (500, "Ledger tables cannot produce this resource"),
     "internal": (500, "Internal error"),
     "unavailable": (503, "Database busy or unreachable"),
@@ -87,5 +97,8 @@ class Problem(Exception):
 
 
 def from_rejection(exc: AppendRejected, **extra: Any) -> Problem:
+    # Every subclass has its own kind here (tests/api/test_api_acts.py enumerates them); the fallback is a guard.
     kind = exc.kind if exc.kind in PROBLEMS else MalformedEvent.kind
+    if isinstance(exc, ActRefused):
+        extra.setdefault("code", exc.code)  # which refusal of the verb (e.g. query_state_conflict)
     return Problem(kind, str(exc), stream=exc.stream, version=exc.version, **extra)

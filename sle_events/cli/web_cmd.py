@@ -9,10 +9,11 @@ from urllib.parse import urlencode, urlsplit
 import typer
 
 from sle_events.cli.common import err, fail, new_app, print_json, signer
+from sle_events.cli.serve_cmd import DEFAULT_HOST, DEFAULT_PORT, WEB_PREFIX
 
 web_app = new_app(no_args_is_help=True, help="The read-only web view (served by `sle serve` under /web).")
 
-DEFAULT_URL = "http://127.0.0.1:8000/web"
+DEFAULT_URL = f"http://{DEFAULT_HOST}:{DEFAULT_PORT}{WEB_PREFIX}"  # where `sle serve` serves the view by default
 
 
 @web_app.command("link")

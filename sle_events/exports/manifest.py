@@ -66,6 +66,7 @@ __all__ = [
     "Exporter",
     "latest_checkpoint",
     "load_exporter",
+    "key_registration",
     "manifest_path",
     "write_manifest",
     "verify_export",
@@ -153,7 +154,6 @@ def latest_checkpoint(url: str) -> ExportCheckpoint:
 def load_exporter(key_file: Path, url: str, *, study_id: str | None, checkpoint: ExportCheckpoint) -> Exporter:
     """The exporter's key, checked against the study's registry and the checkpoint (module docstring);
     ``study_id`` is a resolved scope's."""
-    from sle_events.signing.envelope import open_sealed
     from sle_events.store.record import StudyRecord
 
     try:
@@ -175,29 +175,36 @@ def load_exporter(key_file: Path, url: str, *, study_id: str | None, checkpoint:
     if entry["status"] != "active":
         raise ExportError(f"key {probe.key_id} of {entry['actor']} is {entry['status']}: it may no longer sign exports")
     signer = Signer.from_file(key_file, entry["actor"], entry["role"])
-    ledger = _ledger(url)
-    try:
-        position = _registration_position(ledger, study_id, signer.public_key_b64)
-        if position is None:
-            raise ExportError(f"the registration of key {signer.key_id} was not found in the record")
-        from sle_events.ledger.log import LedgerError
+    return Exporter(
+        signer, entry.get("printed_name"), key_registration(url, study_id, signer.public_key_b64, checkpoint)
+    )
 
+
+def key_registration(url: str, study_id: str, public_key: str, checkpoint: ExportCheckpoint) -> dict[str, Any]:
+    """The event that registered ``public_key`` in the study, with its inclusion proof in ``checkpoint``: what
+    the manifest's ``exporter.registration`` holds. Public data only, so a server can hand it to the key's
+    holder, who signs the manifest with their own key (`sle_events.exports.remote`)."""
+    from sle_events.ledger.log import LedgerError
+    from sle_events.signing.envelope import open_sealed
+
+    ledger = _ledger(url)
+    kid = key_id(unb64(public_key))
+    try:
+        position = _registration_position(ledger, study_id, public_key)
+        if position is None:
+            raise ExportError(f"the registration of key {kid} was not found in the record")
         try:
             proof = ledger.inclusion_proof(position, checkpoint=checkpoint.note)
         except LedgerError as e:
             raise ExportError(
-                f"the registration of key {signer.key_id} is not covered by the ledger's latest checkpoint ({e}); "
+                f"the registration of key {kid} is not covered by the ledger's latest checkpoint ({e}); "
                 "run `sle ledger integrate` then `sle ledger checkpoint`"
             ) from None
     finally:
         ledger.close()
     assert proof.leaf_bytes is not None
     open_sealed(proof.leaf_bytes)  # the stored bytes are a sealed event (the ledger checked them against the leaf)
-    return Exporter(
-        signer,
-        entry.get("printed_name"),
-        {"event": b64(proof.leaf_bytes), "index": proof.index, "proof": [b64(h) for h in proof.hashes]},
-    )
+    return {"event": b64(proof.leaf_bytes), "index": proof.index, "proof": [b64(h) for h in proof.hashes]}
 
 
 def _registration_position(ledger: Any, study_id: str, public_key: str) -> int | None:

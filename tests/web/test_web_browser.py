@@ -49,9 +49,9 @@ def demo(tmp_path_factory: pytest.TempPathFactory) -> Iterator[tuple[str, Path]]
     sle("study", "register-key", "--db", url, "--actor", "mon.chen", "--role", "monitor", "--public-key",
         key["public_key"], "--printed-name", "Chen Jing", "--admin-key", "keys/admin.pem", "--admin",
         "admin@drum-tower", cwd=folder)  # fmt: skip
-    sle("ledger", "init", "--db", url, "--log-key", "log.key", cwd=folder)
+    # `sle demo` made the ledger (its log key in keys/log.key): bring in the monitor's registration and sign anew
     sle("ledger", "integrate", "--db", url, cwd=folder)
-    sle("ledger", "checkpoint", "--db", url, "--log-key", "log.key", cwd=folder)
+    sle("ledger", "checkpoint", "--db", url, "--log-key", "keys/log.key", cwd=folder)
     sle("verify", "--db", url, cwd=folder)
     yield url, folder
 
