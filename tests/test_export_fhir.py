@@ -109,7 +109,8 @@ def test_provenance_names_the_signer_and_the_ledger_index(bundles, demo_ledger):
     for bundle in bundles.values():
         targets: Counter[str] = Counter()
         for prov in _resources(bundle, "Provenance"):
-            targets.update(t["reference"] for t in prov["target"])
+            if not prov.get("signature"):  # one authorship Provenance per target; sign-offs come on top
+                targets.update(t["reference"] for t in prov["target"])
             agent = prov["agent"][0]
             assert agent["who"]["display"] and agent["role"][0]["text"]
             event = next(e["what"]["identifier"]["value"] for e in prov["entity"] if "urn:sle:event" in str(e))
@@ -130,6 +131,32 @@ def test_provenance_names_the_signer_and_the_ledger_index(bundles, demo_ledger):
     assert checked
     doctors = {p["agent"][0]["who"]["display"] for b in bundles.values() for p in _resources(b, "Provenance")}
     assert "Dr. Wang Li (dr.wang)" in doctors
+
+
+def test_each_sign_off_is_a_provenance_with_its_signature(bundles, demo_ledger):
+    """Issue 16 (FHIR): a sign-off is a Provenance on the ResearchSubject whose `signature` carries its meaning
+    (ASTM E1762 type), signer and time; an invalidated one is kept and says why."""
+    from projections.casebook import signoff_rows
+
+    with StudyReader(demo_ledger.url) as reader, reader.engine.connect() as conn:
+        signoffs = signoff_rows(conn)
+    assert signoffs
+    for row in signoffs:
+        found = [
+            r
+            for r in _resources(bundles[row["screening_number"]], "Provenance")
+            if r.get("signature") and r["entity"][0]["what"]["identifier"]["value"] == row["signoff_id"]
+        ]
+        assert len(found) == 1, row["signoff_id"]
+        sig = found[0]["signature"][0]
+        assert sig["when"] == row["signed_at"] and sig["who"]["display"] == f"{row['printed_name']} ({row['actor']})"
+        assert sig["type"][0]["system"] == "urn:iso-astm:E1762-95:2013"
+        assert row["signature_def"] in found[0]["activity"]["text"]
+        reason = found[0].get("reason")
+        if row["status"] == "invalidated":
+            assert reason and reason[0]["text"].startswith(f"invalidated by change at {row['invalidated_by']}")
+        else:
+            assert reason is None
 
 
 def test_same_record_same_bundles(bundles, demo_ledger, tmp_path):

@@ -130,7 +130,8 @@ def _logged_facts(url: str, size: int) -> dict[tuple[str, int], tuple[int, dict]
     out = {}
     for idx, state in rows:
         env = open_sealed(bytes(state)).envelope
-        if not type_name(env["type"]).startswith("Study."):
+        # the regulated acts are Signatures and Annotations, not ItemData (test_the_regulated_acts_are_in_both_files)
+        if not type_name(env["type"]).startswith(("Study.", "Casebook.", "SourceVerification.", "Query.")):
             out[(env["stream"], env["version"])] = (idx, env)
     return out
 
@@ -314,6 +315,133 @@ def test_cli_export_verify_and_prove_a_source_id(demo30, tmp_path):
         assert not bad.exists() and not (tmp_path / "bad.xml.manifest.json").exists()
     done = sle("export", "odm", "--type", "full", "--db", demo30.url, "--key", key, "--out", str(tmp_path / "b.xml"))
     assert done.returncode == 2 and "snapshot or transactional" in done.stderr
+
+
+def _annotations(el, codelist: str) -> list:
+    """The Annotations directly under `el` with a Flag of `codelist`: (comment, flag value)."""
+    out = []
+    for a in el.findall(f"{ODM}Annotation"):
+        for v in a.iter(f"{ODM}FlagValue"):
+            if v.get("CodeListOID") == codelist:
+                out.append((a.findtext(f"{ODM}Comment"), v.text))
+    return out
+
+
+def test_the_regulated_acts_are_in_both_files(demo30, exported):
+    """Issue 16: each sign-off a Signature (its SignatureDef, signer, site, time with offset), an invalidated one
+    kept and flagged "invalidated by change at <SourceID>", SDV marks, queries and the lock as flagged
+    Annotations whose code lists are defined; the files stay valid (the test above)."""
+    from projections.casebook import casebook_rows, signoff_rows
+    from projections.review import queries
+
+    with StudyReader(demo30.url) as reader, reader.engine.connect() as conn:
+        signoffs = signoff_rows(conn)
+        states = {r["screening_number"]: r for r in casebook_rows(conn)}
+        query_rows = queries(conn)
+    assert signoffs and any(s["status"] == "invalidated" for s in signoffs), "the demo signs and invalidates"
+    by_subject: dict[str, list] = {}
+    for s in signoffs:
+        by_subject.setdefault(s["screening_number"], []).append(s)
+
+    snap = etree.parse(str(exported["snapshot"][0]))
+    mdv = snap.find(f"{ODM}Study/{ODM}MetaDataVersion")
+    for cl in ("CL.ACT.FLAGTYPE", "CL.ACT.SIGNOFF", "CL.ACT.SDV", "CL.ACT.QUERY", "CL.ACT.LOCK"):
+        assert mdv.find(f"{ODM}CodeList[@OID='{cl}']") is not None, cl
+    admin = snap.find(f"{ODM}AdminData")
+    for oid in ("SD.INV.REVIEW", "SD.INV.APPROVE", "SD.INV.RESP"):
+        assert admin.find(f"{ODM}SignatureDef[@OID='{oid}']") is not None, oid
+    subjects = {s.get("SubjectKey"): s for s in snap.iter(f"{ODM}SubjectData")}
+    for number, rows in by_subject.items():
+        subject = subjects[number]
+        casebook = [r for r in rows if r["scope"] == "casebook"]
+        if casebook:
+            shown = ([r for r in casebook if r["status"] == "valid"] or casebook)[-1]
+            sig = subject.find(f"{ODM}Signature")
+            assert sig is not None, number
+            assert sig.find(f"{ODM}SignatureRef").get("SignatureOID") == shown["signature_def"]
+            assert sig.find(f"{ODM}UserRef").get("UserOID") == f"U.{shown['actor']}"
+            assert sig.find(f"{ODM}LocationRef").get("LocationOID") == f"LOC.{shown['site']}"
+            assert sig.findtext(f"{ODM}DateTimeStamp") == shown["signed_at"]
+            # never dropped: every invalidated casebook sign-off is an Annotation saying so
+            flagged = [c for c, v in _annotations(subject, "CL.ACT.SIGNOFF") if v == "INVALIDATED"]
+            assert len(flagged) == sum(1 for r in casebook if r["status"] == "invalidated"), number
+            assert all("invalidated by change at ledger:" in c and "needs re-signing" in c for c in flagged)
+        for r in rows:
+            if r["scope"] == "visit":
+                visit = next(
+                    v for v in subject.iter(f"{ODM}StudyEventData") if v.get("StudyEventOID") == f"SE.{r['visit']}"
+                )
+                assert visit.find(f"{ODM}Signature/{ODM}SignatureRef").get("SignatureOID") == r["signature_def"]
+        level = states[number]["level"]
+        if level:
+            assert [v for _, v in _annotations(subject, "CL.ACT.LOCK")] == [level.upper()]
+    locked = [n for n, r in states.items() if r["level"] == "locked"]
+    assert locked, "the demo locks a subject"
+    flags = Counter(
+        (v.get("CodeListOID"), v.text) for item in snap.iter(f"{ODM}ItemData") for v in item.iter(f"{ODM}FlagValue")
+    )
+    assert flags[("CL.ACT.SDV", "VERIFIED")] > 0
+    statuses = {q["status"] for q in query_rows}
+    assert statuses >= {"OPEN", "ANSWERED", "CLOSED"}
+    for status in statuses:
+        assert flags[("CL.ACT.QUERY", status)] > 0, status
+
+    # transactional: the Signature follows the AuditRecord of each covered change; invalidations annotated
+    trans = etree.parse(str(exported["transactional"][0]))
+    signed = [i for i in trans.iter(f"{ODM}ItemData") if i.find(f"{ODM}Signature") is not None]
+    assert signed
+    for item in signed[:50]:
+        assert [etree.QName(c).localname for c in item][:2] == ["AuditRecord", "Signature"]
+    used = {i.find(f"{ODM}Signature/{ODM}SignatureRef").get("SignatureOID") for i in signed}
+    assert used == {r["signature_def"] for r in signoffs}
+    texts = [a.findtext(f"{ODM}Comment") or "" for a in trans.iter(f"{ODM}Annotation")]
+    invalidated = [s for s in signoffs if s["status"] == "invalidated"]
+    for s in invalidated:
+        assert any(f"({s['actor']}), {s['meaning']} ({s['signature_def']}), {s['signed_at']}" in t for t in texts)
+    cited = [t.split("invalidated by change at ", 1)[1].split(" ", 1)[0] for t in texts if "by change at" in t]
+    assert cited and all(parse_source_id(c)[1] is not None for c in cited)  # `sle ledger prove` takes it
+    at_change = [
+        i
+        for i in trans.iter(f"{ODM}ItemData")
+        if any(
+            f"invalidated by change at {i.findtext(f'{ODM}AuditRecord/{ODM}SourceID')} "
+            in (n.findtext(f"{ODM}Comment") or "")
+            for n in i.findall(f"{ODM}Annotation")
+        )
+    ]
+    assert at_change  # the correction that invalidated a sign-off says so, on its own ItemData
+
+
+def test_a_window_before_the_acts_shows_none_of_them(demo30, tmp_path):
+    cp = latest_checkpoint(demo30.url)
+    scope = ExportScope(recorded_to=datetime(2008, 7, 1, tzinfo=UTC)).resolve(demo30.url)
+    out = tmp_path / "early.xml"
+    export_odm(demo30.url, out, file_type="snapshot", scope=scope, checkpoint=cp)
+    doc = etree.parse(str(out))
+    assert doc.find(f".//{ODM}Signature") is None and doc.find(f".//{ODM}Annotation") is None
+    assert schema().validate(doc) and check_odm(out) == []
+
+
+def test_sle_audit_trail_shows_every_kind_of_regulated_act(demo30):
+    """Issue 16: the acts are in the audit trail too (who, when, what), read with `sle audit-trail`."""
+    done = sle("audit-trail", "--format", "json", "--db", demo30.url)
+    assert done.returncode == 0, done.stderr
+    rows = json.loads(done.stdout)
+    kinds = Counter(r["event_type"] for r in rows)
+    for name in (
+        "Casebook.SignedOff",
+        "Casebook.Frozen",
+        "Casebook.Locked",
+        "Casebook.Unlocked",
+        "SourceVerification.Verified",
+        "Query.Raised",
+        "Query.Answered",
+        "Query.Closed",
+        "Query.Reopened",
+    ):
+        assert kinds[name] > 0, name
+    signed = next(r for r in rows if r["event_type"] == "Casebook.SignedOff")
+    assert signed["subject"] and signed["actor"] and signed["recorded_at"]
 
 
 def test_an_event_altered_after_it_was_logged_stops_the_export(demo30, tmp_path):

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import shutil
 import subprocess
+from collections import Counter
 from pathlib import Path
 from typing import Any
 
@@ -92,6 +93,31 @@ def test_the_study_report_text(reports, demo_ledger):
         corrections = reader.audit_trail(change="corrected")
     assert corrections and corrections[0]["reason"] in text  # why
     assert "AlloMSC infusion" in text and "cyclophosphamide" in text
+
+
+def test_the_report_shows_sign_off_lock_sdv_and_queries(reports, demo_ledger):
+    """Issue 16: per subject the sign-offs (by whom, meaning, when; an invalidated one kept and marked as needing
+    re-signing), the lock state, SDV progress and the open queries; the study summary counts them."""
+    from projections.casebook import casebook_rows, signoff_rows
+
+    text = " ".join(_text(reports[0]).split())
+    assert "Sign-off, lock, SDV and queries" in text and "source facts verified" in text
+    with StudyReader(demo_ledger.url) as reader, reader.engine.connect() as conn:
+        signoffs = signoff_rows(conn)
+        states = casebook_rows(conn)
+    invalidated = [s for s in signoffs if s["status"] == "invalidated"]
+    assert invalidated
+    assert text.count("INVALIDATED by change - needs re-signing") == len(invalidated)
+    for s in invalidated:
+        assert "invalidated by change at ledger:" in text and s["invalidated_reason"] in text
+    for s in signoffs:
+        assert f"{s['meaning']} ({s['signature_def']})" in text
+    levels = Counter(r["level"] or "open" for r in states)
+    for level, n in levels.items():
+        assert f"casebook {level} {n}" in text, level
+    one = " ".join(_text(reports[1]).split())
+    assert "Sign-off, lock, source data verification and queries" in one and "Casebook: " in one
+    assert "SDV: " in one and " source facts verified (" in one
 
 
 def test_the_subject_report_holds_its_whole_audit_trail(reports):

@@ -136,6 +136,98 @@ class _Bundle:
         )
 
 
+#: a sign-off's meaning as an ASTM E1762 signature type (the code system FHIR's Signature.type uses)
+SIGNATURE_TYPES = {
+    "review": ("1.2.840.10065.1.12.1.13", "Review Signature"),
+    "approval": ("1.2.840.10065.1.12.1.5", "Verification Signature"),
+    "responsibility": ("1.2.840.10065.1.12.1.1", "Author's Signature"),
+}
+ASTM_SIGNATURE = "urn:iso-astm:E1762-95:2013"
+
+
+def _signoffs(b: _Bundle, target: str) -> None:
+    """A Provenance per investigator sign-off of the subject the export covers: the signature with its meaning,
+    signer and time; one invalidated by a later change says so (and is never left out)."""
+    from sqlalchemy import select
+
+    from projections.casebook import signoff_rows
+    from sle_events.ledger.tables import events_table
+
+    upto = b.source.upto_position
+    ev = events_table()
+    with b.source.reader.engine.connect() as conn:
+        for row in signoff_rows(conn, subject=b.s.stream):
+            if upto is not None and row["position"] > upto:
+                continue
+            invalidated = row["status"] == "invalidated"
+            if invalidated and upto is not None:  # only if the change is itself in the export
+                stream, _, version = row["invalidated_by"].rpartition(":")
+                at = conn.execute(
+                    select(ev.c.id).where(
+                        ev.c.originator_id == uuid.UUID(stream), ev.c.originator_version == int(version)
+                    )
+                ).scalar()
+                invalidated = at is not None and at <= upto
+            code, display = SIGNATURE_TYPES.get(row["meaning"], ("1.2.840.10065.1.12.1.5", "Verification Signature"))
+            what = "casebook" if row["scope"] == "casebook" else f"visit {row['visit']}"
+            who = {
+                "identifier": {"system": KEY_SYSTEM, "value": row["key"]},
+                "display": f"{row['printed_name']} ({row['actor']})",
+            }
+            b.add(
+                _id(row["signoff_id"], "Provenance"),
+                {
+                    "resourceType": "Provenance",
+                    "target": [_ref(target)],
+                    "recorded": row["recorded_at"],
+                    "occurredDateTime": row["signed_at"],
+                    "activity": {
+                        "text": f"investigator sign-off of the {what}: {row['meaning']} ({row['signature_def']})"
+                    },
+                    "reason": [
+                        {"text": f"invalidated by change at {row['invalidated_by']}: {row['invalidated_reason']}"}
+                    ]
+                    if invalidated
+                    else None,
+                    "agent": [{"type": {"text": "verifier"}, "role": [{"text": row["role"]}], "who": who}],
+                    "entity": [
+                        {
+                            "role": "source",
+                            "what": {"identifier": {"system": EVENT_SYSTEM, "value": row["signoff_id"]}},
+                        },
+                        *_leaf(conn, b.source.has_ledger, row["signoff_id"]),
+                    ],
+                    "signature": [
+                        {
+                            "type": [{"system": ASTM_SIGNATURE, "code": code, "display": display}],
+                            "when": row["signed_at"],
+                            "who": who,
+                        }
+                    ],
+                },
+            )
+
+
+def _leaf(conn: Any, has_ledger: bool, event_id: str) -> list[dict[str, Any]]:
+    """The ledger-index entity of an event (none in a record without a ledger)."""
+    if not has_ledger:
+        return []
+    from sqlalchemy import select
+
+    from sle_events.ledger.tables import ledger_leaves as lv
+
+    stream, _, version = event_id.rpartition(":")
+    idx = conn.execute(select(lv.c.idx).where(lv.c.stream == stream, lv.c.version == int(version))).scalar()
+    if idx is None:
+        return []
+    return [
+        {
+            "role": "source",
+            "what": {"identifier": {"system": LEDGER_SYSTEM, "value": str(idx)}, "display": f"ledger leaf {idx}"},
+        }
+    ]
+
+
 def build_bundle(source: ExportSource, s: SubjectData) -> dict[str, Any]:
     """One subject's FHIR R4 Bundle (a JSON-ready dict)."""
     b = _Bundle(source, s)
@@ -182,6 +274,7 @@ def build_bundle(source: ExportSource, s: SubjectData) -> dict[str, Any]:
     screened = s.first("Screened")
     if screened is not None:
         b.provenance(_id(s.stream, "ResearchSubject"), screened)
+    _signoffs(b, _id(s.stream, "ResearchSubject"))
 
     medications: dict[str, str] = {}
     for i in s.of("CyclophosphamideGiven", "MSCInfused"):

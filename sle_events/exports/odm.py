@@ -22,7 +22,8 @@ the changes are in the order they were recorded.
 
 Extensions (the regulated acts: sign-off, SDV, queries): an ``OdmExtensions`` adds SignatureDefs to AdminData,
 a ``Signature`` after the AuditRecord of the ItemData a sign-off covers, ``Annotation``s (flags, comments), and
-may keep fact types out of the clinical data.
+may keep fact types out of the clinical data. Without one, ``exports/acts.py`` (``ActsOdm``) writes the
+regulated acts as of the checkpoint (docs/exports.md).
 
 ``check_odm(path, vkey_checkpoint=None) -> list[Finding]``: what the XSD cannot see (every UserRef, LocationRef,
 ItemOID, SignatureOID... defined; every time stamp with an offset, in order within a subject, and not after
@@ -55,6 +56,7 @@ from sle_events.exports.odm_metadata import (
     LOT_TYPES,
     ODM_NS,
     UNSCHEDULED,
+    CodeList,
     Form,
     Location,
     OdmMetadata,
@@ -151,25 +153,42 @@ class Signature:
 class Annotation:
     seq: int
     comment: str | None = None
-    flags: tuple[tuple[str, str], ...] = ()  # (value, code list OID)
+    # (value, its code list OID) or (value, code list, flag type, the type's code list)
+    flags: tuple[tuple[str, ...], ...] = ()
 
     def xml(self) -> str:
         comment = f"<Comment>{text(self.comment)}</Comment>" if self.comment else ""
-        flags = "".join(f"<Flag><FlagValue CodeListOID={attr(cl)}>{text(v)}</FlagValue></Flag>" for v, cl in self.flags)
-        return f'<Annotation SeqNum="{self.seq}">{comment}{flags}</Annotation>'
+        flags = []
+        for flag in self.flags:
+            kind = f"<FlagType CodeListOID={attr(flag[3])}>{text(flag[2])}</FlagType>" if len(flag) == 4 else ""
+            flags.append(f"<Flag><FlagValue CodeListOID={attr(flag[1])}>{text(flag[0])}</FlagValue>{kind}</Flag>")
+        return f'<Annotation SeqNum="{self.seq}">{comment}{"".join(flags)}</Annotation>'
 
 
 class OdmExtensions:
     """Hooks for facts beyond the data (sign-off, SDV, queries, lock). The default adds nothing."""
 
     signature_defs: tuple[SignatureDef, ...] = ()
+    codelists: tuple[CodeList, ...] = ()  # the code lists of the Flags its Annotations carry
 
     def skip(self, envelope: dict[str, Any]) -> bool:
         """Keep this fact out of ClinicalData (e.g. a sign-off, shown as Signatures instead)."""
         return False
 
-    def begin_subject(self, subject_id: str, envelopes: list[dict[str, Any]]) -> None:
+    def begin_subject(self, subject_id: str, envelopes: list[dict[str, Any]], site: str = "") -> None:
         """Called with all of a subject's envelopes (in order) before its data are written."""
+
+    def subject_signature(self, transactional: bool = False) -> tuple[Signature | None, list[Annotation]]:
+        """The Signature and Annotations of SubjectData (a casebook sign-off, the lock state)."""
+        return None, []
+
+    def visit_signature(self, visit_code: str) -> tuple[Signature | None, list[Annotation]]:
+        """The Signature and Annotations of a visit's StudyEventData in the snapshot (a visit sign-off)."""
+        return None, []
+
+    def snapshot_annotations(self, record_version: int) -> list[Annotation]:
+        """The Annotations of a record's ItemData in the snapshot (SDV, queries)."""
+        return []
 
     def signature(self, record_version: int, change_version: int) -> Signature | None:
         """The Signature for the ItemData of `record_version` written by `change_version`, if a sign-off covers it."""
@@ -204,6 +223,7 @@ class _Record:
     touched: bool = False
     voided: bool = False
     payload: dict[str, Any] = field(default_factory=dict)
+    version: int | None = None  # its version on the subject's stream (None: a lot's fact)
 
 
 @dataclass
@@ -269,6 +289,7 @@ def _study_context(url: str, scope: ExportScope, cp: ExportCheckpoint, ext: OdmE
         users=users,
         locations=locations,
         extra_signature_defs=ext.signature_defs,
+        extra_codelists=ext.codelists,
     )
 
 
@@ -362,7 +383,11 @@ def export_odm(
     if file_type not in ("snapshot", "transactional"):
         raise ValueError(f"file type {file_type!r}: snapshot or transactional")
     started, cpu = time.perf_counter(), time.process_time()
-    ext = extensions or OdmExtensions()
+    if extensions is None:  # the regulated acts (sign-offs, locks, SDV, queries) as of the checkpoint
+        from sle_events.exports.acts import ActsOdm
+
+        extensions = ActsOdm.read(url, str(scope.study_id), checkpoint, scope.recorded_to)
+    ext = extensions
     meta = _study_context(url, scope, checkpoint, ext)
     created = (created_at or datetime.now(UTC)).astimezone(UTC)
     stats = OdmStats(file_type)
@@ -455,6 +480,7 @@ class _SubjectWriter:
         self.stats = stats
         self.visit_codes = {v.code: v.oid for v in meta.visits}
         self.visit_order = {v.oid: i for i, v in enumerate(meta.visits)}
+        self.visit_of_oid = {v.oid: v.code for v in meta.visits}
         self.heads: dict[tuple[str, str | None], str] = {}
         self.fields: dict[str, dict[str, tuple[str, str | None]]] = {}
         self.names: dict[str, str] = {}
@@ -462,11 +488,13 @@ class _SubjectWriter:
 
     def subject(self, subject: Any, events: list[_Event]) -> str:
         ext = self.ext
-        ext.begin_subject(subject.id, [e.env for e in events])
+        ext.begin_subject(subject.id, [e.env for e in events], subject.site)
         site_oid = f"LOC.{subject.site}"
         records: dict[int, _Record] = {}
+        signature, notes = ext.subject_signature(self.transactional)
         out: list[str] = [
-            f"<SubjectData SubjectKey={attr(subject.screening_number)}><SiteRef LocationOID={attr(site_oid)}/>\n"
+            f"<SubjectData SubjectKey={attr(subject.screening_number)}>{signature.xml() if signature else ''}"
+            f"<SiteRef LocationOID={attr(site_oid)}/>{''.join(a.xml() for a in notes)}\n"
         ]
         open_visit: tuple[str, str | None] | None = None
         open_form: str | None = None
@@ -531,6 +559,7 @@ class _SubjectWriter:
                     visit = context
                 version = int(env["version"])
                 rec = _Record(form, visit, str(version) if name not in LOT_TYPES else f"LOT{version}", payload=payload)
+                rec.version = version if name not in LOT_TYPES else None
                 fields = self.fields.get(name)
                 if fields is None:  # each form's field -> (item, unit), once
                     fields = self.fields[name] = {f: (i.oid, i.unit) for f, i in form.items.items()}
@@ -577,10 +606,10 @@ class _SubjectWriter:
                 f'TransactionType="{kind}">'
             )
             signature = ext.signature(record_version, int(env["version"]))
-            notes = "".join(a.xml() for a in ext.annotations(record_version, int(env["version"])))
+            marks = "".join(a.xml() for a in ext.annotations(record_version, int(env["version"])))
             sig = signature.xml() if signature else ""
             for oid, value, unit in change:
-                out.append(self._item_data(oid, value, unit, kind, audit + sig, notes))
+                out.append(self._item_data(oid, value, unit, kind, audit + sig, marks))
             out.append("</ItemGroupData>\n")
             self.stats.written_events += 1
             self.stats.audit_records += len(change)
@@ -649,14 +678,17 @@ class _SubjectWriter:
                 if visit is not None:
                     yield "</StudyEventData>\n"
                 rep = f" StudyEventRepeatKey={attr(rec.visit[1])}" if rec.visit[1] else ""
-                yield f"<StudyEventData StudyEventOID={attr(rec.visit[0])}{rep}>"
+                signature, notes = self.ext.visit_signature(self.visit_of_oid.get(rec.visit[0], ""))
+                acts = (signature.xml() if signature else "") + "".join(a.xml() for a in notes)
+                yield f"<StudyEventData StudyEventOID={attr(rec.visit[0])}{rep}>{acts}"
                 visit, form = rec.visit, None
             if rec.form.oid != form:
                 if form is not None:
                     yield "</FormData>"
                 yield f"<FormData FormOID={attr(rec.form.oid)}>"
                 form = rec.form.oid
-            items = "".join(self._item_data(oid, v, u, None, "", "") for oid, (v, u) in rec.values.items())
+            marks = "".join(a.xml() for a in self.ext.snapshot_annotations(rec.version)) if rec.version else ""
+            items = "".join(self._item_data(oid, v, u, None, "", marks) for oid, (v, u) in rec.values.items())
             yield (
                 f"<ItemGroupData ItemGroupOID={attr(rec.form.group_oid)} ItemGroupRepeatKey={attr(rec.repeat)}>"
                 f"{items}</ItemGroupData>\n"
@@ -724,8 +756,14 @@ def check_odm(path: Path) -> list[Finding]:
             defined[_DEFINES[tag]].add(el.get("OID") or "")
         if tag in _REF_ATTRS:
             used.append((_REF_ATTRS[tag], el.get(_REF_ATTRS[tag]) or "", subject or "metadata"))
-        if tag == "FlagValue":
+        if tag in ("FlagValue", "FlagType"):
             used.append(("CodeListOID", el.get("CodeListOID") or "", subject or "metadata"))
+        if tag == "DateTimeStamp" and el.getparent() is not None and _local(el.getparent().tag) == "Signature":
+            signed = _instant(el.text, findings, f"subject {subject} (signature)")
+            if signed is not None and created is not None and signed > created:
+                findings.append(
+                    Finding(subject, None, "odm_time_after_creation", f"signed at {el.text}, after CreationDateTime")
+                )
         if tag == "DateTimeStamp" and el.getparent() is not None and _local(el.getparent().tag) == "AuditRecord":
             when = _instant(el.text, findings, f"subject {subject}")
             if when is not None:

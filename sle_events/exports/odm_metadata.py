@@ -240,6 +240,7 @@ class OdmMetadata:
         users: dict[str, User],
         locations: dict[str, Location],
         extra_signature_defs: Iterable[SignatureDef] = (),
+        extra_codelists: Iterable[CodeList] = (),
     ) -> None:
         self.study_oid = study_oid
         self.study_code = study_code
@@ -254,6 +255,8 @@ class OdmMetadata:
         self.forms: dict[str, Form] = {}
         self.lab_items: dict[str, Item] = {}
         self._build_forms()
+        for cl in extra_codelists:
+            self.codelists.setdefault(cl.oid, cl)
 
     # --- building -------------------------------------------------------------------------------------
     def _unit(self, symbol: str) -> str:

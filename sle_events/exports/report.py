@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from sle_events.exports.acts import SubjectActs, read_acts
 from sle_events.exports.manifest import ExportCheckpoint
 from sle_events.exports.scope import ExportScope
 from sle_events.exports.source import ExportSource, SubjectData, partial, progress_counter, publish
@@ -450,6 +451,7 @@ def subject_part(source: ExportSource, s: SubjectData) -> dict[str, Any]:
     series, markers, origin = _series(s)
     return {
         "screening_number": s.screening_number,
+        "stream": s.stream,
         "heading": f"Site {s.site}; status {s.aggregate.status.value}; {len(s.facts)} signed events "
         f"(stream {s.stream}). Times are site-local with their UTC offset in the timeline, UTC in the audit trail.",
         "png": _plotter.png(series, markers, f"days from {origin}"),
@@ -458,13 +460,118 @@ def subject_part(source: ExportSource, s: SubjectData) -> dict[str, Any]:
     }
 
 
-def _subject_section(part: dict[str, Any], st: dict[str, Any], audit: list[dict[str, Any]], detail: str) -> list[Any]:
+def _signoff_status(so: Any) -> str:
+    return "INVALIDATED by change - needs re-signing" if so.invalidated_by else "valid"
+
+
+def _acts_section(acts: SubjectActs, sdv: dict[str, Any] | None, st: dict[str, Any]) -> list[Any]:
+    """Sign-offs (valid or invalidated, never dropped), the lock state, SDV progress and open queries."""
+    from reportlab.platypus import Paragraph
+
+    level = acts.level or "open (neither frozen nor locked)"
+    if sdv and sdv["total"]:
+        progress = (
+            f"{sdv['VERIFIED']} of {sdv['total']} source facts verified ({sdv['verified_pct']} %), "
+            f"{sdv['CHANGED_SINCE_VERIFIED']} changed since verified, {sdv['PARTIAL']} partly, "
+            f"{sdv['PENDING']} pending"
+        )
+    else:
+        progress = "no source data to verify"
+    open_q = {k: q for k, q in acts.queries.items() if q["status"] != "CLOSED"}
+    story: list[Any] = [
+        Paragraph("Sign-off, lock, source data verification and queries", st["h2"]),
+        Paragraph(
+            _esc(f"Casebook: {level}. SDV: {progress}. Queries: {len(open_q)} not closed of {len(acts.queries)}."),
+            st["small"],
+        ),
+    ]
+    rows = [
+        [
+            so.scope if so.scope == "casebook" else f"visit {so.visit}",
+            f"{so.meaning} ({so.signature_def})",
+            f"{so.printed_name} ({so.actor})",
+            _short_time(so.signed_at) + so.signed_at[19:],
+            _clip(_signoff_status(so), 90),
+        ]
+        for so in acts.signoffs
+    ]
+    if rows:
+        story += _table(["signed", "meaning", "by", "when (site time)", "status"], rows, [70, 140, 140, 100, 320])
+    else:
+        story.append(Paragraph("Not signed by the investigator.", st["small"]))
+    for so in acts.signoffs:  # never dropped: what invalidated it, and where that change is in the ledger
+        if so.invalidated_by:
+            why = f": {so.invalidated_reason}" if so.invalidated_reason else ""
+            story.append(
+                Paragraph(
+                    _esc(f"Sign-off of {_short_time(so.signed_at)} invalidated by change at {so.invalidated_by}{why}"),
+                    st["small"],
+                )
+            )
+    if open_q:
+        story += _table(
+            ["query on", "raised (UTC)", "by", "question", "status", "last act"],
+            [
+                [
+                    f"v{q['version']}" + (f" {q['field']}" if q["field"] else ""),
+                    _short_time(q["raised_at"]),
+                    q["raised_by"],
+                    _clip(q["text"], 60),
+                    q["status"],
+                    _clip(f"{q['last'][0]} by {q['last'][1]}: {q['last'][2]}", 60) if q["last"] else "",
+                ]
+                for q in open_q.values()
+            ],
+            [60, 70, 90, 250, 60, 240],
+        )
+    return story
+
+
+def _acts_summary(
+    acts: dict[str, SubjectActs], streams: list[str], sdv: dict[str, Any], st: dict[str, Any]
+) -> list[Any]:
+    """Counts over the subjects in the report."""
+    from reportlab.platypus import Paragraph
+
+    status: dict[str, int] = defaultdict(int)
+    locks: dict[str, int] = defaultdict(int)
+    queries: dict[str, int] = defaultdict(int)
+    for stream in streams:
+        a = acts.get(stream) or SubjectActs()
+        casebook = [so for so in a.signoffs if so.scope == "casebook"]
+        if any(not so.invalidated_by for so in casebook):
+            status["signed (valid casebook sign-off)"] += 1
+        elif casebook:
+            status["invalidated by change - needs re-signing"] += 1
+        else:
+            status["not signed"] += 1
+        status["invalidated sign-offs (any scope)"] += sum(1 for so in a.signoffs if so.invalidated_by)
+        locks[a.level or "open"] += 1
+        for q in a.queries.values():
+            queries[q["status"]] += 1
+    total = sum(g["total"] for g in sdv.values())
+    verified = sum(g["VERIFIED"] for g in sdv.values())
+    rows = [[k, str(v)] for k, v in sorted(status.items())]
+    rows += [[f"casebook {k}", str(v)] for k, v in sorted(locks.items())]
+    rows += [[f"queries {k}", str(queries.get(k, 0))] for k in ("OPEN", "ANSWERED", "CLOSED")]
+    rows.append(["source facts verified", f"{verified} of {total}"])
+    return [Paragraph("Sign-off, lock, SDV and queries", st["h2"]), *_table(["", "subjects / count"], rows, [260, 120])]
+
+
+def _subject_section(
+    part: dict[str, Any],
+    st: dict[str, Any],
+    audit: list[dict[str, Any]],
+    detail: str,
+    acts: list[Any] | None = None,
+) -> list[Any]:
     from reportlab.platypus import CondPageBreak, Image, Paragraph
 
     story: list[Any] = [
         CondPageBreak(200),
         Paragraph(_esc(f"Subject {part['screening_number']}"), st["h1"]),
         Paragraph(_esc(part["heading"]), st["small"]),
+        *(acts or []),
         Paragraph("Lab trends (red dashed: AlloMSC infusion; dotted: visits)", st["h2"]),
         Image(io.BytesIO(part["png"]), width=770, height=770 * 2.1 / 11.0),
         Paragraph("Timeline", st["h2"]),
@@ -528,11 +635,20 @@ def write_report(
         for rows in trail.values():
             rows.sort(key=lambda r: (r["position"], r["seq"]))
 
+    # the regulated acts as of the same checkpoint (SDV progress: the read models')
+    acts = read_acts(source.url, str(source.scope.study_id), signed, source.scope.recorded_to)
+    from projections.review import sdv_facts_status, sdv_progress
+
+    with source.reader.engine.connect() as conn:
+        sdv = {g["subject"]: g for g in sdv_progress(sdv_facts_status(conn, study=str(source.scope.study_id)))}
+
     story = _front(source, st, checkpoint, data_time)
     if not one_subject:
         story += _study_summary(source, st)
+        story += _acts_summary(acts, [p["stream"] for p in parts], sdv, st)
     for part in parts:
-        story += _subject_section(part, st, trail.get(part["screening_number"], []), detail)
+        subject_acts = _acts_section(acts.get(part["stream"]) or SubjectActs(), sdv.get(part["screening_number"]), st)
+        story += _subject_section(part, st, trail.get(part["screening_number"], []), detail, subject_acts)
 
     epoch = int(data_time.timestamp())
     title = f"{source.study.code} report: {source.scope.describe()}"
