@@ -31,9 +31,11 @@ def app_from_env() -> Any:  # uvicorn's factory for worker processes: each opens
 
 def serve(
     db: str | None = DbOption,
-    host: str = typer.Option(DEFAULT_HOST, help="address to listen on (loopback by default)"),
-    port: int = typer.Option(DEFAULT_PORT, min=1, max=65535),
-    workers: int = typer.Option(1, min=1, max=64, help="worker processes (PostgreSQL only; SQLite has one writer)"),
+    host: str = typer.Option(DEFAULT_HOST, metavar="ADDRESS", help="address to listen on (loopback by default)"),
+    port: int = typer.Option(DEFAULT_PORT, min=1, max=65535, metavar="PORT", help="TCP port"),
+    workers: int = typer.Option(
+        1, min=1, max=64, metavar="N", help="worker processes (PostgreSQL only; SQLite has one writer)"
+    ),
     demo_clock: bool = typer.Option(
         False, "--demo-clock", help="accept any recorded_at, for `sle demo --api` only: never for a real study"
     ),
