@@ -110,7 +110,8 @@ def test_lb_results_and_standard_units_match_patient_state(sdtm_out, demo_ledger
             if lab not in testcd:
                 continue
             rows = [r for r in lb if r["USUBJID"] == usubjid and r["LBTESTCD"] == testcd[lab]]
-            last = max(rows, key=lambda r: r["LBDTC"])
+            # at the same time, the later-recorded result (a re-derived eGFR) has the higher --SEQ (its version)
+            last = max(rows, key=lambda r: (r["LBDTC"], int(r["LBSEQ"])))
             assert float(last["LBSTRESN"]) == pytest.approx(float(Decimal(latest["value"])))
             assert last["LBSTRESU"] == cdisc_unit(latest["unit"])
             assert last["LBDTC"] == latest["at"][:16]  # site-local wall time, no offset

@@ -245,6 +245,7 @@ def test_a_signed_lab_result_that_does_not_load_halts_only_its_subject(trial, wo
         "study_dashboard": [unloadable.version],
         "review_acts": [],
         "sdv_facts": [unloadable.version],  # the facts to verify stop at the same fact
+        "casebook": [],  # no regulated act on this subject
     }
     replay = sle("replay", "--subject", "SCR-901", "--db", trial.url)
     assert replay.returncode == 1 and f"v{unloadable.version}" in replay.stderr and "InvalidOperation" in replay.stderr

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 from typing import Any
 
+from sle_events.picklable import Picklable
 from sle_events.store.errors import (
     ActRefused,
     AppendRejected,
@@ -73,7 +74,7 @@ PROBLEMS: dict[str, tuple[int, str]] = {
 }
 
 
-class Problem(Exception):
+class Problem(Picklable, Exception):
     """A refusal, rendered as application/problem+json."""
 
     def __init__(self, kind: str, detail: str, **extra: Any) -> None:
