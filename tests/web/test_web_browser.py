@@ -17,6 +17,23 @@ import pytest
 from sle_events.web import create_web_app
 from web.webkit import browser_problem, chromium, screenshot, serve
 
+
+def text_once(driver, by, value: str, needle: str) -> str:
+    """The element's text once the page that shows `needle` in it has loaded: a click returns before the next page
+    replaces this one, and an element found on the old page goes stale under us."""
+    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+    from selenium.webdriver.support.ui import WebDriverWait
+
+    def shown(d):
+        try:
+            text = d.find_element(by, value).text
+        except (NoSuchElementException, StaleElementReferenceException):
+            return False
+        return text if needle in text else False
+
+    return WebDriverWait(driver, 15).until(shown)
+
+
 pytestmark = [
     pytest.mark.skipif(browser_problem() is not None, reason=browser_problem() or ""),
 ]
@@ -105,9 +122,9 @@ def test_a_monitor_signs_in_and_reads_the_record(server, demo, width):
         check_page(driver, "dashboard")
 
         driver.find_element(By.LINK_TEXT, "Subjects").click()
-        assert driver.find_element(By.TAG_NAME, "h1").text == "Subjects"
+        assert text_once(driver, By.TAG_NAME, "h1", "Subjects") == "Subjects"
         driver.find_element(By.LINK_TEXT, SUBJECT).click()
-        assert driver.find_element(By.TAG_NAME, "h1").text == f"Subject {SUBJECT}"
+        assert text_once(driver, By.TAG_NAME, "h1", SUBJECT) == f"Subject {SUBJECT}"
         labs = driver.find_element(By.CSS_SELECTOR, "section[aria-labelledby=h-labs]").text
         assert "eGFR" in labs and "creatinine" in labs and "mL/min" in labs
         plots = driver.find_elements(By.CSS_SELECTOR, "svg.trend")
@@ -133,27 +150,29 @@ def test_a_monitor_signs_in_and_reads_the_record(server, demo, width):
         check_page(driver, "audit")
 
         first_event.click()
-        assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Event at log position")
+        assert text_once(driver, By.TAG_NAME, "h1", "Event at").startswith("Event at log position")
         proof = driver.find_element(By.CSS_SELECTOR, "section[aria-labelledby=h-proof]").text
         assert "of the signed tree of size" in proof and "sle ledger verify-proof" in proof
         check_page(driver, "event")
 
         driver.find_element(By.LINK_TEXT, "Dashboard").click()
+        text_once(driver, By.TAG_NAME, "h1", "Study dashboard")
         now_subjects = driver.find_element(By.CLASS_NAME, "lead").text
         as_of = driver.find_element(By.ID, "as_of")
         as_of.send_keys("2007-09-30")
         Select(driver.find_element(By.ID, "axis")).select_by_value("recorded")
         driver.find_element(By.CSS_SELECTOR, "form.asof button").click()
-        banner = driver.find_element(By.CLASS_NAME, "banner").text
+        banner = text_once(driver, By.CLASS_NAME, "banner", "as of ")
         assert "as of 2007-09-30T23:59:59.999999+00:00" in banner and "recorded" in banner
         then_subjects = driver.find_element(By.CLASS_NAME, "lead").text
         assert then_subjects != now_subjects and "with events by then" in then_subjects
         check_page(driver, "dashboard-as-of")
         driver.find_element(By.LINK_TEXT, "Subjects").click()  # the as-of goes along
-        assert "as of 2007-09-30" in driver.find_element(By.CLASS_NAME, "banner").text
+        text_once(driver, By.TAG_NAME, "h1", "Subjects")
+        assert "as of 2007-09-30" in text_once(driver, By.CLASS_NAME, "banner", "as of ")
 
         driver.find_element(By.LINK_TEXT, "Verification").click()
-        assert "Verify it yourself" in driver.find_element(By.TAG_NAME, "main").text
+        assert "Verify it yourself" in text_once(driver, By.TAG_NAME, "main", "Verify it yourself")
         check_page(driver, "verification")
 
         driver.find_element(By.CSS_SELECTOR, ".who button").click()  # sign out
