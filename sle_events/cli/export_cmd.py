@@ -110,6 +110,20 @@ def prepare_export(
     return ExportContext(url, scope, checkpoint, exporter, out_path)
 
 
+def run_exporter(label: str, export: Any, ctx: ExportContext, **options: Any) -> Any:
+    """One exporter over the prepared scope and checkpoint, its subjects counted on a progress bar."""
+    with progress(label) as bar:
+        task = bar.add_task("subjects", total=None)
+        return export(
+            ctx.url,
+            ctx.out,
+            scope=ctx.scope,
+            checkpoint=ctx.checkpoint,
+            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
+            **options,
+        )
+
+
 def finish_export(ctx: ExportContext, files: Sequence[Path], kind: str) -> Path:
     """Sign the manifest beside the export and say what was written."""
     from sle_events.exports.manifest import write_manifest
@@ -192,16 +206,7 @@ def odm(
         fail(f"--type {file_type!r}: give snapshot or transactional")
     ctx = prepare_export(db, key, out_file, subject, site, recorded_from, recorded_to)
     try:
-        with progress("ODM " + file_type) as bar:
-            task = bar.add_task("subjects", total=None)
-            stats = export_odm(
-                ctx.url,
-                out_file,
-                file_type=file_type,  # type: ignore[arg-type]  # checked above
-                scope=ctx.scope,
-                checkpoint=ctx.checkpoint,
-                on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-            )
+        stats = run_exporter("ODM " + file_type, export_odm, ctx, file_type=file_type)
     except OdmExportError as e:
         fail(str(e), 1)
     finish_export(ctx, [out_file], f"odm-{file_type}")
@@ -227,15 +232,7 @@ def sdtm(
 
     ctx = prepare_export(db, key, out_dir, subject, site, recorded_from, recorded_to, folder=True)
     try:
-        with progress("SDTM") as bar:
-            task = bar.add_task("subjects", total=None)
-            files = export_sdtm(
-                ctx.url,
-                out_dir,
-                scope=ctx.scope,
-                checkpoint=ctx.checkpoint,
-                on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-            )
+        files = run_exporter("SDTM", export_sdtm, ctx)
     except SdtmRefused as e:
         fail(str(e), 1)
     finish_export(ctx, files, "sdtm")
@@ -257,15 +254,7 @@ def fhir(
     from sle_events.exports.fhir import export_fhir
 
     ctx = prepare_export(db, key, out_dir, subject, site, recorded_from, recorded_to, folder=True)
-    with progress("FHIR") as bar:
-        task = bar.add_task("subjects", total=None)
-        files = export_fhir(
-            ctx.url,
-            out_dir,
-            scope=ctx.scope,
-            checkpoint=ctx.checkpoint,
-            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-        )
+    files = run_exporter("FHIR", export_fhir, ctx)
     finish_export(ctx, files, "fhir")
 
 
@@ -296,14 +285,5 @@ def report(
     if out_file.suffix.lower() != ".pdf":
         fail(f"--out {out_file}: give a file name ending in .pdf")
     ctx = prepare_export(db, key, out_file, subject, site, recorded_from, recorded_to)
-    with progress("report") as bar:
-        task = bar.add_task("subjects", total=None)
-        export_report(
-            ctx.url,
-            out_file,
-            scope=ctx.scope,
-            checkpoint=ctx.checkpoint,
-            audit=audit,
-            on_progress=lambda d, t: bar.update(task, completed=d, total=t),
-        )
+    run_exporter("report", export_report, ctx, audit=audit)
     finish_export(ctx, [out_file], "report")
