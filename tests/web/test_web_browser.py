@@ -18,20 +18,16 @@ from sle_events.web import create_web_app
 from web.webkit import browser_problem, chromium, screenshot, serve
 
 
-def text_once(driver, by, value: str, needle: str) -> str:
-    """The element's text once the page that shows `needle` in it has loaded: a click returns before the next page
-    replaces this one, and an element found on the old page goes stale under us."""
-    from selenium.common.exceptions import NoSuchElementException, StaleElementReferenceException
+def go(driver, element) -> None:
+    """Click what leads to another page and wait until that page has replaced this one: a click returns before the
+    navigation, and anything read in between comes from the old page (or goes stale under us)."""
+    from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
-    def shown(d):
-        try:
-            text = d.find_element(by, value).text
-        except (NoSuchElementException, StaleElementReferenceException):
-            return False
-        return text if needle in text else False
-
-    return WebDriverWait(driver, 15).until(shown)
+    old = driver.find_element("tag name", "html")
+    element.click()
+    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
+    WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
 pytestmark = [
@@ -87,7 +83,7 @@ def sign_in(driver, base: str, folder: Path) -> None:
     driver.get(link)
     assert driver.find_element(By.TAG_NAME, "h1").text == "Sign in"
     assert driver.find_element(By.ID, "token").get_attribute("value") in link  # the link's token, ready to send
-    driver.find_element(By.ID, "signin-button").click()
+    go(driver, driver.find_element(By.ID, "signin-button"))
 
 
 def check_page(driver, name: str) -> None:
@@ -121,10 +117,10 @@ def test_a_monitor_signs_in_and_reads_the_record(server, demo, width):
         assert "Verified: every signature, key, role and chain holds" in body or "UNVERIFIABLE" in body
         check_page(driver, "dashboard")
 
-        driver.find_element(By.LINK_TEXT, "Subjects").click()
-        assert text_once(driver, By.TAG_NAME, "h1", "Subjects") == "Subjects"
-        driver.find_element(By.LINK_TEXT, SUBJECT).click()
-        assert text_once(driver, By.TAG_NAME, "h1", SUBJECT) == f"Subject {SUBJECT}"
+        go(driver, driver.find_element(By.LINK_TEXT, "Subjects"))
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Subjects"
+        go(driver, driver.find_element(By.LINK_TEXT, SUBJECT))
+        assert driver.find_element(By.TAG_NAME, "h1").text == f"Subject {SUBJECT}"
         labs = driver.find_element(By.CSS_SELECTOR, "section[aria-labelledby=h-labs]").text
         assert "eGFR" in labs and "creatinine" in labs and "mL/min" in labs
         plots = driver.find_elements(By.CSS_SELECTOR, "svg.trend")
@@ -136,10 +132,10 @@ def test_a_monitor_signs_in_and_reads_the_record(server, demo, width):
         assert "screening" in timeline and "AlloMSC infusion" in timeline and "correction" in timeline
         check_page(driver, "subject")
 
-        driver.find_element(By.LINK_TEXT, "Audit trail").click()
+        go(driver, driver.find_element(By.LINK_TEXT, "Audit trail"))
         Select(driver.find_element(By.ID, "f-subject")).select_by_visible_text(SUBJECT)
         Select(driver.find_element(By.ID, "f-change")).select_by_visible_text("corrected")
-        driver.find_element(By.ID, "filter-button").click()
+        go(driver, driver.find_element(By.ID, "filter-button"))
         rows = driver.find_elements(By.CSS_SELECTOR, "table.audit tbody tr")
         assert rows
         for row in rows:
@@ -149,32 +145,32 @@ def test_a_monitor_signs_in_and_reads_the_record(server, demo, width):
         first_event = rows[0].find_element(By.PARTIAL_LINK_TEXT, "#")
         check_page(driver, "audit")
 
-        first_event.click()
-        assert text_once(driver, By.TAG_NAME, "h1", "Event at").startswith("Event at log position")
+        go(driver, first_event)
+        assert driver.find_element(By.TAG_NAME, "h1").text.startswith("Event at log position")
         proof = driver.find_element(By.CSS_SELECTOR, "section[aria-labelledby=h-proof]").text
         assert "of the signed tree of size" in proof and "sle ledger verify-proof" in proof
         check_page(driver, "event")
 
-        driver.find_element(By.LINK_TEXT, "Dashboard").click()
-        text_once(driver, By.TAG_NAME, "h1", "Study dashboard")
+        go(driver, driver.find_element(By.LINK_TEXT, "Dashboard"))
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Study dashboard"
         now_subjects = driver.find_element(By.CLASS_NAME, "lead").text
         as_of = driver.find_element(By.ID, "as_of")
         as_of.send_keys("2007-09-30")
         Select(driver.find_element(By.ID, "axis")).select_by_value("recorded")
-        driver.find_element(By.CSS_SELECTOR, "form.asof button").click()
-        banner = text_once(driver, By.CLASS_NAME, "banner", "as of ")
+        go(driver, driver.find_element(By.CSS_SELECTOR, "form.asof button"))
+        banner = driver.find_element(By.CLASS_NAME, "banner").text
         assert "as of 2007-09-30T23:59:59.999999+00:00" in banner and "recorded" in banner
         then_subjects = driver.find_element(By.CLASS_NAME, "lead").text
         assert then_subjects != now_subjects and "with events by then" in then_subjects
         check_page(driver, "dashboard-as-of")
-        driver.find_element(By.LINK_TEXT, "Subjects").click()  # the as-of goes along
-        text_once(driver, By.TAG_NAME, "h1", "Subjects")
-        assert "as of 2007-09-30" in text_once(driver, By.CLASS_NAME, "banner", "as of ")
+        go(driver, driver.find_element(By.LINK_TEXT, "Subjects"))  # the as-of goes along
+        assert driver.find_element(By.TAG_NAME, "h1").text == "Subjects"
+        assert "as of 2007-09-30" in driver.find_element(By.CLASS_NAME, "banner").text
 
-        driver.find_element(By.LINK_TEXT, "Verification").click()
-        assert "Verify it yourself" in text_once(driver, By.TAG_NAME, "main", "Verify it yourself")
+        go(driver, driver.find_element(By.LINK_TEXT, "Verification"))
+        assert "Verify it yourself" in driver.find_element(By.TAG_NAME, "main").text
         check_page(driver, "verification")
 
-        driver.find_element(By.CSS_SELECTOR, ".who button").click()  # sign out
+        go(driver, driver.find_element(By.CSS_SELECTOR, ".who button"))  # sign out
         driver.get(server + "/")
         assert driver.find_element(By.TAG_NAME, "h1").text == "Sign in"
