@@ -19,7 +19,7 @@ from sqlalchemy import Connection, Table, func, select
 from projections.base import Fact, Projection, bulk_insert
 from projections.schema import audit_events, audit_trail, verification_findings, verification_runs
 from sle_events.audit.record_check import build_registry_timelines
-from sle_events.audit.results import check_result, result_document
+from sle_events.audit.results import check_result, result_document, run_tree
 
 SIGNATURE_VERIFIED_AT_APPEND = "verified_at_append"
 COLUMNS = (
@@ -283,7 +283,8 @@ def last_verification(conn: Connection) -> dict[str, Any] | None:
     ).all()
     for row in stored:
         by_position.setdefault(row.position, []).append(row.kind)
-    why = check_result(conn, run.id, result_document(run.run_at, bool(run.ok), run.events, list(stored)))
+    document = result_document(run.run_at, bool(run.ok), run.events, list(stored), run_tree(conn, run.id))
+    why = check_result(conn, run.id, document)
     return {"run_at": run.run_at, "ok": bool(run.ok), "findings_by_position": by_position, "unverifiable": why}
 
 

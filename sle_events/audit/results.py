@@ -5,12 +5,17 @@ finding) with a key the study registered (role auditor, monitor or admin); the s
 run (`verification_seals`). Wherever a stored result is shown, `check_result` re-checks it against the study
 registry as re-derived from the signed events: an unsigned, edited or foreign result reads "UNVERIFIABLE".
 Someone with SQL can still delete runs (the previous signed one then shows) but cannot make one say "ok".
+
+A full run also seals the Merkle tree it checked (`verification_trees`: how many events, in log order, and the
+RFC 9162 root of their stored bytes). That is what lets an export verify once per checkpoint: leaves proven to
+rebuild a sealed, clean run's root carry events whose signatures that run checked (`vouched_tree`).
 """
 
 from __future__ import annotations
 
 import base64
 import hashlib
+from dataclasses import dataclass
 from typing import Any
 
 import sqlalchemy as sa
@@ -32,13 +37,50 @@ verification_seals = sa.Table(
 )
 
 
-def result_document(run_at: str, ok: bool, events: int, findings: list[Any]) -> bytes:
-    """The bytes a verifier signs: the run as stored (time, ok, count) and a digest of every finding."""
+verification_trees = sa.Table(
+    "verification_trees",
+    metadata,
+    sa.Column("run_id", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), primary_key=True, autoincrement=False),
+    sa.Column("size", sa.BigInteger().with_variant(sa.Integer(), "sqlite"), nullable=False),
+    sa.Column("root", sa.String(64), nullable=False),  # base64 of the 32-byte root
+)
+
+
+def result_document(
+    run_at: str, ok: bool, events: int, findings: list[Any], tree: tuple[int, str] | None = None
+) -> bytes:
+    """The bytes a verifier signs: the run as stored (time, ok, count), a digest of every finding and, for a full
+    run, the tree it checked (size, root)."""
     rows = [[f.position, f.stream, f.version, f.kind, f.detail] for f in findings]
     digest = hashlib.sha256(canonical_json(rows)).hexdigest()
-    return canonical_json(
-        {"run_at": run_at, "ok": bool(ok), "events": int(events), "findings": len(rows), "findings_sha256": digest}
-    )
+    doc: dict[str, Any] = {
+        "run_at": run_at,
+        "ok": bool(ok),
+        "events": int(events),
+        "findings": len(rows),
+        "findings_sha256": digest,
+    }
+    if tree is not None:
+        doc["tree"] = {"size": int(tree[0]), "root": tree[1]}
+    return canonical_json(doc)
+
+
+def save_tree(conn: Any, run_id: int, report: Any) -> tuple[int, str] | None:
+    """Keep the tree a full run checked (none for an incremental run, which re-hashed rather than re-verified)."""
+    ledger = report.ledger or {}
+    if report.since is not None or "root" not in ledger or "events" not in ledger:
+        return None
+    verification_trees.create(conn, checkfirst=True)
+    tree = (int(ledger["events"]), str(ledger["root"]))
+    conn.execute(verification_trees.insert().values(run_id=run_id, size=tree[0], root=tree[1]))
+    return tree
+
+
+def run_tree(conn: Any, run_id: int) -> tuple[int, str] | None:
+    if not sa.inspect(conn).has_table(verification_trees.name):
+        return None
+    row = conn.execute(sa.select(verification_trees).where(verification_trees.c.run_id == run_id)).first()
+    return (int(row.size), str(row.root)) if row is not None else None
 
 
 def seal_result(conn: Any, run_id: int, document: bytes, signer: Signer) -> None:
@@ -88,4 +130,53 @@ def _registered_key(conn: Any, key: str, actor: str) -> Any:
         entry = states[-1].keys.get(key)
         if entry and entry["actor"] == actor and entry["role"] in RESULT_ROLES and entry["status"] == "active":
             return public_key(states[-1].public_key(key))
+    return None
+
+
+@dataclass(frozen=True)
+class VouchedTree:
+    """The first `size` events in log order were checked by sealed run `run_id` (signatures, keys, chains: no
+    finding), and the ledger's leaves 0..size-1 rebuild the root that run sealed: an event whose stored bytes
+    hash to its leaf there is one the run verified."""
+
+    run_id: int
+    actor: str
+    key: str
+    size: int
+
+    def describe(self) -> str:
+        return (
+            f"verification run {self.run_id} sealed by {self.actor} (key {self.key}) checked every signature of "
+            f"the first {self.size} events; each exported event's stored bytes were matched to that tree's leaf"
+        )
+
+
+def vouched_tree(conn: Any) -> VouchedTree | None:
+    """The newest clean, sealed, full verification whose tree the ledger's leaves rebuild; None if there is none
+    (an export then checks every signature itself)."""
+    from sle_events.ledger.merkle import root_from_leaf_hashes
+    from sle_events.ledger.tables import ledger_leaves
+
+    insp = sa.inspect(conn)
+    if not all(insp.has_table(t) for t in ("verification_runs", verification_trees.name, ledger_leaves.name)):
+        return None
+    runs = sa.table("verification_runs", sa.column("id"), sa.column("run_at"), sa.column("ok"), sa.column("events"))
+    t = verification_trees
+    candidates = conn.execute(
+        sa.select(runs.c.id, runs.c.run_at, runs.c.ok, runs.c.events, t.c.size, t.c.root)
+        .join(t, t.c.run_id == runs.c.id)
+        .where(runs.c.ok == 1)
+        .order_by(runs.c.id.desc())
+        .limit(5)
+    ).all()
+    for run in candidates:
+        tree = (int(run.size), str(run.root))
+        if check_result(conn, run.id, result_document(run.run_at, True, run.events, [], tree)) is not None:
+            continue
+        lv = ledger_leaves.c
+        leaves = [bytes(h) for (h,) in conn.execute(sa.select(lv.leaf_hash).where(lv.idx < tree[0]).order_by(lv.idx))]
+        if len(leaves) != tree[0] or base64.b64encode(root_from_leaf_hashes(leaves)).decode() != tree[1]:
+            continue  # the ledger no longer holds the tree that run checked: vouch for nothing
+        seal = conn.execute(sa.select(verification_seals).where(verification_seals.c.run_id == run.id)).one()
+        return VouchedTree(int(run.id), seal.actor, seal.key, min(int(run.events), tree[0]))
     return None

@@ -141,7 +141,7 @@ def _keep_result(url: str, report, signer=None) -> None:
 
     from projections.audit_trail import save_verification
     from projections.schema import verification_findings, verification_runs
-    from sle_events.audit.results import result_document, seal_result
+    from sle_events.audit.results import result_document, save_tree, seal_result
 
     engine = create_engine(url)
     try:
@@ -149,11 +149,11 @@ def _keep_result(url: str, report, signer=None) -> None:
         verification_findings.create(engine, checkfirst=True)
         with engine.begin() as conn:
             run_id = save_verification(conn, report)
+            tree = save_tree(conn, run_id, report)
             if signer is not None:
                 run = conn.execute(select(verification_runs).where(verification_runs.c.id == run_id)).one()
-                seal_result(
-                    conn, run_id, result_document(run.run_at, bool(run.ok), run.events, report.findings), signer
-                )
+                document = result_document(run.run_at, bool(run.ok), run.events, report.findings, tree)
+                seal_result(conn, run_id, document, signer)
     except SQLAlchemyError as e:
         err.print(f"[yellow]result not saved in the database: {e.__class__.__name__}[/yellow]")
     finally:
@@ -239,7 +239,7 @@ def demo(
     ),
 ) -> None:
     """Record a synthetic trial (synthetic-cohort.md) through the trial's use cases, then verify it."""
-    from sle_events.demo import run_demo
+    from sle_events.demo import PEOPLE, run_demo
     from sle_events.store.record import StudyRecord
 
     url = database_url(db)
@@ -269,7 +269,9 @@ def demo(
         f"{refused}; {result.backlog} entries after the data cut left out; content digest {result.digest[:16]}"
     )
     vkey = _set_up_ledger(url, keys)
-    code = _verify(url, False, None, vkey=vkey)
+    # the monitor verifies and seals the result: the web view then shows it signed, and exports verify once
+    # per checkpoint against the tree it sealed (`audit.results.vouched_tree`)
+    code = _verify(url, False, None, vkey=vkey, sign_key=keys / "monitor.pem", actor=PEOPLE["monitor"][0])
     if code == 0:
         _build_read_models(url)
         out.print(

@@ -2,6 +2,11 @@
 
 Read through the projections (`StudyReader`, the verifying stream reader, `fold`), so an export sees exactly
 what the read models see: every event's chain and signature checked, corrections applied, voided facts gone.
+Signatures are verified once per checkpoint, not once per export: where a sealed, clean, full verification run
+checked the tree the ledger's leaves still rebuild (`audit.results.vouched_tree`), an event whose stored bytes
+hash to its leaf in that tree is one whose Ed25519 signature the run checked, so only its chain and its key's
+authorisation are checked here; every other event (none vouched, or newer than that run) has its signature
+checked one by one.
 A subject's current records are the domain's own (`Subject.facts`); facts without a record (consent,
 enrolment, an AE assessment...) are read from their signed payload.
 """
@@ -22,7 +27,9 @@ from sqlalchemy import inspect, select
 from projections.base import Fact, VerifyingReader
 from projections.read import StudyReader
 from projections.replay import fold
+from sle_events.audit.results import VouchedTree, vouched_tree
 from sle_events.exports.scope import ExportScope
+from sle_events.ledger.merkle import leaf_hash
 from sle_events.ledger.tables import ledger_checkpoints, ledger_leaves
 from sle_events.signing.envelope import parse_time
 
@@ -98,6 +105,7 @@ class ExportSource:
         upto_position: int | None = None,
         catch_up: bool = True,
         workers: int | None = None,
+        vouch: VouchedTree | bool | None = True,
     ) -> None:
         scope = scope or ExportScope()
         self.url = url
@@ -115,6 +123,13 @@ class ExportSource:
                 if str(r["study"]) == self.scope.study_id and self.scope.covers_subject(r["site"], str(r["subject"]))
             ]
             self.has_ledger = inspect(self.reader.engine).has_table(ledger_leaves.name)
+            # `vouch` True: look for a sealed run's tree (the parent does; its workers are handed the answer)
+            self.vouch: VouchedTree | None = None
+            if vouch is True and self.has_ledger:
+                with self.reader.engine.connect() as conn:
+                    self.vouch = vouched_tree(conn)
+            elif isinstance(vouch, VouchedTree):
+                self.vouch = vouch
         except BaseException:
             self.reader.close()
             raise
@@ -163,7 +178,7 @@ class ExportSource:
             self.workers,
             mp_context=get_context("fork"),  # as the verifier and rebuild do; each worker opens its own engine
             initializer=_worker_start,
-            initargs=(self.url, self.scope, self.upto_position),
+            initargs=(self.url, self.scope, self.upto_position, self.vouch),
         ) as pool:
             for rows, results in zip(chunks, pool.map(_worker_run, [(fn, c) for c in chunks]), strict=True):
                 yield from results
@@ -172,18 +187,21 @@ class ExportSource:
 
     def subject(self, row: dict[str, Any]) -> SubjectData:
         stream = str(row["subject"])
+        index: dict[int, int] = {}  # version → leaf index
+        leaves: dict[int, tuple[int, bytes]] = {}  # log position → (leaf index, leaf hash)
         with self.reader.engine.connect() as conn:
-            facts = self.verifying.stream(conn, UUID(stream))
+            if self.has_ledger:  # a record without a ledger (a demo, say): no leaf indexes to name
+                lv = ledger_leaves.c
+                q = select(lv.version, lv.idx, lv.position, lv.leaf_hash).where(lv.stream == stream)
+                for version, idx, position, hashed in conn.execute(q):
+                    index[int(version)] = int(idx)
+                    leaves[int(position)] = (int(idx), bytes(hashed))
+            facts = self.verifying.stream(conn, UUID(stream), vouched=self._vouched(leaves))
         if self.upto_position is not None:  # a prefix of the stream: positions grow with versions
             facts = [f for f in facts if f.position <= self.upto_position]
         if not facts:
             return SubjectData(stream, row["screening_number"], row["site"], None, [])
         aggregate = fold(list(facts))
-        index: dict[int, int] = {}
-        if self.has_ledger:  # a record without a ledger (a demo, say): no leaf indexes to name
-            with self.reader.engine.connect() as conn:
-                q = select(ledger_leaves.c.version, ledger_leaves.c.idx).where(ledger_leaves.c.stream == stream)
-                index = {int(v): int(i) for v, i in conn.execute(q)}
         data = SubjectData(stream, row["screening_number"], row["site"], aggregate, facts, ledger_index=index)
         for f in facts:
             known = aggregate.facts.get(f.version)
@@ -194,6 +212,18 @@ class ExportSource:
             if item.type in ("Screened", "DemographicsRecorded") or self.scope.covers_time(item.recorded_at):
                 data.items.append(item)
         return data
+
+    def _vouched(self, leaves: dict[int, tuple[int, bytes]]) -> Callable[[int, bytes], bool] | None:
+        """Whether the event at a log position is, byte for byte, one the sealed run's tree holds."""
+        if self.vouch is None:
+            return None
+        size = self.vouch.size
+
+        def vouched(position: int, state: bytes) -> bool:
+            leaf = leaves.get(position)
+            return leaf is not None and leaf[0] < size and leaf_hash(state) == leaf[1]
+
+        return vouched
 
     def checkpoint(self) -> dict[str, Any] | None:
         """The ledger's latest signed checkpoint (size, root, note), if the ledger has one."""
@@ -216,10 +246,12 @@ class ExportSource:
 _worker_source: ExportSource | None = None
 
 
-def _worker_start(url: str, scope: ExportScope, upto_position: int | None) -> None:
+def _worker_start(url: str, scope: ExportScope, upto_position: int | None, vouch: VouchedTree | None) -> None:
     global _worker_source
-    # the parent brought the read models up to date; a worker only reads
-    _worker_source = ExportSource(url, scope, upto_position=upto_position, catch_up=False, workers=1)
+    # the parent brought the read models up to date and checked the sealed tree; a worker only reads
+    _worker_source = ExportSource(
+        url, scope, upto_position=upto_position, catch_up=False, workers=1, vouch=vouch if vouch else False
+    )
 
 
 def _worker_run(task: tuple[Callable[[ExportSource, SubjectData], T], list[dict[str, Any]]]) -> list[T]:
