@@ -191,6 +191,7 @@ class VerifyingReader:
         stream_id: UUID,
         upto_version: int | None = None,
         *,
+        upto_position: int | None = None,
         vouched: Callable[[int, bytes], bool] | None = None,
     ) -> list[Fact]:
         """One stream's events in version order (up to a version), each checked like those `read` hands over.
@@ -200,6 +201,8 @@ class VerifyingReader:
         q = select(t.c.id, t.c.originator_version, t.c.state).where(t.c.originator_id == stream_id)
         if upto_version is not None:
             q = q.where(t.c.originator_version <= upto_version)
+        if upto_position is not None:  # a prefix of the stream too: positions grow with versions
+            q = q.where(t.c.id <= upto_position)
         rows = conn.execute(q.order_by(t.c.originator_version)).all()
         if rows:
             self.registries(conn, max(r[0] for r in rows))

@@ -229,7 +229,7 @@ def test_ledger_run_integrates_continuously_between_checkpoints(trial, tmp_path)
 # --- item 9: a stored verification result cannot be turned from FAILED into ok -----------------------------------
 def test_a_forged_stored_verification_result_reads_unverifiable(trial, tmp_path):
     from projections.audit_trail import last_verification
-    from sle_events.audit.results import result_document, seal_result
+    from sle_events.audit.results import result_document, run_tree, seal_result
     from sle_events.signing.keys import Signer
 
     subjects = build(trial)
@@ -271,7 +271,7 @@ def test_a_forged_stored_verification_result_reads_unverifiable(trial, tmp_path)
     engine = sa.create_engine(trial.url)
     with engine.begin() as conn:
         run = conn.execute(sa.text("select id, run_at, ok, events from verification_runs")).one()
-        seal_result(conn, run.id, result_document(run.run_at, True, run.events, []), forger)
+        seal_result(conn, run.id, result_document(run.run_at, True, run.events, [], run_tree(conn, run.id)), forger)
     engine.dispose()
     assert "which no study registered" in last()["unverifiable"]
 

@@ -364,6 +364,8 @@ def _run(
         return root_at(size, _getter(ev_levels))
 
     info["root"] = _b64(recomputed_root(n_ev))
+    if has_ledger:  # the integrated events' tree: what a sealed result vouches for (`audit.results.save_tree`)
+        info["logged"] = {"size": first_pending, "root": _b64(recomputed_root(first_pending))}
 
     # --- stored checkpoints --------------------------------------------------------------------------
     if has_ledger:

@@ -66,12 +66,13 @@ def result_document(
 
 
 def save_tree(conn: Any, run_id: int, report: Any) -> tuple[int, str] | None:
-    """Keep the tree a full run checked (none for an incremental run, which re-hashed rather than re-verified)."""
-    ledger = report.ledger or {}
-    if report.since is not None or "root" not in ledger or "events" not in ledger:
+    """Keep the tree of the integrated events a full run checked, if the record has a ledger (none for an
+    incremental run, which re-hashed rather than re-verified the events before its checkpoint)."""
+    logged = (report.ledger or {}).get("logged")
+    if report.since is not None or not logged:
         return None
     verification_trees.create(conn, checkfirst=True)
-    tree = (int(ledger["events"]), str(ledger["root"]))
+    tree = (int(logged["size"]), str(logged["root"]))
     conn.execute(verification_trees.insert().values(run_id=run_id, size=tree[0], root=tree[1]))
     return tree
 

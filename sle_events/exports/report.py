@@ -60,17 +60,21 @@ class _Plotter:
         matplotlib.use("Agg")
         import matplotlib.pyplot as plt
 
-        plt.rcParams.update({"svg.hashsalt": "sle-report", "font.size": 7, "axes.titlesize": 8})
+        # a fixed title height and the unit in the title (no y label): matplotlib otherwise measures every tick
+        # label on every draw to place them, a third of the plot's cost
+        plt.rcParams.update({"svg.hashsalt": "sle-report", "font.size": 7, "axes.titlesize": 8, "axes.titley": 1.0})
         self.plt = plt
         self.fig, axes = plt.subplots(1, len(PLOTS), figsize=(11.0, 2.1), dpi=DPI)
         self.fig.subplots_adjust(left=0.05, right=0.99, bottom=0.2, top=0.88, wspace=0.38)
         self.axes = list(axes)
+        from matplotlib.collections import LineCollection
+
         self.lines: list[list[Any]] = []
         self.empty: list[Any] = []
-        self.markers: list[Any] = []
+        self.markers: list[tuple[Any, Any, Any]] = []
         for ax, (title, lines, unit) in zip(self.axes, PLOTS, strict=True):
-            ax.set_title(title)
-            ax.set_ylabel(unit)
+            ax.set_title(f"{title}, {unit}")
+            ax.xaxis.set_label_coords(0.5, -0.17)  # below the tick labels, whose height never changes
             ax.grid(True, linewidth=0.3, alpha=0.5)
             self.lines.append(
                 [ax.plot([], [], marker="o", markersize=2.2, linewidth=1.0, label=label)[0] for label, _ in lines]
@@ -80,14 +84,20 @@ class _Plotter:
             self.empty.append(
                 ax.text(0.5, 0.5, "no results", ha="center", va="center", transform=ax.transAxes, color="#888888")
             )
+            # the visit and transplant markers: x in days, y across the panel; their segments change per subject
+            trans = ax.get_xaxis_transform()
+            visits = LineCollection([], transform=trans, colors="#999999", linestyles=":", linewidths=0.5)
+            tx = LineCollection([], transform=trans, colors="#c0392b", linestyles="--", linewidths=1.0)
+            label = ax.text(0, 1.0, " TX", color="#c0392b", fontsize=6, transform=trans, va="top", clip_on=True)
+            self.markers.append((ax.add_collection(visits, autolim=False), ax.add_collection(tx, autolim=False), label))
 
     def png(self, series: dict[str, list[tuple[float, float]]], markers: list[tuple[float, str]], xlabel: str) -> bytes:
-        for m in self.markers:
-            m.remove()
-        self.markers = []
-        visits = [day for day, label in markers if label != "TX"]
-        tx = [day for day, label in markers if label == "TX"]
-        for ax, lines, (_, wanted, _) in zip(self.axes, self.lines, PLOTS, strict=True):
+        visits = [[(day, 0), (day, 1)] for day, label in markers if label != "TX"]
+        tx = [[(day, 0), (day, 1)] for day, label in markers if label == "TX"]
+        days = (min(d for d, _ in markers), max(d for d, _ in markers)) if markers else None
+        for ax, lines, (_, wanted, _), (visit_lines, tx_lines, tx_label) in zip(
+            self.axes, self.lines, PLOTS, self.markers, strict=True
+        ):
             ax.set_xlabel(xlabel)
             drawn = False
             for line, (_, code) in zip(lines, wanted, strict=True):
@@ -101,16 +111,15 @@ class _Plotter:
             if not drawn:
                 ax.set_xlim(0, 1)
                 ax.set_ylim(0, 1)
-            trans = ax.get_xaxis_transform()  # x in days, y across the panel
-            if visits:
-                self.markers.append(
-                    ax.vlines(visits, 0, 1, transform=trans, colors="#999999", linestyles=":", linewidth=0.5)
-                )
+            elif days:  # the markers widen the days shown (they are not data, so autoscaling leaves them out)
+                lo, hi = ax.get_xlim()
+                pad = 0.05 * (max(hi, days[1]) - min(lo, days[0]))
+                ax.set_xlim(min(lo, days[0] - pad), max(hi, days[1] + pad))
+            visit_lines.set_segments(visits)
+            tx_lines.set_segments(tx)
+            tx_label.set_visible(bool(tx))
             if tx:
-                self.markers.append(
-                    ax.vlines(tx, 0, 1, transform=trans, colors="#c0392b", linestyles="--", linewidth=1.0)
-                )
-                self.markers.append(ax.text(tx[0], 1.0, " TX", color="#c0392b", fontsize=6, transform=trans, va="top"))
+                tx_label.set_x(tx[0][0][0])
         self.fig.canvas.draw()
         from PIL import Image as PILImage
 

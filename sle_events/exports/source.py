@@ -196,9 +196,9 @@ class ExportSource:
                 for version, idx, position, hashed in conn.execute(q):
                     index[int(version)] = int(idx)
                     leaves[int(position)] = (int(idx), bytes(hashed))
-            facts = self.verifying.stream(conn, UUID(stream), vouched=self._vouched(leaves))
-        if self.upto_position is not None:  # a prefix of the stream: positions grow with versions
-            facts = [f for f in facts if f.position <= self.upto_position]
+            facts = self.verifying.stream(
+                conn, UUID(stream), upto_position=self.upto_position, vouched=self._vouched(leaves)
+            )
         if not facts:
             return SubjectData(stream, row["screening_number"], row["site"], None, [])
         aggregate = fold(list(facts))
