@@ -417,9 +417,7 @@ def write_fhir(source: ExportSource, out: Path, progress: Callable[[int], None] 
 def bundle_text(source: ExportSource, s: SubjectData) -> tuple[str, str]:
     """(screening number, the bundle as JSON text), run in the export's worker processes."""
     # compact: json's C encoder runs only without indent (indenting was two thirds of the export's time)
-    text = json.dumps(
-        build_bundle(source, s), sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json
-    )
+    text = json.dumps(build_bundle(source, s), sort_keys=True, ensure_ascii=False, separators=(",", ":"), default=_json)
     return s.screening_number, text + "\n"
 
 

@@ -281,6 +281,13 @@ def _front(source: ExportSource, st: dict[str, Any], checkpoint: Any, data_time:
         seal = f"UNVERIFIABLE result ({last['unverifiable']})" if last["unverifiable"] else "sealed by a verifier's key"
         text = f"Last full verification (sle verify) at {last['run_at']}: {result}; {seal}."
     story.append(Paragraph(_esc(text), st["body"]))
+    how = (
+        f"Signatures of the events in this report: {source.vouch.describe()}; newer events were checked one by one."
+        if source.vouch is not None
+        else "Signatures of the events in this report: each checked one by one as it was read (no sealed, clean "
+        "verification vouches for the ledger's tree)."
+    )
+    story.append(Paragraph(_esc(how), st["body"]))
 
     story.append(Paragraph("Ledger checkpoint", st["h1"]))
     if checkpoint is None:
