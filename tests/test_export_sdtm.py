@@ -8,22 +8,30 @@ import os
 import subprocess
 import sys
 from collections import Counter
+from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
+from typing import Any
+from uuid import UUID
 
 import pandas as pd
 import pyreadstat
 import pytest
 
 from projections.read import StudyReader
+from projections.replay import fold, read_stream, replay
+from sle_events.domain.product import ProductLot
 from sle_events.exports.manifest import latest_checkpoint
 from sle_events.exports.scope import ExportScope, ExportScopeError
 from sle_events.exports.sdtm import (
     DATASETS,
+    QUALIFIERS,
+    SUPP_DATASETS,
     SdtmProblem,
     SdtmRefused,
     build_datasets,
     cdisc_unit,
+    check_datasets,
     export_sdtm,
     write_datasets,
 )
@@ -45,8 +53,9 @@ def sle(*args: str) -> subprocess.CompletedProcess[str]:
 def sdtm_out(demo_ledger):
     out = demo_ledger.folder / "sdtm"
     files = export_sdtm(demo_ledger.url, out, scope=ExportScope(), checkpoint=latest_checkpoint(demo_ledger.url))
+    # the demo has an AE, both infusions and the biopsies: every SUPP-- dataset has rows, so all are written
     assert sorted(f.name for f in files) == sorted(
-        f"{name.lower()}.{ext}" for name in DATASETS for ext in ("xpt", "csv")
+        f"{name.lower()}.{ext}" for name in DATASETS | SUPP_DATASETS for ext in ("xpt", "csv")
     )
     return out
 
@@ -57,7 +66,7 @@ def _csv(path: Path) -> list[dict[str, str]]:
 
 
 def test_every_dataset_reads_back_with_pyreadstat_and_pandas_as_the_csv(sdtm_out):
-    for name, (label, variables) in DATASETS.items():
+    for name, (label, variables) in (DATASETS | SUPP_DATASETS).items():
         xpt = sdtm_out / f"{name.lower()}.xpt"
         frame, meta = pyreadstat.read_xport(str(xpt))
         by_pandas = pd.read_sas(str(xpt), format="xport", encoding="ascii")
@@ -94,6 +103,8 @@ def test_dm_holds_every_subject_and_every_domain_only_dm_subjects_with_unique_se
         assert {r["USUBJID"] for r in rows} <= subjects
         seqs = Counter((r["USUBJID"], r[f"{name}SEQ"]) for r in rows)
         assert all(n == 1 for n in seqs.values()), name
+    for name in SUPP_DATASETS:
+        assert {r["USUBJID"] for r in _csv(sdtm_out / f"{name.lower()}.csv")} <= subjects, name
 
 
 def test_lb_results_and_standard_units_match_patient_state(sdtm_out, demo_ledger):
@@ -143,6 +154,154 @@ def test_ae_ex_qs_sv_follow_the_record(sdtm_out, demo_ledger):
     assert {"SCREENING", "MONTH 1"} <= {r["VISIT"] for r in sv}
 
 
+def _supp(sdtm_out: Path, name: str) -> dict[tuple[str, str], dict[str, dict[str, str]]]:
+    """A SUPP-- dataset read back from the XPT with pyreadstat (checked against pandas.read_sas): (USUBJID,
+    IDVARVAL) → QNAM → row."""
+    xpt = str(sdtm_out / f"{name.lower()}.xpt")
+    frame, _ = pyreadstat.read_xport(xpt)
+    assert frame.equals(pd.read_sas(xpt, format="xport", encoding="ascii").fillna(""))
+    out: dict[tuple[str, str], dict[str, dict[str, str]]] = {}
+    for _, r in frame.iterrows():
+        row = {k: str(v) for k, v in r.items()}
+        assert row["QNAM"] not in out.setdefault((row["USUBJID"], row["IDVARVAL"]), {}), row  # one value per QNAM
+        out[(row["USUBJID"], row["IDVARVAL"])][row["QNAM"]] = row
+    return out
+
+
+def _wall(when: datetime | None) -> datetime | None:
+    """Site-local wall time to the second, as SDTM --DTC hold it."""
+    return None if when is None else when.replace(tzinfo=None, microsecond=0)
+
+
+def test_every_supp_row_points_at_a_parent_row_of_its_subject(sdtm_out):
+    for name, (label, _) in SUPP_DATASETS.items():
+        rdomain = name[4:]
+        assert label == f"Supplemental Qualifiers for {rdomain}"
+        parents = {(r["USUBJID"], r[f"{rdomain}SEQ"]) for r in _csv(sdtm_out / f"{rdomain.lower()}.csv")}
+        frame, _ = pyreadstat.read_xport(str(sdtm_out / f"{name.lower()}.xpt"))
+        assert len(frame) > 0, name
+        for _, r in frame.iterrows():
+            assert r["RDOMAIN"] == rdomain and r["IDVAR"] == f"{rdomain}SEQ", name
+            assert (r["USUBJID"], r["IDVARVAL"]) in parents, (name, r["USUBJID"], r["IDVARVAL"])
+            assert r["QNAM"] in QUALIFIERS[rdomain] and len(r["QNAM"]) <= 8
+            assert r["QLABEL"] == QUALIFIERS[rdomain][r["QNAM"]][0] and len(r["QLABEL"]) <= 40
+            assert r["QVAL"] != "" and r["QORIG"] in ("CRF", "DERIVED", "ASSIGNED")
+
+
+def test_suppae_holds_each_ae_s_per_product_assessments_from_the_folded_aggregate(sdtm_out, demo_ledger):
+    ae = _csv(sdtm_out / "ae.csv")
+    supp = _supp(sdtm_out, "SUPPAE")
+    seen: Counter[str] = Counter()
+    with StudyReader(demo_ledger.url) as reader:
+        code = reader.record.study(reader.patients()[0]["study"]).code
+        for p in reader.patients():
+            usubjid = f"{code}-{p['screening_number']}"
+            states = replay(reader.record, str(p["subject"])).adverse_events
+            rows = [r for r in ae if r["USUBJID"] == usubjid]
+            assert sorted(r["AESPID"] for r in rows) == sorted(k for k, a in states.items() if not a.voided)
+            for row in rows:
+                a = states[row["AESPID"]]
+                q = supp.get((usubjid, row["AESEQ"]), {})
+                expected = {
+                    "AERELCYC": a.relatedness_cyc and a.relatedness_cyc.value.replace("_", " ").upper(),
+                    "AERELMSC": a.relatedness_msc and a.relatedness_msc.value.replace("_", " ").upper(),
+                    "AEEXPCYC": a.expectedness_cyc and a.expectedness_cyc.value.upper(),
+                    "AEEXPMSC": a.expectedness_msc and a.expectedness_msc.value.upper(),
+                }
+                assert {k: v["QVAL"] for k, v in q.items() if k in expected} == {k: v for k, v in expected.items() if v}
+                assert _wall(a.aware_at) == (datetime.fromisoformat(q["AEAWRDTC"]["QVAL"]) if a.aware_at else None)
+                assert _wall(a.reported_at) == (
+                    datetime.fromisoformat(q["AERPTDTC"]["QVAL"]) if a.reported_at else None
+                )
+                assert ("AEAWRDTC" in q) == (a.aware_at is not None) and ("AERPTDTC" in q) == (
+                    a.reported_at is not None
+                )
+                for qnam, r in q.items():
+                    assert r["QEVAL"] == {"AEREL": "INVESTIGATOR", "AEEXP": "SPONSOR"}.get(qnam[:5], ""), qnam
+                seen.update(q.keys())
+    # the demo has a non-serious AE and an SAE reported to the sponsor and assessed for expectedness
+    assert seen["AERELCYC"] == seen["AERELMSC"] == len(ae) >= 2
+    assert seen["AEEXPCYC"] == seen["AEEXPMSC"] == seen["AEAWRDTC"] == seen["AERPTDTC"] >= 1
+    assert seen["AEAWRDTC"] == sum(r["AESER"] == "Y" for r in ae)
+    assert "AESI" not in seen  # the record has no AE-of-special-interest flag: not exported
+
+
+def test_suppex_holds_the_cyc_dosing_and_the_infused_lot_s_release(sdtm_out, demo_ledger):
+    ex = _csv(sdtm_out / "ex.csv")
+    supp = _supp(sdtm_out, "SUPPEX")
+    checked = Counter[str]()
+    with StudyReader(demo_ledger.url) as reader:
+        code = reader.record.study(reader.patients()[0]["study"]).code
+        for p in reader.patients():
+            usubjid = f"{code}-{p['screening_number']}"
+            subject = replay(reader.record, str(p["subject"]))
+            for row in (r for r in ex if r["USUBJID"] == usubjid):
+                q = {k: v["QVAL"] for k, v in supp[(usubjid, row["EXSEQ"])].items()}
+                if row["EXTRT"] == "CYCLOPHOSPHAMIDE":
+                    assert set(q) == {"BSA", "CYCCALC"}
+                    assert Decimal(q["BSA"]) == subject.cyc.bsa_m2 and q["BSA"] == row_bsa(sdtm_out, usubjid)
+                    assert Decimal(q["CYCCALC"]) == subject.cyc.calculated_mg
+                else:
+                    # the lot's own stream, read and folded by the projections (not by the export's reader)
+                    lot_events: list[Any] = read_stream(
+                        reader.record, ProductLot.id_for(UUID(str(p["study"])), row["EXLOT"])
+                    )
+                    lot = fold(lot_events)
+                    assert lot.lot_id == subject.msc.lot_id == row["EXLOT"] and lot.subject_id == subject.id
+                    assert q == {
+                        "MSCDONOR": lot.donor_id,
+                        "MSCHLA": lot.hla_match,
+                        "MSCVIAB": str(lot.viability_pct),
+                        "MSCVCNT": str(subject.msc.viable_cells),
+                    }
+                    assert Decimal(q["MSCVCNT"]) == lot.viable_cells  # what the lot held is what was infused
+                checked[row["EXTRT"]] += 1
+    assert checked["CYCLOPHOSPHAMIDE"] == checked["ALLOGENEIC BONE MARROW MESENCHYMAL STEM CELLS"] == len(ex) // 2 >= 1
+    origins = {r["QNAM"]: r["QORIG"] for rows in supp.values() for r in rows.values()}
+    assert origins == {
+        "BSA": "DERIVED",
+        "CYCCALC": "DERIVED",
+        "MSCDONOR": "CRF",
+        "MSCHLA": "CRF",
+        "MSCVIAB": "CRF",
+        "MSCVCNT": "DERIVED",
+    }
+
+
+def row_bsa(sdtm_out: Path, usubjid: str) -> str:
+    """The derived BSA in VS (the same value SUPPEX gives the cyclophosphamide row)."""
+    (bsa,) = [r for r in _csv(sdtm_out / "vs.csv") if r["USUBJID"] == usubjid and r["VSTESTCD"] == "BSA"]
+    return bsa["VSORRES"]
+
+
+def test_suppmh_holds_the_isn_rps_class_of_the_kidney_biopsy(sdtm_out, demo_ledger):
+    mh = _csv(sdtm_out / "mh.csv")
+    supp = _supp(sdtm_out, "SUPPMH")
+    with StudyReader(demo_ledger.url) as reader:
+        patients = reader.patients()
+        code = reader.record.study(patients[0]["study"]).code
+        for p in patients:
+            usubjid = f"{code}-{p['screening_number']}"
+            klass, done = replay(reader.record, str(p["subject"])).biopsy
+            (row,) = [r for r in mh if r["USUBJID"] == usubjid and r["MHTERM"] == "Lupus nephritis (kidney biopsy)"]
+            assert row["MHCAT"] == "SLE HISTORY" and date.fromisoformat(row["MHSTDTC"]) == done
+            assert {k: v["QVAL"] for k, v in supp[(usubjid, row["MHSEQ"])].items()} == {"ISNRPS": klass.value}
+    # the other MH rows (medical history items) carry no class: SUPPMH points at the biopsy rows only
+    assert len(supp) == len(patients) < len(mh)
+
+
+def test_a_supp_dataset_without_rows_is_not_written(sdtm_out, demo_ledger, tmp_path):
+    """A screen failure has no AE and no exposure: SUPPAE and SUPPEX are not written, SUPPMH (its biopsy) is."""
+    failed = next(r for r in _csv(sdtm_out / "dm.csv") if r["ARMNRS"] == "SCREEN FAILURE")
+    number = failed["USUBJID"].removeprefix(f"{failed['STUDYID']}-")
+    out = tmp_path / "failed"
+    files = {f.name for f in export_sdtm(demo_ledger.url, out, scope=ExportScope(subject=number))}
+    assert files == {f"{n.lower()}.{ext}" for n in [*DATASETS, "SUPPMH"] for ext in ("xpt", "csv")}
+    assert not (out / "suppae.xpt").exists() and not (out / "suppex.csv").exists()
+    assert _csv(out / "ae.csv") == [] and _csv(out / "ex.csv") == []  # the parents, written though empty
+    assert [r["USUBJID"] for r in _csv(out / "suppmh.csv")] == [failed["USUBJID"]]
+
+
 def test_a_subject_scope_holds_that_subject_only(demo_ledger, tmp_path):
     out = tmp_path / "one"
     export_sdtm(demo_ledger.url, out, scope=ExportScope(subject="NJ01-0002"))
@@ -165,6 +324,16 @@ def _datasets(url: str):
         (lambda d: d["LB"].rows[1].update(LBSEQ=d["LB"].rows[0]["LBSEQ"], USUBJID=d["LB"].rows[0]["USUBJID"]), "LBSEQ"),
         (lambda d: d["VS"].rows[0].update(USUBJID="SOMEONE-ELSE"), "not in DM"),
         (lambda d: d["DS"].rows[0].update(DSSTDTC="13/01/2007"), "ISO 8601"),
+        (lambda d: d["SUPPAE"].rows[0].update(IDVARVAL="999999"), "SUPPAE.IDVARVAL"),
+        (lambda d: d["SUPPEX"].rows[0].update(IDVARVAL=str(int(d["EX"].rows[0]["EXSEQ"]) + 1)), "dangling parent"),
+        (lambda d: d["SUPPAE"].rows[0].update(USUBJID=_without_ae(d)), "SUPPAE.IDVARVAL"),
+        (lambda d: d["SUPPAE"].rows[0].update(IDVAR="AESPID"), "SUPPAE.IDVAR"),
+        (lambda d: d["SUPPEX"].rows[0].update(QNAM="MSCDONORX"), "SUPPEX.QNAM"),
+        (lambda d: d["SUPPAE"].rows[0].update(QNAM="aerelcyc"), "SUPPAE.QNAM"),
+        (lambda d: d["SUPPMH"].rows[0].update(QLABEL="I" * 41), "SUPPMH.QLABEL"),
+        (lambda d: d["SUPPAE"].rows[0].update(QVAL=None), "SUPPAE.QVAL"),
+        (lambda d: d["SUPPAE"].rows.append(dict(d["SUPPAE"].rows[0])), "given twice"),
+        (lambda d: d.pop("AE"), "parent domain AE"),
     ],
 )
 def test_what_xpt_v5_cannot_hold_is_refused_and_nothing_written(demo_ledger, tmp_path, breakage, message):
@@ -175,6 +344,19 @@ def test_what_xpt_v5_cannot_hold_is_refused_and_nothing_written(demo_ledger, tmp
         write_datasets(datasets, out)
     assert message in str(e.value) and "nothing written" in str(e.value)
     assert not out.exists()
+
+
+def _without_ae(d):
+    """A subject in DM with no AE row (the demo's screen failure): a SUPPAE row moved there has no parent."""
+    with_ae = {r["USUBJID"] for r in d["AE"].rows}
+    return next(r["USUBJID"] for r in d["DM"].rows if r["USUBJID"] not in with_ae)
+
+
+def test_the_built_datasets_pass_the_checks_with_every_supp_dataset_filled(demo_ledger):
+    """The control for the refusals above: unbroken, nothing is found."""
+    datasets = _datasets(demo_ledger.url)
+    assert check_datasets(datasets) == []
+    assert all(datasets[name].rows for name in SUPP_DATASETS)
 
 
 def test_a_unit_without_a_cdisc_spelling_is_refused():

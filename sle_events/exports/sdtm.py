@@ -1,4 +1,5 @@
-"""SDTM datasets (DM, DS, SV, IE, EX, AE, CM, MH, LB, VS, QS) as SAS Transport v5 and CSV.
+"""SDTM datasets (DM, DS, SV, IE, EX, AE, CM, MH, LB, VS, QS, and SUPPEX, SUPPAE, SUPPMH) as SAS Transport v5
+and CSV.
 
 Per `../shared/protocol/sdtm-mapping.md`. `pyreadstat.write_xport` does not enforce the v5 limits (it cuts
 labels silently and writes long or non-ASCII values), so every dataset is checked first (`check_dataset`)
@@ -9,6 +10,11 @@ without a mapping is refused.
 
 `--SEQ` is stable across re-exports: the fact's version in its stream × 100 + the row within that fact.
 SLEDAI-2K goes to QS (`QSCAT` SLEDAI-2K), as the issue asks (the mapping's v3.2 target; RS is the v3.3+ home).
+
+Supplemental qualifiers (SUPP--) are built per subject next to their parent rows, each pointing at its parent
+by `IDVAR` --SEQ and `IDVARVAL` (that --SEQ as text), and only for values the record holds; a SUPP-- dataset
+without rows is not written (an empty SUPP-- is not submitted). The check refuses a SUPP-- row whose parent
+row does not exist, a `QNAM` that is not a variable name (≤ 8) and a `QLABEL` over 40 characters.
 """
 
 from __future__ import annotations
@@ -23,6 +29,7 @@ from datetime import date, datetime
 from decimal import Decimal
 from pathlib import Path
 from typing import Any
+from uuid import UUID
 
 from sle_events.domain import labs
 from sle_events.domain.formulas import study_day
@@ -33,6 +40,8 @@ from sle_events.exports.source import ExportSource, Item, SubjectData, partial, 
 
 __all__ = [
     "Dataset",
+    "QUALIFIERS",
+    "SUPP_DATASETS",
     "SdtmProblem",
     "SdtmRefused",
     "UNIT_MAP_VERSION",
@@ -519,6 +528,48 @@ VS_TESTS = {  # record field → (VSTESTCD, VSTEST, UCUM unit)
     "heart_rate": ("PULSE", "Pulse Rate", "/min"),
 }
 
+#: SUPP-- datasets: the standard structure, one per parent domain (mapping §2), all 10 variables in each
+SUPP_VARS = [
+    ("STUDYID", "Study Identifier", C),
+    ("RDOMAIN", "Related Domain Abbreviation", C),
+    ("USUBJID", "Unique Subject Identifier", C),
+    ("IDVAR", "Identifying Variable", C),
+    ("IDVARVAL", "Identifying Variable Value", C),
+    ("QNAM", "Qualifier Variable Name", C),
+    ("QLABEL", "Qualifier Variable Label", C),
+    ("QVAL", "Data Value", C),
+    ("QORIG", "Origin", C),
+    ("QEVAL", "Evaluator", C),
+]
+SUPP_DATASETS: dict[str, tuple[str, list[tuple[str, str, str]]]] = {
+    f"SUPP{d}": (f"Supplemental Qualifiers for {d}", SUPP_VARS) for d in ("EX", "AE", "MH")
+}
+#: per parent domain: QNAM → (QLABEL, QORIG, QEVAL), in the order a parent row's qualifiers are written.
+#: Only values the record holds: the mapping's AEEXPECT is per product here (AEEXPCYC, AEEXPMSC), as the sponsor
+#: judges it (ExpectednessAssessed); AESI is not exported (the record has no AE-of-special-interest flag).
+QUALIFIERS: dict[str, dict[str, tuple[str, str, str | None]]] = {
+    "EX": {
+        "BSA": ("Body Surface Area (m2)", "DERIVED", None),
+        "CYCCALC": ("Calculated Cyclophosphamide Dose (mg)", "DERIVED", None),
+        "MSCDONOR": ("MSC Donor Identifier", "CRF", None),
+        "MSCHLA": ("MSC Donor HLA Match", "CRF", None),
+        "MSCVIAB": ("MSC Viability at Release (%)", "CRF", None),
+        "MSCVCNT": ("MSC Viable Cells Infused", "DERIVED", None),
+    },
+    "AE": {
+        "AERELCYC": ("Causality to Cyclophosphamide", "CRF", "INVESTIGATOR"),
+        "AERELMSC": ("Causality to AlloMSC", "CRF", "INVESTIGATOR"),
+        "AEEXPCYC": ("Expectedness for Cyclophosphamide", "ASSIGNED", "SPONSOR"),
+        "AEEXPMSC": ("Expectedness for AlloMSC", "ASSIGNED", "SPONSOR"),
+        "AEAWRDTC": ("Date/Time Investigator Aware of SAE", "CRF", None),
+        "AERPTDTC": ("Date/Time SAE Reported to Sponsor", "CRF", None),
+    },
+    "MH": {
+        "ISNRPS": ("ISN/RPS Lupus Nephritis Class", "CRF", None),
+    },
+}
+BIOPSY_TERM = "Lupus nephritis (kidney biopsy)"
+
 CYC_NAME = "CYCLOPHOSPHAMIDE"
 MSC_NAME = "ALLOGENEIC BONE MARROW MESENCHYMAL STEM CELLS"
 RELATEDNESS_ORDER = ["not_related", "unlikely", "possible", "probable", "definite"]
@@ -792,7 +843,7 @@ def _cm(s: SubjectData, t: Timeline, studyid: str) -> list[dict[str, Any]]:
 
 
 def _mh(s: SubjectData, t: Timeline, studyid: str) -> list[dict[str, Any]]:
-    return [
+    rows = [
         t.common("MH", studyid, i)
         | {
             "MHTERM": i.record.term,
@@ -804,6 +855,28 @@ def _mh(s: SubjectData, t: Timeline, studyid: str) -> list[dict[str, Any]]:
         }
         for i in s.of("MedicalHistoryRecorded")
     ]
+    biopsy = _biopsy(s)
+    if biopsy is not None:  # the kidney biopsy behind I2 (mapping §2: an LN biopsy before the study is MH)
+        rows.append(
+            t.common("MH", studyid, biopsy)
+            | {
+                "MHTERM": BIOPSY_TERM,
+                "MHCAT": "SLE HISTORY",
+                "MHSTDTC": biopsy.payload["biopsy_date"],
+                "MHDTC": dtc(biopsy.occurred_at),
+            }
+        )
+    return rows
+
+
+def _biopsy(s: SubjectData) -> Item | None:
+    """The subject's kidney biopsy as the aggregate holds it: the latest `BiopsyRecorded` (a later one replaces
+    an earlier), if it is in the export (not voided, recorded within the scope's window)."""
+    versions = [v for v, f in s.aggregate.facts.items() if f.type == "BiopsyRecorded" and not f.voided]
+    if not versions:
+        return None
+    latest = max(versions)
+    return next((i for i in s.of("BiopsyRecorded") if i.version == latest), None)
 
 
 def _lb_row(
@@ -992,6 +1065,99 @@ def _qs(s: SubjectData, t: Timeline, studyid: str) -> list[dict[str, Any]]:
     return rows
 
 
+# ------------------------------------------------------------------------------------------------ SUPP--
+def _supp(parent: dict[str, Any], rdomain: str, qnam: str, qval: Any) -> dict[str, Any]:
+    """One supplemental qualifier of `parent` (a row of `rdomain`), pointing at it by its --SEQ."""
+    qlabel, qorig, qeval = QUALIFIERS[rdomain][qnam]
+    return {
+        "STUDYID": parent["STUDYID"],
+        "RDOMAIN": rdomain,
+        "USUBJID": parent["USUBJID"],
+        "IDVAR": f"{rdomain}SEQ",
+        "IDVARVAL": _seq_text(parent[f"{rdomain}SEQ"]),
+        "QNAM": qnam,
+        "QLABEL": qlabel,
+        "QVAL": qval,
+        "QORIG": qorig,
+        "QEVAL": qeval,
+    }
+
+
+def _seq_text(seq: Any) -> str:
+    """A --SEQ as IDVARVAL text (`4600`, never `4600.0`)."""
+    return str(int(seq)) if isinstance(seq, int | float) and float(seq).is_integer() else str(seq)
+
+
+def _qualified(parent: dict[str, Any], rdomain: str, values: dict[str, Any]) -> list[dict[str, Any]]:
+    """`parent`'s qualifiers, in `QUALIFIERS` order; a value the record does not hold (None) gives no row."""
+    return [_supp(parent, rdomain, q, values[q]) for q in QUALIFIERS[rdomain] if values.get(q) is not None]
+
+
+def _item_of(s: SubjectData, row: dict[str, Any], domain: str) -> Item:
+    """The fact a parent row was built from: its --SEQ is the fact's version × SEQ_STEP + the row within it."""
+    version = int(row[f"{domain}SEQ"]) // SEQ_STEP
+    return next(i for i in s.items if i.version == version)
+
+
+def _suppex(source: ExportSource, s: SubjectData, ex: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for parent in ex:
+        i = _item_of(s, parent, "EX")
+        r = i.record
+        if i.type == "CyclophosphamideGiven":
+            values = {"BSA": _plain(r.bsa_m2), "CYCCALC": _plain(r.calculated_mg)}
+        else:
+            lot = _product_lot(source, s, r.lot_id)
+            values = {"MSCVCNT": _plain(r.viable_cells)}
+            if lot is not None:
+                values |= {"MSCDONOR": lot.donor_id, "MSCHLA": lot.hla_match, "MSCVIAB": _plain(lot.viability_pct)}
+        rows += _qualified(parent, "EX", values)
+    return rows
+
+
+def _product_lot(source: ExportSource, s: SubjectData, lot_id: str) -> Any:
+    """The infused lot's release record (`ProductLot`, a stream of its own), read like the subject's: each
+    event's chain and signature checked, cut at the export's checkpoint. None if it has no event there."""
+    from projections.replay import fold
+    from sle_events.domain.product import ProductLot
+
+    stream = ProductLot.id_for(UUID(str(source.scope.study_id)), lot_id)
+    with source.reader.engine.connect() as conn:
+        facts = source.verifying.stream(conn, stream, upto_position=source.upto_position)
+    if not facts:
+        return None
+    lot = fold(list(facts))
+    if str(lot.subject_id) != s.stream:
+        raise SdtmProblem(f"lot {lot_id} infused into {s.screening_number} was released for another subject")
+    return lot
+
+
+def _suppae(source: ExportSource, s: SubjectData, ae: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    states = s.aggregate.adverse_events
+    for parent in ae:
+        a = states[parent["AESPID"]]
+        values = {
+            "AERELCYC": _upper(a.relatedness_cyc.value) if a.relatedness_cyc is not None else None,
+            "AERELMSC": _upper(a.relatedness_msc.value) if a.relatedness_msc is not None else None,
+            "AEEXPCYC": _upper(a.expectedness_cyc.value) if a.expectedness_cyc is not None else None,
+            "AEEXPMSC": _upper(a.expectedness_msc.value) if a.expectedness_msc is not None else None,
+            "AEAWRDTC": dtc(a.aware_at),
+            "AERPTDTC": dtc(a.reported_at),
+        }
+        rows += _qualified(parent, "AE", values)
+    return rows
+
+
+def _suppmh(source: ExportSource, s: SubjectData, mh: list[dict[str, Any]]) -> list[dict[str, Any]]:
+    rows = []
+    for parent in mh:
+        i = _item_of(s, parent, "MH")
+        if i.type == "BiopsyRecorded":
+            rows += _qualified(parent, "MH", {"ISNRPS": i.payload["biopsy_class"]})
+    return rows
+
+
 BUILDERS = {
     "DS": _ds,
     "SV": _sv,
@@ -1004,6 +1170,12 @@ BUILDERS = {
     "VS": _vs,
     "QS": _qs,
 }
+#: SUPP-- dataset → (its builder, run on the parent domain's rows of the same subject)
+SUPP_BUILDERS: dict[str, Callable[[ExportSource, SubjectData, list[dict[str, Any]]], list[dict[str, Any]]]] = {
+    "SUPPEX": _suppex,
+    "SUPPAE": _suppae,
+    "SUPPMH": _suppmh,
+}
 SORT_KEYS = {
     "DM": ("USUBJID",),
     "SV": ("USUBJID", "VISITNUM"),
@@ -1013,11 +1185,16 @@ SORT_KEYS = {
 
 def build_datasets(source: ExportSource, progress: Callable[[int], None] | None = None) -> dict[str, Dataset]:
     """Every domain's dataset for the subjects in scope, sorted by its keys."""
-    out = {name: Dataset(name, label, list(variables)) for name, (label, variables) in DATASETS.items()}
+    every = DATASETS | SUPP_DATASETS
+    out = {name: Dataset(name, label, list(variables)) for name, (label, variables) in every.items()}
     for rows in source.map(subject_rows, progress):
         for name, found in rows.items():
             out[name].rows.extend(found)
     for name, ds in out.items():
+        if name in SUPP_DATASETS:  # by parent row (its --SEQ as a number), then QNAM in QUALIFIERS order
+            order = {q: n for n, q in enumerate(QUALIFIERS[name[4:]])}
+            ds.rows.sort(key=lambda r: (r["USUBJID"], int(r["IDVARVAL"]), order.get(r["QNAM"], len(order))))
+            continue
         keys = SORT_KEYS.get(name, ("USUBJID", f"{name}SEQ"))
         ds.rows.sort(key=lambda r: tuple(_sortable(r.get(k)) for k in keys))
     return out
@@ -1030,6 +1207,8 @@ def subject_rows(source: ExportSource, s: SubjectData) -> dict[str, list[dict[st
     out = {"DM": [_dm(s, t, studyid, source.study)]}
     for name, build in BUILDERS.items():
         out[name] = build(s, t, studyid)
+    for name, supp in SUPP_BUILDERS.items():  # here, beside the parent rows: their --SEQ is at hand
+        out[name] = supp(source, s, out[name[4:]])
     return out
 
 
@@ -1044,7 +1223,51 @@ def check_datasets(datasets: dict[str, Dataset]) -> list[Finding]:
     dm = {r["USUBJID"] for r in datasets["DM"].rows} if "DM" in datasets else set()
     for ds in datasets.values():
         findings.extend(check_dataset(ds, dm))
+        if ds.name.startswith("SUPP"):
+            findings.extend(check_supp(ds, datasets.get(ds.name[4:])))
     return findings
+
+
+def check_supp(ds: Dataset, parent: Dataset | None) -> list[Finding]:
+    """A SUPP-- dataset against its parent domain: every row points (same USUBJID, IDVAR = --SEQ, IDVARVAL = that
+    --SEQ as text) at a parent row that exists; QNAM is a variable name (≤ 8), QLABEL ≤ 40 characters, QVAL is
+    not empty (and ISO 8601 for a --DTC qualifier); one value per parent row and QNAM."""
+    rdomain = ds.name[4:]
+    if parent is None:
+        return [Finding(ds.name, "RDOMAIN", "", f"parent domain {rdomain or '(none)'} is not among the datasets")]
+    f: list[Finding] = []
+    seq = f"{rdomain}SEQ"
+    parents = {(str(r.get("USUBJID") or ""), _seq_text(r[seq])) for r in parent.rows if r.get(seq) is not None}
+    seen: set[tuple[str, Any, Any, Any]] = set()
+    for r in ds.rows:
+        subject = str(r.get("USUBJID") or "")
+        qnam, qlabel, qval = r.get("QNAM"), r.get("QLABEL"), r.get("QVAL")
+        if r.get("RDOMAIN") != rdomain:
+            f.append(Finding(ds.name, "RDOMAIN", subject, f"RDOMAIN {r.get('RDOMAIN')!r} is not {rdomain}"))
+        if r.get("IDVAR") != seq:
+            f.append(Finding(ds.name, "IDVAR", subject, f"IDVAR {r.get('IDVAR')!r} is not {seq}"))
+        elif (subject, str(r.get("IDVARVAL"))) not in parents:
+            f.append(
+                Finding(
+                    ds.name,
+                    "IDVARVAL",
+                    subject,
+                    f"{qnam}: no {rdomain} row of this subject has {seq} {r.get('IDVARVAL')!r} (dangling parent)",
+                )
+            )
+        if not isinstance(qnam, str) or not NAME.match(qnam):
+            f.append(Finding(ds.name, "QNAM", subject, f"QNAM {qnam!r} is not 1-8 upper-case letters, digits or _"))
+        if not isinstance(qlabel, str) or not qlabel or len(qlabel) > 40:
+            f.append(Finding(ds.name, "QLABEL", subject, f"QLABEL {qlabel!r} is not 1-40 characters"))
+        if qval is None or str(qval) == "":
+            f.append(Finding(ds.name, "QVAL", subject, f"{qnam}: QVAL is empty (a value not held gives no row)"))
+        elif isinstance(qnam, str) and qnam.endswith("DTC") and not ISO_DTC.match(str(qval)):
+            f.append(Finding(ds.name, "QVAL", subject, f"{qnam}: {qval!r} is not an ISO 8601 date/time"))
+        key = (subject, r.get("IDVAR"), r.get("IDVARVAL"), qnam)
+        if key in seen:
+            f.append(Finding(ds.name, "QNAM", subject, f"{qnam} given twice for {r.get('IDVAR')} {r.get('IDVARVAL')}"))
+        seen.add(key)
+    return f
 
 
 def check_dataset(ds: Dataset, dm_subjects: set[str]) -> list[Finding]:
@@ -1090,8 +1313,9 @@ def check_dataset(ds: Dataset, dm_subjects: set[str]) -> list[Finding]:
 
 # ------------------------------------------------------------------------------------------------ writing
 def write_datasets(datasets: dict[str, Dataset], out: Path) -> list[Path]:
-    """Check every dataset, then write `<name>.xpt` (SAS Transport v5) and `<name>.csv` for each into `out`.
-    Raises `SdtmRefused` and writes nothing if any dataset breaks a limit."""
+    """Check every dataset, then write `<name>.xpt` (SAS Transport v5) and `<name>.csv` for each into `out`
+    (a SUPP-- dataset only if it has rows). Raises `SdtmRefused` and writes nothing if any dataset breaks a
+    limit."""
     import pandas as pd
     import pyreadstat
 
@@ -1101,6 +1325,8 @@ def write_datasets(datasets: dict[str, Dataset], out: Path) -> list[Path]:
     out.mkdir(parents=True, exist_ok=True)
     written: list[Path] = []
     for name, ds in datasets.items():
+        if name.startswith("SUPP") and not ds.rows:
+            continue  # an empty SUPP-- dataset is not submitted (nor listed in define.xml)
         frame = pd.DataFrame(ds.columns(), columns=ds.names)
         xpt = out / f"{name.lower()}.xpt"
         pyreadstat.write_xport(
