@@ -21,6 +21,7 @@ from __future__ import annotations
 
 import csv
 import io
+import os
 import re
 import shutil
 from collections.abc import Callable
@@ -36,7 +37,15 @@ from sle_events.domain.formulas import study_day
 from sle_events.domain.sledai2k import load_descriptors
 from sle_events.exports.manifest import ExportCheckpoint
 from sle_events.exports.scope import ExportScope
-from sle_events.exports.source import ExportSource, Item, SubjectData, partial, progress_counter, publish
+from sle_events.exports.source import (
+    MAX_WORKERS,
+    ExportSource,
+    Item,
+    SubjectData,
+    partial,
+    progress_counter,
+    publish,
+)
 
 __all__ = [
     "Dataset",
@@ -1219,12 +1228,19 @@ def _sortable(value: Any) -> tuple[int, Any]:
 # ------------------------------------------------------------------------------------------------ checks
 def check_datasets(datasets: dict[str, Dataset]) -> list[Finding]:
     """Every way these datasets break the XPT v5 / SDTM limits (empty: they may be written)."""
-    findings: list[Finding] = []
-    dm = {r["USUBJID"] for r in datasets["DM"].rows} if "DM" in datasets else set()
-    for ds in datasets.values():
-        findings.extend(check_dataset(ds, dm))
-        if ds.name.startswith("SUPP"):
-            findings.extend(check_supp(ds, datasets.get(ds.name[4:])))
+    dm = _dm_subjects(datasets)
+    return [f for name in datasets for f in _checked(datasets, name, dm)]
+
+
+def _dm_subjects(datasets: dict[str, Dataset]) -> set[str]:
+    return {r["USUBJID"] for r in datasets["DM"].rows} if "DM" in datasets else set()
+
+
+def _checked(datasets: dict[str, Dataset], name: str, dm: set[str]) -> list[Finding]:
+    ds = datasets[name]
+    findings = check_dataset(ds, dm)
+    if ds.name.startswith("SUPP"):
+        findings.extend(check_supp(ds, datasets.get(ds.name[4:])))
     return findings
 
 
@@ -1312,39 +1328,76 @@ def check_dataset(ds: Dataset, dm_subjects: set[str]) -> list[Finding]:
 
 
 # ------------------------------------------------------------------------------------------------ writing
+PARALLEL_WRITE_ROWS = 20_000  # below this many rows in all, checking and writing stay in this process
+
+
 def write_datasets(datasets: dict[str, Dataset], out: Path) -> list[Path]:
     """Check every dataset, then write `<name>.xpt` (SAS Transport v5) and `<name>.csv` for each into `out`
     (a SUPP-- dataset only if it has rows). Raises `SdtmRefused` and writes nothing if any dataset breaks a
-    limit."""
+    limit. A large study's datasets are checked, then written, on worker processes, the largest first: after the
+    subjects are read this is the export's serial tail (LB alone is ~40% of the rows)."""
+    global _writing
+    names = sorted(datasets, key=lambda n: len(datasets[n].rows) * len(datasets[n].variables), reverse=True)
+    workers = min(os.cpu_count() or 1, MAX_WORKERS, len(names))
+    _writing = (datasets, out)
+    try:
+        if workers <= 1 or sum(len(d.rows) for d in datasets.values()) < PARALLEL_WRITE_ROWS:
+            findings = check_datasets(datasets)
+            if findings:
+                raise SdtmRefused(findings)
+            out.mkdir(parents=True, exist_ok=True)
+            written = [p for n in names for p in _write_one(n)]
+        else:
+            from concurrent.futures import ProcessPoolExecutor
+            from multiprocessing import get_context
+
+            # fork: the workers inherit the built datasets (`_writing`) instead of being sent them
+            with ProcessPoolExecutor(workers, mp_context=get_context("fork")) as pool:
+                found = dict(zip(names, pool.map(_check_one, names), strict=True))
+                findings = [f for n in datasets for f in found[n]]  # in the datasets' order, as check_datasets
+                if findings:
+                    raise SdtmRefused(findings)
+                out.mkdir(parents=True, exist_ok=True)
+                written = [p for files in pool.map(_write_one, names) for p in files]
+    finally:
+        _writing = None
+    order = {n: i for i, n in enumerate(datasets)}  # the files in the datasets' own order, as before
+    return sorted(written, key=lambda p: (order[p.stem.upper()], p.suffix != ".xpt"))
+
+
+_writing: tuple[dict[str, Dataset], Path] | None = None  # what `write_datasets` hands its workers (by fork)
+
+
+def _check_one(name: str) -> list[Finding]:
+    assert _writing is not None
+    return _checked(_writing[0], name, _dm_subjects(_writing[0]))
+
+
+def _write_one(name: str) -> list[Path]:
     import pandas as pd
     import pyreadstat
 
-    findings = check_datasets(datasets)
-    if findings:
-        raise SdtmRefused(findings)
-    out.mkdir(parents=True, exist_ok=True)
-    written: list[Path] = []
-    for name, ds in datasets.items():
-        if name.startswith("SUPP") and not ds.rows:
-            continue  # an empty SUPP-- dataset is not submitted (nor listed in define.xml)
-        frame = pd.DataFrame(ds.columns(), columns=ds.names)
-        xpt = out / f"{name.lower()}.xpt"
-        pyreadstat.write_xport(
-            frame,
-            str(xpt),
-            file_label=ds.label,
-            column_labels=[label for _, label, _ in ds.variables],
-            table_name=name,
-            file_format_version=5,
-        )
-        csv_path = out / f"{name.lower()}.csv"
-        with csv_path.open("w", encoding="ascii", newline="") as fh:
-            w = csv.writer(fh, lineterminator="\n")
-            w.writerow(ds.names)
-            for row in ds.rows:
-                w.writerow(["" if row.get(n) is None else _csv_value(row[n]) for n in ds.names])
-        written += [xpt, csv_path]
-    return written
+    assert _writing is not None
+    ds, out = _writing[0][name], _writing[1]
+    if name.startswith("SUPP") and not ds.rows:
+        return []  # an empty SUPP-- dataset is not submitted (nor listed in define.xml)
+    frame = pd.DataFrame(ds.columns(), columns=ds.names)
+    xpt = out / f"{name.lower()}.xpt"
+    pyreadstat.write_xport(
+        frame,
+        str(xpt),
+        file_label=ds.label,
+        column_labels=[label for _, label, _ in ds.variables],
+        table_name=name,
+        file_format_version=5,
+    )
+    csv_path = out / f"{name.lower()}.csv"
+    with csv_path.open("w", encoding="ascii", newline="") as fh:
+        w = csv.writer(fh, lineterminator="\n")
+        w.writerow(ds.names)
+        for row in ds.rows:
+            w.writerow(["" if row.get(n) is None else _csv_value(row[n]) for n in ds.names])
+    return [xpt, csv_path]
 
 
 def _csv_value(value: Any) -> str:
