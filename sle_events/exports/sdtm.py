@@ -1125,14 +1125,12 @@ def _suppex(source: ExportSource, s: SubjectData, ex: list[dict[str, Any]]) -> l
 
 
 def _product_lot(source: ExportSource, s: SubjectData, lot_id: str) -> Any:
-    """The infused lot's release record (`ProductLot`, a stream of its own), read like the subject's: each
-    event's chain and signature checked, cut at the export's checkpoint. None if it has no event there."""
+    """The infused lot's release record (`ProductLot`, a stream of its own), read like the subject's
+    (`ExportSource.stream_facts`: checked, cut at the export's checkpoint). None if it has no event there."""
     from projections.replay import fold
     from sle_events.domain.product import ProductLot
 
-    stream = ProductLot.id_for(UUID(str(source.scope.study_id)), lot_id)
-    with source.reader.engine.connect() as conn:
-        facts = source.verifying.stream(conn, stream, upto_position=source.upto_position)
+    facts, _ = source.stream_facts(str(ProductLot.id_for(UUID(str(source.scope.study_id)), lot_id)))
     if not facts:
         return None
     lot = fold(list(facts))

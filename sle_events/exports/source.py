@@ -185,8 +185,9 @@ class ExportSource:
                 if progress is not None:
                     progress(len(rows))
 
-    def subject(self, row: dict[str, Any]) -> SubjectData:
-        stream = str(row["subject"])
+    def stream_facts(self, stream: str) -> tuple[list[Fact], dict[int, int]]:
+        """A stream's events up to the checkpoint, checked (`vouch`: see the module's doc), and its versions'
+        ledger leaf indexes."""
         index: dict[int, int] = {}  # version → leaf index
         leaves: dict[int, tuple[int, bytes]] = {}  # log position → (leaf index, leaf hash)
         with self.reader.engine.connect() as conn:
@@ -199,6 +200,11 @@ class ExportSource:
             facts = self.verifying.stream(
                 conn, UUID(stream), upto_position=self.upto_position, vouched=self._vouched(leaves)
             )
+        return facts, index
+
+    def subject(self, row: dict[str, Any]) -> SubjectData:
+        stream = str(row["subject"])
+        facts, index = self.stream_facts(stream)
         if not facts:
             return SubjectData(stream, row["screening_number"], row["site"], None, [])
         aggregate = fold(list(facts))
