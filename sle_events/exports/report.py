@@ -156,6 +156,8 @@ def _series(s: SubjectData) -> tuple[dict[str, list[tuple[float, float]]], list[
             series["TREGPCT"].append((day(i.occurred_at), float(r.treg_pct)))
         elif r.code in wanted and (value := getattr(r, "canonical_value", None) or r.value) is not None:
             series[r.code].append((day(i.occurred_at), float(value)))
+    for points in series.values():  # by day: a result recorded late (a re-derived eGFR) comes after in the stream
+        points.sort()
     markers = [(day(i.occurred_at), i.record.visit) for i in s.of("VisitRecorded")]
     if a.msc is not None:
         markers.append((0.0, "TX"))
