@@ -27,6 +27,7 @@ from datetime import UTC, datetime
 from pathlib import Path
 from typing import Any
 
+from projections.patient_state import lab_series
 from sle_events.exports.acts import SubjectActs, read_acts
 from sle_events.exports.manifest import ExportCheckpoint
 from sle_events.exports.scope import ExportScope
@@ -148,16 +149,12 @@ def _series(s: SubjectData) -> tuple[dict[str, list[tuple[float, float]]], list[
     def day(when: datetime) -> float:
         return (when - origin).total_seconds() / 86400
 
+    # the web view's series (projections.patient_state.lab_series: canonical units, by clinical time, so a result
+    # recorded late such as a re-derived eGFR is not drawn doubling back), of the items in the export's scope
     wanted = {code for _, lines, _ in PLOTS for _, code in lines}
-    series: dict[str, list[tuple[float, float]]] = defaultdict(list)
-    for i in s.of("LabResultRecorded", "DerivedResultRecorded", "TregPanelRecorded"):
-        r = i.record
-        if i.type == "TregPanelRecorded":
-            series["TREGPCT"].append((day(i.occurred_at), float(r.treg_pct)))
-        elif r.code in wanted and (value := getattr(r, "canonical_value", None) or r.value) is not None:
-            series[r.code].append((day(i.occurred_at), float(value)))
-    for points in series.values():  # by day: a result recorded late (a re-derived eGFR) comes after in the stream
-        points.sort()
+    kinds = ("LabResultRecorded", "DerivedResultRecorded", "TregPanelRecorded")
+    found = lab_series({kind: [i.record for i in s.of(kind)] for kind in kinds})
+    series = {code: [(day(at), float(value)) for at, value, _, _ in found[code]] for code in wanted if code in found}
     markers = [(day(i.occurred_at), i.record.visit) for i in s.of("VisitRecorded")]
     if a.msc is not None:
         markers.append((0.0, "TX"))
