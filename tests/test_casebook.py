@@ -368,6 +368,34 @@ def test_locking_with_open_queries_is_refused(book):
     assert book.read(casebook_rows)[0]["lock_level"] == "locked"
 
 
+def test_a_query_raised_between_the_lock_check_and_the_write_still_blocks_the_lock(book, monkeypatch):
+    """The open-queries rule is checked again inside the append's transaction, under the write lock: a query that
+    lands after the first check (made here to look so: the check before the write sees none) still refuses it."""
+    import sle_events.store.record as record_module
+
+    query = book.trial.raise_query(book.subject, 3, "Creatinine differs from the source?", signer=book.dm)
+    real = record_module.open_queries_blocking_lock
+    seen: list[bool] = []
+
+    def before_the_write_sees_none(record, study, subject, conn=None):
+        seen.append(conn is not None)
+        return real(record, study, subject, conn) if conn is not None else []
+
+    monkeypatch.setattr(record_module, "open_queries_blocking_lock", before_the_write_sees_none)
+    cb = Casebook.open(book.trial.study_id, book.subject, book.now)
+    cb.lock(book.now)
+    sealed, prev = [], "0" * 64
+    for event in cb.collect_events():
+        sealed.append(seal(envelope_for(event, study=book.trial.study_id, prev=prev), book.dm))
+        prev = sealed[-1].hash
+    rows = book.rows()
+    with pytest.raises(LockBlockedByOpenQueries, match="1 queries are not closed"):
+        book.trial.record.append(sealed)
+    assert seen == [False, True] and book.rows() == rows  # both checks ran; nothing stored
+    book.trial.close_query(query, "Confirmed.", signer=book.dm)
+    assert book.trial.record.append(sealed)  # the same lock, once the query is closed
+
+
 # ----------------------------------------------------------------------------------------------- the CLI
 def sle(*args: str, stdin: str = "") -> subprocess.CompletedProcess[str]:
     env = dict(os.environ, COLUMNS="200", NO_COLOR="1")

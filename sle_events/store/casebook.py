@@ -108,14 +108,18 @@ def event_digests(rows: dict[tuple[str, int], bytes]) -> dict[tuple[str, int], s
     return {k: hashlib.sha256(v).hexdigest() for k, v in rows.items()}
 
 
-def open_queries_blocking_lock(record: Any, study_id: UUID | str, subject_id: UUID | str | None) -> list[Any]:
+def open_queries_blocking_lock(
+    record: Any, study_id: UUID | str, subject_id: UUID | str | None, conn: Any = None
+) -> list[Any]:
     """The queries that are not closed on a subject (or, with ``subject_id`` None, anywhere in the study): any
     one of them blocks a lock. Queries are recorded by `sle_events.store.review` (source data verification and
-    queries); without that module there are none."""
+    queries); without that module there are none. `conn`: read within that transaction."""
     try:
         from sle_events.store.review import open_queries  # type: ignore[import-not-found,unused-ignore]  # see above
     except ImportError:
         return []
     return list(
-        open_queries(record, UUID(str(study_id)), subject_id=None if subject_id is None else UUID(str(subject_id)))
+        open_queries(
+            record, UUID(str(study_id)), subject_id=None if subject_id is None else UUID(str(subject_id)), conn=conn
+        )
     )

@@ -528,6 +528,9 @@ class StudyRecord(Application[UUID]):
                             raise _RegistryMoved()
                 # Under the write lock, so no freeze or lock can slip in between this check and the commit.
                 self._check_casebook_locks(session, events, ids)
+                for e in events:
+                    if type_name(e.envelope["type"]) == "Casebook.Locked":
+                        self._check_no_open_queries(e, session)
                 # The rows are written but not committed: a bad signature rolls them back.
                 signatures_hold()
         except (IntegrityError, sqlalchemy.exc.IntegrityError) as exc:
@@ -597,12 +600,21 @@ class StudyRecord(Application[UUID]):
                     **where,
                 )
         elif name == "Casebook.Locked":
-            blocking = open_queries_blocking_lock(self, env["study"], subject)
-            if blocking:
-                what = "the study" if subject is None else f"subject {subject}"
-                raise LockBlockedByOpenQueries(
-                    f"{what} cannot be locked while {len(blocking)} queries are not closed", **where
-                )
+            self._check_no_open_queries(e)
+
+    def _check_no_open_queries(self, e: SealedEvent, session: Any = None) -> None:
+        """A lock waits for every query of its subject (or study) to be closed. Checked before the write and
+        again inside it (`session`), under the write lock: a query raised in between cannot slip past."""
+        env = e.envelope
+        subject = env["payload"].get("subject_id")
+        blocking = open_queries_blocking_lock(self, env["study"], subject, session)
+        if blocking:
+            what = "the study" if subject is None else f"subject {subject}"
+            raise LockBlockedByOpenQueries(
+                f"{what} cannot be locked while {len(blocking)} queries are not closed",
+                stream=env["stream"],
+                version=env["version"],
+            )
 
     def _check_casebook_locks(self, session: Any, events: Sequence[SealedEvent], ids: list[int]) -> None:
         """Refuse a clinical fact on a frozen or locked subject or study (committed before this batch, or

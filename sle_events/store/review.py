@@ -11,6 +11,7 @@ from __future__ import annotations
 import hashlib
 from collections import OrderedDict
 from collections.abc import Iterable, Sequence
+from contextlib import nullcontext
 from typing import TYPE_CHECKING, Any
 from uuid import UUID
 
@@ -118,15 +119,16 @@ def check_review_act(
         raise ActRefused(str(exc), violation=exc, **where) from None
 
 
-def queries(record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | None = None) -> list[Query]:
-    """Every query of the study (or of one subject), folded from the stored ``Query.*`` events in log order."""
+def queries(
+    record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | None = None, *, conn: Any = None
+) -> list[Query]:
+    """Every query of the study (or of one subject), folded from the stored ``Query.*`` events in log order;
+    `conn`: read in that connection's transaction (the append's own, under its write lock)."""
     t = record.table
     found: dict[UUID, Any] = {}
-    with record.engine.connect() as conn:
-        rows = conn.execute(
-            select(t.c.originator_id, t.c.state).where(t.c.topic.in_(stored_topics("Query"))).order_by(t.c.id)
-        )
-        for stream, state in rows:
+    q = select(t.c.originator_id, t.c.state).where(t.c.topic.in_(stored_topics("Query"))).order_by(t.c.id)
+    with nullcontext(conn) if conn is not None else record.engine.connect() as reading:
+        for stream, state in reading.execute(q):
             sealed = open_stored(state)
             if sealed.envelope["study"] != str(study_id):
                 continue
@@ -135,8 +137,10 @@ def queries(record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | 
     return [q for q in found.values() if wanted is None or str(q.subject_id) == wanted]
 
 
-def open_queries(record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | None = None) -> list[Query]:
+def open_queries(
+    record: StudyRecord, study_id: UUID | str, subject_id: UUID | str | None = None, *, conn: Any = None
+) -> list[Query]:
     """The queries of the study (or of one subject) that are not closed (OPEN or ANSWERED): what blocks a lock.
     Each is a `sle_events.domain.review.Query` (``id``, ``subject_id``, ``status``, ``target_version``,
     ``field``, ``text``, ``raised_by``, ``cause``)."""
-    return [q for q in queries(record, study_id, subject_id) if q.is_open]
+    return [q for q in queries(record, study_id, subject_id, conn=conn) if q.is_open]
