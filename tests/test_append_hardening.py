@@ -231,31 +231,6 @@ def test_an_event_over_the_size_limit_is_refused(trial):
     assert trial.record.get(subject.id).version == 3
 
 
-def test_the_largest_event_append_takes_fits_a_tlog_tiles_entry_bundle(trial):
-    """An envelope of exactly the default limit is stored, and sealed it still fits the uint16 length of an entry
-    bundle; one byte more is refused."""
-    from sle_events.ledger.tiles import MAX_ENTRY_BYTES
-    from sle_events.store.record import MAX_EVENT_BYTES
-
-    subject = subject_with_a_lab_result(trial)
-    env = next_lab_result(trial, subject, specimen_id="S")
-    padding = MAX_EVENT_BYTES - len(seal(env, trial.lab).signed) + 1
-
-    def with_specimen(n: int):
-        e = copy.deepcopy(env)
-        e["payload"]["specimen_id"] = "S" * n
-        return seal(e, trial.lab)
-
-    too_big = with_specimen(padding + 1)
-    assert len(too_big.signed) == MAX_EVENT_BYTES + 1
-    with pytest.raises(MalformedEvent, match="the limit is 64,000"):
-        trial.record.append([too_big])
-    largest = with_specimen(padding)
-    assert len(largest.signed) == MAX_EVENT_BYTES
-    trial.record.append([largest])
-    assert len(largest.sealed) <= MAX_ENTRY_BYTES
-
-
 def test_deep_nesting_is_malformed_not_a_recursion_error(trial):
     subject = subject_with_a_lab_result(trial)
     good = seal(next_lab_result(trial, subject), trial.lab)

