@@ -350,12 +350,7 @@ def test_locking_with_open_queries_is_refused(book):
         book.trial.lock(book.subject, signer=book.dm)
     with pytest.raises(OpenQueriesBlockLock):
         book.trial.lock(signer=book.dm)  # the study: any query of it
-    cb = Casebook.open(book.trial.study_id, book.subject, book.now)
-    cb.lock(book.now)
-    sealed, prev = [], "0" * 64
-    for event in cb.collect_events():
-        sealed.append(seal(envelope_for(event, study=book.trial.study_id, prev=prev), book.dm))
-        prev = sealed[-1].hash
+    sealed = _lock_signed_elsewhere(book)
     with pytest.raises(LockBlockedByOpenQueries):  # a lock signed elsewhere: the same rule at append
         book.trial.record.append(sealed)
     assert book.rows() == rows
@@ -366,6 +361,18 @@ def test_locking_with_open_queries_is_refused(book):
     book.trial.close_query(query, "Confirmed.", signer=book.dm)
     book.trial.lock(book.subject, signer=book.dm, reason="queries closed")
     assert book.read(casebook_rows)[0]["lock_level"] == "locked"
+
+
+def _lock_signed_elsewhere(book) -> list:
+    """The subject's casebook opened and locked, sealed by the data manager's key outside `Trial` (as a client
+    of the API would), so append's own checks are what refuses it."""
+    cb = Casebook.open(book.trial.study_id, book.subject, book.now)
+    cb.lock(book.now)
+    sealed, prev = [], "0" * 64
+    for event in cb.collect_events():
+        sealed.append(seal(envelope_for(event, study=book.trial.study_id, prev=prev), book.dm))
+        prev = sealed[-1].hash
+    return sealed
 
 
 def test_a_query_raised_between_the_lock_check_and_the_write_still_blocks_the_lock(book, monkeypatch):
@@ -382,12 +389,7 @@ def test_a_query_raised_between_the_lock_check_and_the_write_still_blocks_the_lo
         return real(record, study, subject, conn) if conn is not None else []
 
     monkeypatch.setattr(record_module, "open_queries_blocking_lock", before_the_write_sees_none)
-    cb = Casebook.open(book.trial.study_id, book.subject, book.now)
-    cb.lock(book.now)
-    sealed, prev = [], "0" * 64
-    for event in cb.collect_events():
-        sealed.append(seal(envelope_for(event, study=book.trial.study_id, prev=prev), book.dm))
-        prev = sealed[-1].hash
+    sealed = _lock_signed_elsewhere(book)
     rows = book.rows()
     with pytest.raises(LockBlockedByOpenQueries, match="1 queries are not closed"):
         book.trial.record.append(sealed)

@@ -23,6 +23,7 @@ from sle_events.exports.manifest import latest_checkpoint
 from sle_events.exports.source import ExportSource
 from sle_events.signing.keys import Signer
 
+from conftest import execute_sql
 from export_fixtures import demo_ledger  # noqa: F401  (the module-scoped demo, one per engine)
 
 SLE = str(Path(sys.executable).with_name("sle"))
@@ -39,6 +40,15 @@ def sle_verify(url: str, *extra: str) -> subprocess.CompletedProcess[str]:
 def sealed_verify(demo) -> None:
     done = sle_verify(demo.url, "--sign-key", str(demo.keys / "monitor.pem"), "--actor", MONITOR)
     assert done.returncode == 0, done.stdout + done.stderr
+
+
+def fetch(url: str, sql: str) -> list:
+    engine = sa.create_engine(url)
+    try:
+        with engine.connect() as conn:
+            return list(conn.execute(sa.text(sql)).all())
+    finally:
+        engine.dispose()
 
 
 def vouch(url: str):
@@ -120,18 +130,12 @@ def test_a_run_sealed_by_a_key_the_study_never_registered_vouches_for_nothing(de
 def test_a_rewritten_leaf_withdraws_the_vouch_and_every_signature_is_checked(demo_ledger, monkeypatch):  # noqa: F811
     if vouch(demo_ledger.url) is None:
         sealed_verify(demo_ledger)
-    engine = sa.create_engine(demo_ledger.url)
-    try:
-        with engine.begin() as conn:
-            old = conn.execute(sa.text("select leaf_hash from ledger_leaves where idx = 3")).scalar_one()
-            conn.execute(sa.text("update ledger_leaves set leaf_hash = :h where idx = 3"), {"h": bytes(32)})
-        assert vouch(demo_ledger.url) is None  # the leaves no longer rebuild the sealed root
-        subjects, checks, used = read_all(demo_ledger.url, monkeypatch)
-        assert used is None and checks > sum(len(s.facts) for s in subjects) > 0
-        with engine.begin() as conn:
-            conn.execute(sa.text("update ledger_leaves set leaf_hash = :h where idx = 3"), {"h": bytes(old)})
-    finally:
-        engine.dispose()
+    [(old,)] = fetch(demo_ledger.url, "select leaf_hash from ledger_leaves where idx = 3")
+    execute_sql(demo_ledger.url, "update ledger_leaves set leaf_hash = :h where idx = 3", h=bytes(32))
+    assert vouch(demo_ledger.url) is None  # the leaves no longer rebuild the sealed root
+    subjects, checks, used = read_all(demo_ledger.url, monkeypatch)
+    assert used is None and checks > sum(len(s.facts) for s in subjects) > 0
+    execute_sql(demo_ledger.url, "update ledger_leaves set leaf_hash = :h where idx = 3", h=bytes(old))
     assert vouch(demo_ledger.url) is not None
 
 
@@ -139,12 +143,7 @@ def test_an_event_altered_after_the_sealed_run_is_refused_by_its_signature(demo_
     """Last in the module: it leaves the record tampered."""
     if vouch(demo_ledger.url) is None:
         sealed_verify(demo_ledger)
-    engine = sa.create_engine(demo_ledger.url)
-    try:
-        with engine.connect() as conn:
-            rows = conn.execute(sa.text("select id, state from study_events order by id")).all()
-    finally:
-        engine.dispose()
+    rows = fetch(demo_ledger.url, "select id, state from study_events order by id")
     # the first lab result: its value changed by SQL, a valid decimal still (only the signature can tell)
     position, payload = next(
         (p, e["payload"])
