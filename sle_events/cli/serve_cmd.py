@@ -69,8 +69,10 @@ def serve(
         err.print("[red]DEMO CLOCK: recorded_at is not checked against this server's clock (backdating allowed)[/red]")
     err.print(f"serving {url.split('@')[-1]} on http://{host}:{port} with {workers} worker(s)")
     err.print(f"  the API at /v1, the web view at {WEB_PREFIX}/ (sign in with `sle web link`)")
+    from sle_events.api.nodelay import NoDelayH11Protocol
+
     if app is not None:
-        uvicorn.run(app, host=host, port=port, log_level="warning")
+        uvicorn.run(app, host=host, port=port, log_level="warning", http=NoDelayH11Protocol)
     else:
         os.environ[URL_VARIABLE] = url
         os.environ[DEMO_VARIABLE] = "1" if demo_clock else "0"
@@ -81,4 +83,5 @@ def serve(
             port=port,
             workers=workers,
             log_level="warning",
+            http=NoDelayH11Protocol,
         )

@@ -1,0 +1,56 @@
+"""`sle serve` turns Nagle's algorithm off on every connection. With several workers uvicorn binds its listening
+socket with protocol 0, asyncio then leaves TCP_NODELAY off on accepted connections, and each small response
+(head and body written apart) waited 40 ms for the client's delayed ACK."""
+
+from __future__ import annotations
+
+import socket
+from typing import Any
+
+from uvicorn.config import Config
+from uvicorn.server import ServerState
+
+from sle_events.api.nodelay import NoDelayH11Protocol
+
+
+class _Transport:
+    """What `connection_made` reads of asyncio's transport: the accepted socket."""
+
+    def __init__(self, sock: socket.socket) -> None:
+        self.sock = sock
+
+    def get_extra_info(self, name: str, default: Any = None) -> Any:
+        return self.sock if name == "socket" else default
+
+
+def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay():
+    listener = socket.socket(socket.AF_INET)  # as uvicorn binds it for more than one worker
+    listener.bind(("127.0.0.1", 0))
+    listener.listen()
+    client = socket.create_connection(listener.getsockname())
+    conn, _ = listener.accept()
+    try:
+        assert conn.proto == 0 and not conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # asyncio's skip
+        config = Config(app=lambda scope, receive, send: None)
+        protocol = NoDelayH11Protocol(config=config, server_state=ServerState(), app_state={})
+        protocol.connection_made(_Transport(conn))  # the socket is all it reads
+        assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
+        assert protocol.client == client.getsockname()  # uvicorn's own set-up still ran
+    finally:
+        for s in (client, conn, listener):
+            s.close()
+
+
+def test_sle_serve_runs_uvicorn_with_that_protocol(db_url, monkeypatch):
+    """One worker in-process (SQLite has one writer), or several from uvicorn's factory (PostgreSQL)."""
+    import uvicorn
+    from typer.testing import CliRunner
+
+    from sle_events.cli.main import app
+
+    ran: dict[str, Any] = {}
+    monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: ran.update(kwargs))
+    done = CliRunner().invoke(app, ["serve", "--db", db_url, "--workers", "2"])
+    assert done.exit_code == 0, done.output
+    assert ran["http"] is NoDelayH11Protocol
+    assert ran.get("workers", 1) == (1 if db_url.startswith("sqlite") else 2)
