@@ -29,6 +29,7 @@ from sle_events.store.streams import split_streams
 
 BATCH = 2000
 REBUILDING = -1  # a projection's position while it is being rebuilt
+ANALYZE_AFTER = 10_000  # events applied in one catch-up after which the tables' statistics are refreshed
 REBUILD_BATCH = 10000  # a rebuild commits less often: its rows only count once every range is done
 
 
@@ -195,7 +196,18 @@ class ProjectionRunner:
             except ProjectionHalted as halted:
                 self._halt([p.name for p in group], halted)
                 raise
+        if done >= ANALYZE_AFTER:
+            self.analyze(self.projections)
         return done
+
+    def analyze(self, projections: Sequence[Projection]) -> None:
+        """Refresh the planner's statistics of these projections' tables after a bulk load. Without them
+        PostgreSQL (autovacuum off, or not yet round) planned an audit-trail filter on 160,000 fresh rows as if
+        they were a few hundred: 2.9 s instead of 3 ms."""
+        tables = sorted({t.name for p in projections for t in p.tables})
+        with self.engine.begin() as conn:
+            for name in tables:
+                conn.exec_driver_sql(f'ANALYZE "{name}"')
 
     def _halt(self, names: Sequence[str], halted: ProjectionHalted) -> None:
         """Keep why the projections stopped (the batch that met it was rolled back), for status and readers."""
@@ -310,6 +322,7 @@ class ProjectionRunner:
                 self._save_position(conn, name, head)
             for index in dropped:
                 index.create(conn, checkfirst=True)
+        self.analyze(chosen)
         if on_progress:
             on_progress(head, head)
         saved, self.projections = self.projections, chosen
