@@ -258,8 +258,8 @@ def _analyzed(url: str, table: str) -> bool:
                 return bool(conn.execute(sa.text(q), {"t": table}).scalar())
             if not sa.inspect(conn).has_table("sqlite_stat1"):
                 return False
-            q = sa.text("select count(*) from sqlite_stat1 where tbl = :t")
-            return conn.execute(q, {"t": table}).scalar_one() > 0
+            stat = sa.text("select count(*) from sqlite_stat1 where tbl = :t")
+            return conn.execute(stat, {"t": table}).scalar_one() > 0
     finally:
         engine.dispose()
 
