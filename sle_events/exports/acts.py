@@ -117,17 +117,30 @@ def read_acts(
                 env = json.loads(data)["envelope"]
                 if env.get("study") == study_id and _before(env["recorded_at"], recorded_to):
                     acts.append(_Act(int(idx), int(pos), type_name(env["type"]), env))
-            # where each event that may invalidate a sign-off lies: covered by the checkpoint or not
+            with StudyReader(url) as reader, reader.engine.connect() as read_models:
+                status = {r["signoff_id"]: r for r in signoff_rows(read_models)}
+            # where each event that invalidated a sign-off lies: covered by the checkpoint or not (only those
+            # events' leaves are looked up: a dict of every leaf was 200 MB at a million events)
             leaf_of: dict[str, int] = {}
             if ledger:
-                lq = sa.select(lv.c.stream, lv.c.version, lv.c.idx)
-                if size is not None:
-                    lq = lq.where(lv.c.idx < size)
-                leaf_of = {f"{s}:{v}": int(i) for s, v, i in conn.execute(lq)}
+                signed = {f"{a.env['stream']}:{a.env['version']}" for a in acts if a.name == "Casebook.SignedOff"}
+                wanted = sorted(
+                    {
+                        (stream, int(version))
+                        for sid in signed
+                        if (row := status.get(sid)) is not None and row["invalidated_by"]
+                        for stream, _, version in [str(row["invalidated_by"]).rpartition(":")]
+                    }
+                )
+                for i in range(0, len(wanted), 500):
+                    lq = sa.select(lv.c.stream, lv.c.version, lv.c.idx).where(
+                        sa.tuple_(lv.c.stream, lv.c.version).in_(wanted[i : i + 500])
+                    )
+                    if size is not None:
+                        lq = lq.where(lv.c.idx < size)
+                    leaf_of.update({f"{s}:{v}": int(x) for s, v, x in conn.execute(lq)})
     finally:
         engine.dispose()
-    with StudyReader(url) as reader, reader.engine.connect() as conn:
-        status = {r["signoff_id"]: r for r in signoff_rows(conn)}
     out: dict[str, SubjectActs] = {}
     study_level: str | None = None
     own: dict[str, str | None] = {}
