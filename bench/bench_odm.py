@@ -335,10 +335,10 @@ def rss(sizes: list[int]) -> None:
         print(f"  {size:,} events made in {made:.0f} s, ledger in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         # the read models brought up to date first, as a running system keeps them: the export reads the
         # sign-offs' status from them, and would otherwise project the whole record itself before exporting
-        from projections.read import StudyReader
-
+        # in a child: ru_maxrss survives fork and exec, so a large parent would show as every export's peak
         t = time.perf_counter()
-        StudyReader(url).close()
+        project = "import sys; from projections.read import StudyReader; StudyReader(sys.argv[1]).close()"
+        subprocess.run([sys.executable, "-c", project, url], check=True)
         print(f"  read models projected in {time.perf_counter() - t:.0f} s", file=sys.stderr)
         for kind in ("transactional", "snapshot"):
             out = Path(tempfile.mkdtemp(prefix="sle-bench-odm-rss-")) / "odm.xml"
