@@ -123,6 +123,12 @@ class Api:
         self.url = self.record.url
         self.engine = self.record.engine
         prepare_database(self.engine)
+        self.bookkeeping = idem.bookkeeping_engine(self.engine)
+        t = self.record.table
+        # asked on every request: built once (compiled and cache-keyed once)
+        self._study_version = sa.select(sa.func.max(t.c.originator_version)).where(
+            t.c.originator_id == sa.bindparam("b_stream")
+        )
         self._reader: Any = None
         self._studies: dict[str, Study] = {}  # study id -> its registry at its stream's version
         self._reader_lock = threading.Lock()
@@ -130,10 +136,12 @@ class Api:
     def close(self) -> None:
         if self._reader is not None:
             self._reader.close()
+        if self.bookkeeping is not self.engine:
+            self.bookkeeping.dispose()
         self.record.close()
 
     # --- studies and callers -------------------------------------------------------------------------
-    def study(self, study_id: str) -> Study:
+    def study(self, study_id: str, conn: sa.Connection | None = None) -> Study:
         """The study's registry as the database holds it now: another process (a worker, `sle study
         revoke-key`) may have changed it, so its stream's version is asked each time and the study rebuilt when it
         moved (a revoked key is refused from the next request on)."""
@@ -141,11 +149,11 @@ class Api:
             stream = UUID(study_id)
         except ValueError:
             raise Problem("not_found", f"there is no study {study_id} here") from None
-        t = self.record.table
-        with self.engine.connect() as conn:
-            version = conn.execute(
-                sa.select(sa.func.max(t.c.originator_version)).where(t.c.originator_id == stream)
-            ).scalar()
+        if conn is None:
+            with self.bookkeeping.connect() as own:
+                version = own.execute(self._study_version, {"b_stream": stream}).scalar()
+        else:
+            version = conn.execute(self._study_version, {"b_stream": stream}).scalar()
         cached = self._studies.get(study_id)
         if cached is not None and cached.version == version:
             return cached
@@ -169,9 +177,14 @@ class Api:
             others = [str(i) for i in ids if str(i) != study_id]
         return [self.study(i) for i in others]
 
-    def caller(self, request: Request, study_id: str, body: bytes, *, write: bool = False) -> tuple[Caller, Study]:
+    def caller(
+        self, request: Request, study_id: str, body: bytes, *, write: bool = False, conn: sa.Connection | None = None
+    ) -> tuple[Caller, Study]:
+        if conn is None:
+            with self.bookkeeping.connect() as own:
+                return self.caller(request, study_id, body, write=write, conn=own)
         try:
-            study = self.study(study_id)
+            study = self.study(study_id, conn)
         except Problem:
             # A new study's first batch is signed by its own trust root, which no registry holds yet.
             created = self._created_in(study_id, body) if write else None
@@ -185,7 +198,7 @@ class Api:
             body=body,
             study=study,
             others=lambda: self.other_studies(study_id),
-            engine=self.engine,
+            conn=conn,
         )
         return caller, study
 
@@ -219,7 +232,34 @@ class Api:
         return caller
 
     # --- writing ---------------------------------------------------------------------------------------
-    def append(self, study: Study, caller: Caller, body: bytes) -> tuple[int, dict[str, Any]]:
+    def write(self, request: Request, study_id: str, body: bytes, idempotency_key: str | None) -> tuple[int, bytes]:
+        """A POST of events, whole: who calls, the Idempotency-Key, the append; (status, response body). One
+        thread-pool hop per request; the bookkeeping autocommits, outside the append's transaction."""
+        with self.bookkeeping.connect() as conn:
+            caller, study = self.caller(request, study_id, body, write=True, conn=conn)
+            if idempotency_key is None:
+                raise Problem("idempotency_key_missing", "a write needs an Idempotency-Key header")
+            digest = idem.request_hash(request.method, request.url.path, request.url.query, body)
+            stored = idem.claim(conn, caller.key_id, idempotency_key, digest)
+        if stored is not None:
+            return stored
+        try:
+            status, data = 201, self.append(study, caller, body)
+        except Problem as p:
+            status, data = p.status, json.dumps(p.body(request.url.path)).encode()
+        except BaseException:
+            with self.bookkeeping.connect() as conn:
+                idem.release(conn, caller.key_id, idempotency_key)
+            raise
+        # After the append's commit, outside its write lock. Should the process die in between, the claim is
+        # taken over after `STALE_CLAIM` and the retry is answered by append's own rule: the same batch gets
+        # the same positions, so the same response.
+        with self.bookkeeping.connect() as conn:
+            idem.finish(conn, caller.key_id, idempotency_key, status, data)
+        return status, data
+
+    def append(self, study: Study, caller: Caller, body: bytes) -> bytes:
+        """The 201 response to a batch, once stored."""
         events = self._sealed_events(body)
         names = []
         for e in events:
@@ -244,12 +284,14 @@ class Api:
             raise from_rejection(exc, current_version=version, current_hash=digest) from None
         except AppendRejected as exc:
             raise from_rejection(exc) from None
-        return 201, {
-            "events": [
-                {"stream": e.envelope["stream"], "version": e.version, "position": p, "hash": e.hash}
-                for e, p in zip(events, positions, strict=True)
-            ]
-        }
+        return json.dumps(
+            {
+                "events": [
+                    {"stream": e.envelope["stream"], "version": e.version, "position": p, "hash": e.hash}
+                    for e, p in zip(events, positions, strict=True)
+                ]
+            }
+        ).encode()
 
     @staticmethod
     def _sealed_events(body: bytes) -> list[SealedEvent]:
@@ -493,23 +535,7 @@ def create_app(
         idempotency_key: str | None = Header(None, alias="Idempotency-Key"),
     ) -> Response:
         body = await body_of(request, write=True)
-        caller, s = await run_in_threadpool(partial(api.caller, request, study, body, write=True))
-        if idempotency_key is None:
-            raise Problem("idempotency_key_missing", "a write needs an Idempotency-Key header")
-        digest = idem.request_hash(request.method, request.url.path, request.url.query, body)
-        stored = await run_in_threadpool(idem.claim, api.engine, caller.key_id, idempotency_key, digest)
-        if stored is not None:
-            status, data = stored
-            return Response(data, status_code=status, media_type="application/json" if status < 400 else PROBLEM_JSON)
-        try:
-            status, payload = await run_in_threadpool(api.append, s, caller, body)
-        except Problem as p:
-            status, payload = p.status, p.body(request.url.path)
-        except BaseException:
-            await run_in_threadpool(idem.release, api.engine, caller.key_id, idempotency_key)
-            raise
-        data = json.dumps(payload).encode()
-        await run_in_threadpool(idem.finish, api.engine, caller.key_id, idempotency_key, status, data)
+        status, data = await run_in_threadpool(api.write, request, study, body, idempotency_key)
         return Response(data, status_code=status, media_type="application/json" if status < 400 else PROBLEM_JSON)
 
     # --------------------------------------------------------------------------------------------- reads

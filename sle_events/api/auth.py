@@ -19,7 +19,6 @@ from cryptography.hazmat.primitives.asymmetric.ed25519 import Ed25519PublicKey
 from http_message_signatures import HTTPMessageVerifier, HTTPSignatureKeyResolver, InvalidSignature, algorithms
 from http_message_signatures.exceptions import HTTPMessageSignaturesException
 
-from sle_events.api.idempotency import relaxed
 from sle_events.api.problems import Problem
 from sle_events.domain.roles import (
     ADMIN,
@@ -118,10 +117,11 @@ def authenticate(
     body: bytes,
     study: Study,
     others: Callable[[], list[Study]],
-    engine: sa.Engine,
+    conn: sa.Connection,
     now: datetime | None = None,
 ) -> Caller:
-    """The registered key that signed this request, or a 401/403 `Problem`."""
+    """The registered key that signed this request, or a 401/403 `Problem`. `conn` autocommits
+    (`idempotency.bookkeeping_engine`): a nonce, once used, is used for every worker."""
     if "signature-input" not in headers or "signature" not in headers:
         raise Problem("signature_missing", "sign the request (RFC 9421, Ed25519, keyid = your registered key id)")
     keys = _StudyKeys(study, others)
@@ -142,23 +142,25 @@ def authenticate(
     assert keys.found is not None  # verified, so the resolver found the key
     home, entry = keys.found
     key_id = str(params["keyid"])
-    _refuse_replay(engine, key_id, nonce, int(params["created"]), now or datetime.now(UTC))
+    _refuse_replay(conn, key_id, nonce, int(params["created"]), now or datetime.now(UTC))
     if home is not study:
         raise Problem("other_study", f"key {key_id} belongs to another study; nobody reads or writes another study")
     return Caller(key_id=key_id, actor=entry["actor"], role=entry["role"], study=str(study.id))
 
 
-def _refuse_replay(engine: sa.Engine, key_id: str, nonce: str, created: int, now: datetime) -> None:
+_NONCE = api_nonces.insert()  # built once (compiled and cache-keyed once)
+_EXPIRED = api_nonces.delete().where(api_nonces.c.created < sa.bindparam("b_horizon"))
+
+
+def _refuse_replay(conn: sa.Connection, key_id: str, nonce: str, created: int, now: datetime) -> None:
     horizon = int((now - MAX_AGE - CLOCK_SKEW).timestamp())
     try:
-        with engine.begin() as conn:
-            relaxed(conn)
-            conn.execute(api_nonces.insert().values(key_id=key_id, nonce=nonce, created=created))
-            # Nonces older than any acceptable signature can go: such a request is refused by its age anyway.
-            if created % 16 == 0:
-                conn.execute(api_nonces.delete().where(api_nonces.c.created < horizon))
+        conn.execute(_NONCE, {"key_id": key_id, "nonce": nonce, "created": created})
     except sqlalchemy.exc.IntegrityError:
         raise Problem("replay", f"nonce {nonce!r} of key {key_id} was already used: a replayed request") from None
+    # Nonces older than any acceptable signature can go: such a request is refused by its age anyway.
+    if created % 16 == 0:
+        conn.execute(_EXPIRED, {"b_horizon": horizon})
 
 
 def require_role(caller: Caller, endpoint: str) -> None:

@@ -1,8 +1,8 @@
 """Idempotency-Key (IETF httpapi draft), kept in the database so every worker and engine agrees.
 
-Scoped to the caller's key id. The first request with a key claims it (`in_flight`) in its own transaction;
-its response is then stored with it. Same key and same request: the stored response again, nothing new stored.
-Same key, another request: 422. Same key while the first is still running: 409."""
+Scoped to the caller's key id. The first request with a key claims it (`in_flight`); its response is then stored
+with it. Same key and same request: the stored response again, nothing new stored. Same key, another request:
+422. Same key while the first is still running: 409."""
 
 from __future__ import annotations
 
@@ -20,12 +20,38 @@ MAX_KEY = 255
 STALE_CLAIM = timedelta(minutes=2)
 
 
-def relaxed(conn: sa.Connection) -> None:
-    """The API's bookkeeping (nonces, idempotency records) need not wait for the disk on PostgreSQL: a crash may
-    forget the last fraction of a second of them, and then a retry or replay of an append is answered by append's
-    own rule (the same batch gets its positions back; anything else at a taken version is a conflict)."""
-    if conn.dialect.name == "postgresql":
-        conn.execute(sa.text("SET LOCAL synchronous_commit TO OFF"))
+def bookkeeping_engine(engine: sa.Engine) -> sa.Engine:
+    """Where the API keeps its bookkeeping (nonces, idempotency claims) and asks a study's version: autocommit,
+    so each statement is one round trip with no BEGIN and COMMIT around it. On PostgreSQL its own pool, whose
+    sessions do not wait for the disk at commit: a crash may forget the last fraction of a second of nonces and
+    claims, and then a retry or replay of an append is answered by append's own rule (the same batch gets its
+    positions back; anything else at a taken version is a conflict). The events themselves are committed by the
+    record's engine, durably."""
+    if engine.dialect.name == "postgresql":
+        return sa.create_engine(
+            engine.url,
+            isolation_level="AUTOCOMMIT",
+            connect_args={"options": "-c synchronous_commit=off"},
+            pool_size=10,
+            max_overflow=30,
+        )
+    return engine.execution_options(isolation_level="AUTOCOMMIT")
+
+
+# Built once: a statement object reused is compiled and cache-keyed once (SQLAlchemy), not on every request.
+_t = api_idempotency
+_mine = (_t.c.key_id == sa.bindparam("b_key_id"), _t.c.idempotency_key == sa.bindparam("b_key"))
+_CLAIM = _t.insert()
+_FIND = sa.select(_t).where(*_mine)
+_FINISH = (
+    _t.update().where(*_mine).values(state="done", status=sa.bindparam("b_status"), response=sa.bindparam("b_body"))
+)
+_RELEASE = _t.delete().where(*_mine, _t.c.state == "in_flight")
+_TAKE_OVER = (
+    _t.update()
+    .where(*_mine, _t.c.state == "in_flight", _t.c.created_at == sa.bindparam("b_created"))
+    .values(created_at=sa.bindparam("b_now"))
+)
 
 
 def request_hash(method: str, path: str, query: str, body: bytes) -> str:
@@ -36,57 +62,45 @@ def request_hash(method: str, path: str, query: str, body: bytes) -> str:
     return h.hexdigest()
 
 
-def claim(engine: sa.Engine, key_id: str, key: str, digest: str) -> tuple[int, bytes] | None:
-    """Claim `key` for this request: None if claimed now, else the stored (status, body) of the first response."""
+def claim(conn: sa.Connection, key_id: str, key: str, digest: str) -> tuple[int, bytes] | None:
+    """Claim `key` for this request: None if claimed now, else the stored (status, body) of the first response.
+    `conn` autocommits (`bookkeeping_engine`): the claim is visible to every worker at once."""
     if not key or len(key) > MAX_KEY or not key.isprintable():
         raise Problem("idempotency_key_missing", f"a write needs an Idempotency-Key header (1 to {MAX_KEY} characters)")
-    t = api_idempotency
     now = datetime.now(UTC)
+    mine = {"b_key_id": key_id, "b_key": key}
+    claimed = {
+        "key_id": key_id,
+        "idempotency_key": key,
+        "request_hash": digest,
+        "state": "in_flight",
+        "created_at": now,
+    }
     try:
-        with engine.begin() as conn:
-            relaxed(conn)
-            conn.execute(
-                t.insert().values(
-                    key_id=key_id, idempotency_key=key, request_hash=digest, state="in_flight", created_at=now
-                )
-            )
+        conn.execute(_CLAIM, claimed)
         return None
     except sqlalchemy.exc.IntegrityError:
         pass
-    with engine.begin() as conn:
-        row = conn.execute(sa.select(t).where(t.c.key_id == key_id, t.c.idempotency_key == key)).first()
-        if row is None:  # released meanwhile: try once more
-            return claim(engine, key_id, key, digest)
-        if row.request_hash != digest:
-            raise Problem(
-                "idempotency_key_reused", f"Idempotency-Key {key!r} was used for another request; use a new key"
-            )
-        if row.state == "done":
-            return int(row.status), bytes(row.response)
-        created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
-        if now - created > STALE_CLAIM:
-            conn.execute(
-                t.update()
-                .where(t.c.key_id == key_id, t.c.idempotency_key == key, t.c.state == "in_flight")
-                .values(created_at=now)
-            )
+    row = conn.execute(_FIND, mine).first()
+    if row is None:  # released meanwhile: try once more
+        return claim(conn, key_id, key, digest)
+    if row.request_hash != digest:
+        raise Problem("idempotency_key_reused", f"Idempotency-Key {key!r} was used for another request; use a new key")
+    if row.state == "done":
+        return int(row.status), bytes(row.response)
+    created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
+    if now - created > STALE_CLAIM:
+        taken = conn.execute(_TAKE_OVER, {**mine, "b_created": row.created_at, "b_now": now})
+        if taken.rowcount == 1:  # another worker taking it over at the same moment gets the 409
             return None
     raise Problem("idempotency_in_flight", f"a request with Idempotency-Key {key!r} is still being processed")
 
 
-def finish(engine: sa.Engine, key_id: str, key: str, status: int, body: bytes) -> None:
-    t = api_idempotency
-    with engine.begin() as conn:
-        relaxed(conn)
-        conn.execute(
-            t.update()
-            .where(t.c.key_id == key_id, t.c.idempotency_key == key)
-            .values(state="done", status=status, response=body)
-        )
+def finish(conn: sa.Connection, key_id: str, key: str, status: int, body: bytes) -> None:
+    """Store the response of a claimed key."""
+    conn.execute(_FINISH, {"b_key_id": key_id, "b_key": key, "b_status": status, "b_body": body})
 
 
-def release(engine: sa.Engine, key_id: str, key: str) -> None:
+def release(conn: sa.Connection, key_id: str, key: str) -> None:
     """Forget a claim whose request failed unexpectedly, so a retry may run it."""
-    t = api_idempotency
-    with engine.begin() as conn:
-        conn.execute(t.delete().where(t.c.key_id == key_id, t.c.idempotency_key == key, t.c.state == "in_flight"))
+    conn.execute(_RELEASE, {"b_key_id": key_id, "b_key": key})

@@ -69,10 +69,12 @@ def serve(
         err.print("[red]DEMO CLOCK: recorded_at is not checked against this server's clock (backdating allowed)[/red]")
     err.print(f"serving {url.split('@')[-1]} on http://{host}:{port} with {workers} worker(s)")
     err.print(f"  the API at /v1, the web view at {WEB_PREFIX}/ (sign in with `sle web link`)")
-    from sle_events.api.nodelay import NoDelayH11Protocol
+    from sle_events.api.nodelay import NoDelayProtocol
+
+    loop = "auto"  # uvloop, a dependency: it hands work back from the thread pool faster (bench/RESULTS.md)
 
     if app is not None:
-        uvicorn.run(app, host=host, port=port, log_level="warning", http=NoDelayH11Protocol)
+        uvicorn.run(app, host=host, port=port, log_level="warning", http=NoDelayProtocol, loop=loop)
     else:
         os.environ[URL_VARIABLE] = url
         os.environ[DEMO_VARIABLE] = "1" if demo_clock else "0"
@@ -83,5 +85,6 @@ def serve(
             port=port,
             workers=workers,
             log_level="warning",
-            http=NoDelayH11Protocol,
+            http=NoDelayProtocol,
+            loop=loop,
         )

@@ -10,7 +10,9 @@ from typing import Any
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from sle_events.api.nodelay import NoDelayH11Protocol
+import pytest
+
+from sle_events.api.nodelay import NoDelayH11Protocol, NoDelayProtocol
 
 
 class _Transport:
@@ -23,7 +25,8 @@ class _Transport:
         return self.sock if name == "socket" else default
 
 
-def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay():
+@pytest.mark.parametrize("protocol_cls", [NoDelayH11Protocol, NoDelayProtocol], ids=["h11", "served"])
+def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay(protocol_cls):
     listener = socket.socket(socket.AF_INET)  # as uvicorn binds it for more than one worker
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -32,7 +35,7 @@ def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay():
     try:
         assert conn.proto == 0 and not conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # asyncio's skip
         config = Config(app=lambda scope, receive, send: None)
-        protocol = NoDelayH11Protocol(config=config, server_state=ServerState(), app_state={})
+        protocol = protocol_cls(config=config, server_state=ServerState(), app_state={})
         protocol.connection_made(_Transport(conn))  # the socket is all it reads
         assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert protocol.client == client.getsockname()  # uvicorn's own set-up still ran
@@ -42,7 +45,7 @@ def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay():
 
 
 def test_sle_serve_runs_uvicorn_with_that_protocol(db_url, monkeypatch):
-    """One worker in-process (SQLite has one writer), or several from uvicorn's factory (PostgreSQL)."""
+    """httptools' parser under uvloop (both pinned in the lock); one worker in-process (SQLite has one writer), or several from uvicorn's factory (PostgreSQL)."""
     import uvicorn
     from typer.testing import CliRunner
 
@@ -52,5 +55,13 @@ def test_sle_serve_runs_uvicorn_with_that_protocol(db_url, monkeypatch):
     monkeypatch.setattr(uvicorn, "run", lambda *args, **kwargs: ran.update(kwargs))
     done = CliRunner().invoke(app, ["serve", "--db", db_url, "--workers", "2"])
     assert done.exit_code == 0, done.output
-    assert ran["http"] is NoDelayH11Protocol
+    assert ran["http"] is NoDelayProtocol
+    assert ran["loop"] == "auto"  # uvloop, installed with the project
     assert ran.get("workers", 1) == (1 if db_url.startswith("sqlite") else 2)
+
+
+def test_the_served_protocol_is_httptools_not_h11():
+    """h11 parses in pure Python: httptools is a dependency, so `sle serve` never falls back to it."""
+    from uvicorn.protocols.http.httptools_impl import HttpToolsProtocol
+
+    assert issubclass(NoDelayProtocol, HttpToolsProtocol)
