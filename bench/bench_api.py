@@ -2,8 +2,9 @@
 
 1, 8 and 32 concurrent clients (threads, each its own subjects, so no conflicts), single-event and 100-event
 requests; every request signed (RFC 9421) with a fresh Idempotency-Key; events sealed before timing, for the
-baseline as for HTTP. Baseline: one in-process `StudyRecord.append` caller. Median of 3 alternating rounds with
-spread; p50/p99 request latency. Afterwards: zero errors, the exact event count, `sle verify` clean.
+baseline as for HTTP; clients connected (one signed read each) before the clock starts. Baseline: one
+in-process `StudyRecord.append` caller. Median of 3 alternating rounds with spread; p50/p99 request latency.
+Afterwards: zero errors, the exact event count, `sle verify` clean.
 
 Goals (issue 13): ≥ 0.5× the Python API at 8 clients with single events, ≥ 0.8× with 100-event batches.
 Usage: python -m bench.bench_api [--workers 2] [--rounds 3]
@@ -18,6 +19,7 @@ import socket
 import subprocess
 import sys
 import tempfile
+import threading
 import time
 from concurrent.futures import ThreadPoolExecutor
 from datetime import timedelta
@@ -37,8 +39,8 @@ from sle_events.store.codec import envelope_for
 from sle_events.store.record import StudyRecord
 
 CLIENTS = (1, 8, 32)
-SINGLE_EVENTS = 240  # per measurement (all clients together)
-BATCHES = 16  # 100-event requests per measurement
+SINGLE_EVENTS = 960  # per measurement (all clients together): 30 requests per client at 32 clients
+BATCHES = 64  # 100-event requests per measurement: 2 per client at 32 clients
 
 
 def sign(work: SignedWorkload, subjects: list[Any], n: int) -> list[SealedEvent]:
@@ -86,20 +88,33 @@ def start_server(url: str, workers: int) -> tuple[subprocess.Popen, str]:
 
 
 def over_http(base: str, work: SignedWorkload, parts: list[list[SealedEvent]], size: int) -> tuple[float, list[float]]:
-    """Send each client's events in requests of `size`, all clients at once; (events/s, request latencies)."""
+    """Send each client's events in requests of `size`, all clients at once; (events/s, request latencies).
+    Steady state: every client has connected and made one signed request before the clock starts."""
     latencies: list[float] = []
+    clients = [Client(base, work.lab, work.study.id) for _ in parts]
+    for client in clients:
+        client.get("/keys")
+    start = threading.Barrier(len(parts) + 1)
 
-    def client_run(events: list[SealedEvent]) -> None:
-        with Client(base, work.lab, work.study.id) as client:
-            for i in range(0, len(events), size):
-                t = time.perf_counter()
-                client.append(events[i : i + size])  # raises on any refusal: the run must have zero errors
-                latencies.append(time.perf_counter() - t)
+    def client_run(client: Client, events: list[SealedEvent]) -> None:
+        start.wait()
+        for i in range(0, len(events), size):
+            t = time.perf_counter()
+            client.append(events[i : i + size])  # raises on any refusal: the run must have zero errors
+            latencies.append(time.perf_counter() - t)
 
-    t0 = time.perf_counter()
-    with ThreadPoolExecutor(len(parts)) as pool:
-        list(pool.map(client_run, parts))
-    return sum(len(p) for p in parts) / (time.perf_counter() - t0), latencies
+    try:
+        with ThreadPoolExecutor(len(parts)) as pool:
+            running = [pool.submit(client_run, c, p) for c, p in zip(clients, parts, strict=True)]
+            start.wait()
+            t0 = time.perf_counter()
+            for r in running:
+                r.result()
+            elapsed = time.perf_counter() - t0
+    finally:
+        for client in clients:
+            client.close()
+    return sum(len(p) for p in parts) / elapsed, latencies
 
 
 def in_process(record: StudyRecord, events: list[SealedEvent], size: int) -> float:

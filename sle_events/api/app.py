@@ -31,8 +31,8 @@ from sle_events.api.problems import PROBLEM_JSON, PROBLEMS, Problem, from_reject
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import Study
 from sle_events.schema import api_metadata
-from sle_events.signing.canonical import NotCanonicalisable, canonical_json, loads_strict
-from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_sealed, open_stored
+from sle_events.signing.canonical import NotCanonicalisable, loads_strict
+from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_stored, sealed_from_json
 from sle_events.store.errors import AppendRejected, ChainBroken, VersionConflict
 from sle_events.store.record import StudyRecord
 
@@ -312,8 +312,8 @@ class Api:
         out = []
         for i, item in enumerate(items):
             try:
-                out.append(open_sealed(canonical_json(item)))
-            except (MalformedEnvelope, NotCanonicalisable, RecursionError) as exc:
+                out.append(sealed_from_json(item))
+            except (MalformedEnvelope, RecursionError) as exc:
                 raise Problem("malformed", f"event {i}: {exc}", field=f"events[{i}]") from None
         return out
 

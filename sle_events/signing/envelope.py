@@ -173,14 +173,8 @@ def seal(envelope: dict[str, Any], signer: Signer) -> SealedEvent:
     return SealedEvent.build(envelope, signed, signer.sign(signed))
 
 
-def open_sealed(data: bytes) -> SealedEvent:
-    """Parse sealed bytes as sent by a client or read from the store; check form, not trust."""
-    try:
-        outer = loads_strict(data)
-    except (ValueError, NotCanonicalisable, UnicodeDecodeError) as e:
-        raise MalformedEnvelope(f"not valid JSON without floats: {e}") from None
-    except RecursionError:
-        raise MalformedEnvelope("JSON nested too deeply to read") from None
+def _sealed_parts(outer: Any) -> tuple[dict[str, Any], bytes]:
+    """The envelope (its form checked) and the signature of a parsed sealed event."""
     if not isinstance(outer, dict) or set(outer) != {"envelope", "signature"}:
         raise MalformedEnvelope('sealed event must be {"envelope": ..., "signature": ...}')
     env = check_envelope(outer["envelope"])
@@ -190,6 +184,29 @@ def open_sealed(data: bytes) -> SealedEvent:
         raise MalformedEnvelope("signature is not base64") from None
     if len(signature) != 64:
         raise MalformedEnvelope(f"an Ed25519 signature has 64 bytes, got {len(signature)}")
+    return env, signature
+
+
+def sealed_from_json(outer: Any) -> SealedEvent:
+    """A sealed event from its parsed JSON (an item of a batch a client sent): the signed bytes are the
+    envelope's canonical form, whatever spacing or key order the client sent it in. Checks form, not trust."""
+    env, signature = _sealed_parts(outer)
+    try:
+        signed = canonical_json(env)
+    except NotCanonicalisable as e:
+        raise MalformedEnvelope(f"envelope cannot be canonicalised at {e}") from e
+    return SealedEvent.build(env, signed, signature)
+
+
+def open_sealed(data: bytes) -> SealedEvent:
+    """Parse sealed bytes as sent by a client or read from the store; check form, not trust."""
+    try:
+        outer = loads_strict(data)
+    except (ValueError, NotCanonicalisable, UnicodeDecodeError) as e:
+        raise MalformedEnvelope(f"not valid JSON without floats: {e}") from None
+    except RecursionError:
+        raise MalformedEnvelope("JSON nested too deeply to read") from None
+    env, signature = _sealed_parts(outer)
     data = bytes(data)
     j = data.rfind(_SIG_MARK)
     signed = data[len(_PREFIX) : j] if data.startswith(_PREFIX) and j > 0 else b""
