@@ -6,10 +6,11 @@ from __future__ import annotations
 import hashlib
 from collections.abc import Iterable
 from dataclasses import dataclass
+from functools import lru_cache
 from typing import Any
 from uuid import UUID
 
-from sqlalchemy import select
+from sqlalchemy import bindparam, select
 
 from sle_events.domain.casebook import Casebook, CoveredStream, lock_level, stricter
 from sle_events.domain.event_types import stored_topics, type_name
@@ -48,6 +49,17 @@ def casebook_stream(study_id: UUID | str, subject_id: UUID | str | None) -> UUID
     return Casebook.study_id_for(study) if subject_id is None else Casebook.id_for(study, UUID(str(subject_id)))
 
 
+@lru_cache(maxsize=16)
+def _lock_events_query(table: Any, bounded: bool) -> Any:
+    """Built once per table: `append` asks it under the write lock, where building it each time showed."""
+    q = select(table.c.originator_id, table.c.state).where(
+        table.c.originator_id.in_(bindparam("b_streams", expanding=True)), table.c.topic.in_(LOCK_TOPICS)
+    )
+    if bounded:
+        q = q.where(table.c.id < bindparam("b_before"))
+    return q.order_by(table.c.originator_id, table.c.originator_version)
+
+
 def lock_levels(conn: Any, table: Any, streams: Iterable[UUID], *, before: int | None = None) -> dict[UUID, str | None]:
     """The lock level of each casebook stream from its stored freeze/lock/unlock events (those at log positions
     below ``before`` only, when given)."""
@@ -55,12 +67,10 @@ def lock_levels(conn: Any, table: Any, streams: Iterable[UUID], *, before: int |
     found: dict[UUID, list[tuple[str, Any]]] = {s: [] for s in wanted}
     if not wanted:
         return {}
-    q = select(table.c.originator_id, table.c.state).where(
-        table.c.originator_id.in_(wanted), table.c.topic.in_(LOCK_TOPICS)
-    )
+    params: dict[str, Any] = {"b_streams": wanted}
     if before is not None:
-        q = q.where(table.c.id < before)
-    for stream, state in conn.execute(q.order_by(table.c.originator_id, table.c.originator_version)):
+        params["b_before"] = before
+    for stream, state in conn.execute(_lock_events_query(table, before is not None), params):
         env = open_stored(bytes(state)).envelope
         found[UUID(str(stream))].append((type_name(env["type"]), env["payload"]))
     return {s: lock_level(events) for s, events in found.items()}
