@@ -47,9 +47,10 @@ _FINISH = (
     _t.update().where(*_mine).values(state="done", status=sa.bindparam("b_status"), response=sa.bindparam("b_body"))
 )
 _RELEASE = _t.delete().where(*_mine, _t.c.state == "in_flight")
+# Only a claim still stale is taken over: of two workers taking one over at once, the second finds it fresh.
 _TAKE_OVER = (
     _t.update()
-    .where(*_mine, _t.c.state == "in_flight", _t.c.created_at == sa.bindparam("b_created"))
+    .where(*_mine, _t.c.state == "in_flight", _t.c.created_at < sa.bindparam("b_stale_before"))
     .values(created_at=sa.bindparam("b_now"))
 )
 
@@ -90,8 +91,8 @@ def claim(conn: sa.Connection, key_id: str, key: str, digest: str) -> tuple[int,
         return int(row.status), bytes(row.response)
     created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
     if now - created > STALE_CLAIM:
-        taken = conn.execute(_TAKE_OVER, {**mine, "b_created": row.created_at, "b_now": now})
-        if taken.rowcount == 1:  # another worker taking it over at the same moment gets the 409
+        taken = conn.execute(_TAKE_OVER, {**mine, "b_stale_before": now - STALE_CLAIM, "b_now": now})
+        if taken.rowcount == 1:
             return None
     raise Problem("idempotency_in_flight", f"a request with Idempotency-Key {key!r} is still being processed")
 

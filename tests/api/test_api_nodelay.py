@@ -7,10 +7,9 @@ from __future__ import annotations
 import socket
 from typing import Any
 
+import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
-
-import pytest
 
 from sle_events.api.nodelay import NoDelayH11Protocol, NoDelayProtocol
 
@@ -45,7 +44,8 @@ def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay(proto
 
 
 def test_sle_serve_runs_uvicorn_with_that_protocol(db_url, monkeypatch):
-    """httptools' parser under uvloop (both pinned in the lock); one worker in-process (SQLite has one writer), or several from uvicorn's factory (PostgreSQL)."""
+    """httptools' parser under uvloop (both pinned in the lock); one worker in-process (SQLite has one writer),
+    or several from uvicorn's factory (PostgreSQL)."""
     import uvicorn
     from typer.testing import CliRunner
 

@@ -8,10 +8,12 @@ from datetime import timedelta
 from decimal import Decimal
 
 import pytest
+import sqlalchemy as sa
 from api_world import NOW, world_fixture  # noqa: F401 - the `world` fixture
 
 from sle_events.api.problems import PROBLEM_BASE
 from sle_events.client import ApiProblem
+from sle_events.schema import api_idempotency
 from sle_events.signing.envelope import seal
 from sle_events.store.codec import envelope_for
 
@@ -166,6 +168,34 @@ def test_idempotency_key(world):
     # the same key by another caller is another key: scoped to the caller's key id
     assert post(world, "investigator", other_event.sealed, key="idem-1").status_code == 201
     assert count_rows(world.url) == before + 1
+
+
+def test_a_claim_left_by_a_dead_request_is_taken_over_and_answered_by_append(world):
+    """The server died after the append committed and before it stored the response: the claim stays
+    `in_flight`. After `STALE_CLAIM` the same request takes it over, and append's own rule (the same batch gets
+    its positions back) answers exactly as the first time; nothing is stored twice."""
+    from sle_events.api import idempotency as idem
+
+    subject = world.new_subject()
+    [event] = world.sealed(subject, "coordinator")
+    first = post(world, "coordinator", event.sealed, key="dies")
+    assert first.status_code == 201
+    before = count_rows(world.url)
+    # as if the response had never been stored, and the claim were old
+    t, old = api_idempotency, NOW - idem.STALE_CLAIM - timedelta(seconds=5)
+    engine = sa.create_engine(world.url)
+    with engine.begin() as conn:  # through the table's own types, as the server writes it
+        conn.execute(
+            t.update()
+            .where(t.c.idempotency_key == "dies")
+            .values(state="in_flight", status=None, response=None, created_at=old)
+        )
+    engine.dispose()
+    again = post(world, "coordinator", event.sealed, key="dies")
+    assert (again.status_code, again.json()) == (201, first.json())
+    assert count_rows(world.url) == before
+    # and the response is stored now: a third try is answered from it
+    assert post(world, "coordinator", event.sealed, key="dies").content == again.content
 
 
 def test_a_key_in_flight_is_409(world):
