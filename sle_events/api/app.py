@@ -35,6 +35,7 @@ from sle_events.signing.canonical import NotCanonicalisable, loads_strict
 from sle_events.signing.envelope import MalformedEnvelope, SealedEvent, open_stored, sealed_from_json
 from sle_events.store.errors import AppendRejected, ChainBroken, VersionConflict
 from sle_events.store.record import StudyRecord
+from sle_events.store.text import storable
 
 API_VERSION = "1"
 MAX_BODY = 16 << 20  # a 100-event batch of lab results is ~150 KiB
@@ -495,6 +496,8 @@ def create_app(
         return _problem_response(Problem(kind, str(exc.detail)))
 
     async def body_of(request: Request, *, write: bool) -> bytes:
+        if not storable([request.url.path, *(k + v for k, v in request.query_params.multi_items())]):
+            raise Problem("validation", "a path or query holds a NUL character", field="query")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:
             raise Problem("payload_too_large", f"the body has {int(declared):,} bytes; the limit is {max_body:,}")

@@ -12,7 +12,6 @@ the subject's site, the signing time with its offset), SDV marks, queries, inval
 
 from __future__ import annotations
 
-import hashlib
 import json
 from dataclasses import dataclass, field
 from datetime import datetime
@@ -86,6 +85,7 @@ def read_acts(
     from projections.casebook import signoff_rows
     from projections.read import StudyReader
     from sle_events.domain.event_types import EVENT_TYPES, stored_topics
+    from sle_events.ledger.merkle import leaf_hash
     from sle_events.ledger.tables import events_table, ledger_leaves
 
     topics = [t for n in EVENT_TYPES if n.startswith(_ACT_PREFIXES) for t in stored_topics(n)]
@@ -109,7 +109,7 @@ def read_acts(
 
             for idx, pos, state, leaf in rows:
                 data = bytes(state)
-                if leaf is not None and hashlib.sha256(b"\x00" + data).digest() != bytes(leaf):
+                if leaf is not None and leaf_hash(data) != bytes(leaf):
                     raise OdmExportError(
                         f"the event at log position {pos} (leaf {idx}) no longer matches its ledger leaf; run "
                         "`sle verify` (nothing was exported)"

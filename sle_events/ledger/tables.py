@@ -33,6 +33,8 @@ ledger_leaves = sa.Table(
     sa.Column("leaf_hash", sa.LargeBinary(HASH_SIZE), nullable=False),
     sa.Column("stream", sa.String(36), nullable=True),
     sa.Column("version", sa.BigInteger, nullable=True),
+    # exports find a subject's leaves by stream (revision 0017)
+    sa.Index("ix_ledger_leaves_stream_version", "stream", "version"),
 )
 
 ledger_nodes = sa.Table(

@@ -28,6 +28,7 @@ from starlette.staticfiles import StaticFiles
 from projections.base import ProjectionHalted
 from projections.read import UnknownFilter, display_value
 from sle_events.store.record import StudyRecord
+from sle_events.store.text import storable
 from sle_events.web.data import LAB_NAMES, STATUS_KINDS, AsOf, NotFound, WebData, parse_as_of
 from sle_events.web.sessions import DEFAULT_SESSION_TTL, NotSignedIn, Session, SessionStore
 from sle_events.web.signin import BadToken
@@ -116,6 +117,16 @@ def create_web_app(
                 response = render(request, "signin.html", 401, reason=str(e), token="", session=None)
                 response.delete_cookie(COOKIE, path=_cookie_path(request))
                 return response
+            if not storable([request.url.path, *(k + v for k, v in request.query_params.multi_items())]):
+                return render(
+                    request,
+                    "error.html",
+                    400,
+                    session=session,
+                    as_of=AsOf(),
+                    title="Not understood",
+                    message="The address holds a NUL character.",
+                )
             try:
                 as_of = parse_as_of(request.query_params.get("as_of"), request.query_params.get("axis"))
                 behind = await run_in_threadpool(data().fresh)

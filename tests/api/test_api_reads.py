@@ -68,6 +68,22 @@ def test_an_unknown_stream_or_study_is_404(world):
     assert response.status_code == 404
 
 
+@pytest.mark.parametrize(
+    "path, params",
+    [
+        ("/sdv", {"subject": "\x00NJ01"}),  # found by schemathesis: PostgreSQL refused the NUL with a 500
+        ("/audit-trail", {"user": "dr\x00wang"}),
+        ("/patients/NJ01%00-0001", {}),  # percent-encoded: the path the server decodes holds the NUL
+        ("/queries", {"subject\x00": "x"}),
+    ],
+)
+def test_a_nul_in_a_path_or_filter_is_refused_on_both_engines(world, path, params):
+    record_subject(world, results=0)
+    with pytest.raises(ApiProblem) as caught:
+        world.client("auditor").get(path, **params)
+    assert (caught.value.status, caught.value.kind) == (422, "validation")
+
+
 def test_patient_state_dashboard_and_as_of(world):
     subject = record_subject(world)
     client = world.client("monitor")
