@@ -28,12 +28,9 @@ def bookkeeping_engine(engine: sa.Engine) -> sa.Engine:
     positions back; anything else at a taken version is a conflict). The events themselves are committed by the
     record's engine, durably."""
     if engine.dialect.name == "postgresql":
+        # SQLAlchemy's default pool (5 + 10): a request holds one only for its few bookkeeping statements.
         return sa.create_engine(
-            engine.url,
-            isolation_level="AUTOCOMMIT",
-            connect_args={"options": "-c synchronous_commit=off"},
-            pool_size=10,
-            max_overflow=30,
+            engine.url, isolation_level="AUTOCOMMIT", connect_args={"options": "-c synchronous_commit=off"}
         )
     return engine.execution_options(isolation_level="AUTOCOMMIT")
 
