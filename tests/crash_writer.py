@@ -10,8 +10,10 @@ for every event of that append, and flushes. The parent SIGKILLs it mid-run.
 
 from __future__ import annotations
 
+import os
 import random
 import sys
+import time
 from datetime import UTC, datetime, timedelta
 from decimal import Decimal
 from pathlib import Path
@@ -71,7 +73,11 @@ def main(url: str, key_dir: Path, founder_keys: Path | None = None) -> None:
 
     subjects: list[Subject] = []
     n = 0
+    # CRASH_WRITER_PAUSE (seconds between appends): a writer that a reader chasing it can catch up with
+    pause = float(os.environ.get("CRASH_WRITER_PAUSE", "0"))
     while True:
+        if pause:
+            time.sleep(pause)
         now = datetime.now(UTC)
         step = rng.random()
         if step < 0.25 or len(subjects) < 3:

@@ -86,6 +86,7 @@ def test_rebuild_reports_progress_up_to_the_head(demo_url, workers):
 def test_a_parallel_rebuild_beside_a_process_that_keeps_appending(db_url, tmp_path):
     """Two rebuild processes and an appending one (on SQLite all three queue for its one writer): no lock
     errors, and once the writer stops and the projections catch up, the tables equal a rebuild from scratch."""
+    import os
     import subprocess
     import sys
     import threading
@@ -93,8 +94,10 @@ def test_a_parallel_rebuild_beside_a_process_that_keeps_appending(db_url, tmp_pa
 
     root = Path(__file__).resolve().parent.parent
     (tmp_path / "keys").mkdir()
+    # Paced: unpaced, the writer outran the rebuild's catch-up once appends got faster (330,000 events in one CI run).
     writer = subprocess.Popen(
         [sys.executable, str(root / "tests" / "crash_writer.py"), db_url, str(tmp_path / "keys")],
+        env={**os.environ, "CRASH_WRITER_PAUSE": "0.01"},
         stdout=subprocess.PIPE,
         stderr=subprocess.DEVNULL,
         text=True,
