@@ -12,6 +12,7 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
+from contextlib import AbstractContextManager, nullcontext
 from datetime import timedelta
 from functools import partial
 from typing import Any
@@ -125,11 +126,6 @@ class Api:
         self.engine = self.record.engine
         prepare_database(self.engine)
         self.bookkeeping = idem.bookkeeping_engine(self.engine)
-        t = self.record.table
-        # asked on every request: built once (compiled and cache-keyed once)
-        self._study_version = sa.select(sa.func.max(t.c.originator_version)).where(
-            t.c.originator_id == sa.bindparam("b_stream")
-        )
         self._reader: Any = None
         self._studies: dict[str, Study] = {}  # study id -> its registry at its stream's version
         self._reader_lock = threading.Lock()
@@ -150,11 +146,8 @@ class Api:
             stream = UUID(study_id)
         except ValueError:
             raise Problem("not_found", f"there is no study {study_id} here") from None
-        if conn is None:
-            with self.bookkeeping.connect() as own:
-                version = own.execute(self._study_version, {"b_stream": stream}).scalar()
-        else:
-            version = conn.execute(self._study_version, {"b_stream": stream}).scalar()
+        with self._bookkeeping(conn) as c:
+            version = c.execute(self.record.stream_version_query, {"b_stream": stream}).scalar()
         cached = self._studies.get(study_id)
         if cached is not None and cached.version == version:
             return cached
@@ -181,27 +174,29 @@ class Api:
     def caller(
         self, request: Request, study_id: str, body: bytes, *, write: bool = False, conn: sa.Connection | None = None
     ) -> tuple[Caller, Study]:
-        if conn is None:
-            with self.bookkeeping.connect() as own:
-                return self.caller(request, study_id, body, write=write, conn=own)
-        try:
-            study = self.study(study_id, conn)
-        except Problem:
-            # A new study's first batch is signed by its own trust root, which no registry holds yet.
-            created = self._created_in(study_id, body) if write else None
-            if created is None:
-                raise
-            study = created
-        caller = authenticate(
-            method=request.method,
-            url=str(request.url),
-            headers=request.headers,
-            body=body,
-            study=study,
-            others=lambda: self.other_studies(study_id),
-            conn=conn,
-        )
+        with self._bookkeeping(conn) as c:
+            try:
+                study = self.study(study_id, c)
+            except Problem:
+                # A new study's first batch is signed by its own trust root, which no registry holds yet.
+                created = self._created_in(study_id, body) if write else None
+                if created is None:
+                    raise
+                study = created
+            caller = authenticate(
+                method=request.method,
+                url=str(request.url),
+                headers=request.headers,
+                body=body,
+                study=study,
+                others=lambda: self.other_studies(study_id),
+                conn=c,
+            )
         return caller, study
+
+    def _bookkeeping(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
+        """`conn` when the request already holds one, else one of the bookkeeping pool's for this call."""
+        return nullcontext(conn) if conn is not None else self.bookkeeping.connect()
 
     def _created_in(self, study_id: str, body: bytes) -> Study | None:
         """The study as the batch's first event (its `Study.Created`, version 1) creates it, if it does; append
@@ -496,7 +491,7 @@ def create_app(
         return _problem_response(Problem(kind, str(exc.detail)))
 
     async def body_of(request: Request, *, write: bool) -> bytes:
-        if not storable([request.url.path, *(k + v for k, v in request.query_params.multi_items())]):
+        if not storable(request.url.path, request.query_params.multi_items()):
             raise Problem("validation", "a path or query holds a NUL character", field="query")
         declared = request.headers.get("content-length")
         if declared is not None and declared.isdigit() and int(declared) > max_body:

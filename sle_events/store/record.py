@@ -155,7 +155,9 @@ class StudyRecord(Application[UUID]):
         self._insert_statement = sqlalchemy.insert(t).returning(t.c.id, sort_by_parameter_order=True)
         self._lock_statement = sqlalchemy.text(f"LOCK TABLE {self.recorder.events_table_name} IN EXCLUSIVE MODE")
         self._notify_statement = sqlalchemy.text(f"NOTIFY {self.recorder.channel_name}")
-        self._version_statement = select(func.max(t.c.originator_version)).where(
+        # A stream's newest version (bind `b_stream`): the registry check under the write lock, and the API's
+        # check of a study's registry on every request.
+        self.stream_version_query = select(func.max(t.c.originator_version)).where(
             t.c.originator_id == sqlalchemy.bindparam("b_stream")
         )
 
@@ -526,7 +528,7 @@ class StudyRecord(Application[UUID]):
                 fast = self._valid_through is not None and ids and ids[0] == self._valid_through + 1
                 if not fast:
                     for sid, version in expected.items():
-                        current = session.execute(self._version_statement, {"b_stream": UUID(sid)}).scalar()
+                        current = session.execute(self.stream_version_query, {"b_stream": UUID(sid)}).scalar()
                         if current != version:
                             raise _RegistryMoved()
                 # Under the write lock, so no freeze or lock can slip in between this check and the commit.

@@ -6,5 +6,6 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 
-def storable(texts: Iterable[str]) -> bool:
-    return not any("\x00" in t for t in texts)
+def storable(path: str, query: Iterable[tuple[str, str]]) -> bool:
+    """Whether a request's path and query parameters (names and values) hold no NUL."""
+    return "\x00" not in path and not any("\x00" in k or "\x00" in v for k, v in query)

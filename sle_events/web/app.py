@@ -117,7 +117,7 @@ def create_web_app(
                 response = render(request, "signin.html", 401, reason=str(e), token="", session=None)
                 response.delete_cookie(COOKIE, path=_cookie_path(request))
                 return response
-            if not storable([request.url.path, *(k + v for k, v in request.query_params.multi_items())]):
+            if not storable(request.url.path, request.query_params.multi_items()):
                 return render(
                     request,
                     "error.html",

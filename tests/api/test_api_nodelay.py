@@ -7,11 +7,10 @@ from __future__ import annotations
 import socket
 from typing import Any
 
-import pytest
 from uvicorn.config import Config
 from uvicorn.server import ServerState
 
-from sle_events.api.nodelay import NoDelayH11Protocol, NoDelayProtocol
+from sle_events.api.nodelay import NoDelayProtocol
 
 
 class _Transport:
@@ -24,8 +23,7 @@ class _Transport:
         return self.sock if name == "socket" else default
 
 
-@pytest.mark.parametrize("protocol_cls", [NoDelayH11Protocol, NoDelayProtocol], ids=["h11", "served"])
-def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay(protocol_cls):
+def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay():
     listener = socket.socket(socket.AF_INET)  # as uvicorn binds it for more than one worker
     listener.bind(("127.0.0.1", 0))
     listener.listen()
@@ -34,7 +32,7 @@ def test_a_connection_accepted_from_a_protocol_0_listener_gets_tcp_nodelay(proto
     try:
         assert conn.proto == 0 and not conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)  # asyncio's skip
         config = Config(app=lambda scope, receive, send: None)
-        protocol = protocol_cls(config=config, server_state=ServerState(), app_state={})
+        protocol = NoDelayProtocol(config=config, server_state=ServerState(), app_state={})
         protocol.connection_made(_Transport(conn))  # the socket is all it reads
         assert conn.getsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY)
         assert protocol.client == client.getsockname()  # uvicorn's own set-up still ran
