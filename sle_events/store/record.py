@@ -15,6 +15,7 @@ import os
 import threading
 from collections.abc import Callable, Iterable, Sequence
 from concurrent.futures import ThreadPoolExecutor
+from dataclasses import dataclass
 from datetime import datetime, timedelta
 from functools import lru_cache, partial
 from typing import Any, cast
@@ -81,6 +82,7 @@ STUDY_CREATED = "Study.Created"
 PARALLEL_VERIFY_MIN = {"postgresql": 1, "sqlite": 16}
 MAX_EVENT_BYTES = 1 << 20  # one signed envelope; a lab result is ~1 KiB
 MAX_NESTING = 32  # the deepest payload the domain writes is 4 levels
+GROUP_MAX_EVENTS = 1000  # events of concurrent batches one transaction takes (group commit)
 
 
 class EnvelopeMapper(Mapper):
@@ -102,6 +104,29 @@ class _NoTranscoder(Transcoder):
 
     def decode(self, data: bytes) -> Any:  # pragma: no cover - never used
         raise TypeError
+
+
+@dataclass(eq=False)
+class _Waiting:
+    """A batch a thread asked to append, and its answer once some thread stored it."""
+
+    events: list[SealedEvent]
+    positions: list[int] | None = None
+    error: Exception | None = None
+    done: bool = False
+
+
+def _may_share(events: list[SealedEvent]) -> bool:
+    """Only clinical facts share a transaction: study, casebook and review acts are checked against the batch
+    they come in, and go alone so that their batch is exactly what their sender sent."""
+    for e in events:
+        try:
+            name = type_name(e.topic)
+        except UnknownEventName:
+            return False
+        if name.startswith(("Study.", "Casebook.")) or is_review_act(name):
+            return False
+    return True
 
 
 @lru_cache(maxsize=4096)
@@ -146,6 +171,8 @@ class StudyRecord(Application[UUID]):
         # Every event at or below this log position is reflected in the cached studies.
         self._valid_through: int | None = None
         self._lock = threading.RLock()
+        self._waiting: list[_Waiting] = []  # batches waiting for the write lock (group commit, `append`)
+        self._waiting_lock = threading.Lock()
         threads = verify_threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._threads = threads
@@ -264,10 +291,63 @@ class StudyRecord(Application[UUID]):
 
     # --- appending -------------------------------------------------------------------------------------
     def append(self, events: Sequence[SealedEvent]) -> list[int]:
-        """Verify and store a batch of sealed events atomically; return their log positions."""
+        """Verify and store a batch of sealed events atomically; return their log positions.
+
+        Group commit: batches of clinical facts that threads of this process append at the same time share one
+        transaction (one table lock, one commit), as one batch in the order they came. Should that shared batch
+        be refused, each is appended alone and gets its own answer, so no caller sees another's refusal. Study,
+        casebook and review acts always go alone."""
         if not events:
             return []
-        events = [self._as_signed(e) for e in events]
+        me = _Waiting([self._as_signed(e) for e in events])
+        with self._waiting_lock:
+            self._waiting.append(me)
+        with self._lock:
+            if not me.done:
+                group = self._take_group(me)
+                if len(group) == 1:
+                    return self._append_batch(me.events)
+                self._append_group(group)
+        if me.error is not None:
+            raise me.error
+        assert me.positions is not None
+        return me.positions
+
+    def _take_group(self, me: _Waiting) -> list[_Waiting]:
+        """`me` and, if it may share a transaction, every waiting batch that may too (up to `GROUP_MAX_EVENTS`)."""
+        with self._waiting_lock:
+            group = [me]
+            if _may_share(me.events):
+                size = len(me.events)
+                for w in self._waiting:
+                    if w is not me and size + len(w.events) <= GROUP_MAX_EVENTS and _may_share(w.events):
+                        group.append(w)
+                        size += len(w.events)
+            self._waiting = [w for w in self._waiting if w not in group]
+        return group
+
+    def _append_group(self, group: list[_Waiting]) -> None:
+        try:
+            try:
+                positions = self._append_batch([e for w in group for e in w.events])
+            except Exception:
+                for w in group:  # each alone, for its own answer
+                    try:
+                        w.positions = self._append_batch(w.events)
+                    except Exception as exc:
+                        w.error = exc
+                    w.done = True
+                return
+            at = 0
+            for w in group:
+                w.positions, at = positions[at : at + len(w.events)], at + len(w.events)
+                w.done = True
+        finally:
+            # Interrupted (KeyboardInterrupt, a dying thread): the batches not answered wait for their own turn.
+            with self._waiting_lock:
+                self._waiting.extend(w for w in group if not w.done)
+
+    def _append_batch(self, events: list[SealedEvent]) -> list[int]:
         for _attempt in range(3):
             with self._lock:
                 try:
