@@ -12,8 +12,8 @@ import hashlib
 import json
 import threading
 from collections.abc import Callable, Mapping
-from contextlib import AbstractContextManager, nullcontext
-from datetime import timedelta
+from contextlib import nullcontext
+from datetime import UTC, datetime, timedelta
 from functools import partial
 from typing import Any
 from uuid import UUID
@@ -27,7 +27,17 @@ from starlette.exceptions import HTTPException as StarletteHTTPException
 from starlette.types import ASGIApp
 
 from sle_events.api import idempotency as idem
-from sle_events.api.auth import Caller, authenticate, require_role, require_write
+from sle_events.api.auth import (
+    Caller,
+    Signed,
+    admitted,
+    authenticate,
+    forget_expired_nonces,
+    replay_problem,
+    require_role,
+    require_write,
+    verify_request,
+)
 from sle_events.api.problems import PROBLEM_JSON, PROBLEMS, Problem, from_rejection
 from sle_events.domain.event_types import UnknownEventName, stored_topics, type_name
 from sle_events.domain.study import Study
@@ -146,7 +156,7 @@ class Api:
             stream = UUID(study_id)
         except ValueError:
             raise Problem("not_found", f"there is no study {study_id} here") from None
-        with self._bookkeeping(conn) as c:
+        with nullcontext(conn) if conn is not None else self.bookkeeping.connect() as c:
             version = c.execute(self.record.stream_version_query, {"b_stream": stream}).scalar()
         cached = self._studies.get(study_id)
         if cached is not None and cached.version == version:
@@ -171,18 +181,10 @@ class Api:
             others = [str(i) for i in ids if str(i) != study_id]
         return [self.study(i) for i in others]
 
-    def caller(
-        self, request: Request, study_id: str, body: bytes, *, write: bool = False, conn: sa.Connection | None = None
-    ) -> tuple[Caller, Study]:
-        with self._bookkeeping(conn) as c:
-            try:
-                study = self.study(study_id, c)
-            except Problem:
-                # A new study's first batch is signed by its own trust root, which no registry holds yet.
-                created = self._created_in(study_id, body) if write else None
-                if created is None:
-                    raise
-                study = created
+    def caller(self, request: Request, study_id: str, body: bytes) -> tuple[Caller, Study]:
+        """Who reads: the key that signed the request, by the study's registry as it is now."""
+        with self.bookkeeping.connect() as conn:
+            study = self.study(study_id, conn)
             caller = authenticate(
                 method=request.method,
                 url=str(request.url),
@@ -190,13 +192,72 @@ class Api:
                 body=body,
                 study=study,
                 others=lambda: self.other_studies(study_id),
-                conn=c,
+                conn=conn,
             )
         return caller, study
 
-    def _bookkeeping(self, conn: sa.Connection | None) -> AbstractContextManager[sa.Connection]:
-        """`conn` when the request already holds one, else one of the bookkeeping pool's for this call."""
-        return nullcontext(conn) if conn is not None else self.bookkeeping.connect()
+    def _writer(
+        self, conn: sa.Connection, request: Request, study_id: str, body: bytes, key: str | None
+    ) -> tuple[Caller, Study, tuple[int, bytes] | None]:
+        """Who writes, and the Idempotency-Key's stored answer if it has one. The signature is checked against
+        the registry this worker last saw; the nonce, the claim and the study's version then take one round
+        trip (`idem.admit`). Should the study's stream have moved meanwhile (a key revoked elsewhere), the caller
+        is judged again by the registry as it is now."""
+        study = self._studies.get(study_id) or self._written_study(study_id, body, conn)
+        signed = self._signed(request, study_id, body, study)
+        key = idem.check_key(key)
+        digest = idem.request_hash(request.method, request.url.path, request.url.query, body)
+        now = datetime.now(UTC)
+        admission = idem.admit(
+            conn,
+            self.record.table,
+            self.record.stream_version_query,
+            key_id=signed.caller.key_id,
+            nonce=signed.nonce,
+            created=signed.created,
+            key=key,
+            digest=digest,
+            study=UUID(study_id),
+            now=now,
+        )
+        if not admission.fresh_nonce:
+            raise replay_problem(signed.caller.key_id, signed.nonce)
+        forget_expired_nonces(conn, signed.created, now)
+        claimed = admission.claimed
+        if admission.study_version != study.version:
+            if claimed:
+                idem.release(conn, signed.caller.key_id, key)
+                claimed = False
+            study = self._written_study(study_id, body, conn)
+            signed = self._signed(request, study_id, body, study)
+        try:
+            caller = admitted(signed, study)
+        except Problem:
+            if claimed:
+                idem.release(conn, signed.caller.key_id, key)
+            raise
+        return caller, study, None if claimed else idem.claim(conn, caller.key_id, key, digest)
+
+    def _written_study(self, study_id: str, body: bytes, conn: sa.Connection) -> Study:
+        """The study as stored now, or the one the batch creates: a new study's first batch is signed by its own
+        trust root, which no registry holds yet."""
+        try:
+            return self.study(study_id, conn)
+        except Problem:
+            created = self._created_in(study_id, body)
+            if created is None:
+                raise
+            return created
+
+    def _signed(self, request: Request, study_id: str, body: bytes, study: Study) -> Signed:
+        return verify_request(
+            method=request.method,
+            url=str(request.url),
+            headers=request.headers,
+            body=body,
+            study=study,
+            others=lambda: self.other_studies(study_id),
+        )
 
     def _created_in(self, study_id: str, body: bytes) -> Study | None:
         """The study as the batch's first event (its `Study.Created`, version 1) creates it, if it does; append
@@ -232,13 +293,10 @@ class Api:
         """A POST of events, whole: who calls, the Idempotency-Key, the append; (status, response body). One
         thread-pool hop per request; the bookkeeping autocommits, outside the append's transaction."""
         with self.bookkeeping.connect() as conn:
-            caller, study = self.caller(request, study_id, body, write=True, conn=conn)
-            if idempotency_key is None:
-                raise Problem("idempotency_key_missing", "a write needs an Idempotency-Key header")
-            digest = idem.request_hash(request.method, request.url.path, request.url.query, body)
-            stored = idem.claim(conn, caller.key_id, idempotency_key, digest)
+            caller, study, stored = self._writer(conn, request, study_id, body, idempotency_key)
         if stored is not None:
             return stored
+        assert idempotency_key is not None  # `_writer` refuses a write without one
         try:
             status, data = 201, self.append(study, caller, body)
         except Problem as p:

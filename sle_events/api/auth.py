@@ -109,19 +109,21 @@ class _Verifier(HTTPMessageVerifier):
     max_clock_skew = CLOCK_SKEW
 
 
-def authenticate(
-    *,
-    method: str,
-    url: str,
-    headers: Any,
-    body: bytes,
-    study: Study,
-    others: Callable[[], list[Study]],
-    conn: sa.Connection,
-    now: datetime | None = None,
-) -> Caller:
-    """The registered key that signed this request, or a 401/403 `Problem`. `conn` autocommits
-    (`idempotency.bookkeeping_engine`): a nonce, once used, is used for every worker."""
+@dataclass(frozen=True)
+class Signed:
+    """A request whose signature verified: by which key (`caller`), found in which study's registry (`home`)."""
+
+    caller: Caller
+    home: Study
+    nonce: str
+    created: int
+
+
+def verify_request(
+    *, method: str, url: str, headers: Any, body: bytes, study: Study, others: Callable[[], list[Study]]
+) -> Signed:
+    """The registered key that signed this request (no database: the replay check is the caller's), or a 401
+    `Problem`."""
     if "signature-input" not in headers or "signature" not in headers:
         raise Problem("signature_missing", "sign the request (RFC 9421, Ed25519, keyid = your registered key id)")
     keys = _StudyKeys(study, others)
@@ -142,10 +144,38 @@ def authenticate(
     assert keys.found is not None  # verified, so the resolver found the key
     home, entry = keys.found
     key_id = str(params["keyid"])
-    _refuse_replay(conn, key_id, nonce, int(params["created"]), now or datetime.now(UTC))
-    if home is not study:
+    caller = Caller(key_id=key_id, actor=entry["actor"], role=entry["role"], study=str(study.id))
+    return Signed(caller=caller, home=home, nonce=nonce, created=int(params["created"]))
+
+
+def admitted(signed: Signed, study: Study) -> Caller:
+    """The caller, once its nonce is recorded: nobody reads or writes a study with another study's key."""
+    if signed.home is not study:
+        key_id = signed.caller.key_id
         raise Problem("other_study", f"key {key_id} belongs to another study; nobody reads or writes another study")
-    return Caller(key_id=key_id, actor=entry["actor"], role=entry["role"], study=str(study.id))
+    return signed.caller
+
+
+def authenticate(
+    *,
+    method: str,
+    url: str,
+    headers: Any,
+    body: bytes,
+    study: Study,
+    others: Callable[[], list[Study]],
+    conn: sa.Connection,
+    now: datetime | None = None,
+) -> Caller:
+    """The registered key that signed this request, or a 401/403 `Problem`. `conn` autocommits
+    (`idempotency.bookkeeping_engine`): a nonce, once used, is used for every worker."""
+    signed = verify_request(method=method, url=url, headers=headers, body=body, study=study, others=others)
+    _refuse_replay(conn, signed.caller.key_id, signed.nonce, signed.created, now or datetime.now(UTC))
+    return admitted(signed, study)
+
+
+def replay_problem(key_id: str, nonce: str) -> Problem:
+    return Problem("replay", f"nonce {nonce!r} of key {key_id} was already used: a replayed request")
 
 
 _NONCE = api_nonces.insert()  # built once (compiled and cache-keyed once)
@@ -153,14 +183,25 @@ _EXPIRED = api_nonces.delete().where(api_nonces.c.created < sa.bindparam("b_hori
 
 
 def _refuse_replay(conn: sa.Connection, key_id: str, nonce: str, created: int, now: datetime) -> None:
-    horizon = int((now - MAX_AGE - CLOCK_SKEW).timestamp())
+    if not record_nonce(conn, key_id, nonce, created):
+        raise replay_problem(key_id, nonce)
+    forget_expired_nonces(conn, created, now)
+
+
+def record_nonce(conn: sa.Connection, key_id: str, nonce: str, created: int) -> bool:
+    """Keep a signature's nonce; False if this key used it before (a replay)."""
     try:
         conn.execute(_NONCE, {"key_id": key_id, "nonce": nonce, "created": created})
     except sqlalchemy.exc.IntegrityError:
-        raise Problem("replay", f"nonce {nonce!r} of key {key_id} was already used: a replayed request") from None
-    # Nonces older than any acceptable signature can go: such a request is refused by its age anyway.
+        return False
+    return True
+
+
+def forget_expired_nonces(conn: sa.Connection, created: int, now: datetime) -> None:
+    """Nonces older than any acceptable signature can go: such a request is refused by its age anyway. Done by
+    one request in 16 (by its `created`), so no request pays it every time."""
     if created % 16 == 0:
-        conn.execute(_EXPIRED, {"b_horizon": horizon})
+        conn.execute(_EXPIRED, {"b_horizon": int((now - MAX_AGE - CLOCK_SKEW).timestamp())})
 
 
 def require_role(caller: Caller, endpoint: str) -> None:

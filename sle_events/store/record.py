@@ -180,8 +180,10 @@ class StudyRecord(Application[UUID]):
         # The write path's statements, built once (compiled and cache-keyed once); see `_insert`.
         t = self.table
         self._insert_statement = sqlalchemy.insert(t).returning(t.c.id, sort_by_parameter_order=True)
-        self._lock_statement = sqlalchemy.text(f"LOCK TABLE {self.recorder.events_table_name} IN EXCLUSIVE MODE")
-        self._notify_statement = sqlalchemy.text(f"NOTIFY {self.recorder.channel_name}")
+        # One round trip: the NOTIFY is queued now and delivered at commit (dropped should the write roll back).
+        self._lock_statement = sqlalchemy.text(
+            f"LOCK TABLE {self.recorder.events_table_name} IN EXCLUSIVE MODE; NOTIFY {self.recorder.channel_name}"
+        )
         # A stream's newest version (bind `b_stream`): the registry check under the write lock, and the API's
         # check of a study's registry on every request.
         self.stream_version_query = select(func.max(t.c.originator_version)).where(
@@ -640,8 +642,8 @@ class StudyRecord(Application[UUID]):
     def _insert(self, session: Any, events: Sequence[SealedEvent]) -> list[int]:
         """What the library's `insert_events` does, as one Core `INSERT ... RETURNING` instead of an ORM flush
         (it runs under the write lock, where every fraction of a millisecond is the whole store's): on
-        PostgreSQL the table lock first, so log positions are handed out in commit order, and a NOTIFY after,
-        which wakes the projection followers."""
+        PostgreSQL the table lock first, so log positions are handed out in commit order, and a NOTIFY, which
+        wakes the projection followers once the rows are committed."""
         postgres = self.engine.dialect.name == "postgresql"
         if postgres:
             session.execute(self._lock_statement)
@@ -649,10 +651,7 @@ class StudyRecord(Application[UUID]):
             {"originator_id": e.stream, "originator_version": e.version, "topic": e.topic, "state": e.sealed}
             for e in events
         ]
-        ids = list(session.execute(self._insert_statement, rows).scalars())
-        if postgres:
-            session.execute(self._notify_statement)
-        return ids
+        return list(session.execute(self._insert_statement, rows).scalars())
 
     def _forget_studies(self) -> None:
         self._studies.clear()

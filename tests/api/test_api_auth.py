@@ -3,8 +3,10 @@
 from __future__ import annotations
 
 from datetime import UTC, datetime, timedelta
+from typing import Any
 
 import pytest
+import sqlalchemy as sa
 from api_world import NOW, ROLES, world_fixture  # noqa: F401 - the `world` fixture
 from http_message_signatures import HTTPMessageSigner, algorithms
 
@@ -12,6 +14,7 @@ from sle_events.api.auth import READ_ROLES
 from sle_events.api.problems import PROBLEM_BASE
 from sle_events.client import Client, sign_request
 from sle_events.domain.study import Study
+from sle_events.schema import api_idempotency
 from sle_events.signing.envelope import seal
 from sle_events.signing.keys import Signer
 from sle_events.store.record import StudyRecord
@@ -199,3 +202,60 @@ def test_a_key_revoked_by_another_process_is_refused_from_the_next_request(world
         elsewhere.engine.dispose()
     response = world.client("lab").request("GET", keys_path(world))
     assert (response.status_code, kind_of(response)) == (401, "key_revoked")
+
+
+# --- a write's bookkeeping: nonce, Idempotency-Key claim and the study's version in one go ---------------------
+def claims(world) -> list[str]:
+    t = api_idempotency
+    with world.record.engine.connect() as conn:
+        return [str(k) for k in conn.execute(sa.select(t.c.idempotency_key)).scalars()]
+
+
+def screening_post(world, number: str, key: str) -> Any:
+    [event] = world.sealed(world.new_subject(number), "coordinator")
+    return world.http.build_request(
+        "POST", f"/v1/studies/{world.study.id}/events", content=event.sealed,
+        headers={"Content-Type": "application/json", "Idempotency-Key": key},
+    )  # fmt: skip
+
+
+def test_a_write_by_a_key_revoked_by_another_process_is_refused_and_claims_nothing(world):
+    """The server checks a write's signature against the registry it saw last; the study's version, read in the
+    same statement as the claim, shows it moved, and the caller is judged again by the registry as it is now."""
+    coordinator = world.signers["coordinator"]
+    first = world.http.send(sign_request(screening_post(world, "NJ01-0001", "k-1"), coordinator))
+    assert first.status_code == 201, first.text  # the server now knows this registry
+    elsewhere = StudyRecord(world.url)
+    try:
+        study = elsewhere.get(world.study.id)
+        study.revoke_key(coordinator.key_id, "left the site", NOW)
+        elsewhere.record(study, signer=world.signers["admin"])
+    finally:
+        elsewhere.close()
+        elsewhere.engine.dispose()
+    rows = count_rows(world.url)
+    response = world.http.send(sign_request(screening_post(world, "NJ01-0002", "k-2"), coordinator))
+    assert (response.status_code, kind_of(response)) == (401, "key_revoked")
+    assert count_rows(world.url) == rows
+    assert claims(world) == ["k-1"], "a refused write leaves its Idempotency-Key free"
+
+
+def test_a_replayed_write_is_401_and_stores_nothing(world):
+    request = sign_request(screening_post(world, "NJ01-0001", "k-1"), world.signers["coordinator"])
+    assert world.http.send(request).status_code == 201
+    rows = count_rows(world.url)
+    replayed = world.http.send(request)
+    assert (replayed.status_code, kind_of(replayed)) == (401, "replay")
+    assert count_rows(world.url) == rows
+
+
+def test_a_write_with_another_studys_key_is_403_and_claims_nothing(world):
+    admin2 = Signer.generate("admin@elsewhere", "admin")
+    study = world.record.get(world.study.id)
+    study.approve_new_study("OTHER", admin2.actor, admin2.public_key_b64, NOW)
+    world.record.record(study, signer=world.signers["admin"])
+    world.record.record(Study.create("OTHER", "another study", admin2.actor, admin2.public_key_b64, NOW), signer=admin2)
+    rows = count_rows(world.url)
+    response = world.http.send(sign_request(screening_post(world, "NJ01-0001", "k-1"), admin2))
+    assert (response.status_code, kind_of(response)) == (403, "other_study")
+    assert count_rows(world.url) == rows and claims(world) == []
