@@ -321,3 +321,19 @@ def test_concurrent_appends_to_one_stream_one_wins(trial):
     assert len(conflicts) == 1 and len(wins) == 1, results
     stream = trial.record.stream(subject.id)
     assert [e.version for e in stream] == [1, 2]
+
+
+def test_a_key_revoked_by_another_writer_is_refused_at_once(trial):
+    """The registry this record trusted moved under another writer (an API worker, `sle study revoke-key`): the
+    append sees it under the write lock, reads the registry again and refuses."""
+    trial.record.record(screened(trial, "SCR-001"), signer=trial.coordinator)  # the record trusts the registry
+    elsewhere = StudyRecord(trial.url)
+    try:
+        study = elsewhere.get(trial.study.id)
+        study.revoke_key(trial.coordinator.key_id, "left the site", NOW)
+        elsewhere.record(study, signer=trial.admin)
+    finally:
+        elsewhere.close()
+        elsewhere.engine.dispose()
+    err = _refused(trial, UntrustedKey, [sealed_screening(trial)])
+    assert "revoked" in str(err)

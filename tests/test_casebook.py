@@ -462,3 +462,22 @@ def test_sle_sign_lock_and_unlock(book):
     assert [(r["screening_number"], r["signoff_status"]) for r in pending] == [("NJ01-0007", "needs re-signing")]
     table_out = sle("sign", "--pending", "--db", book.url)
     assert "needs re-signing" in table_out.stdout and max(len(line) for line in table_out.stdout.splitlines()) <= 200
+
+
+def test_a_lock_stored_by_another_writer_refuses_the_next_clinical_fact_at_once(book):
+    """Another process (an API worker) locks the subject: this record, whose last write knew no lock, reads the
+    lock level under the write lock and refuses."""
+    elsewhere = StudyRecord(book.url)
+    try:
+        elsewhere.append(_lock_signed_elsewhere(book))
+    finally:
+        elsewhere.close()
+        elsewhere.engine.dispose()
+    subject = book.trial.record.get(book.subject)
+    subject.record_lab_result("C3", "80", "mg/dL", book.now - timedelta(hours=1), config=book.trial.config)
+    [event] = subject.collect_events()
+    env = envelope_for(event, study=book.trial.study_id, prev=book.trial.record.stream(book.subject)[-1].hash)
+    rows = book.rows()
+    with pytest.raises(CasebookLocked, match="this subject is locked"):
+        book.trial.record.append([seal(env, book.lab)])
+    assert book.rows() == rows

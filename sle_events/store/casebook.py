@@ -64,16 +64,33 @@ def lock_levels(conn: Any, table: Any, streams: Iterable[UUID], *, before: int |
     """The lock level of each casebook stream from its stored freeze/lock/unlock events (those at log positions
     below ``before`` only, when given)."""
     wanted = sorted(set(streams))
-    found: dict[UUID, list[tuple[str, Any]]] = {s: [] for s in wanted}
     if not wanted:
         return {}
     params: dict[str, Any] = {"b_streams": wanted}
     if before is not None:
         params["b_before"] = before
-    for stream, state in conn.execute(_lock_events_query(table, before is not None), params):
+    return levels_of(wanted, conn.execute(_lock_events_query(table, before is not None), params))
+
+
+def levels_of(streams: Iterable[UUID], rows: Iterable[Any]) -> dict[UUID, str | None]:
+    """The lock level of each stream from its stored freeze/lock/unlock events, (stream, state) rows in order."""
+    found: dict[UUID, list[tuple[str, Any]]] = {s: [] for s in streams}
+    for stream, state in rows:
         env = open_stored(bytes(state)).envelope
         found[UUID(str(stream))].append((type_name(env["type"]), env["payload"]))
     return {s: lock_level(events) for s, events in found.items()}
+
+
+def lock_events_sql(table: Any, streams: Iterable[UUID]) -> str:
+    """`_lock_events_query` as plain SQL with the streams written in, for a multi-statement round trip. Safe to
+    write in: a UUID prints as hex and dashes, the topics are the domain's own names."""
+    ids = ", ".join(f"'{UUID(str(s))}'" for s in streams)
+    topics = ", ".join("'" + topic.replace("'", "''") + "'" for topic in LOCK_TOPICS)
+    c = table.c
+    return (
+        f"SELECT {c.originator_id.name}, {c.state.name} FROM {table.name} WHERE {c.originator_id.name} IN ({ids}) "
+        f"AND {c.topic.name} IN ({topics}) ORDER BY {c.originator_id.name}, {c.originator_version.name}"
+    )
 
 
 def lock_state(record: Any, study_id: UUID | str, subject_id: UUID | str | None) -> LockState:

@@ -54,7 +54,14 @@ from sle_events.signing.envelope import (
     utc_now,
 )
 from sle_events.signing.keys import Signer, key_id, verify_signature
-from sle_events.store.casebook import casebook_stream, lock_levels, open_queries_blocking_lock, recompute_content_hash
+from sle_events.store.casebook import (
+    casebook_stream,
+    levels_of,
+    lock_events_sql,
+    lock_levels,
+    open_queries_blocking_lock,
+    recompute_content_hash,
+)
 from sle_events.store.codec import PayloadSchemaError, check_payload, domain_event_from, envelope_for
 from sle_events.store.errors import (
     BadSignature,
@@ -180,8 +187,7 @@ class StudyRecord(Application[UUID]):
         # The write path's statements, built once (compiled and cache-keyed once); see `_insert`.
         t = self.table
         self._insert_statement = sqlalchemy.insert(t).returning(t.c.id, sort_by_parameter_order=True)
-        # One round trip: the NOTIFY is queued now and delivered at commit (dropped should the write roll back).
-        self._lock_statement = sqlalchemy.text(
+        self._lock_sql = (
             f"LOCK TABLE {self.recorder.events_table_name} IN EXCLUSIVE MODE; NOTIFY {self.recorder.channel_name}"
         )
         # A stream's newest version (bind `b_stream`): the registry check under the write lock, and the API's
@@ -601,20 +607,28 @@ class StudyRecord(Application[UUID]):
         signatures_hold: Callable[[], None],
     ) -> list[int]:
         expected = {sid: self._registry_version(sid, s, events) for sid, s in studies.items()}
+        locked = _casebook_streams(events)
         try:
             with self.recorder.transaction(commit=True) as session:
-                ids = self._insert(session, events)
-                # Ids are handed out under the write lock in commit order. If ours follow straight on from the
-                # last position the cache reflects, nobody else wrote in between: the registry we trusted is
-                # the latest. Otherwise ask the database, still under the lock.
-                fast = self._valid_through is not None and ids and ids[0] == self._valid_through + 1
-                if not fast:
+                if self.engine.dialect.name == "postgresql":
+                    # The table lock, so log positions are handed out in commit order, and under it, before the
+                    # insert, what the checks need: one round trip, where every one is the whole store's.
+                    versions, lock_rows = self._lock_and_look(session, list(expected), locked)
                     for sid, version in expected.items():
-                        current = session.execute(self.stream_version_query, {"b_stream": UUID(sid)}).scalar()
-                        if current != version:
+                        if versions.get(sid, 0) != version - sum(e.envelope["stream"] == sid for e in events):
                             raise _RegistryMoved()
+                    levels = levels_of(locked, lock_rows)
+                    ids = self._insert(session, events)
+                else:  # SQLite: the transaction holds the one write lock
+                    ids = self._insert(session, events)
+                    if not self._nobody_wrote_before(ids):  # else the registry we trusted is the latest
+                        for sid, version in expected.items():
+                            current = session.execute(self.stream_version_query, {"b_stream": UUID(sid)}).scalar()
+                            if current != version:
+                                raise _RegistryMoved()
+                    levels = lock_levels(session, self.table, locked, before=ids[0] if ids else None)
                 # Under the write lock, so no freeze or lock can slip in between this check and the commit.
-                self._check_casebook_locks(session, events, ids)
+                self._check_casebook_locks(events, levels)
                 for e in events:
                     if type_name(e.envelope["type"]) == "Casebook.Locked":
                         self._check_no_open_queries(e, session)
@@ -630,7 +644,7 @@ class StudyRecord(Application[UUID]):
                 version=first["version"],
             ) from exc
         self._heads.update(heads)
-        if not fast:
+        if not self._nobody_wrote_before(ids):
             # Only the studies just checked are known to be current.
             self._studies = {sid: s for sid, s in self._studies.items() if sid in expected}
         for sid, study in studies.items():
@@ -639,14 +653,49 @@ class StudyRecord(Application[UUID]):
             self._valid_through = ids[-1]
         return ids
 
+    def _nobody_wrote_before(self, ids: list[int]) -> bool:
+        """Positions are handed out under the write lock in commit order: if ours follow straight on from the
+        last position the cached registries reflect, nobody else wrote in between."""
+        return self._valid_through is not None and bool(ids) and ids[0] == self._valid_through + 1
+
+    def _lock_and_look(
+        self, session: Any, studies: list[str], casebooks: set[UUID]
+    ) -> tuple[dict[str, int], list[tuple[Any, bytes]]]:
+        """PostgreSQL, one round trip of several statements: the table lock, a NOTIFY (delivered at commit, to
+        wake the projection followers), then, under the lock, each study's registry version and the casebooks'
+        stored freeze/lock/unlock events. Plain SQL with the ids written in (`lock_events_sql`): a round trip
+        of several statements takes no parameters."""
+        t = self.table
+        sql = [self._lock_sql]
+        if studies:
+            ids = ", ".join(f"'{UUID(sid)}'" for sid in studies)
+            sql.append(
+                f"SELECT {t.c.originator_id.name}, max({t.c.originator_version.name}) FROM {t.name} "
+                f"WHERE {t.c.originator_id.name} IN ({ids}) GROUP BY {t.c.originator_id.name}"
+            )
+        if casebooks:
+            sql.append(lock_events_sql(t, sorted(casebooks)))
+        statement = "; ".join(sql)
+        dbapi = self.engine.dialect.loaded_dbapi
+        cursor = session.connection().connection.cursor()
+        try:
+            cursor.execute(statement)
+            results = []
+            while True:
+                if cursor.description is not None:
+                    results.append(cursor.fetchall())
+                if not cursor.nextset():
+                    break
+        except dbapi.Error as exc:  # as SQLAlchemy would raise it (a lost server is an OperationalError: 503)
+            raise sqlalchemy.exc.DBAPIError.instance(statement, None, exc, dbapi.Error) from exc
+        finally:
+            cursor.close()
+        versions = {str(stream): int(v) for stream, v in results.pop(0)} if studies else {}
+        return versions, results.pop(0) if casebooks else []
+
     def _insert(self, session: Any, events: Sequence[SealedEvent]) -> list[int]:
         """What the library's `insert_events` does, as one Core `INSERT ... RETURNING` instead of an ORM flush
-        (it runs under the write lock, where every fraction of a millisecond is the whole store's): on
-        PostgreSQL the table lock first, so log positions are handed out in commit order, and a NOTIFY, which
-        wakes the projection followers once the rows are committed."""
-        postgres = self.engine.dialect.name == "postgresql"
-        if postgres:
-            session.execute(self._lock_statement)
+        (it runs under the write lock, where every fraction of a millisecond is the whole store's)."""
         rows = [
             {"originator_id": e.stream, "originator_version": e.version, "topic": e.topic, "state": e.sealed}
             for e in events
@@ -717,17 +766,13 @@ class StudyRecord(Application[UUID]):
                 version=env["version"],
             )
 
-    def _check_casebook_locks(self, session: Any, events: Sequence[SealedEvent], ids: list[int]) -> None:
-        """Refuse a clinical fact on a frozen or locked subject or study (committed before this batch, or
-        earlier in it). Safety facts (`SAFETY_FACTS`) are taken: an SAE is reportable at any time."""
-        clinical = [
-            e for e in events if (n := type_name(e.envelope["type"])).startswith("Subject.") and n not in SAFETY_FACTS
-        ]
-        if not clinical:
+    def _check_casebook_locks(self, events: Sequence[SealedEvent], levels: dict[UUID, str | None]) -> None:
+        """Refuse a clinical fact on a frozen or locked subject or study (`levels`: committed before this batch;
+        or earlier in it). Safety facts (`SAFETY_FACTS`) are taken: an SAE is reportable at any time."""
+        clinical_ids = {id(e) for e in events if _is_clinical(e)}
+        if not clinical_ids:
             return
-        clinical_ids = {id(e) for e in clinical}
-        wanted = {casebook_stream(e.envelope["study"], s) for e in clinical for s in (e.envelope["stream"], None)}
-        levels = lock_levels(session, self.table, wanted, before=ids[0] if ids else None)
+        levels = dict(levels)
         for e in events:
             env = e.envelope
             name = type_name(env["type"])
@@ -749,3 +794,16 @@ class StudyRecord(Application[UUID]):
 
 class _RegistryMoved(Exception):
     pass
+
+
+def _is_clinical(e: SealedEvent) -> bool:
+    """A clinical fact: what a freeze or lock holds back (a safety fact never is)."""
+    name = type_name(e.envelope["type"])
+    return name.startswith("Subject.") and name not in SAFETY_FACTS
+
+
+def _casebook_streams(events: Sequence[SealedEvent]) -> set[UUID]:
+    """The casebooks (subject and study) whose lock level decides whether the batch's clinical facts may go in."""
+    return {
+        casebook_stream(e.envelope["study"], s) for e in events if _is_clinical(e) for s in (e.envelope["stream"], None)
+    }
