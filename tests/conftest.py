@@ -11,14 +11,17 @@ import atexit
 import os
 from collections.abc import Iterator
 from dataclasses import dataclass
-from datetime import UTC, datetime
+from datetime import UTC, datetime, timedelta
 from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
 from sle_events.domain.study import Study
+from sle_events.domain.subject import Subject
+from sle_events.signing.envelope import seal
 from sle_events.signing.keys import Signer
+from sle_events.store.codec import envelope_for
 from sle_events.store.record import StudyRecord
 
 BASE_PG_URL = os.environ.get("SLE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
@@ -161,3 +164,18 @@ STUDY_CONFIG = StudyConfig.build(
     sites=[Site(site_id="NJ01", name="Nanjing Drum Tower", timezone="Asia/Shanghai")],
     icf_versions=[IcfVersion(version="ICF v1.0", effective_from=datetime(2000, 1, 1, tzinfo=UTC))],
 )
+
+
+def rival_consents(trial: Trial) -> tuple[Any, list[Any]]:
+    """A screened subject (stored) and two consents for it sealed at the same version 2, taken by different
+    investigators: whoever stores first wins, the other is a version conflict."""
+    subject = Subject(trial.study.id, "NJ01", "SCR-900", datetime.now(UTC) - timedelta(days=1))
+    trial.record.record(subject, signer=trial.coordinator)
+    head = trial.record.stream(subject.id)[-1]
+    rivals = []
+    for taken_by in ("dr.wang", "dr.li"):
+        twin = trial.record.get(subject.id)
+        twin.obtain_consent("ICF v1.0", datetime.now(UTC), config=STUDY_CONFIG, taken_by=taken_by)
+        [event] = twin.collect_events()
+        rivals.append(seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None), trial.investigator))
+    return subject, rivals

@@ -26,7 +26,7 @@ from sle_events.store.errors import (
 )
 from sle_events.store.record import StudyRecord
 
-from conftest import STUDY_CONFIG
+from conftest import STUDY_CONFIG, rival_consents
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(UTC)
@@ -287,17 +287,7 @@ def test_envelope_whose_dict_differs_from_signed_bytes_is_refused(trial):
 
 def test_concurrent_appends_to_one_stream_one_wins(trial):
     """Two writers (separate connections) race for the same version: one stores, the other conflicts."""
-    subject = screened(trial)
-    trial.record.record(subject, signer=trial.coordinator)
-    head = trial.record.stream(subject.id)[-1]
-    contenders = []
-    for taken_by in ("dr.wang", "dr.li"):
-        twin = trial.record.get(subject.id)
-        twin.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by=taken_by)
-        [event] = twin.collect_events()
-        contenders.append(
-            seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None), trial.investigator)
-        )
+    subject, contenders = rival_consents(trial)
     records = [StudyRecord(trial.url), StudyRecord(trial.url)]
     results: list[object] = [None, None]
     barrier = threading.Barrier(2)

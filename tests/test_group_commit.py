@@ -18,7 +18,7 @@ from sle_events.store.codec import envelope_for
 from sle_events.store.errors import BadSignature, VersionConflict
 from sle_events.store.record import StudyRecord
 
-from conftest import STUDY_CONFIG
+from conftest import rival_consents
 
 pytestmark = pytest.mark.storage
 NOW = datetime.now(UTC)
@@ -96,17 +96,7 @@ def test_a_refused_batch_in_a_group_is_refused_alone_and_the_others_are_stored(t
 
 def test_two_batches_racing_for_one_version_in_a_group_one_wins(trial):
     """Alone, the second gets the VersionConflict it would get from a twin writer; the others are unaffected."""
-    subject = Subject(trial.study.id, "NJ01", "SCR-100", NOW - timedelta(days=1))
-    trial.record.record(subject, signer=trial.coordinator)
-    head = trial.record.stream(subject.id)[-1]
-    contenders = []
-    for taken_by in ("dr.wang", "dr.li"):
-        twin = trial.record.get(subject.id)
-        twin.obtain_consent("ICF v1.0", NOW, config=STUDY_CONFIG, taken_by=taken_by)
-        [event] = twin.collect_events()
-        contenders.append(
-            seal(envelope_for(event, study=trial.study.id, prev=head.hash, reason=None), trial.investigator)
-        )
+    subject, contenders = rival_consents(trial)
     batches = [[contenders[0]], [screening(trial, "SCR-101")], [contenders[1]], [screening(trial, "SCR-102")]]
     answers, written = appended_together(trial.record, batches)
     assert written == [4, 1, 1, 1, 1], "the shared write was refused, so each batch went alone"

@@ -30,8 +30,8 @@ from sle_events.api import idempotency as idem
 from sle_events.api.auth import (
     Caller,
     Signed,
+    admit_reader,
     admitted,
-    authenticate,
     forget_expired_nonces,
     replay_problem,
     require_role,
@@ -185,16 +185,7 @@ class Api:
         """Who reads: the key that signed the request, by the study's registry as it is now."""
         with self.bookkeeping.connect() as conn:
             study = self.study(study_id, conn)
-            caller = authenticate(
-                method=request.method,
-                url=str(request.url),
-                headers=request.headers,
-                body=body,
-                study=study,
-                others=lambda: self.other_studies(study_id),
-                conn=conn,
-            )
-        return caller, study
+            return admit_reader(conn, self._signed(request, study_id, body, study), study), study
 
     def _writer(
         self, conn: sa.Connection, request: Request, study_id: str, body: bytes, key: str | None

@@ -156,20 +156,9 @@ def admitted(signed: Signed, study: Study) -> Caller:
     return signed.caller
 
 
-def authenticate(
-    *,
-    method: str,
-    url: str,
-    headers: Any,
-    body: bytes,
-    study: Study,
-    others: Callable[[], list[Study]],
-    conn: sa.Connection,
-    now: datetime | None = None,
-) -> Caller:
-    """The registered key that signed this request, or a 401/403 `Problem`. `conn` autocommits
-    (`idempotency.bookkeeping_engine`): a nonce, once used, is used for every worker."""
-    signed = verify_request(method=method, url=url, headers=headers, body=body, study=study, others=others)
+def admit_reader(conn: sa.Connection, signed: Signed, study: Study, now: datetime | None = None) -> Caller:
+    """A read's caller, once its nonce is kept (`conn` autocommits, `idempotency.bookkeeping_engine`: a nonce,
+    once used, is used for every worker); a write's bookkeeping is `idempotency.admit`."""
     _refuse_replay(conn, signed.caller.key_id, signed.nonce, signed.created, now or datetime.now(UTC))
     return admitted(signed, study)
 
