@@ -214,20 +214,16 @@ class Api:
         if not admission.fresh_nonce:
             raise replay_problem(signed.caller.key_id, signed.nonce)
         forget_expired_nonces(conn, signed.created, now)
-        claimed = admission.claimed
-        if admission.study_version != study.version:
-            if claimed:
-                idem.release(conn, signed.caller.key_id, key)
-                claimed = False
-            study = self._written_study(study_id, body, conn)
-            signed = self._signed(request, study_id, body, study)
         try:
+            if admission.study_version != study.version:  # judged again, by the registry as it is now
+                study = self._written_study(study_id, body, conn)
+                signed = self._signed(request, study_id, body, study)
             caller = admitted(signed, study)
-        except Problem:
-            if claimed:
+        except Exception:
+            if admission.claimed:  # a refused request leaves its Idempotency-Key free
                 idem.release(conn, signed.caller.key_id, key)
             raise
-        return caller, study, None if claimed else idem.claim(conn, caller.key_id, key, digest)
+        return caller, study, None if admission.claimed else idem.claim(conn, caller.key_id, key, digest)
 
     def _written_study(self, study_id: str, body: bytes, conn: sa.Connection) -> Study:
         """The study as stored now, or the one the batch creates: a new study's first batch is signed by its own
