@@ -21,12 +21,23 @@ from web.webkit import browser_problem, chromium, screenshot, serve
 def go(driver, element) -> None:
     """Click what leads to another page and wait until that page has replaced this one: a click returns before the
     navigation, and anything read in between comes from the old page (or goes stale under us)."""
+    from selenium.common.exceptions import WebDriverException
     from selenium.webdriver.support import expected_conditions
     from selenium.webdriver.support.ui import WebDriverWait
 
     old = driver.find_element("tag name", "html")
     element.click()
-    WebDriverWait(driver, 15).until(expected_conditions.staleness_of(old))
+
+    def replaced(d) -> bool:
+        try:
+            return bool(expected_conditions.staleness_of(old)(d))
+        except WebDriverException as exc:
+            # Chromium's other way of saying the old page is gone, when asked mid-navigation (seen in CI)
+            if "does not belong to the document" in str(exc):
+                return True
+            raise
+
+    WebDriverWait(driver, 15).until(replaced)
     WebDriverWait(driver, 15).until(lambda d: d.execute_script("return document.readyState") == "complete")
 
 
