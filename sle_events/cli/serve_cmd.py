@@ -65,6 +65,12 @@ def serve(
             engine.dispose()
     except Exception as e:  # an unreachable or unusable database: say so, no traceback
         fail(f"cannot open the study record at {url}: {type(e).__name__}: {e}")
+    from sle_events.api.workers import listening_sockets, run_workers
+
+    try:  # several workers: their sockets are bound here, so a taken port is said before anything is served
+        sockets = listening_sockets(host, port, workers) if app is None else []
+    except OSError as e:
+        fail(f"cannot serve on {host}:{port}: {e.strerror}")
     if demo_clock:
         err.print("[red]DEMO CLOCK: recorded_at is not checked against this server's clock (backdating allowed)[/red]")
     err.print(f"serving {url.split('@')[-1]} on http://{host}:{port} with {workers} worker(s)")
@@ -78,7 +84,7 @@ def serve(
     else:
         os.environ[URL_VARIABLE] = url
         os.environ[DEMO_VARIABLE] = "1" if demo_clock else "0"
-        uvicorn.run(
+        config = uvicorn.Config(
             "sle_events.cli.serve_cmd:app_from_env",
             factory=True,
             host=host,
@@ -88,3 +94,4 @@ def serve(
             http=NoDelayProtocol,
             loop=loop,
         )
+        run_workers(config, sockets)

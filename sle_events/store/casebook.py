@@ -22,6 +22,7 @@ __all__ = [
     "casebook_stream",
     "covered_rows",
     "lock_levels",
+    "lock_marks",
     "lock_state",
     "open_queries_blocking_lock",
     "recompute_content_hash",
@@ -52,7 +53,7 @@ def casebook_stream(study_id: UUID | str, subject_id: UUID | str | None) -> UUID
 @lru_cache(maxsize=16)
 def _lock_events_query(table: Any, bounded: bool) -> Any:
     """Built once per table: `append` asks it under the write lock, where building it each time showed."""
-    q = select(table.c.originator_id, table.c.state).where(
+    q = select(table.c.originator_id, table.c.state, table.c.id).where(
         table.c.originator_id.in_(bindparam("b_streams", expanding=True)), table.c.topic.in_(LOCK_TOPICS)
     )
     if bounded:
@@ -72,25 +73,28 @@ def lock_levels(conn: Any, table: Any, streams: Iterable[UUID], *, before: int |
     return levels_of(wanted, conn.execute(_lock_events_query(table, before is not None), params))
 
 
+def lock_marks(conn: Any, table: Any, streams: Iterable[UUID]) -> dict[UUID, tuple[str | None, int]]:
+    """Each casebook stream's lock level and the log position of its latest freeze, lock or unlock (0: none):
+    a later one has a higher position, so `append` can ask under its write lock whether any came since."""
+    wanted = sorted(set(streams))
+    if not wanted:
+        return {}
+    rows = list(conn.execute(_lock_events_query(table, False), {"b_streams": wanted}))
+    last = dict.fromkeys(wanted, 0)
+    for stream, _state, position in rows:
+        last[UUID(str(stream))] = max(last[UUID(str(stream))], position)
+    levels = levels_of(wanted, rows)
+    return {s: (levels[s], last[s]) for s in wanted}
+
+
 def levels_of(streams: Iterable[UUID], rows: Iterable[Any]) -> dict[UUID, str | None]:
-    """The lock level of each stream from its stored freeze/lock/unlock events, (stream, state) rows in order."""
+    """The lock level of each stream from its stored freeze/lock/unlock events, (stream, state, position) rows
+    in order."""
     found: dict[UUID, list[tuple[str, Any]]] = {s: [] for s in streams}
-    for stream, state in rows:
+    for stream, state, _position in rows:
         env = open_stored(bytes(state)).envelope
         found[UUID(str(stream))].append((type_name(env["type"]), env["payload"]))
     return {s: lock_level(events) for s, events in found.items()}
-
-
-def lock_events_sql(table: Any, streams: Iterable[UUID]) -> str:
-    """`_lock_events_query` as plain SQL with the streams written in, for a multi-statement round trip. Safe to
-    write in: a UUID prints as hex and dashes, the topics are the domain's own names."""
-    ids = ", ".join(f"'{UUID(str(s))}'" for s in streams)
-    topics = ", ".join("'" + topic.replace("'", "''") + "'" for topic in LOCK_TOPICS)
-    c = table.c
-    return (
-        f"SELECT {c.originator_id.name}, {c.state.name} FROM {table.name} WHERE {c.originator_id.name} IN ({ids}) "
-        f"AND {c.topic.name} IN ({topics}) ORDER BY {c.originator_id.name}, {c.originator_version.name}"
-    )
 
 
 def lock_state(record: Any, study_id: UUID | str, subject_id: UUID | str | None) -> LockState:

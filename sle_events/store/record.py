@@ -55,10 +55,10 @@ from sle_events.signing.envelope import (
 )
 from sle_events.signing.keys import Signer, key_id, verify_signature
 from sle_events.store.casebook import (
+    LOCK_TOPICS,
     casebook_stream,
-    levels_of,
-    lock_events_sql,
     lock_levels,
+    lock_marks,
     open_queries_blocking_lock,
     recompute_content_hash,
 )
@@ -187,6 +187,9 @@ class StudyRecord(Application[UUID]):
         # The write path's statements, built once (compiled and cache-keyed once); see `_insert`.
         t = self.table
         self._insert_statement = sqlalchemy.insert(t).returning(t.c.id, sort_by_parameter_order=True)
+        self._casebooks: dict[UUID, tuple[str | None, int]] = {}  # open casebooks -> (None, last lock event's position)
+        # PostgreSQL: the single-round-trip write runs outside any session transaction (`_write_postgresql`).
+        self._autocommit = self.engine.execution_options(isolation_level="AUTOCOMMIT")
         self._lock_sql = (
             f"LOCK TABLE {self.recorder.events_table_name} IN EXCLUSIVE MODE; NOTIFY {self.recorder.channel_name}"
         )
@@ -609,31 +612,10 @@ class StudyRecord(Application[UUID]):
         expected = {sid: self._registry_version(sid, s, events) for sid, s in studies.items()}
         locked = _casebook_streams(events)
         try:
-            with self.recorder.transaction(commit=True) as session:
-                if self.engine.dialect.name == "postgresql":
-                    # The table lock, so log positions are handed out in commit order, and under it, before the
-                    # insert, what the checks need: one round trip, where every one is the whole store's.
-                    versions, lock_rows = self._lock_and_look(session, list(expected), locked)
-                    for sid, version in expected.items():
-                        if versions.get(sid, 0) != version - sum(e.envelope["stream"] == sid for e in events):
-                            raise _RegistryMoved()
-                    levels = levels_of(locked, lock_rows)
-                    ids = self._insert(session, events)
-                else:  # SQLite: the transaction holds the one write lock
-                    ids = self._insert(session, events)
-                    if not self._nobody_wrote_before(ids):  # else the registry we trusted is the latest
-                        for sid, version in expected.items():
-                            current = session.execute(self.stream_version_query, {"b_stream": UUID(sid)}).scalar()
-                            if current != version:
-                                raise _RegistryMoved()
-                    levels = lock_levels(session, self.table, locked, before=ids[0] if ids else None)
-                # Under the write lock, so no freeze or lock can slip in between this check and the commit.
-                self._check_casebook_locks(events, levels)
-                for e in events:
-                    if type_name(e.envelope["type"]) == "Casebook.Locked":
-                        self._check_no_open_queries(e, session)
-                # The rows are written but not committed: a bad signature rolls them back.
-                signatures_hold()
+            if self.engine.dialect.name == "postgresql":
+                ids = self._write_postgresql(events, expected, locked, signatures_hold)
+            else:
+                ids = self._write_sqlite(events, expected, locked, signatures_hold)
         except (IntegrityError, sqlalchemy.exc.IntegrityError) as exc:
             for e in events:
                 self._heads.pop(e.stream, None)
@@ -653,45 +635,129 @@ class StudyRecord(Application[UUID]):
             self._valid_through = ids[-1]
         return ids
 
+    def _write_sqlite(
+        self,
+        events: Sequence[SealedEvent],
+        expected: dict[str, int],
+        locked: set[UUID],
+        signatures_hold: Callable[[], None],
+    ) -> list[int]:
+        """The transaction holds SQLite's one write lock from the insert on, so the checks that need the store
+        as it is now follow the insert, inside it."""
+        with self.recorder.transaction(commit=True) as session:
+            ids = self._insert(session, events)
+            if not self._nobody_wrote_before(ids):  # else the registry we trusted is the latest
+                for sid, version in expected.items():
+                    if session.execute(self.stream_version_query, {"b_stream": UUID(sid)}).scalar() != version:
+                        raise _RegistryMoved()
+            # Under the write lock, so no freeze or lock can slip in between this check and the commit.
+            self._check_casebook_locks(events, lock_levels(session, self.table, locked, before=ids[0]))
+            for e in events:
+                if type_name(e.envelope["type"]) == "Casebook.Locked":
+                    self._check_no_open_queries(e, session)
+            signatures_hold()  # the rows are written but not committed: a bad signature rolls them back
+        return ids
+
+    def _write_postgresql(
+        self,
+        events: Sequence[SealedEvent],
+        expected: dict[str, int],
+        locked: set[UUID],
+        signatures_hold: Callable[[], None],
+    ) -> list[int]:
+        """Everything is checked first, against the registries and casebook lock levels as last seen; then one
+        round trip takes the table lock, and under it inserts the batch only if those are still what was seen.
+        The lock is held by the server alone, never across a round trip to this process (where a thread may wait
+        for the GIL), and every writer waits on it. Nothing inserted: someone moved them; check again.
+
+        The statement is sent as one simple query, which PostgreSQL runs as one implicit transaction, committed
+        when it ends: the round trip is the whole write. A lock (`Casebook.Locked`) also asks, inside the
+        transaction and under the table lock, that no query is still open, so it takes an explicit one."""
+        marks = self._lock_marks(locked)
+        self._check_casebook_locks(events, {c: level for c, (level, _) in marks.items()})
+        signatures_hold()
+        registries = {sid: v - sum(e.envelope["stream"] == sid for e in events) for sid, v in expected.items()}
+        statement, params = self._append_statement(events, registries, marks)
+        acts = [e for e in events if type_name(e.envelope["type"]) == "Casebook.Locked"]
+        if acts:
+            with self.recorder.transaction(commit=True) as session:
+                rows = self._run(session.connection(), statement, params)
+                if rows:
+                    for e in acts:
+                        self._check_no_open_queries(e, session)
+        else:
+            with self._autocommit.connect() as conn:
+                rows = self._run(conn, statement, params)
+        if not rows:
+            for stream in locked:
+                self._casebooks.pop(stream, None)
+            raise _RegistryMoved()
+        at = {(UUID(str(stream)), version): position for position, stream, version in rows}
+        return [at[(e.stream, e.version)] for e in events]
+
+    def _lock_marks(self, casebooks: set[UUID]) -> dict[UUID, tuple[str | None, int]]:
+        """Each casebook's lock level and last freeze/lock/unlock position (`lock_marks`): remembered for an
+        open casebook (the insert checks that nothing came since), read now for the others."""
+        marks = {c: self._casebooks[c] for c in casebooks if c in self._casebooks}
+        unknown = [c for c in casebooks if c not in marks]
+        if unknown:
+            with self.engine.connect() as conn:
+                read = lock_marks(conn, self.table, unknown)
+            self._casebooks.update({c: mark for c, mark in read.items() if mark[0] is None})
+            marks.update(read)
+        return marks
+
+    def _append_statement(
+        self,
+        events: Sequence[SealedEvent],
+        registries: dict[str, int],
+        casebooks: dict[UUID, tuple[str | None, int]],
+    ) -> tuple[str, list[Any]]:
+        """LOCK, NOTIFY (delivered at commit, to wake the projection followers) and the INSERT, which inserts
+        only if each study's registry stream is at the version checked and no freeze, lock or unlock was stored
+        on the casebooks since they were read (`_lock_marks`). Returns (statement, parameters) for a
+        client-side binding cursor, which writes the parameters in as literals (one query, several statements)."""
+        t = self.recorder.events_table_name
+        params: list[Any] = []
+        for e in events:
+            params += [e.stream, e.version, e.topic, e.sealed]
+        still = []
+        for sid, version in registries.items():
+            still.append(f"(SELECT coalesce(max(originator_version), 0) FROM {t} WHERE originator_id = %s) = %s")
+            params += [UUID(sid), version]
+        if casebooks:
+            still.append(
+                f"(SELECT coalesce(max(id), 0) FROM {t} WHERE originator_id = ANY(%s) AND topic = ANY(%s)) = %s"
+            )
+            params += [sorted(casebooks), list(LOCK_TOPICS), max(position for _, position in casebooks.values())]
+        values = ", ".join(["(%s::uuid, %s::bigint, %s::text, %s::bytea)"] * len(events))
+        statement = (
+            f"{self._lock_sql}; INSERT INTO {t} (originator_id, originator_version, topic, state) "
+            f"SELECT * FROM (VALUES {values}) AS batch WHERE {' AND '.join(still) or 'true'} "
+            "RETURNING id, originator_id, originator_version"
+        )
+        return statement, params
+
+    @staticmethod
+    def _run(conn: sqlalchemy.Connection, statement: str, params: list[Any]) -> list[Any]:
+        """The statement's last result (the INSERT's), on `conn`'s psycopg connection with client-side binding."""
+        import psycopg
+
+        cursor = psycopg.ClientCursor(cast(psycopg.Connection[Any], conn.connection.driver_connection))
+        try:
+            cursor.execute(statement, params)
+            while cursor.nextset():
+                pass
+            return cursor.fetchall()
+        except psycopg.Error as exc:  # as SQLAlchemy would raise it (a lost server is an OperationalError: 503)
+            raise sqlalchemy.exc.DBAPIError.instance(statement[:200], None, exc, psycopg.Error) from exc
+        finally:
+            cursor.close()
+
     def _nobody_wrote_before(self, ids: list[int]) -> bool:
         """Positions are handed out under the write lock in commit order: if ours follow straight on from the
         last position the cached registries reflect, nobody else wrote in between."""
         return self._valid_through is not None and bool(ids) and ids[0] == self._valid_through + 1
-
-    def _lock_and_look(
-        self, session: Any, studies: list[str], casebooks: set[UUID]
-    ) -> tuple[dict[str, int], list[tuple[Any, bytes]]]:
-        """PostgreSQL, one round trip of several statements: the table lock, a NOTIFY (delivered at commit, to
-        wake the projection followers), then, under the lock, each study's registry version and the casebooks'
-        stored freeze/lock/unlock events. Plain SQL with the ids written in (`lock_events_sql`): a round trip
-        of several statements takes no parameters."""
-        t = self.table
-        sql = [self._lock_sql]
-        if studies:
-            ids = ", ".join(f"'{UUID(sid)}'" for sid in studies)
-            sql.append(
-                f"SELECT {t.c.originator_id.name}, max({t.c.originator_version.name}) FROM {t.name} "
-                f"WHERE {t.c.originator_id.name} IN ({ids}) GROUP BY {t.c.originator_id.name}"
-            )
-        if casebooks:
-            sql.append(lock_events_sql(t, sorted(casebooks)))
-        statement = "; ".join(sql)
-        dbapi = self.engine.dialect.loaded_dbapi
-        cursor = session.connection().connection.cursor()
-        try:
-            cursor.execute(statement)
-            results = []
-            while True:
-                if cursor.description is not None:
-                    results.append(cursor.fetchall())
-                if not cursor.nextset():
-                    break
-        except dbapi.Error as exc:  # as SQLAlchemy would raise it (a lost server is an OperationalError: 503)
-            raise sqlalchemy.exc.DBAPIError.instance(statement, None, exc, dbapi.Error) from exc
-        finally:
-            cursor.close()
-        versions = {str(stream): int(v) for stream, v in results.pop(0)} if studies else {}
-        return versions, results.pop(0) if casebooks else []
 
     def _insert(self, session: Any, events: Sequence[SealedEvent]) -> list[int]:
         """What the library's `insert_events` does, as one Core `INSERT ... RETURNING` instead of an ORM flush
@@ -704,6 +770,7 @@ class StudyRecord(Application[UUID]):
 
     def _forget_studies(self) -> None:
         self._studies.clear()
+        self._casebooks.clear()
         self._valid_through = None
 
     def _registry_version(self, sid: str, study: Study, events: Iterable[SealedEvent]) -> int:

@@ -9,6 +9,7 @@ import socket
 import subprocess
 import sys
 import time
+from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
 from pathlib import Path
@@ -119,3 +120,74 @@ def test_sqlite_serves_one_writer_and_says_so(tmp_path):
     server = start(url, port, workers=4)
     err = stop(server)
     assert "SQLite has a single writer: serving with 1 worker process, not 4" in " ".join(err.split())
+
+
+def _connections_by_worker(server: subprocess.Popen, port: int) -> Counter[int]:
+    """The established connections to `port`, by the worker process holding them (Linux's /proc)."""
+    inodes: dict[str, int] = {}
+    for pid in [int(p) for p in os.listdir("/proc") if p.isdigit()]:
+        try:
+            if os.getpgid(pid) != server.pid or pid == server.pid:
+                continue
+            for fd in os.listdir(f"/proc/{pid}/fd"):
+                link = os.readlink(f"/proc/{pid}/fd/{fd}")
+                if link.startswith("socket:["):
+                    inodes[link[8:-1]] = pid
+        except (ProcessLookupError, FileNotFoundError, PermissionError):
+            continue
+    held: Counter[int] = Counter()
+    for line in Path("/proc/net/tcp").read_text().splitlines()[1:]:
+        fields = line.split()
+        local_port, state, inode = int(fields[1].split(":")[1], 16), fields[3], fields[9]
+        if local_port == port and state == "01" and inode in inodes:  # 01: ESTABLISHED
+            held[inodes[inode]] += 1
+    return held
+
+
+def test_several_workers_share_the_connections_and_the_port_is_theirs_alone():
+    """Each worker listens on a socket of its own (SO_REUSEPORT): services that keep their connection open are
+    spread over the workers (with one shared socket, 8 such clients were often all on one worker). A second
+    server on the same port is refused, not let in to take a share of the connections."""
+    url = clean_postgres_url()
+    StudyRecord(url).close()
+    port = free_port()
+    server = start(url, port, workers=2)
+    clients = [httpx.Client(base_url=f"http://127.0.0.1:{port}") for _ in range(16)]
+    try:
+        for client in clients:
+            assert client.get("/v1/log/checkpoint").status_code in (200, 404)
+        held = _connections_by_worker(server, port)
+        assert sum(held.values()) == 16 and len(held) == 2, held  # all 16 on one of 2 workers: odds 1 in 32,768
+        second = subprocess.run(
+            [SLE, "serve", "--db", url, "--port", str(port), "--workers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+        assert second.returncode != 0
+        assert f"cannot serve on 127.0.0.1:{port}" in " ".join(second.stderr.split()), second.stderr
+    finally:
+        for client in clients:
+            client.close()
+        stop(server)
+
+
+def test_a_port_taken_by_another_program_is_refused_with_the_reason():
+    url = clean_postgres_url()
+    with socket.socket() as other:
+        other.bind(("127.0.0.1", 0))
+        other.listen()
+        port = other.getsockname()[1]
+        taken = subprocess.run(
+            [SLE, "serve", "--db", url, "--port", str(port), "--workers", "2"],
+            capture_output=True,
+            text=True,
+            timeout=60,
+            env={**os.environ, "COLUMNS": "200"},
+        )
+    assert taken.returncode == 2
+    assert "serving" not in taken.stderr  # refused before anything is announced
+    assert f"cannot serve on 127.0.0.1:{port}: 127.0.0.1:{port} is in use by another server" in " ".join(
+        taken.stderr.split()
+    ), taken.stderr
