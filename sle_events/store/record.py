@@ -183,7 +183,8 @@ class StudyRecord(Application[UUID]):
         threads = verify_threads or os.cpu_count() or 1
         self._pool = ThreadPoolExecutor(threads) if threads > 1 else None
         self._threads = threads
-        # The write path's statements, built once (compiled and cache-keyed once); see `_insert`.
+        # The write path's statements, built once (compiled and cache-keyed once); see `_insert` (SQLite) and
+        # `_append_statement` (PostgreSQL).
         t = self.table
         self._insert_statement = sqlalchemy.insert(t).returning(t.c.id, sort_by_parameter_order=True)
         self._casebooks: dict[UUID, tuple[str | None, int]] = {}  # open casebooks -> (None, last lock event's position)
@@ -712,7 +713,9 @@ class StudyRecord(Application[UUID]):
         registries: dict[str, int],
         casebooks: dict[UUID, tuple[str | None, int]],
     ) -> tuple[str, list[Any]]:
-        """LOCK, NOTIFY (delivered at commit, to wake the projection followers) and the INSERT, which inserts
+        """LOCK (so log positions are handed out in commit order: a follower that has read up to a position never
+        misses a lower one committed later), NOTIFY (delivered at commit, to wake the projection followers) and
+        the INSERT, which inserts
         only if each study's registry stream is at the version checked and no freeze, lock or unlock was stored
         on the casebooks since they were read (`_lock_marks`). Returns (statement, parameters) for a
         client-side binding cursor, which writes the parameters in as literals (one query, several statements)."""
@@ -757,8 +760,8 @@ class StudyRecord(Application[UUID]):
         return self._valid_through is not None and bool(ids) and ids[0] == self._valid_through + 1
 
     def _insert(self, session: Any, events: Sequence[SealedEvent]) -> list[int]:
-        """What the library's `insert_events` does, as one Core `INSERT ... RETURNING` instead of an ORM flush
-        (it runs under the write lock, where every fraction of a millisecond is the whole store's)."""
+        """SQLite: what the library's `insert_events` does, as one Core `INSERT ... RETURNING` instead of an ORM
+        flush (it runs under the write lock, where every fraction of a millisecond is the whole store's)."""
         rows = [
             {"originator_id": e.stream, "originator_version": e.version, "topic": e.topic, "state": e.sealed}
             for e in events
