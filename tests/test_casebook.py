@@ -375,31 +375,6 @@ def _lock_signed_elsewhere(book) -> list:
     return sealed
 
 
-def test_a_lock_stored_elsewhere_after_this_record_saw_the_casebook_open_refuses_the_next_fact(book):
-    """This record has just stored a fact for the subject (and so knows its casebook open); another process then
-    locks it. The next fact is refused, and nothing is stored: the write only goes in if no lock came since."""
-    trial = book.trial
-
-    def lab_result(value: str) -> Any:
-        subject = trial.record.get(book.subject)
-        subject.record_lab_result("C3", value, "mg/dL", book.now - timedelta(hours=1), config=trial.config)
-        [event] = subject.collect_events()
-        env = envelope_for(event, study=trial.study_id, prev=trial.record.stream(book.subject)[-1].hash)
-        return seal(env, book.lab)
-
-    trial.record.append([lab_result("81")])  # seen open
-    elsewhere = StudyRecord(book.url)
-    try:
-        elsewhere.append(_lock_signed_elsewhere(book))
-    finally:
-        elsewhere.close()
-        elsewhere.engine.dispose()
-    rows = book.rows()
-    with pytest.raises(CasebookLocked, match="this subject is locked"):
-        trial.record.append([lab_result("80")])
-    assert book.rows() == rows
-
-
 def test_a_query_raised_between_the_lock_check_and_the_write_still_blocks_the_lock(book, monkeypatch):
     """The open-queries rule is checked again inside the append's transaction, under the write lock: a query that
     lands after the first check (made here to look so: the check before the write sees none) still refuses it."""
@@ -490,19 +465,26 @@ def test_sle_sign_lock_and_unlock(book):
 
 
 def test_a_lock_stored_by_another_writer_refuses_the_next_clinical_fact_at_once(book):
-    """Another process (an API worker) locks the subject: this record, whose last write knew no lock, reads the
-    lock level under the write lock and refuses."""
+    """This record has just stored a fact for the subject (and so knows its casebook open); another process (an
+    API worker) then locks it. The next fact is refused, and nothing is stored: the write only goes in if no lock
+    came since the level was read."""
+    trial = book.trial
+
+    def lab_result(value: str) -> Any:
+        subject = trial.record.get(book.subject)
+        subject.record_lab_result("C3", value, "mg/dL", book.now - timedelta(hours=1), config=trial.config)
+        [event] = subject.collect_events()
+        env = envelope_for(event, study=trial.study_id, prev=trial.record.stream(book.subject)[-1].hash)
+        return seal(env, book.lab)
+
+    trial.record.append([lab_result("81")])  # seen open
     elsewhere = StudyRecord(book.url)
     try:
         elsewhere.append(_lock_signed_elsewhere(book))
     finally:
         elsewhere.close()
         elsewhere.engine.dispose()
-    subject = book.trial.record.get(book.subject)
-    subject.record_lab_result("C3", "80", "mg/dL", book.now - timedelta(hours=1), config=book.trial.config)
-    [event] = subject.collect_events()
-    env = envelope_for(event, study=book.trial.study_id, prev=book.trial.record.stream(book.subject)[-1].hash)
     rows = book.rows()
     with pytest.raises(CasebookLocked, match="this subject is locked"):
-        book.trial.record.append([seal(env, book.lab)])
+        trial.record.append([lab_result("80")])
     assert book.rows() == rows

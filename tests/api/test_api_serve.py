@@ -122,6 +122,17 @@ def test_sqlite_serves_one_writer_and_says_so(tmp_path):
     assert "SQLite has a single writer: serving with 1 worker process, not 4" in " ".join(err.split())
 
 
+def serve_in_vain(url: str, port: int) -> subprocess.CompletedProcess:
+    """`sle serve --workers 2` on a port it cannot have: it should stop at once, saying why."""
+    return subprocess.run(
+        [SLE, "serve", "--db", url, "--port", str(port), "--workers", "2"],
+        capture_output=True,
+        text=True,
+        timeout=60,
+        env={**os.environ, "COLUMNS": "200"},
+    )
+
+
 def _connections_by_worker(server: subprocess.Popen, port: int) -> Counter[int]:
     """The established connections to `port`, by the worker process holding them (Linux's /proc)."""
     inodes: dict[str, int] = {}
@@ -158,13 +169,7 @@ def test_several_workers_share_the_connections_and_the_port_is_theirs_alone():
             assert client.get("/v1/log/checkpoint").status_code in (200, 404)
         held = _connections_by_worker(server, port)
         assert sum(held.values()) == 16 and len(held) == 2, held  # all 16 on one of 2 workers: odds 1 in 32,768
-        second = subprocess.run(
-            [SLE, "serve", "--db", url, "--port", str(port), "--workers", "2"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "COLUMNS": "200"},
-        )
+        second = serve_in_vain(url, port)
         assert second.returncode != 0
         assert f"cannot serve on 127.0.0.1:{port}" in " ".join(second.stderr.split()), second.stderr
     finally:
@@ -179,13 +184,7 @@ def test_a_port_taken_by_another_program_is_refused_with_the_reason():
         other.bind(("127.0.0.1", 0))
         other.listen()
         port = other.getsockname()[1]
-        taken = subprocess.run(
-            [SLE, "serve", "--db", url, "--port", str(port), "--workers", "2"],
-            capture_output=True,
-            text=True,
-            timeout=60,
-            env={**os.environ, "COLUMNS": "200"},
-        )
+        taken = serve_in_vain(url, port)
     assert taken.returncode == 2
     assert "serving" not in taken.stderr  # refused before anything is announced
     assert f"cannot serve on 127.0.0.1:{port}: 127.0.0.1:{port} is in use by another server" in " ".join(
