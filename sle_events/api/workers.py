@@ -11,6 +11,7 @@ from __future__ import annotations
 
 import errno
 import socket
+import sys
 
 from uvicorn import Config
 from uvicorn.config import STARTUP_FAILURE
@@ -30,16 +31,20 @@ def listening_sockets(host: str, port: int, count: int) -> list[socket.socket]:
             if exc.errno == errno.EADDRINUSE:
                 raise OSError(exc.errno, f"{host}:{port} is in use by another server") from None
             raise
+    # Only Linux spreads connections over sockets sharing a port; elsewhere (BSD, macOS) the last one bound would
+    # take them all, so every worker shares one socket, as uvicorn does.
+    spread = sys.platform == "linux"
     sockets = []
-    for _ in range(count):
+    for _ in range(count if spread else 1):
         # proto TCP, so asyncio sets TCP_NODELAY on the connections it accepts (sle_events.api.nodelay)
         sock = socket.socket(family, socket.SOCK_STREAM, socket.IPPROTO_TCP)
         sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEADDR, 1)
-        sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
+        if spread:
+            sock.setsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT, 1)
         sock.bind((host, port))
         sock.set_inheritable(True)
         sockets.append(sock)
-    return sockets
+    return sockets if spread else sockets * count
 
 
 class OwnSocketEach(Multiprocess):

@@ -190,3 +190,21 @@ def test_a_port_taken_by_another_program_is_refused_with_the_reason():
     assert f"cannot serve on 127.0.0.1:{port}: 127.0.0.1:{port} is in use by another server" in " ".join(
         taken.stderr.split()
     ), taken.stderr
+
+
+@pytest.mark.parametrize("platform", ["linux", "darwin"])
+def test_each_worker_gets_its_own_socket_only_where_the_kernel_spreads_connections(platform, monkeypatch):
+    """Linux balances connections over sockets sharing a port; BSD and macOS give them all to the last bound, so
+    there the workers share one socket, as uvicorn's do."""
+    import sle_events.api.workers as workers
+
+    monkeypatch.setattr(workers.sys, "platform", platform)
+    sockets = workers.listening_sockets("127.0.0.1", free_port(), 3)
+    try:
+        assert len(sockets) == 3
+        distinct = {id(s) for s in sockets}
+        reuse = {s.getsockopt(socket.SOL_SOCKET, socket.SO_REUSEPORT) for s in sockets}
+        assert (len(distinct), reuse) == ((3, {1}) if platform == "linux" else (1, {0}))
+    finally:
+        for s in {id(s): s for s in sockets}.values():
+            s.close()
