@@ -32,11 +32,10 @@ from sle_events.domain.roles import (
 )
 from sle_events.domain.study import Study
 from sle_events.schema import api_nonces
+from sle_events.signing.requests import READ_COMPONENTS, WRITE_COMPONENTS
 
 MAX_AGE = timedelta(minutes=5)
 CLOCK_SKEW = timedelta(seconds=30)
-READ_COMPONENTS = ("@method", "@path", "@query")
-WRITE_COMPONENTS = (*READ_COMPONENTS, "content-type", "content-digest")
 
 # Reads: endpoint -> roles that may call it (writes follow the study's signed permission table instead).
 EVERYONE = frozenset({ADMIN, INVESTIGATOR, COORDINATOR, LAB, MONITOR, AUDITOR, DATA_MANAGER, SPONSOR})

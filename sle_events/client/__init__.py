@@ -20,11 +20,9 @@ from http_message_signatures import HTTPMessageSigner, algorithms
 
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
 from sle_events.signing.keys import Signer
+from sle_events.signing.requests import READ_COMPONENTS, WRITE_COMPONENTS
 
 __all__ = ["ApiProblem", "Client", "seal", "sign_request"]
-
-READ_COMPONENTS = ("@method", "@path", "@query")
-WRITE_COMPONENTS = (*READ_COMPONENTS, "content-type", "content-digest")
 
 
 class ApiProblem(Exception):

@@ -64,37 +64,28 @@ def _lock_events_query(table: Any, bounded: bool) -> Any:
 def lock_levels(conn: Any, table: Any, streams: Iterable[UUID], *, before: int | None = None) -> dict[UUID, str | None]:
     """The lock level of each casebook stream from its stored freeze/lock/unlock events (those at log positions
     below ``before`` only, when given)."""
+    return {s: level for s, (level, _) in lock_marks(conn, table, streams, before=before).items()}
+
+
+def lock_marks(
+    conn: Any, table: Any, streams: Iterable[UUID], *, before: int | None = None
+) -> dict[UUID, tuple[str | None, int]]:
+    """Each casebook stream's lock level and the log position of its latest freeze, lock or unlock (0: none):
+    a later one has a higher position, so `append` can ask under its write lock whether any came since."""
     wanted = sorted(set(streams))
     if not wanted:
         return {}
     params: dict[str, Any] = {"b_streams": wanted}
     if before is not None:
         params["b_before"] = before
-    return levels_of(wanted, conn.execute(_lock_events_query(table, before is not None), params))
-
-
-def lock_marks(conn: Any, table: Any, streams: Iterable[UUID]) -> dict[UUID, tuple[str | None, int]]:
-    """Each casebook stream's lock level and the log position of its latest freeze, lock or unlock (0: none):
-    a later one has a higher position, so `append` can ask under its write lock whether any came since."""
-    wanted = sorted(set(streams))
-    if not wanted:
-        return {}
-    rows = list(conn.execute(_lock_events_query(table, False), {"b_streams": wanted}))
+    found: dict[UUID, list[tuple[str, Any]]] = {s: [] for s in wanted}
     last = dict.fromkeys(wanted, 0)
-    for stream, _state, position in rows:
-        last[UUID(str(stream))] = max(last[UUID(str(stream))], position)
-    levels = levels_of(wanted, rows)
-    return {s: (levels[s], last[s]) for s in wanted}
-
-
-def levels_of(streams: Iterable[UUID], rows: Iterable[Any]) -> dict[UUID, str | None]:
-    """The lock level of each stream from its stored freeze/lock/unlock events, (stream, state, position) rows
-    in order."""
-    found: dict[UUID, list[tuple[str, Any]]] = {s: [] for s in streams}
-    for stream, state, _position in rows:
+    for stream, state, position in conn.execute(_lock_events_query(table, before is not None), params):
+        s = UUID(str(stream))
         env = open_stored(bytes(state)).envelope
-        found[UUID(str(stream))].append((type_name(env["type"]), env["payload"]))
-    return {s: lock_level(events) for s, events in found.items()}
+        found[s].append((type_name(env["type"]), env["payload"]))
+        last[s] = max(last[s], position)
+    return {s: (lock_level(found[s]), last[s]) for s in wanted}
 
 
 def lock_state(record: Any, study_id: UUID | str, subject_id: UUID | str | None) -> LockState:

@@ -715,10 +715,10 @@ class StudyRecord(Application[UUID]):
     ) -> tuple[str, list[Any]]:
         """LOCK (so log positions are handed out in commit order: a follower that has read up to a position never
         misses a lower one committed later), NOTIFY (delivered at commit, to wake the projection followers) and
-        the INSERT, which inserts
-        only if each study's registry stream is at the version checked and no freeze, lock or unlock was stored
-        on the casebooks since they were read (`_lock_marks`). Returns (statement, parameters) for a
-        client-side binding cursor, which writes the parameters in as literals (one query, several statements)."""
+        the INSERT, which inserts only if each study's registry stream is at the version checked and no freeze,
+        lock or unlock was stored on the casebooks since they were read (`_lock_marks`). Returns (statement,
+        parameters) for a client-side binding cursor, which writes the parameters in as literals (one query,
+        several statements)."""
         t = self.recorder.events_table_name
         params: list[Any] = []
         for e in events:
