@@ -223,7 +223,9 @@ class Api:
             if admission.claimed:  # a refused request leaves its Idempotency-Key free
                 idem.release(conn, signed.caller.key_id, key)
             raise
-        return caller, study, None if admission.claimed else idem.claim(conn, caller.key_id, key, digest)
+        if admission.claimed:
+            return caller, study, None
+        return caller, study, idem.claim(conn, caller.key_id, key, digest, lambda: self._in_record(body))
 
     def _written_study(self, study_id: str, body: bytes, conn: sa.Connection) -> Study:
         """The study as stored now, or the one the batch creates: a new study's first batch is signed by its own
@@ -285,19 +287,28 @@ class Api:
             return stored
         assert idempotency_key is not None  # `_writer` refuses a write without one
         try:
-            status, data = 201, self.append(study, caller, body)
+            return 201, self.append(study, caller, body)
         except Problem as p:
             status, data = p.status, json.dumps(p.body(request.url.path)).encode()
         except BaseException:
             with self.bookkeeping.connect() as conn:
                 idem.release(conn, caller.key_id, idempotency_key)
             raise
-        # After the append's commit, outside its write lock. Should the process die in between, the claim is
-        # taken over after `STALE_CLAIM` and the retry is answered by append's own rule: the same batch gets
-        # the same positions, so the same response.
+        # Only a refusal is stored with its key. A stored batch is its own answer (`_in_record`): nothing to
+        # write after the commit, and nothing to lose should the process die right after it.
         with self.bookkeeping.connect() as conn:
             idem.finish(conn, caller.key_id, idempotency_key, status, data)
         return status, data
+
+    def _in_record(self, body: bytes) -> tuple[int, bytes] | None:
+        """The 201 of a request whose batch the record holds, as it was first answered: the same events at the
+        same positions. None if the batch is not stored (still running, or died before its commit)."""
+        try:
+            events = self._sealed_events(body)
+        except Problem:
+            return None
+        positions = self.record.stored_positions(events)
+        return None if positions is None else (201, self._created(events, positions))
 
     def append(self, study: Study, caller: Caller, body: bytes) -> bytes:
         """The 201 response to a batch, once stored."""
@@ -325,6 +336,11 @@ class Api:
             raise from_rejection(exc, current_version=version, current_hash=digest) from None
         except AppendRejected as exc:
             raise from_rejection(exc) from None
+        return self._created(events, positions)
+
+    @staticmethod
+    def _created(events: list[SealedEvent], positions: list[int]) -> bytes:
+        """The 201 body: where each event of the batch now stands."""
         return json.dumps(
             {
                 "events": [

@@ -127,15 +127,19 @@ def verify_request(
         raise Problem("signature_missing", "sign the request (RFC 9421, Ed25519, keyid = your registered key id)")
     keys = _StudyKeys(study, others)
     verifier = _Verifier(signature_algorithm=algorithms.ED25519, key_resolver=keys)
-    required = WRITE_COMPONENTS if body else READ_COMPONENTS
     try:
-        results = verifier.verify(
-            _Message(method, url, headers), max_age=MAX_AGE, require_components=required, body=body or None
-        )
+        results = verifier.verify(_Message(method, url, headers), max_age=MAX_AGE, body=body or None)
     except (InvalidSignature, HTTPMessageSignaturesException, ValueError) as exc:
         if keys.problem is not None:
             raise keys.problem from None
         raise Problem("signature_invalid", f"request signature does not verify: {exc}") from None
+    # The coverage the library returns, checked here: its `require_components` parses every component id of
+    # both lists again on each request (an eighth of a request's verification).
+    uncovered = [
+        c for c in (WRITE_COMPONENTS if body else READ_COMPONENTS) if f'"{c}"' not in results[0].covered_components
+    ]
+    if uncovered:
+        raise Problem("signature_invalid", f"the request signature must cover {', '.join(uncovered)}")
     params = results[0].parameters
     nonce = params.get("nonce")
     if not isinstance(nonce, str) or not 8 <= len(nonce) <= 128:

@@ -1,12 +1,15 @@
 """Idempotency-Key (IETF httpapi draft), kept in the database so every worker and engine agrees.
 
-Scoped to the caller's key id. The first request with a key claims it (`in_flight`); its response is then stored
-with it. Same key and same request: the stored response again, nothing new stored. Same key, another request:
-422. Same key while the first is still running: 409."""
+Scoped to the caller's key id. The first request with a key claims it (`in_flight`). A refusal is then stored
+with the key (`done`); a stored batch is not: the record holds it, and its 201 is rebuilt from the record, byte for
+byte (the same events at the same positions), which also answers a retry whose first request died after its
+commit. Same key and same request: the first response again, nothing new stored. Same key, another request: 422.
+Same key while the first is still running: 409."""
 
 from __future__ import annotations
 
 import hashlib
+from collections.abc import Callable
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from functools import lru_cache
@@ -18,6 +21,7 @@ import sqlalchemy.exc
 from sle_events.api.auth import record_nonce
 from sle_events.api.problems import Problem
 from sle_events.schema import api_idempotency, api_nonces
+from sle_events.store.record import run_on_psycopg
 
 MAX_KEY = 255
 # A claim whose request died with its process (no response stored) may be taken over after this.
@@ -82,29 +86,19 @@ class Admission:
 
 
 @lru_cache(maxsize=8)
-def _admit_statement(events: sa.Table) -> sa.TextClause:
-    """PostgreSQL: nonce, claim (only with a fresh nonce) and the study's version in one statement. Text, as
-    SQLAlchemy would compile the same statement built from its constructs again on every call (not cacheable)."""
-    return sa.text(
-        f"""WITH fresh_nonce AS (
-            INSERT INTO {api_nonces.name} (key_id, nonce, created) VALUES (:b_key_id, :b_nonce, :b_created)
+def _admit_statement(events: str) -> str:
+    """PostgreSQL: nonce, claim (only with a fresh nonce) and the study's version in one statement, prepared on
+    each connection (`run_on_psycopg`)."""
+    return f"""WITH fresh_nonce AS (
+            INSERT INTO {api_nonces.name} (key_id, nonce, created) VALUES (%(key_id)s, %(nonce)s, %(created)s)
             ON CONFLICT DO NOTHING RETURNING 1
         ), new_claim AS (
             INSERT INTO {_t.name} (key_id, idempotency_key, request_hash, state, created_at)
-            SELECT :b_key_id, :b_key, :b_digest, 'in_flight', :b_now WHERE EXISTS (SELECT FROM fresh_nonce)
+            SELECT %(key_id)s, %(key)s, %(digest)s, 'in_flight', %(now)s WHERE EXISTS (SELECT FROM fresh_nonce)
             ON CONFLICT DO NOTHING RETURNING 1
         )
-        SELECT EXISTS (SELECT FROM fresh_nonce) AS fresh, EXISTS (SELECT FROM new_claim) AS claimed,
-            (SELECT max(originator_version) FROM {events.name} WHERE originator_id = :b_study) AS version"""
-    ).bindparams(
-        sa.bindparam("b_key_id", type_=sa.String),
-        sa.bindparam("b_nonce", type_=sa.String),
-        sa.bindparam("b_created", type_=sa.BigInteger),
-        sa.bindparam("b_key", type_=sa.String),
-        sa.bindparam("b_digest", type_=sa.String),
-        sa.bindparam("b_now", type_=sa.DateTime(timezone=True)),
-        sa.bindparam("b_study", type_=sa.Uuid),
-    )
+        SELECT EXISTS (SELECT FROM fresh_nonce), EXISTS (SELECT FROM new_claim),
+            (SELECT max(originator_version) FROM {events} WHERE originator_id = %(study)s)"""
 
 
 def admit(
@@ -124,9 +118,11 @@ def admit(
     nonce is fresh) and the study stream's version now (`version_query`, bind `b_stream`). One statement and
     one round trip on PostgreSQL (a write made three); in turn elsewhere."""
     if conn.dialect.name == "postgresql":
-        params = {"b_key_id": key_id, "b_nonce": nonce, "b_created": created, "b_key": key, "b_digest": digest}
-        row = conn.execute(_admit_statement(events), {**params, "b_now": now, "b_study": study}).one()
-        return Admission(bool(row.fresh), bool(row.claimed), row.version)
+        params = {"key_id": key_id, "nonce": nonce, "created": created, "key": key, "digest": digest}
+        [(fresh, claimed, version)] = run_on_psycopg(
+            conn, _admit_statement(events.name), {**params, "now": now, "study": study}
+        )
+        return Admission(fresh, claimed, version)
     if not record_nonce(conn, key_id, nonce, created):
         return Admission(False, False, None)
     try:
@@ -137,9 +133,12 @@ def admit(
     return Admission(True, claimed, conn.execute(version_query, {"b_stream": study}).scalar())
 
 
-def claim(conn: sa.Connection, key_id: str, key: str, digest: str) -> tuple[int, bytes] | None:
-    """Claim `key` for this request: None if claimed now, else the stored (status, body) of the first response.
-    `conn` autocommits (`bookkeeping_engine`): the claim is visible to every worker at once."""
+def claim(
+    conn: sa.Connection, key_id: str, key: str, digest: str, in_record: Callable[[], tuple[int, bytes] | None]
+) -> tuple[int, bytes] | None:
+    """Claim `key` for this request: None if claimed now, else the (status, body) of the first response: stored
+    with the key (a refusal), or `in_record()`, the 201 of the request's batch if the record holds it. `conn`
+    autocommits (`bookkeeping_engine`): the claim is visible to every worker at once."""
     check_key(key)
     now = datetime.now(UTC)
     mine = {"b_key_id": key_id, "b_key": key}
@@ -150,11 +149,13 @@ def claim(conn: sa.Connection, key_id: str, key: str, digest: str) -> tuple[int,
         pass
     row = conn.execute(_FIND, mine).first()
     if row is None:  # released meanwhile: try once more
-        return claim(conn, key_id, key, digest)
+        return claim(conn, key_id, key, digest, in_record)
     if row.request_hash != digest:
         raise Problem("idempotency_key_reused", f"Idempotency-Key {key!r} was used for another request; use a new key")
     if row.state == "done":
         return int(row.status), bytes(row.response)
+    if (stored := in_record()) is not None:
+        return stored
     created = row.created_at if row.created_at.tzinfo else row.created_at.replace(tzinfo=UTC)
     if now - created > STALE_CLAIM:
         taken = conn.execute(_TAKE_OVER, {**mine, "b_stale_before": now - STALE_CLAIM, "b_now": now})
@@ -164,7 +165,7 @@ def claim(conn: sa.Connection, key_id: str, key: str, digest: str) -> tuple[int,
 
 
 def finish(conn: sa.Connection, key_id: str, key: str, status: int, body: bytes) -> None:
-    """Store the response of a claimed key."""
+    """Store the response of a claimed key (a refusal: a stored batch is answered by the record)."""
     conn.execute(_FINISH, {"b_key_id": key_id, "b_key": key, "b_status": status, "b_body": body})
 
 

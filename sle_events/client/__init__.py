@@ -4,7 +4,9 @@
     client.append([seal(envelope, signer)])        # 201, or raises ApiProblem (problem+json)
 
 The private key never leaves the process: requests are prepared by `http-message-signatures` and signed by
-`Signer.sign`. Only `signing` and `domain` are used here; nothing of the server.
+`Signer.sign`. Only `signing` and `domain` are used here; nothing of the server. Requests go out on the standard
+library's keep-alive connections (`connections`), or through the httpx client given (a test client bound to the
+app, a proxy, client certificates); a proxy in the environment is used through httpx.
 """
 
 from __future__ import annotations
@@ -14,15 +16,19 @@ import uuid
 from collections.abc import Sequence
 from datetime import UTC, datetime
 from typing import Any
+from urllib.parse import urlencode
 
 import httpx
 from http_message_signatures import HTTPMessageSigner, algorithms
 
+from sle_events.client.connections import Connections, proxied
 from sle_events.signing.envelope import GENESIS, SealedEvent, seal
 from sle_events.signing.keys import Signer
 from sle_events.signing.requests import READ_COMPONENTS, WRITE_COMPONENTS
 
-__all__ = ["ApiProblem", "Client", "seal", "sign_request"]
+__all__ = ["ApiProblem", "Client", "seal", "sign_request", "signature_headers"]
+
+_SIGNER = HTTPMessageSigner(signature_algorithm=algorithms.ED25519)
 
 
 class ApiProblem(Exception):
@@ -36,12 +42,30 @@ class ApiProblem(Exception):
         super().__init__(f"{self.status} {problem.get('title', '')}: {problem.get('detail', '')}")
 
 
-def sign_request(request: httpx.Request, signer: Signer, *, created: datetime | None = None) -> httpx.Request:
-    """Sign `request` in place with `signer` (keyid = its registered key id) and a fresh nonce."""
-    body = request.content
-    hms = HTTPMessageSigner(signature_algorithm=algorithms.ED25519)
-    prepared = hms.prepare(
-        request,
+class _Covered:
+    """The parts of a request its signature covers, as `http-message-signatures` reads a message: the library
+    then goes through these few headers only, not every header the request will carry."""
+
+    def __init__(self, method: str, url: str, headers: dict[str, str]) -> None:
+        self.method = method
+        self.url = url
+        self.headers = headers
+
+
+def signature_headers(
+    method: str,
+    url: str,
+    body: bytes | None,
+    signer: Signer,
+    *,
+    content_type: str = "application/json",
+    created: datetime | None = None,
+) -> dict[str, str]:
+    """The headers that sign a request to `url` with `signer` (keyid = its registered key id) and a fresh nonce:
+    `Signature-Input` and `Signature`, and with a body its `Content-Type` and RFC 9530 `Content-Digest`."""
+    message = _Covered(method, url, {"Content-Type": content_type} if body else {})
+    prepared = _SIGNER.prepare(
+        message,
         key_id=signer.key_id,
         created=created or datetime.now(UTC),
         nonce=secrets.token_urlsafe(18),
@@ -49,7 +73,17 @@ def sign_request(request: httpx.Request, signer: Signer, *, created: datetime | 
         covered_component_ids=WRITE_COMPONENTS if body else READ_COMPONENTS,
         body=body or None,
     )
-    hms.apply(request, prepared, signer.sign(prepared.signature_base))
+    _SIGNER.apply(message, prepared, signer.sign(prepared.signature_base))
+    return message.headers
+
+
+def sign_request(request: httpx.Request, signer: Signer, *, created: datetime | None = None) -> httpx.Request:
+    """Sign an httpx `request` in place with `signer` (`signature_headers`)."""
+    body = request.content
+    content_type = request.headers.get("content-type", "")
+    request.headers.update(
+        signature_headers(request.method, str(request.url), body, signer, content_type=content_type, created=created)
+    )
     return request
 
 
@@ -65,13 +99,20 @@ class Client:
         http: httpx.Client | None = None,
         timeout: float = 30.0,
     ) -> None:
-        """`http`: an httpx client to send through (e.g. a test client bound to the app), else a new one."""
+        """`http`: an httpx client to send through (a test client bound to the app, a proxy, client
+        certificates); else the standard library's connections, or httpx if a proxy applies to `base_url`."""
         self.signer = signer
         self.study = str(study)
-        self.http = http or httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        if http is None and proxied(base_url):
+            http = httpx.Client(base_url=base_url.rstrip("/"), timeout=timeout)
+        self.http = http
+        self._connections = Connections(base_url, timeout) if http is None else None
 
     def close(self) -> None:
-        self.http.close()
+        if self._connections is not None:
+            self._connections.close()
+        if self.http is not None:
+            self.http.close()
 
     def __enter__(self) -> Client:
         return self
@@ -89,14 +130,25 @@ class Client:
         body: bytes | None = None,
         headers: dict[str, str] | None = None,
     ) -> httpx.Response:
-        """A signed request; returns the response as it came (no raising)."""
+        """A signed request; returns the response as it came (no raising; a failure to reach the server is
+        httpx's `HTTPError`, whichever way it was sent)."""
         all_headers = dict(headers or {})
         if body is not None:
             all_headers.setdefault("Content-Type", "application/json")
         query = {k: v for k, v in (params or {}).items() if v is not None}
-        request = self.http.build_request(method, path, params=query, content=body, headers=all_headers)
-        sign_request(request, self.signer)
-        return self.http.send(request)
+        if self._connections is None:
+            assert self.http is not None
+            request = self.http.build_request(method, path, params=query, content=body, headers=all_headers)
+            sign_request(request, self.signer)
+            return self.http.send(request)
+        target = f"{path}?{urlencode(query)}" if query else path
+        url = self._connections.url(target)
+        content_type = all_headers.get("Content-Type", "")
+
+        def signed() -> dict[str, str]:  # signed again should the request be sent again (a new nonce)
+            return {**all_headers, **signature_headers(method, url, body, self.signer, content_type=content_type)}
+
+        return self._connections.send(method, target, body, signed)
 
     def _json(self, response: httpx.Response) -> Any:
         if response.status_code >= 400:

@@ -99,6 +99,20 @@ def test_a_signature_without_nonce_or_over_too_little_is_401(world):
         assert (response.status_code, kind_of(response)) == (401, "signature_invalid")
 
 
+def test_a_write_whose_signature_leaves_out_its_content_type_is_401_naming_it(world):
+    signer = world.signers["coordinator"]
+    hms = HTTPMessageSigner(signature_algorithm=algorithms.ED25519)
+    path, body = f"/v1/studies/{world.study.id}/events", b'{"events": []}'
+    headers = {"Content-Type": "application/json", "Idempotency-Key": "uncovered"}
+    request = world.http.build_request("POST", path, content=body, headers=headers)
+    prepared = hms.prepare(request, key_id=signer.key_id, created=datetime.now(UTC), nonce="n" * 16, body=body,
+                           covered_component_ids=("@method", "@path", "@query", "content-digest"))  # fmt: skip
+    hms.apply(request, prepared, signer.sign(prepared.signature_base))
+    response = world.http.send(request)
+    assert (response.status_code, kind_of(response)) == (401, "signature_invalid")
+    assert response.json()["detail"] == "the request signature must cover content-type"
+
+
 # --- the role × endpoint matrix ---------------------------------------------------------------------------
 def read_paths(world, subject) -> dict[str, str]:
     s = f"/v1/studies/{world.study.id}"

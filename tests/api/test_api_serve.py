@@ -4,11 +4,8 @@ clients racing on one subject: exactly one 201 and one 409); SQLite runs one wri
 from __future__ import annotations
 
 import os
-import signal
 import socket
 import subprocess
-import sys
-import time
 from collections import Counter
 from concurrent.futures import ThreadPoolExecutor
 from datetime import UTC, datetime, timedelta
@@ -16,6 +13,7 @@ from pathlib import Path
 
 import httpx
 import pytest
+from live_server import SLE, free_port, start, stop
 
 from sle_events.client import ApiProblem, Client
 from sle_events.domain.study import Study
@@ -28,41 +26,6 @@ from sle_events.store.record import StudyRecord
 from conftest import STUDY_CONFIG, clean_postgres_url, count_rows
 
 pytestmark = pytest.mark.storage
-SLE = str(Path(sys.executable).with_name("sle"))
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def start(url: str, port: int, workers: int) -> subprocess.Popen:
-    server = subprocess.Popen(
-        [SLE, "serve", "--db", url, "--port", str(port), "--workers", str(workers)],
-        stdout=subprocess.PIPE,
-        stderr=subprocess.PIPE,
-        text=True,
-        env={**os.environ, "COLUMNS": "200"},
-        start_new_session=True,
-    )
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            httpx.get(f"http://127.0.0.1:{port}/v1/log/checkpoint", timeout=1)
-            return server
-        except httpx.HTTPError:
-            if server.poll() is not None:
-                raise AssertionError(server.stderr.read() if server.stderr else "server exited") from None
-            time.sleep(0.3)
-    stop(server)
-    raise AssertionError("sle serve did not answer within 60 s")
-
-
-def stop(server: subprocess.Popen) -> str:
-    os.killpg(server.pid, signal.SIGTERM)  # the server and its worker processes, which it started
-    _, err = server.communicate(timeout=30)
-    return err
 
 
 def test_two_clients_racing_on_one_subject_over_several_workers(tmp_path):

@@ -170,32 +170,84 @@ def test_idempotency_key(world):
     assert count_rows(world.url) == before + 1
 
 
-def test_a_claim_left_by_a_dead_request_is_taken_over_and_answered_by_append(world):
-    """The server died after the append committed and before it stored the response: the claim stays
-    `in_flight`. After `STALE_CLAIM` the same request takes it over, and append's own rule (the same batch gets
-    its positions back) answers exactly as the first time; nothing is stored twice."""
+def claims(world, key: str) -> list[tuple]:
+    """The `api_idempotency` rows of an Idempotency-Key, as SQL reads them: (state, status, response)."""
+    engine = sa.create_engine(world.url)
+    with engine.connect() as conn:
+        t = api_idempotency
+        rows = conn.execute(sa.select(t.c.state, t.c.status, t.c.response).where(t.c.idempotency_key == key)).all()
+    engine.dispose()
+    return [tuple(r) for r in rows]
+
+
+def test_a_stored_batch_is_answered_by_the_record_not_by_a_stored_response(world):
+    """Nothing is written after an append's commit: the key keeps no response, and the same request is answered
+    from the record, byte for byte. So a server that died right after the commit leaves nothing to wait for:
+    the retry gets the first answer at once (no `STALE_CLAIM`), and nothing is stored twice."""
+    subject = world.new_subject()
+    [screened] = world.sealed(subject, "coordinator")
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
+    [consent] = world.sealed(subject, "investigator", prev=screened.hash)
+    first = post(world, "investigator", body_of(screened, consent), key="kept-by-the-record")
+    assert first.status_code == 201, first.text
+    assert claims(world, "kept-by-the-record") == [("in_flight", None, None)]
+    before = count_rows(world.url)
+    again = post(world, "investigator", body_of(screened, consent), key="kept-by-the-record")
+    assert (again.status_code, again.content) == (201, first.content)
+    assert count_rows(world.url) == before
+
+
+def test_a_refusal_is_stored_with_its_key_and_answered_as_first_given(world):
+    """A refusal is not in the record, so it is kept with the key: the same request gets the first problem back
+    even when the stream has moved on since (here its `current_version`), and nothing is stored."""
+    subject = world.new_subject()
+    [screened] = world.sealed(subject, "coordinator")
+    world.client("coordinator").append([screened])
+    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
+    [consent] = subject.collect_events()
+    env = envelope_for(consent, study=world.study.id, prev=screened.hash)
+    first, rival = seal(env, world.signers["investigator"]), seal(env, world.signers["coordinator"])
+    world.client("investigator").append([first])
+    refused = post(world, "coordinator", body_of(rival), key="refused-once")
+    assert problem(refused, 409, "version_conflict")["current_version"] == 2
+    [(state, status, response)] = claims(world, "refused-once")
+    assert (state, status, bytes(response)) == ("done", 409, refused.content)
+    subject.record_lab_result("CREAT", Decimal("1.23"), "mg/dL", NOW - timedelta(hours=10))
+    world.client("lab").append(world.sealed(subject, "lab", prev=first.hash))  # the stream is at version 3 now
+    before = count_rows(world.url)
+    again = post(world, "coordinator", body_of(rival), key="refused-once")
+    assert (again.status_code, again.content) == (409, refused.content)
+    assert count_rows(world.url) == before
+
+
+def test_a_claim_left_by_a_request_dead_before_its_commit_is_taken_over(world):
+    """The server died after claiming the key and before the append committed: nothing is stored, and the claim
+    says `in_flight` (409) until `STALE_CLAIM` has passed; then the same request takes it over and is stored,
+    once."""
     from sle_events.api import idempotency as idem
 
     subject = world.new_subject()
     [event] = world.sealed(subject, "coordinator")
-    first = post(world, "coordinator", event.sealed, key="dies")
-    assert first.status_code == 201
-    before = count_rows(world.url)
-    # as if the response had never been stored, and the claim were old
-    t, old = api_idempotency, NOW - idem.STALE_CLAIM - timedelta(seconds=5)
+    path = f"/v1/studies/{world.study.id}/events"
+    digest = idem.request_hash("POST", path, "", event.sealed)
+    bookkeeping = idem.bookkeeping_engine(world.record.engine)
+    with bookkeeping.connect() as conn:
+        assert idem.claim(conn, world.signers["coordinator"].key_id, "dies", digest, lambda: None) is None
+    if bookkeeping is not world.record.engine:
+        bookkeeping.dispose()
+    problem(post(world, "coordinator", event.sealed, key="dies"), 409, "idempotency_in_flight")
+    old = NOW - idem.STALE_CLAIM - timedelta(seconds=5)
     engine = sa.create_engine(world.url)
     with engine.begin() as conn:  # through the table's own types, as the server writes it
-        conn.execute(
-            t.update()
-            .where(t.c.idempotency_key == "dies")
-            .values(state="in_flight", status=None, response=None, created_at=old)
-        )
+        t = api_idempotency
+        conn.execute(t.update().where(t.c.idempotency_key == "dies").values(created_at=old))
     engine.dispose()
-    again = post(world, "coordinator", event.sealed, key="dies")
-    assert (again.status_code, again.json()) == (201, first.json())
-    assert count_rows(world.url) == before
-    # and the response is stored now: a third try is answered from it
-    assert post(world, "coordinator", event.sealed, key="dies").content == again.content
+    before = count_rows(world.url)
+    taken_over = post(world, "coordinator", event.sealed, key="dies")
+    assert taken_over.status_code == 201, taken_over.text
+    assert count_rows(world.url) == before + 1
+    assert post(world, "coordinator", event.sealed, key="dies").content == taken_over.content
+    assert count_rows(world.url) == before + 1
 
 
 def test_a_key_in_flight_is_409(world):
@@ -207,7 +259,7 @@ def test_a_key_in_flight_is_409(world):
     digest = idem.request_hash("POST", path, "", event.sealed)
     bookkeeping = idem.bookkeeping_engine(world.record.engine)
     with bookkeeping.connect() as conn:
-        assert idem.claim(conn, world.signers["coordinator"].key_id, "busy", digest) is None
+        assert idem.claim(conn, world.signers["coordinator"].key_id, "busy", digest, lambda: None) is None
     if bookkeeping is not world.record.engine:
         bookkeeping.dispose()
     problem(post(world, "coordinator", event.sealed, key="busy"), 409, "idempotency_in_flight")
