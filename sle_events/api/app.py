@@ -225,7 +225,7 @@ class Api:
             raise
         if admission.claimed:
             return caller, study, None
-        return caller, study, idem.claim(conn, caller.key_id, key, digest, lambda: self._in_record(body))
+        return caller, study, idem.claim(conn, caller.key_id, key, digest, lambda: self._in_record(study, caller, body))
 
     def _written_study(self, study_id: str, body: bytes, conn: sa.Connection) -> Study:
         """The study as stored now, or the one the batch creates: a new study's first batch is signed by its own
@@ -300,11 +300,12 @@ class Api:
             idem.finish(conn, caller.key_id, idempotency_key, status, data)
         return status, data
 
-    def _in_record(self, body: bytes) -> tuple[int, bytes] | None:
+    def _in_record(self, study: Study, caller: Caller, body: bytes) -> tuple[int, bytes] | None:
         """The 201 of a request whose batch the record holds, as it was first answered: the same events at the
-        same positions. None if the batch is not stored (still running, or died before its commit)."""
+        same positions. None if the batch is not stored (still running, or died before its commit), or if this
+        caller may not send it (its claim is then taken over in time, and the request refused as at first)."""
         try:
-            events = self._sealed_events(body)
+            events = self._sendable(study, caller, body)
         except Problem:
             return None
         positions = self.record.stored_positions(events)
@@ -312,6 +313,18 @@ class Api:
 
     def append(self, study: Study, caller: Caller, body: bytes) -> bytes:
         """The 201 response to a batch, once stored."""
+        events = self._sendable(study, caller, body)
+        try:
+            positions = self.record.append(events)
+        except (VersionConflict, ChainBroken) as exc:
+            version, digest = self.head(UUID(exc.stream)) if exc.stream else (None, None)
+            raise from_rejection(exc, current_version=version, current_hash=digest) from None
+        except AppendRejected as exc:
+            raise from_rejection(exc) from None
+        return self._created(events, positions)
+
+    def _sendable(self, study: Study, caller: Caller, body: bytes) -> list[SealedEvent]:
+        """The body's sealed events, if they are this study's, of known types, and this caller may send them."""
         events = self._sealed_events(body)
         names = []
         for e in events:
@@ -329,14 +342,7 @@ class Api:
                     "unknown_event_type", str(exc), stream=e.envelope["stream"], version=e.envelope["version"]
                 ) from None
         require_write(caller, study, names)
-        try:
-            positions = self.record.append(events)
-        except (VersionConflict, ChainBroken) as exc:
-            version, digest = self.head(UUID(exc.stream)) if exc.stream else (None, None)
-            raise from_rejection(exc, current_version=version, current_hash=digest) from None
-        except AppendRejected as exc:
-            raise from_rejection(exc) from None
-        return self._created(events, positions)
+        return events
 
     @staticmethod
     def _created(events: list[SealedEvent], positions: list[int]) -> bytes:

@@ -15,6 +15,7 @@ from __future__ import annotations
 
 import http.client
 import select
+import socket
 import ssl
 import threading
 import urllib.request
@@ -27,6 +28,16 @@ __all__ = ["Connections", "proxied"]
 
 # What a reused connection may fail with when the server had closed it: the request is sent once more.
 _CLOSED_MEANWHILE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
+
+
+def _readable(sock: socket.socket) -> bool:
+    """Something to read on an idle connection: the server closed it (or sent what nobody asked for). poll where
+    there is one: select refuses a descriptor above 1023, which a busy service may well hold."""
+    if hasattr(select, "poll"):
+        poller = select.poll()
+        poller.register(sock, select.POLLIN)
+        return bool(poller.poll(0))
+    return bool(select.select([sock], [], [], 0)[0])
 
 
 def proxied(base_url: str) -> bool:
@@ -117,8 +128,7 @@ class Connections:
                 conn = self._idle.pop() if self._idle else None
             if conn is None:
                 return self._open(), False
-            sock = conn.sock
-            if sock is not None and not select.select([sock], [], [], 0)[0]:
+            if conn.sock is not None and not _readable(conn.sock):
                 return conn, True
             conn.close()  # closed by the server while idle (or it sent what nobody asked for)
 

@@ -250,6 +250,34 @@ def test_a_claim_left_by_a_request_dead_before_its_commit_is_taken_over(world):
     assert count_rows(world.url) == before + 1
 
 
+def test_a_stored_batch_answers_a_claim_only_for_a_caller_who_may_send_it(world):
+    """A lab service's request died after claiming its key; meanwhile the coordinator stored the very batch the
+    lab had tried to relay, which a lab may not send. The record does not answer the lab's key with a 201: the
+    claim is in flight (409) until it is stale, and then the request is refused as it would have been (403)."""
+    from sle_events.api import idempotency as idem
+
+    subject = world.new_subject()
+    [screened] = world.sealed(subject, "coordinator")
+    digest = idem.request_hash("POST", f"/v1/studies/{world.study.id}/events", "", screened.sealed)
+    bookkeeping = idem.bookkeeping_engine(world.record.engine)
+    with bookkeeping.connect() as conn:
+        assert idem.claim(conn, world.signers["lab"].key_id, "relay", digest, lambda: None) is None
+    if bookkeeping is not world.record.engine:
+        bookkeeping.dispose()
+    world.client("coordinator").append([screened])
+    problem(post(world, "lab", screened.sealed, key="relay"), 409, "idempotency_in_flight")
+    engine = sa.create_engine(world.url)
+    with engine.begin() as conn:
+        t = api_idempotency
+        conn.execute(
+            t.update()
+            .where(t.c.idempotency_key == "relay")
+            .values(created_at=NOW - idem.STALE_CLAIM - timedelta(seconds=5))
+        )
+    engine.dispose()
+    problem(post(world, "lab", screened.sealed, key="relay"), 403, "forbidden")
+
+
 def test_a_key_in_flight_is_409(world):
     from sle_events.api import idempotency as idem
 

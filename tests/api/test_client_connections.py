@@ -239,3 +239,26 @@ def test_sle_demo_over_http_through_a_running_server(db_url, tmp_path):
         stop(server)
     assert done.returncode == 0, done.stdout + done.stderr
     assert "verified" in (done.stdout + done.stderr).lower()
+
+
+def test_an_idle_connection_is_checked_on_a_descriptor_select_cannot_take():
+    """A busy service holds more than 1,024 descriptors; `select` refuses those, so the check polls."""
+    import resource
+
+    from sle_events.client.connections import _readable
+
+    soft, hard = resource.getrlimit(resource.RLIMIT_NOFILE)
+    if hard != resource.RLIM_INFINITY and hard < 2100:
+        pytest.skip(f"this machine allows {hard} open files")
+    resource.setrlimit(resource.RLIMIT_NOFILE, (max(soft, 2100), hard))
+    ours, servers = socket.socketpair()
+    try:
+        high = socket.socket(fileno=os.dup2(ours.fileno(), 2050))
+        assert not _readable(high)  # alive and quiet: reusable
+        servers.close()
+        assert _readable(high)  # the other end closed it
+        high.close()
+    finally:
+        ours.close()
+        servers.close()
+        resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
