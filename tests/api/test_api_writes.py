@@ -75,16 +75,22 @@ def test_a_batch_is_all_or_nothing(world):
     assert world.client("lab").append(lab_events)[0]["version"] == 3
 
 
-def test_a_conflict_is_409_with_the_streams_current_version_and_hash(world):
+def rivals(world):
+    """A subject screened, and its consent (version 2) sealed twice: by the investigator (`first`, stored) and by
+    the coordinator (`rival`, the same version signed by another hand)."""
     subject = world.new_subject()
     [screened] = world.sealed(subject, "coordinator")
     world.client("coordinator").append([screened])
     subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
     [consent] = subject.collect_events()
     env = envelope_for(consent, study=world.study.id, prev=screened.hash)
-    first = seal(env, world.signers["investigator"])
-    rival = seal(env, world.signers["coordinator"])  # the same version 2, signed by another hand
+    first, rival = seal(env, world.signers["investigator"]), seal(env, world.signers["coordinator"])
     world.client("investigator").append([first])
+    return subject, first, rival
+
+
+def test_a_conflict_is_409_with_the_streams_current_version_and_hash(world):
+    _, first, rival = rivals(world)
     before = count_rows(world.url)
     doc = problem(post(world, "coordinator", body_of(rival), key="r1"), 409, "version_conflict")
     assert (doc["current_version"], doc["current_hash"]) == (2, first.hash)
@@ -180,6 +186,31 @@ def claims(world, key: str) -> list[tuple]:
     return [tuple(r) for r in rows]
 
 
+def claim_for(world, role: str, key: str, body: bytes) -> None:
+    """`key` claimed for `role`'s POST of `body`, as a request does before its append: one still running, or one
+    whose server died."""
+    from sle_events.api import idempotency as idem
+
+    digest = idem.request_hash("POST", f"/v1/studies/{world.study.id}/events", "", body)
+    bookkeeping = idem.bookkeeping_engine(world.record.engine)
+    with bookkeeping.connect() as conn:
+        assert idem.claim(conn, world.signers[role].key_id, key, digest, lambda: None) is None
+    if bookkeeping is not world.record.engine:
+        bookkeeping.dispose()
+
+
+def make_stale(world, key: str) -> None:
+    """The claim of `key` older than `STALE_CLAIM`, through the table's own types as the server writes it."""
+    from sle_events.api import idempotency as idem
+
+    engine = sa.create_engine(world.url)
+    with engine.begin() as conn:
+        t = api_idempotency
+        old = NOW - idem.STALE_CLAIM - timedelta(seconds=5)
+        conn.execute(t.update().where(t.c.idempotency_key == key).values(created_at=old))
+    engine.dispose()
+
+
 def test_a_stored_batch_is_answered_by_the_record_not_by_a_stored_response(world):
     """Nothing is written after an append's commit: the key keeps no response, and the same request is answered
     from the record, byte for byte. So a server that died right after the commit leaves nothing to wait for:
@@ -200,14 +231,7 @@ def test_a_stored_batch_is_answered_by_the_record_not_by_a_stored_response(world
 def test_a_refusal_is_stored_with_its_key_and_answered_as_first_given(world):
     """A refusal is not in the record, so it is kept with the key: the same request gets the first problem back
     even when the stream has moved on since (here its `current_version`), and nothing is stored."""
-    subject = world.new_subject()
-    [screened] = world.sealed(subject, "coordinator")
-    world.client("coordinator").append([screened])
-    subject.obtain_consent("ICF v1.0", NOW - timedelta(hours=20), config=STUDY_CONFIG, taken_by="dr.wang")
-    [consent] = subject.collect_events()
-    env = envelope_for(consent, study=world.study.id, prev=screened.hash)
-    first, rival = seal(env, world.signers["investigator"]), seal(env, world.signers["coordinator"])
-    world.client("investigator").append([first])
+    subject, first, rival = rivals(world)
     refused = post(world, "coordinator", body_of(rival), key="refused-once")
     assert problem(refused, 409, "version_conflict")["current_version"] == 2
     [(state, status, response)] = claims(world, "refused-once")
@@ -224,24 +248,12 @@ def test_a_claim_left_by_a_request_dead_before_its_commit_is_taken_over(world):
     """The server died after claiming the key and before the append committed: nothing is stored, and the claim
     says `in_flight` (409) until `STALE_CLAIM` has passed; then the same request takes it over and is stored,
     once."""
-    from sle_events.api import idempotency as idem
-
     subject = world.new_subject()
     [event] = world.sealed(subject, "coordinator")
-    path = f"/v1/studies/{world.study.id}/events"
-    digest = idem.request_hash("POST", path, "", event.sealed)
-    bookkeeping = idem.bookkeeping_engine(world.record.engine)
-    with bookkeeping.connect() as conn:
-        assert idem.claim(conn, world.signers["coordinator"].key_id, "dies", digest, lambda: None) is None
-    if bookkeeping is not world.record.engine:
-        bookkeeping.dispose()
+    claim_for(world, "coordinator", "dies", event.sealed)
     problem(post(world, "coordinator", event.sealed, key="dies"), 409, "idempotency_in_flight")
-    old = NOW - idem.STALE_CLAIM - timedelta(seconds=5)
-    engine = sa.create_engine(world.url)
-    with engine.begin() as conn:  # through the table's own types, as the server writes it
-        t = api_idempotency
-        conn.execute(t.update().where(t.c.idempotency_key == "dies").values(created_at=old))
-    engine.dispose()
+    assert world.record.stream(subject.id) == []
+    make_stale(world, "dies")
     before = count_rows(world.url)
     taken_over = post(world, "coordinator", event.sealed, key="dies")
     assert taken_over.status_code == 201, taken_over.text
@@ -254,41 +266,18 @@ def test_a_stored_batch_answers_a_claim_only_for_a_caller_who_may_send_it(world)
     """A lab service's request died after claiming its key; meanwhile the coordinator stored the very batch the
     lab had tried to relay, which a lab may not send. The record does not answer the lab's key with a 201: the
     claim is in flight (409) until it is stale, and then the request is refused as it would have been (403)."""
-    from sle_events.api import idempotency as idem
-
     subject = world.new_subject()
     [screened] = world.sealed(subject, "coordinator")
-    digest = idem.request_hash("POST", f"/v1/studies/{world.study.id}/events", "", screened.sealed)
-    bookkeeping = idem.bookkeeping_engine(world.record.engine)
-    with bookkeeping.connect() as conn:
-        assert idem.claim(conn, world.signers["lab"].key_id, "relay", digest, lambda: None) is None
-    if bookkeeping is not world.record.engine:
-        bookkeeping.dispose()
+    claim_for(world, "lab", "relay", screened.sealed)
     world.client("coordinator").append([screened])
     problem(post(world, "lab", screened.sealed, key="relay"), 409, "idempotency_in_flight")
-    engine = sa.create_engine(world.url)
-    with engine.begin() as conn:
-        t = api_idempotency
-        conn.execute(
-            t.update()
-            .where(t.c.idempotency_key == "relay")
-            .values(created_at=NOW - idem.STALE_CLAIM - timedelta(seconds=5))
-        )
-    engine.dispose()
+    make_stale(world, "relay")
     problem(post(world, "lab", screened.sealed, key="relay"), 403, "forbidden")
 
 
 def test_a_key_in_flight_is_409(world):
-    from sle_events.api import idempotency as idem
-
     subject = world.new_subject()
     [event] = world.sealed(subject, "coordinator")
-    path = f"/v1/studies/{world.study.id}/events"
-    digest = idem.request_hash("POST", path, "", event.sealed)
-    bookkeeping = idem.bookkeeping_engine(world.record.engine)
-    with bookkeeping.connect() as conn:
-        assert idem.claim(conn, world.signers["coordinator"].key_id, "busy", digest, lambda: None) is None
-    if bookkeeping is not world.record.engine:
-        bookkeeping.dispose()
+    claim_for(world, "coordinator", "busy", event.sealed)
     problem(post(world, "coordinator", event.sealed, key="busy"), 409, "idempotency_in_flight")
     assert world.record.stream(subject.id) == []
