@@ -24,7 +24,8 @@ from sle_events.schema import api_idempotency, api_nonces
 from sle_events.store.record import run_on_psycopg
 
 MAX_KEY = 255
-# A claim whose request died with its process (no response stored) may be taken over after this.
+# A claim whose request died with its process (no refusal stored with it, no batch in the record) may be taken
+# over after this.
 STALE_CLAIM = timedelta(minutes=2)
 
 

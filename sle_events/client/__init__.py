@@ -80,9 +80,13 @@ def signature_headers(
 def sign_request(request: httpx.Request, signer: Signer, *, created: datetime | None = None) -> httpx.Request:
     """Sign an httpx `request` in place with `signer` (`signature_headers`)."""
     body = request.content
-    content_type = request.headers.get("content-type", "")
+    content_type = request.headers.get("content-type")
+    if body and content_type is None:
+        raise ValueError("a request with a body needs its Content-Type, which the signature covers")
     request.headers.update(
-        signature_headers(request.method, str(request.url), body, signer, content_type=content_type, created=created)
+        signature_headers(
+            request.method, str(request.url), body, signer, content_type=content_type or "", created=created
+        )
     )
     return request
 
@@ -133,8 +137,9 @@ class Client:
         """A signed request; returns the response as it came (no raising; a failure to reach the server is
         httpx's `HTTPError`, whichever way it was sent)."""
         all_headers = dict(headers or {})
-        if body is not None:
-            all_headers.setdefault("Content-Type", "application/json")
+        content_type = next((v for k, v in all_headers.items() if k.lower() == "content-type"), None)
+        if body is not None and content_type is None:
+            all_headers["Content-Type"] = content_type = "application/json"
         query = {k: v for k, v in (params or {}).items() if v is not None}
         if self._connections is None:
             assert self.http is not None
@@ -143,10 +148,11 @@ class Client:
             return self.http.send(request)
         target = f"{path}?{urlencode(query)}" if query else path
         url = self._connections.url(target)
-        content_type = all_headers.get("Content-Type", "")
 
         def signed() -> dict[str, str]:  # signed again should the request be sent again (a new nonce)
-            return {**all_headers, **signature_headers(method, url, body, self.signer, content_type=content_type)}
+            signature = signature_headers(method, url, body, self.signer, content_type=content_type or "")
+            signature.pop("Content-Type", None)  # the request's own, as given
+            return {**all_headers, **signature}
 
         return self._connections.send(method, target, body, signed)
 

@@ -56,10 +56,11 @@ class Stub:
                 line = reader.readline()
                 if not line:
                     return
-                headers = {}
+                headers: dict[str, str] = {}
                 while (h := reader.readline()) not in (b"\r\n", b""):
                     name, _, value = h.decode().partition(":")
-                    headers[name.strip().lower()] = value.strip()
+                    name = name.strip().lower()  # a repeated field's values joined, as HTTP reads them
+                    headers[name] = f"{headers[name]}, {value.strip()}" if name in headers else value.strip()
                 reader.read(int(headers.get("content-length", 0)))
                 with self._lock:
                     self.seen.append((number, line.decode().strip(), headers))
@@ -115,6 +116,14 @@ def test_requests_share_one_kept_alive_connection_and_are_signed(stub, signer):
     assert f'keyid="{signer.key_id}"' in headers["signature-input"] and headers["signature"].startswith("sle=:")
     nonces = {h["signature-input"].split('nonce="')[1] for _, _, h in stub.seen}
     assert len(nonces) == 3  # every request its own nonce
+
+
+def test_a_content_type_given_in_any_case_is_sent_once_and_signed(stub, signer):
+    with client_for(stub.port, signer) as client:
+        client.request("POST", "/v1/x", body=b"x", headers={"content-type": "text/plain", "Idempotency-Key": "k"})
+    [(_, _, headers)] = stub.seen
+    assert headers["content-type"] == "text/plain"
+    assert '"content-type"' in headers["signature-input"]
 
 
 def test_a_path_prefix_in_the_base_url_is_kept(stub, signer):
@@ -262,3 +271,15 @@ def test_an_idle_connection_is_checked_on_a_descriptor_select_cannot_take():
         ours.close()
         servers.close()
         resource.setrlimit(resource.RLIMIT_NOFILE, (soft, hard))
+
+
+def test_signing_an_httpx_request_with_a_body_needs_its_content_type(signer):
+    from sle_events.client import sign_request
+
+    with pytest.raises(ValueError, match="Content-Type"):
+        sign_request(httpx.Request("POST", "http://127.0.0.1:8000/v1/x", content=b"{}"), signer)
+    signed = sign_request(
+        httpx.Request("POST", "http://127.0.0.1:8000/v1/x", content=b"{}", headers={"Content-Type": "a/b"}), signer
+    )
+    assert signed.headers.get_list("content-type") == ["a/b"]
+    assert signed.headers["content-digest"].startswith("sha-256=:")
