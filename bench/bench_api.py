@@ -1,9 +1,10 @@
 """Appends per second through `sle serve` on PostgreSQL (loopback) against `StudyRecord.append` in the same run.
 
-1, 8 and 32 concurrent clients (threads, each its own subjects, so no conflicts), single-event and 100-event
-requests; every request signed (RFC 9421) with a fresh Idempotency-Key; events sealed before timing, for the
-baseline as for HTTP; clients connected (one signed read each) before the clock starts, after an unrecorded
-warm-up round at a quarter of the size (prepared statements, pools, thread pools). Baseline: one in-process
+1, 8 and 32 concurrent clients (threads, each a `sle_events.client.Client` with its own subjects, so no
+conflicts), single-event and 100-event requests; every request signed (RFC 9421) with a fresh Idempotency-Key;
+events sealed before timing, for the baseline as for HTTP; clients connected (one signed read each) before the
+clock starts, after an unrecorded warm-up round at a quarter of the size (prepared statements, pools, thread
+pools). Baseline: one in-process
 `StudyRecord.append` caller. Median of 3 alternating rounds with spread; p50/p99 request latency.
 Afterwards: zero errors, the exact event count, `sle verify` clean.
 
