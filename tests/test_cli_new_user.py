@@ -596,3 +596,19 @@ def test_the_audit_trail_shows_the_printed_name_registered_with_the_signing_key(
     assert rebuilt == after_restart
     assert {r["new_value"] for r in registry if r["field"] == "printed_name"} == {"Zhao Min", "Li Na", "Dr. Wang Li"}
     assert verify_record(db_url, workers=1).ok  # the schema-1 registration verifies as it was signed
+
+
+@pytest.mark.parametrize("typo", ["localhost:8000", "htp://127.0.0.1:8000", "http:/127.0.0.1:8000"])
+def test_demo_api_that_is_no_url_is_said_before_anything_is_made(typo, tmp_path):
+    done = sle("demo", "--api", typo, "--db", str(tmp_path / "copy.db"), "--keys", str(tmp_path / "keys"), columns=80)
+    clean_exit(done, 2)
+    said = " ".join(done.stderr.split())
+    assert f"--api wants the server's URL, such as http://127.0.0.1:8000, not '{typo}'" in said
+    assert not (tmp_path / "copy.db").exists() and not (tmp_path / "keys").exists()
+
+
+def test_demo_api_where_no_server_listens_is_said_with_the_reason(tmp_path):
+    done = sle("demo", "--api", "http://127.0.0.1:1", "--db", str(tmp_path / "copy.db"), "--keys", str(tmp_path / "k"))
+    clean_exit(done, 2)
+    said = " ".join(done.stderr.split())
+    assert "cannot reach the API at http://127.0.0.1:1:" in said and "Connection refused" in said
