@@ -27,7 +27,7 @@ api_idempotency = sa.Table(
     sa.Column("state", sa.String(16), nullable=False),  # in_flight | done
     sa.Column("status", sa.Integer, nullable=True),
     sa.Column("response", sa.LargeBinary, nullable=True),
-    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False),
+    sa.Column("created_at", sa.DateTime(timezone=True), nullable=False, index=True),  # kept `idempotency.KEPT`
 )
 api_nonces = sa.Table(
     "api_nonces",

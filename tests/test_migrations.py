@@ -165,3 +165,25 @@ def _head() -> str:
     head = ScriptDirectory.from_config(schema.alembic_config("sqlite://")).get_current_head()
     assert head is not None
     return head
+
+
+def test_the_api_adds_an_index_its_tables_were_made_without(db_url):
+    """A database whose API tables predate revision 0018 gets the index when `sle serve` opens it, as the tables
+    themselves are made on first use."""
+    from sle_events.api.app import prepare_database
+
+    engine = sa.create_engine(db_url)
+    try:
+        prepare_database(engine)
+        with engine.begin() as conn:
+            conn.execute(sa.text("DROP INDEX ix_api_idempotency_created_at"))
+        assert "ix_api_idempotency_created_at" not in _indexes(engine, "api_idempotency")
+        prepare_database(engine)
+        assert "ix_api_idempotency_created_at" in _indexes(engine, "api_idempotency")
+        prepare_database(engine)  # and once more: nothing to add, nothing refused
+    finally:
+        engine.dispose()
+
+
+def _indexes(engine: sa.Engine, table: str) -> set[str]:
+    return {str(i["name"]) for i in sa.inspect(engine).get_indexes(table)}

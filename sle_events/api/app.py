@@ -119,12 +119,20 @@ def _ok(schema: dict[str, Any] | None = None, status: int = 200) -> dict[int | s
 
 
 def prepare_database(engine: sa.Engine) -> None:
-    """The API's own tables (revision 0012 creates them too). Several workers starting at once may race to
-    create them: whoever loses finds them there."""
+    """The API's own tables and their indexes (revisions 0012 and 0018 create them too; an index is added to a
+    table made before it). Several workers starting at once may race to create them: whoever loses finds them
+    there."""
+
+    def create() -> None:
+        api_metadata.create_all(engine, checkfirst=True)
+        for table in api_metadata.sorted_tables:
+            for index in table.indexes:
+                index.create(engine, checkfirst=True)
+
     try:
-        api_metadata.create_all(engine, checkfirst=True)
+        create()
     except (sa.exc.IntegrityError, sa.exc.ProgrammingError):
-        api_metadata.create_all(engine, checkfirst=True)
+        create()
 
 
 class Api:
@@ -214,6 +222,7 @@ class Api:
         if not admission.fresh_nonce:
             raise replay_problem(signed.caller.key_id, signed.nonce)
         forget_expired_nonces(conn, signed.created, now)
+        idem.forget_expired_keys(conn, signed.created, now)
         try:
             if admission.study_version != study.version:  # judged again, by the registry as it is now
                 study = self._written_study(study_id, body, conn)

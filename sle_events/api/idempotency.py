@@ -24,6 +24,9 @@ from sle_events.schema import api_idempotency, api_nonces
 from sle_events.store.record import run_on_psycopg
 
 MAX_KEY = 255
+# How long a key is kept. A request sent again after that is handled as new: a batch already stored gets its
+# positions back (append's own rule), so nothing is stored twice; a refusal is judged again.
+KEPT = timedelta(hours=24)
 # A claim whose request died with its process (no refusal stored with it, no batch in the record) may be taken
 # over after this.
 STALE_CLAIM = timedelta(minutes=2)
@@ -53,6 +56,7 @@ _FINISH = (
     _t.update().where(*_mine).values(state="done", status=sa.bindparam("b_status"), response=sa.bindparam("b_body"))
 )
 _RELEASE = _t.delete().where(*_mine, _t.c.state == "in_flight")
+_EXPIRED = _t.delete().where(_t.c.created_at < sa.bindparam("b_before"))
 # Only a claim still stale is taken over: of two workers taking one over at once, the second finds it fresh.
 _TAKE_OVER = (
     _t.update()
@@ -173,3 +177,10 @@ def finish(conn: sa.Connection, key_id: str, key: str, status: int, body: bytes)
 def release(conn: sa.Connection, key_id: str, key: str) -> None:
     """Forget a claim whose request failed unexpectedly, so a retry may run it."""
     conn.execute(_RELEASE, {"b_key_id": key_id, "b_key": key})
+
+
+def forget_expired_keys(conn: sa.Connection, created: int, now: datetime) -> None:
+    """Keys older than `KEPT` go (the index on `created_at`, revision 0018, finds them). Done by one write in 16
+    (by its signature's `created`), as nonces are forgotten, so no write pays it every time."""
+    if created % 16 == 0:
+        conn.execute(_EXPIRED, {"b_before": now - KEPT})

@@ -199,14 +199,15 @@ def claim_for(world, role: str, key: str, body: bytes) -> None:
         bookkeeping.dispose()
 
 
-def make_stale(world, key: str) -> None:
-    """The claim of `key` older than `STALE_CLAIM`, through the table's own types as the server writes it."""
+def make_stale(world, key: str, age: timedelta | None = None) -> None:
+    """The claim of `key` made `age` ago (by default just over `STALE_CLAIM`), through the table's own types as
+    the server writes it."""
     from sle_events.api import idempotency as idem
 
     engine = sa.create_engine(world.url)
     with engine.begin() as conn:
         t = api_idempotency
-        old = NOW - idem.STALE_CLAIM - timedelta(seconds=5)
+        old = NOW - (age or idem.STALE_CLAIM + timedelta(seconds=5))
         conn.execute(t.update().where(t.c.idempotency_key == key).values(created_at=old))
     engine.dispose()
 
@@ -281,3 +282,30 @@ def test_a_key_in_flight_is_409(world):
     claim_for(world, "coordinator", "busy", event.sealed)
     problem(post(world, "coordinator", event.sealed, key="busy"), 409, "idempotency_in_flight")
     assert world.record.stream(subject.id) == []
+
+
+def test_a_key_is_kept_a_day_and_a_request_sent_again_after_that_is_stored_once(world):
+    """Keys older than `KEPT` are forgotten (by one write in 16, here called directly with such a write's
+    `created`). The same request sent again afterwards is handled as new, and append's own rule answers it: the
+    same events at the same positions, nothing stored twice."""
+    from sle_events.api import idempotency as idem
+
+    subject = world.new_subject()
+    [screened] = world.sealed(subject, "coordinator")
+    first = post(world, "coordinator", screened.sealed, key="a-day-ago")
+    other = world.new_subject("NJ01-0002")
+    [fresh_event] = world.sealed(other, "coordinator")
+    assert post(world, "coordinator", fresh_event.sealed, key="just-now").status_code == 201
+    make_stale(world, "a-day-ago", age=idem.KEPT + timedelta(minutes=1))
+    bookkeeping = idem.bookkeeping_engine(world.record.engine)
+    with bookkeeping.connect() as conn:
+        idem.forget_expired_keys(conn, 17, NOW)  # not this write's turn
+        assert len(claims(world, "a-day-ago")) == 1
+        idem.forget_expired_keys(conn, 16 * 7, NOW)
+    if bookkeeping is not world.record.engine:
+        bookkeeping.dispose()
+    assert claims(world, "a-day-ago") == [] and len(claims(world, "just-now")) == 1
+    before = count_rows(world.url)
+    again = post(world, "coordinator", screened.sealed, key="a-day-ago")
+    assert (again.status_code, again.content) == (201, first.content)
+    assert count_rows(world.url) == before
