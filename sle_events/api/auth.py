@@ -189,10 +189,16 @@ def record_nonce(conn: sa.Connection, key_id: str, nonce: str, created: int) -> 
     return True
 
 
+def housekeeping_turn(created: int) -> bool:
+    """Whether the request signed at `created` forgets what has expired (nonces, Idempotency-Keys): one request
+    in 16, so no request pays it every time."""
+    return created % 16 == 0
+
+
 def forget_expired_nonces(conn: sa.Connection, created: int, now: datetime) -> None:
-    """Nonces older than any acceptable signature can go: such a request is refused by its age anyway. Done by
-    one request in 16 (by its `created`), so no request pays it every time."""
-    if created % 16 == 0:
+    """Nonces older than any acceptable signature can go: such a request is refused by its age anyway. Done on
+    a `housekeeping_turn`."""
+    if housekeeping_turn(created):
         conn.execute(_EXPIRED, {"b_horizon": int((now - MAX_AGE - CLOCK_SKEW).timestamp())})
 
 

@@ -18,7 +18,7 @@ from uuid import UUID
 import sqlalchemy as sa
 import sqlalchemy.exc
 
-from sle_events.api.auth import record_nonce
+from sle_events.api.auth import housekeeping_turn, record_nonce
 from sle_events.api.problems import Problem
 from sle_events.schema import api_idempotency, api_nonces
 from sle_events.store.record import run_on_psycopg
@@ -180,7 +180,7 @@ def release(conn: sa.Connection, key_id: str, key: str) -> None:
 
 
 def forget_expired_keys(conn: sa.Connection, created: int, now: datetime) -> None:
-    """Keys older than `KEPT` go (the index on `created_at`, revision 0018, finds them). Done by one write in 16
-    (by its signature's `created`), as nonces are forgotten, so no write pays it every time."""
-    if created % 16 == 0:
+    """Keys older than `KEPT` go (the index on `created_at`, revision 0018, finds them). Done on a write's
+    `housekeeping_turn`, as nonces are forgotten."""
+    if housekeeping_turn(created):
         conn.execute(_EXPIRED, {"b_before": now - KEPT})

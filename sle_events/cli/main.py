@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import re
 import time
 from collections.abc import Iterator
 from contextlib import contextmanager
@@ -243,8 +242,15 @@ def demo(
     from sle_events.demo import PEOPLE, run_demo
     from sle_events.store.record import StudyRecord
 
-    if api is not None and not re.match(r"https?://[^/\s]", api):  # a typo, said before anything is made
-        fail(f"--api wants the server's URL, such as http://127.0.0.1:8000, not {api!r}")
+    if api is not None:  # a typo is said before anything is made
+        import httpx
+
+        from sle_events.client.connections import check_server_url
+
+        try:
+            check_server_url(api)
+        except httpx.UnsupportedProtocol:
+            fail(f"--api wants the server's URL, such as http://127.0.0.1:8000, not {api!r}")
     url = database_url(db)
     _refuse_a_used_database(url)
     started = time.perf_counter()

@@ -24,7 +24,7 @@ from urllib.parse import urlsplit
 
 import httpx
 
-__all__ = ["Connections", "proxied"]
+__all__ = ["Connections", "check_server_url", "proxied"]
 
 # What a reused connection may fail with when the server had closed it: the request is sent once more.
 _CLOSED_MEANWHILE = (http.client.RemoteDisconnected, ConnectionResetError, BrokenPipeError, ConnectionAbortedError)
@@ -40,6 +40,14 @@ def _readable(sock: socket.socket) -> bool:
     return bool(select.select([sock], [], [], 0)[0])
 
 
+def check_server_url(base_url: str) -> None:
+    """Refuse a server URL that is not http:// or https:// with a host, as httpx says it
+    (`httpx.UnsupportedProtocol`), so callers see one kind of failure whichever way a client sends."""
+    parts = urlsplit(base_url)
+    if parts.scheme not in ("http", "https") or not parts.hostname:
+        raise httpx.UnsupportedProtocol(f"the server's URL must be http:// or https:// with a host: {base_url!r}")
+
+
 def proxied(base_url: str) -> bool:
     """True if the environment routes `base_url` through a proxy (HTTP_PROXY and the like, NO_PROXY honoured)."""
     parts = urlsplit(base_url)
@@ -51,13 +59,11 @@ class Connections:
     """Idle keep-alive connections to `base_url`'s origin; `send` takes one (or opens one) per request."""
 
     def __init__(self, base_url: str, timeout: float) -> None:
+        check_server_url(base_url)
         parts = urlsplit(base_url)
-        if parts.scheme not in ("http", "https") or not parts.hostname:
-            # as httpx says it, so callers see one kind of failure whichever way a client sends
-            raise httpx.UnsupportedProtocol(f"the server's URL must be http:// or https:// with a host: {base_url!r}")
         self.base_url = base_url.rstrip("/")
         self._prefix = parts.path.rstrip("/")  # a server mounted under a path
-        self._host, self._port, self._https = parts.hostname, parts.port, parts.scheme == "https"
+        self._host, self._port, self._https = str(parts.hostname), parts.port, parts.scheme == "https"
         self._timeout = timeout
         self._tls = ssl.create_default_context() if self._https else None
         self._idle: list[http.client.HTTPConnection] = []
